@@ -1,0 +1,49 @@
+"""The Backend seam: what an engine must offer the pool.
+
+A backend owns device memory and the forward pass. It does not decide what to
+evict or whom to serve: the store tells it which adapter goes into which slot,
+the scheduler decides which request it gets next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+from lorapool.types import Capabilities, Chunk, GenerationRequest, LoadedAdapter
+
+__all__ = ["Backend"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An engine that runs many LoRA adapters over one base model."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Slots, max rank, batch size and base model; valid after :meth:`start`."""
+        ...
+
+    async def start(self) -> None:
+        """Load the base model and get ready to serve. Idempotent."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop serving and free the engine. Idempotent."""
+        ...
+
+    async def load(self, adapter: LoadedAdapter, slot: int) -> None:
+        """Copy an adapter's weights into device slot ``slot``, replacing what was there."""
+        ...
+
+    async def unload(self, adapter_id: str) -> None:
+        """Free the slot that holds ``adapter_id``; no request may be using it."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Stream a completion; closing the iterator cancels the request."""
+        ...
+
+    async def health(self) -> bool:
+        """True while the engine can serve."""
+        ...

@@ -1,0 +1,360 @@
+"""TorchBackend: the embedded engine, pure PyTorch + a Hugging Face tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from lorapool.errors import BackendError, InvalidRequest, LoadError
+from lorapool.types import (
+    Capabilities,
+    Chunk,
+    GenerationRequest,
+    LoadedAdapter,
+    Message,
+    Prompt,
+    Usage,
+)
+
+from .detok import IncrementalDetokenizer, StopMatcher
+from .engine import Engine, EngineStats, Event, Sequence as EngineSequence
+from .lora import LoraSlots, prepare_adapter
+from .model import KVCache, LlamaModel
+
+__all__ = ["TorchBackend"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TorchBackend:
+    """Continuous batching with a different LoRA adapter per row, in one forward pass.
+
+    ``model`` is a directory with a Hugging Face Llama-family checkpoint in
+    safetensors (see :func:`ensure_demo_model`). ``max_slots`` adapters are
+    resident at once, each of rank up to ``max_rank``; ``max_batch`` sequences
+    run at once, each up to ``max_seq_len`` tokens (prompt and completion) in a
+    KV cache preallocated at start. Works on CPU and CUDA.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        max_slots: int = 8,
+        max_rank: int = 16,
+        max_batch: int = 32,
+        max_seq_len: int = 1024,
+        max_prefill_tokens: int = 2048,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if max_slots < 1 or max_rank < 1 or max_batch < 1 or max_seq_len < 2:
+            raise ValueError("max_slots, max_rank, max_batch must be >= 1 and max_seq_len >= 2")
+        self.model_path = Path(model).expanduser()
+        self.max_slots = max_slots
+        self.max_rank = max_rank
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.max_prefill_tokens = max(max_prefill_tokens, max_seq_len)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self._engine: Engine | None = None
+        self._tokenizer: Any = None
+        self._caps: Capabilities | None = None
+        self._slot_of: dict[str, int] = {}
+        self._counter = 0
+        self._start_lock = asyncio.Lock()
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Negotiated at :meth:`start`."""
+        if self._caps is None:
+            raise RuntimeError("TorchBackend is not started; use `async with pool` or await start()")
+        return self._caps
+
+    @property
+    def stats(self) -> EngineStats:
+        """Engine counters: steps, tokens, distinct adapters per step."""
+        return self._require_engine().stats
+
+    @property
+    def free_kv_rows(self) -> int:
+        """KV-cache rows not held by a sequence (``max_batch`` when idle)."""
+        return self._require_engine().free_rows
+
+    @property
+    def live_sequences(self) -> int:
+        """Sequences waiting for or holding a KV row."""
+        return self._require_engine().live
+
+    async def start(self) -> None:
+        """Load the weights and tokenizer, allocate KV and slots, start the step thread."""
+        async with self._start_lock:
+            if self._engine is not None:
+                return
+            if self._closed:
+                raise RuntimeError("TorchBackend was closed")
+            if not (self.model_path / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"{self.model_path} holds no config.json; pass a Hugging Face checkpoint "
+                    "directory (lorapool.backends.torch.ensure_demo_model() makes one)"
+                )
+            from transformers import AutoTokenizer
+
+            self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
+            engine = Engine(
+                self._build, eos_ids=self._eos_ids(self._tokenizer),
+                max_prefill_tokens=self.max_prefill_tokens,
+            )
+            await asyncio.wrap_future(engine.start())
+            cfg = engine.model.cfg
+            self._caps = Capabilities(
+                max_slots=self.max_slots,
+                max_rank=self.max_rank,
+                max_batch=self.max_batch,
+                base_model=self.model_path.name,
+                target_modules=frozenset(cfg.module_shapes()),
+                dynamic_load=True,
+                pinning=True,
+                max_seq_len=self.max_seq_len,
+            )
+            self._engine = engine
+
+    def _build(self) -> tuple[LlamaModel, LoraSlots, KVCache]:
+        """Runs on the engine thread."""
+        model = LlamaModel(self.model_path, dtype=self.dtype, device=self.device)
+        cfg = model.cfg
+        lora = LoraSlots(
+            cfg.module_shapes(), cfg.num_layers, self.max_slots, self.max_rank, self.dtype, self.device
+        )
+        cache = KVCache(cfg, self.max_batch, self.max_seq_len, self.dtype, self.device)
+        log.info(
+            "TorchBackend ready: %s on %s, %d slots x rank %d (%.1f MiB), KV %d x %d (%.1f MiB)",
+            self.model_path.name, self.device, self.max_slots, self.max_rank, lora.nbytes / 2**20,
+            self.max_batch, self.max_seq_len, cache.nbytes / 2**20,
+        )
+        return model, lora, cache
+
+    def _eos_ids(self, tokenizer: Any) -> frozenset[int]:
+        ids: set[int] = set()
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        gen = self.model_path / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, list):
+                ids.update(int(e) for e in eos)
+        return frozenset(ids)
+
+    async def aclose(self) -> None:
+        """Stop the step thread; requests still running end with an error. Idempotent."""
+        self._closed = True
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.stop)
+
+    async def health(self) -> bool:
+        """True while the step thread is alive."""
+        return self._engine is not None and self._engine.alive
+
+    def _require_engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("TorchBackend is not started")
+        return self._engine
+
+    # -- adapters --------------------------------------------------------------------
+
+    async def load(self, adapter: LoadedAdapter, slot: int) -> None:
+        """Parse and lay out the adapter off the step thread, then copy it into ``slot``."""
+        engine = self._require_engine()
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} is out of range 0..{self.max_slots - 1}")
+        cfg = engine.model.cfg
+
+        def prepare() -> Any:
+            tensors = load_safetensors(adapter.weights)
+            return prepare_adapter(
+                adapter.adapter_id, adapter.config, tensors, cfg.module_shapes(),
+                cfg.num_layers, self.max_rank, self.dtype,
+            )
+
+        try:
+            prepared = await _in_fresh_thread(prepare)
+        except Exception as exc:
+            raise LoadError(adapter.adapter_id, "device", str(exc)) from exc
+        previous = engine.lora.occupant[slot]
+
+        def install() -> None:
+            engine.lora.copy_in(slot, prepared)
+
+        await asyncio.wrap_future(engine.call(install))
+        if previous is not None and self._slot_of.get(previous) == slot:
+            del self._slot_of[previous]
+        self._slot_of[adapter.adapter_id] = slot
+
+    async def unload(self, adapter_id: str) -> None:
+        """Free the adapter's slot (the store has drained its requests)."""
+        engine = self._require_engine()
+        slot = self._slot_of.pop(adapter_id, None)
+        if slot is None:
+            return
+        await asyncio.wrap_future(engine.call(lambda: engine.lora.clear(slot)))
+
+    def slot_of(self, adapter_id: str) -> int | None:
+        """The slot an adapter occupies, if any."""
+        return self._slot_of.get(adapter_id)
+
+    # -- generation ------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt; chat messages go through the model's chat template."""
+        tok = self._tokenizer
+        if tok is None:
+            raise RuntimeError("TorchBackend is not started")
+        if isinstance(prompt, str):
+            ids = tok(prompt, add_special_tokens=True)["input_ids"]
+            return [int(i) for i in ids]
+        messages = _check_messages(prompt)
+        if not getattr(tok, "chat_template", None):
+            raise InvalidRequest("this model has no chat template; pass the prompt as a string")
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of token ids, without special tokens."""
+        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Stream a completion; leaving the loop early cancels it within one step."""
+        engine = self._require_engine()
+        if request.adapter_id is not None and request.slot is None:
+            raise InvalidRequest(f"adapter {request.adapter_id!r} has no device slot")
+        if request.slot is not None and engine.lora.occupant[request.slot] != request.adapter_id:
+            raise BackendError(
+                f"slot {request.slot} holds {engine.lora.occupant[request.slot]!r}, "
+                f"not {request.adapter_id!r}"
+            )
+        prompt_ids = self.encode(request.prompt)
+        params = request.params
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the engine's max_seq_len {self.max_seq_len}; shorten the prompt or lower max_tokens"
+            )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator()
+            if params.seed is not None:
+                generator.manual_seed(params.seed)
+            else:
+                generator.seed()
+        seq = EngineSequence(
+            request_id=request.request_id, prompt_ids=prompt_ids, params=params,
+            slot=-1 if request.slot is None else request.slot, sink=sink, generator=generator,
+        )
+        detok = IncrementalDetokenizer(self.decode)
+        stops = StopMatcher(params.stop)
+        produced = 0
+        served_by = "base" if request.adapter_id is None else "adapter"
+        done = False
+        engine.submit(seq)
+        try:
+            while True:
+                ids, finish, error = await queue.get()
+                if error is not None:
+                    done = True
+                    raise BackendError(f"engine failed on request {request.request_id}: {error}")
+                produced += len(ids) + (1 if finish == "stop" and not stops.stopped else 0)
+                text = stops.feed(detok.add(ids)) if ids else ""
+                if stops.stopped and finish is None:
+                    engine.cancel(request.request_id)
+                    finish = "stop"
+                if finish is not None:
+                    done = True
+                    if not stops.stopped:
+                        text += stops.flush()
+                    yield Chunk(
+                        text=text, token_ids=tuple(ids), finish_reason=finish,
+                        usage=Usage(len(prompt_ids), produced), adapter_id=request.adapter_id,
+                        served_by=served_by,
+                    )
+                    return
+                if text or ids:
+                    yield Chunk(
+                        text=text, token_ids=tuple(ids), adapter_id=request.adapter_id,
+                        served_by=served_by,
+                    )
+        finally:
+            if not done:
+                engine.cancel(request.request_id)
+
+
+async def _in_fresh_thread(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a new thread that exits afterwards (see :meth:`Engine.start` for why)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def target() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            loop.call_soon_threadsafe(_set_exception, fut, exc)
+        else:
+            loop.call_soon_threadsafe(_set_result, fut, result)
+
+    threading.Thread(target=target, name="lorapool-adapter-prepare", daemon=True).start()
+    return await fut
+
+
+def _set_result(fut: asyncio.Future[T], value: T) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def _check_messages(prompt: Sequence[Message]) -> list[dict[str, str]]:
+    messages: list[dict[str, str]] = []
+    for i, m in enumerate(prompt):
+        if not hasattr(m, "get") or not isinstance(m.get("role"), str) or not isinstance(
+            m.get("content"), str
+        ):
+            raise InvalidRequest(
+                f"message {i} must be a mapping with string 'role' and 'content', got {m!r}"
+            )
+        messages.append({"role": m["role"], "content": m["content"]})
+    if not messages:
+        raise InvalidRequest("the message list is empty")
+    return messages

@@ -1,0 +1,308 @@
+"""The continuous-batching loop that runs on its own thread.
+
+One iteration ("step"): apply queued control operations (slot loads), drop
+cancelled sequences, admit waiting sequences into free KV rows and prefill
+them, then decode one token for every running sequence. Requests join and
+leave between steps; the event loop never waits on a forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lorapool.types import FinishReason, SamplingParams
+
+from .lora import LoraBatch, LoraSlots
+from .model import KVCache, LlamaModel
+
+__all__ = ["Engine", "EngineStats", "Event", "Sequence"]
+
+log = logging.getLogger(__name__)
+
+Event = tuple[list[int], "FinishReason | None", "BaseException | None"]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    slot: int
+    sink: Callable[[Event], None]
+    generator: torch.Generator | None = None
+    output: list[int] = field(default_factory=list)
+    row: int = -1
+    length: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Counters the engine keeps; read them from any thread."""
+
+    steps: int = 0
+    prefill_steps: int = 0
+    tokens_generated: int = 0
+    max_running: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    distinct_adapters: dict[int, int] = field(default_factory=dict)
+
+
+class Engine:
+    """Owns the model, the KV cache and the LoRA slots; runs the step loop."""
+
+    def __init__(
+        self,
+        build: Callable[[], tuple[LlamaModel, LoraSlots, KVCache]],
+        *,
+        eos_ids: frozenset[int],
+        max_prefill_tokens: int,
+    ) -> None:
+        self._build = build
+        self.eos_ids = eos_ids
+        self.max_prefill_tokens = max_prefill_tokens
+        self.stats = EngineStats()
+        self.logits_hook: Callable[[list[str], torch.Tensor], None] | None = None
+        """Test hook: called on the engine thread with request ids and their logits."""
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._cancelled: set[str] = set()
+        self._control: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._stop = False
+        self._ready: Future[None] = Future()
+        self._thread = threading.Thread(target=self._main, name="lorapool-torch-engine", daemon=True)
+
+    # -- called from other threads -------------------------------------------------
+
+    def start(self) -> Future[None]:
+        """Start the step thread; the future resolves once the model is built on it.
+
+        Every tensor operation of the engine runs on this one thread, model
+        loading included: a second long-lived thread that has run parallel
+        torch ops (an executor thread, the event loop's) keeps its own OpenMP
+        team alive and measurably slows the small ops of every later step.
+        """
+        self._thread.start()
+        return self._ready
+
+    @property
+    def alive(self) -> bool:
+        """True while the step thread runs."""
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Stop the step thread after the current step and fail what is left."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence; it is admitted when a KV row is free."""
+        with self._cond:
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a sequence at the start of the next step."""
+        with self._cond:
+            self._cancelled.add(request_id)
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the engine thread between two steps."""
+        fut: Future[Any] = Future()
+        with self._cond:
+            if self._stop:
+                fut.set_exception(RuntimeError("engine is stopped"))
+                return fut
+            self._control.append((fn, fut))
+            self._cond.notify()
+        return fut
+
+    @property
+    def free_rows(self) -> int:
+        """KV rows not held by a running sequence."""
+        with self._cond:
+            return self.cache.rows - len(self._running)
+
+    @property
+    def live(self) -> int:
+        """Sequences waiting or running."""
+        with self._cond:
+            return len(self._waiting) + len(self._running)
+
+    # -- the engine thread ---------------------------------------------------------
+
+    def _main(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            self.model, self.lora, self.cache = self._build()
+            self.rope = self.model.rope_tables(self.cache.max_seq_len)
+        except BaseException as exc:  # noqa: BLE001 - handed to start()'s caller
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
+        self._loop()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stop or self._waiting or self._running or self._control):
+                    self._cond.wait()
+                if self._stop:
+                    break
+                control = list(self._control)
+                self._control.clear()
+                cancelled = self._cancelled
+                self._cancelled = set()
+                admitted = self._admit(cancelled)
+            for fn, fut in control:
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(exc)
+            for seq in [s for s in self._running if s.request_id in cancelled]:
+                self._finish(seq, "cancelled")
+            try:
+                if admitted:
+                    t0 = time.perf_counter()
+                    self._prefill(admitted)
+                    self.stats.prefill_seconds += time.perf_counter() - t0
+                if self._running:
+                    t0 = time.perf_counter()
+                    self._decode()
+                    self.stats.decode_seconds += time.perf_counter() - t0
+            except Exception as exc:  # noqa: BLE001 - an engine fault fails its requests
+                log.exception("engine step failed")
+                for seq in list(self._running):
+                    self._finish(seq, None, exc)
+        for seq in list(self._running):
+            self._finish(seq, None, RuntimeError("engine stopped"))
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for seq in waiting:
+            seq.sink(([], None, RuntimeError("engine stopped")))
+
+    def _admit(self, cancelled: set[str]) -> list[Sequence]:
+        """Take waiting sequences into free rows, within the prefill budget (lock held)."""
+        for seq in [s for s in self._waiting if s.request_id in cancelled]:
+            self._waiting.remove(seq)
+            seq.sink(([], "cancelled", None))
+        admitted: list[Sequence] = []
+        free = self.cache.rows - len(self._running)
+        longest = 0
+        while self._waiting and len(admitted) < free:
+            seq = self._waiting[0]
+            longest_if = max(longest, len(seq.prompt_ids))
+            if admitted and longest_if * (len(admitted) + 1) > self.max_prefill_tokens:
+                break
+            longest = longest_if
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _forward(
+        self, tokens: torch.Tensor, row_start: int, starts: torch.Tensor, last: torch.Tensor,
+        token_slots: list[int],
+    ) -> torch.Tensor:
+        plan = LoraBatch(token_slots, self.model.device)
+        if plan.distinct:
+            self.stats.distinct_adapters[plan.distinct] = (
+                self.stats.distinct_adapters.get(plan.distinct, 0) + 1
+            )
+        return self.model.forward(
+            tokens, row_start, starts, last, self.cache, self.rope, self.lora,
+            plan if plan.distinct else None,
+        )
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        dev = self.model.device
+        row0 = len(self._running)
+        width = max(len(s.prompt_ids) for s in seqs)
+        tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+        slots: list[int] = []
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+            slots.extend([s.slot] * len(s.prompt_ids) + [-1] * (width - len(s.prompt_ids)))
+            s.row = row0 + i
+            s.length = len(s.prompt_ids)
+        last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=dev)
+        starts = torch.zeros(len(seqs), dtype=torch.long, device=dev)
+        logits = self._forward(tokens.to(dev), row0, starts, last, slots)
+        self._running.extend(seqs)
+        self.stats.prefill_steps += 1
+        self.stats.max_running = max(self.stats.max_running, len(self._running))
+        self._emit(seqs, logits)
+
+    def _decode(self) -> None:
+        dev = self.model.device
+        seqs = list(self._running)
+        tokens = torch.tensor([[s.output[-1]] for s in seqs], dtype=torch.long, device=dev)
+        starts = torch.tensor([s.length for s in seqs], dtype=torch.long, device=dev)
+        last = torch.zeros(len(seqs), dtype=torch.long, device=dev)
+        logits = self._forward(tokens, 0, starts, last, [s.slot for s in seqs])
+        for s in seqs:
+            s.length += 1
+        self.stats.steps += 1
+        self._emit(seqs, logits)
+
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        if self.logits_hook is not None:
+            self.logits_hook([s.request_id for s in seqs], logits)
+        chosen = self._sample(seqs, logits)
+        for seq, tok in zip(seqs, chosen):
+            self.stats.tokens_generated += 1
+            seq.output.append(tok)
+            finish: FinishReason | None = None
+            if tok in self.eos_ids and not seq.params.ignore_eos:
+                finish = "stop"
+            elif len(seq.output) >= seq.params.max_tokens:
+                finish = "length"
+            if finish is None:
+                seq.sink(([tok], None, None))
+            else:
+                self._finish(seq, finish, emit=[] if finish == "stop" else [tok])
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        chosen = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature == 0.0:
+                continue
+            row = logits[i] / p.temperature
+            probs = torch.softmax(row, dim=-1)
+            if p.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < p.top_p
+                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+            chosen[i] = int(torch.multinomial(probs.cpu(), 1, generator=seq.generator).item())
+        return [int(c) for c in chosen]
+
+    def _finish(
+        self, seq: Sequence, reason: FinishReason | None, error: BaseException | None = None,
+        emit: list[int] | None = None,
+    ) -> None:
+        """Free the sequence's row (packing the rows) and tell its consumer."""
+        if seq.row >= 0 and seq.row < len(self._running) and self._running[seq.row] is seq:
+            last = self._running[-1]
+            if last is not seq:
+                self.cache.move_row(last.row, seq.row, last.length)
+                last.row = seq.row
+                self._running[seq.row] = last
+            self._running.pop()
+            seq.row = -1
+        seq.sink((emit or [], reason, error))

@@ -1,0 +1,243 @@
+"""Device slots holding LoRA weights, and the mixed-adapter matmuls.
+
+Every LoRA-able linear of every layer has one stacked tensor per side:
+``A^T`` as ``[layers, slots, in, max_rank]`` and ``scale * B^T`` as
+``[layers, slots, max_rank, out]``. An adapter of rank ``r < max_rank`` fills
+the first ``r`` columns and zeros the rest, so mixed ranks and mixed target
+modules share one layout and the result is exact. ``q/k/v`` and ``gate/up``
+share their input, so their ``A`` sides are stored side by side and shrunk with
+one matmul.
+
+A forward pass gets one :class:`LoraBatch` plan (which token uses which slot).
+With many adapters the plan pads each slot's tokens to a common count and runs
+one batched matmul per side for all slots (segmented by slot, never per row);
+with few adapters, or very uneven groups, it runs one matmul per slot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from lorapool.types import LoraConfig
+
+__all__ = ["LoraBatch", "LoraSlots", "PreparedAdapter", "prepare_adapter"]
+
+_NAME = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
+_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "gate_up": ("gate_proj", "up_proj"),
+    "o": ("o_proj",),
+    "down": ("down_proj",),
+}
+_GROUP_OF = {m: g for g, ms in _GROUPS.items() for m in ms}
+
+
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter laid out exactly like one slot of the stacks, ready to copy."""
+
+    adapter_id: str
+    a: dict[str, torch.Tensor]  # group -> [layers, in, len(group) * max_rank]
+    b: dict[str, torch.Tensor]  # module -> [layers, max_rank, out]
+    nbytes: int
+
+
+def prepare_adapter(
+    adapter_id: str,
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, int]],
+    num_layers: int,
+    max_rank: int,
+    dtype: torch.dtype,
+) -> PreparedAdapter:
+    """Check an adapter's tensors against the model and lay them out for a slot.
+
+    Runs off the engine thread; raises ``ValueError`` saying what does not fit.
+    """
+    r = config.r
+    if r > max_rank:
+        raise ValueError(f"rank {r} exceeds max_rank {max_rank}")
+    scale = config.scaling
+    found: dict[tuple[int, str, str], torch.Tensor] = {}
+    for name, t in tensors.items():
+        m = _NAME.search(name)
+        if m is None:
+            raise ValueError(f"tensor {name!r} is not a LoRA A/B weight of a decoder layer")
+        layer, module, side = int(m.group(1)), m.group(2), m.group(3)
+        if module not in shapes:
+            raise ValueError(f"tensor {name!r} targets {module!r}, which is not a LoRA-able linear")
+        if layer >= num_layers:
+            raise ValueError(f"tensor {name!r} names layer {layer}; the model has {num_layers}")
+        fan_in, fan_out = shapes[module]
+        want = (r, fan_in) if side == "A" else (fan_out, r)
+        if tuple(t.shape) != want:
+            raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {want}")
+        found[(layer, module, side)] = t
+    a: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor] = {}
+    for group, modules in _GROUPS.items():
+        fan_in = shapes[modules[0]][0]
+        ga = torch.zeros(num_layers, fan_in, len(modules) * max_rank, dtype=dtype)
+        for j, module in enumerate(modules):
+            gb = torch.zeros(num_layers, max_rank, shapes[module][1], dtype=dtype)
+            for layer in range(num_layers):
+                ta = found.get((layer, module, "A"))
+                tb = found.get((layer, module, "B"))
+                if (ta is None) != (tb is None):
+                    raise ValueError(f"layer {layer} {module}: lora_A and lora_B must come in pairs")
+                if ta is None or tb is None:
+                    continue
+                ga[layer, :, j * max_rank : j * max_rank + r] = ta.t().to(dtype)
+                gb[layer, :r, :] = (tb.float().t() * scale).to(dtype)
+            b[module] = gb
+        a[group] = ga
+    nbytes = sum(t.nbytes for t in a.values()) + sum(t.nbytes for t in b.values())
+    return PreparedAdapter(adapter_id, a, b, nbytes)
+
+
+class LoraBatch:
+    """Which tokens of a forward pass use which slot, grouped by slot."""
+
+    def __init__(self, token_slots: list[int], device: torch.device) -> None:
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(token_slots):
+            if s >= 0:
+                groups.setdefault(s, []).append(i)
+        self.slots = sorted(groups)
+        self.num_tokens = sum(len(v) for v in groups.values())
+        self.loop: list[tuple[int, torch.Tensor | slice]] = []
+        self.padded = False
+        k = len(self.slots)
+        if k == 0:
+            return
+        m = max(len(v) for v in groups.values())
+        lo, hi = self.slots[0], self.slots[-1]
+        span = hi - lo + 1
+        self.slot_range: slice | torch.Tensor
+        if k > 1 and span * m <= 2 * self.num_tokens + 16:
+            self.padded = True
+            self.slot_range = slice(lo, hi + 1)
+            slot_ids = list(range(lo, hi + 1))
+            pad = [[0] * m for _ in slot_ids]
+            src: list[int] = []
+            dst: list[int] = []
+            for gi, s in enumerate(slot_ids):
+                for j, tok in enumerate(groups.get(s, ())):
+                    pad[gi][j] = tok
+                    src.append(gi * m + j)
+                    dst.append(tok)
+            self.pad_index = torch.tensor(pad, dtype=torch.long, device=device)
+            self.src = torch.tensor(src, dtype=torch.long, device=device)
+            self.dst = torch.tensor(dst, dtype=torch.long, device=device)
+            return
+        for s in self.slots:
+            idx = groups[s]
+            if idx[-1] - idx[0] + 1 == len(idx):
+                self.loop.append((s, slice(idx[0], idx[-1] + 1)))
+            else:
+                self.loop.append((s, torch.tensor(idx, dtype=torch.long, device=device)))
+
+    @property
+    def distinct(self) -> int:
+        """Distinct adapters in this forward pass."""
+        return len(self.slots)
+
+
+class LoraSlots:
+    """The device-resident stacks: ``max_slots`` adapters for every LoRA-able linear."""
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, int]],
+        num_layers: int,
+        max_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.shapes = shapes
+        self.num_layers = num_layers
+        self.max_slots = max_slots
+        self.max_rank = max_rank
+        self.dtype = dtype
+        self.device = device
+        self.a = {
+            g: torch.zeros(
+                num_layers, max_slots, shapes[ms[0]][0], len(ms) * max_rank, dtype=dtype, device=device
+            )
+            for g, ms in _GROUPS.items()
+        }
+        self.b = {
+            m: torch.zeros(num_layers, max_slots, max_rank, shape[1], dtype=dtype, device=device)
+            for m, shape in shapes.items()
+        }
+        self.occupant: list[str | None] = [None] * max_slots
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory the stacks hold."""
+        return sum(t.nbytes for t in self.a.values()) + sum(t.nbytes for t in self.b.values())
+
+    def copy_in(self, slot: int, prepared: PreparedAdapter) -> None:
+        """Overwrite ``slot`` with a prepared adapter (tensor copies only)."""
+        for g, t in prepared.a.items():
+            self.a[g][:, slot].copy_(t, non_blocking=True)
+        for m, t in prepared.b.items():
+            self.b[m][:, slot].copy_(t, non_blocking=True)
+        self.occupant[slot] = prepared.adapter_id
+
+    def clear(self, slot: int) -> None:
+        """Mark ``slot`` free; its weights are overwritten by the next load."""
+        self.occupant[slot] = None
+
+    def _shrink(self, layer: int, group: str, plan: LoraBatch, x: torch.Tensor) -> torch.Tensor:
+        a = self.a[group][layer]
+        return torch.bmm(x[plan.pad_index], a[plan.slot_range])
+
+    def _expand_padded(
+        self, layer: int, module: str, plan: LoraBatch, t: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        b = self.b[module][layer][plan.slot_range]
+        out = torch.bmm(t, b)
+        y.index_add_(0, plan.dst, out.flatten(0, 1).index_select(0, plan.src))
+
+    def _run(
+        self, layer: int, group: str, plan: LoraBatch, x: torch.Tensor, ys: list[torch.Tensor]
+    ) -> None:
+        modules = _GROUPS[group]
+        r = self.max_rank
+        if plan.padded:
+            t = self._shrink(layer, group, plan, x)
+            for j, (module, y) in enumerate(zip(modules, ys)):
+                self._expand_padded(layer, module, plan, t[..., j * r : (j + 1) * r], y)
+            return
+        a = self.a[group][layer]
+        for slot, idx in plan.loop:
+            xs = x[idx]
+            t = xs @ a[slot]
+            for j, (module, y) in enumerate(zip(modules, ys)):
+                out = t[:, j * r : (j + 1) * r] @ self.b[module][layer, slot]
+                if isinstance(idx, slice):
+                    y[idx] += out
+                else:
+                    y.index_add_(0, idx, out)
+
+    def apply_qkv(self, layer: int, plan: LoraBatch, x: torch.Tensor, qkv: torch.Tensor) -> None:
+        """Add the q/k/v LoRA deltas into the fused projection output, in place."""
+        q_out = self.shapes["q_proj"][1]
+        kv_out = self.shapes["k_proj"][1]
+        ys = [qkv[:, :q_out], qkv[:, q_out : q_out + kv_out], qkv[:, q_out + kv_out :]]
+        self._run(layer, "qkv", plan, x, ys)
+
+    def apply_gate_up(self, layer: int, plan: LoraBatch, x: torch.Tensor, gu: torch.Tensor) -> None:
+        """Add the gate/up LoRA deltas into the fused MLP input projection, in place."""
+        inter = self.shapes["gate_proj"][1]
+        self._run(layer, "gate_up", plan, x, [gu[:, :inter], gu[:, inter:]])
+
+    def apply(self, layer: int, module: str, plan: LoraBatch, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one single-module group's LoRA delta (``o_proj`` or ``down_proj``) into ``y``."""
+        self._run(layer, _GROUP_OF[module], plan, x, [y])

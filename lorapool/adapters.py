@@ -1,0 +1,177 @@
+"""Reading a PEFT LoRA adapter directory without importing torch.
+
+A PEFT adapter is a directory with ``adapter_config.json`` and
+``adapter_model.safetensors``. This module parses the config strictly enough
+for serving, reads the safetensors header (tensor names and shapes) from its
+JSON prefix, and hashes the files so every later load can be verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .errors import AdapterValidationError, NotAPeftAdapter, SourceNotFound
+from .types import Capabilities, LoraConfig
+
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "AdapterFiles",
+    "check_supported",
+    "inspect_adapter_dir",
+    "read_safetensors_header",
+    "sha256_of_files",
+]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """A verified-readable adapter directory."""
+
+    path: Path
+    config: LoraConfig
+    tensors: dict[str, tuple[int, ...]]
+    sha256: str
+    size_bytes: int
+
+
+def read_safetensors_header(data: bytes | Path) -> dict[str, tuple[int, ...]]:
+    """Return ``{tensor name: shape}`` from a safetensors file or its bytes."""
+    if isinstance(data, Path):
+        with data.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError("file is shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > _MAX_HEADER:
+                raise ValueError(f"safetensors header of {n} bytes is implausibly large")
+            raw = f.read(n)
+    else:
+        if len(data) < 8:
+            raise ValueError("data is shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", data[:8])
+        if n > _MAX_HEADER or 8 + n > len(data):
+            raise ValueError("safetensors header length is out of range")
+        raw = data[8 : 8 + n]
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    return {
+        name: tuple(int(d) for d in meta["shape"])
+        for name, meta in header.items()
+        if name != "__metadata__"
+    }
+
+
+def sha256_of_files(directory: Path, names: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE)) -> str:
+    """Hash the named files of an adapter, in order, each prefixed by its name."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        with (directory / name).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def inspect_adapter_dir(source: str | Path) -> AdapterFiles:
+    """Check that ``source`` is a PEFT LoRA adapter directory and describe it.
+
+    Raises :class:`SourceNotFound` when the directory is missing and
+    :class:`NotAPeftAdapter` (or another :class:`AdapterValidationError`)
+    when it does not hold a usable LoRA adapter.
+    """
+    path = Path(source).expanduser()
+    label = str(source)
+    if not path.exists():
+        raise SourceNotFound(label)
+    if not path.is_dir():
+        raise SourceNotFound(label, "it is a file, not a directory")
+    config_path = path / CONFIG_FILE
+    weights_path = path / WEIGHTS_FILE
+    if not config_path.is_file():
+        raise NotAPeftAdapter(label, f"no {CONFIG_FILE}")
+    if not weights_path.is_file():
+        pickled = [n for n in _PICKLE_FILES if (path / n).exists()]
+        if pickled:
+            raise AdapterValidationError(
+                "pickle_weights",
+                f"{label!r} holds {pickled[0]}, a pickle file lorapool never loads; "
+                f"re-save the adapter with safetensors (save_pretrained(..., "
+                "safe_serialization=True))",
+            )
+        raise NotAPeftAdapter(label, f"no {WEIGHTS_FILE}")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise NotAPeftAdapter(label, f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise NotAPeftAdapter(label, f"{CONFIG_FILE} is not a JSON object")
+    if str(raw.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterValidationError(
+            "unsupported_peft_type",
+            f"peft_type {raw.get('peft_type')!r} is not supported; only LORA adapters are",
+        )
+    try:
+        config = LoraConfig.model_validate(raw)
+    except ValidationError as exc:
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
+        raise NotAPeftAdapter(label, f"{CONFIG_FILE} is missing or has bad fields: {fields}") from None
+    try:
+        tensors = read_safetensors_header(weights_path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NotAPeftAdapter(label, f"{WEIGHTS_FILE} is not a safetensors file: {exc}") from None
+    if not any("lora_A" in name for name in tensors):
+        raise NotAPeftAdapter(label, f"{WEIGHTS_FILE} holds no lora_A tensors")
+    size = config_path.stat().st_size + weights_path.stat().st_size
+    return AdapterFiles(
+        path=path,
+        config=config,
+        tensors=tensors,
+        sha256=sha256_of_files(path),
+        size_bytes=size,
+    )
+
+
+def check_supported(files: AdapterFiles, caps: Capabilities) -> None:
+    """Refuse an adapter the backend cannot serve, saying what to change."""
+    cfg = files.config
+    if cfg.use_dora:
+        raise AdapterValidationError(
+            "unsupported_dora", "DoRA adapters (use_dora=true) are not supported by this backend"
+        )
+    if cfg.bias != "none":
+        raise AdapterValidationError(
+            "unsupported_bias", f"bias={cfg.bias!r} is not supported; train with bias='none'"
+        )
+    if cfg.modules_to_save:
+        raise AdapterValidationError(
+            "unsupported_modules_to_save",
+            f"modules_to_save={list(cfg.modules_to_save)} is not supported; a LoRA adapter "
+            "must only add low-rank deltas",
+        )
+    if cfg.r > caps.max_rank:
+        raise AdapterValidationError(
+            "unsupported_rank",
+            f"rank {cfg.r} is above the backend's max_rank {caps.max_rank}; raise max_rank "
+            "or retrain with a smaller r",
+        )
+    modules = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in files.tensors}
+    unknown = sorted(modules - caps.target_modules)
+    if unknown:
+        raise AdapterValidationError(
+            "unsupported_target",
+            f"target modules {unknown} are not LoRA-able in this base model; supported: "
+            f"{sorted(caps.target_modules)}",
+        )

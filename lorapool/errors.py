@@ -1,0 +1,162 @@
+"""The typed error tree.
+
+Every failure a caller can cause is a subclass of :class:`LorapoolError` whose
+message says what was wrong and what to do about it. A failed call leaves the
+registry and the resident adapters as they were.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDenied",
+    "AdapterExists",
+    "AdapterInUse",
+    "AdapterNotFound",
+    "AdapterValidationError",
+    "BackendError",
+    "BackendUnavailable",
+    "ColdStartRejected",
+    "InvalidRequest",
+    "LoadError",
+    "LorapoolError",
+    "NotAPeftAdapter",
+    "Overloaded",
+    "PinLimitExceeded",
+    "RateLimited",
+    "SourceNotFound",
+]
+
+
+class LorapoolError(Exception):
+    """Base class of every error lorapool raises on purpose."""
+
+
+class AdapterNotFound(LorapoolError, LookupError):
+    """No adapter is registered under this id (or the caller may not know it exists)."""
+
+    def __init__(self, adapter_id: str) -> None:
+        self.adapter_id = adapter_id
+        super().__init__(
+            f"adapter {adapter_id!r} is not registered; register it first with "
+            f"`await pool.register({adapter_id!r}, source=..., tenant=...)` "
+            "or check the id with `pool.list_adapters(tenant=...)`"
+        )
+
+
+class AccessDenied(LorapoolError, PermissionError):
+    """The tenant may not use (or change) this adapter."""
+
+    def __init__(self, adapter_id: str, tenant: str) -> None:
+        self.adapter_id = adapter_id
+        self.tenant = tenant
+        super().__init__(
+            f"tenant {tenant!r} may not use adapter {adapter_id!r}: it belongs to another "
+            "tenant and is not shared"
+        )
+
+
+class AdapterExists(LorapoolError, ValueError):
+    """An adapter with this id is already registered."""
+
+    def __init__(self, adapter_id: str) -> None:
+        self.adapter_id = adapter_id
+        super().__init__(
+            f"adapter {adapter_id!r} is already registered; unregister it first or pick "
+            "another id"
+        )
+
+
+class AdapterInUse(LorapoolError):
+    """The adapter cannot be changed now because requests or pins hold it."""
+
+
+class SourceNotFound(LorapoolError, FileNotFoundError):
+    """The adapter's source (a directory, an object, a URL) does not exist."""
+
+    def __init__(self, source: str, detail: str = "") -> None:
+        self.source = source
+        message = f"adapter source {source!r} does not exist"
+        if detail:
+            message += f": {detail}"
+        super().__init__(message + "; pass the directory that holds adapter_config.json")
+
+
+class AdapterValidationError(LorapoolError, ValueError):
+    """The adapter's files were read but are not acceptable.
+
+    ``reason`` is a stable machine-readable code (``"not_peft"``,
+    ``"unsupported_rank"``, ``"unsupported_target"``, ...); ``detail`` says
+    what to fix.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"[{reason}] {detail}")
+
+
+class NotAPeftAdapter(AdapterValidationError):
+    """The source exists but does not hold a PEFT LoRA adapter."""
+
+    def __init__(self, source: str, detail: str) -> None:
+        self.source = source
+        super().__init__(
+            "not_peft",
+            f"{source!r} is not a PEFT LoRA adapter ({detail}); it must hold "
+            "adapter_config.json and adapter_model.safetensors as written by "
+            "peft's save_pretrained",
+        )
+
+
+class InvalidRequest(LorapoolError, ValueError):
+    """The request itself is malformed (bad prompt, too long for the engine, ...)."""
+
+
+class _RetryableError(LorapoolError):
+    """An error the caller may retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"{message}; retry after {retry_after:.3g} s")
+
+
+class RateLimited(_RetryableError):
+    """The tenant exceeded its request or token rate."""
+
+
+class Overloaded(_RetryableError):
+    """The pool's queue is full; the request was shed."""
+
+
+class ColdStartRejected(_RetryableError):
+    """The adapter is not warm and the tenant's cold-start policy is ``reject``."""
+
+
+class PinLimitExceeded(LorapoolError):
+    """Pinning one more adapter would leave no device slot for anything else."""
+
+
+class LoadError(LorapoolError):
+    """An adapter could not be brought to the tier a request needed."""
+
+    def __init__(self, adapter_id: str, tier: str, cause: str) -> None:
+        self.adapter_id = adapter_id
+        self.tier = tier
+        self.cause = cause
+        super().__init__(f"could not load adapter {adapter_id!r} into the {tier} tier: {cause}")
+
+
+class BackendError(LorapoolError):
+    """The engine failed while serving a request."""
+
+
+class BackendUnavailable(LorapoolError, ImportError):
+    """The engine a backend needs is not installed."""
+
+    def __init__(self, backend: str, extra: str, cause: str = "") -> None:
+        self.backend = backend
+        self.extra = extra
+        message = f"the {backend} backend needs its engine: pip install 'lorapool[{extra}]'"
+        if cause:
+            message += f" ({cause})"
+        super().__init__(message)

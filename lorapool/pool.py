@@ -1,0 +1,245 @@
+"""AdapterPool: the façade an application embeds.
+
+The path of one request (design §2): the registry resolves the adapter and
+checks the tenant may use it; the scheduler admits and dispatches it; the store
+makes the adapter resident and holds a reference; the backend streams tokens;
+the pool accounts usage and releases everything, whatever way the stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from .adapters import check_supported, inspect_adapter_dir
+from .errors import InvalidRequest
+from .registry import Registry, check_adapter_id
+from .scheduling import FCFSScheduler, Scheduler, Ticket
+from .store import TieredStore
+from .types import (
+    AdapterInfo,
+    Chunk,
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    Message,
+    SamplingParams,
+    Usage,
+)
+from lorapool.backends.base import Backend
+
+__all__ = ["AdapterPool", "PoolStats"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PoolStats:
+    """Totals since the pool started."""
+
+    requests: int = 0
+    completed: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class AdapterPool:
+    """Serve many tenants' LoRA adapters over one backend.
+
+    Use it as an async context manager (``async with AdapterPool(...) as pool``);
+    it starts the backend on entry and closes it on exit. ``aclose()`` is
+    idempotent. ``store``, ``scheduler`` and ``registry`` default to a
+    :class:`TieredStore`, an :class:`FCFSScheduler` and an in-memory
+    :class:`Registry`.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        store: TieredStore | None = None,
+        scheduler: Scheduler | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        self.backend = backend
+        self.store = store if store is not None else TieredStore()
+        self.scheduler: Scheduler = scheduler if scheduler is not None else FCFSScheduler()
+        self.registry = registry if registry is not None else Registry()
+        self.stats = PoolStats()
+        self._started = False
+        self._closed = False
+        self._start_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> AdapterPool:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start the backend and wire the store and scheduler to it. Idempotent."""
+        async with self._start_lock:
+            if self._started:
+                return
+            if self._closed:
+                raise RuntimeError("this AdapterPool is closed; create a new one")
+            await self.backend.start()
+            caps = self.backend.capabilities
+            self.store.bind(self.backend)
+            self.scheduler.bind(max_inflight=caps.max_batch, can_dispatch=self.store.can_dispatch)
+            self._started = True
+
+    async def aclose(self) -> None:
+        """Close the backend. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.backend.aclose()
+
+    # -- adapters --------------------------------------------------------------------
+
+    async def register(
+        self, adapter_id: str, source: str, *, tenant: str, shared: bool = False
+    ) -> AdapterInfo:
+        """Register a PEFT LoRA adapter directory for ``tenant``.
+
+        Validates the files (config, tensor names, rank against the backend)
+        before anything is recorded: on error the registry is unchanged.
+        """
+        await self.start()
+        check_adapter_id(adapter_id)
+        _check_tenant(tenant)
+        files = await asyncio.to_thread(inspect_adapter_dir, source)
+        check_supported(files, self.backend.capabilities)
+        info = AdapterInfo(
+            adapter_id=adapter_id,
+            tenant=tenant,
+            shared=shared,
+            source=str(files.path.resolve()),
+            sha256=files.sha256,
+            size_bytes=files.size_bytes,
+            config=files.config,
+        )
+        self.registry.add(info)
+        log.info("registered adapter %s for tenant %s (rank %d)", adapter_id, tenant, info.rank)
+        return info
+
+    async def unregister(self, adapter_id: str, *, tenant: str) -> None:
+        """Remove the tenant's adapter once requests using it have finished."""
+        self.registry.owned(adapter_id, tenant)
+        await self.store.remove(adapter_id)
+        self.registry.remove(adapter_id)
+        self.scheduler.kick()
+
+    def list_adapters(self, *, tenant: str) -> list[AdapterInfo]:
+        """Adapters ``tenant`` may use: its own and the shared ones."""
+        return self.registry.visible(tenant)
+
+    async def pin(self, adapter_id: str, *, tenant: str | None = None) -> None:
+        """Load the adapter onto the device and keep it there until :meth:`unpin`."""
+        await self.start()
+        info = self.registry.resolve(adapter_id, tenant)
+        await self.store.pin(info)
+
+    async def unpin(self, adapter_id: str, *, tenant: str | None = None) -> None:
+        """Let a pinned adapter be evicted again."""
+        self.registry.resolve(adapter_id, tenant)
+        self.store.unpin(adapter_id)
+        self.scheduler.kick()
+
+    # -- generation ------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        adapter: str | None = None,
+        tenant: str,
+        params: SamplingParams | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """Stream a completion of ``prompt`` (a string or chat messages) with ``adapter``.
+
+        ``adapter=None`` uses the base model. Leaving the loop early cancels
+        the request in the engine.
+        """
+        await self.start()
+        _check_tenant(tenant)
+        if not isinstance(prompt, str) and not isinstance(prompt, Sequence):
+            raise InvalidRequest("prompt must be a string or a list of {'role', 'content'} messages")
+        info = self.registry.resolve(adapter, tenant) if adapter is not None else None
+        params = params if params is not None else SamplingParams()
+        request_id = uuid.uuid4().hex
+        ticket = Ticket(request_id, tenant, adapter, max_tokens=params.max_tokens)
+        self.stats.requests += 1
+        finish: FinishReason | None = None
+        usage: Usage | None = None
+        await self.scheduler.acquire(ticket)
+        try:
+            slot = await self.store.acquire(info) if info is not None else None
+            try:
+                request = GenerationRequest(request_id, prompt, params, adapter, slot)
+                async for chunk in self.backend.generate(request):
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                        finish = chunk.finish_reason
+                    yield chunk
+            finally:
+                if info is not None:
+                    self.store.release(info.adapter_id)
+        except BaseException:
+            self.stats.failed += 1
+            raise
+        finally:
+            self.scheduler.release(ticket)
+            if usage is not None:
+                self.stats.completed += 1
+                self.stats.prompt_tokens += usage.prompt_tokens
+                self.stats.completion_tokens += usage.completion_tokens
+                log.debug(
+                    "request %s tenant=%s adapter=%s finish=%s prompt=%d completion=%d",
+                    request_id, tenant, adapter, finish, usage.prompt_tokens,
+                    usage.completion_tokens,
+                )
+
+    async def complete(
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        adapter: str | None = None,
+        tenant: str,
+        params: SamplingParams | None = None,
+    ) -> Completion:
+        """Generate the whole completion and return it at once."""
+        texts: list[str] = []
+        ids: list[int] = []
+        last: Chunk | None = None
+        async for chunk in self.generate(prompt, adapter=adapter, tenant=tenant, params=params):
+            texts.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+        if last is None or last.finish_reason is None or last.usage is None:
+            raise RuntimeError("the backend ended the stream without a final chunk")
+        return Completion(
+            text="".join(texts),
+            token_ids=tuple(ids),
+            finish_reason=last.finish_reason,
+            usage=last.usage,
+            adapter_id=adapter,
+            served_by=last.served_by,
+        )
+
+
+def _check_tenant(tenant: str) -> None:
+    if not isinstance(tenant, str) or not tenant:
+        raise InvalidRequest("tenant must be a non-empty string naming the caller's tenant")

@@ -1,0 +1,100 @@
+"""MockBackend: a Backend whose answers come from a function, like httpx's MockTransport."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+from lorapool.errors import BackendError, LoadError
+from lorapool.types import Capabilities, Chunk, GenerationRequest, LoadedAdapter, Usage
+
+__all__ = ["MockBackend"]
+
+Handler = Callable[[GenerationRequest], "str | Iterable[str]"]
+
+
+def _echo(request: GenerationRequest) -> list[str]:
+    return [f"{request.adapter_id or 'base'} "] * request.params.max_tokens
+
+
+@dataclass
+class MockBackend:
+    """Answers each request with ``handler(request)``: a string, or one string per token.
+
+    Records every load, unload and request so tests can assert on them;
+    ``fail_loads`` makes loading the named adapters fail; ``token_delay``
+    sleeps between tokens.
+    """
+
+    handler: Handler = _echo
+    max_slots: int = 4
+    max_rank: int = 64
+    max_batch: int = 8
+    token_delay: float = 0.0
+    target_modules: frozenset[str] = frozenset(
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    )
+    fail_loads: set[str] = field(default_factory=set)
+    loads: list[tuple[str, int]] = field(default_factory=list)
+    unloads: list[str] = field(default_factory=list)
+    requests: list[GenerationRequest] = field(default_factory=list)
+    slots: dict[int, str] = field(default_factory=dict)
+    started: bool = False
+    closed: bool = False
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Fixed capabilities from the constructor."""
+        return Capabilities(
+            max_slots=self.max_slots, max_rank=self.max_rank, max_batch=self.max_batch,
+            base_model="mock", target_modules=self.target_modules,
+        )
+
+    async def start(self) -> None:
+        """Mark started."""
+        self.started = True
+
+    async def aclose(self) -> None:
+        """Mark closed."""
+        self.closed = True
+
+    async def health(self) -> bool:
+        """Healthy between start and close."""
+        return self.started and not self.closed
+
+    async def load(self, adapter: LoadedAdapter, slot: int) -> None:
+        """Record the load (or fail it for adapters in ``fail_loads``)."""
+        await asyncio.sleep(0)
+        if adapter.adapter_id in self.fail_loads:
+            raise LoadError(adapter.adapter_id, "device", "injected failure")
+        self.slots[slot] = adapter.adapter_id
+        self.loads.append((adapter.adapter_id, slot))
+
+    async def unload(self, adapter_id: str) -> None:
+        """Record the unload and free the slot."""
+        self.unloads.append(adapter_id)
+        for slot, held in list(self.slots.items()):
+            if held == adapter_id:
+                del self.slots[slot]
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Yield the handler's tokens, then a final chunk with usage."""
+        if request.adapter_id is not None and self.slots.get(request.slot or -1) != request.adapter_id:
+            raise BackendError(f"adapter {request.adapter_id!r} is not in slot {request.slot}")
+        self.requests.append(request)
+        out = self.handler(request)
+        pieces = [out] if isinstance(out, str) else list(out)
+        pieces = pieces[: request.params.max_tokens] or [""]
+        prompt_tokens = len(request.prompt) if isinstance(request.prompt, str) else 1
+        for i, piece in enumerate(pieces):
+            if self.token_delay:
+                await asyncio.sleep(self.token_delay)
+            last = i == len(pieces) - 1
+            yield Chunk(
+                text=piece, token_ids=(i,),
+                finish_reason="length" if last else None,
+                usage=Usage(prompt_tokens, len(pieces)) if last else None,
+                adapter_id=request.adapter_id,
+                served_by="base" if request.adapter_id is None else "adapter",
+            )

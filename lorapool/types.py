@@ -1,0 +1,198 @@
+"""Value types shared by the pool, the store, the scheduler and the backends."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "AdapterInfo",
+    "Capabilities",
+    "Chunk",
+    "Completion",
+    "FinishReason",
+    "GenerationRequest",
+    "LoadedAdapter",
+    "LoraConfig",
+    "Message",
+    "Prompt",
+    "SamplingParams",
+    "Usage",
+]
+
+FinishReason: TypeAlias = Literal["stop", "length", "cancelled"]
+Message: TypeAlias = Mapping[str, str]
+Prompt: TypeAlias = str | Sequence[Message]
+
+
+class SamplingParams(BaseModel):
+    """How to sample a completion.
+
+    ``temperature=0`` means greedy decoding. ``seed`` makes sampling
+    reproducible per request. ``stop`` strings end the completion; the stop
+    string itself is not returned. ``ignore_eos`` keeps generating past the
+    end-of-sequence token (for benchmarks that need a fixed output length).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, value: object) -> object:
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+
+class LoraConfig(BaseModel):
+    """The part of a PEFT ``adapter_config.json`` that serving needs."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    peft_type: str = "LORA"
+    r: int = Field(ge=1)
+    lora_alpha: float = Field(gt=0)
+    target_modules: tuple[str, ...]
+    use_rslora: bool = False
+    use_dora: bool = False
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] | None = None
+    base_model_name_or_path: str | None = None
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets_as_tuple(cls, value: object) -> object:
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, (list, set)):
+            return tuple(sorted(value))
+        return value
+
+    @property
+    def scaling(self) -> float:
+        """The factor PEFT multiplies ``B(A x)`` by: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        if self.use_rslora:
+            return float(self.lora_alpha) / float(self.r) ** 0.5
+        return float(self.lora_alpha) / float(self.r)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the registry knows about one registered adapter."""
+
+    adapter_id: str
+    tenant: str
+    shared: bool
+    source: str
+    sha256: str
+    size_bytes: int
+    config: LoraConfig
+
+    @property
+    def rank(self) -> int:
+        """The adapter's LoRA rank ``r``."""
+        return self.config.r
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """An adapter's files held in host memory, verified, ready to copy to a device slot.
+
+    ``weights`` is the raw ``adapter_model.safetensors`` content: the core holds
+    bytes and never imports torch; a backend turns them into tensors.
+    """
+
+    adapter_id: str
+    config: LoraConfig
+    weights: bytes
+    sha256: str
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory the adapter occupies."""
+        return len(self.weights)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a started backend can do; negotiated once at start."""
+
+    max_slots: int
+    max_rank: int
+    max_batch: int
+    base_model: str
+    target_modules: frozenset[str]
+    dynamic_load: bool = True
+    pinning: bool = True
+    max_seq_len: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request as the pool hands it to a backend."""
+
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+    adapter_id: str | None = None
+    slot: int | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens a request consumed."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt and completion tokens together."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a streamed completion.
+
+    Every chunk carries the new ``text`` and ``token_ids``; the last one also
+    ``finish_reason`` and ``usage``.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    adapter_id: str | None = None
+    served_by: str = "adapter"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole completion, as returned by ``pool.complete``."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    usage: Usage
+    adapter_id: str | None = None
+    served_by: str = "adapter"
