@@ -127,7 +127,9 @@ def inspect_adapter_dir(source: str | Path) -> AdapterFiles:
         config = LoraConfig.model_validate(raw)
     except ValidationError as exc:
         fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
-        raise NotAPeftAdapter(label, f"{CONFIG_FILE} is missing or has bad fields: {fields}") from None
+        raise NotAPeftAdapter(
+            label, f"{CONFIG_FILE} is missing or has bad fields: {fields}"
+        ) from None
     try:
         tensors = read_safetensors_header(weights_path)
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -61,8 +61,7 @@ class AdapterExists(LorapoolError, ValueError):
     def __init__(self, adapter_id: str) -> None:
         self.adapter_id = adapter_id
         super().__init__(
-            f"adapter {adapter_id!r} is already registered; unregister it first or pick "
-            "another id"
+            f"adapter {adapter_id!r} is already registered; unregister it first or pick another id"
         )
 
 

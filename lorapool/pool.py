@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
+from lorapool.backends.base import Backend
+
 from .adapters import check_supported, inspect_adapter_dir
 from .errors import InvalidRequest
 from .registry import Registry, check_adapter_id
@@ -30,7 +32,6 @@ from .types import (
     SamplingParams,
     Usage,
 )
-from lorapool.backends.base import Backend
 
 __all__ = ["AdapterPool", "PoolStats"]
 
@@ -176,7 +177,9 @@ class AdapterPool:
         await self.start()
         _check_tenant(tenant)
         if not isinstance(prompt, str) and not isinstance(prompt, Sequence):
-            raise InvalidRequest("prompt must be a string or a list of {'role', 'content'} messages")
+            raise InvalidRequest(
+                "prompt must be a string or a list of {'role', 'content'} messages"
+            )
         info = self.registry.resolve(adapter, tenant) if adapter is not None else None
         params = params if params is not None else SamplingParams()
         request_id = uuid.uuid4().hex
@@ -208,7 +211,11 @@ class AdapterPool:
                 self.stats.completion_tokens += usage.completion_tokens
                 log.debug(
                     "request %s tenant=%s adapter=%s finish=%s prompt=%d completion=%d",
-                    request_id, tenant, adapter, finish, usage.prompt_tokens,
+                    request_id,
+                    tenant,
+                    adapter,
+                    finish,
+                    usage.prompt_tokens,
                     usage.completion_tokens,
                 )
 

@@ -65,6 +65,10 @@ class Registry:
     def visible(self, tenant: str | None) -> list[AdapterInfo]:
         """Adapters ``tenant`` may use: its own and the shared ones, sorted by id."""
         return sorted(
-            (i for i in self._adapters.values() if tenant is None or i.shared or i.tenant == tenant),
+            (
+                i
+                for i in self._adapters.values()
+                if tenant is None or i.shared or i.tenant == tenant
+            ),
             key=lambda i: i.adapter_id,
         )

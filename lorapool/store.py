@@ -11,6 +11,7 @@ run as tasks on the event loop and threads, never inside the engine's step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
@@ -33,8 +34,18 @@ __all__ = ["TieredStore", "parse_size"]
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -63,7 +74,9 @@ class TieredStore:
     host-tier eviction is least recently used.
     """
 
-    def __init__(self, *, host_bytes: int | str = "2GiB", eviction: str | EvictionPolicy = "lru") -> None:
+    def __init__(
+        self, *, host_bytes: int | str = "2GiB", eviction: str | EvictionPolicy = "lru"
+    ) -> None:
         self.host_capacity = parse_size(host_bytes)
         self._eviction_spec = eviction
         self._policy: EvictionPolicy | None = None
@@ -136,11 +149,15 @@ class TieredStore:
             if task is None:
                 task = asyncio.create_task(self._load_to_device(info), name=f"load {key}")
                 self._loading[key] = task
-                task.add_done_callback(lambda _t, k=key: self._loading.pop(k, None))
+                task.add_done_callback(functools.partial(self._load_done, key))
             return await asyncio.shield(task)
         except BaseException:
             self.release(key)
             raise
+
+    def _load_done(self, key: str, task: asyncio.Task[int]) -> None:
+        if self._loading.get(key) is task:
+            del self._loading[key]
 
     def release(self, adapter_id: str) -> None:
         """Drop one reference; wakes an unregister waiting for the adapter to drain."""
@@ -232,13 +249,12 @@ class TieredStore:
             if occupant is None:
                 self._slots[i] = adapter_id
                 return i, None
-        evictable = [
-            a for a in self._device if self._refs.get(a, 0) == 0 and a not in self._pins
-        ]
+        evictable = [a for a in self._device if self._refs.get(a, 0) == 0 and a not in self._pins]
         victim = self._policy.victim(evictable)
         if victim is None:
             raise LoadError(
-                adapter_id, "device",
+                adapter_id,
+                "device",
                 f"all {self._max_slots} slots hold adapters in use or pinned",
             )
         victim_id = str(victim)
@@ -282,7 +298,8 @@ def _read_verified(info: AdapterInfo) -> LoadedAdapter:
     digest.update(weights)
     if digest.hexdigest() != info.sha256:
         raise LoadError(
-            info.adapter_id, "host",
+            info.adapter_id,
+            "host",
             f"sha256 mismatch for {path}: the files changed since registration; "
             "register the new content as a new adapter",
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
@@ -91,7 +92,7 @@ class LoraConfig(BaseModel):
     def scaling(self) -> float:
         """The factor PEFT multiplies ``B(A x)`` by: alpha/r, or alpha/sqrt(r) with rsLoRA."""
         if self.use_rslora:
-            return float(self.lora_alpha) / float(self.r) ** 0.5
+            return float(self.lora_alpha) / math.sqrt(self.r)
         return float(self.lora_alpha) / float(self.r)
 
 

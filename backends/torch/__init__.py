@@ -5,7 +5,6 @@ Import cost: this package imports torch; ``import lorapool`` does not.
 
 from __future__ import annotations
 
-
 from lorapool.errors import BackendUnavailable
 
 try:
@@ -18,5 +17,3 @@ from .backend import TorchBackend
 from .demo_model import DEMO_MODEL_NAME, default_cache_dir, ensure_demo_model
 
 __all__ = ["DEMO_MODEL_NAME", "TorchBackend", "default_cache_dir", "ensure_demo_model"]
-
-

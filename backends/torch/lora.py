@@ -88,7 +88,9 @@ def prepare_adapter(
                 ta = found.get((layer, module, "A"))
                 tb = found.get((layer, module, "B"))
                 if (ta is None) != (tb is None):
-                    raise ValueError(f"layer {layer} {module}: lora_A and lora_B must come in pairs")
+                    raise ValueError(
+                        f"layer {layer} {module}: lora_A and lora_B must come in pairs"
+                    )
                 if ta is None or tb is None:
                     continue
                 ga[layer, :, j * max_rank : j * max_rank + r] = ta.t().to(dtype)
@@ -167,7 +169,12 @@ class LoraSlots:
         self.device = device
         self.a = {
             g: torch.zeros(
-                num_layers, max_slots, shapes[ms[0]][0], len(ms) * max_rank, dtype=dtype, device=device
+                num_layers,
+                max_slots,
+                shapes[ms[0]][0],
+                len(ms) * max_rank,
+                dtype=dtype,
+                device=device,
             )
             for g, ms in _GROUPS.items()
         }
@@ -212,14 +219,14 @@ class LoraSlots:
         r = self.max_rank
         if plan.padded:
             t = self._shrink(layer, group, plan, x)
-            for j, (module, y) in enumerate(zip(modules, ys)):
+            for j, (module, y) in enumerate(zip(modules, ys, strict=True)):
                 self._expand_padded(layer, module, plan, t[..., j * r : (j + 1) * r], y)
             return
         a = self.a[group][layer]
         for slot, idx in plan.loop:
             xs = x[idx]
             t = xs @ a[slot]
-            for j, (module, y) in enumerate(zip(modules, ys)):
+            for j, (module, y) in enumerate(zip(modules, ys, strict=True)):
                 out = t[:, j * r : (j + 1) * r] @ self.b[module][layer, slot]
                 if isinstance(idx, slice):
                     y[idx] += out
@@ -238,6 +245,8 @@ class LoraSlots:
         inter = self.shapes["gate_proj"][1]
         self._run(layer, "gate_up", plan, x, [gu[:, :inter], gu[:, inter:]])
 
-    def apply(self, layer: int, module: str, plan: LoraBatch, x: torch.Tensor, y: torch.Tensor) -> None:
+    def apply(
+        self, layer: int, module: str, plan: LoraBatch, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
         """Add one single-module group's LoRA delta (``o_proj`` or ``down_proj``) into ``y``."""
         self._run(layer, _GROUP_OF[module], plan, x, [y])

@@ -96,7 +96,12 @@ class KVCache:
     """Preallocated keys and values: ``[layers, rows, kv_heads, max_seq_len, head_dim]``."""
 
     def __init__(
-        self, cfg: ModelConfig, rows: int, max_seq_len: int, dtype: torch.dtype, device: torch.device
+        self,
+        cfg: ModelConfig,
+        rows: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         shape = (cfg.num_layers, rows, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -122,17 +127,25 @@ class _Layer:
 
         self.input_norm = get("input_layernorm.weight")
         self.post_norm = get("post_attention_layernorm.weight")
-        q, k, v = get("self_attn.q_proj.weight"), get("self_attn.k_proj.weight"), get(
-            "self_attn.v_proj.weight"
+        q, k, v = (
+            get("self_attn.q_proj.weight"),
+            get("self_attn.k_proj.weight"),
+            get("self_attn.v_proj.weight"),
         )
         self.qkv = torch.cat([q, k, v]).contiguous()
         self.qkv_bias: torch.Tensor | None = None
         if cfg.attention_bias:
             self.qkv_bias = torch.cat(
-                [get("self_attn.q_proj.bias"), get("self_attn.k_proj.bias"), get("self_attn.v_proj.bias")]
+                [
+                    get("self_attn.q_proj.bias"),
+                    get("self_attn.k_proj.bias"),
+                    get("self_attn.v_proj.bias"),
+                ]
             )
         self.o = get("self_attn.o_proj.weight")
-        self.gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]).contiguous()
+        self.gate_up = torch.cat(
+            [get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]
+        ).contiguous()
         self.down = get("mlp.down_proj.weight")
 
 
@@ -177,7 +190,10 @@ class LlamaModel:
         self.layers = [_Layer(state, f"layers.{i}.", cfg) for i in range(cfg.num_layers)]
         inv_freq = 1.0 / (
             cfg.rope_theta
-            ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float() / cfg.head_dim)
+            ** (
+                torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float()
+                / cfg.head_dim
+            )
         )
         self._inv_freq = inv_freq
         self._q_out = cfg.num_heads * cfg.head_dim
@@ -216,7 +232,7 @@ class LlamaModel:
         cos = rope[0][positions][:, None]
         sin = rope[1][positions][:, None]
         keys = torch.arange(span, device=self.device)
-        mask = (keys[None, None, None, :] <= positions[:, None, :, None])
+        mask = keys[None, None, None, :] <= positions[:, None, :, None]
         rows = torch.arange(row_start, row_start + n, device=self.device)[:, None].expand(n, t)
         x = F.embedding(tokens, self.embed).reshape(n * t, cfg.hidden_size)
         for li, layer in enumerate(self.layers):

@@ -46,13 +46,18 @@ def _chat(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-async def _torch_rounds(args: argparse.Namespace, model_dir: Path, adapters: list[Path]) -> dict[str, float]:
+async def _torch_rounds(
+    args: argparse.Namespace, model_dir: Path, adapters: list[Path]
+) -> dict[str, float]:
     from lorapool import AdapterPool, SamplingParams
     from lorapool.backends.torch import TorchBackend
 
     counts = [int(c) for c in args.adapters.split(",") if c]
     backend = TorchBackend(
-        model_dir, max_slots=max(counts), max_rank=args.rank, max_batch=args.batch,
+        model_dir,
+        max_slots=max(counts),
+        max_rank=args.rank,
+        max_batch=args.batch,
         max_seq_len=128 + args.max_tokens,
     )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
@@ -62,13 +67,21 @@ async def _torch_rounds(args: argparse.Namespace, model_dir: Path, adapters: lis
             await pool.register(f"bench/a{i}", str(path), tenant="bench")
 
         async def one_round(k: int) -> float:
-            names = [None] * args.batch if k == 0 else [f"bench/a{j % k}" for j in range(args.batch)]
+            names = (
+                [None] * args.batch if k == 0 else [f"bench/a{j % k}" for j in range(args.batch)]
+            )
             start = time.perf_counter()
-            results = await asyncio.gather(*(
-                pool.complete(_chat(PROMPTS[j % len(PROMPTS)]), adapter=names[j], tenant="bench",
-                              params=params)
-                for j in range(args.batch)
-            ))
+            results = await asyncio.gather(
+                *(
+                    pool.complete(
+                        _chat(PROMPTS[j % len(PROMPTS)]),
+                        adapter=names[j],
+                        tenant="bench",
+                        params=params,
+                    )
+                    for j in range(args.batch)
+                )
+            )
             elapsed = time.perf_counter() - start
             return sum(r.usage.completion_tokens for r in results) / elapsed
 
@@ -93,12 +106,14 @@ def _peft_round(args: argparse.Namespace, model_dir: Path, adapters: list[Path],
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(adapters[0]), adapter_name="a0")
+    model: Any = PeftModel.from_pretrained(base, str(adapters[0]), adapter_name="a0")
     for i in range(1, k):
         model.load_adapter(str(adapters[i]), adapter_name=f"a{i}")
     model.eval()
     texts = [
-        tok.apply_chat_template(_chat(PROMPTS[j % len(PROMPTS)]), add_generation_prompt=True, tokenize=False)
+        tok.apply_chat_template(
+            _chat(PROMPTS[j % len(PROMPTS)]), add_generation_prompt=True, tokenize=False
+        )
         for j in range(args.batch)
     ]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -108,8 +123,12 @@ def _peft_round(args: argparse.Namespace, model_dir: Path, adapters: list[Path],
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
-                **enc, adapter_names=names, max_new_tokens=args.max_tokens,
-                min_new_tokens=args.max_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                **enc,
+                adapter_names=names,
+                max_new_tokens=args.max_tokens,
+                min_new_tokens=args.max_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
             )
         elapsed = time.perf_counter() - start
         produced = (out.shape[1] - enc["input_ids"].shape[1]) * args.batch
@@ -154,7 +173,9 @@ def run(args: argparse.Namespace) -> int:
     )
     results = asyncio.run(_torch_rounds(args, model_dir, adapters))
     if not args.no_peft:
-        results[f"peft {max(counts)} adapters"] = _peft_round(args, model_dir, adapters, max(counts))
+        results[f"peft {max(counts)} adapters"] = _peft_round(
+            args, model_dir, adapters, max(counts)
+        )
     base = results["base"]
     peft = results.get(f"peft {max(counts)} adapters")
     rows: list[dict[str, Any]] = []
@@ -165,13 +186,18 @@ def run(args: argparse.Namespace) -> int:
         vs_peft = tps / peft if peft else float("nan")
         name = label if label.startswith("peft") else f"torch {label}"
         print(f"{name:<22}{tps:>10.1f}{tps / base:>10.2f}{vs_peft:>10.2f}")
-        rows.append({"configuration": name, "tok_per_s": tps, "x_base": tps / base, "x_peft": vs_peft})
+        rows.append(
+            {"configuration": name, "tok_per_s": tps, "x_base": tps / base, "x_peft": vs_peft}
+        )
     print(f"\nmax distinct adapters in one step: {int(results['_max_distinct_per_step'])}")
     if args.json:
         meta = {
-            "machine": platform.machine(), "processor": platform.processor(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "args": vars(args),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "args": vars(args),
         }
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return 0

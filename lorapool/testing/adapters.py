@@ -19,7 +19,7 @@ def make_random_adapter(
     rank: int,
     target_modules: Sequence[str] = ATTENTION,
     seed: int = 0,
-    lora_alpha: float | None = None,
+    lora_alpha: int | None = None,
     use_rslora: bool = False,
     b_scale: float = 0.3,
 ) -> Path:
@@ -42,7 +42,7 @@ def make_random_adapter(
     )
     config = LoraConfig(
         r=rank,
-        lora_alpha=float(lora_alpha if lora_alpha is not None else 2 * rank),
+        lora_alpha=int(lora_alpha if lora_alpha is not None else 2 * rank),
         target_modules=list(target_modules),
         lora_dropout=0.0,
         bias="none",
@@ -59,10 +59,8 @@ def make_random_adapter(
                     fan_in = param.shape[1]
                     param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
                 elif "lora_B" in name:
-                    param.copy_(
-                        torch.randn(param.shape, generator=generator) * b_scale / rank**0.5
-                    )
-        peft_model.save_pretrained(out, safe_serialization=True)
+                    param.copy_(torch.randn(param.shape, generator=generator) * b_scale / rank**0.5)
+        peft_model.save_pretrained(str(out), safe_serialization=True)
     finally:
         if not isinstance(base_model, (str, Path)):
             peft_model.unload()

@@ -47,8 +47,11 @@ class MockBackend:
     def capabilities(self) -> Capabilities:
         """Fixed capabilities from the constructor."""
         return Capabilities(
-            max_slots=self.max_slots, max_rank=self.max_rank, max_batch=self.max_batch,
-            base_model="mock", target_modules=self.target_modules,
+            max_slots=self.max_slots,
+            max_rank=self.max_rank,
+            max_batch=self.max_batch,
+            base_model="mock",
+            target_modules=self.target_modules,
         )
 
     async def start(self) -> None:
@@ -80,7 +83,8 @@ class MockBackend:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Yield the handler's tokens, then a final chunk with usage."""
-        if request.adapter_id is not None and self.slots.get(request.slot or -1) != request.adapter_id:
+        slot = -1 if request.slot is None else request.slot
+        if request.adapter_id is not None and self.slots.get(slot) != request.adapter_id:
             raise BackendError(f"adapter {request.adapter_id!r} is not in slot {request.slot}")
         self.requests.append(request)
         out = self.handler(request)
@@ -92,7 +96,8 @@ class MockBackend:
                 await asyncio.sleep(self.token_delay)
             last = i == len(pieces) - 1
             yield Chunk(
-                text=piece, token_ids=(i,),
+                text=piece,
+                token_ids=(i,),
                 finish_reason="length" if last else None,
                 usage=Usage(prompt_tokens, len(pieces)) if last else None,
                 adapter_id=request.adapter_id,
