@@ -1,8 +1,9 @@
 """Engine throughput: TorchBackend base-only vs 1/4/16 distinct adapters vs PEFT's mixed batch.
 
-Same model, same prompts, same output length, one process. Configurations
-run interleaved for several rounds and each keeps its best round, so slow
-phases of a noisy machine hit every configuration alike.
+Same model, same prompts, same output length, one process. The TorchBackend
+configurations run interleaved, round after round; each round's ratio to that
+round's base-only run is taken, and the median over rounds is reported, so slow
+phases of a noisy machine hit both sides of every ratio alike.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
     parser.add_argument("--adapters", default="1,4,16", help="distinct adapters per batch")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best kept")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT reference")
     parser.add_argument("--cache-dir", default=None, help="model and adapter cache")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
@@ -48,7 +50,7 @@ def _chat(prompt: str) -> list[dict[str, str]]:
 
 async def _torch_rounds(
     args: argparse.Namespace, model_dir: Path, adapters: list[Path]
-) -> dict[str, float]:
+) -> tuple[dict[str, list[float]], int]:
     from lorapool import AdapterPool, SamplingParams
     from lorapool.backends.torch import TorchBackend
 
@@ -61,7 +63,7 @@ async def _torch_rounds(
         max_seq_len=128 + args.max_tokens,
     )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    best: dict[str, float] = {}
+    runs: dict[str, list[float]] = {}
     async with AdapterPool(backend) as pool:
         for i, path in enumerate(adapters):
             await pool.register(f"bench/a{i}", str(path), tenant="bench")
@@ -91,14 +93,15 @@ async def _torch_rounds(
             for k in configs:
                 label = "base" if k == 0 else f"{k} adapters"
                 tps = await one_round(k)
-                best[label] = max(best.get(label, 0.0), tps)
+                runs.setdefault(label, []).append(tps)
                 print(f"  round {r + 1}: torch {label:<12} {tps:8.1f} tok/s", file=sys.stderr)
-        stats = backend.stats
-        best["_max_distinct_per_step"] = float(max(stats.distinct_adapters, default=0))
-    return best
+        max_distinct = max(backend.stats.distinct_adapters, default=0)
+    return runs, max_distinct
 
 
-def _peft_round(args: argparse.Namespace, model_dir: Path, adapters: list[Path], k: int) -> float:
+def _peft_round(
+    args: argparse.Namespace, model_dir: Path, adapters: list[Path], k: int
+) -> list[float]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,7 +121,7 @@ def _peft_round(args: argparse.Namespace, model_dir: Path, adapters: list[Path],
     ]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     names = [f"a{j % k}" for j in range(args.batch)]
-    best = 0.0
+    runs: list[float] = []
     for r in range(args.rounds):
         start = time.perf_counter()
         with torch.inference_mode():
@@ -134,8 +137,8 @@ def _peft_round(args: argparse.Namespace, model_dir: Path, adapters: list[Path],
         produced = (out.shape[1] - enc["input_ids"].shape[1]) * args.batch
         tps = produced / elapsed
         print(f"  round {r + 1}: peft {k} adapters   {tps:8.1f} tok/s", file=sys.stderr)
-        best = max(best, tps)
-    return best
+        runs.append(tps)
+    return runs
 
 
 def _make_adapters(cache: Path, model_dir: Path, count: int, rank: int) -> list[Path]:
@@ -167,29 +170,45 @@ def run(args: argparse.Namespace) -> int:
     adapters = _make_adapters(cache, model_dir, max(counts), args.rank)
     print(
         f"engine benchmark: batch {args.batch}, {args.max_tokens} tokens each, rank {args.rank} "
-        f"all-linear, {args.rounds} rounds (best kept), torch {torch.__version__} "
+        f"all-linear, {args.rounds} interleaved rounds (medians), torch {torch.__version__} "
         f"{torch.get_num_threads()} threads",
         file=sys.stderr,
     )
-    results = asyncio.run(_torch_rounds(args, model_dir, adapters))
-    if not args.no_peft:
-        results[f"peft {max(counts)} adapters"] = _peft_round(
-            args, model_dir, adapters, max(counts)
-        )
-    base = results["base"]
-    peft = results.get(f"peft {max(counts)} adapters")
+    runs, max_distinct = asyncio.run(_torch_rounds(args, model_dir, adapters))
+    peft_label = f"peft {max(counts)} adapters"
+    peft_runs = [] if args.no_peft else _peft_round(args, model_dir, adapters, max(counts))
+    peft = statistics.median(peft_runs) if peft_runs else float("nan")
+    base_runs = runs["base"]
     rows: list[dict[str, Any]] = []
     print(f"\n{'configuration':<22}{'tok/s':>10}{'x base':>10}{'x peft':>10}")
-    for label, tps in results.items():
-        if label.startswith("_"):
-            continue
-        vs_peft = tps / peft if peft else float("nan")
-        name = label if label.startswith("peft") else f"torch {label}"
-        print(f"{name:<22}{tps:>10.1f}{tps / base:>10.2f}{vs_peft:>10.2f}")
+    for label, tps_runs in runs.items():
+        tps = statistics.median(tps_runs)
+        x_base = statistics.median(t / b for t, b in zip(tps_runs, base_runs, strict=True))
+        name = f"torch {label}"
+        print(f"{name:<22}{tps:>10.1f}{x_base:>10.2f}{tps / peft:>10.2f}")
         rows.append(
-            {"configuration": name, "tok_per_s": tps, "x_base": tps / base, "x_peft": vs_peft}
+            {
+                "configuration": name,
+                "tok_per_s": tps,
+                "x_base": x_base,
+                "x_peft": tps / peft,
+                "rounds": tps_runs,
+            }
         )
-    print(f"\nmax distinct adapters in one step: {int(results['_max_distinct_per_step'])}")
+    if peft_runs:
+        base = statistics.median(base_runs)
+        print(f"{peft_label:<22}{peft:>10.1f}{peft / base:>10.2f}{1.0:>10.2f}")
+        rows.append(
+            {
+                "configuration": peft_label,
+                "tok_per_s": peft,
+                "x_base": peft / base,
+                "x_peft": 1.0,
+                "rounds": peft_runs,
+            }
+        )
+    print(f"\nmedians over {args.rounds} rounds; x base is the median of per-round ratios")
+    print(f"max distinct adapters in one step: {max_distinct}")
     if args.json:
         meta = {
             "machine": platform.machine(),

@@ -126,3 +126,34 @@ async def test_too_long_request_is_refused_and_engine_keeps_serving(backend: Any
     with pytest.raises(InvalidRequest, match="max_seq_len"):
         await _collect(backend, _req("x", "hello " * 300, 16))
     assert len(await _collect(backend, _req("y", "hello", 4))) == 4
+
+
+async def test_seeded_sampling_is_reproducible_and_stop_strings_cut(backend: Any) -> None:
+    def sampled(rid: str, seed: int) -> GenerationRequest:
+        params = SamplingParams(
+            max_tokens=24, temperature=0.9, top_p=0.95, seed=seed, ignore_eos=True
+        )
+        return GenerationRequest(rid, "Write a sentence about the sea:", params)
+
+    a, b, c = await asyncio.gather(
+        _collect(backend, sampled("s1", 7)),
+        _collect(backend, sampled("s2", 7)),
+        _collect(backend, sampled("s3", 8)),
+    )
+    assert a == b
+    assert a != c
+
+    greedy = GenerationRequest(
+        "g", "The capital of France is", SamplingParams(max_tokens=16, temperature=0)
+    )
+    text = "".join([ch.text async for ch in backend.generate(greedy)])
+    stop = text.strip().split()[1]  # a word from the middle of the greedy answer
+    request = GenerationRequest(
+        "g2",
+        "The capital of France is",
+        SamplingParams(max_tokens=16, temperature=0, stop=[stop]),
+    )
+    chunks = [ch async for ch in backend.generate(request)]
+    cut = "".join(ch.text for ch in chunks)
+    assert chunks[-1].finish_reason == "stop"
+    assert stop not in cut and text.startswith(cut)
