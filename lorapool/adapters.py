@@ -23,6 +23,7 @@ __all__ = [
     "CONFIG_FILE",
     "WEIGHTS_FILE",
     "AdapterFiles",
+    "adapter_digest",
     "check_supported",
     "inspect_adapter_dir",
     "read_safetensors_header",
@@ -74,15 +75,18 @@ def read_safetensors_header(data: bytes | Path) -> dict[str, tuple[int, ...]]:
     }
 
 
-def sha256_of_files(directory: Path, names: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE)) -> str:
-    """Hash the named files of an adapter, in order, each prefixed by its name."""
+def adapter_digest(files: dict[str, bytes]) -> str:
+    """sha256 over an adapter's files in the given order, each prefixed by its name."""
     digest = hashlib.sha256()
-    for name in names:
+    for name, data in files.items():
         digest.update(name.encode() + b"\0")
-        with (directory / name).open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(data)
     return digest.hexdigest()
+
+
+def sha256_of_files(directory: Path, names: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE)) -> str:
+    """The :func:`adapter_digest` of the named files of an adapter directory."""
+    return adapter_digest({name: (directory / name).read_bytes() for name in names})
 
 
 def inspect_adapter_dir(source: str | Path) -> AdapterFiles:

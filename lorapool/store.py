@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import re
 import time
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .adapters import CONFIG_FILE, WEIGHTS_FILE
+from .adapters import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
 from .errors import LoadError, PinLimitExceeded
 from .types import AdapterInfo, LoadedAdapter
 
@@ -291,12 +290,7 @@ def _read_verified(info: AdapterInfo) -> LoadedAdapter:
         weights = (path / WEIGHTS_FILE).read_bytes()
     except OSError as exc:
         raise LoadError(info.adapter_id, "host", f"cannot read {path}: {exc}") from exc
-    digest = hashlib.sha256()
-    digest.update(CONFIG_FILE.encode() + b"\0")
-    digest.update(config_raw)
-    digest.update(WEIGHTS_FILE.encode() + b"\0")
-    digest.update(weights)
-    if digest.hexdigest() != info.sha256:
+    if adapter_digest({CONFIG_FILE: config_raw, WEIGHTS_FILE: weights}) != info.sha256:
         raise LoadError(
             info.adapter_id,
             "host",
