@@ -78,7 +78,6 @@ class TorchBackend:
         self._tokenizer: Any = None
         self._caps: Capabilities | None = None
         self._slot_of: dict[str, int] = {}
-        self._counter = 0
         self._start_lock = asyncio.Lock()
         self._closed = False
 
