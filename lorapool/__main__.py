@@ -11,18 +11,17 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``lorapool bench engine ...``."""
+    """Entry point: ``lorapool bench engine|cache ...``."""
     parser = argparse.ArgumentParser(prog="lorapool", description="lorapool command line")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="run a benchmark (side-by-side ratios)")
-    scenarios = bench.add_subparsers(dest="scenario", required=True)
-    from .bench import engine
+    from . import bench as benchmarks
 
-    engine.add_arguments(scenarios.add_parser("engine", help=engine.__doc__))
+    benchmarks.add_scenarios(bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "bench" and args.scenario == "engine":
-        return engine.run(args)
+    if args.command == "bench":
+        return benchmarks.run(args)
     parser.error("unknown command")
     return 2
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Collection, Hashable
+
+from ._util import Clock, allowed
 
 __all__ = ["LRUPolicy"]
 
 
 class LRUPolicy:
-    """Evict the entry used longest ago. O(1) bookkeeping per event."""
+    """Evict the entry used longest ago. O(1) bookkeeping per event.
 
-    def __init__(self) -> None:
+    ``clock`` is accepted so every policy is built the same way; LRU orders by
+    events, not by time.
+    """
+
+    def __init__(self, *, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
         self._order: OrderedDict[Hashable, None] = OrderedDict()
 
     def __len__(self) -> int:
@@ -35,8 +43,8 @@ class LRUPolicy:
         """The least recently used evictable entry."""
         if not evictable:
             return None
-        allowed = evictable if isinstance(evictable, (set, frozenset, dict)) else set(evictable)
+        ok = allowed(evictable)
         for key in self._order:
-            if key in allowed:
+            if key in ok:
                 return key
         return next(iter(evictable))
