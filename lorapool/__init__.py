@@ -16,12 +16,13 @@ from .errors import (
     LoadError,
     LorapoolError,
     NotAPeftAdapter,
+    SourceError,
     SourceNotFound,
 )
-from .pool import AdapterPool
+from .pool import AdapterPool, Session
 from .registry import Registry
 from .scheduling import FCFSScheduler, Scheduler
-from .store import TieredStore
+from .store import StoreStats, TieredStore
 from .types import (
     AdapterInfo,
     Capabilities,
@@ -57,7 +58,10 @@ __all__ = [
     "Registry",
     "SamplingParams",
     "Scheduler",
+    "Session",
+    "SourceError",
     "SourceNotFound",
+    "StoreStats",
     "TieredStore",
     "Usage",
     "__version__",

@@ -20,6 +20,7 @@ from .errors import AdapterValidationError, NotAPeftAdapter, SourceNotFound
 from .types import Capabilities, LoraConfig
 
 __all__ = [
+    "ADAPTER_FILES",
     "CONFIG_FILE",
     "WEIGHTS_FILE",
     "AdapterFiles",
@@ -32,6 +33,7 @@ __all__ = [
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -84,20 +86,28 @@ def adapter_digest(files: dict[str, bytes]) -> str:
     return digest.hexdigest()
 
 
-def sha256_of_files(directory: Path, names: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE)) -> str:
-    """The :func:`adapter_digest` of the named files of an adapter directory."""
-    return adapter_digest({name: (directory / name).read_bytes() for name in names})
+def sha256_of_files(directory: Path, names: tuple[str, ...] = ADAPTER_FILES) -> str:
+    """The :func:`adapter_digest` of the named files of an adapter directory, read in chunks."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        with (directory / name).open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
-def inspect_adapter_dir(source: str | Path) -> AdapterFiles:
+def inspect_adapter_dir(source: str | Path, *, label: str | None = None) -> AdapterFiles:
     """Check that ``source`` is a PEFT LoRA adapter directory and describe it.
 
     Raises :class:`SourceNotFound` when the directory is missing and
     :class:`NotAPeftAdapter` (or another :class:`AdapterValidationError`)
-    when it does not hold a usable LoRA adapter.
+    when it does not hold a usable LoRA adapter. ``label`` names the adapter
+    in errors (the URI it was downloaded from) when ``source`` is a staging
+    directory.
     """
     path = Path(source).expanduser()
-    label = str(source)
+    label = str(source) if label is None else label
     if not path.exists():
         raise SourceNotFound(label)
     if not path.is_dir():

@@ -16,6 +16,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "ColdStartRejected",
+    "ExtraNotInstalled",
     "InvalidRequest",
     "LoadError",
     "LorapoolError",
@@ -23,6 +24,7 @@ __all__ = [
     "Overloaded",
     "PinLimitExceeded",
     "RateLimited",
+    "SourceError",
     "SourceNotFound",
 ]
 
@@ -72,12 +74,45 @@ class AdapterInUse(LorapoolError):
 class SourceNotFound(LorapoolError, FileNotFoundError):
     """The adapter's source (a directory, an object, a URL) does not exist."""
 
-    def __init__(self, source: str, detail: str = "") -> None:
+    def __init__(
+        self,
+        source: str,
+        detail: str = "",
+        hint: str = "pass the directory that holds adapter_config.json",
+    ) -> None:
         self.source = source
         message = f"adapter source {source!r} does not exist"
         if detail:
             message += f": {detail}"
-        super().__init__(message + "; pass the directory that holds adapter_config.json")
+        super().__init__(f"{message}; {hint}")
+
+
+class SourceError(LorapoolError, OSError):
+    """Fetching an adapter's files from its source failed.
+
+    ``transient`` says whether trying again may help (a dropped connection, a
+    5xx answer, a throttle); the store retries those with backoff and gives up
+    at once on the others (access denied, a malformed URI).
+    """
+
+    def __init__(self, uri: str, detail: str, *, transient: bool) -> None:
+        self.uri = uri
+        self.detail = detail
+        self.transient = transient
+        kind = "transient" if transient else "permanent"
+        super().__init__(f"{kind} error fetching {uri!r}: {detail}")
+
+
+class ExtraNotInstalled(LorapoolError, ImportError):
+    """A feature needs an optional dependency that is not installed."""
+
+    def __init__(self, feature: str, extra: str, cause: str = "") -> None:
+        self.feature = feature
+        self.extra = extra
+        message = f"{feature} needs the {extra!r} extra: pip install 'lorapool[{extra}]'"
+        if cause:
+            message += f" ({cause})"
+        super().__init__(message)
 
 
 class AdapterValidationError(LorapoolError, ValueError):

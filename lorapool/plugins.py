@@ -7,15 +7,24 @@ selected exactly like a built-in one: by name, or by passing the object.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lorapool.policies.base import EvictionPolicy
 
-__all__ = ["available", "load_backend_class", "load_policy"]
+__all__ = ["available", "load_backend_class", "load_policy", "policies_for_tiers"]
 
-_BUILTIN_POLICIES = {"lru": "lorapool.policies.lru:LRUPolicy"}
+_BUILTIN_POLICIES = {
+    "lru": "lorapool.policies.lru:LRUPolicy",
+    "lru2": "lorapool.policies.lru2:LRU2Policy",
+    "sieve": "lorapool.policies.sieve:SievePolicy",
+    "s3fifo": "lorapool.policies.s3fifo:S3FIFOPolicy",
+    "wtinylfu": "lorapool.policies.wtinylfu:WTinyLFUPolicy",
+    "gdsf": "lorapool.policies.gdsf:GDSFPolicy",
+    "ttl": "lorapool.policies.ttl:TTLPolicy",
+}
 _BUILTIN_BACKENDS = {"torch": "lorapool.backends.torch:TorchBackend"}
 
 
@@ -51,3 +60,48 @@ def load_policy(spec: str | EvictionPolicy) -> EvictionPolicy:
 def load_backend_class(name: str) -> Any:
     """The backend class registered under ``name`` (``"torch"``, ...)."""
     return _resolve("lorapool.backends", name, _BUILTIN_BACKENDS)
+
+
+_TIER_NAMES = ("device", "host", "disk")
+
+
+def policies_for_tiers(spec: object = None) -> dict[str, EvictionPolicy]:
+    """One eviction policy per tier from a store's ``eviction`` argument.
+
+    ``None``: the defaults of ``lorapool.policies.DEFAULT_EVICTION``. A name or
+    a policy class: that policy for every tier, one instance each. A policy
+    object: the device tier's (a stateful object cannot serve two tiers); the
+    other tiers keep their defaults. A mapping: per tier, any of the above,
+    missing tiers defaulted.
+    """
+    from lorapool.policies import DEFAULT_EVICTION
+
+    def make(item: object, tier: str) -> EvictionPolicy:
+        if item is None:
+            return load_policy(DEFAULT_EVICTION[tier])
+        if isinstance(item, str):
+            return load_policy(item)
+        if isinstance(item, type):
+            policy: EvictionPolicy = item()
+            return policy
+        if _is_policy(item):
+            return item  # type: ignore[return-value]
+        raise TypeError(
+            f"eviction for the {tier} tier must be a policy name, class or object, "
+            f"not {type(item).__name__}"
+        )
+
+    if isinstance(spec, Mapping):
+        unknown = set(spec) - set(_TIER_NAMES)
+        if unknown:
+            raise ValueError(f"unknown tiers {sorted(unknown)} in eviction; use {_TIER_NAMES}")
+        return {t: make(spec.get(t), t) for t in _TIER_NAMES}
+    if spec is None or isinstance(spec, (str, type)):
+        return {t: make(spec, t) for t in _TIER_NAMES}
+    return {t: make(spec if t == "device" else None, t) for t in _TIER_NAMES}
+
+
+def _is_policy(obj: object) -> bool:
+    return all(
+        callable(getattr(obj, m, None)) for m in ("on_insert", "on_access", "on_remove", "victim")
+    )

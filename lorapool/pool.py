@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
 from lorapool.backends.base import Backend
+from lorapool.policies.prefetch import TierName
 
-from .adapters import check_supported, inspect_adapter_dir
-from .errors import InvalidRequest
+from .adapters import check_supported
+from .errors import AdapterExists, InvalidRequest
 from .registry import Registry, check_adapter_id
 from .scheduling import FCFSScheduler, Scheduler, Ticket
 from .store import TieredStore
@@ -33,7 +34,7 @@ from .types import (
     Usage,
 )
 
-__all__ = ["AdapterPool", "PoolStats"]
+__all__ = ["AdapterPool", "PoolStats", "Session"]
 
 log = logging.getLogger(__name__)
 
@@ -100,39 +101,59 @@ class AdapterPool:
             self.store.bind(self.backend)
             self.scheduler.bind(max_inflight=caps.max_batch, can_dispatch=self.store.can_dispatch)
             self._started = True
+            await self.store.on_start(self.registry.visible(None))
 
     async def aclose(self) -> None:
-        """Close the backend. Safe to call more than once."""
+        """Close the store and the backend. Safe to call more than once."""
         if self._closed:
             return
         self._closed = True
-        await self.backend.aclose()
+        try:
+            await self.store.aclose()
+        finally:
+            await self.backend.aclose()
 
     # -- adapters --------------------------------------------------------------------
 
     async def register(
         self, adapter_id: str, source: str, *, tenant: str, shared: bool = False
     ) -> AdapterInfo:
-        """Register a PEFT LoRA adapter directory for ``tenant``.
+        """Register a PEFT LoRA adapter for ``tenant``.
 
-        Validates the files (config, tensor names, rank against the backend)
-        before anything is recorded: on error the registry is unchanged.
+        ``source`` is a local directory, a ``file://``, ``s3://bucket/prefix``
+        or ``http(s)://`` URI of a directory holding ``adapter_config.json``
+        and ``adapter_model.safetensors``. Remote files are downloaded once,
+        checked, and kept in the disk tier. Everything is validated (config,
+        tensor names, rank against the backend) before anything is recorded:
+        on error the registry and the tiers are as they were.
         """
         await self.start()
         check_adapter_id(adapter_id)
         _check_tenant(tenant)
-        files = await asyncio.to_thread(inspect_adapter_dir, source)
-        check_supported(files, self.backend.capabilities)
-        info = AdapterInfo(
-            adapter_id=adapter_id,
-            tenant=tenant,
-            shared=shared,
-            source=str(files.path.resolve()),
-            sha256=files.sha256,
-            size_bytes=files.size_bytes,
-            config=files.config,
-        )
-        self.registry.add(info)
+        if adapter_id in self.registry:
+            raise AdapterExists(adapter_id)
+        staged = await self.store.stage(source)
+        try:
+            check_supported(staged.files, self.backend.capabilities)
+            info = AdapterInfo(
+                adapter_id=adapter_id,
+                tenant=tenant,
+                shared=shared,
+                source=staged.source,
+                sha256=staged.files.sha256,
+                size_bytes=staged.files.size_bytes,
+                config=staged.files.config,
+            )
+            self.registry.add(info)
+        except BaseException:
+            await staged.discard()
+            raise
+        try:
+            await staged.commit(adapter_id)
+        except BaseException:
+            self.registry.remove(adapter_id)
+            raise
+        self.store.track(info)
         log.info("registered adapter %s for tenant %s (rank %d)", adapter_id, tenant, info.rank)
         return info
 
@@ -146,6 +167,81 @@ class AdapterPool:
     def list_adapters(self, *, tenant: str) -> list[AdapterInfo]:
         """Adapters ``tenant`` may use: its own and the shared ones."""
         return self.registry.visible(tenant)
+
+    async def unload(self, adapter_id: str, *, tenant: str | None = None) -> None:
+        """Free the adapter's device slot and host memory once its requests finish.
+
+        It stays registered (and on disk); the next request loads it again.
+        """
+        self.registry.resolve(adapter_id, tenant)
+        await self.store.unload(adapter_id)
+        self.scheduler.kick()
+
+    async def prefetch(
+        self,
+        adapter_id: str,
+        *,
+        tenant: str | None = None,
+        tier: TierName = "device",
+        wait: bool = False,
+    ) -> str | None:
+        """Hint that ``adapter_id`` will be needed soon: warm it into ``tier``.
+
+        The store rate-limits hints and never lets one evict an adapter that
+        requests have used; without room the adapter stops at the tier below.
+        With ``wait=True`` this returns the tier the adapter reached, else it
+        returns at once (``None``) and the warming runs in the background.
+        """
+        await self.start()
+        info = self.registry.resolve(adapter_id, tenant)
+        if wait:
+            return await self.store.warm(info, tier)
+        self.store.hint(info, tier)
+        return None
+
+    async def preload(
+        self,
+        adapter_ids: Iterable[str] | None = None,
+        *,
+        tier: TierName = "host",
+        progress: bool | None = None,
+    ) -> dict[str, str | None]:
+        """Warm many adapters (all registered ones by default) and wait for them.
+
+        Shows a progress bar on a terminal (``progress=None``) or when asked.
+        Like every prefetch it never evicts what requests have used. Returns
+        ``{adapter id: tier reached}``.
+        """
+        from tqdm.auto import tqdm
+
+        await self.start()
+        ids = (
+            list(adapter_ids)
+            if adapter_ids is not None
+            else [i.adapter_id for i in self.registry.visible(None)]
+        )
+        infos = [self.registry.resolve(a, None) for a in ids]
+        reached: dict[str, str | None] = {}
+        disable = None if progress is None else not progress
+        with tqdm(
+            total=len(infos), desc=f"preload to {tier}", unit="adapter", disable=disable
+        ) as bar:
+
+            async def one(info: AdapterInfo) -> None:
+                reached[info.adapter_id] = await self.store.warm(info, tier, limited=False)
+                bar.update(1)
+
+            await asyncio.gather(*(one(i) for i in infos))
+        return reached
+
+    def session(self, tenant: str, *, adapter: str | None = None) -> Session:
+        """A tenant's session: prefetches ``adapter`` on entry, then generates with it.
+
+        ``async with pool.session("acme", adapter="acme/support") as s:
+        await s.complete("hi")``.
+        """
+        _check_tenant(tenant)
+        return Session(self, tenant, adapter)
 
     async def pin(self, adapter_id: str, *, tenant: str | None = None) -> None:
         """Load the adapter onto the device and keep it there until :meth:`unpin`."""
@@ -200,6 +296,7 @@ class AdapterPool:
             finally:
                 if info is not None:
                     self.store.release(info.adapter_id)
+                    self.store.request_done(info)
         except BaseException:
             self.stats.failed += 1
             raise
@@ -250,3 +347,39 @@ class AdapterPool:
 def _check_tenant(tenant: str) -> None:
     if not isinstance(tenant, str) or not tenant:
         raise InvalidRequest("tenant must be a non-empty string naming the caller's tenant")
+
+
+class Session:
+    """One tenant's run of requests, usually with one adapter (see :meth:`AdapterPool.session`)."""
+
+    def __init__(self, pool: AdapterPool, tenant: str, adapter: str | None) -> None:
+        self.pool = pool
+        self.tenant = tenant
+        self.adapter = adapter
+
+    async def __aenter__(self) -> Session:
+        if self.adapter is not None:
+            await self.pool.prefetch(self.adapter, tenant=self.tenant)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    def generate(
+        self, prompt: str | Sequence[Message], *, params: SamplingParams | None = None
+    ) -> AsyncIterator[Chunk]:
+        """Stream a completion with the session's tenant and adapter."""
+        return self.pool.generate(prompt, adapter=self.adapter, tenant=self.tenant, params=params)
+
+    async def complete(
+        self, prompt: str | Sequence[Message], *, params: SamplingParams | None = None
+    ) -> Completion:
+        """The whole completion with the session's tenant and adapter."""
+        return await self.pool.complete(
+            prompt, adapter=self.adapter, tenant=self.tenant, params=params
+        )

@@ -34,6 +34,9 @@ class Registry:
     def __len__(self) -> int:
         return len(self._adapters)
 
+    def __contains__(self, adapter_id: object) -> bool:
+        return adapter_id in self._adapters
+
     def add(self, info: AdapterInfo) -> None:
         """Record a new adapter; :class:`AdapterExists` if the id is taken."""
         if info.adapter_id in self._adapters:

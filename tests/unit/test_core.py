@@ -70,7 +70,7 @@ async def test_concurrent_misses_share_one_load(adapter_dirs: dict[str, Path]) -
     )
     assert len(outs) == 50
     assert backend.loads == [("t/a0", 0)]
-    assert pool.store.host_loads == 1
+    assert pool.store.stats.host_loads == 1
     assert pool.store.refs("t/a0") == 0
 
 

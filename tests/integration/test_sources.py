@@ -1,0 +1,278 @@
+"""Remote sources end to end: a real moto S3 server and a real HTTP server on loopback,
+the real aiobotocore and httpx clients, the real model serving the fetched adapters."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from lorapool import AdapterPool, SamplingParams, TieredStore
+from lorapool.adapters import ADAPTER_FILES, WEIGHTS_FILE
+from lorapool.errors import LoadError, NotAPeftAdapter, SourceNotFound
+from lorapool.sources import HttpSource, S3Source
+
+from .servers import CREDENTIALS, CountingMotoServer, FileServer
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+PROMPT = "The three primary colours are"
+
+
+@pytest.fixture
+def s3_server() -> Iterator[CountingMotoServer]:
+    server = CountingMotoServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def upload(server: CountingMotoServer, bucket: str, prefix: str, directory: Path) -> None:
+    from aiobotocore.session import get_session
+
+    async with get_session().create_client(
+        "s3", endpoint_url=server.endpoint, **CREDENTIALS
+    ) as client:
+        buckets = await client.list_buckets()
+        if bucket not in {b["Name"] for b in buckets.get("Buckets", [])}:
+            await client.create_bucket(Bucket=bucket)
+        for name in ADAPTER_FILES:
+            body = (directory / name).read_bytes()
+            await client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body)
+
+
+async def put_bytes(server: CountingMotoServer, bucket: str, key: str, body: bytes) -> None:
+    from aiobotocore.session import get_session
+
+    async with get_session().create_client(
+        "s3", endpoint_url=server.endpoint, **CREDENTIALS
+    ) as client:
+        await client.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def make_pool(model_dir: Path, store: TieredStore) -> AdapterPool:
+    from lorapool.backends.torch import TorchBackend
+
+    backend = TorchBackend(model_dir, max_slots=3, max_rank=32, max_batch=8, max_seq_len=256)
+    return AdapterPool(backend, store=store)
+
+
+@pytest.fixture
+async def s3_pool(
+    model_dir: Path, tmp_path: Path, s3_server: CountingMotoServer
+) -> AsyncIterator[AdapterPool]:
+    store = TieredStore(
+        host_bytes="64MiB",
+        disk_dir=tmp_path / "disk",
+        sources={"s3": S3Source(endpoint_url=s3_server.endpoint, **CREDENTIALS)},
+        retry_backoff=0.01,
+    )
+    async with make_pool(model_dir, store) as pool:
+        yield pool
+
+
+def visible_files(disk: Path) -> list[str]:
+    """Files in the disk tier outside its staging area."""
+    return sorted(
+        str(p.relative_to(disk)) for p in disk.rglob("*") if p.is_file() and ".tmp" not in p.parts
+    )
+
+
+async def test_s3_register_then_serve_from_host_disk_and_s3(
+    s3_pool: AdapterPool, s3_server: CountingMotoServer, adapters: dict[str, Path]
+) -> None:
+    pool, store = s3_pool, s3_pool.store
+    await upload(s3_server, "adapters", "acme/support", adapters["r8-attn"])
+    info = await pool.register("acme/support", "s3://adapters/acme/support", tenant="acme")
+    await pool.register("local/same", str(adapters["r8-attn"]), tenant="acme")
+    assert s3_server.gets("/adapters/acme/support/") == 2  # one GET per file, at registration
+    assert info.source == "s3://adapters/acme/support"
+    assert store.on_disk("acme/support") and not store.on_host("acme/support")
+
+    expected = await pool.complete(PROMPT, adapter="local/same", tenant="acme", params=GREEDY)
+    base = await pool.complete(PROMPT, tenant="acme", params=GREEDY)
+    first = await pool.complete(PROMPT, adapter="acme/support", tenant="acme", params=GREEDY)
+    assert first.text == expected.text != base.text
+    assert s3_server.gets("/adapters/acme/support/") == 2  # served from the disk copy
+
+    await pool.unload("acme/support")  # device + host; the disk copy stays
+    assert not store.on_device("acme/support") and not store.on_host("acme/support")
+    host_loads = store.stats.host_loads
+    again = await pool.complete(PROMPT, adapter="acme/support", tenant="acme", params=GREEDY)
+    assert again.text == expected.text
+    assert store.stats.host_loads == host_loads + 1
+    assert s3_server.gets("/adapters/acme/support/") == 2
+
+    await store.unload("acme/support", tiers=("device", "host", "disk"))
+    assert not store.on_disk("acme/support")
+    third = await pool.complete(PROMPT, adapter="acme/support", tenant="acme", params=GREEDY)
+    assert third.text == expected.text
+    assert s3_server.gets("/adapters/acme/support/") == 4  # fetched from S3 again
+    assert store.stats.disk_fetches == 1
+
+
+async def test_fifty_concurrent_cold_requests_cause_one_get_per_object(
+    s3_pool: AdapterPool, s3_server: CountingMotoServer, adapters: dict[str, Path]
+) -> None:
+    import asyncio
+
+    pool, store = s3_pool, s3_pool.store
+    await upload(s3_server, "adapters", "cold", adapters["r16-all"])
+    await pool.register("t/cold", "s3://adapters/cold", tenant="t")
+    await store.unload("t/cold", tiers=("device", "host", "disk"))
+    s3_server.requests.clear()
+
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    results = await asyncio.gather(
+        *(
+            pool.complete(f"Hello {i}", adapter="t/cold", tenant="t", params=params)
+            for i in range(50)
+        )
+    )
+    assert len(results) == 50 and all(r.usage.completion_tokens == 1 for r in results)
+    for name in ADAPTER_FILES:
+        assert s3_server.requests[("GET", f"/adapters/cold/{name}")] == 1, s3_server.requests
+    assert store.stats.disk_fetches == 1 and store.stats.device_loads == 1
+    assert store.refs("t/cold") == 0
+
+
+async def test_corrupted_object_is_refused_and_nothing_is_cached(
+    s3_pool: AdapterPool, s3_server: CountingMotoServer, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    pool, store = s3_pool, s3_pool.store
+    await upload(s3_server, "adapters", "victim", adapters["r8-attn"])
+    await upload(s3_server, "adapters", "bystander", adapters["r32-attn"])
+    await pool.register("t/victim", "s3://adapters/victim", tenant="t")
+    await pool.register("t/bystander", "s3://adapters/bystander", tenant="t")
+    await store.unload("t/victim", tiers=("device", "host", "disk"))
+    before = visible_files(tmp_path / "disk")
+
+    weights = bytearray((adapters["r8-attn"] / WEIGHTS_FILE).read_bytes())
+    weights[-1] ^= 0xFF  # one flipped bit in a tensor: same shape, different content
+    await put_bytes(s3_server, "adapters", f"victim/{WEIGHTS_FILE}", bytes(weights))
+
+    with pytest.raises(LoadError) as err:
+        await pool.complete(PROMPT, adapter="t/victim", tenant="t", params=GREEDY)
+    assert err.value.tier == "source" and "sha256 mismatch" in str(err.value)
+    assert not store.on_disk("t/victim") and not store.on_host("t/victim")
+    assert not store.on_device("t/victim")
+    assert visible_files(tmp_path / "disk") == before
+    assert list((tmp_path / "disk" / ".tmp").iterdir()) == []
+    assert store.refs("t/victim") == 0
+    # Other tenants' adapters are untouched.
+    ok = await pool.complete(PROMPT, adapter="t/bystander", tenant="t", params=GREEDY)
+    assert ok.finish_reason == "length"
+
+
+async def test_stopped_server_serves_from_disk_and_fails_only_what_exists_nowhere_else(
+    s3_pool: AdapterPool, s3_server: CountingMotoServer, adapters: dict[str, Path]
+) -> None:
+    pool, store = s3_pool, s3_pool.store
+    await upload(s3_server, "adapters", "on-disk", adapters["r8-attn"])
+    await upload(s3_server, "adapters", "gone", adapters["r16-all"])
+    await pool.register("t/on-disk", "s3://adapters/on-disk", tenant="t")
+    await pool.register("t/gone", "s3://adapters/gone", tenant="t")
+    await pool.register("t/local", str(adapters["r32-attn"]), tenant="t")
+    await store.unload("t/gone", tiers=("device", "host", "disk"))
+    resident_before = store.resident
+
+    s3_server.stop()
+    served = await pool.complete(PROMPT, adapter="t/on-disk", tenant="t", params=GREEDY)
+    assert served.finish_reason == "length"
+    with pytest.raises(LoadError) as err:
+        await pool.complete(PROMPT, adapter="t/gone", tenant="t", params=GREEDY)
+    assert err.value.tier == "source"
+    assert "transient" in str(err.value)
+    assert store.stats.fetch_retries == store.retries  # retried, then gave up
+    assert not store.on_device("t/gone") and store.refs("t/gone") == 0
+    assert set(resident_before) <= set(store.resident) | {"t/on-disk"}
+    local = await pool.complete(PROMPT, adapter="t/local", tenant="t", params=GREEDY)
+    assert local.finish_reason == "length"
+
+
+async def test_s3_registration_errors_leave_everything_as_it_was(
+    s3_pool: AdapterPool, s3_server: CountingMotoServer, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    pool = s3_pool
+    await upload(s3_server, "adapters", "ok", adapters["r8-attn"])
+    await put_bytes(s3_server, "adapters", "half/adapter_config.json", b'{"r": 8}')
+    with pytest.raises(SourceNotFound, match="s3://adapters/missing"):
+        await pool.register("t/missing", "s3://adapters/missing", tenant="t")
+    with pytest.raises(NotAPeftAdapter, match=r"adapter_model\.safetensors"):
+        await pool.register("t/half", "s3://adapters/half", tenant="t")
+    assert pool.list_adapters(tenant="t") == []
+    assert visible_files(tmp_path / "disk") == []
+    assert list((tmp_path / "disk" / ".tmp").iterdir()) == []
+
+
+async def test_disk_tier_survives_a_restart(
+    model_dir: Path, tmp_path: Path, s3_server: CountingMotoServer, adapters: dict[str, Path]
+) -> None:
+    await upload(s3_server, "adapters", "kept", adapters["r8-attn"])
+
+    def store() -> TieredStore:
+        return TieredStore(
+            disk_dir=tmp_path / "disk",
+            sources={"s3": S3Source(endpoint_url=s3_server.endpoint, **CREDENTIALS)},
+        )
+
+    async with make_pool(model_dir, store()) as pool:
+        await pool.register("t/kept", "s3://adapters/kept", tenant="t")
+        first = await pool.complete(PROMPT, adapter="t/kept", tenant="t", params=GREEDY)
+    gets = s3_server.gets("/adapters/kept/")
+    async with make_pool(model_dir, store()) as pool:
+        info = await pool.register("t/kept", "s3://adapters/kept", tenant="t")
+        await pool.store.unload("t/kept", tiers=("device", "host"))
+        again = await pool.complete(PROMPT, adapter="t/kept", tenant="t", params=GREEDY)
+        assert pool.store.on_disk("t/kept")
+        assert pool.store.stats.disk_fetches == 0  # the copy from the first run
+    assert again.text == first.text
+    assert info.sha256 and s3_server.gets("/adapters/kept/") == gets + 2  # registration only
+
+
+# -- HTTP --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def file_server(tmp_path: Path, adapters: dict[str, Path]) -> Iterator[FileServer]:
+    root = tmp_path / "www"
+    for name in ("r8-attn", "r16-all"):
+        shutil.copytree(adapters[name], root / "adapters" / name)
+    server = FileServer(root)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_http_source_serves_the_adapter_with_retries(
+    model_dir: Path, tmp_path: Path, file_server: FileServer, adapters: dict[str, Path]
+) -> None:
+    store = TieredStore(
+        disk_dir=tmp_path / "disk", sources={"http": HttpSource()}, retry_backoff=0.01
+    )
+    url = f"{file_server.url}/adapters/r16-all"
+    async with make_pool(model_dir, store) as pool:
+        file_server.fail_next[f"/adapters/r16-all/{WEIGHTS_FILE}"] = 2  # two 503s, then OK
+        await pool.register("web/r16", url, tenant="web")
+        assert store.stats.fetch_retries == 2
+        await pool.register("web/local", str(adapters["r16-all"]), tenant="web")
+        remote = await pool.complete(PROMPT, adapter="web/r16", tenant="web", params=GREEDY)
+        local = await pool.complete(PROMPT, adapter="web/local", tenant="web", params=GREEDY)
+        assert remote.text == local.text
+
+        await store.unload("web/r16", tiers=("device", "host", "disk"))
+        before = sum(file_server.gets.values())
+        again = await pool.complete(PROMPT, adapter="web/r16", tenant="web", params=GREEDY)
+        assert again.text == local.text
+        assert sum(file_server.gets.values()) == before + 2
+
+        with pytest.raises(SourceNotFound):
+            await pool.register("web/nope", f"{file_server.url}/adapters/nope", tenant="web")
+        assert [a.adapter_id for a in pool.list_adapters(tenant="web")] == ["web/local", "web/r16"]

@@ -1,0 +1,327 @@
+"""TieredStore logic over MockBackend: tiers, retries, prefetch, keep-warm, memory."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import shutil
+import tracemalloc
+from collections import Counter
+from collections.abc import Callable, Collection, Hashable
+from pathlib import Path
+
+import pytest
+
+from lorapool import AdapterPool, SamplingParams, TieredStore
+from lorapool.errors import LoadError, SourceError, SourceNotFound
+from lorapool.plugins import policies_for_tiers
+from lorapool.policies import DEFAULT_EVICTION, LRUPolicy
+from lorapool.policies.prefetch import KeepWarm, Preload, SessionHint
+from lorapool.registry import Registry
+from lorapool.sources import LocalSource
+from lorapool.testing import ManualClock, MockBackend
+
+from .test_adapters import make_dir
+
+ONE = SamplingParams(max_tokens=1)
+
+
+def make_adapters(tmp_path: Path, n: int, width: int = 8) -> dict[str, Path]:
+    out = {}
+    tensors = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": [4, width],
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": [width, 4],
+    }
+    for i in range(n):
+        d = tmp_path / f"a{i}"
+        d.mkdir()
+        out[f"t/a{i}"] = make_dir(d, {"lora_alpha": 8 + i}, tensors)
+    return out
+
+
+class FlakySource(LocalSource):
+    """A remote-looking source (``flaky://<path>``) that fails on demand."""
+
+    def __init__(self) -> None:
+        self.transient_failures: Counter[str] = Counter()
+        self.permanent: set[str] = set()
+        self.calls: Counter[str] = Counter()
+
+    def local_path(self, uri: str) -> Path | None:
+        return None
+
+    async def fetch(self, uri: str, name: str, dest: Path) -> int:
+        self.calls[name] += 1
+        path = uri.removeprefix("flaky://")
+        if path in self.permanent:
+            raise SourceError(uri, "access denied", transient=False)
+        if self.transient_failures[name] > 0:
+            self.transient_failures[name] -= 1
+            raise SourceError(uri, "connection reset", transient=True)
+        return await super().fetch(path, name, dest)
+
+
+async def drain(store: TieredStore) -> None:
+    while store._pending:
+        await asyncio.gather(*list(store._pending), return_exceptions=True)
+
+
+# -- policies per tier -------------------------------------------------------------------
+
+
+def test_policies_for_tiers() -> None:
+    defaults = policies_for_tiers(None)
+    assert set(defaults) == {"device", "host", "disk"}
+    for tier, policy in defaults.items():
+        assert type(policy).__module__.endswith(DEFAULT_EVICTION[tier])
+    by_name = policies_for_tiers("lru")
+    assert all(isinstance(p, LRUPolicy) for p in by_name.values())
+    assert len({id(p) for p in by_name.values()}) == 3  # one instance per tier
+    mine = LRUPolicy()
+    assert policies_for_tiers(mine)["device"] is mine
+    mixed = policies_for_tiers({"host": LRUPolicy, "disk": "sieve"})
+    assert isinstance(mixed["host"], LRUPolicy) and type(mixed["disk"]).__name__ == "SievePolicy"
+    with pytest.raises(ValueError, match="unknown tiers"):
+        policies_for_tiers({"gpu": "lru"})
+    with pytest.raises(TypeError, match="policy name, class or object"):
+        policies_for_tiers(42)
+    with pytest.raises(LookupError, match="available"):
+        policies_for_tiers("no-such-policy")
+
+
+# -- sources: retries, failures ------------------------------------------------------
+
+
+async def test_remote_register_retries_transient_errors_and_refuses_permanent(
+    tmp_path: Path,
+) -> None:
+    dirs = make_adapters(tmp_path, 2)
+    source = FlakySource()
+    store = TieredStore(disk_dir=tmp_path / "disk", sources={"flaky": source}, retry_backoff=0)
+    async with AdapterPool(MockBackend(), store=store) as pool:
+        source.transient_failures["adapter_model.safetensors"] = 2
+        await pool.register("t/a0", f"flaky://{dirs['t/a0']}", tenant="t")
+        assert store.stats.fetch_retries == 2
+        assert store.on_disk("t/a0")
+
+        source.permanent.add(str(dirs["t/a1"]))
+        with pytest.raises(SourceError, match="access denied"):
+            await pool.register("t/a1", f"flaky://{dirs['t/a1']}", tenant="t")
+        assert [a.adapter_id for a in pool.list_adapters(tenant="t")] == ["t/a0"]
+
+        source.transient_failures["adapter_config.json"] = store.retries + 1
+        await store.unload("t/a0", tiers=("device", "host", "disk"))
+        with pytest.raises(LoadError) as err:
+            await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
+        assert err.value.tier == "source" and "connection reset" in str(err.value)
+        assert store.refs("t/a0") == 0 and not store.on_device("t/a0")
+        # The next request succeeds once the source recovers.
+        done = await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
+        assert done.finish_reason == "length"
+
+
+async def test_local_adapter_changed_after_registration_is_refused(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 2)
+    async with AdapterPool(MockBackend()) as pool:
+        for name, path in dirs.items():
+            await pool.register(name, str(path), tenant="t")
+        make_dir(dirs["t/a0"].parent, {"lora_alpha": 99})  # rewrite the files in place
+        with pytest.raises(LoadError, match="sha256 mismatch"):
+            await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
+        assert not pool.store.on_host("t/a0")
+        assert (await pool.complete("x", adapter="t/a1", tenant="t", params=ONE)).text
+        shutil.rmtree(dirs["t/a1"])
+        await pool.store.unload("t/a1")
+        with pytest.raises(LoadError, match="cannot read"):
+            await pool.complete("x", adapter="t/a1", tenant="t", params=ONE)
+
+
+async def test_registering_a_missing_remote_adapter(tmp_path: Path) -> None:
+    store = TieredStore(disk_dir=tmp_path / "disk", sources={"flaky": FlakySource()})
+    async with AdapterPool(MockBackend(), store=store) as pool:
+        with pytest.raises(SourceNotFound, match="flaky://"):
+            await pool.register("t/x", f"flaky://{tmp_path / 'nothing'}", tenant="t")
+        assert len(pool.registry) == 0
+        assert list((tmp_path / "disk" / ".tmp").iterdir()) == []
+
+
+# -- capacity and residency ----------------------------------------------------------
+
+
+async def test_host_tier_keeps_in_use_adapters_and_its_capacity(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 5)
+    size = (dirs["t/a0"] / "adapter_model.safetensors").stat().st_size
+    store = TieredStore(host_bytes=int(size * 2.5), eviction="lru")
+    backend = MockBackend(max_slots=4, token_delay=0.01)
+    async with AdapterPool(backend, store=store) as pool:
+        for name, path in dirs.items():
+            await pool.register(name, str(path), tenant="t")
+        long = asyncio.create_task(
+            pool.complete("x", adapter="t/a0", tenant="t", params=SamplingParams(max_tokens=40))
+        )
+        await asyncio.sleep(0.05)
+        for name in ("t/a1", "t/a2", "t/a3"):
+            await pool.complete("x", adapter=name, tenant="t", params=ONE)
+            assert store.on_host("t/a0"), "an adapter in use left the host tier"
+            assert store.host_bytes <= store.host_capacity
+        await long
+        await pool.complete("x", adapter="t/a4", tenant="t", params=ONE)
+        assert store.host_bytes <= store.host_capacity
+        assert store.stats.evictions["host"] >= 2
+
+
+async def test_unload_frees_host_memory(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 4, width=1 << 16)  # ~2 MiB of weights each
+    async with AdapterPool(MockBackend(max_slots=4)) as pool:
+        for name, path in dirs.items():
+            await pool.register(name, str(path), tenant="t")
+        gc.collect()
+        tracemalloc.start()
+        try:
+            baseline = tracemalloc.get_traced_memory()[0]
+            for name in dirs:
+                await pool.complete("x", adapter=name, tenant="t", params=ONE)
+            loaded = tracemalloc.get_traced_memory()[0] - baseline
+            assert pool.store.host_bytes >= 4 * 2 * 1 << 20
+            assert loaded >= pool.store.host_bytes
+            for name in dirs:
+                await pool.unload(name)
+            gc.collect()
+            after = tracemalloc.get_traced_memory()[0] - baseline
+        finally:
+            tracemalloc.stop()
+        assert pool.store.host_bytes == 0 and pool.store.resident == {}
+        assert after < loaded / 20, (loaded, after)
+
+
+# -- prefetch ------------------------------------------------------------------------
+
+
+async def test_prefetch_warms_the_device_and_session_uses_it(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 3)
+    backend = MockBackend(max_slots=3)
+    async with AdapterPool(backend, store=TieredStore(prefetch=SessionHint())) as pool:
+        for name, path in dirs.items():
+            await pool.register(name, str(path), tenant="t")
+        assert await pool.prefetch("t/a0", tenant="t", wait=True) == "device"
+        assert pool.store.on_device("t/a0")
+        async with pool.session("t", adapter="t/a1") as session:
+            await drain(pool.store)
+            assert pool.store.on_device("t/a1")
+            loads = len(backend.loads)
+            out = await session.complete("hello")
+            assert out.text and len(backend.loads) == loads  # no load on the request path
+        assert pool.store.stats.prefetches >= 2
+
+
+async def test_hint_storm_cannot_evict_the_working_set(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 10)
+    size = (dirs["t/a0"] / "adapter_model.safetensors").stat().st_size
+    store = TieredStore(host_bytes=size * 4, max_pending_prefetch=4, prefetch_rate=1000)
+    async with AdapterPool(MockBackend(max_slots=3), store=store) as pool:
+        for name, path in dirs.items():
+            await pool.register(name, str(path), tenant="t")
+        working = ["t/a0", "t/a1", "t/a2"]
+        for name in working:
+            await pool.complete("x", adapter=name, tenant="t", params=ONE)
+        for _ in range(5):
+            for i in range(3, 10):
+                await pool.prefetch(f"t/a{i}", tenant="t")
+        assert len(store._pending) <= 4
+        await drain(store)
+        assert store.stats.prefetch_dropped > 0
+        assert set(working) == set(store.resident)
+        assert all(store.on_host(n) for n in working)
+        assert store.host_bytes <= store.host_capacity
+        # A speculative entry gives way to the next speculative one, never to used ones.
+        assert await pool.prefetch("t/a9", tenant="t", wait=True) in ("host", "disk")
+
+
+async def test_prefetch_rate_limit_uses_the_store_clock(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 3)
+    clock = ManualClock()
+    store = TieredStore(prefetch_rate=1.0, clock=clock)
+    async with AdapterPool(MockBackend(max_slots=4), store=store) as pool:
+        for name, path in dirs.items():
+            await pool.register(name, str(path), tenant="t")
+        for name in dirs:
+            await pool.prefetch(name, tenant="t")
+        await asyncio.sleep(0.05)
+        assert len(store.resident) == 1  # one token; the others wait for time to pass
+        for expected in (2, 3):
+            clock.advance(1.0)
+            await until(lambda n=expected: len(store.resident) == n)
+        await drain(store)
+
+
+async def until(condition: Callable[[], bool], limit: float = 5.0) -> None:
+    """Wait (in real time) until ``condition()`` holds."""
+    async with asyncio.timeout(limit):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+class _HighestKey:
+    """Evicts the greatest key: deterministic and unlike LRU."""
+
+    def on_insert(self, key: Hashable, size: int, cost: float) -> None: ...
+
+    def on_access(self, key: Hashable) -> None: ...
+
+    def on_remove(self, key: Hashable) -> None: ...
+
+    def victim(self, evictable: Collection[Hashable]) -> Hashable | None:
+        return max(evictable, key=str) if evictable else None
+
+
+async def test_keep_warm_window_steers_device_eviction(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 4)
+    clock = ManualClock()
+    store = TieredStore(eviction=_HighestKey(), prefetch=KeepWarm(10.0, clock=clock))
+    async with AdapterPool(MockBackend(max_slots=2), store=store) as pool:
+        for name, path in dirs.items():
+            await pool.register(name, str(path), tenant="t")
+        await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
+        clock.advance(20)
+        await pool.complete("x", adapter="t/a1", tenant="t", params=ONE)
+        # The policy alone would evict t/a1; it is inside its keep-warm window, t/a0 is not.
+        await pool.complete("x", adapter="t/a2", tenant="t", params=ONE)
+        assert set(store.resident) == {"t/a1", "t/a2"}
+        # When every candidate is warm, the policy decides among them.
+        await pool.complete("x", adapter="t/a3", tenant="t", params=ONE)
+        assert set(store.resident) == {"t/a1", "t/a3"}
+
+
+async def test_preload_policy_and_bulk_preload(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 4)
+    registry = Registry()
+    async with AdapterPool(MockBackend(), registry=registry) as pool:
+        for name, path in dirs.items():
+            await pool.register(name, str(path), tenant="t")
+    # A new pool over the same registry preloads everything at start.
+    store = TieredStore(prefetch=Preload(tier="host"))
+    async with AdapterPool(MockBackend(), registry=registry, store=store) as pool:
+        await pool.start()
+        await drain(store)
+        assert all(store.on_host(n) for n in dirs)
+        reached = await pool.preload(["t/a0", "t/a1"], tier="device", progress=False)
+        assert reached == {"t/a0": "device", "t/a1": "device"}
+        assert {"t/a0", "t/a1"} <= set(store.resident)
+
+
+async def test_ttl_policy_expires_host_entries(tmp_path: Path) -> None:
+    from lorapool.policies import TTLPolicy
+
+    dirs = make_adapters(tmp_path, 3)
+    clock = ManualClock()
+    store = TieredStore(eviction={"host": TTLPolicy(ttl=60, clock=clock)})
+    async with AdapterPool(MockBackend(max_slots=4), store=store) as pool:
+        for name, path in dirs.items():
+            await pool.register(name, str(path), tenant="t")
+        await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
+        clock.advance(30)
+        await pool.complete("x", adapter="t/a1", tenant="t", params=ONE)
+        clock.advance(45)  # t/a0 idle 75 s, t/a1 idle 45 s
+        await pool.complete("x", adapter="t/a2", tenant="t", params=ONE)
+        assert not store.on_host("t/a0")
+        assert store.on_host("t/a1") and store.on_host("t/a2")
