@@ -32,6 +32,15 @@ class Backend(Protocol):
         """Stop serving and free the engine. Idempotent."""
         ...
 
+    async def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
+        """Turn verified bytes into the host-tier form this backend loads fastest.
+
+        Called once when the adapter enters the host tier, off the engine's
+        step. Return the adapter unchanged if there is nothing to gain; raise
+        to refuse an adapter the engine cannot serve.
+        """
+        ...
+
     async def load(self, adapter: LoadedAdapter, slot: int) -> None:
         """Copy an adapter's weights into device slot ``slot``, replacing what was there."""
         ...

@@ -516,6 +516,13 @@ class TieredStore:
                 entry = await asyncio.to_thread(_read_verified, info, path)
             except _Mismatch as again:
                 raise LoadError(key, "disk", str(again)) from None
+        assert self._backend is not None
+        try:
+            entry = await self._backend.prepare(entry)
+        except LoadError:
+            raise
+        except Exception as exc:
+            raise LoadError(key, "host", f"{type(exc).__name__}: {exc}") from exc
         self.stats.host_loads += 1
         evicted = self._host.make_room(
             entry.nbytes, protected=self._protected, speculative=speculative

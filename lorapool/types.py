@@ -119,18 +119,23 @@ class LoadedAdapter:
     """An adapter's files held in host memory, verified, ready to copy to a device slot.
 
     ``weights`` is the raw ``adapter_model.safetensors`` content: the core holds
-    bytes and never imports torch; a backend turns them into tensors.
+    bytes and never imports torch. A backend may turn them, once, into a form
+    ready to copy (:meth:`Backend.prepare`): ``prepared`` holds it, opaque to
+    the core, and ``prepared_nbytes`` its size, and the backend may drop the
+    bytes it no longer needs.
     """
 
     adapter_id: str
     config: LoraConfig
     weights: bytes
     sha256: str
+    prepared: object | None = None
+    prepared_nbytes: int = 0
 
     @property
     def nbytes(self) -> int:
         """Host memory the adapter occupies."""
-        return len(self.weights)
+        return len(self.weights) + self.prepared_nbytes
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -27,7 +28,7 @@ from lorapool.types import (
 from .detok import IncrementalDetokenizer, StopMatcher
 from .engine import Engine, EngineStats, Event
 from .engine import Sequence as EngineSequence
-from .lora import LoraSlots, prepare_adapter
+from .lora import LoraSlots, PreparedAdapter, prepare_adapter
 from .model import KVCache, LlamaModel
 
 __all__ = ["TorchBackend"]
@@ -203,14 +204,24 @@ class TorchBackend:
 
     # -- adapters --------------------------------------------------------------------
 
-    async def load(self, adapter: LoadedAdapter, slot: int) -> None:
-        """Parse and lay out the adapter off the step thread, then copy it into ``slot``."""
+    async def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
+        """Parse and lay out the adapter (on a short-lived thread) for a fast switch.
+
+        The host tier then holds the compact tensors instead of the file's
+        bytes, so a host-to-device switch is a copy of the adapter's own size.
+        """
+        if isinstance(adapter.prepared, PreparedAdapter):
+            return adapter
+        prepared = await self._prepare(adapter)
+        return dataclasses.replace(
+            adapter, weights=b"", prepared=prepared, prepared_nbytes=prepared.nbytes
+        )
+
+    async def _prepare(self, adapter: LoadedAdapter) -> PreparedAdapter:
         engine = self._require_engine()
-        if not 0 <= slot < self.max_slots:
-            raise ValueError(f"slot {slot} is out of range 0..{self.max_slots - 1}")
         cfg = engine.model.cfg
 
-        def prepare() -> Any:
+        def prepare() -> PreparedAdapter:
             tensors = load_safetensors(adapter.weights)
             return prepare_adapter(
                 adapter.adapter_id,
@@ -223,14 +234,26 @@ class TorchBackend:
             )
 
         try:
-            prepared = await _in_fresh_thread(prepare)
+            return await _in_fresh_thread(prepare)
         except Exception as exc:
-            raise LoadError(adapter.adapter_id, "device", str(exc)) from exc
-        previous = engine.lora.occupant[slot]
+            raise LoadError(adapter.adapter_id, "host", str(exc)) from exc
+
+    async def load(self, adapter: LoadedAdapter, slot: int) -> None:
+        """Copy a prepared adapter into ``slot`` (preparing it first if needed)."""
+        engine = self._require_engine()
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} is out of range 0..{self.max_slots - 1}")
+        prepared = adapter.prepared
+        if not isinstance(prepared, PreparedAdapter):
+            prepared = await self._prepare(adapter)
+        if prepared.adapter_id != adapter.adapter_id:
+            prepared = dataclasses.replace(prepared, adapter_id=adapter.adapter_id)
+        final = prepared
 
         def install() -> None:
-            engine.lora.copy_in(slot, prepared)
+            engine.lora.copy_in(slot, final)
 
+        previous = engine.lora.occupant[slot]
         await asyncio.wrap_future(engine.call(install))
         if previous is not None and self._slot_of.get(previous) == slot:
             del self._slot_of[previous]

@@ -37,11 +37,18 @@ _GROUP_OF = {m: g for g, ms in _GROUPS.items() for m in ms}
 
 @dataclass(frozen=True)
 class PreparedAdapter:
-    """An adapter laid out exactly like one slot of the stacks, ready to copy."""
+    """An adapter checked against the model and laid out compactly, ready to copy to a slot.
+
+    Only the modules it targets, at its own rank: ``a[module]`` is ``A^T`` as
+    ``[layers, in, r]`` and ``b[module]`` is ``scale * B^T`` as
+    ``[layers, r, out]``. This is the host-tier form: a switch to the device
+    copies these bytes and nothing else.
+    """
 
     adapter_id: str
-    a: dict[str, torch.Tensor]  # group -> [layers, in, len(group) * max_rank]
-    b: dict[str, torch.Tensor]  # module -> [layers, max_rank, out]
+    rank: int
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
     nbytes: int
 
 
@@ -79,26 +86,22 @@ def prepare_adapter(
         found[(layer, module, side)] = t
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}
-    for group, modules in _GROUPS.items():
-        fan_in = shapes[modules[0]][0]
-        ga = torch.zeros(num_layers, fan_in, len(modules) * max_rank, dtype=dtype)
-        for j, module in enumerate(modules):
-            gb = torch.zeros(num_layers, max_rank, shapes[module][1], dtype=dtype)
-            for layer in range(num_layers):
-                ta = found.get((layer, module, "A"))
-                tb = found.get((layer, module, "B"))
-                if (ta is None) != (tb is None):
-                    raise ValueError(
-                        f"layer {layer} {module}: lora_A and lora_B must come in pairs"
-                    )
-                if ta is None or tb is None:
-                    continue
-                ga[layer, :, j * max_rank : j * max_rank + r] = ta.t().to(dtype)
-                gb[layer, :r, :] = (tb.float().t() * scale).to(dtype)
-            b[module] = gb
-        a[group] = ga
+    for module in sorted({m for _, m, _ in found}):
+        fan_in, fan_out = shapes[module]
+        ma = torch.zeros(num_layers, fan_in, r, dtype=dtype)
+        mb = torch.zeros(num_layers, r, fan_out, dtype=dtype)
+        for layer in range(num_layers):
+            ta = found.get((layer, module, "A"))
+            tb = found.get((layer, module, "B"))
+            if (ta is None) != (tb is None):
+                raise ValueError(f"layer {layer} {module}: lora_A and lora_B must come in pairs")
+            if ta is None or tb is None:
+                continue
+            ma[layer] = ta.t().to(dtype)
+            mb[layer] = (tb.float().t() * scale).to(dtype)
+        a[module], b[module] = ma, mb
     nbytes = sum(t.nbytes for t in a.values()) + sum(t.nbytes for t in b.values())
-    return PreparedAdapter(adapter_id, a, b, nbytes)
+    return PreparedAdapter(adapter_id, r, a, b, nbytes)
 
 
 class LoraBatch:
@@ -183,6 +186,8 @@ class LoraSlots:
             for m, shape in shapes.items()
         }
         self.occupant: list[str | None] = [None] * max_slots
+        # Per slot: rank-columns each module's last occupant wrote (the rest are zero).
+        self._written: list[dict[str, int]] = [{} for _ in range(max_slots)]
 
     @property
     def nbytes(self) -> int:
@@ -190,11 +195,28 @@ class LoraSlots:
         return sum(t.nbytes for t in self.a.values()) + sum(t.nbytes for t in self.b.values())
 
     def copy_in(self, slot: int, prepared: PreparedAdapter) -> None:
-        """Overwrite ``slot`` with a prepared adapter (tensor copies only)."""
-        for g, t in prepared.a.items():
-            self.a[g][:, slot].copy_(t, non_blocking=True)
-        for m, t in prepared.b.items():
-            self.b[m][:, slot].copy_(t, non_blocking=True)
+        """Overwrite ``slot`` with a prepared adapter.
+
+        Copies the adapter's own columns and rows, and zeroes only what the
+        previous occupant wrote beyond them (tracked per module), so a switch
+        moves about as many bytes as the adapter has.
+        """
+        r = prepared.rank
+        written = self._written[slot]
+        for module in self.shapes:
+            group = _GROUP_OF[module]
+            base = _GROUPS[group].index(module) * self.max_rank
+            a_cols = self.a[group][:, slot, :, base : base + self.max_rank]
+            b_rows = self.b[module][:, slot]
+            new = r if module in prepared.a else 0
+            old = written.get(module, 0)
+            if new:
+                a_cols[..., :new].copy_(prepared.a[module])
+                b_rows[:, :new].copy_(prepared.b[module])
+            if old > new:
+                a_cols[..., new:old].zero_()
+                b_rows[:, new:old].zero_()
+            written[module] = new
         self.occupant[slot] = prepared.adapter_id
 
     def clear(self, slot: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["SCENARIOS", "add_scenarios", "run"]
 
-SCENARIOS = ("engine", "cache")
+SCENARIOS = ("engine", "cache", "store")
 
 
 def _module(scenario: str) -> Any:

@@ -66,6 +66,10 @@ class MockBackend:
         """Healthy between start and close."""
         return self.started and not self.closed
 
+    async def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
+        """Nothing to prepare: the adapter as it is."""
+        return adapter
+
     async def load(self, adapter: LoadedAdapter, slot: int) -> None:
         """Record the load (or fail it for adapters in ``fail_loads``)."""
         await asyncio.sleep(0)

@@ -157,3 +157,37 @@ async def test_seeded_sampling_is_reproducible_and_stop_strings_cut(backend: Any
     cut = "".join(ch.text for ch in chunks)
     assert chunks[-1].finish_reason == "stop"
     assert stop not in cut and text.startswith(cut)
+
+
+async def test_slot_reuse_leaves_nothing_of_the_previous_adapter(
+    backend: Any, adapters: dict[str, Any]
+) -> None:
+    from lorapool.adapters import WEIGHTS_FILE, inspect_adapter_dir
+    from lorapool.types import LoadedAdapter
+
+    def loaded(name: str) -> LoadedAdapter:
+        files = inspect_adapter_dir(adapters[name])
+        weights = (adapters[name] / WEIGHTS_FILE).read_bytes()
+        return LoadedAdapter(name, files.config, weights, files.sha256)
+
+    def req(rid: str) -> GenerationRequest:
+        params = SamplingParams(max_tokens=12, **GREEDY)
+        return GenerationRequest(rid, "Tell me about the sea.", params, "r8-attn", 0)
+
+    small = loaded("r8-attn")
+    await backend.load(await backend.prepare(small), 0)
+    fresh = await _collect(backend, req("s0"))
+    # A larger adapter on every linear (rank 32) takes the slot, then the small one returns:
+    # the columns and modules only the large one wrote must be zero again.
+    big = loaded("r32-all")
+    await backend.load(big, 0)
+    with_big = await _collect(
+        backend,
+        GenerationRequest(
+            "b0", "Tell me about the sea.", SamplingParams(max_tokens=12, **GREEDY), "r32-all", 0
+        ),
+    )
+    await backend.load(small, 0)
+    again = await _collect(backend, req("s1"))
+    assert with_big != fresh
+    assert again == fresh
