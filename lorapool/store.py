@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .adapters import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
 from .disk import DiskFull, DiskTier, Staged
@@ -130,7 +130,7 @@ class TieredStore:
         self._warm_gate = asyncio.Semaphore(prefetch_concurrency)
         self._warm_bucket = TokenBucket(prefetch_rate, max(1.0, prefetch_rate), clock)
         self._max_pending = max_pending_prefetch
-        self._pending: set[asyncio.Task[str | None]] = set()
+        self._pending: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     # -- wiring ----------------------------------------------------------------------
@@ -357,10 +357,28 @@ class TieredStore:
         by_id = {i.adapter_id: i for i in infos}
         for info in infos:
             self._infos[info.adapter_id] = info
-        for policy in self._prefetchers:
-            for warm in policy.on_start(list(by_id)):
-                if warm.adapter_id in by_id:
-                    self._hint(by_id[warm.adapter_id], warm.tier, limited=False)
+        proposals = [
+            (by_id[warm.adapter_id], warm.tier)
+            for policy in self._prefetchers
+            for warm in policy.on_start(list(by_id))
+            if warm.adapter_id in by_id
+        ]
+        if proposals:
+            task = asyncio.create_task(self._preload(proposals), name="preload at start")
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _preload(self, proposals: Sequence[tuple[AdapterInfo, TierName]]) -> None:
+        """Warm the start proposals in the background, with a progress bar on a terminal."""
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(proposals), desc="preload", unit="adapter", disable=None) as bar:
+
+            async def one(info: AdapterInfo, tier: TierName) -> None:
+                await self.warm(info, tier, limited=False)
+                bar.update(1)
+
+            await asyncio.gather(*(one(info, tier) for info, tier in proposals))
 
     def hint(self, info: AdapterInfo, tier: TierName = "device") -> bool:
         """Warm ``info`` into ``tier`` in the background, rate-limited; False if dropped.
