@@ -19,7 +19,8 @@ from .errors import (
     SourceError,
     SourceNotFound,
 )
-from .pool import AdapterPool, Session
+from .fair import FairScheduler, TierPolicy
+from .pool import AdapterPool, Session, TenantUsage
 from .registry import Registry
 from .scheduling import FCFSScheduler, Scheduler
 from .store import StoreStats, TieredStore
@@ -48,6 +49,7 @@ __all__ = [
     "Chunk",
     "Completion",
     "FCFSScheduler",
+    "FairScheduler",
     "GenerationRequest",
     "InvalidRequest",
     "LoadError",
@@ -62,6 +64,8 @@ __all__ = [
     "SourceError",
     "SourceNotFound",
     "StoreStats",
+    "TenantUsage",
+    "TierPolicy",
     "TieredStore",
     "Usage",
     "__version__",

@@ -16,6 +16,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "ColdStartRejected",
+    "DeadlineExceeded",
     "ExtraNotInstalled",
     "InvalidRequest",
     "LoadError",
@@ -164,6 +165,10 @@ class Overloaded(_RetryableError):
 
 class ColdStartRejected(_RetryableError):
     """The adapter is not warm and the tenant's cold-start policy is ``reject``."""
+
+
+class DeadlineExceeded(LorapoolError, TimeoutError):
+    """The request's deadline passed before it was served; it left the queue."""
 
 
 class PinLimitExceeded(LorapoolError):

@@ -9,6 +9,7 @@ the pool accounts usage and releases everything, whatever way the stream ends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -19,7 +20,14 @@ from lorapool.backends.base import Backend
 from lorapool.policies.prefetch import TierName
 
 from .adapters import check_supported
-from .errors import AdapterExists, InvalidRequest
+from .errors import (
+    AdapterExists,
+    ColdStartRejected,
+    DeadlineExceeded,
+    InvalidRequest,
+    Overloaded,
+    RateLimited,
+)
 from .registry import Registry, check_adapter_id
 from .scheduling import FCFSScheduler, Scheduler, Ticket
 from .store import TieredStore
@@ -34,7 +42,7 @@ from .types import (
     Usage,
 )
 
-__all__ = ["AdapterPool", "PoolStats", "Session"]
+__all__ = ["AdapterPool", "PoolStats", "Session", "TenantUsage", "estimate_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,34 @@ class PoolStats:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+@dataclass
+class TenantUsage:
+    """One tenant's totals: what it asked for, what it got, what it was refused.
+
+    ``refused``: rate-limited, shed or cold-start-rejected requests; ``expired``:
+    requests whose deadline passed in the queue; ``fallbacks``: requests served
+    by the base model while their adapter loaded; ``queue_seconds``: total time
+    requests waited for dispatch.
+    """
+
+    requests: int = 0
+    completed: int = 0
+    failed: int = 0
+    refused: int = 0
+    expired: int = 0
+    fallbacks: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_seconds: float = 0.0
+
+
+def estimate_tokens(prompt: str | Sequence[Message]) -> int:
+    """A cheap prompt-token estimate for admission (about 4 characters a token)."""
+    if isinstance(prompt, str):
+        return len(prompt) // 4 + 1
+    return sum(len(str(m.get("content", ""))) // 4 + 4 for m in prompt) + 1
 
 
 class AdapterPool:
@@ -73,6 +109,7 @@ class AdapterPool:
         self.scheduler: Scheduler = scheduler if scheduler is not None else FCFSScheduler()
         self.registry = registry if registry is not None else Registry()
         self.stats = PoolStats()
+        self._usage: dict[str, TenantUsage] = {}
         self._started = False
         self._closed = False
         self._start_lock = asyncio.Lock()
@@ -99,7 +136,11 @@ class AdapterPool:
             await self.backend.start()
             caps = self.backend.capabilities
             self.store.bind(self.backend)
-            self.scheduler.bind(max_inflight=caps.max_batch, can_dispatch=self.store.can_dispatch)
+            self.scheduler.bind(
+                max_inflight=caps.max_batch,
+                can_dispatch=self.store.can_dispatch,
+                on_device=self.store.on_device,
+            )
             self._started = True
             await self.store.on_start(self.registry.visible(None))
 
@@ -264,11 +305,17 @@ class AdapterPool:
         adapter: str | None = None,
         tenant: str,
         params: SamplingParams | None = None,
+        deadline: float | None = None,
     ) -> AsyncIterator[Chunk]:
         """Stream a completion of ``prompt`` (a string or chat messages) with ``adapter``.
 
-        ``adapter=None`` uses the base model. Leaving the loop early cancels
-        the request in the engine.
+        ``adapter=None`` uses the base model. ``deadline``: seconds from now
+        the request may wait for dispatch; past it, it leaves the queue with
+        ``DeadlineExceeded`` and is charged nothing. Leaving the loop early
+        cancels the request in the engine. When the adapter is not on the
+        device, the tenant's cold-start policy applies: wait for it, serve from
+        the base model meanwhile (the chunks say ``served_by="base"``), or
+        refuse with ``ColdStartRejected``.
         """
         await self.start()
         _check_tenant(tenant)
@@ -278,20 +325,56 @@ class AdapterPool:
             )
         info = self.registry.resolve(adapter, tenant) if adapter is not None else None
         params = params if params is not None else SamplingParams()
-        request_id = uuid.uuid4().hex
-        ticket = Ticket(request_id, tenant, adapter, max_tokens=params.max_tokens)
+        account = self._usage.setdefault(tenant, TenantUsage())
+        account.requests += 1
         self.stats.requests += 1
-        finish: FinishReason | None = None
+        if info is not None and not self.store.on_device(info.adapter_id):
+            policy = self.scheduler.cold_start(tenant)
+            if policy != "wait":
+                self.store.hint(info, "device")
+                if policy == "reject":
+                    account.refused += 1
+                    raise ColdStartRejected(
+                        f"adapter {info.adapter_id!r} is not loaded (tenant {tenant!r} rejects "
+                        "cold starts); it is being loaded now",
+                        retry_after=self.store.stats.load_seconds,
+                    )
+                account.fallbacks += 1
+                info = None
+        request_id = uuid.uuid4().hex
+        ticket = Ticket(
+            request_id,
+            tenant,
+            None if info is None else info.adapter_id,
+            prompt_tokens=estimate_tokens(prompt),
+            max_tokens=params.max_tokens,
+            timeout=deadline,
+        )
+        loop = asyncio.get_running_loop()
+        queued_at = loop.time()
+        try:
+            await self.scheduler.acquire(ticket)
+        except (RateLimited, Overloaded):
+            account.refused += 1
+            raise
+        except DeadlineExceeded:
+            account.expired += 1
+            raise
+        account.queue_seconds += loop.time() - queued_at
         usage: Usage | None = None
-        await self.scheduler.acquire(ticket)
+        finish: FinishReason | None = None
         try:
             slot = await self.store.acquire(info) if info is not None else None
             try:
-                request = GenerationRequest(request_id, prompt, params, adapter, slot)
+                request = GenerationRequest(request_id, prompt, params, ticket.adapter_id, slot)
                 async for chunk in self.backend.generate(request):
+                    if chunk.token_ids:
+                        self.scheduler.charge(ticket, output_tokens=len(chunk.token_ids))
                     if chunk.usage is not None:
                         usage = chunk.usage
                         finish = chunk.finish_reason
+                        correction = usage.prompt_tokens - ticket.prompt_tokens
+                        self.scheduler.charge(ticket, input_tokens=correction)
                     yield chunk
             finally:
                 if info is not None:
@@ -299,22 +382,28 @@ class AdapterPool:
                     self.store.request_done(info)
         except BaseException:
             self.stats.failed += 1
+            account.failed += 1
             raise
         finally:
             self.scheduler.release(ticket)
             if usage is not None:
-                self.stats.completed += 1
-                self.stats.prompt_tokens += usage.prompt_tokens
-                self.stats.completion_tokens += usage.completion_tokens
+                for totals in (self.stats, account):
+                    totals.completed += 1
+                    totals.prompt_tokens += usage.prompt_tokens
+                    totals.completion_tokens += usage.completion_tokens
                 log.debug(
                     "request %s tenant=%s adapter=%s finish=%s prompt=%d completion=%d",
                     request_id,
                     tenant,
-                    adapter,
+                    ticket.adapter_id,
                     finish,
                     usage.prompt_tokens,
                     usage.completion_tokens,
                 )
+
+    def usage(self, tenant: str) -> TenantUsage:
+        """A copy of the tenant's totals since the pool started (for billing and quotas)."""
+        return dataclasses.replace(self._usage.get(tenant, TenantUsage()))
 
     async def complete(
         self,
@@ -323,12 +412,16 @@ class AdapterPool:
         adapter: str | None = None,
         tenant: str,
         params: SamplingParams | None = None,
+        deadline: float | None = None,
     ) -> Completion:
         """Generate the whole completion and return it at once."""
         texts: list[str] = []
         ids: list[int] = []
         last: Chunk | None = None
-        async for chunk in self.generate(prompt, adapter=adapter, tenant=tenant, params=params):
+        stream = self.generate(
+            prompt, adapter=adapter, tenant=tenant, params=params, deadline=deadline
+        )
+        async for chunk in stream:
             texts.append(chunk.text)
             ids.extend(chunk.token_ids)
             last = chunk
@@ -371,10 +464,16 @@ class Session:
         return None
 
     def generate(
-        self, prompt: str | Sequence[Message], *, params: SamplingParams | None = None
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        params: SamplingParams | None = None,
+        deadline: float | None = None,
     ) -> AsyncIterator[Chunk]:
         """Stream a completion with the session's tenant and adapter."""
-        return self.pool.generate(prompt, adapter=self.adapter, tenant=self.tenant, params=params)
+        return self.pool.generate(
+            prompt, adapter=self.adapter, tenant=self.tenant, params=params, deadline=deadline
+        )
 
     async def complete(
         self, prompt: str | Sequence[Message], *, params: SamplingParams | None = None

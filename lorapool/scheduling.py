@@ -12,23 +12,47 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
-__all__ = ["DispatchCheck", "FCFSScheduler", "Scheduler", "Ticket"]
+__all__ = [
+    "ColdStart",
+    "DispatchCheck",
+    "FCFSScheduler",
+    "ResidencyCheck",
+    "Scheduler",
+    "Ticket",
+]
 
 DispatchCheck = Callable[[str | None, Mapping[str, int]], bool]
 """``can_dispatch(adapter_id, inflight_per_adapter) -> bool``, given by the store."""
 
+ResidencyCheck = Callable[[str], bool]
+"""``on_device(adapter_id) -> bool``, given by the store."""
+
+ColdStart = Literal["wait", "fallback", "reject"]
+"""What to do when a request's adapter is not on the device: wait for the load, serve
+from the base model meanwhile, or refuse with ``ColdStartRejected``."""
+
 
 @dataclass(eq=False)
 class Ticket:
-    """A request waiting for, or holding, a dispatch."""
+    """A request waiting for, or holding, a dispatch.
+
+    ``prompt_tokens`` is an estimate until the backend reports the real
+    count. ``timeout``: seconds the request may wait in the queue (its
+    deadline), ``None`` for no limit. ``arrival`` and ``deadline`` are set by
+    the scheduler on its own clock.
+    """
 
     request_id: str
     tenant: str
     adapter_id: str | None
     prompt_tokens: int = 0
     max_tokens: int = 0
+    timeout: float | None = None
+    arrival: float = 0.0
+    deadline: float | None = None
+    queued: bool = False
     dispatched: bool = False
     _ready: asyncio.Future[None] | None = field(default=None, repr=False)
 
@@ -37,12 +61,30 @@ class Ticket:
 class Scheduler(Protocol):
     """Decides whose request runs next."""
 
-    def bind(self, *, max_inflight: int, can_dispatch: DispatchCheck) -> None:
+    def bind(
+        self,
+        *,
+        max_inflight: int,
+        can_dispatch: DispatchCheck,
+        on_device: ResidencyCheck | None = None,
+    ) -> None:
         """Called once by the pool at start with the engine's limits."""
         ...
 
     async def acquire(self, ticket: Ticket) -> None:
-        """Wait until ``ticket`` is dispatched. Cancelling the wait withdraws it."""
+        """Admit ``ticket`` and wait until it is dispatched.
+
+        May refuse it (``RateLimited``, ``Overloaded``) or give up at its
+        deadline (``DeadlineExceeded``). Cancelling the wait withdraws it.
+        """
+        ...
+
+    def charge(self, ticket: Ticket, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        """Service a dispatched request received (output as it is produced)."""
+        ...
+
+    def cold_start(self, tenant: str) -> ColdStart:
+        """The tenant's policy for a request whose adapter is not on the device."""
         ...
 
     def release(self, ticket: Ticket) -> None:
@@ -68,10 +110,23 @@ class FCFSScheduler:
         self._max_inflight = 1
         self._can_dispatch: DispatchCheck = lambda adapter, inflight: True
 
-    def bind(self, *, max_inflight: int, can_dispatch: DispatchCheck) -> None:
+    def bind(
+        self,
+        *,
+        max_inflight: int,
+        can_dispatch: DispatchCheck,
+        on_device: ResidencyCheck | None = None,
+    ) -> None:
         """Take the engine's concurrency limit and the store's slot check."""
         self._max_inflight = max(1, max_inflight)
         self._can_dispatch = can_dispatch
+
+    def charge(self, ticket: Ticket, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        """FCFS keeps no accounts."""
+
+    def cold_start(self, tenant: str) -> ColdStart:
+        """Always wait for the adapter."""
+        return "wait"
 
     @property
     def queued(self) -> int:

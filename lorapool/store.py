@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 from .adapters import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
 from .disk import DiskFull, DiskTier, Staged
 from .errors import LoadError, PinLimitExceeded, SourceError, SourceNotFound
+from .ratelimit import TokenBucket
 from .sources import Source, make_source, scheme_of
-from .tiers import SingleFlight, Tier, TokenBucket, parse_size
+from .tiers import SingleFlight, Tier, parse_size
 from .types import AdapterInfo, LoadedAdapter
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class StoreStats:
     load_failures: int = 0
     prefetches: int = 0
     prefetch_dropped: int = 0
+    load_seconds: float = 1.0
+    """Moving average of the seconds a device load took (from wherever the adapter was)."""
     evictions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_TIERS, 0))
 
 
@@ -448,6 +451,7 @@ class TieredStore:
     async def _load_to_device(self, info: AdapterInfo, speculative: bool) -> int | None:
         assert self._backend is not None
         key = info.adapter_id
+        began = time.perf_counter()
         try:
             host = await self._host_entry(info, speculative)
             claim = self._claim_slot(key, speculative)
@@ -475,6 +479,9 @@ class TieredStore:
         self._device[key] = _Resident(slot, speculative)
         self._device_policy.on_insert(key, host.nbytes, time.perf_counter() - started)
         self.stats.device_loads += 1
+        self.stats.load_seconds = 0.8 * self.stats.load_seconds + 0.2 * (
+            time.perf_counter() - began
+        )
         return slot
 
     def _claim_slot(self, adapter_id: str, speculative: bool) -> tuple[int, str | None] | None:

@@ -1,4 +1,4 @@
-"""Building blocks of the store: a byte-bounded tier, single-flight, a token bucket.
+"""Building blocks of the store: a byte-bounded tier and single flight.
 
 A :class:`Tier` is bookkeeping only: which keys it holds, their sizes, and
 which to give up when something new must fit. It asks its eviction policy for
@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from lorapool.policies.base import EvictionPolicy
 
-__all__ = ["SingleFlight", "Tier", "TokenBucket", "parse_size"]
+__all__ = ["SingleFlight", "Tier", "parse_size"]
 
 log = logging.getLogger(__name__)
 
@@ -221,36 +221,3 @@ class SingleFlight(Generic[K, T]):
         """Cancel every running task (at shutdown)."""
         for task in self._tasks.values():
             task.cancel()
-
-
-class TokenBucket:
-    """``rate`` tokens per second up to ``burst``; :meth:`take` waits for one."""
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be > 0 and burst >= 1")
-        self.rate = rate
-        self.burst = burst
-        self._clock = clock
-        self._tokens = burst
-        self._stamp = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-
-    def try_take(self) -> bool:
-        """Take a token if one is there."""
-        self._refill()
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-    async def take(self) -> None:
-        """Wait for a token and take it."""
-        while True:
-            if self.try_take():
-                return
-            await asyncio.sleep((1 - self._tokens) / self.rate)

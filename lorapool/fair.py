@@ -1,0 +1,453 @@
+"""FairScheduler: per-tenant fairness (VTC), admission control and adapter affinity.
+
+Dispatch follows the Virtual Token Counter of "Fairness in Serving Large
+Language Models" (Sheng et al., OSDI '24): each tenant has a counter of the
+service it received, ``input_cost * input_tokens + output_cost *
+output_tokens`` divided by its weight, charged as tokens are produced; the
+tenant with the lowest counter that has a queued request goes next. A tenant
+whose queue was empty is lifted to the lowest counter among tenants with
+queued requests (or to the counter of the last dispatch when none are), so
+idling banks no credit.
+
+Around that:
+
+* admission: per-tenant token buckets on requests/s and tokens/min (sustained
+  rate, burst), per-tier queue caps, and a global ``max_queue`` beyond which
+  the lowest tier queued is shed first (``RateLimited`` / ``Overloaded``, both
+  with ``retry_after``);
+* affinity: among tenants within ``affinity_slack`` of the lowest counter, a
+  request whose adapter is already on the device goes first; distinct adapters
+  in flight never exceed the device slots (the store's check);
+* starvation bound: a request queued for ``max_wait`` seconds goes before any
+  affinity or counter choice;
+* deadlines: a request still queued at its deadline leaves the queue with
+  ``DeadlineExceeded``; it was charged nothing.
+
+Tiers are given in priority order, highest first; the last one is shed first.
+Per-request work is O(log n) in the number of tenants with queued requests
+(a heap of counters with lazy deletion), plus the tenants inspected within the
+affinity slack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from .errors import DeadlineExceeded, InvalidRequest, Overloaded, RateLimited
+from .ratelimit import TokenBucket
+from .scheduling import ColdStart, DispatchCheck, ResidencyCheck, Ticket
+
+__all__ = ["FairScheduler", "TierPolicy"]
+
+_SCAN_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class TierPolicy:
+    """What a tier of tenants gets.
+
+    ``weight``: share of service relative to other tenants. ``requests_per_s``
+    / ``request_burst`` and ``tokens_per_min`` / ``token_burst`` (prompt plus
+    ``max_tokens``, counted at admission): per-tenant token buckets, ``None``
+    for no limit; a burst defaults to one second of requests (at least 1) and
+    one minute of tokens. ``max_queue``: queued requests of this tier, all
+    tenants together. ``cold_start``: see :data:`~lorapool.scheduling.ColdStart`.
+    """
+
+    weight: float = 1.0
+    requests_per_s: float | None = None
+    request_burst: float | None = None
+    tokens_per_min: float | None = None
+    token_burst: float | None = None
+    max_queue: int | None = None
+    cold_start: ColdStart = "wait"
+
+    def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise ValueError("weight must be > 0")
+        if self.cold_start not in ("wait", "fallback", "reject"):
+            raise ValueError("cold_start must be 'wait', 'fallback' or 'reject'")
+
+
+@dataclass(eq=False)
+class _Tenant:
+    name: str
+    tier: str
+    rank: int  # tier priority: 0 is the highest
+    weight: float
+    counter: float = 0.0
+    queue: deque[Ticket] = field(default_factory=deque)
+    version: int = 0  # bumps whenever a heap entry for this tenant goes stale
+    requests: TokenBucket | None = None
+    tokens: TokenBucket | None = None
+
+
+class FairScheduler:
+    """Weighted VTC fairness with admission control and adapter affinity.
+
+    ``tiers`` maps tier names to :class:`TierPolicy`, highest priority first;
+    ``tenant_tiers`` puts tenants in tiers (others go to ``default_tier``, by
+    default the last tier); ``tenant_weights`` overrides a tenant's weight.
+    ``affinity_slack`` is in counter units (weighted token costs).
+    """
+
+    def __init__(
+        self,
+        *,
+        tiers: Mapping[str, TierPolicy] | None = None,
+        tenant_tiers: Mapping[str, str] | None = None,
+        default_tier: str | None = None,
+        tenant_weights: Mapping[str, float] | None = None,
+        input_cost: float = 1.0,
+        output_cost: float = 2.0,
+        max_queue: int = 4096,
+        max_wait: float = 30.0,
+        affinity_slack: float = 256.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tiers: dict[str, TierPolicy] = dict(tiers or {"default": TierPolicy()})
+        if not self.tiers:
+            raise ValueError("give at least one tier")
+        self._rank = {name: i for i, name in enumerate(self.tiers)}
+        self.default_tier = default_tier if default_tier is not None else list(self.tiers)[-1]
+        for name in [self.default_tier, *(tenant_tiers or {}).values()]:
+            if name not in self.tiers:
+                raise ValueError(f"unknown tier {name!r}; tiers are {list(self.tiers)}")
+        self._tenant_tiers = dict(tenant_tiers or {})
+        self._tenant_weights = dict(tenant_weights or {})
+        if any(w <= 0 for w in self._tenant_weights.values()):
+            raise ValueError("tenant weights must be > 0")
+        self.input_cost = input_cost
+        self.output_cost = output_cost
+        self.max_queue = max_queue
+        self.max_wait = max_wait
+        self.affinity_slack = affinity_slack
+        self._clock = clock
+        self._tenants: dict[str, _Tenant] = {}
+        self._heap: list[tuple[float, int, int, _Tenant]] = []
+        self._seq = itertools.count()
+        self._active = 0  # tenants with queued requests
+        self._arrivals: deque[Ticket] = deque()
+        self._queued = 0
+        self._queued_by_tier: Counter[str] = Counter()
+        self._floor = 0.0  # the counter of the last dispatch: where idle tenants restart
+        self._inflight = 0
+        self._adapters: Counter[str] = Counter()
+        self._max_inflight = 1
+        self._can_dispatch: DispatchCheck = lambda adapter, inflight: True
+        self._on_device: ResidencyCheck = lambda adapter: True
+        self._service_time = 1.0  # EWMA of dispatch-to-release seconds, for retry hints
+        self._started: dict[int, float] = {}
+        self.shed = 0
+        self.affinity_picks = 0
+        self.starvation_picks = 0
+
+    # -- the seam ------------------------------------------------------------------------
+
+    def bind(
+        self,
+        *,
+        max_inflight: int,
+        can_dispatch: DispatchCheck,
+        on_device: ResidencyCheck | None = None,
+    ) -> None:
+        """Take the engine's concurrency limit and the store's slot and residency checks."""
+        self._max_inflight = max(1, max_inflight)
+        self._can_dispatch = can_dispatch
+        if on_device is not None:
+            self._on_device = on_device
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for dispatch."""
+        return self._queued
+
+    @property
+    def inflight(self) -> int:
+        """Requests dispatched and not yet released."""
+        return self._inflight
+
+    def counter(self, tenant: str) -> float:
+        """The tenant's virtual token counter (service received / weight)."""
+        state = self._tenants.get(tenant)
+        return 0.0 if state is None else state.counter
+
+    def tier_of(self, tenant: str) -> str:
+        """The tier a tenant belongs to."""
+        return self._tenant_tiers.get(tenant, self.default_tier)
+
+    def cold_start(self, tenant: str) -> ColdStart:
+        """The tenant's tier's cold-start policy."""
+        return self.tiers[self.tier_of(tenant)].cold_start
+
+    async def acquire(self, ticket: Ticket) -> None:
+        """Admit the ticket (or refuse it), queue it, and wait for its dispatch."""
+        tenant = self._tenant(ticket.tenant)
+        now = self._clock()
+        ticket.arrival = now
+        if ticket.timeout is not None:
+            if ticket.timeout <= 0:
+                raise DeadlineExceeded(f"request {ticket.request_id} arrived after its deadline")
+            ticket.deadline = now + ticket.timeout
+        self._admit(tenant, ticket)
+        ticket._ready = asyncio.get_running_loop().create_future()
+        self._enqueue(tenant, ticket)
+        self.kick()
+        try:
+            if ticket.timeout is None:
+                await ticket._ready
+            else:
+                async with asyncio.timeout(ticket.timeout):
+                    await ticket._ready
+        except TimeoutError:
+            if ticket.dispatched:  # dispatched at the very last moment: keep it
+                return
+            self._withdraw(tenant, ticket)
+            raise DeadlineExceeded(
+                f"request {ticket.request_id} of tenant {ticket.tenant!r} waited past its "
+                "deadline and left the queue"
+            ) from None
+        except BaseException:
+            if ticket.dispatched:
+                self.release(ticket)
+            else:
+                self._withdraw(tenant, ticket)
+            raise
+
+    def charge(self, ticket: Ticket, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        """Add service to the ticket's tenant counter."""
+        tenant = self._tenants.get(ticket.tenant)
+        if tenant is None:
+            return
+        cost = (self.input_cost * input_tokens + self.output_cost * output_tokens) / tenant.weight
+        if cost:
+            tenant.counter += cost
+            if tenant.queue:
+                self._push(tenant)
+
+    def release(self, ticket: Ticket) -> None:
+        """Free the ticket's place and dispatch whoever goes next."""
+        if not ticket.dispatched:
+            return
+        ticket.dispatched = False
+        self._inflight -= 1
+        started = self._started.pop(id(ticket), None)
+        if started is not None:
+            self._service_time = 0.9 * self._service_time + 0.1 * (self._clock() - started)
+        if ticket.adapter_id is not None:
+            self._adapters[ticket.adapter_id] -= 1
+            if self._adapters[ticket.adapter_id] <= 0:
+                del self._adapters[ticket.adapter_id]
+        self.kick()
+
+    def kick(self) -> None:
+        """Dispatch while there is room and a dispatchable request."""
+        while self._queued and self._inflight < self._max_inflight:
+            picked = self._pick()
+            if picked is None:
+                return
+            tenant, ticket = picked
+            self._dispatch(tenant, ticket)
+
+    # -- admission -----------------------------------------------------------------------
+
+    def _tenant(self, name: str) -> _Tenant:
+        state = self._tenants.get(name)
+        if state is None:
+            tier = self.tier_of(name)
+            policy = self.tiers[tier]
+            state = _Tenant(
+                name, tier, self._rank[tier], self._tenant_weights.get(name, policy.weight)
+            )
+            if policy.requests_per_s is not None:
+                burst = policy.request_burst or max(1.0, policy.requests_per_s)
+                state.requests = TokenBucket(policy.requests_per_s, burst, self._clock)
+            if policy.tokens_per_min is not None:
+                burst = policy.token_burst or policy.tokens_per_min
+                state.tokens = TokenBucket(policy.tokens_per_min / 60.0, burst, self._clock)
+            self._tenants[name] = state
+        return state
+
+    def _admit(self, tenant: _Tenant, ticket: Ticket) -> None:
+        cost = ticket.prompt_tokens + ticket.max_tokens
+        waits = []
+        if tenant.requests is not None:
+            waits.append(("requests", tenant.requests.wait_time(1)))
+        if tenant.tokens is not None:
+            if cost > tenant.tokens.burst:
+                raise InvalidRequest(
+                    f"request needs {cost} tokens (prompt + max_tokens), above tenant "
+                    f"{tenant.name!r}'s token burst of {tenant.tokens.burst:g}; lower max_tokens"
+                )
+            waits.append(("tokens", tenant.tokens.wait_time(cost)))
+        refused = [(what, w) for what, w in waits if w > 0]
+        if refused:
+            what = " and ".join(w for w, _ in refused)
+            raise RateLimited(
+                f"tenant {tenant.name!r} is over its {what} rate",
+                retry_after=max(w for _, w in refused),
+            )
+        policy = self.tiers[tenant.tier]
+        if policy.max_queue is not None and self._queued_by_tier[tenant.tier] >= policy.max_queue:
+            raise Overloaded(
+                f"the {tenant.tier!r} tier's queue is full ({policy.max_queue} requests)",
+                retry_after=self._retry_hint(),
+            )
+        if self._queued >= self.max_queue and not self._shed_below(tenant.rank):
+            raise Overloaded(
+                f"the queue is full ({self.max_queue} requests) and no lower tier can be shed",
+                retry_after=self._retry_hint(),
+            )
+        if tenant.requests is not None:
+            tenant.requests.try_take(1)
+        if tenant.tokens is not None:
+            tenant.tokens.try_take(cost)
+
+    def _retry_hint(self) -> float:
+        backlog = (self._queued + 1) / self._max_inflight
+        return max(0.1, backlog * self._service_time)
+
+    def _shed_below(self, rank: int) -> bool:
+        """Refuse the newest queued request of the lowest tier below ``rank``, if any."""
+        for tier in reversed(list(self.tiers)):
+            if self._rank[tier] <= rank:
+                return False
+            if self._queued_by_tier[tier] == 0:
+                continue
+            for ticket in reversed(self._arrivals):
+                ready = ticket._ready
+                if (
+                    ticket.queued
+                    and ready is not None
+                    and not ready.done()
+                    and self.tier_of(ticket.tenant) == tier
+                ):
+                    self._withdraw(self._tenants[ticket.tenant], ticket)
+                    self.shed += 1
+                    ready.set_exception(
+                        Overloaded(
+                            f"shed for a higher tier: the queue is full ({self.max_queue})",
+                            retry_after=self._retry_hint(),
+                        )
+                    )
+                    return True
+        return False
+
+    # -- the queue -----------------------------------------------------------------------
+
+    def _enqueue(self, tenant: _Tenant, ticket: Ticket) -> None:
+        if not tenant.queue:
+            # Returning from idle: lifted to the lowest active counter, so no credit is banked.
+            floor = self._min_active()
+            tenant.counter = max(tenant.counter, self._floor if floor is None else floor)
+            self._active += 1
+        tenant.queue.append(ticket)
+        ticket.queued = True
+        self._arrivals.append(ticket)
+        self._queued += 1
+        self._queued_by_tier[tenant.tier] += 1
+        self._push(tenant)
+
+    def _withdraw(self, tenant: _Tenant, ticket: Ticket) -> None:
+        if not ticket.queued:
+            return
+        ticket.queued = False
+        tenant.queue.remove(ticket)
+        self._queued -= 1
+        self._queued_by_tier[tenant.tier] -= 1
+        if not tenant.queue:
+            self._active -= 1
+            tenant.version += 1
+        self.kick()
+
+    def _push(self, tenant: _Tenant) -> None:
+        tenant.version += 1
+        heapq.heappush(self._heap, (tenant.counter, next(self._seq), tenant.version, tenant))
+        if len(self._heap) > 2 * self._active + 64:
+            self._heap = [e for e in self._heap if self._valid(e)]
+            heapq.heapify(self._heap)
+
+    @staticmethod
+    def _valid(entry: tuple[float, int, int, _Tenant]) -> bool:
+        _, _, version, tenant = entry
+        return version == tenant.version and bool(tenant.queue)
+
+    def _min_active(self) -> float | None:
+        while self._heap and not self._valid(self._heap[0]):
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def _oldest(self) -> Ticket | None:
+        while self._arrivals:
+            head = self._arrivals[0]
+            if head.queued:
+                return head
+            self._arrivals.popleft()
+        return None
+
+    def _pick(self) -> tuple[_Tenant, Ticket] | None:
+        oldest = self._oldest()
+        if (
+            oldest is not None
+            and self._clock() - oldest.arrival >= self.max_wait
+            and self._can_dispatch(oldest.adapter_id, self._adapters)
+        ):
+            self.starvation_picks += 1
+            return self._tenants[oldest.tenant], oldest
+        popped: list[tuple[float, int, int, _Tenant]] = []
+        first: tuple[_Tenant, Ticket] | None = None
+        chosen: tuple[_Tenant, Ticket] | None = None
+        lowest: float | None = None
+        try:
+            while self._heap and len(popped) < _SCAN_LIMIT:
+                entry = heapq.heappop(self._heap)
+                if not self._valid(entry):
+                    continue
+                popped.append(entry)
+                counter, _, _, tenant = entry
+                if lowest is None:
+                    lowest = counter
+                within = counter <= lowest + self.affinity_slack
+                if not within and first is not None:
+                    break
+                head = tenant.queue[0]
+                if not self._can_dispatch(head.adapter_id, self._adapters):
+                    continue
+                if first is None:
+                    first = (tenant, head)
+                if within and (head.adapter_id is None or self._on_device(head.adapter_id)):
+                    chosen = (tenant, head)
+                    break
+        finally:
+            for entry in popped:
+                heapq.heappush(self._heap, entry)
+        if chosen is not None and first is not None and chosen[0] is not first[0]:
+            self.affinity_picks += 1
+        return chosen or first
+
+    def _dispatch(self, tenant: _Tenant, ticket: Ticket) -> None:
+        tenant.queue.remove(ticket)  # the head of its tenant's queue: O(1)
+        ticket.queued = False
+        self._queued -= 1
+        self._queued_by_tier[tenant.tier] -= 1
+        if not tenant.queue:
+            self._active -= 1
+            tenant.version += 1
+        self._floor = max(self._floor, tenant.counter)
+        # Input is charged at dispatch (an estimate, corrected when the backend reports it).
+        tenant.counter += self.input_cost * ticket.prompt_tokens / tenant.weight
+        if tenant.queue:
+            self._push(tenant)
+        ticket.dispatched = True
+        self._inflight += 1
+        self._started[id(ticket)] = self._clock()
+        if ticket.adapter_id is not None:
+            self._adapters[ticket.adapter_id] += 1
+        if ticket._ready is not None and not ticket._ready.done():
+            ticket._ready.set_result(None)
