@@ -41,11 +41,13 @@ from dataclasses import dataclass, field
 
 from .errors import DeadlineExceeded, InvalidRequest, Overloaded, RateLimited
 from .ratelimit import TokenBucket
-from .scheduling import ColdStart, DispatchCheck, ResidencyCheck, Ticket
+from .scheduling import ColdStart, DispatchCheck, DispatchState, ResidencyCheck, Ticket
 
 __all__ = ["FairScheduler", "TierPolicy"]
 
-_SCAN_LIMIT = 64
+_SCAN_LIMIT = 64  # tenants inspected per pick when heads cannot get a slot
+_AFFINITY_SCAN = 8  # tenants inspected per pick looking for a resident adapter
+_Entry = tuple[float, int, int, int, "_Tenant"]  # counter, in flight, seq, version, tenant
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,12 @@ class _Tenant:
     counter: float = 0.0
     queue: deque[Ticket] = field(default_factory=deque)
     version: int = 0  # bumps whenever a heap entry for this tenant goes stale
+    inflight: int = 0
     requests: TokenBucket | None = None
     tokens: TokenBucket | None = None
 
 
-class FairScheduler:
+class FairScheduler(DispatchState):
     """Weighted VTC fairness with admission control and adapter affinity.
 
     ``tiers`` maps tier names to :class:`TierPolicy`, highest priority first;
@@ -109,8 +112,10 @@ class FairScheduler:
         max_queue: int = 4096,
         max_wait: float = 30.0,
         affinity_slack: float = 256.0,
+        headroom: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__()
         self.tiers: dict[str, TierPolicy] = dict(tiers or {"default": TierPolicy()})
         if not self.tiers:
             raise ValueError("give at least one tier")
@@ -128,20 +133,19 @@ class FairScheduler:
         self.max_queue = max_queue
         self.max_wait = max_wait
         self.affinity_slack = affinity_slack
+        if headroom is not None and headroom < 0:
+            raise ValueError("headroom must be >= 0")
+        self._headroom_arg = headroom
+        self.headroom = 0 if headroom is None else headroom
         self._clock = clock
         self._tenants: dict[str, _Tenant] = {}
-        self._heap: list[tuple[float, int, int, _Tenant]] = []
+        self._heap: list[_Entry] = []
         self._seq = itertools.count()
         self._active = 0  # tenants with queued requests
         self._arrivals: deque[Ticket] = deque()
         self._queued = 0
         self._queued_by_tier: Counter[str] = Counter()
         self._floor = 0.0  # the counter of the last dispatch: where idle tenants restart
-        self._inflight = 0
-        self._adapters: Counter[str] = Counter()
-        self._max_inflight = 1
-        self._can_dispatch: DispatchCheck = lambda adapter, inflight: True
-        self._on_device: ResidencyCheck = lambda adapter: True
         self._service_time = 1.0  # EWMA of dispatch-to-release seconds, for retry hints
         self._started: dict[int, float] = {}
         self.shed = 0
@@ -157,21 +161,16 @@ class FairScheduler:
         can_dispatch: DispatchCheck,
         on_device: ResidencyCheck | None = None,
     ) -> None:
-        """Take the engine's concurrency limit and the store's slot and residency checks."""
-        self._max_inflight = max(1, max_inflight)
-        self._can_dispatch = can_dispatch
-        if on_device is not None:
-            self._on_device = on_device
+        """Take the engine's limits; size the headroom from the concurrency."""
+        super().bind(max_inflight=max_inflight, can_dispatch=can_dispatch, on_device=on_device)
+        if self._headroom_arg is None:
+            self.headroom = self._max_inflight // 8 if self._max_inflight >= 4 else 0
+        self.headroom = min(self.headroom, self._max_inflight - 1)
 
     @property
     def queued(self) -> int:
         """Requests waiting for dispatch."""
         return self._queued
-
-    @property
-    def inflight(self) -> int:
-        """Requests dispatched and not yet released."""
-        return self._inflight
 
     def counter(self, tenant: str) -> float:
         """The tenant's virtual token counter (service received / weight)."""
@@ -233,17 +232,14 @@ class FairScheduler:
 
     def release(self, ticket: Ticket) -> None:
         """Free the ticket's place and dispatch whoever goes next."""
-        if not ticket.dispatched:
+        if not self._mark_released(ticket):
             return
-        ticket.dispatched = False
-        self._inflight -= 1
+        state = self._tenants.get(ticket.tenant)
+        if state is not None:
+            state.inflight -= 1
         started = self._started.pop(id(ticket), None)
         if started is not None:
             self._service_time = 0.9 * self._service_time + 0.1 * (self._clock() - started)
-        if ticket.adapter_id is not None:
-            self._adapters[ticket.adapter_id] -= 1
-            if self._adapters[ticket.adapter_id] <= 0:
-                del self._adapters[ticket.adapter_id]
         self.kick()
 
     def kick(self) -> None:
@@ -368,14 +364,17 @@ class FairScheduler:
 
     def _push(self, tenant: _Tenant) -> None:
         tenant.version += 1
-        heapq.heappush(self._heap, (tenant.counter, next(self._seq), tenant.version, tenant))
+        # Ties go to the tenant with fewer requests in flight: one just back from idle is lifted
+        # to exactly the busy tenant's counter and should not lose to it.
+        entry = (tenant.counter, tenant.inflight, next(self._seq), tenant.version, tenant)
+        heapq.heappush(self._heap, entry)
         if len(self._heap) > 2 * self._active + 64:
             self._heap = [e for e in self._heap if self._valid(e)]
             heapq.heapify(self._heap)
 
     @staticmethod
-    def _valid(entry: tuple[float, int, int, _Tenant]) -> bool:
-        _, _, version, tenant = entry
+    def _valid(entry: _Entry) -> bool:
+        _, _, _, version, tenant = entry
         return version == tenant.version and bool(tenant.queue)
 
     def _min_active(self) -> float | None:
@@ -400,27 +399,38 @@ class FairScheduler:
         ):
             self.starvation_picks += 1
             return self._tenants[oldest.tenant], oldest
-        popped: list[tuple[float, int, int, _Tenant]] = []
+        # The last `headroom` places go only to tenants with nothing in flight, so a tenant
+        # that was idle starts at once even when a busy one keeps every other place full.
+        reserved = self._inflight >= self._max_inflight - self.headroom
+        popped: list[_Entry] = []
         first: tuple[_Tenant, Ticket] | None = None
         chosen: tuple[_Tenant, Ticket] | None = None
         lowest: float | None = None
+        looked_before = 0
         try:
             while self._heap and len(popped) < _SCAN_LIMIT:
                 entry = heapq.heappop(self._heap)
                 if not self._valid(entry):
                     continue
                 popped.append(entry)
-                counter, _, _, tenant = entry
+                counter, _, _, _, tenant = entry
                 if lowest is None:
                     lowest = counter
                 within = counter <= lowest + self.affinity_slack
-                if not within and first is not None:
+                if first is not None and (
+                    not within
+                    or self.affinity_slack <= 0
+                    or len(popped) > looked_before + _AFFINITY_SCAN
+                ):
                     break
                 head = tenant.queue[0]
+                if reserved and tenant.inflight > 0:
+                    continue
                 if not self._can_dispatch(head.adapter_id, self._adapters):
                     continue
                 if first is None:
                     first = (tenant, head)
+                    looked_before = len(popped)
                 if within and (head.adapter_id is None or self._on_device(head.adapter_id)):
                     chosen = (tenant, head)
                     break
@@ -444,10 +454,6 @@ class FairScheduler:
         tenant.counter += self.input_cost * ticket.prompt_tokens / tenant.weight
         if tenant.queue:
             self._push(tenant)
-        ticket.dispatched = True
-        self._inflight += 1
+        tenant.inflight += 1
         self._started[id(ticket)] = self._clock()
-        if ticket.adapter_id is not None:
-            self._adapters[ticket.adapter_id] += 1
-        if ticket._ready is not None and not ticket._ready.done():
-            ticket._ready.set_result(None)
+        self._mark_dispatched(ticket)

@@ -17,6 +17,7 @@ from typing import Literal, Protocol, runtime_checkable
 __all__ = [
     "ColdStart",
     "DispatchCheck",
+    "DispatchState",
     "FCFSScheduler",
     "ResidencyCheck",
     "Scheduler",
@@ -96,19 +97,20 @@ class Scheduler(Protocol):
         ...
 
 
-class FCFSScheduler:
-    """Dispatch strictly in arrival order: the baseline fair schedulers are measured against.
+class DispatchState:
+    """What every scheduler tracks: the engine's limits and what is in flight.
 
-    The head of the queue waits when its adapter cannot get a device slot, and
-    everything behind it waits too (head-of-line blocking is what FCFS means).
+    Schedulers subclass it and call :meth:`_mark_dispatched` /
+    :meth:`_mark_released`; ``_inflight`` and ``_adapters`` (requests in
+    flight per adapter) are what ``can_dispatch`` is asked about.
     """
 
     def __init__(self) -> None:
-        self._queue: deque[Ticket] = deque()
         self._inflight = 0
         self._adapters: Counter[str] = Counter()
         self._max_inflight = 1
         self._can_dispatch: DispatchCheck = lambda adapter, inflight: True
+        self._on_device: ResidencyCheck = lambda adapter: True
 
     def bind(
         self,
@@ -117,9 +119,48 @@ class FCFSScheduler:
         can_dispatch: DispatchCheck,
         on_device: ResidencyCheck | None = None,
     ) -> None:
-        """Take the engine's concurrency limit and the store's slot check."""
+        """Take the engine's concurrency limit and the store's slot and residency checks."""
         self._max_inflight = max(1, max_inflight)
         self._can_dispatch = can_dispatch
+        if on_device is not None:
+            self._on_device = on_device
+
+    @property
+    def inflight(self) -> int:
+        """Requests dispatched and not yet released."""
+        return self._inflight
+
+    def _mark_dispatched(self, ticket: Ticket) -> None:
+        ticket.dispatched = True
+        self._inflight += 1
+        if ticket.adapter_id is not None:
+            self._adapters[ticket.adapter_id] += 1
+        if ticket._ready is not None and not ticket._ready.done():
+            ticket._ready.set_result(None)
+
+    def _mark_released(self, ticket: Ticket) -> bool:
+        """Forget a dispatched ticket; False if it was not dispatched."""
+        if not ticket.dispatched:
+            return False
+        ticket.dispatched = False
+        self._inflight -= 1
+        if ticket.adapter_id is not None:
+            self._adapters[ticket.adapter_id] -= 1
+            if self._adapters[ticket.adapter_id] <= 0:
+                del self._adapters[ticket.adapter_id]
+        return True
+
+
+class FCFSScheduler(DispatchState):
+    """Dispatch strictly in arrival order: the baseline fair schedulers are measured against.
+
+    The head of the queue waits when its adapter cannot get a device slot, and
+    everything behind it waits too (head-of-line blocking is what FCFS means).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._queue: deque[Ticket] = deque()
 
     def charge(self, ticket: Ticket, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
         """FCFS keeps no accounts."""
@@ -132,11 +173,6 @@ class FCFSScheduler:
     def queued(self) -> int:
         """Requests waiting for dispatch."""
         return len(self._queue)
-
-    @property
-    def inflight(self) -> int:
-        """Requests dispatched and not yet released."""
-        return self._inflight
 
     async def acquire(self, ticket: Ticket) -> None:
         """Queue the ticket and wait for its turn."""
@@ -155,15 +191,8 @@ class FCFSScheduler:
 
     def release(self, ticket: Ticket) -> None:
         """Free the ticket's place and dispatch whoever can go next."""
-        if not ticket.dispatched:
-            return
-        ticket.dispatched = False
-        self._inflight -= 1
-        if ticket.adapter_id is not None:
-            self._adapters[ticket.adapter_id] -= 1
-            if self._adapters[ticket.adapter_id] <= 0:
-                del self._adapters[ticket.adapter_id]
-        self.kick()
+        if self._mark_released(ticket):
+            self.kick()
 
     def kick(self) -> None:
         """Dispatch from the head of the queue while limits allow."""
@@ -172,12 +201,4 @@ class FCFSScheduler:
             if not self._can_dispatch(head.adapter_id, self._adapters):
                 return
             self._queue.popleft()
-            self._dispatch(head)
-
-    def _dispatch(self, ticket: Ticket) -> None:
-        ticket.dispatched = True
-        self._inflight += 1
-        if ticket.adapter_id is not None:
-            self._adapters[ticket.adapter_id] += 1
-        if ticket._ready is not None and not ticket._ready.done():
-            ticket._ready.set_result(None)
+            self._mark_dispatched(head)

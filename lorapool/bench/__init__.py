@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["SCENARIOS", "add_scenarios", "run"]
 
-SCENARIOS = ("engine", "cache", "store")
+SCENARIOS = ("engine", "cache", "store", "fairness")
 
 
 def _module(scenario: str) -> Any:

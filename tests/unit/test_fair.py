@@ -312,3 +312,15 @@ async def test_affinity_cuts_device_loads_and_the_starvation_bound_holds(tmp_pat
     # No request waits more than max_wait behind affinity choices, plus one turnover of a
     # batch row (a few 3 ms tokens). Without the bound the worst wait here is ~0.8 s.
     assert worst <= max_wait + 0.25, worst
+
+
+async def test_a_returning_tenant_wins_the_tie_at_the_lifted_counter() -> None:
+    h = Harness(fair(max_wait=1e9, headroom=0), max_inflight=3)
+    await h.submit(ticket("x"))
+    for _ in range(5):
+        await h.submit(ticket("busy"))  # two run, three wait
+    await h.submit(ticket("back"))  # lifted to busy's counter: a tie
+    assert h.s.counter("back") == h.s.counter("busy")
+    await h.serve(1)  # x finishes; the freed place goes to the tenant with less in flight
+    assert [t.tenant for t, _ in h.tasks if t.dispatched].count("back") == 1
+    await h.close()
