@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 from lorapool.backends.base import Backend
@@ -93,7 +94,8 @@ class AdapterPool:
     it starts the backend on entry and closes it on exit. ``aclose()`` is
     idempotent. ``store``, ``scheduler`` and ``registry`` default to a
     :class:`TieredStore`, an :class:`FCFSScheduler` and an in-memory
-    :class:`Registry`.
+    :class:`Registry`; ``registry`` may also be the path of a SQLite file that
+    keeps registrations across restarts (the pool then closes it).
     """
 
     def __init__(
@@ -102,12 +104,17 @@ class AdapterPool:
         *,
         store: TieredStore | None = None,
         scheduler: Scheduler | None = None,
-        registry: Registry | None = None,
+        registry: Registry | str | Path | None = None,
     ) -> None:
         self.backend = backend
         self.store = store if store is not None else TieredStore()
         self.scheduler: Scheduler = scheduler if scheduler is not None else FCFSScheduler()
-        self.registry = registry if registry is not None else Registry()
+        self._owns_registry = not isinstance(registry, Registry)
+        if registry is None:
+            registry = Registry()
+        elif not isinstance(registry, Registry):
+            registry = Registry.open(registry)
+        self.registry = registry
         self.stats = PoolStats()
         self._usage: dict[str, TenantUsage] = {}
         self._started = False
@@ -152,7 +159,11 @@ class AdapterPool:
         try:
             await self.store.aclose()
         finally:
-            await self.backend.aclose()
+            try:
+                await self.backend.aclose()
+            finally:
+                if self._owns_registry:
+                    self.registry.close()
 
     # -- adapters --------------------------------------------------------------------
 

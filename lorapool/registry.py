@@ -1,14 +1,17 @@
 """Which adapters exist, who owns them, and who may use them.
 
-This is the in-memory registry; durable stores, versions and aliases build on
-the same calls.
+The registry keeps the tenancy rules; its records live in a
+:class:`~lorapool.registry_store.RegistryStore`: in memory by default, or in
+a SQLite file (``Registry.open("registry.sqlite")``) that survives restarts.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from .errors import AccessDenied, AdapterExists, AdapterNotFound, InvalidRequest
+from .registry_store import MemoryRegistryStore, RegistryStore, SqliteRegistryStore
 from .types import AdapterInfo
 
 __all__ = ["Registry", "check_adapter_id"]
@@ -26,10 +29,24 @@ def check_adapter_id(adapter_id: str) -> None:
 
 
 class Registry:
-    """Adapter metadata with tenancy: private adapters are visible to their owner only."""
+    """Adapter metadata with tenancy: private adapters are visible to their owner only.
 
-    def __init__(self) -> None:
-        self._adapters: dict[str, AdapterInfo] = {}
+    Reads come from memory; every change is written through to ``store``
+    first, so a failed write changes nothing.
+    """
+
+    def __init__(self, store: RegistryStore | None = None) -> None:
+        self.store: RegistryStore = store if store is not None else MemoryRegistryStore()
+        self._adapters: dict[str, AdapterInfo] = {i.adapter_id: i for i in self.store.records()}
+
+    @classmethod
+    def open(cls, path: str | Path) -> Registry:
+        """A registry kept in the SQLite file at ``path`` (created if missing)."""
+        return cls(SqliteRegistryStore(path))
+
+    def close(self) -> None:
+        """Close the store. Idempotent."""
+        self.store.close()
 
     def __len__(self) -> int:
         return len(self._adapters)
@@ -41,11 +58,14 @@ class Registry:
         """Record a new adapter; :class:`AdapterExists` if the id is taken."""
         if info.adapter_id in self._adapters:
             raise AdapterExists(info.adapter_id)
+        self.store.insert(info)
         self._adapters[info.adapter_id] = info
 
     def remove(self, adapter_id: str) -> None:
         """Forget an adapter (no-op if unknown)."""
-        self._adapters.pop(adapter_id, None)
+        if adapter_id in self._adapters:
+            self.store.delete(adapter_id)
+            del self._adapters[adapter_id]
 
     def resolve(self, adapter_id: str, tenant: str | None) -> AdapterInfo:
         """The adapter ``tenant`` may use under this id (``tenant=None``: platform access)."""

@@ -1,0 +1,190 @@
+"""The RegistryStore seam: where adapter metadata lives.
+
+:class:`MemoryRegistryStore` keeps it in a dict (tests, throwaway pools);
+:class:`SqliteRegistryStore` keeps it in one SQLite file: embedded, durable and
+transactional, so a restarted process finds every registration again. Stores
+are synchronous and small; the :class:`~lorapool.registry.Registry` on top
+holds the tenancy rules.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from .errors import AdapterExists
+from .types import AdapterInfo, LoraConfig
+
+__all__ = ["MemoryRegistryStore", "RegistryStore", "SqliteRegistryStore"]
+
+
+@runtime_checkable
+class RegistryStore(Protocol):
+    """Durable (or not) storage of :class:`AdapterInfo` records and named settings."""
+
+    def insert(self, info: AdapterInfo) -> None:
+        """Add a record; :class:`AdapterExists` if the id is taken (atomically)."""
+        ...
+
+    def delete(self, adapter_id: str) -> None:
+        """Remove a record (no-op if absent)."""
+        ...
+
+    def records(self) -> Iterator[AdapterInfo]:
+        """Every record, in insertion order."""
+        ...
+
+    def get_setting(self, key: str) -> str | None:
+        """A named value (aliases and traffic splits live here as JSON)."""
+        ...
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        """Set (``None``: delete) a named value."""
+        ...
+
+    def close(self) -> None:
+        """Release the store. Idempotent."""
+        ...
+
+
+class MemoryRegistryStore:
+    """Records in a dict; gone with the process."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, AdapterInfo] = {}
+        self._settings: dict[str, str] = {}
+
+    def insert(self, info: AdapterInfo) -> None:
+        """Add a record."""
+        if info.adapter_id in self._records:
+            raise AdapterExists(info.adapter_id)
+        self._records[info.adapter_id] = info
+
+    def delete(self, adapter_id: str) -> None:
+        """Remove a record."""
+        self._records.pop(adapter_id, None)
+
+    def records(self) -> Iterator[AdapterInfo]:
+        """Every record."""
+        return iter(list(self._records.values()))
+
+    def get_setting(self, key: str) -> str | None:
+        """A named value."""
+        return self._settings.get(key)
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        """Set or delete a named value."""
+        if value is None:
+            self._settings.pop(key, None)
+        else:
+            self._settings[key] = value
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    adapter_id TEXT PRIMARY KEY,
+    tenant     TEXT NOT NULL,
+    shared     INTEGER NOT NULL,
+    source     TEXT NOT NULL,
+    sha256     TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    config     TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class SqliteRegistryStore:
+    """Records in a SQLite file (created if missing), one transaction per change.
+
+    Writes are short and happen on the calling thread; SQLite's WAL journal
+    lets readers in other processes (a CLI, a dashboard) look at the file while
+    the pool runs.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db: sqlite3.Connection | None = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError(f"the registry store {self.path} is closed")
+        return self._db
+
+    def insert(self, info: AdapterInfo) -> None:
+        """Add a record; the primary key makes a duplicate id fail atomically."""
+        try:
+            self._conn().execute(
+                "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    info.adapter_id,
+                    info.tenant,
+                    int(info.shared),
+                    info.source,
+                    info.sha256,
+                    info.size_bytes,
+                    info.config.model_dump_json(),
+                    time.time(),
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise AdapterExists(info.adapter_id) from None
+
+    def delete(self, adapter_id: str) -> None:
+        """Remove a record."""
+        self._conn().execute("DELETE FROM adapters WHERE adapter_id = ?", (adapter_id,))
+
+    def records(self) -> Iterator[AdapterInfo]:
+        """Every record, oldest first."""
+        rows = self._conn().execute(
+            "SELECT adapter_id, tenant, shared, source, sha256, size_bytes, config "
+            "FROM adapters ORDER BY created_at, rowid"
+        )
+        for adapter_id, tenant, shared, source, sha256, size_bytes, config in rows.fetchall():
+            yield AdapterInfo(
+                adapter_id=adapter_id,
+                tenant=tenant,
+                shared=bool(shared),
+                source=source,
+                sha256=sha256,
+                size_bytes=size_bytes,
+                config=LoraConfig.model_validate(json.loads(config)),
+            )
+
+    def get_setting(self, key: str) -> str | None:
+        """A named value."""
+        row = self._conn().execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        """Set or delete a named value."""
+        if value is None:
+            self._conn().execute("DELETE FROM settings WHERE key = ?", (key,))
+        else:
+            self._conn().execute(
+                "INSERT INTO settings VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
