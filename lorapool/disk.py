@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapters import ADAPTER_FILES, CONFIG_FILE, AdapterFiles, inspect_adapter_dir, sha256_of_files
-from .errors import LoadError, LorapoolError, NotAPeftAdapter, SourceError, SourceNotFound
+from .errors import ContentMismatch, LoadError, LorapoolError, NotAPeftAdapter, SourceNotFound
 from .policies.base import EvictionPolicy
 from .tiers import Tier
 
@@ -195,11 +195,10 @@ class DiskTier:
                 size += await fetch_file(name, tmp / name)
             digest = await asyncio.to_thread(sha256_of_files, tmp)
             if digest != sha:
-                raise SourceError(
+                raise ContentMismatch(
                     str(tmp),
                     f"sha256 mismatch: the source now holds different content "
                     f"({digest[:12]}…, registered {sha[:12]}…); nothing was cached",
-                    transient=False,
                 )
             path = self._place(
                 sha, tmp, size, time.perf_counter() - started, protected, speculative

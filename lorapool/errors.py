@@ -16,6 +16,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "ColdStartRejected",
+    "ContentMismatch",
     "DeadlineExceeded",
     "ExtraNotInstalled",
     "InvalidRequest",
@@ -102,6 +103,13 @@ class SourceError(LorapoolError, OSError):
         self.transient = transient
         kind = "transient" if transient else "permanent"
         super().__init__(f"{kind} error fetching {uri!r}: {detail}")
+
+
+class ContentMismatch(SourceError):
+    """Fetched files do not match the sha256 recorded at registration; nothing was kept."""
+
+    def __init__(self, uri: str, detail: str) -> None:
+        super().__init__(uri, detail, transient=False)
 
 
 class ExtraNotInstalled(LorapoolError, ImportError):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .adapters import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
 from .disk import DiskFull, DiskTier, Staged
-from .errors import LoadError, PinLimitExceeded, SourceError, SourceNotFound
+from .errors import ContentMismatch, LoadError, PinLimitExceeded, SourceError, SourceNotFound
 from .ratelimit import TokenBucket
 from .sources import Source, make_source, scheme_of
 from .tiers import SingleFlight, Tier, parse_size
@@ -55,6 +55,8 @@ class StoreStats:
     fetched_bytes: int = 0
     fetch_retries: int = 0
     load_failures: int = 0
+    integrity_failures: int = 0
+    """Copies whose sha256 did not match the registration (refused, and dropped if cached)."""
     prefetches: int = 0
     prefetch_dropped: int = 0
     load_seconds: float = 1.0
@@ -531,15 +533,18 @@ class TieredStore:
         try:
             entry = await asyncio.to_thread(_read_verified, info, path)
         except _Mismatch as exc:
+            self.stats.integrity_failures += 1
             if not self._disk.holds(path):
+                log.error("adapter %s refused: %s", key, exc)
                 raise LoadError(key, "host", str(exc)) from None
             # The disk copy rotted after it was verified: drop it and fetch again.
-            log.warning("disk copy of %s failed verification; fetching it again", key)
+            log.error("disk copy of %s failed verification; dropped, fetching it again", key)
             await self._disk.delete(info.sha256)
             path = await self._local_dir(info, speculative)
             try:
                 entry = await asyncio.to_thread(_read_verified, info, path)
             except _Mismatch as again:
+                self.stats.integrity_failures += 1
                 raise LoadError(key, "disk", str(again)) from None
         assert self._backend is not None
         try:
@@ -587,6 +592,9 @@ class TieredStore:
         except SourceNotFound as exc:
             raise LoadError(info.adapter_id, "source", f"{exc}; it no longer exists") from None
         except SourceError as exc:
+            if isinstance(exc, ContentMismatch):
+                self.stats.integrity_failures += 1
+                log.error("adapter %s refused: %s", info.adapter_id, exc.detail)
             raise LoadError(info.adapter_id, "source", str(exc)) from None
         except DiskFull as exc:
             raise LoadError(info.adapter_id, "disk", str(exc)) from None

@@ -159,6 +159,7 @@ async def test_corrupted_object_is_refused_and_nothing_is_cached(
     with pytest.raises(LoadError) as err:
         await pool.complete(PROMPT, adapter="t/victim", tenant="t", params=GREEDY)
     assert err.value.tier == "source" and "sha256 mismatch" in str(err.value)
+    assert store.stats.integrity_failures == 1
     assert not store.on_disk("t/victim") and not store.on_host("t/victim")
     assert not store.on_device("t/victim")
     assert visible_files(tmp_path / "disk") == before

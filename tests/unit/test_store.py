@@ -325,3 +325,21 @@ async def test_ttl_policy_expires_host_entries(tmp_path: Path) -> None:
         await pool.complete("x", adapter="t/a2", tenant="t", params=ONE)
         assert not store.on_host("t/a0")
         assert store.on_host("t/a1") and store.on_host("t/a2")
+
+
+async def test_a_rotten_disk_copy_is_dropped_reported_and_fetched_again(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 1)
+    source = FlakySource()
+    store = TieredStore(disk_dir=tmp_path / "disk", sources={"flaky": source})
+    async with AdapterPool(MockBackend(), store=store) as pool:
+        info = await pool.register("t/a0", f"flaky://{dirs['t/a0']}", tenant="t")
+        copy = tmp_path / "disk" / info.sha256 / "adapter_model.safetensors"
+        data = bytearray(copy.read_bytes())
+        data[-1] ^= 0x01
+        copy.write_bytes(bytes(data))
+        fetched = source.calls["adapter_model.safetensors"]
+        out = await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
+        assert out.served_by == "adapter"
+        assert store.stats.integrity_failures == 1
+        assert source.calls["adapter_model.safetensors"] == fetched + 1
+        assert copy.read_bytes() == (dirs["t/a0"] / "adapter_model.safetensors").read_bytes()
