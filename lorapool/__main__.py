@@ -6,22 +6,104 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
 
+def _add_validate(commands: Any) -> None:
+    validate = commands.add_parser(
+        "validate",
+        help="check an adapter before registering it (prints every problem found)",
+        description=(
+            "Validate a PEFT LoRA adapter directory or .tar/.tar.gz/.zip archive. "
+            "Exit status: 0 accepted, 1 refused, 2 usage error."
+        ),
+    )
+    validate.add_argument("path", help="adapter directory or archive")
+    validate.add_argument(
+        "--base", metavar="MODEL_DIR", help="local base model directory (enables base checks)"
+    )
+    validate.add_argument("--max-rank", type=int, metavar="N", help="the backend's max rank")
+    validate.add_argument(
+        "--force", action="store_true", help="accept norm anomalies and base-name mismatches"
+    )
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .errors import SourceNotFound
+    from .types import Capabilities
+    from .validation import BaseModelSpec, validate_adapter
+
+    base = None
+    if args.base is not None:
+        try:
+            base = BaseModelSpec.from_dir(args.base)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(
+                f"lorapool validate: error: cannot read base model {args.base}: {exc}",
+                file=sys.stderr,
+            )
+            return 2
+    caps = None
+    if args.max_rank is not None:
+        if args.max_rank < 1:
+            print("lorapool validate: error: --max-rank must be >= 1", file=sys.stderr)
+            return 2
+        caps = Capabilities(
+            max_slots=1,
+            max_rank=args.max_rank,
+            max_batch=1,
+            base_model=base.name if base else "",
+            target_modules=frozenset(base.module_shapes) if base else frozenset(),
+        )
+    try:
+        report = validate_adapter(Path(args.path), base=base, caps=caps, force=args.force)
+    except SourceNotFound as exc:
+        print(f"lorapool validate: error: {exc}", file=sys.stderr)
+        return 2
+    verdict = "ACCEPTED" if report.ok else "REFUSED"
+    print(
+        f"{verdict} {args.path}: {len(report.refusals)} refusal(s), "
+        f"{len(report.problems)} problem(s)"
+    )
+    if report.config is not None:
+        cfg = report.config
+        print(
+            f"  rank {cfg.r}, alpha {cfg.lora_alpha:g}, targets {', '.join(cfg.target_modules)}, "
+            f"{len(report.tensors)} tensors"
+        )
+    for problem in report.problems:
+        forced = " (accepted with --force)" if report.forced and problem.forceable else ""
+        print(f"  [{problem.reason}] {problem.detail}{forced}")
+    if base is None:
+        print(
+            "  note: no --base given; base-model checks (modules, layers, shapes, "
+            "fingerprint, tokenizer) skipped"
+        )
+    for note in report.notes:
+        if not note.startswith(("no base model given", "accepted with --force")):
+            print(f"  note: {note}")
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``lorapool bench engine|cache ...``."""
+    """Entry point: ``lorapool bench engine|cache ...`` and ``lorapool validate PATH ...``."""
     parser = argparse.ArgumentParser(prog="lorapool", description="lorapool command line")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="run a benchmark (side-by-side ratios)")
     from . import bench as benchmarks
 
     benchmarks.add_scenarios(bench)
+    _add_validate(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "bench":
         return benchmarks.run(args)
+    if args.command == "validate":
+        return _validate(args)
     parser.error("unknown command")
     return 2
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,31 +49,23 @@ class AdapterFiles:
 
 
 def read_safetensors_header(data: bytes | Path) -> dict[str, tuple[int, ...]]:
-    """Return ``{tensor name: shape}`` from a safetensors file or its bytes."""
+    """Return ``{tensor name: shape}`` from a safetensors file or its bytes.
+
+    The header is checked strictly (dtypes, shapes, offsets tiling the data
+    section, the file's size) by :mod:`lorapool.validation`; a file's data
+    section is never read. Raises :class:`AdapterValidationError` (a
+    ``ValueError``) with reason ``truncated``, ``bad_header`` or ``too_large``.
+    """
+    from .validation import (
+        ValidationLimits,
+        read_safetensors_header_bytes,
+        read_safetensors_header_file,
+    )
+
+    limits = ValidationLimits(max_header_bytes=_MAX_HEADER, max_tensors=1_000_000)
     if isinstance(data, Path):
-        with data.open("rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise ValueError("file is shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > _MAX_HEADER:
-                raise ValueError(f"safetensors header of {n} bytes is implausibly large")
-            raw = f.read(n)
-    else:
-        if len(data) < 8:
-            raise ValueError("data is shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", data[:8])
-        if n > _MAX_HEADER or 8 + n > len(data):
-            raise ValueError("safetensors header length is out of range")
-        raw = data[8 : 8 + n]
-    header = json.loads(raw)
-    if not isinstance(header, dict):
-        raise ValueError("safetensors header is not a JSON object")
-    return {
-        name: tuple(int(d) for d in meta["shape"])
-        for name, meta in header.items()
-        if name != "__metadata__"
-    }
+        return read_safetensors_header_file(data, limits).shapes
+    return read_safetensors_header_bytes(data, limits).shapes
 
 
 def adapter_digest(files: dict[str, bytes]) -> str:
@@ -146,6 +137,8 @@ def inspect_adapter_dir(source: str | Path, *, label: str | None = None) -> Adap
         ) from None
     try:
         tensors = read_safetensors_header(weights_path)
+    except AdapterValidationError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise NotAPeftAdapter(label, f"{WEIGHTS_FILE} is not a safetensors file: {exc}") from None
     if not any("lora_A" in name for name in tensors):

@@ -42,6 +42,7 @@ from .types import (
     SamplingParams,
     Usage,
 )
+from .validation import BaseModelSpec, validate_adapter
 
 __all__ = ["AdapterPool", "PoolStats", "Session", "TenantUsage", "estimate_tokens"]
 
@@ -117,6 +118,7 @@ class AdapterPool:
         self.registry = registry
         self.stats = PoolStats()
         self._usage: dict[str, TenantUsage] = {}
+        self._base_spec: BaseModelSpec | None = None
         self._started = False
         self._closed = False
         self._start_lock = asyncio.Lock()
@@ -141,6 +143,7 @@ class AdapterPool:
             if self._closed:
                 raise RuntimeError("this AdapterPool is closed; create a new one")
             await self.backend.start()
+            self._base_spec = await asyncio.to_thread(_base_spec_of, self.backend)
             caps = self.backend.capabilities
             self.store.bind(self.backend)
             self.scheduler.bind(
@@ -168,16 +171,25 @@ class AdapterPool:
     # -- adapters --------------------------------------------------------------------
 
     async def register(
-        self, adapter_id: str, source: str, *, tenant: str, shared: bool = False
+        self,
+        adapter_id: str,
+        source: str,
+        *,
+        tenant: str,
+        shared: bool = False,
+        force: bool = False,
     ) -> AdapterInfo:
         """Register a PEFT LoRA adapter for ``tenant``.
 
         ``source`` is a local directory, a ``file://``, ``s3://bucket/prefix``
         or ``http(s)://`` URI of a directory holding ``adapter_config.json``
         and ``adapter_model.safetensors``. Remote files are downloaded once,
-        checked, and kept in the disk tier. Everything is validated (config,
-        tensor names, rank against the backend) before anything is recorded:
-        on error the registry and the tiers are as they were.
+        checked, and kept in the disk tier. Everything is validated before
+        anything is recorded (:func:`lorapool.validation.validate_adapter`:
+        the files, the config, every tensor against the base model's modules
+        and shapes, dtypes, NaN/Inf, weight norms, the declared base): on error
+        the registry and the tiers are as they were. ``force`` accepts weight
+        norm anomalies and a differing base name, never unsafe files.
         """
         await self.start()
         check_adapter_id(adapter_id)
@@ -187,6 +199,14 @@ class AdapterPool:
         staged = await self.store.stage(source)
         try:
             check_supported(staged.files, self.backend.capabilities)
+            report = await asyncio.to_thread(
+                validate_adapter,
+                staged.files.path,
+                base=self._base_spec,
+                caps=self.backend.capabilities,
+                force=force,
+            )
+            report.raise_if_refused()
             info = AdapterInfo(
                 adapter_id=adapter_id,
                 tenant=tenant,
@@ -446,6 +466,21 @@ class AdapterPool:
             adapter_id=adapter,
             served_by=last.served_by,
         )
+
+
+def _base_spec_of(backend: Backend) -> BaseModelSpec | None:
+    """The base model's description for validation, when the backend runs a local checkpoint."""
+    model_path = getattr(backend, "model_path", None)
+    if model_path is None or not (Path(model_path) / "config.json").is_file():
+        log.info("no local base checkpoint: adapters are validated without base-model checks")
+        return None
+    try:
+        return BaseModelSpec.from_dir(model_path)
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "cannot describe the base model at %s (%s); validating without it", model_path, exc
+        )
+        return None
 
 
 def _check_tenant(tenant: str) -> None:
