@@ -178,6 +178,8 @@ class AdapterPool:
         tenant: str,
         shared: bool = False,
         force: bool = False,
+        version: str | None = None,
+        activate: bool = True,
     ) -> AdapterInfo:
         """Register a PEFT LoRA adapter for ``tenant``.
 
@@ -190,10 +192,21 @@ class AdapterPool:
         and shapes, dtypes, NaN/Inf, weight norms, the declared base): on error
         the registry and the tiers are as they were. ``force`` accepts weight
         norm anomalies and a differing base name, never unsafe files.
+
+        With ``version``, ``adapter_id`` is a movable alias: this registers the
+        immutable version ``adapter_id@version`` and (with ``activate``) sends
+        all of the alias's traffic to it; see :meth:`set_traffic` and
+        :meth:`rollback`. The registry keeps ``keep_versions`` versions per
+        alias and removes older ones that carry no traffic.
         """
         await self.start()
         check_adapter_id(adapter_id)
         _check_tenant(tenant)
+        name = adapter_id
+        if version is not None:
+            adapter_id = f"{name}@{version}"
+            if name in self.registry and not self.registry.version_ids(name):
+                raise AdapterExists(name)
         if adapter_id in self.registry:
             raise AdapterExists(adapter_id)
         staged = await self.store.stage(source)
@@ -216,7 +229,11 @@ class AdapterPool:
                 size_bytes=staged.files.size_bytes,
                 config=staged.files.config,
             )
-            self.registry.add(info)
+            if version is None:
+                self.registry.add(info)
+                pruned: list[str] = []
+            else:
+                pruned = self.registry.add_version(info, name, version, activate=activate)
         except BaseException:
             await staged.discard()
             raise
@@ -227,14 +244,44 @@ class AdapterPool:
             raise
         self.store.track(info)
         log.info("registered adapter %s for tenant %s (rank %d)", adapter_id, tenant, info.rank)
+        for old in pruned:
+            await self.store.remove(old)
+            self.registry.remove(old)
+            log.info("removed %s: more than %d versions", old, self.registry.keep_versions)
         return info
 
     async def unregister(self, adapter_id: str, *, tenant: str) -> None:
-        """Remove the tenant's adapter once requests using it have finished."""
+        """Remove the tenant's adapter once requests using it have finished.
+
+        An alias goes with all its versions; a single version (``name@v2``)
+        is refused with ``AdapterInUse`` while it carries traffic.
+        """
         self.registry.owned(adapter_id, tenant)
-        await self.store.remove(adapter_id)
-        self.registry.remove(adapter_id)
+        versions = self.registry.version_ids(adapter_id)
+        if versions:
+            for vid in versions:
+                await self.store.remove(vid)
+            self.registry.remove_alias(adapter_id)
+        else:
+            self.registry.remove(adapter_id)  # refuses a version with traffic, first
+            await self.store.remove(adapter_id)
         self.scheduler.kick()
+
+    def set_traffic(self, name: str, split: dict[str, float], *, tenant: str | None) -> None:
+        """Split an alias's traffic over its versions by weight, e.g. ``{"v3": 90, "v4": 10}``.
+
+        Each request goes to one version, chosen deterministically from its id.
+        """
+        self.registry.set_traffic(name, split, tenant)
+
+    def rollback(self, name: str, *, tenant: str | None) -> dict[str, float]:
+        """Put an alias's previous traffic split back; returns it."""
+        return self.registry.rollback(name, tenant)
+
+    def versions(self, name: str, *, tenant: str | None) -> list[AdapterInfo]:
+        """The versions of an alias, oldest first."""
+        self.registry.alias(name, tenant)
+        return [self.registry.resolve(v, tenant) for v in self.registry.version_ids(name)]
 
     def list_adapters(self, *, tenant: str) -> list[AdapterInfo]:
         """Adapters ``tenant`` may use: its own and the shared ones."""
@@ -245,8 +292,8 @@ class AdapterPool:
 
         It stays registered (and on disk); the next request loads it again.
         """
-        self.registry.resolve(adapter_id, tenant)
-        await self.store.unload(adapter_id)
+        info = self.registry.resolve(adapter_id, tenant)
+        await self.store.unload(info.adapter_id)
         self.scheduler.kick()
 
     async def prefetch(
@@ -323,8 +370,8 @@ class AdapterPool:
 
     async def unpin(self, adapter_id: str, *, tenant: str | None = None) -> None:
         """Let a pinned adapter be evicted again."""
-        self.registry.resolve(adapter_id, tenant)
-        self.store.unpin(adapter_id)
+        info = self.registry.resolve(adapter_id, tenant)
+        self.store.unpin(info.adapter_id)
         self.scheduler.kick()
 
     # -- generation ------------------------------------------------------------------
@@ -354,7 +401,12 @@ class AdapterPool:
             raise InvalidRequest(
                 "prompt must be a string or a list of {'role', 'content'} messages"
             )
-        info = self.registry.resolve(adapter, tenant) if adapter is not None else None
+        request_id = uuid.uuid4().hex
+        info = (
+            self.registry.resolve(adapter, tenant, request_id=request_id)
+            if adapter is not None
+            else None
+        )
         params = params if params is not None else SamplingParams()
         account = self._usage.setdefault(tenant, TenantUsage())
         account.requests += 1
@@ -372,7 +424,6 @@ class AdapterPool:
                     )
                 account.fallbacks += 1
                 info = None
-        request_id = uuid.uuid4().hex
         ticket = Ticket(
             request_id,
             tenant,

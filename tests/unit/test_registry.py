@@ -86,3 +86,58 @@ async def test_a_tenant_cannot_touch_another_tenants_private_adapter(tmp_path: P
             await pool.unregister("platform/shared", tenant="evil")
         # The owner still has everything.
         assert (await pool.complete("x", adapter="acme/secret", tenant="acme", params=ONE)).text
+
+
+async def test_versions_aliases_canary_rollback_and_restart(tmp_path: Path) -> None:
+    import uuid
+
+    from lorapool.errors import AdapterInUse
+
+    dirs = make_adapters(tmp_path, 4)
+    db = tmp_path / "registry.sqlite"
+    src = [str(p) for p in dirs.values()]
+    async with AdapterPool(MockBackend(), registry=db) as pool:
+        v1 = await pool.register("acme/support", src[0], tenant="acme", version="v1")
+        assert v1.adapter_id == "acme/support@v1"
+        await pool.register("acme/support", src[1], tenant="acme", version="v2")
+        out = await pool.complete("x", adapter="acme/support", tenant="acme", params=ONE)
+        assert out.text.startswith("acme/support@v2")  # activating moved the alias
+        with pytest.raises(AdapterExists):
+            await pool.register("acme/support", src[2], tenant="acme", version="v2")
+        with pytest.raises(AccessDenied):
+            await pool.register("acme/support", src[2], tenant="evil", version="v3")
+        with pytest.raises(AccessDenied):
+            pool.set_traffic("acme/support", {"v1": 50, "v2": 50}, tenant="evil")
+        with pytest.raises(AccessDenied):
+            await pool.complete("x", adapter="acme/support", tenant="evil", params=ONE)
+
+        pool.set_traffic("acme/support", {"v1": 90, "v2": 10}, tenant="acme")
+        alias = pool.registry.alias("acme/support", "acme")
+        picks = [alias.pick(uuid.uuid4().hex) for _ in range(10_000)]
+        assert abs(picks.count("v2") / 10_000 - 0.10) <= 0.02
+        assert alias.pick("same-id") == alias.pick("same-id")  # deterministic per request
+        with pytest.raises(AdapterInUse):
+            await pool.unregister("acme/support@v2", tenant="acme")  # it has traffic
+
+        assert pool.rollback("acme/support", tenant="acme") == {"v2": 100.0}
+    # Everything is still there after a restart.
+    async with AdapterPool(MockBackend(), registry=db) as pool:
+        alias = pool.registry.alias("acme/support", "acme")
+        assert alias.versions == ["v1", "v2"] and alias.traffic == {"v2": 100.0}
+        assert [i.adapter_id for i in pool.versions("acme/support", tenant="acme")] == [
+            "acme/support@v1",
+            "acme/support@v2",
+        ]
+        assert pool.rollback("acme/support", tenant="acme") == {"v1": 100.0}  # before v2
+        await pool.unregister("acme/support", tenant="acme")
+        assert "acme/support" not in pool.registry and len(pool.registry) == 0
+
+
+async def test_old_versions_beyond_the_limit_are_removed(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 4)
+    registry = Registry(keep_versions=2)
+    async with AdapterPool(MockBackend(), registry=registry) as pool:
+        for i, path in enumerate(dirs.values()):
+            await pool.register("t/x", str(path), tenant="t", version=f"v{i + 1}")
+        assert registry.alias("t/x", "t").versions == ["v3", "v4"]
+        assert "t/x@v1" not in registry and "t/x@v2" not in registry
