@@ -135,13 +135,19 @@ class DiskTier:
         if path is not None:
             await self._trash(path)
 
-    async def _trash(self, path: Path) -> None:
-        doomed = self._tmp / f"evicted-{uuid.uuid4().hex}"
+    def _set_aside(self, path: Path) -> Path | None:
+        """Rename ``path`` into the staging area (instant); ``None`` if it is gone."""
+        aside = self._tmp / f"evicted-{uuid.uuid4().hex}"
         try:
-            os.replace(path, doomed)
+            os.replace(path, aside)
         except OSError:
-            return
-        await asyncio.to_thread(shutil.rmtree, doomed, True)
+            return None
+        return aside
+
+    async def _trash(self, path: Path) -> None:
+        aside = self._set_aside(path)
+        if aside is not None:
+            await asyncio.to_thread(shutil.rmtree, aside, True)
 
     # -- filling ---------------------------------------------------------------------
 
@@ -166,7 +172,7 @@ class DiskTier:
 
         async def commit(adapter_id: str) -> None:
             try:
-                self._place(files.sha256, tmp, files.size_bytes, 0.0, lambda _: False, False)
+                await self._place(files.sha256, tmp, files.size_bytes, 0.0, lambda _: False, False)
             except DiskFull as exc:
                 await asyncio.to_thread(shutil.rmtree, tmp, True)
                 raise LoadError(adapter_id, "disk", str(exc)) from None
@@ -200,7 +206,7 @@ class DiskTier:
                     f"sha256 mismatch: the source now holds different content "
                     f"({digest[:12]}…, registered {sha[:12]}…); nothing was cached",
                 )
-            path = self._place(
+            path = await self._place(
                 sha, tmp, size, time.perf_counter() - started, protected, speculative
             )
         except BaseException:
@@ -208,7 +214,7 @@ class DiskTier:
             raise
         return path, size
 
-    def _place(
+    async def _place(
         self,
         sha: str,
         tmp: Path,
@@ -217,10 +223,15 @@ class DiskTier:
         protected: Callable[[str], bool],
         speculative: bool,
     ) -> Path:
+        """Rename a verified copy into the tier, evicting what must go.
+
+        The bookkeeping and the renames happen without an await in between;
+        deleting evicted files is left to a thread.
+        """
         assert self.root is not None
         existing = self.tier.get(sha, use=not speculative)
         if existing is not None:  # same content arrived another way
-            shutil.rmtree(tmp, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
             return existing
         evicted = self.tier.make_room(size, protected=protected, speculative=speculative)
         if evicted is None:
@@ -229,12 +240,18 @@ class DiskTier:
                 f"the disk tier ({cap} bytes) cannot fit {size} more bytes without evicting "
                 "adapters in use or pinned; raise disk_bytes"
             )
-        for _, old in evicted:
-            doomed = self._tmp / f"evicted-{uuid.uuid4().hex}"
-            os.replace(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
         final = self.root / sha
-        shutil.rmtree(final, ignore_errors=True)  # a stray copy the index did not know
+        stale = [old for _, old in evicted]
+        if final.exists():  # a stray copy the index did not know
+            stale.append(final)
+        aside = [p for p in map(self._set_aside, stale) if p is not None]
         os.replace(tmp, final)
         self.tier.put(sha, final, size, cost=cost, speculative=speculative)
+        if aside:
+            await asyncio.to_thread(_remove_trees, aside)
         return final
+
+
+def _remove_trees(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
