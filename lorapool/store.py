@@ -120,7 +120,7 @@ class TieredStore:
         self.retries = retries
         self.retry_backoff = retry_backoff
         self._clock = clock
-        self.stats = StoreStats()
+        self._stats = StoreStats()
         self._backend: Backend | None = None
         self._max_slots = 0
         self._device: dict[str, _Resident] = {}
@@ -162,6 +162,12 @@ class TieredStore:
         await asyncio.to_thread(self._disk.close)
 
     # -- what is where ---------------------------------------------------------------
+
+    @property
+    def stats(self) -> StoreStats:
+        """Counters since the store started (evictions per tier read from the tiers)."""
+        self._stats.evictions.update(host=self._host.evictions, disk=self._disk.tier.evictions)
+        return self._stats
 
     @property
     def host_bytes(self) -> int:
@@ -286,7 +292,7 @@ class TieredStore:
         """A request using ``info`` finished: let prefetch policies react."""
         for policy in self._prefetchers:
             for warm in policy.on_request(info.adapter_id):
-                self._hint_by_id(warm.adapter_id, warm.tier, info)
+                self._hint_by_id(warm.adapter_id, warm.tier)
 
     # -- pins and removal ------------------------------------------------------------
 
@@ -393,17 +399,18 @@ class TieredStore:
         accepted = self._hint(info, tier)
         for policy in self._prefetchers:
             for warm in policy.on_hint(info.adapter_id):
-                self._hint_by_id(warm.adapter_id, warm.tier, info)
+                self._hint_by_id(warm.adapter_id, warm.tier)
         return accepted
 
-    def _hint_by_id(self, adapter_id: str, tier: TierName, known: AdapterInfo) -> None:
-        # Policies only name adapters; the store can warm those whose info it was handed.
-        if adapter_id == known.adapter_id:
-            self._hint(known, tier)
+    def _hint_by_id(self, adapter_id: str, tier: TierName) -> None:
+        # Policies name adapters; the store knows every registered one it was told about.
+        info = self._infos.get(adapter_id)
+        if info is not None:
+            self._hint(info, tier)
 
     def _hint(self, info: AdapterInfo, tier: TierName, *, limited: bool = True) -> bool:
         if self._closed or (limited and len(self._pending) >= self._max_pending):
-            self.stats.prefetch_dropped += 1
+            self._stats.prefetch_dropped += 1
             return False
         task = asyncio.create_task(self.warm(info, tier, limited=limited))
         self._pending.add(task)
@@ -423,7 +430,7 @@ class TieredStore:
         async with self._warm_gate:
             if limited:
                 await self._warm_bucket.take()
-            self.stats.prefetches += 1
+            self._stats.prefetches += 1
             try:
                 if tier == "device":
                     slot = await self._device_flights.run(
@@ -469,19 +476,19 @@ class TieredStore:
                     self._device[victim] = _Resident(slot)
                 raise
         except LoadError:
-            self.stats.load_failures += 1
+            self._stats.load_failures += 1
             raise
         except Exception as exc:
-            self.stats.load_failures += 1
+            self._stats.load_failures += 1
             raise LoadError(key, "device", f"{type(exc).__name__}: {exc}") from exc
         if victim is not None:
             self._device_policy.on_remove(victim)
-            self.stats.evictions["device"] += 1
+            self._stats.evictions["device"] += 1
             log.debug("evicted %s from device slot %d for %s", victim, slot, key)
         self._device[key] = _Resident(slot, speculative)
         self._device_policy.on_insert(key, host.nbytes, time.perf_counter() - started)
-        self.stats.device_loads += 1
-        self.stats.load_seconds = 0.8 * self.stats.load_seconds + 0.2 * (
+        self._stats.device_loads += 1
+        self._stats.load_seconds = 0.8 * self._stats.load_seconds + 0.2 * (
             time.perf_counter() - began
         )
         return slot
@@ -527,13 +534,13 @@ class TieredStore:
 
     async def _read_to_host(self, info: AdapterInfo, speculative: bool) -> LoadedAdapter:
         key = info.adapter_id
-        self.stats.evictions["host"] += len(self._host.expire(protected=self._protected))
+        self._host.expire(protected=self._protected)
         started = time.perf_counter()
         path = await self._local_dir(info, speculative)
         try:
             entry = await asyncio.to_thread(_read_verified, info, path)
         except _Mismatch as exc:
-            self.stats.integrity_failures += 1
+            self._stats.integrity_failures += 1
             if not self._disk.holds(path):
                 log.error("adapter %s refused: %s", key, exc)
                 raise LoadError(key, "host", str(exc)) from None
@@ -544,7 +551,7 @@ class TieredStore:
             try:
                 entry = await asyncio.to_thread(_read_verified, info, path)
             except _Mismatch as again:
-                self.stats.integrity_failures += 1
+                self._stats.integrity_failures += 1
                 raise LoadError(key, "disk", str(again)) from None
         assert self._backend is not None
         try:
@@ -553,14 +560,13 @@ class TieredStore:
             raise
         except Exception as exc:
             raise LoadError(key, "host", f"{type(exc).__name__}: {exc}") from exc
-        self.stats.host_loads += 1
+        self._stats.host_loads += 1
         evicted = self._host.make_room(
             entry.nbytes, protected=self._protected, speculative=speculative
         )
         if evicted is None:
             log.debug("host tier has no room for %s; serving it without caching", key)
             return entry
-        self.stats.evictions["host"] += len(evicted)
         self._host.put(
             key, entry, entry.nbytes, cost=time.perf_counter() - started, speculative=speculative
         )
@@ -593,14 +599,13 @@ class TieredStore:
             raise LoadError(info.adapter_id, "source", f"{exc}; it no longer exists") from None
         except SourceError as exc:
             if isinstance(exc, ContentMismatch):
-                self.stats.integrity_failures += 1
+                self._stats.integrity_failures += 1
                 log.error("adapter %s refused: %s", info.adapter_id, exc.detail)
             raise LoadError(info.adapter_id, "source", str(exc)) from None
         except DiskFull as exc:
             raise LoadError(info.adapter_id, "disk", str(exc)) from None
-        self.stats.disk_fetches += 1
-        self.stats.fetched_bytes += fetched
-        self.stats.evictions["disk"] = self._disk.tier.evictions
+        self._stats.disk_fetches += 1
+        self._stats.fetched_bytes += fetched
         return path
 
     async def _fetch_file(self, source: Source, uri: str, name: str, dest: Path) -> int:
@@ -614,7 +619,7 @@ class TieredStore:
                     raise
                 delay = self.retry_backoff * 2**attempt
                 attempt += 1
-                self.stats.fetch_retries += 1
+                self._stats.fetch_retries += 1
                 log.info("retrying %s/%s in %.2fs after: %s", uri, name, delay, exc)
                 await asyncio.sleep(delay)
 

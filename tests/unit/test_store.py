@@ -343,3 +343,22 @@ async def test_a_rotten_disk_copy_is_dropped_reported_and_fetched_again(tmp_path
         assert store.stats.integrity_failures == 1
         assert source.calls["adapter_model.safetensors"] == fetched + 1
         assert copy.read_bytes() == (dirs["t/a0"] / "adapter_model.safetensors").read_bytes()
+
+
+async def test_a_prefetch_policy_may_propose_other_adapters(tmp_path: Path) -> None:
+    from lorapool.policies.prefetch import Warm
+
+    class Next(KeepWarm):
+        """After a request for t/aN, warm t/aN+1 into RAM."""
+
+        def on_request(self, adapter_id: str) -> list[Warm]:
+            return [Warm(f"t/a{int(adapter_id[-1]) + 1}", "host")]
+
+    dirs = make_adapters(tmp_path, 2)
+    store = TieredStore(prefetch=Next())
+    async with AdapterPool(MockBackend(), store=store) as pool:
+        for name, path in dirs.items():
+            await pool.register(name, str(path), tenant="t")
+        await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
+        await drain(store)
+        assert store.on_host("t/a1") and not store.on_device("t/a1")
