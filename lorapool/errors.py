@@ -197,13 +197,9 @@ class BackendError(LorapoolError):
     """The engine failed while serving a request."""
 
 
-class BackendUnavailable(LorapoolError, ImportError):
+class BackendUnavailable(ExtraNotInstalled):
     """The engine a backend needs is not installed."""
 
     def __init__(self, backend: str, extra: str, cause: str = "") -> None:
         self.backend = backend
-        self.extra = extra
-        message = f"the {backend} backend needs its engine: pip install 'lorapool[{extra}]'"
-        if cause:
-            message += f" ({cause})"
-        super().__init__(message)
+        super().__init__(f"the {backend} backend", extra, cause)

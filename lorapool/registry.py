@@ -65,6 +65,12 @@ def check_adapter_id(adapter_id: str) -> None:
         )
 
 
+def _check_use(adapter_id: str, owner: str, shared: bool, tenant: str | None) -> None:
+    """``AccessDenied`` unless ``tenant`` may use it (its owner, a shared one, or the platform)."""
+    if tenant is not None and not shared and owner != tenant:
+        raise AccessDenied(adapter_id, tenant)
+
+
 class Registry:
     """Adapter metadata with tenancy: private adapters are visible to their owner only.
 
@@ -110,8 +116,7 @@ class Registry:
         alias = self._aliases.get(name)
         if alias is None:
             raise AdapterNotFound(name)
-        if tenant is not None and not alias.shared and alias.tenant != tenant:
-            raise AccessDenied(name, tenant)
+        _check_use(name, alias.tenant, alias.shared, tenant)
         return alias
 
     def _owned_alias(self, name: str, tenant: str | None) -> Alias:
@@ -241,8 +246,7 @@ class Registry:
         info = self._adapters.get(adapter_id)
         if info is None:
             raise AdapterNotFound(adapter_id)
-        if tenant is not None and not info.shared and info.tenant != tenant:
-            raise AccessDenied(adapter_id, tenant)
+        _check_use(adapter_id, info.tenant, info.shared, tenant)
         return info
 
     def owned(self, adapter_id: str, tenant: str | None) -> AdapterInfo:
