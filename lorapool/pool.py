@@ -20,7 +20,6 @@ from types import TracebackType
 from lorapool.backends.base import Backend
 from lorapool.policies.prefetch import TierName
 
-from .adapters import check_supported
 from .errors import (
     AdapterExists,
     ColdStartRejected,
@@ -211,7 +210,6 @@ class AdapterPool:
             raise AdapterExists(adapter_id)
         staged = await self.store.stage(source)
         try:
-            check_supported(staged.files, self.backend.capabilities)
             report = await asyncio.to_thread(
                 validate_adapter,
                 staged.files.path,
