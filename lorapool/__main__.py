@@ -30,6 +30,32 @@ def _add_validate(commands: Any) -> None:
     )
 
 
+def _add_stamp(commands: Any) -> None:
+    stamp = commands.add_parser(
+        "stamp",
+        help="declare an adapter's base model (fingerprint and tokenizer hash)",
+        description=(
+            "Write lorapool.json into an adapter directory with the base model's fingerprint "
+            "and tokenizer hash; registration then refuses the adapter on any other base."
+        ),
+    )
+    stamp.add_argument("path", help="adapter directory")
+    stamp.add_argument("--base", metavar="MODEL_DIR", required=True, help="local base model")
+
+
+def _stamp(args: argparse.Namespace) -> int:
+    from .errors import AdapterValidationError
+    from .validation import BaseModelSpec, stamp_adapter
+
+    try:
+        target = stamp_adapter(args.path, BaseModelSpec.from_dir(args.base))
+    except (OSError, ValueError, AdapterValidationError) as exc:
+        print(f"lorapool stamp: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {target}")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -90,7 +116,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``lorapool bench engine|cache ...`` and ``lorapool validate PATH ...``."""
+    """Entry point: ``lorapool bench|validate|stamp ...``."""
     parser = argparse.ArgumentParser(prog="lorapool", description="lorapool command line")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="run a benchmark (side-by-side ratios)")
@@ -98,12 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     benchmarks.add_scenarios(bench)
     _add_validate(commands)
+    _add_stamp(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "bench":
         return benchmarks.run(args)
     if args.command == "validate":
         return _validate(args)
+    if args.command == "stamp":
+        return _stamp(args)
     parser.error("unknown command")
     return 2
 

@@ -12,6 +12,7 @@ collides with the deletion.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from .adapters import ADAPTER_FILES, CONFIG_FILE, AdapterFiles, inspect_adapter_
 from .errors import ContentMismatch, LoadError, LorapoolError, NotAPeftAdapter, SourceNotFound
 from .policies.base import EvictionPolicy
 from .tiers import Tier
+from .validation import SIDECAR_FILE
 
 __all__ = ["DiskFull", "DiskTier", "FetchFile", "Staged"]
 
@@ -73,7 +75,8 @@ class DiskTier:
     """Bookkeeping and file moves for the disk tier."""
 
     def __init__(self, root: str | Path | None, capacity: int | None, policy: EvictionPolicy):
-        self._requested = None if root is None else Path(root).expanduser()
+        self.requested = None if root is None else Path(root).expanduser()
+        """The directory asked for (``None``: a temporary one is made at open)."""
         self.root: Path | None = None
         self._owned = False
         self.tier: Tier[str, Path] = Tier("disk", capacity, policy)
@@ -84,11 +87,11 @@ class DiskTier:
         """Create the directory (or a temporary one) and index the copies already there."""
         if self.root is not None:
             return
-        if self._requested is None:
+        if self.requested is None:
             self.root = Path(tempfile.mkdtemp(prefix="lorapool-disk-"))
             self._owned = True
         else:
-            self.root = self._requested
+            self.root = self.requested
             self.root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir()
@@ -113,6 +116,11 @@ class DiskTier:
     def _tmp(self) -> Path:
         assert self.root is not None, "the disk tier is not open"
         return self.root / ".tmp"
+
+    @property
+    def workdir(self) -> Path:
+        """Scratch space on the tier's filesystem (emptied at every open)."""
+        return self._tmp
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -165,6 +173,8 @@ class DiskTier:
                             uri, f"no {CONFIG_FILE} there", hint="check the adapter URI"
                         ) from None
                     raise NotAPeftAdapter(uri, f"no {name}") from None
+            with contextlib.suppress(SourceNotFound):  # optional: the declared base model
+                await fetch_file(SIDECAR_FILE, tmp / SIDECAR_FILE)
             files = await asyncio.to_thread(inspect_adapter_dir, tmp, label=uri)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, tmp, True)

@@ -37,15 +37,19 @@ from .types import (
     Completion,
     FinishReason,
     GenerationRequest,
+    LoraConfig,
     Message,
     SamplingParams,
     Usage,
 )
 from .validation import BaseModelSpec, validate_adapter
 
-__all__ = ["AdapterPool", "PoolStats", "Session", "TenantUsage", "estimate_tokens"]
+__all__ = ["REGISTRY_FILE", "AdapterPool", "PoolStats", "Session", "TenantUsage", "estimate_tokens"]
 
 log = logging.getLogger(__name__)
+
+REGISTRY_FILE = "registry.sqlite"
+"""The default registry's file name in the store's ``disk_dir``."""
 
 
 @dataclass
@@ -92,10 +96,13 @@ class AdapterPool:
 
     Use it as an async context manager (``async with AdapterPool(...) as pool``);
     it starts the backend on entry and closes it on exit. ``aclose()`` is
-    idempotent. ``store``, ``scheduler`` and ``registry`` default to a
-    :class:`TieredStore`, an :class:`FCFSScheduler` and an in-memory
-    :class:`Registry`; ``registry`` may also be the path of a SQLite file that
-    keeps registrations across restarts (the pool then closes it).
+    idempotent. ``store`` and ``scheduler`` default to a :class:`TieredStore`
+    and an :class:`FCFSScheduler`. ``registry`` may be a :class:`Registry` or
+    the path of a SQLite file that keeps registrations across restarts; by
+    default it is the SQLite file ``registry.sqlite`` in the store's
+    ``disk_dir`` (next to the adapter copies it names), and in memory when
+    the store has no ``disk_dir`` of its own. The pool closes a registry it
+    opened.
     """
 
     def __init__(
@@ -111,7 +118,8 @@ class AdapterPool:
         self.scheduler: Scheduler = scheduler if scheduler is not None else FCFSScheduler()
         self._owns_registry = not isinstance(registry, Registry)
         if registry is None:
-            registry = Registry()
+            home = self.store.persistent_dir
+            registry = Registry() if home is None else Registry.open(home / REGISTRY_FILE)
         elif not isinstance(registry, Registry):
             registry = Registry.open(registry)
         self.registry = registry
@@ -216,6 +224,7 @@ class AdapterPool:
                 base=self._base_spec,
                 caps=self.backend.capabilities,
                 force=force,
+                population_norms=self._comparable_norms(staged.files.config),
             )
             report.raise_if_refused()
             info = AdapterInfo(
@@ -226,6 +235,7 @@ class AdapterPool:
                 sha256=staged.files.sha256,
                 size_bytes=staged.files.size_bytes,
                 config=staged.files.config,
+                norm=report.norm,
             )
             if version is None:
                 self.registry.add(info)
@@ -247,6 +257,20 @@ class AdapterPool:
             self.registry.remove(old)
             log.info("removed %s: more than %d versions", old, self.registry.keep_versions)
         return info
+
+    def _comparable_norms(self, config: LoraConfig) -> list[float]:
+        """Norms of registered adapters shaped like ``config`` (same rank, targets, scaling).
+
+        The weight-norm outlier test compares a new adapter with these only:
+        a rank-64 all-linear adapter is not an outlier among rank-8 ones.
+        """
+        key = (config.r, config.target_modules, config.use_rslora)
+        return [
+            i.norm
+            for i in self.registry.visible(None)
+            if i.norm is not None
+            and (i.config.r, i.config.target_modules, i.config.use_rslora) == key
+        ]
 
     async def unregister(self, adapter_id: str, *, tenant: str) -> None:
         """Remove the tenant's adapter once requests using it have finished.

@@ -96,7 +96,8 @@ CREATE TABLE IF NOT EXISTS adapters (
     sha256     TEXT NOT NULL,
     size_bytes INTEGER NOT NULL,
     config     TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    norm       REAL
 );
 CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
@@ -121,6 +122,9 @@ class SqliteRegistryStore:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(adapters)")}
+        if "norm" not in columns:  # a file written before norms were recorded
+            self._db.execute("ALTER TABLE adapters ADD COLUMN norm REAL")
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -131,7 +135,8 @@ class SqliteRegistryStore:
         """Add a record; the primary key makes a duplicate id fail atomically."""
         try:
             self._conn().execute(
-                "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO adapters (adapter_id, tenant, shared, source, sha256, size_bytes, "
+                "config, created_at, norm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     info.adapter_id,
                     info.tenant,
@@ -141,6 +146,7 @@ class SqliteRegistryStore:
                     info.size_bytes,
                     info.config.model_dump_json(),
                     time.time(),
+                    info.norm,
                 ),
             )
         except sqlite3.IntegrityError:
@@ -153,10 +159,10 @@ class SqliteRegistryStore:
     def records(self) -> Iterator[AdapterInfo]:
         """Every record, oldest first."""
         rows = self._conn().execute(
-            "SELECT adapter_id, tenant, shared, source, sha256, size_bytes, config "
+            "SELECT adapter_id, tenant, shared, source, sha256, size_bytes, config, norm "
             "FROM adapters ORDER BY created_at, rowid"
         )
-        for adapter_id, tenant, shared, source, sha256, size_bytes, config in rows.fetchall():
+        for adapter_id, tenant, shared, source, sha256, size_bytes, config, norm in rows:
             yield AdapterInfo(
                 adapter_id=adapter_id,
                 tenant=tenant,
@@ -165,6 +171,7 @@ class SqliteRegistryStore:
                 sha256=sha256,
                 size_bytes=size_bytes,
                 config=LoraConfig.model_validate(json.loads(config)),
+                norm=norm,
             )
 
     def get_setting(self, key: str) -> str | None:

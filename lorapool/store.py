@@ -27,10 +27,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapters import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
-from .disk import DiskFull, DiskTier, Staged
-from .errors import ContentMismatch, LoadError, PinLimitExceeded, SourceError, SourceNotFound
+from .disk import DiskFull, DiskTier, FetchFile, Staged
+from .errors import (
+    AdapterValidationError,
+    ContentMismatch,
+    LoadError,
+    PinLimitExceeded,
+    SourceError,
+    SourceNotFound,
+)
 from .ratelimit import TokenBucket
 from .sources import Source, make_source, scheme_of
+from .sources.archive import ArchiveFiles, is_archive_uri, split_archive_uri
 from .tiers import SingleFlight, Tier, parse_size
 from .types import AdapterInfo, LoadedAdapter
 
@@ -180,6 +188,11 @@ class TieredStore:
         return self._disk.tier.used
 
     @property
+    def persistent_dir(self) -> Path | None:
+        """The ``disk_dir`` the store was given (kept across runs); ``None`` for a temporary one."""
+        return self._disk.requested
+
+    @property
     def disk_dir(self) -> Path | None:
         """The disk tier's directory (``None`` until the store is bound)."""
         return self._disk.root
@@ -226,7 +239,24 @@ class TieredStore:
         return any(i is not None and i.sha256 == sha for i in infos)
 
     def _is_local(self, info: AdapterInfo) -> bool:
-        return self.source_for(info.source).local_path(info.source) is not None
+        return self._in_place(info.source) is not None
+
+    def _in_place(self, uri: str) -> Path | None:
+        """The adapter directory itself when ``uri`` is local and not an archive."""
+        if is_archive_uri(uri):
+            return None
+        return self.source_for(uri).local_path(uri)
+
+    def _file_fetcher(self, uri: str) -> tuple[FetchFile, ArchiveFiles | None]:
+        """How to fetch the adapter's files one by one (an archive is fetched once, extracted)."""
+        source = self.source_for(uri)
+        if not is_archive_uri(uri):
+            return (lambda name, dest: self._fetch_file(source, uri, name, dest)), None
+        parent, name = split_archive_uri(uri)
+        archive = ArchiveFiles(
+            uri, lambda dest: self._fetch_file(source, parent, name, dest), self._disk.workdir
+        )
+        return archive, archive
 
     # -- registration ----------------------------------------------------------------
 
@@ -242,17 +272,20 @@ class TieredStore:
     async def stage(self, uri: str) -> Staged:
         """Bring a new adapter's files somewhere local to be validated at registration.
 
-        Local adapters are inspected in place. Remote ones are downloaded to a
-        staging directory; :meth:`Staged.commit` moves the copy into the disk
-        tier, :meth:`Staged.discard` deletes it.
+        Local adapter directories are inspected in place. Remote ones, and
+        archives from anywhere, are downloaded (and extracted) to a staging
+        directory; :meth:`Staged.commit` moves the copy into the disk tier,
+        :meth:`Staged.discard` deletes it.
         """
-        source = self.source_for(uri)
-        local = source.local_path(uri)
+        local = self._in_place(uri)
         if local is not None:
             return await asyncio.to_thread(Staged.in_place, local)
-        return await self._disk.stage(
-            uri, lambda name, dest: self._fetch_file(source, uri, name, dest)
-        )
+        fetch_file, archive = self._file_fetcher(uri)
+        try:
+            return await self._disk.stage(uri, fetch_file)
+        finally:
+            if archive is not None:
+                await archive.cleanup()
 
     def track(self, info: AdapterInfo) -> None:
         """Remember a registered adapter's content hash (its disk-tier key)."""
@@ -574,27 +607,28 @@ class TieredStore:
 
     async def _local_dir(self, info: AdapterInfo, speculative: bool) -> Path:
         """A local directory holding the adapter's files: the source itself, or the disk tier."""
-        source = self.source_for(info.source)
-        local = source.local_path(info.source)
+        local = self._in_place(info.source)
         if local is not None:
             return local
         path = self._disk.get(info.sha256, use=not speculative)
         if path is not None:
             return path
         return await self._disk_flights.run(
-            info.sha256, lambda: self._fetch_to_disk(info, source, speculative)
+            info.sha256, lambda: self._fetch_to_disk(info, speculative)
         )
 
-    async def _fetch_to_disk(self, info: AdapterInfo, source: Source, speculative: bool) -> Path:
-        uri = info.source
+    async def _fetch_to_disk(self, info: AdapterInfo, speculative: bool) -> Path:
         await self._disk.expire(self._protected_sha)
+        fetch_file, archive = self._file_fetcher(info.source)
         try:
             path, fetched = await self._disk.fetch(
                 info.sha256,
-                lambda name, dest: self._fetch_file(source, uri, name, dest),
+                fetch_file,
                 protected=self._protected_sha,
                 speculative=speculative,
             )
+        except AdapterValidationError as exc:
+            raise LoadError(info.adapter_id, "source", f"the archive is refused: {exc}") from None
         except SourceNotFound as exc:
             raise LoadError(info.adapter_id, "source", f"{exc}; it no longer exists") from None
         except SourceError as exc:
@@ -604,6 +638,9 @@ class TieredStore:
             raise LoadError(info.adapter_id, "source", str(exc)) from None
         except DiskFull as exc:
             raise LoadError(info.adapter_id, "disk", str(exc)) from None
+        finally:
+            if archive is not None:
+                await archive.cleanup()
         self._stats.disk_fetches += 1
         self._stats.fetched_bytes += fetched
         return path

@@ -107,6 +107,9 @@ class AdapterInfo:
     sha256: str
     size_bytes: int
     config: LoraConfig
+    norm: float | None = None
+    """The weights' norm measured at validation (RMS of per-tensor Frobenius norms), the
+    population later registrations are compared with; ``None`` when values were not scanned."""
 
     @property
     def rank(self) -> int:

@@ -68,6 +68,7 @@ __all__ = [
     "parse_safetensors_header",
     "read_safetensors_header_bytes",
     "read_safetensors_header_file",
+    "stamp_adapter",
     "tokenizer_hash",
     "validate_adapter",
 ]
@@ -146,6 +147,8 @@ _ARCH_FIELDS = (
     "tie_word_embeddings",
     "attention_bias",
     "mlp_bias",
+    "rope_theta",
+    "rope_parameters",
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
 _UNSUPPORTED_OPTIONS = {
@@ -647,6 +650,26 @@ def _llama_shapes(raw: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
 
 def _name_key(name: str) -> str:
     return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def stamp_adapter(adapter_dir: str | Path, base: BaseModelSpec) -> Path:
+    """Declare ``base`` as the adapter's base model: write :data:`SIDECAR_FILE` next to it.
+
+    Run it where the adapter is trained (or in an onboarding pipeline) so that
+    registration refuses the adapter on any other base model or tokenizer,
+    even one with the same module names and shapes. Returns the file written.
+    """
+    d = Path(adapter_dir).expanduser()
+    if not (d / CONFIG_FILE).is_file():
+        raise AdapterValidationError("not_peft", f"{d} holds no {CONFIG_FILE}; nothing to stamp")
+    if base.fingerprint is None:
+        raise ValueError(f"the base model {base.name!r} has no fingerprint to stamp")
+    body = {"base_model": base.name, "base_fingerprint": base.fingerprint}
+    if base.tokenizer_sha256 is not None:
+        body["tokenizer_sha256"] = base.tokenizer_sha256
+    target = d / SIDECAR_FILE
+    target.write_text(json.dumps(body, indent=2) + "\n")
+    return target
 
 
 # -- paths and archives -------------------------------------------------------------------

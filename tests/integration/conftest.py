@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from .servers import CountingMotoServer
 
 torch = pytest.importorskip("torch")
 
@@ -20,6 +23,19 @@ ADAPTER_SPECS: dict[str, tuple[int, tuple[str, ...], bool]] = {
     "r16-qv-rslora": (16, ("q_proj", "v_proj"), True),
     "r32-all": (32, ALL_LINEAR, False),
 }
+
+
+@pytest.fixture
+def s3_server() -> Iterator[CountingMotoServer]:
+    """moto's S3 server on a free loopback port, counting the requests it gets."""
+    from .servers import CountingMotoServer
+
+    server = CountingMotoServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import pytest
 from lorapool import AdapterPool, SamplingParams, TieredStore
 from lorapool.adapters import ADAPTER_FILES, WEIGHTS_FILE
 from lorapool.errors import LoadError, NotAPeftAdapter, SourceNotFound
+from lorapool.pool import REGISTRY_FILE
 from lorapool.sources import HttpSource, S3Source
 
 from .servers import CREDENTIALS, CountingMotoServer, FileServer
@@ -20,16 +21,6 @@ pytestmark = pytest.mark.slow
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 PROMPT = "The three primary colours are"
-
-
-@pytest.fixture
-def s3_server() -> Iterator[CountingMotoServer]:
-    server = CountingMotoServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def upload(server: CountingMotoServer, bucket: str, prefix: str, directory: Path) -> None:
@@ -77,9 +68,11 @@ async def s3_pool(
 
 
 def visible_files(disk: Path) -> list[str]:
-    """Files in the disk tier outside its staging area."""
+    """Adapter files in the disk tier (not its staging area, not the registry's file)."""
     return sorted(
-        str(p.relative_to(disk)) for p in disk.rglob("*") if p.is_file() and ".tmp" not in p.parts
+        str(p.relative_to(disk))
+        for p in disk.rglob("*")
+        if p.is_file() and ".tmp" not in p.parts and not p.name.startswith(REGISTRY_FILE)
     )
 
 
@@ -90,7 +83,8 @@ async def test_s3_register_then_serve_from_host_disk_and_s3(
     await upload(s3_server, "adapters", "acme/support", adapters["r8-attn"])
     info = await pool.register("acme/support", "s3://adapters/acme/support", tenant="acme")
     await pool.register("local/same", str(adapters["r8-attn"]), tenant="acme")
-    assert s3_server.gets("/adapters/acme/support/") == 2  # one GET per file, at registration
+    assert s3_server.gets("/adapters/acme/support/") == 3  # one GET per file, at registration,
+    assert s3_server.gets("/adapters/acme/support/lorapool.json") == 1  # + the optional sidecar
     assert info.source == "s3://adapters/acme/support"
     assert store.on_disk("acme/support") and not store.on_host("acme/support")
 
@@ -98,7 +92,7 @@ async def test_s3_register_then_serve_from_host_disk_and_s3(
     base = await pool.complete(PROMPT, tenant="acme", params=GREEDY)
     first = await pool.complete(PROMPT, adapter="acme/support", tenant="acme", params=GREEDY)
     assert first.text == expected.text != base.text
-    assert s3_server.gets("/adapters/acme/support/") == 2  # served from the disk copy
+    assert s3_server.gets("/adapters/acme/support/") == 3  # served from the disk copy
 
     await pool.unload("acme/support")  # device + host; the disk copy stays
     assert not store.on_device("acme/support") and not store.on_host("acme/support")
@@ -106,13 +100,13 @@ async def test_s3_register_then_serve_from_host_disk_and_s3(
     again = await pool.complete(PROMPT, adapter="acme/support", tenant="acme", params=GREEDY)
     assert again.text == expected.text
     assert store.stats.host_loads == host_loads + 1
-    assert s3_server.gets("/adapters/acme/support/") == 2
+    assert s3_server.gets("/adapters/acme/support/") == 3
 
     await store.unload("acme/support", tiers=("device", "host", "disk"))
     assert not store.on_disk("acme/support")
     third = await pool.complete(PROMPT, adapter="acme/support", tenant="acme", params=GREEDY)
     assert third.text == expected.text
-    assert s3_server.gets("/adapters/acme/support/") == 4  # fetched from S3 again
+    assert s3_server.gets("/adapters/acme/support/") == 5  # the two files fetched again
     assert store.stats.disk_fetches == 1
 
 
@@ -211,7 +205,7 @@ async def test_s3_registration_errors_leave_everything_as_it_was(
     assert list((tmp_path / "disk" / ".tmp").iterdir()) == []
 
 
-async def test_disk_tier_survives_a_restart(
+async def test_disk_tier_and_registry_survive_a_restart(
     model_dir: Path, tmp_path: Path, s3_server: CountingMotoServer, adapters: dict[str, Path]
 ) -> None:
     await upload(s3_server, "adapters", "kept", adapters["r8-attn"])
@@ -223,17 +217,18 @@ async def test_disk_tier_survives_a_restart(
         )
 
     async with make_pool(model_dir, store()) as pool:
-        await pool.register("t/kept", "s3://adapters/kept", tenant="t")
+        registered = await pool.register("t/kept", "s3://adapters/kept", tenant="t")
         first = await pool.complete(PROMPT, adapter="t/kept", tenant="t", params=GREEDY)
     gets = s3_server.gets("/adapters/kept/")
+    assert (tmp_path / "disk" / "registry.sqlite").is_file()  # the default registry
     async with make_pool(model_dir, store()) as pool:
-        info = await pool.register("t/kept", "s3://adapters/kept", tenant="t")
-        await pool.store.unload("t/kept", tiers=("device", "host"))
+        [info] = pool.list_adapters(tenant="t")  # registered in the first run
+        assert info == registered
         again = await pool.complete(PROMPT, adapter="t/kept", tenant="t", params=GREEDY)
         assert pool.store.on_disk("t/kept")
         assert pool.store.stats.disk_fetches == 0  # the copy from the first run
     assert again.text == first.text
-    assert info.sha256 and s3_server.gets("/adapters/kept/") == gets + 2  # registration only
+    assert s3_server.gets("/adapters/kept/") == gets  # nothing fetched after the restart
 
 
 # -- HTTP --------------------------------------------------------------------------------

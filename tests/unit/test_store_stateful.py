@@ -175,7 +175,7 @@ class StoreMachine(RuleBasedStateMachine):
     def disk_files_match_the_index(self) -> None:
         root = self.store.disk_dir
         assert root is not None
-        on_disk = {p.name for p in root.iterdir() if p.name != ".tmp"}
+        on_disk = {p.name for p in root.iterdir() if p.is_dir() and p.name != ".tmp"}
         assert on_disk == set(self.store._disk.tier)
         assert list((root / ".tmp").iterdir()) == []
 
