@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -406,7 +406,7 @@ class AdapterPool:
         tenant: str,
         params: SamplingParams | None = None,
         deadline: float | None = None,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """Stream a completion of ``prompt`` (a string or chat messages) with ``adapter``.
 
         ``adapter=None`` uses the base model. ``deadline``: seconds from now
@@ -469,9 +469,14 @@ class AdapterPool:
         finish: FinishReason | None = None
         try:
             slot = await self.store.acquire(info) if info is not None else None
+            closing = None
             try:
                 request = GenerationRequest(request_id, prompt, params, ticket.adapter_id, slot)
-                async for chunk in self.backend.generate(request):
+                stream = self.backend.generate(request)
+                # Closing the backend's stream now (not when it is garbage collected)
+                # cancels the request in the engine as soon as the caller leaves.
+                closing = getattr(stream, "aclose", None)
+                async for chunk in stream:
                     if chunk.token_ids:
                         self.scheduler.charge(ticket, output_tokens=len(chunk.token_ids))
                     if chunk.usage is not None:
@@ -481,9 +486,13 @@ class AdapterPool:
                         self.scheduler.charge(ticket, input_tokens=correction)
                     yield chunk
             finally:
-                if info is not None:
-                    self.store.release(info.adapter_id)
-                    self.store.request_done(info)
+                try:
+                    if closing is not None:
+                        await closing()
+                finally:
+                    if info is not None:
+                        self.store.release(info.adapter_id)
+                        self.store.request_done(info)
         except BaseException:
             self.stats.failed += 1
             account.failed += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -21,6 +22,9 @@ def _echo(request: GenerationRequest) -> list[str]:
 @dataclass
 class MockBackend:
     """Answers each request with ``handler(request)``: a string, or one string per token.
+
+    Each piece is one token; its id is a hash of its text, so different
+    answers have different token ids.
 
     Records every load, unload and request so tests can assert on them;
     ``fail_loads`` makes loading the named adapters fail; ``token_delay``
@@ -101,7 +105,7 @@ class MockBackend:
             last = i == len(pieces) - 1
             yield Chunk(
                 text=piece,
-                token_ids=(i,),
+                token_ids=(zlib.crc32(piece.encode()) % 50_000,),
                 finish_reason="length" if last else None,
                 usage=Usage(prompt_tokens, len(pieces)) if last else None,
                 adapter_id=request.adapter_id,

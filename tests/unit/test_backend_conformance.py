@@ -1,0 +1,77 @@
+"""The backend conformance suite itself: it passes a correct backend and catches broken ones."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from lorapool.testing import ConformanceError, MockBackend, check_backend
+from lorapool.types import Chunk, GenerationRequest
+
+from .test_store import make_adapters
+
+
+@dataclasses.dataclass
+class IgnoresAdapters(MockBackend):
+    """Answers every request as the base model: adapters never applied."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        return super().generate(dataclasses.replace(request, adapter_id=None, slot=None))
+
+
+@dataclasses.dataclass
+class ServesAnything(MockBackend):
+    """Serves a request for an adapter that is not in its slot (a silent base answer)."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if (
+            request.adapter_id is not None
+            and self.slots.get(request.slot or 0) != request.adapter_id
+        ):
+            request = dataclasses.replace(request, adapter_id=None, slot=None)
+        return super().generate(request)
+
+
+@dataclasses.dataclass
+class KeepsStreaming(MockBackend):
+    """Crashes the engine on cancellation: unhealthy after a stream is closed early."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        inner = super().generate(request)
+
+        async def stream() -> AsyncIterator[Chunk]:
+            try:
+                async for chunk in inner:
+                    yield chunk
+            except GeneratorExit:
+                self.closed = True
+                raise
+
+        return stream()
+
+
+async def test_mock_backend_passes(tmp_path: Path) -> None:
+    adapters = make_adapters(tmp_path, 3)
+    report = await check_backend(lambda: MockBackend(max_slots=2, token_delay=0.001), adapters)
+    assert "more-adapters-than-slots" in report.checks and report.checks[-1] == "close"
+    assert report.outputs["t/a0"] != report.outputs["base"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "check"),
+    [
+        (IgnoresAdapters, "[mixed]"),
+        (ServesAnything, "[errors]"),
+        (KeepsStreaming, "[cancellation]"),
+    ],
+)
+async def test_broken_backends_fail_the_check_they_break(
+    tmp_path: Path, backend: type[MockBackend], check: str
+) -> None:
+    adapters = make_adapters(tmp_path, 3)
+    with pytest.raises(ConformanceError) as err:
+        await check_backend(lambda: backend(max_slots=2, token_delay=0.001), adapters)
+    assert str(err.value).startswith(check), str(err.value)
