@@ -25,7 +25,11 @@ _BUILTIN_POLICIES = {
     "gdsf": "lorapool.policies.gdsf:GDSFPolicy",
     "ttl": "lorapool.policies.ttl:TTLPolicy",
 }
-_BUILTIN_BACKENDS = {"torch": "lorapool.backends.torch:TorchBackend"}
+_BUILTIN_BACKENDS = {
+    "torch": "lorapool.backends.torch:TorchBackend",
+    "vllm": "lorapool.backends.vllm:VLLMBackend",
+    "openai": "lorapool.backends.openai:OpenAIServerBackend",
+}
 
 
 def _resolve(group: str, name: str, builtins: dict[str, str]) -> Any:

@@ -8,11 +8,12 @@ the eviction-policy conformance suite (see :mod:`lorapool.testing.conformance`);
 
 from .adapters import make_random_adapter
 from .backend import MockBackend
-from .backend_conformance import BackendReport, ConformanceError, check_backend
+from .backend_conformance import ALL_CHECKS, BackendReport, ConformanceError, check_backend
 from .clock import ManualClock
 from .conformance import PolicyCase, check_policy, policy_conformance_cases, policy_factory
 
 __all__ = [
+    "ALL_CHECKS",
     "BackendReport",
     "ConformanceError",
     "ManualClock",

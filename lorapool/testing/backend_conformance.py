@@ -27,7 +27,20 @@ from lorapool.backends.base import Backend
 from lorapool.errors import AdapterNotFound, LorapoolError
 from lorapool.types import GenerationRequest, SamplingParams
 
-__all__ = ["BackendReport", "ConformanceError", "check_backend"]
+__all__ = ["ALL_CHECKS", "BackendReport", "ConformanceError", "check_backend"]
+
+ALL_CHECKS = (
+    "capabilities",
+    "streaming",
+    "mixed",
+    "more-adapters-than-slots",
+    "cancellation",
+    "unload-drain",
+    "errors",
+    "close",
+)
+"""Every check, in the order :func:`check_backend` runs them (``more-adapters-than-slots``
+only when more adapters than the backend's slots are given)."""
 
 PROMPT = "Write one sentence about the sea."
 _TENANT = "conformance"
