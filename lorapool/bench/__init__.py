@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["SCENARIOS", "add_scenarios", "run"]
 
-SCENARIOS = ("engine", "cache", "store", "fairness")
+SCENARIOS = ("engine", "cache", "store", "fairness", "vllm")
 
 
 def _module(scenario: str) -> Any:

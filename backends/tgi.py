@@ -1,0 +1,451 @@
+"""TGIBackend: lorapool over a Hugging Face Text Generation Inference server, through httpx.
+
+Targeted: TGI 3.3 (``ghcr.io/huggingface/text-generation-inference:3.3``); the router
+API used here is unchanged since 2.3, which added ``details.input_length`` to streams.
+
+TGI's adapters are static: the server loads the ones named in ``LORA_ADAPTERS`` at
+launch (``LORA_ADAPTERS=name=/path/to/adapter,...``) and cannot load others later.
+``adapters`` tells the backend which lorapool adapter ids TGI serves, and under which
+TGI adapter id. Loading any other adapter is refused with :class:`LoadError`, because
+TGI answers a request for an adapter id it does not hold with the *base model*
+(``ADAPTER_TO_INDEX.get(adapter_id, 0)`` in its ``flash_causal_lm.py``), silently.
+Loading and unloading are bookkeeping; lorapool still schedules by slot.
+
+String prompts stream from ``POST /generate_stream`` (token ids, finish reason and
+usage from ``details``); chat messages from ``POST /v1/chat/completions`` with
+``model=<TGI adapter id>`` (``"tgi"`` for the base model), which gives text but no
+token ids. TGI keeps a matched stop string in its output; this backend removes it.
+TGI has no ``ignore_eos``: requests asking for it may finish early, at EOS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from lorapool.errors import BackendError, InvalidRequest, LoadError
+from lorapool.types import (
+    Capabilities,
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    LoadedAdapter,
+    SamplingParams,
+    Usage,
+)
+
+from .openai import parse_sse_line
+
+__all__ = ["StopTrimmer", "TGIBackend", "chat_body", "generate_body", "tgi_finish_reason"]
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT = {429, 502, 503, 504}
+_FINISH: dict[str, FinishReason] = {
+    "length": "length",
+    "eos_token": "stop",
+    "stop_sequence": "stop",
+    "stop": "stop",
+}
+_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+
+
+def tgi_finish_reason(reason: object) -> FinishReason:
+    """lorapool's finish reason for TGI's (``length``, ``eos_token``, ``stop_sequence``)."""
+    return _FINISH.get(str(reason), "stop")
+
+
+def _sampling(params: SamplingParams) -> dict[str, Any]:
+    """The sampling fields TGI accepts: it refuses ``temperature=0`` and ``top_p>=1``."""
+    out: dict[str, Any] = {}
+    if params.temperature > 0:
+        out["temperature"] = params.temperature
+        if params.top_p < 1.0:
+            out["top_p"] = params.top_p
+    if params.seed is not None:
+        out["seed"] = params.seed
+    if params.stop:
+        out["stop"] = list(params.stop)
+    return out
+
+
+def generate_body(prompt: str, params: SamplingParams, adapter: str | None) -> dict[str, Any]:
+    """The ``/generate_stream`` request: greedy is ``do_sample: false``; base omits the adapter."""
+    parameters: dict[str, Any] = {
+        "max_new_tokens": params.max_tokens,
+        "do_sample": params.temperature > 0,
+        "details": True,
+        **_sampling(params),
+    }
+    if adapter is not None:
+        parameters["adapter_id"] = adapter
+    return {"inputs": prompt, "parameters": parameters}
+
+
+def chat_body(
+    messages: Iterable[Mapping[str, str]], params: SamplingParams, adapter: str | None
+) -> dict[str, Any]:
+    """The ``/v1/chat/completions`` request; TGI reads ``model`` as the adapter id."""
+    sampling = _sampling(params)
+    return {
+        "model": adapter or "tgi",
+        "messages": [dict(m) for m in messages],
+        "max_tokens": params.max_tokens,
+        "temperature": sampling.pop("temperature", 0.0),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **sampling,
+    }
+
+
+class StopTrimmer:
+    """Holds back text that may begin a stop string and cuts the output where one matches."""
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self.stops = tuple(stops)
+        self.pending = ""
+        self.matched = False
+
+    def push(self, text: str) -> str:
+        """The part of ``text`` (after what was held back) that is safe to emit now."""
+        if self.matched:
+            return ""
+        if not self.stops:
+            return text
+        buffer = self.pending + text
+        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.matched, self.pending = True, ""
+            return buffer[: min(hits)]
+        keep = max(
+            (k for s in self.stops for k in range(1, len(s)) if buffer.endswith(s[:k])), default=0
+        )
+        self.pending = buffer[len(buffer) - keep :]
+        return buffer[: len(buffer) - keep]
+
+    def flush(self) -> str:
+        """What is still held back (the stream ended without a match)."""
+        out, self.pending = self.pending, ""
+        return out
+
+
+class _Retry(Exception):
+    """A transient failure before any token: try the request again."""
+
+
+def _raise_error_event(error: object, error_type: object, *, started: bool) -> None:
+    """TGI streams its errors as events (``{"error": ..., "error_type": ...}``)."""
+    if isinstance(error, Mapping):  # the OpenAI-style error of /v1/chat/completions
+        message = str(error.get("message", error))
+        status = error.get("http_status_code")
+        error_type = "validation" if status in (400, 422) else error_type
+    else:
+        message = str(error)
+    if error_type == "validation":
+        raise InvalidRequest(f"TGI refused the request: {message}")
+    if error_type == "overloaded" and not started:
+        raise _Retry(message)
+    raise BackendError(f"TGI failed the request ({error_type}): {message}")
+
+
+class _Stream:
+    """Turns one request's SSE events into chunks; ``done`` after the last one."""
+
+    def __init__(self, request: GenerationRequest, chat: bool) -> None:
+        self.request = request
+        self.chat = chat
+        self.stop = StopTrimmer(request.params.stop)
+        self.tokens = 0
+        self.done = False
+        self.pending: Chunk | None = None
+        self.finish: FinishReason | None = None
+        self.served_by = "base" if request.adapter_id is None else "adapter"
+
+    def _chunk(self, text: str, ids: tuple[int, ...]) -> Chunk:
+        return Chunk(text, ids, adapter_id=self.request.adapter_id, served_by=self.served_by)
+
+    def feed(self, event: Mapping[str, Any]) -> list[Chunk]:
+        """The chunks ``event`` completes (the last one carries finish and usage)."""
+        if "error" in event:
+            _raise_error_event(event["error"], event.get("error_type"), started=self.tokens > 0)
+        return self._chat(event) if self.chat else self._generate(event)
+
+    def _generate(self, event: Mapping[str, Any]) -> list[Chunk]:
+        token = event.get("token") or {}
+        ids = () if token.get("id") is None else (int(token["id"]),)
+        self.tokens += len(ids)
+        text = self.stop.push("" if token.get("special") else str(token.get("text") or ""))
+        details = event.get("details")
+        if details is None and event.get("generated_text") is None:
+            return [self._chunk(text, ids)]
+        self.done = True
+        if details is None:  # details were not returned: infer what TGI would have said
+            finish: FinishReason = (
+                "length" if self.tokens >= self.request.params.max_tokens else "stop"
+            )
+            usage = Usage(0, self.tokens)
+        else:
+            finish = tgi_finish_reason(details.get("finish_reason"))
+            completion = int(details.get("generated_tokens", self.tokens))
+            usage = Usage(int(details.get("input_length") or 0), completion)
+        text += self.stop.flush()
+        return [replace(self._chunk(text, ids), finish_reason=finish, usage=usage)]
+
+    def _chat(self, event: Mapping[str, Any]) -> list[Chunk]:
+        out: list[Chunk] = []
+        for choice in event.get("choices") or []:
+            delta = choice.get("delta") or {}
+            text = self.stop.push(str(delta.get("content") or ""))
+            self.tokens += 1  # TGI sends one chat chunk per generated token
+            if choice.get("finish_reason"):
+                self.finish = tgi_finish_reason(choice["finish_reason"])
+                text += self.stop.flush()
+            if self.pending is not None:
+                out.append(self.pending)
+            self.pending = self._chunk(text, ())
+        usage = event.get("usage")
+        if usage:
+            self.done = True
+            final = Usage(int(usage["prompt_tokens"]), int(usage["completion_tokens"]))
+            out.append(self._last(final))
+        return out
+
+    def _last(self, usage: Usage) -> Chunk:
+        last = self.pending or self._chunk("", ())
+        self.pending = None
+        return replace(last, finish_reason=self.finish or "stop", usage=usage)
+
+    def end(self) -> list[Chunk]:
+        """The stream closed: a chat stream without usage still ends with its last chunk."""
+        if self.done:
+            return []
+        if self.chat and self.finish is not None:
+            self.done = True
+            return [self._last(Usage(0, self.tokens))]
+        raise BackendError("TGI closed the stream before the last token")
+
+
+class TGIBackend:
+    """Serve lorapool's adapters from a TGI server started with ``LORA_ADAPTERS``.
+
+    ``adapters`` maps lorapool adapter ids to TGI adapter ids (a list of ids, or a
+    mapping whose empty values mean "the same name"); only those can be loaded, and
+    there are as many slots as adapters. ``max_rank`` bounds what registration
+    accepts (TGI has loaded its adapters already). ``model_path``: a local copy of
+    the base checkpoint, if any, for registration's shape checks. TGI has no
+    ``ignore_eos``; such requests may finish at EOS.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        adapters: Mapping[str, str] | Iterable[str] | None = None,
+        api_key: str | None = None,
+        max_batch: int = 64,
+        max_rank: int = 64,
+        timeout: float = 60.0,
+        retries: int = 3,
+        retry_backoff: float = 0.5,
+        model_path: str | Path | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if isinstance(adapters, str):
+            raise TypeError("adapters must be a mapping or a list of adapter ids, not a string")
+        if isinstance(adapters, Mapping):
+            self.adapters = {k: (v or k) for k, v in adapters.items()}
+        else:
+            self.adapters = {name: name for name in adapters or ()}
+        self.base_url = base_url.rstrip("/")
+        self.max_batch = max_batch
+        self.max_rank = max_rank
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self.model_path = None if model_path is None else Path(model_path).expanduser()
+        headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            transport=transport,
+        )
+        self._slots: dict[str, int] = {}
+        self._caps: Capabilities | None = None
+        self._closed = False
+        self.info: dict[str, Any] = {}
+        """TGI's ``/info`` answer (model id, token limits, version), read at :meth:`start`."""
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Set at :meth:`start`: one slot per static adapter, limits from ``/info``."""
+        if self._caps is None:
+            raise RuntimeError("TGIBackend is not started")
+        return self._caps
+
+    async def start(self) -> None:
+        """Read ``GET /info`` for the base model and its token limits."""
+        if self._caps is not None:
+            return
+        if self._closed:
+            raise RuntimeError("TGIBackend was closed")
+        response = await self._request("GET", "/info")
+        self.info = response.json()
+        concurrent = int(self.info.get("max_concurrent_requests") or self.max_batch)
+        total = self.info.get("max_total_tokens")
+        self._caps = Capabilities(
+            max_slots=max(1, len(self.adapters)),
+            max_rank=self.max_rank,
+            max_batch=min(self.max_batch, concurrent),
+            base_model=str(self.info.get("model_id") or self.base_url),
+            target_modules=_TARGETS,
+            dynamic_load=False,
+            pinning=False,
+            max_seq_len=None if total is None else int(total),
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection pool (TGI's adapters stay loaded: they are TGI's)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._slots.clear()
+        self._caps = None
+        await self._client.aclose()
+
+    async def health(self) -> bool:
+        """``GET /health`` answers 200."""
+        if self._closed:
+            return False
+        try:
+            response = await self._client.get("/health")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def _request(self, method: str, path: str) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = await self._client.request(method, path)
+            except httpx.TransportError as exc:
+                if attempt >= self.retries:
+                    raise BackendError(f"TGI at {self.base_url} is unreachable: {exc}") from exc
+            else:
+                if response.status_code < 400:
+                    return response
+                if response.status_code not in _TRANSIENT or attempt >= self.retries:
+                    raise BackendError(
+                        f"TGI answered {method} {path} with HTTP {response.status_code}: "
+                        f"{_error_message(response)}"
+                    )
+            await asyncio.sleep(self.retry_backoff * 2**attempt)
+            attempt += 1
+
+    # -- adapters --------------------------------------------------------------------
+
+    async def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
+        """Nothing to prepare: TGI reads its adapters itself, at launch."""
+        return adapter
+
+    async def load(self, adapter: LoadedAdapter, slot: int) -> None:
+        """Record that ``slot`` serves the adapter; refuse an adapter TGI was not started with."""
+        max_slots = self.capabilities.max_slots
+        if not 0 <= slot < max_slots:
+            raise ValueError(f"slot {slot} is out of range 0..{max_slots - 1}")
+        if adapter.adapter_id not in self.adapters:
+            known = ", ".join(sorted(self.adapters)) or "none"
+            raise LoadError(
+                adapter.adapter_id,
+                "device",
+                "TGI serves only the adapters it was started with (LORA_ADAPTERS) and would "
+                f"answer any other adapter id with the base model; known: {known}. Add "
+                f"{adapter.adapter_id}=<dir> to LORA_ADAPTERS, restart TGI and pass it in "
+                "TGIBackend(adapters=...)",
+            )
+        if adapter.config.r > self.max_rank:
+            raise LoadError(
+                adapter.adapter_id, "device", f"rank {adapter.config.r} > max_rank {self.max_rank}"
+            )
+        for other, other_slot in list(self._slots.items()):
+            if other_slot == slot and other != adapter.adapter_id:
+                del self._slots[other]
+        self._slots[adapter.adapter_id] = slot
+
+    async def unload(self, adapter_id: str) -> None:
+        """Forget the adapter's slot (TGI keeps the adapter: it cannot unload)."""
+        self._slots.pop(adapter_id, None)
+
+    # -- generation ------------------------------------------------------------------
+
+    def _target(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        adapter = None
+        if request.adapter_id is not None:
+            slot = self._slots.get(request.adapter_id)
+            if slot is None:
+                raise BackendError(f"adapter {request.adapter_id!r} is not loaded")
+            if request.slot is not None and slot != request.slot:
+                raise BackendError(
+                    f"adapter {request.adapter_id!r} is in slot {slot}, not {request.slot}"
+                )
+            adapter = self.adapters[request.adapter_id]
+        if isinstance(request.prompt, str):
+            return "/generate_stream", generate_body(request.prompt, request.params, adapter)
+        return "/v1/chat/completions", chat_body(request.prompt, request.params, adapter)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Stream a completion; closing the iterator closes the HTTP stream (TGI cancels)."""
+        if self._caps is None:
+            raise RuntimeError("TGIBackend is not started")
+        path, body = self._target(request)
+        attempt = 0
+        while True:
+            stream = _Stream(request, chat=path != "/generate_stream")
+            try:
+                async with self._client.stream("POST", path, json=body) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        _raise_status(response)
+                    async for line in response.aiter_lines():
+                        event = parse_sse_line(line)
+                        for chunk in [] if event is None else stream.feed(event):
+                            yield chunk
+                        if stream.done:
+                            return
+                    for chunk in stream.end():
+                        yield chunk
+                    return
+            except (_Retry, httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+                if stream.tokens > 0 or attempt >= self.retries:
+                    raise BackendError(f"TGI at {self.base_url} failed: {exc}") from None
+                await asyncio.sleep(self.retry_backoff * 2**attempt)
+                attempt += 1
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return response.text.strip()[:500]
+    if isinstance(body, Mapping) and "error" in body:
+        error = body["error"]
+        return str(error.get("message", error) if isinstance(error, Mapping) else error)
+    return json.dumps(body)[:500]
+
+
+def _raise_status(response: httpx.Response) -> None:
+    """An error status before the stream: validation → InvalidRequest, transient → retry."""
+    status, message = response.status_code, _error_message(response)
+    if status in (400, 422):
+        raise InvalidRequest(f"TGI refused the request: {message}")
+    if status in _TRANSIENT:
+        raise _Retry(f"HTTP {status}: {message}")
+    raise BackendError(f"TGI answered HTTP {status}: {message}")

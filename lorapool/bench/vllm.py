@@ -1,0 +1,344 @@
+"""Raw vLLM vs lorapool over vLLM (and TorchBackend), the same workload, one engine, one run.
+
+Parts (run in the vLLM venv: ``~/.cache/lorapool/venvs/vllm/bin/python -m lorapool bench
+vllm``): ``inside``: a working set that fits vLLM's ``max_loras``, all requests at once,
+throughput of lorapool over raw vLLM (target >= 0.97); ``hot``: 4x more hot adapters than
+``max_loras`` with Zipf popularity and Poisson arrivals, p99 TTFT of lorapool over raw vLLM
+(target <= 0.5) and lorapool's device loads; ``torch``: the ``inside`` workload on
+TorchBackend vs on vLLM, both through lorapool. Raw and lorapool runs share one
+``AsyncLLM`` and alternate (raw, lorapool, raw, lorapool) so machine noise hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+PARTS = ("inside", "hot", "torch")
+PROMPT = "Write a short story about a lighthouse keeper and the sea."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the ``vllm`` scenario."""
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every workload (0)")
+    parser.add_argument("--slots", type=int, default=4, help="vLLM max_loras = lorapool slots (4)")
+    parser.add_argument("--max-batch", type=int, default=16, help="max_num_seqs / max_batch (16)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (32)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per run (48)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each, alternating (2)")
+    parser.add_argument("--hot-factor", type=int, default=4, help="hot adapters / slots (4)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent, hot part (1.0)")
+    parser.add_argument("--rate", type=float, default=3.0, help="arrivals/s, hot part (3.0)")
+    parser.add_argument(
+        "--cpu-loras",
+        type=int,
+        default=None,
+        help="vLLM max_cpu_loras (default: vLLM's own default, = max_loras)",
+    )
+    parser.add_argument("--cache-dir", default=None, help="model and adapter cache")
+    parser.add_argument("--json", default=None, help="write the results as JSON here")
+
+
+@dataclass
+class _Req:
+    at: float
+    adapter: int
+
+
+@dataclass
+class _Result:
+    seconds: float
+    tokens: int
+    ttft: list[float]
+
+    @property
+    def throughput(self) -> float:
+        return self.tokens / self.seconds
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _burst(n: int, adapters: int, rng: random.Random) -> list[_Req]:
+    return [_Req(0.0, rng.randrange(adapters)) for _ in range(n)]
+
+
+def _zipf_poisson(
+    n: int, adapters: int, alpha: float, rate: float, rng: random.Random
+) -> list[_Req]:
+    weights = [1.0 / (k + 1) ** alpha for k in range(adapters)]
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(_Req(t, rng.choices(range(adapters), weights)[0]))
+    return out
+
+
+async def _drive(
+    trace: Sequence[_Req], one: Callable[[_Req, Callable[[], None]], Awaitable[int]]
+) -> _Result:
+    """Submit each request at its time; record TTFT (first token) and tokens."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    ttft: list[float] = []
+
+    async def submit(req: _Req) -> int:
+        await asyncio.sleep(max(0.0, start + req.at - loop.time()))
+        sent = loop.time()
+        first = False
+
+        def on_token() -> None:
+            nonlocal first
+            if not first:
+                first = True
+                ttft.append(loop.time() - sent)
+
+        return await one(req, on_token)
+
+    tokens = sum(await asyncio.gather(*(submit(r) for r in trace)))
+    return _Result(loop.time() - start, tokens, ttft)
+
+
+def _sampling(max_tokens: int) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=0.0,
+        ignore_eos=True,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+async def _raw(
+    engine: Any, trace: Sequence[_Req], paths: Sequence[Path], max_tokens: int
+) -> _Result:
+    from vllm.lora.request import LoRARequest
+
+    loras = [LoRARequest(f"raw-{i}", 1000 + i, str(p)) for i, p in enumerate(paths)]
+    params = _sampling(max_tokens)
+    counter = iter(range(10**9))
+
+    async def one(req: _Req, on_token: Callable[[], None]) -> int:
+        n = 0
+        rid = f"raw-{next(counter)}"
+        prompt = {"prompt": PROMPT}
+        async for out in engine.generate(prompt, params, rid, lora_request=loras[req.adapter]):
+            if out.outputs[0].token_ids:
+                on_token()
+            n += len(out.outputs[0].token_ids)
+        return n
+
+    try:
+        return await _drive(trace, one)
+    finally:
+        for lora in loras:
+            await engine.remove_lora(lora.lora_int_id)
+
+
+async def _pooled(
+    backend: Any, trace: Sequence[_Req], paths: Sequence[Path], max_tokens: int, fair: bool
+) -> tuple[_Result, int]:
+    from lorapool import AdapterPool, FairScheduler, SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    scheduler = FairScheduler() if fair else None
+    async with AdapterPool(backend, scheduler=scheduler) as pool:
+        for i, p in enumerate(paths):
+            await pool.register(f"t{i}/a", str(p), tenant=f"t{i}")
+
+        async def one(req: _Req, on_token: Callable[[], None]) -> int:
+            n = 0
+            tenant = f"t{req.adapter}"
+            async for chunk in pool.generate(
+                PROMPT, adapter=f"{tenant}/a", tenant=tenant, params=params
+            ):
+                if chunk.token_ids:
+                    on_token()
+                n += len(chunk.token_ids)
+            return n
+
+        result = await _drive(trace, one)
+        return result, pool.store.stats.device_loads
+
+
+def _engine(model_dir: Path, args: argparse.Namespace) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(
+        AsyncEngineArgs(
+            model=str(model_dir),
+            dtype="float32",
+            max_model_len=512,
+            max_num_seqs=args.max_batch,
+            enable_lora=True,
+            max_loras=args.slots,
+            max_lora_rank=16,
+            max_cpu_loras=args.cpu_loras,
+            enforce_eager=True,
+            kv_cache_memory_bytes=512 << 20,
+            disable_log_stats=True,
+            seed=args.seed,
+        )
+    )
+
+
+def _vllm_backend(engine: Any, args: argparse.Namespace) -> Any:
+    from lorapool.backends.vllm import VLLMBackend
+
+    # No base-model requests here, so no zero adapter: lorapool and raw vLLM get the same slots.
+    return VLLMBackend(engine, max_slots=args.slots, zero_base=False)
+
+
+async def _main(args: argparse.Namespace, parts: Sequence[str]) -> dict[str, Any]:
+    from lorapool.backends.torch import ensure_demo_model
+
+    from .fairness import _torch_adapters
+
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else None
+    model_dir = ensure_demo_model(cache)
+    from lorapool.cache import default_cache_dir
+
+    hot = args.slots * args.hot_factor
+    paths = _torch_adapters(cache or default_cache_dir(), model_dir, max(hot, args.slots))
+    started = time.perf_counter()
+    engine = await asyncio.to_thread(_engine, model_dir, args)
+    print(f"vLLM engine up in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    results: dict[str, Any] = {}
+    try:
+        rng = random.Random(args.seed)
+        if "inside" in parts or "torch" in parts:
+            trace = _burst(args.requests, args.slots, rng)
+            raw, ours = [], []
+            for _ in range(args.repeats):
+                raw.append(await _raw(engine, trace, paths[: args.slots], args.max_tokens))
+                r, _ = await _pooled(
+                    _vllm_backend(engine, args), trace, paths[: args.slots], args.max_tokens, False
+                )
+                ours.append(r)
+            raw_tps = statistics.mean(r.throughput for r in raw)
+            our_tps = statistics.mean(r.throughput for r in ours)
+            results["inside"] = {
+                "adapters": args.slots,
+                "requests": args.requests,
+                "raw_tok_s": [round(r.throughput, 1) for r in raw],
+                "lorapool_tok_s": [round(r.throughput, 1) for r in ours],
+                "ratio": round(our_tps / raw_tps, 3),
+            }
+            print(
+                f"\ninside max_loras ({args.slots} adapters, {args.requests} requests x "
+                f"{args.max_tokens} tokens): raw vLLM {raw_tps:.1f} tok/s, lorapool "
+                f"{our_tps:.1f} tok/s, ratio {our_tps / raw_tps:.3f} (target >= 0.97)"
+            )
+            if "torch" in parts:
+                from lorapool.backends.torch import TorchBackend
+
+                torch_runs = []
+                for _ in range(args.repeats):
+                    backend = TorchBackend(
+                        model_dir, max_slots=args.slots, max_rank=16, max_batch=args.max_batch,
+                        max_seq_len=512,
+                    )  # fmt: skip
+                    r, _ = await _pooled(
+                        backend, trace, paths[: args.slots], args.max_tokens, False
+                    )
+                    torch_runs.append(r)
+                torch_tps = statistics.mean(r.throughput for r in torch_runs)
+                results["torch"] = {
+                    "torch_tok_s": [round(r.throughput, 1) for r in torch_runs],
+                    "vllm_tok_s": [round(r.throughput, 1) for r in ours],
+                    "ratio_torch_over_vllm": round(torch_tps / our_tps, 3),
+                }
+                print(
+                    f"same workload, both through lorapool: TorchBackend {torch_tps:.1f} tok/s, "
+                    f"vLLM-CPU {our_tps:.1f} tok/s, ratio {torch_tps / our_tps:.3f}"
+                )
+        if "hot" in parts:
+            trace = _zipf_poisson(args.requests, hot, args.alpha, args.rate, rng)
+            raw, ours, loads = [], [], []
+            for _ in range(args.repeats):
+                raw.append(await _raw(engine, trace, paths[:hot], args.max_tokens))
+                r, n = await _pooled(
+                    _vllm_backend(engine, args), trace, paths[:hot], args.max_tokens, True
+                )
+                ours.append(r)
+                loads.append(n)
+            raw_p99 = statistics.mean(_pct(r.ttft, 99) for r in raw)
+            our_p99 = statistics.mean(_pct(r.ttft, 99) for r in ours)
+            results["hot"] = {
+                "hot_adapters": hot,
+                "alpha": args.alpha,
+                "rate": args.rate,
+                "raw_ttft_p50_s": [round(_pct(r.ttft, 50), 3) for r in raw],
+                "raw_ttft_p99_s": [round(_pct(r.ttft, 99), 3) for r in raw],
+                "lorapool_ttft_p50_s": [round(_pct(r.ttft, 50), 3) for r in ours],
+                "lorapool_ttft_p99_s": [round(_pct(r.ttft, 99), 3) for r in ours],
+                "p99_ratio": round(our_p99 / raw_p99, 3),
+                "raw_tok_s": [round(r.throughput, 1) for r in raw],
+                "lorapool_tok_s": [round(r.throughput, 1) for r in ours],
+                "lorapool_device_loads": loads,
+            }
+            print(
+                f"\n{hot} hot adapters, {args.slots} slots, Zipf {args.alpha}, {args.rate} req/s: "
+                f"p99 TTFT raw vLLM {raw_p99:.2f} s, lorapool (FairScheduler) {our_p99:.2f} s, "
+                f"ratio {our_p99 / raw_p99:.3f} (target <= 0.5); lorapool device loads {loads} "
+                "(vLLM's own adapter swaps are not visible through its API)"
+            )
+    finally:
+        await asyncio.to_thread(engine.shutdown)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parts asked for; print the ratios; write JSON if asked."""
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        print(f"unknown parts {unknown}; choose from {list(PARTS)}", file=sys.stderr)
+        return 2
+    try:
+        import vllm
+    except ImportError:
+        print(
+            "the vllm benchmark needs vLLM: run it with the vLLM venv's python "
+            "(make setup-vllm; ~/.cache/lorapool/venvs/vllm/bin/python -m lorapool bench vllm)",
+            file=sys.stderr,
+        )
+        return 2
+    started = time.perf_counter()
+    results = asyncio.run(_main(args, parts))
+    elapsed = time.perf_counter() - started
+    print(f"\ntotal run time {elapsed:.0f} s")
+    if args.json:
+        meta = {
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "vllm": vllm.__version__,
+            "args": vars(args),
+            "seconds": elapsed,
+        }
+        Path(args.json).write_text(json.dumps({"meta": meta, **results}, indent=2, default=str))
+    return 0
