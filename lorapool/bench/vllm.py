@@ -213,17 +213,21 @@ def _vllm_backend(engine: Any, args: argparse.Namespace) -> Any:
     return VLLMBackend(engine, max_slots=args.slots, zero_base=False)
 
 
-async def _main(args: argparse.Namespace, parts: Sequence[str]) -> dict[str, Any]:
+def _inputs(args: argparse.Namespace, count: int) -> tuple[Path, list[Path]]:
+    """The demo model and ``count`` rank-16 adapters (made once, cached)."""
     from lorapool.backends.torch import ensure_demo_model
+    from lorapool.cache import default_cache_dir
 
     from .fairness import _torch_adapters
 
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else None
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     model_dir = ensure_demo_model(cache)
-    from lorapool.cache import default_cache_dir
+    return model_dir, _torch_adapters(cache, model_dir, count)
 
+
+async def _main(args: argparse.Namespace, parts: Sequence[str]) -> dict[str, Any]:
     hot = args.slots * args.hot_factor
-    paths = _torch_adapters(cache or default_cache_dir(), model_dir, max(hot, args.slots))
+    model_dir, paths = await asyncio.to_thread(_inputs, args, max(hot, args.slots))
     started = time.perf_counter()
     engine = await asyncio.to_thread(_engine, model_dir, args)
     print(f"vLLM engine up in {time.perf_counter() - started:.0f} s", file=sys.stderr)
