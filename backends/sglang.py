@@ -131,9 +131,10 @@ class SGLangStream:
             end = _int(meta.get("completion_tokens"), len(ids))
             new_ids = ids[self.ids_seen : end]
             self.ids_seen = max(self.ids_seen, end)
-            # A stop string matched at the end is trimmed from the final text: never rewind.
-            new_text = text[len(self.text) :] if text.startswith(self.text) else ""
-            self.text = text if text.startswith(self.text) else self.text
+            if text.startswith(self.text):
+                new_text, self.text = text[len(self.text) :], text
+            else:  # the final text lost a stop string already streamed: never rewind
+                new_text = ""
         finish = sglang_finish_reason(meta.get("finish_reason"))
         chunk = Chunk(
             new_text, tuple(new_ids), adapter_id=self.adapter_id, served_by=self.served_by
@@ -235,9 +236,8 @@ class SGLangBackend:
                 return
             if self._closed:
                 raise RuntimeError("SGLangBackend was closed")
-            sglang = _sglang()
             if self._owns_engine:
-                self._engine = await self._build(sglang.Engine, self.engine_args())
+                self._engine = await self._build(_sglang().Engine, self.engine_args())
             try:
                 self._caps = self._negotiate(self._engine)
             except BaseException:

@@ -29,6 +29,8 @@ _BUILTIN_BACKENDS = {
     "torch": "lorapool.backends.torch:TorchBackend",
     "vllm": "lorapool.backends.vllm:VLLMBackend",
     "openai": "lorapool.backends.openai:OpenAIServerBackend",
+    "sglang": "lorapool.backends.sglang:SGLangBackend",
+    "tgi": "lorapool.backends.tgi:TGIBackend",
 }
 
 
