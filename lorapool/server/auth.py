@@ -1,0 +1,74 @@
+"""Who is calling: API keys mapped to tenants, or a trusted gateway's tenant header."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from starlette.requests import Request
+
+__all__ = ["ApiKeys", "Auth", "Caller", "TrustedHeader", "Unauthorized"]
+
+
+class Unauthorized(Exception):
+    """No credentials, or credentials that name no tenant (HTTP 401)."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated caller: its tenant, and whether it may manage shared adapters."""
+
+    tenant: str
+    admin: bool = False
+
+
+class Auth(Protocol):
+    """Turns a request into a :class:`Caller` or raises :class:`Unauthorized`."""
+
+    def authenticate(self, request: Request) -> Caller:
+        """The caller of ``request``."""
+        ...
+
+
+class ApiKeys:
+    """``Authorization: Bearer <key>``; each key names a tenant (and maybe admin rights).
+
+    ``keys`` maps a key to a tenant name or to a :class:`Caller`. Keys are
+    compared in constant time.
+    """
+
+    def __init__(self, keys: Mapping[str, str | Caller]) -> None:
+        self._keys = {k: v if isinstance(v, Caller) else Caller(v) for k, v in keys.items() if k}
+
+    def authenticate(self, request: Request) -> Caller:
+        """The caller whose key is in the ``Authorization`` header."""
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        key = key.strip()
+        for known, caller in self._keys.items():
+            if hmac.compare_digest(known.encode(), key.encode()):
+                return caller
+        raise Unauthorized("invalid API key")
+
+
+class TrustedHeader:
+    """Behind a gateway that authenticated the caller: the tenant is in ``header``.
+
+    Only use it when the server is reachable from the gateway alone.
+    ``admin_tenants`` may manage shared adapters.
+    """
+
+    def __init__(self, header: str = "x-tenant-id", *, admin_tenants: frozenset[str] = frozenset()):
+        self.header = header.lower()
+        self.admin_tenants = admin_tenants
+
+    def authenticate(self, request: Request) -> Caller:
+        """The caller named by the header."""
+        tenant = request.headers.get(self.header, "").strip()
+        if not tenant:
+            raise Unauthorized(f"missing {self.header} header (trusted-gateway mode)")
+        return Caller(tenant, tenant in self.admin_tenants)

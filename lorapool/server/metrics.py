@@ -1,0 +1,107 @@
+"""Prometheus metrics for a served pool (``lorapool_*``, design §7).
+
+Per-request families (TTFT, latency, requests, tokens) are observed by the
+server as requests finish; pool state (loads, evictions, resident adapters,
+queue depth) is read from the pool at scrape time by a collector, so the
+pool itself never depends on prometheus-client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from lorapool.pool import AdapterPool
+
+__all__ = ["CONTENT_TYPE", "ServerMetrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _PoolCollector(Collector):
+    """Reads the store's and scheduler's counters when Prometheus scrapes."""
+
+    def __init__(self, pool: AdapterPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        store, stats = self.pool.store, self.pool.store.stats
+        loads = CounterMetricFamily(
+            "lorapool_adapter_loads", "Adapter loads into a tier", labels=["tier"]
+        )
+        loads.add_metric(["device"], stats.device_loads)
+        loads.add_metric(["host"], stats.host_loads)
+        loads.add_metric(["disk"], stats.disk_fetches)
+        yield loads
+        failures = CounterMetricFamily(
+            "lorapool_adapter_load_failures", "Loads that failed", labels=["kind"]
+        )
+        failures.add_metric(["load"], stats.load_failures)
+        failures.add_metric(["integrity"], stats.integrity_failures)
+        yield failures
+        evictions = CounterMetricFamily(
+            "lorapool_evictions", "Adapters evicted from a tier", labels=["tier"]
+        )
+        for tier, n in stats.evictions.items():
+            evictions.add_metric([tier], n)
+        yield evictions
+        seconds = GaugeMetricFamily(
+            "lorapool_adapter_load_seconds", "Recent time to make an adapter resident"
+        )
+        seconds.add_metric([], stats.load_seconds)
+        yield seconds
+        resident = GaugeMetricFamily(
+            "lorapool_resident_adapters", "Adapters on the device", labels=["tier"]
+        )
+        resident.add_metric(["device"], len(store.resident))
+        yield resident
+        host = GaugeMetricFamily("lorapool_host_bytes", "Host-tier bytes in use")
+        host.add_metric([], store.host_bytes)
+        yield host
+        queue = GaugeMetricFamily("lorapool_queue_depth", "Requests waiting for dispatch")
+        queue.add_metric([], self.pool.scheduler.queued)
+        yield queue
+
+
+class ServerMetrics:
+    """The metric families of one server, in their own registry."""
+
+    def __init__(self, pool: AdapterPool) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_PoolCollector(pool))
+        self.requests = Counter(
+            "lorapool_requests",
+            "Requests by tenant tier and outcome",
+            ["tier", "outcome"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "lorapool_tokens",
+            "Tokens by tenant and direction (in: prompt, out: completion)",
+            ["tenant", "direction"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "lorapool_ttft_seconds",
+            "Time to first token by tenant tier",
+            ["tier"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lorapool_request_seconds",
+            "Whole-request latency by tenant tier",
+            ["tier"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """The exposition text."""
+        return generate_latest(self.registry)

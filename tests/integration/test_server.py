@@ -1,0 +1,247 @@
+"""The OpenAI-compatible server end to end: uvicorn on 127.0.0.1, TorchBackend with the real
+model and real adapters, driven by the official ``openai`` client (AsyncOpenAI)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+pytestmark = pytest.mark.slow
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+
+from lorapool import AdapterPool, FairScheduler, SamplingParams  # noqa: E402
+from lorapool.fair import TierPolicy  # noqa: E402
+from lorapool.server import ApiKeys, Caller, create_app  # noqa: E402
+
+KEYS = {
+    "key-acme": "acme",
+    "key-globex": "globex",
+    "key-admin": Caller("platform", admin=True),
+    "key-slow": "slowco",
+}
+PROMPT = "The three primary colours are"
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+
+
+@dataclass
+class Served:
+    url: str
+    pool: AdapterPool
+    server: Any
+
+    def client(self, key: str | None) -> Any:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def served(model_dir: Path, adapters: dict[str, Path]) -> AsyncIterator[Served]:
+    from lorapool.backends.torch import TorchBackend
+
+    backend = TorchBackend(model_dir, max_slots=3, max_rank=32, max_batch=8, max_seq_len=256)
+    scheduler = FairScheduler(
+        tiers={
+            "paid": TierPolicy(),
+            "limited": TierPolicy(requests_per_s=0.01, request_burst=1),
+        },
+        tenant_tiers={"slowco": "limited"},
+        default_tier="paid",
+    )
+    pool = AdapterPool(backend, scheduler=scheduler)
+    app = create_app(pool, auth=ApiKeys(KEYS), shutdown_timeout=30)
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    await pool.register("acme/pirate", str(adapters["r8-attn"]), tenant="acme")
+    await pool.register("acme/french", str(adapters["r16-all"]), tenant="acme")
+    await pool.register("globex/legal", str(adapters["r32-attn"]), tenant="globex")
+    await pool.register(
+        "platform/summary", str(adapters["r16-qv-rslora"]), tenant="platform", shared=True
+    )
+    try:
+        yield Served(f"http://127.0.0.1:{port}", pool, server)
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_chat_and_completions_stream_and_not_on_three_adapters_and_the_base(
+    served: Served,
+) -> None:
+    client = served.client("key-acme")
+    pool = served.pool
+    base = served.pool.backend.capabilities.base_model
+    for model, adapter in [
+        ("acme/pirate", "acme/pirate"),
+        ("acme/french", "acme/french"),
+        (f"{base}:platform/summary", "platform/summary"),
+        (base, None),
+    ]:
+        want = await pool.complete(PROMPT, adapter=adapter, tenant="acme", params=GREEDY)
+        done = await client.completions.create(
+            model=model, prompt=PROMPT, max_tokens=8, temperature=0
+        )
+        assert done.choices[0].text == want.text, model
+        assert done.usage.completion_tokens == want.usage.completion_tokens
+        stream = await client.completions.create(
+            model=model, prompt=PROMPT, max_tokens=8, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        parts, usage = [], None
+        async for event in stream:
+            parts.extend(c.text for c in event.choices)
+            usage = event.usage or usage
+        assert "".join(parts) == want.text
+        assert usage is not None and usage.completion_tokens == want.usage.completion_tokens
+
+        messages = [{"role": "user", "content": "Name a colour."}]
+        want_chat = await pool.complete(messages, adapter=adapter, tenant="acme", params=GREEDY)
+        chat = await client.chat.completions.create(
+            model=model, messages=messages, max_tokens=8, temperature=0
+        )
+        assert chat.choices[0].message.content == want_chat.text
+        stream = await client.chat.completions.create(
+            model=model, messages=messages, max_tokens=8, temperature=0, stream=True
+        )
+        text = "".join([e.choices[0].delta.content or "" async for e in stream if e.choices])
+        assert text == want_chat.text
+    await client.close()
+
+
+async def test_models_list_shows_only_what_the_tenant_may_use(served: Served) -> None:
+    base = served.pool.backend.capabilities.base_model
+    acme = served.client("key-acme")
+    globex = served.client("key-globex")
+    assert {m.id async for m in acme.models.list()} == {
+        base,
+        "acme/pirate",
+        "acme/french",
+        "platform/summary",
+    }
+    assert {m.id async for m in globex.models.list()} == {base, "globex/legal", "platform/summary"}
+    await acme.close()
+    await globex.close()
+
+
+async def test_errors_follow_openai_status_codes(served: Served) -> None:
+    acme = served.client("key-acme")
+    with pytest.raises(openai.AuthenticationError):
+        await served.client(None).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        await served.client("wrong-key").models.list()
+    with pytest.raises(openai.PermissionDeniedError):
+        await acme.completions.create(model="globex/legal", prompt=PROMPT, max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        await acme.completions.create(model="acme/nope", prompt=PROMPT, max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        await acme.completions.create(model="acme/pirate", prompt=PROMPT, max_tokens=-1)
+    slow = served.client("key-slow")
+    await slow.completions.create(
+        model=served.pool.backend.capabilities.base_model, prompt=PROMPT, max_tokens=2
+    )
+    with pytest.raises(openai.RateLimitError) as err:
+        await slow.completions.create(
+            model=served.pool.backend.capabilities.base_model, prompt=PROMPT, max_tokens=2
+        )
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    assert err.value.body["type"] == "rate_limit_exceeded"  # type: ignore[index]
+    await acme.close()
+    await slow.close()
+
+
+async def test_load_and_unload_adapters_with_vllm_bodies(
+    served: Served, adapters: dict[str, Path]
+) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=served.url) as http:
+        auth = {"Authorization": "Bearer key-globex"}
+        r = await http.post(
+            "/v1/load_lora_adapter",
+            json={"lora_name": "globex/new", "lora_path": str(adapters["r8-attn"])},
+            headers=auth,
+        )
+        assert r.status_code == 200, r.text
+        globex = served.client("key-globex")
+        done = await globex.completions.create(
+            model="globex/new", prompt=PROMPT, max_tokens=4, temperature=0
+        )
+        assert done.choices[0].text
+        r = await http.post(
+            "/v1/unload_lora_adapter", json={"lora_name": "globex/new"}, headers=auth
+        )
+        assert r.status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            await globex.completions.create(model="globex/new", prompt=PROMPT, max_tokens=4)
+        # Another tenant's adapter cannot be unloaded; shared needs an admin key.
+        r = await http.post(
+            "/v1/unload_lora_adapter", json={"lora_name": "acme/pirate"}, headers=auth
+        )
+        assert r.status_code == 403
+        body = {"lora_name": "globex/shared", "lora_path": str(adapters["r8-attn"]), "shared": True}
+        r = await http.post("/v1/load_lora_adapter", json=body, headers=auth)
+        assert r.status_code == 403
+        r = await http.post("/v1/load_lora_adapter", json={"lora_name": "x"}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        await globex.close()
+
+
+async def test_disconnect_cancels_the_request_in_the_engine(served: Served) -> None:
+    client = served.client("key-acme")
+    backend = served.pool.backend
+    stream = await client.completions.create(
+        model="acme/pirate", prompt="Write a long story.", max_tokens=200, temperature=0,
+        stream=True, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    seen = 0
+    async for _ in stream:
+        seen += 1
+        if seen == 3:
+            break
+    await stream.close()
+    for _ in range(100):
+        if backend.live_sequences == 0:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.05)
+    assert backend.live_sequences == 0  # type: ignore[attr-defined]
+    assert served.pool.store.refs("acme/pirate") == 0
+    await client.close()
+
+
+async def test_health_ready_and_metrics(served: Served) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=served.url) as http:
+        assert (await http.get("/health")).status_code == 200
+        ready = await http.get("/ready")
+        assert ready.status_code == 200 and ready.json()["ready"] is True
+        text = (await http.get("/metrics")).text
+    for family in (
+        "lorapool_adapter_loads_total",
+        "lorapool_resident_adapters",
+        "lorapool_queue_depth",
+        "lorapool_ttft_seconds_bucket",
+        "lorapool_tokens_total",
+        "lorapool_requests_total",
+        "lorapool_evictions_total",
+    ):
+        assert family in text, family
+    assert 'lorapool_tokens_total{direction="out",tenant="acme"}' in text
