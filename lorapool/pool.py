@@ -436,7 +436,7 @@ class AdapterPool:
         if info is not None and not self.store.on_device(info.adapter_id):
             policy = self.scheduler.cold_start(tenant)
             if policy != "wait":
-                self.store.hint(info, "device")
+                self.store.load_for(info)
                 if policy == "reject":
                     account.refused += 1
                     raise ColdStartRejected(

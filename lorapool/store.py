@@ -32,6 +32,7 @@ from .errors import (
     AdapterValidationError,
     ContentMismatch,
     LoadError,
+    LorapoolError,
     PinLimitExceeded,
     SourceError,
     SourceNotFound,
@@ -434,6 +435,27 @@ class TieredStore:
             for warm in policy.on_hint(info.adapter_id):
                 self._hint_by_id(warm.adapter_id, warm.tier)
         return accepted
+
+    def load_for(self, info: AdapterInfo) -> None:
+        """A request wanted ``info`` but does not wait for it (cold-start fallback or reject).
+
+        Load it to the device in the background as a request would: unlike a
+        hint, it may evict an adapter that requests used (never one in use).
+        """
+        if self._closed:
+            return
+
+        async def load() -> None:
+            try:
+                await self.acquire(info)
+            except LorapoolError as exc:
+                log.warning("background load of %s failed: %s", info.adapter_id, exc)
+                return
+            self.release(info.adapter_id)
+
+        task = asyncio.create_task(load())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     def _hint_by_id(self, adapter_id: str, tier: TierName) -> None:
         # Policies name adapters; the store knows every registered one it was told about.

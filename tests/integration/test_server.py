@@ -28,6 +28,7 @@ KEYS = {
     "key-globex": "globex",
     "key-admin": Caller("platform", admin=True),
     "key-slow": "slowco",
+    "key-cold": "coldco",
 }
 PROMPT = "The three primary colours are"
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
@@ -58,8 +59,9 @@ async def served(model_dir: Path, adapters: dict[str, Path]) -> AsyncIterator[Se
         tiers={
             "paid": TierPolicy(),
             "limited": TierPolicy(requests_per_s=0.01, request_burst=1),
+            "no-cold-starts": TierPolicy(cold_start="reject"),
         },
-        tenant_tiers={"slowco": "limited"},
+        tenant_tiers={"slowco": "limited", "coldco": "no-cold-starts"},
         default_tier="paid",
     )
     pool = AdapterPool(backend, scheduler=scheduler)
@@ -141,7 +143,7 @@ async def test_models_list_shows_only_what_the_tenant_may_use(served: Served) ->
     await globex.close()
 
 
-async def test_errors_follow_openai_status_codes(served: Served) -> None:
+async def test_errors_follow_openai_status_codes(served: Served, adapters: dict[str, Path]) -> None:
     acme = served.client("key-acme")
     with pytest.raises(openai.AuthenticationError):
         await served.client(None).models.list()
@@ -163,8 +165,22 @@ async def test_errors_follow_openai_status_codes(served: Served) -> None:
         )
     assert int(err.value.response.headers["retry-after"]) >= 1
     assert err.value.body["type"] == "rate_limit_exceeded"  # type: ignore[index]
+    # A tier that refuses cold starts gets 503 + Retry-After while its adapter loads.
+    await served.pool.register("coldco/a", str(adapters["r32-all"]), tenant="coldco")
+    cold = served.client("key-cold")
+    with pytest.raises(openai.InternalServerError) as err5:
+        await cold.completions.create(model="coldco/a", prompt=PROMPT, max_tokens=2)
+    assert err5.value.status_code == 503 and int(err5.value.response.headers["retry-after"]) >= 1
+    assert err5.value.body["type"] == "adapter_loading"  # type: ignore[index]
+    for _ in range(200):  # the rejected request started the load; once on the device, served
+        if served.pool.store.on_device("coldco/a"):
+            break
+        await asyncio.sleep(0.05)
+    done = await cold.completions.create(model="coldco/a", prompt=PROMPT, max_tokens=2)
+    assert done.choices[0].text
     await acme.close()
     await slow.close()
+    await cold.close()
 
 
 async def test_load_and_unload_adapters_with_vllm_bodies(
@@ -223,17 +239,46 @@ async def test_disconnect_cancels_the_request_in_the_engine(served: Served) -> N
         await asyncio.sleep(0.05)
     assert backend.live_sequences == 0  # type: ignore[attr-defined]
     assert served.pool.store.refs("acme/pirate") == 0
+    done = await client.completions.create(model="acme/pirate", prompt=PROMPT, max_tokens=4)
+    assert done.usage.completion_tokens >= 1  # the next request is served
     await client.close()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus exposition text parsed with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 async def test_health_ready_and_metrics(served: Served) -> None:
     import httpx
 
+    out = ("lorapool_tokens_total", (("direction", "out"), ("tenant", "acme")))
+    ok = ("lorapool_requests_total", (("outcome", "ok"), ("tier", "paid")))
     async with httpx.AsyncClient(base_url=served.url) as http:
         assert (await http.get("/health")).status_code == 200
         ready = await http.get("/ready")
         assert ready.status_code == 200 and ready.json()["ready"] is True
+        before = _samples((await http.get("/metrics")).text)
+        acme = served.client("key-acme")
+        await acme.completions.create(
+            model="acme/french",
+            prompt=PROMPT,
+            max_tokens=5,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        await acme.close()
         text = (await http.get("/metrics")).text
+    after = _samples(text)
+    assert after[out] == before.get(out, 0.0) + 5
+    assert after[ok] == before.get(ok, 0.0) + 1
+    assert after[("lorapool_resident_adapters", (("tier", "device"),))] >= 1
     for family in (
         "lorapool_adapter_loads_total",
         "lorapool_resident_adapters",
