@@ -35,6 +35,43 @@ def test_example_config_builds_what_it_says() -> None:
     assert {c.tenant for c in auth._keys.values()} == {"acme", "globex", "platform"}  # type: ignore[attr-defined]
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(
+    tmp: Path, model_dir: Path, port: int, keys: dict[str, str], store: str, max_batch: int = 4
+) -> Path:
+    """A server.toml for the example: TorchBackend, 2 slots, ``keys`` -> tenants."""
+    lines = "\n".join(f'"{k}" = {{ tenant = "{t}" }}' for k, t in keys.items())
+    config = tmp / "server.toml"
+    config.write_text(
+        f"""
+[backend]
+kind = "torch"
+model = "{model_dir}"
+max_slots = 2
+max_rank = 32
+max_batch = {max_batch}
+options = {{ max_seq_len = 512 }}
+
+[store]
+{store}
+
+[keys]
+{lines}
+
+[server]
+port = {port}
+shutdown_timeout = 60
+"""
+    )
+    return config
+
+
 def start_example(config: Path, log: Path) -> subprocess.Popen[bytes]:
     """``python examples/openai_server.py CONFIG`` in its own process group."""
     with log.open("wb") as out:
@@ -48,30 +85,9 @@ def start_example(config: Path, log: Path) -> subprocess.Popen[bytes]:
 async def test_served_from_a_config_file_logs_json_and_drains_on_sigterm(
     tmp_path: Path, model_dir: Path, adapters: dict[str, Path]
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = tmp_path / "server.toml"
-    config.write_text(
-        f"""
-[backend]
-kind = "torch"
-model = "{model_dir}"
-max_slots = 2
-max_rank = 32
-max_batch = 4
-options = {{ max_seq_len = 512 }}
-
-[store]
-disk_dir = "{tmp_path / "disk"}"
-
-[keys]
-"sk-acme" = {{ tenant = "acme" }}
-
-[server]
-port = {port}
-shutdown_timeout = 60
-"""
+    port = free_port()
+    config = write_config(
+        tmp_path, model_dir, port, {"sk-acme": "acme"}, f'disk_dir = "{tmp_path / "disk"}"'
     )
     log = tmp_path / "server.log"
     proc = start_example(config, log)

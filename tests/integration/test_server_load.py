@@ -1,0 +1,103 @@
+"""A bounded load test: the example server as one process, the load generator as another.
+
+Mixed tenants and adapters, more adapters than device slots, streaming and not, random
+cancellations: no unexpected error, every completed response well formed, and the server's
+RSS after the run within 5% of its RSS after warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .test_server_example import free_port, start_example, write_config
+
+pytestmark = pytest.mark.slow
+
+pytest.importorskip("uvicorn")
+
+TENANTS = {"sk-a": "acme", "sk-b": "globex", "sk-c": "initech"}
+ADAPTERS = ("r8-attn", "r16-all", "r32-attn", "r16-qv-rslora", "r32-all")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def load(url: str, models: dict[str, list[str]], requests: int, seed: int) -> dict[str, object]:
+    """Run lorapool.testing.loadtest in a second process; its JSON report."""
+    cmd = [sys.executable, "-m", "lorapool.testing.loadtest", url, "--requests", str(requests)]
+    cmd += ["--concurrency", "6", "--cancel", "0.2", "--duration", "240", "--seed", str(seed)]
+    for key, names in models.items():
+        cmd += ["--keys", f"{key}={','.join(names)}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    report: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def test_bounded_load_from_a_second_process(
+    tmp_path: Path, model_dir: Path, adapters: dict[str, Path]
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, model_dir, port, TENANTS, 'host_bytes = "64MiB"', max_batch=6)
+    log = tmp_path / "server.log"
+    proc = start_example(config, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        models: dict[str, list[str]] = {}
+        for i, name in enumerate(ADAPTERS):  # five adapters over three tenants, two slots
+            key = list(TENANTS)[i % len(TENANTS)]
+            adapter = f"{TENANTS[key]}/{name}"
+            body = {"lora_name": adapter, "lora_path": str(adapters[name])}
+            r = httpx.post(
+                f"{url}/v1/load_lora_adapter", json=body, headers={"Authorization": f"Bearer {key}"}
+            )
+            assert r.status_code == 200, r.text
+            models.setdefault(key, ["smollm2-base-placeholder"]).append(adapter)
+        base = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-a"}).json()
+        base_name = base["data"][0]["id"]
+        for names in models.values():
+            names[0] = base_name
+
+        warm = load(url, models, requests=40, seed=1)
+        assert warm["unexpected_errors"] == 0, warm
+        after_warmup = rss_bytes(proc.pid)
+        report = load(url, models, requests=160, seed=2)
+        after_run = rss_bytes(proc.pid)
+        outcomes = report["outcomes"]
+        assert isinstance(outcomes, dict)
+        assert report["unexpected_errors"] == 0, report
+        assert outcomes.get("ok", 0) >= 100 and outcomes.get("cancelled", 0) >= 5, report
+        assert outcomes.get("refused", 0) == 0, report  # no limits configured
+        assert set(outcomes) <= {"ok", "cancelled"}, report
+        assert abs(after_run - after_warmup) <= 0.05 * after_warmup, (after_warmup, after_run)
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'lorapool_adapter_loads_total{tier="device"}' in metrics
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
