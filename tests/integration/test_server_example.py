@@ -78,7 +78,9 @@ def start_example(config: Path, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, str(ROOT / "examples" / "openai_server.py"), str(config)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+            # Two malloc arenas, as docs/operations.md recommends for the server: glibc's
+            # default (8 per core) lets RSS creep as worker threads come and go.
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_ARENA_MAX": "2"},
         )  # fmt: skip
 
 

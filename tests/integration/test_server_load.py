@@ -79,11 +79,14 @@ def test_bounded_load_from_a_second_process(
         for names in models.values():
             names[0] = base_name
 
-        warm = load(url, models, requests=40, seed=1)
+        warm = load(url, models, requests=100, seed=1)  # every adapter, path and shape once
         assert warm["unexpected_errors"] == 0, warm
         after_warmup = rss_bytes(proc.pid)
         report = load(url, models, requests=160, seed=2)
         after_run = rss_bytes(proc.pid)
+        print(
+            f"server RSS after warm-up {after_warmup >> 20} MiB, after the run {after_run >> 20} MiB"
+        )
         outcomes = report["outcomes"]
         assert isinstance(outcomes, dict)
         assert report["unexpected_errors"] == 0, report
