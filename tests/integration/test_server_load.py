@@ -84,9 +84,7 @@ def test_bounded_load_from_a_second_process(
         after_warmup = rss_bytes(proc.pid)
         report = load(url, models, requests=160, seed=2)
         after_run = rss_bytes(proc.pid)
-        print(
-            f"server RSS after warm-up {after_warmup >> 20} MiB, after the run {after_run >> 20} MiB"
-        )
+        print(f"server RSS: {after_warmup >> 20} MiB after warm-up, {after_run >> 20} MiB after")
         outcomes = report["outcomes"]
         assert isinstance(outcomes, dict)
         assert report["unexpected_errors"] == 0, report
