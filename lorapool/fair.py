@@ -172,6 +172,11 @@ class FairScheduler(DispatchState):
         """Requests waiting for dispatch."""
         return self._queued
 
+    @property
+    def queued_by_tier(self) -> dict[str, int]:
+        """Requests waiting for dispatch, per tier."""
+        return {tier: self._queued_by_tier.get(tier, 0) for tier in self.tiers}
+
     def counter(self, tenant: str) -> float:
         """The tenant's virtual token counter (service received / weight)."""
         state = self._tenants.get(tenant)

@@ -71,6 +71,12 @@ class StoreStats:
     load_seconds: float = 1.0
     """Moving average of the seconds a device load took (from wherever the adapter was)."""
     evictions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_TIERS, 0))
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_TIERS, 0))
+    """Requests' lookups that found the adapter in a tier (prefetches not counted)."""
+    misses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_TIERS, 0))
+    """Requests' lookups that did not, and went to the next tier."""
+    source_fetches: dict[str, int] = field(default_factory=dict)
+    """Downloads into the disk tier by source scheme (``s3``, ``https``, ...)."""
 
 
 @dataclass
@@ -216,6 +222,11 @@ class TieredStore:
         """``{adapter id: slot}`` of everything on the device."""
         return {a: r.slot for a, r in self._device.items()}
 
+    @property
+    def in_use(self) -> int:
+        """Distinct adapters that requests in flight hold (the running batch's adapters)."""
+        return len(self._refs)
+
     def refs(self, adapter_id: str) -> int:
         """References (requests in flight) on an adapter."""
         return self._refs.get(adapter_id, 0)
@@ -299,13 +310,19 @@ class TieredStore:
         key = info.adapter_id
         self._infos[key] = info
         self._refs[key] = self._refs.get(key, 0) + 1
+        missed = False
         try:
             while True:
                 resident = self._device.get(key)
                 if resident is not None:
                     resident.speculative = False
                     self._device_policy.on_access(key)
+                    if not missed:
+                        self._stats.hits["device"] += 1
                     return resident.slot
+                if not missed:
+                    self._stats.misses["device"] += 1
+                    missed = True
                 await self._device_flights.run(key, lambda: self._load_to_device(info, False))
         except BaseException:
             self.release(key)
@@ -581,6 +598,8 @@ class TieredStore:
 
     async def _host_entry(self, info: AdapterInfo, speculative: bool) -> LoadedAdapter:
         entry = self._host.get(info.adapter_id, use=not speculative)
+        if not speculative:
+            (self._stats.hits if entry is not None else self._stats.misses)["host"] += 1
         if entry is not None:
             return entry
         return await self._host_flights.run(
@@ -633,6 +652,8 @@ class TieredStore:
         if local is not None:
             return local
         path = self._disk.get(info.sha256, use=not speculative)
+        if not speculative:
+            (self._stats.hits if path is not None else self._stats.misses)["disk"] += 1
         if path is not None:
             return path
         return await self._disk_flights.run(
@@ -664,6 +685,8 @@ class TieredStore:
             if archive is not None:
                 await archive.cleanup()
         self._stats.disk_fetches += 1
+        scheme = scheme_of(info.source)
+        self._stats.source_fetches[scheme] = self._stats.source_fetches.get(scheme, 0) + 1
         self._stats.fetched_bytes += fetched
         return path
 

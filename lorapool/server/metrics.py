@@ -51,6 +51,20 @@ class _PoolCollector(Collector):
         for tier, n in stats.evictions.items():
             evictions.add_metric([tier], n)
         yield evictions
+        for name, counts, what in (
+            ("lorapool_tier_hits", stats.hits, "Requests that found their adapter in a tier"),
+            ("lorapool_tier_misses", stats.misses, "Requests that went past a tier"),
+        ):
+            family = CounterMetricFamily(name, what, labels=["tier"])
+            for tier, n in counts.items():
+                family.add_metric([tier], n)
+            yield family
+        sources = CounterMetricFamily(
+            "lorapool_source_fetches", "Adapter downloads by source scheme", labels=["source"]
+        )
+        for scheme, n in stats.source_fetches.items():
+            sources.add_metric([scheme], n)
+        yield sources
         seconds = GaugeMetricFamily(
             "lorapool_adapter_load_seconds", "Recent time to make an adapter resident"
         )
@@ -61,11 +75,23 @@ class _PoolCollector(Collector):
         )
         resident.add_metric(["device"], len(store.resident))
         yield resident
+        batch = GaugeMetricFamily(
+            "lorapool_batch_distinct_adapters", "Distinct adapters among requests in flight"
+        )
+        batch.add_metric([], store.in_use)
+        yield batch
         host = GaugeMetricFamily("lorapool_host_bytes", "Host-tier bytes in use")
         host.add_metric([], store.host_bytes)
         yield host
-        queue = GaugeMetricFamily("lorapool_queue_depth", "Requests waiting for dispatch")
-        queue.add_metric([], self.pool.scheduler.queued)
+        queue = GaugeMetricFamily(
+            "lorapool_queue_depth", "Requests waiting for dispatch", labels=["tier"]
+        )
+        by_tier = getattr(self.pool.scheduler, "queued_by_tier", None)
+        if isinstance(by_tier, dict):
+            for tier, n in by_tier.items():
+                queue.add_metric([str(tier)], n)
+        else:
+            queue.add_metric(["all"], self.pool.scheduler.queued)
         yield queue
 
 

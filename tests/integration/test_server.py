@@ -279,6 +279,11 @@ async def test_health_ready_and_metrics(served: Served) -> None:
     assert after[out] == before.get(out, 0.0) + 5
     assert after[ok] == before.get(ok, 0.0) + 1
     assert after[("lorapool_resident_adapters", (("tier", "device"),))] >= 1
+    hit = ("lorapool_tier_hits_total", (("tier", "device"),))
+    assert after[hit] >= before.get(hit, 0.0) + 1  # acme/french was already on the device
+    assert ("lorapool_queue_depth", (("tier", "paid"),)) in after
+    assert ("lorapool_batch_distinct_adapters", ()) in after
+    assert ("lorapool_tier_misses_total", (("tier", "host"),)) in after
     for family in (
         "lorapool_adapter_loads_total",
         "lorapool_resident_adapters",

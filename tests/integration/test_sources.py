@@ -108,6 +108,8 @@ async def test_s3_register_then_serve_from_host_disk_and_s3(
     assert third.text == expected.text
     assert s3_server.gets("/adapters/acme/support/") == 5  # the two files fetched again
     assert store.stats.disk_fetches == 1
+    assert store.stats.source_fetches == {"s3": 1}
+    assert store.stats.misses["disk"] >= 1 and store.stats.hits["disk"] >= 1
 
 
 async def test_fifty_concurrent_cold_requests_cause_one_get_per_object(
