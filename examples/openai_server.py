@@ -45,6 +45,12 @@ def main() -> None:
         shutdown_timeout=config.server.shutdown_timeout,
         log_prompts=config.server.log_prompts,
     )
+    if config.server.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(
+            config.server.metrics_port, addr=config.server.host, registry=app.state.metrics.registry
+        )
     uvicorn.run(
         app,
         host=config.server.host,

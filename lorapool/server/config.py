@@ -87,6 +87,8 @@ class HttpConfig(_Strict):
     shutdown_timeout: float = 30.0
     default_max_tokens: int = 256
     log_prompts: bool = False
+    metrics_port: int | None = None
+    """Also serve ``/metrics`` on this port (e.g. one only the monitoring network reaches)."""
 
 
 class ServerConfig(_Strict):

@@ -43,7 +43,13 @@ def free_port() -> int:
 
 
 def write_config(
-    tmp: Path, model_dir: Path, port: int, keys: dict[str, str], store: str, max_batch: int = 4
+    tmp: Path,
+    model_dir: Path,
+    port: int,
+    keys: dict[str, str],
+    store: str,
+    max_batch: int = 4,
+    server: str = "",
 ) -> Path:
     """A server.toml for the example: TorchBackend, 2 slots, ``keys`` -> tenants."""
     lines = "\n".join(f'"{k}" = {{ tenant = "{t}" }}' for k, t in keys.items())
@@ -67,6 +73,7 @@ options = {{ max_seq_len = 512 }}
 [server]
 port = {port}
 shutdown_timeout = 60
+{server}
 """
     )
     return config
@@ -87,9 +94,16 @@ def start_example(config: Path, log: Path) -> subprocess.Popen[bytes]:
 async def test_served_from_a_config_file_logs_json_and_drains_on_sigterm(
     tmp_path: Path, model_dir: Path, adapters: dict[str, Path]
 ) -> None:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
+    while metrics_port == port:
+        metrics_port = free_port()
     config = write_config(
-        tmp_path, model_dir, port, {"sk-acme": "acme"}, f'disk_dir = "{tmp_path / "disk"}"'
+        tmp_path,
+        model_dir,
+        port,
+        {"sk-acme": "acme"},
+        f'disk_dir = "{tmp_path / "disk"}"',
+        server=f"metrics_port = {metrics_port}",
     )
     log = tmp_path / "server.log"
     proc = start_example(config, log)
@@ -112,6 +126,9 @@ async def test_served_from_a_config_file_logs_json_and_drains_on_sigterm(
                 await http.post("/v1/load_lora_adapter", json=body, headers=auth)
             ).status_code == 200
 
+        async with httpx.AsyncClient() as http:  # the separate metrics port
+            scraped = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert scraped.status_code == 200 and "lorapool_resident_adapters" in scraped.text
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-acme", max_retries=0)
         secret = "my secret prompt text"
         stream = await client.completions.create(
