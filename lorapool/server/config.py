@@ -62,6 +62,20 @@ class StoreConfig(_Strict):
     disk_dir: str | None = None
     disk_bytes: str | int | None = None
     eviction: str | dict[str, str] | None = None
+    sources: dict[Literal["s3", "http", "https"], dict[str, Any]] = Field(default_factory=dict)
+    """Per scheme, the source's settings: ``[store.sources.s3]`` takes
+    :class:`~lorapool.sources.S3Source`'s (``endpoint_url``, ``region_name``, ``profile``,
+    ...; credentials better come from the AWS environment), ``http``/``https``
+    :class:`~lorapool.sources.HttpSource`'s (``headers``)."""
+
+    def build_sources(self) -> dict[str, Any]:
+        """The configured sources by scheme."""
+        from lorapool.sources import HttpSource, S3Source
+
+        out: dict[str, Any] = {}
+        for scheme, settings in self.sources.items():
+            out[scheme] = S3Source(**settings) if scheme == "s3" else HttpSource(**settings)
+        return out
 
 
 class KeyConfig(_Strict):
@@ -161,6 +175,7 @@ class ServerConfig(_Strict):
             disk_dir=s.disk_dir,
             disk_bytes=s.disk_bytes,
             eviction=s.eviction,
+            sources=s.build_sources(),
         )
         return AdapterPool(
             self.build_backend(),
