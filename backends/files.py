@@ -10,18 +10,36 @@ with adapters (see :func:`write_zero_adapter`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import struct
 import tempfile
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from lorapool.adapters import CONFIG_FILE, WEIGHTS_FILE
+from lorapool.errors import LoadError
 from lorapool.types import LoadedAdapter
 
-__all__ = ["AdapterDirs", "write_zero_adapter"]
+__all__ = ["AdapterDirs", "check_load", "write_zero_adapter"]
+
+
+def check_load(
+    adapter: LoadedAdapter, slot: int, max_slots: int, max_rank: int, engine: str
+) -> None:
+    """Refuse a slot out of range (``ValueError``) or a rank ``engine`` cannot hold
+    (:class:`LoadError`), before anything is written or loaded."""
+    if not 0 <= slot < max_slots:
+        raise ValueError(f"slot {slot} is out of range 0..{max_slots - 1}")
+    if adapter.config.r > max_rank:
+        raise LoadError(
+            adapter.adapter_id,
+            "device",
+            f"rank {adapter.config.r} is above {engine}'s max_lora_rank {max_rank}",
+        )
 
 
 class AdapterDirs:
@@ -59,6 +77,14 @@ class AdapterDirs:
             if not (final / WEIGHTS_FILE).is_file():  # not a concurrent writer's win
                 raise
         return final
+
+    async def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
+        """The adapter with its directory written (``prepared``), for a backend's ``prepare``."""
+        return replace(adapter, prepared=await self.dir_of(adapter))
+
+    async def dir_of(self, adapter: LoadedAdapter) -> Path:
+        """The adapter's directory, written now if it is not there (off the event loop)."""
+        return await asyncio.to_thread(self.materialise, adapter)
 
     def discard(self, sha256: str) -> None:
         """Delete an adapter's directory. Blocking."""

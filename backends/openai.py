@@ -39,7 +39,7 @@ from lorapool.types import (
     Usage,
 )
 
-from .files import AdapterDirs, write_zero_adapter
+from .files import AdapterDirs, check_load, write_zero_adapter
 
 __all__ = ["OpenAIServerBackend", "ServerError", "parse_sse_line"]
 
@@ -273,19 +273,15 @@ class OpenAIServerBackend:
 
     async def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
         """Write the adapter to ``adapter_dir`` when it enters the host tier."""
-        path = await asyncio.to_thread(self._dirs.materialise, adapter)
-        return replace(adapter, prepared=path)
+        return await self._dirs.prepare(adapter)
 
     async def load(self, adapter: LoadedAdapter, slot: int) -> None:
         """Load the adapter on the server as the occupant of ``slot``."""
-        if not 0 <= slot < self.max_slots:
-            raise ValueError(f"slot {slot} is out of range 0..{self.max_slots - 1}")
+        check_load(adapter, slot, self.max_slots, self.max_rank, "the server")
         for other, remote in list(self._loaded.items()):
             if remote.slot == slot and other != adapter.adapter_id:
                 await self.unload(other)
-        path = adapter.prepared if isinstance(adapter.prepared, Path) else None
-        if path is None or not path.is_dir():
-            path = await asyncio.to_thread(self._dirs.materialise, adapter)
+        path = await self._dirs.dir_of(adapter)
         try:
             await self._load_remote(adapter.adapter_id, path)
         except BackendError as exc:

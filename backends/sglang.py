@@ -43,7 +43,7 @@ from lorapool.types import (
     Usage,
 )
 
-from .files import AdapterDirs
+from .files import AdapterDirs, check_load
 
 __all__ = ["SGLangBackend", "SGLangStream", "sglang_finish_reason", "sglang_sampling_params"]
 
@@ -313,26 +313,16 @@ class SGLangBackend:
 
     async def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
         """Write the adapter where SGLang will read it, when it enters the host tier."""
-        path = await asyncio.to_thread(self._dirs.materialise, adapter)
-        return replace(adapter, prepared=path)
+        return await self._dirs.prepare(adapter)
 
     async def load(self, adapter: LoadedAdapter, slot: int) -> None:
         """``load_lora_adapter(..., pinned=True)`` the adapter as the occupant of ``slot``."""
         engine = self.engine
-        if not 0 <= slot < self.max_slots:
-            raise ValueError(f"slot {slot} is out of range 0..{self.max_slots - 1}")
-        if adapter.config.r > self.max_rank:
-            raise LoadError(
-                adapter.adapter_id,
-                "device",
-                f"rank {adapter.config.r} is above SGLang's max_lora_rank {self.max_rank}",
-            )
+        check_load(adapter, slot, self.max_slots, self.max_rank, "SGLang")
         for other, lora in list(self._loras.items()):
             if lora.slot == slot or other == adapter.adapter_id:
                 await self.unload(other)
-        path = adapter.prepared if isinstance(adapter.prepared, Path) else None
-        if path is None or not path.is_dir():
-            path = await asyncio.to_thread(self._dirs.materialise, adapter)
+        path = await self._dirs.dir_of(adapter)
         try:
             await _lora_call(
                 engine.async_load_lora_adapter(adapter.adapter_id, str(path), pinned=True),

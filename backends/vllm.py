@@ -24,7 +24,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from lorapool.types import (
     Usage,
 )
 
-from .files import AdapterDirs, write_zero_adapter
+from .files import AdapterDirs, check_load, write_zero_adapter
 
 __all__ = ["VLLMBackend"]
 
@@ -268,28 +268,18 @@ class VLLMBackend:
 
     async def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
         """Write the adapter where vLLM will read it, when it enters the host tier."""
-        path = await asyncio.to_thread(self._dirs.materialise, adapter)
-        return replace(adapter, prepared=path)
+        return await self._dirs.prepare(adapter)
 
     async def load(self, adapter: LoadedAdapter, slot: int) -> None:
         """``add_lora`` + ``pin_lora`` the adapter as the occupant of ``slot``."""
         from vllm.lora.request import LoRARequest
 
         engine = self.engine
-        if not 0 <= slot < self.max_slots:
-            raise ValueError(f"slot {slot} is out of range 0..{self.max_slots - 1}")
-        if adapter.config.r > self.max_rank:
-            raise LoadError(
-                adapter.adapter_id,
-                "device",
-                f"rank {adapter.config.r} is above vLLM's max_lora_rank {self.max_rank}",
-            )
+        check_load(adapter, slot, self.max_slots, self.max_rank, "vLLM")
         for other, lora in list(self._loras.items()):
             if lora.slot == slot or other == adapter.adapter_id:
                 await self.unload(other)
-        path = adapter.prepared if isinstance(adapter.prepared, Path) else None
-        if path is None or not path.is_dir():
-            path = await asyncio.to_thread(self._dirs.materialise, adapter)
+        path = await self._dirs.dir_of(adapter)
         request = LoRARequest(adapter.adapter_id, next(self._ids), str(path))
         try:
             await _engine_call(engine.add_lora(request), f"load adapter {adapter.adapter_id!r}")

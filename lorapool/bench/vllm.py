@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import platform
 import random
 import statistics
@@ -24,6 +23,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .fairness import _pct
 
 __all__ = ["add_arguments", "run"]
 
@@ -68,16 +69,6 @@ class _Result:
     @property
     def throughput(self) -> float:
         return self.tokens / self.seconds
-
-
-def _pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _burst(n: int, adapters: int, rng: random.Random) -> list[_Req]:
