@@ -75,7 +75,10 @@ class Registry:
     """Adapter metadata with tenancy: private adapters are visible to their owner only.
 
     Reads come from memory; every change is written through to ``store``
-    first, so a failed write changes nothing.
+    first, so a failed write changes nothing. Before each read the registry
+    asks the store for its :meth:`~lorapool.registry_store.RegistryStore.version`
+    and reloads when another process changed it: pools sharing one store see
+    each other's registrations and removals.
     """
 
     def __init__(self, store: RegistryStore | None = None, *, keep_versions: int = 5) -> None:
@@ -83,11 +86,32 @@ class Registry:
             raise ValueError("keep_versions must be >= 1")
         self.store: RegistryStore = store if store is not None else MemoryRegistryStore()
         self.keep_versions = keep_versions
-        self._adapters: dict[str, AdapterInfo] = {i.adapter_id: i for i in self.store.records()}
+        self._adapters: dict[str, AdapterInfo] = {}
+        self._aliases: dict[str, Alias] = {}
+        self._seen: int | None = None
+        self._reload()
+
+    def _store_version(self) -> int | None:
+        version = getattr(self.store, "version", None)
+        if version is None:  # a store written before stores had versions
+            return None
+        try:
+            return int(version())
+        except RuntimeError:  # closed: keep serving what is in memory
+            return self._seen
+
+    def _reload(self) -> None:
+        self._seen = self._store_version()
+        self._adapters = {i.adapter_id: i for i in self.store.records()}
         raw = self.store.get_setting(_ALIASES)
-        self._aliases: dict[str, Alias] = {
+        self._aliases = {
             name: Alias(**fields) for name, fields in (json.loads(raw) if raw else {}).items()
         }
+
+    def _sync(self) -> None:
+        """Reload if another process changed the store since we last looked."""
+        if self._seen is not None and self._store_version() != self._seen:
+            self._reload()
 
     @classmethod
     def open(cls, path: str | Path) -> Registry:
@@ -99,9 +123,11 @@ class Registry:
         self.store.close()
 
     def __len__(self) -> int:
+        self._sync()
         return len(self._adapters)
 
     def __contains__(self, adapter_id: object) -> bool:
+        self._sync()
         return adapter_id in self._adapters or adapter_id in self._aliases
 
     # -- versions and aliases ------------------------------------------------------------
@@ -113,6 +139,7 @@ class Registry:
 
     def alias(self, name: str, tenant: str | None) -> Alias:
         """The alias ``tenant`` may use under ``name``."""
+        self._sync()
         alias = self._aliases.get(name)
         if alias is None:
             raise AdapterNotFound(name)
@@ -134,6 +161,7 @@ class Registry:
         back). Returns the ids of old versions beyond ``keep_versions`` that
         carry no traffic: the caller removes them.
         """
+        self._sync()
         check_adapter_id(name)
         if not version or "@" in version or "/" in version:
             raise InvalidRequest(f"version {version!r} must be a non-empty name without '@' or '/'")
@@ -160,6 +188,7 @@ class Registry:
 
     def set_traffic(self, name: str, split: dict[str, float], tenant: str | None) -> None:
         """Split the alias's traffic over versions by weight (``{"v3": 90, "v4": 10}``)."""
+        self._sync()
         alias = self._owned_alias(name, tenant)
         unknown = sorted(set(split) - set(alias.versions))
         if unknown:
@@ -172,6 +201,7 @@ class Registry:
 
     def rollback(self, name: str, tenant: str | None) -> dict[str, float]:
         """Restore the alias's previous traffic split; returns it."""
+        self._sync()
         alias = self._owned_alias(name, tenant)
         while alias.history:
             previous = alias.history.pop()
@@ -183,6 +213,7 @@ class Registry:
 
     def add(self, info: AdapterInfo) -> None:
         """Record a new adapter; :class:`AdapterExists` if the id is taken."""
+        self._sync()
         if info.adapter_id in self._adapters:
             raise AdapterExists(info.adapter_id)
         self.store.insert(info)
@@ -194,6 +225,7 @@ class Registry:
         A version that carries traffic is refused with :class:`AdapterInUse`;
         move the traffic first (``set_traffic``/``rollback``).
         """
+        self._sync()
         if adapter_id not in self._adapters:
             return
         name, _, version = adapter_id.rpartition("@")
@@ -218,6 +250,7 @@ class Registry:
 
     def remove_alias(self, name: str) -> None:
         """Forget the alias ``name`` and every version of it."""
+        self._sync()
         alias = self._aliases.pop(name, None)
         if alias is None:
             return
@@ -230,6 +263,7 @@ class Registry:
 
     def version_ids(self, name: str) -> list[str]:
         """Ids of every version of the alias ``name`` (empty if it is not an alias)."""
+        self._sync()
         alias = self._aliases.get(name)
         return [] if alias is None else [alias.version_id(v) for v in alias.versions]
 
@@ -239,6 +273,7 @@ class Registry:
         An alias resolves to one of its versions, chosen from ``request_id``
         by the alias's traffic split.
         """
+        self._sync()
         alias = self._aliases.get(adapter_id)
         if alias is not None:
             self.alias(adapter_id, tenant)
@@ -251,6 +286,7 @@ class Registry:
 
     def owned(self, adapter_id: str, tenant: str | None) -> AdapterInfo:
         """The adapter if ``tenant`` owns it (changes such as unregister need ownership)."""
+        self._sync()
         alias = self._aliases.get(adapter_id)
         if alias is not None:
             self._owned_alias(adapter_id, tenant)
@@ -264,6 +300,7 @@ class Registry:
 
     def visible(self, tenant: str | None) -> list[AdapterInfo]:
         """Adapters ``tenant`` may use: its own and the shared ones, sorted by id."""
+        self._sync()
         return sorted(
             (
                 i

@@ -46,6 +46,16 @@ class RegistryStore(Protocol):
         """Set (``None``: delete) a named value."""
         ...
 
+    def version(self) -> int:
+        """A number that changes when another process or node changed the store.
+
+        The :class:`~lorapool.registry.Registry` reads it before each lookup
+        and reloads its in-memory view when it moved, so pools that share a
+        store (replicas of one deployment) see each other's registrations.
+        A store only this process writes returns a constant.
+        """
+        ...
+
     def close(self) -> None:
         """Release the store. Idempotent."""
         ...
@@ -82,6 +92,10 @@ class MemoryRegistryStore:
             self._settings.pop(key, None)
         else:
             self._settings[key] = value
+
+    def version(self) -> int:
+        """Constant: nobody else writes this dict."""
+        return 0
 
     def close(self) -> None:
         """Nothing to release."""
@@ -189,6 +203,14 @@ class SqliteRegistryStore:
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+    def version(self) -> int:
+        """SQLite's ``data_version``: it moves when another connection commits.
+
+        One cheap pragma (no table read), so every lookup can afford it.
+        """
+        row = self._conn().execute("PRAGMA data_version").fetchone()
+        return int(row[0])
 
     def close(self) -> None:
         """Close the connection."""

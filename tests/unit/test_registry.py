@@ -39,6 +39,27 @@ async def test_registrations_survive_a_restart(tmp_path: Path) -> None:
             pool.registry.resolve("t/a1", None)
 
 
+async def test_pools_sharing_one_registry_file_see_each_others_changes(tmp_path: Path) -> None:
+    """Two live pools (two replicas) on one SQLite file: no restart needed."""
+    dirs = make_adapters(tmp_path, 2)
+    db = tmp_path / "registry.sqlite"
+    async with (
+        AdapterPool(MockBackend(), registry=db) as one,
+        AdapterPool(MockBackend(), registry=db) as two,
+    ):
+        await one.register("t/a0", str(dirs["t/a0"]), tenant="acme")
+        assert [a.adapter_id for a in two.list_adapters(tenant="acme")] == ["t/a0"]
+        out = await two.complete("x", adapter="t/a0", tenant="acme", params=ONE)
+        assert out.served_by == "adapter"
+        with pytest.raises(AdapterExists):  # the id is taken, though `two` never registered it
+            await two.register("t/a0", str(dirs["t/a1"]), tenant="acme")
+        await two.register("t/a1", str(dirs["t/a1"]), tenant="acme", version="v1")
+        assert one.registry.version_ids("t/a1") == ["t/a1@v1"]
+        await one.unregister("t/a0", tenant="acme")
+        with pytest.raises(AdapterNotFound):
+            await two.complete("x", adapter="t/a0", tenant="acme", params=ONE)
+
+
 async def test_concurrent_registrations_are_safe(tmp_path: Path) -> None:
     dirs = make_adapters(tmp_path, 8)
     db = tmp_path / "registry.sqlite"
