@@ -31,8 +31,25 @@ __all__ = [
 ]
 
 
+from typing import Any
+
+
+def _rebuild(cls: type[LorapoolError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class LorapoolError(Exception):
-    """Base class of every error lorapool raises on purpose."""
+    """Base class of every error lorapool raises on purpose.
+
+    Errors pickle as they are (message and fields such as ``retry_after``), so
+    they cross process boundaries (Ray Serve replicas) unchanged.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class AdapterNotFound(LorapoolError, LookupError):

@@ -17,5 +17,15 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 from .app import create_app
 from .auth import ApiKeys, Auth, Caller, TrustedHeader, Unauthorized
+from .served import LocalPool, Served
 
-__all__ = ["ApiKeys", "Auth", "Caller", "TrustedHeader", "Unauthorized", "create_app"]
+__all__ = [
+    "ApiKeys",
+    "Auth",
+    "Caller",
+    "LocalPool",
+    "Served",
+    "TrustedHeader",
+    "Unauthorized",
+    "create_app",
+]

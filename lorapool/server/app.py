@@ -50,6 +50,7 @@ from lorapool.types import Chunk, Completion, Prompt, SamplingParams, Usage
 
 from .auth import Auth, Caller, Unauthorized
 from .metrics import CONTENT_TYPE, ServerMetrics
+from .served import LocalPool, Served
 from .protocol import (
     ChatRequest,
     CompletionRequest,
@@ -110,7 +111,7 @@ def _bad_body(exc: ValidationError | ValueError) -> Response:
 
 
 def create_app(
-    pool: AdapterPool,
+    pool: AdapterPool | Served,
     *,
     auth: Auth,
     default_max_tokens: int = 256,
@@ -119,18 +120,21 @@ def create_app(
 ) -> Starlette:
     """An ASGI app serving ``pool`` with the OpenAI API; run it with uvicorn.
 
+    ``pool`` is an :class:`~lorapool.AdapterPool` or anything :class:`Served`
+    (pools on Ray Serve replicas: :mod:`lorapool.integrations.ray_serve`).
     ``auth`` maps each request to a tenant (:class:`~lorapool.server.ApiKeys`
     or :class:`~lorapool.server.TrustedHeader`). The app starts the pool on
     startup and, on shutdown, stops accepting requests, lets streams in
     flight finish for up to ``shutdown_timeout`` seconds, then closes it.
     """
-    metrics = ServerMetrics(pool)
+    metrics = ServerMetrics(pool if isinstance(pool, AdapterPool) else None)
+    served: Served = LocalPool(pool) if isinstance(pool, AdapterPool) else pool
     state: dict[str, Any] = {"draining": False, "inflight": 0}
     idle = asyncio.Event()
     idle.set()
 
     def base_model() -> str:
-        return pool.backend.capabilities.base_model
+        return served.base_model()
 
     def resolve_model(model: str) -> str | None:
         """``None`` for the base model, else the adapter id (``base:adapter`` accepted)."""
@@ -141,8 +145,7 @@ def create_app(
         return model[len(prefix) :] if model.startswith(prefix) else model
 
     def tier_of(tenant: str) -> str:
-        tier = getattr(pool.scheduler, "tier_of", None)
-        return str(tier(tenant)) if callable(tier) else "default"
+        return served.tier_of(tenant)
 
     async def caller_of(request: Request) -> Caller:
         return auth.authenticate(request)
@@ -192,7 +195,7 @@ def create_app(
         rid = new_id("chatcmpl" if chat else "cmpl")
         started = time.perf_counter()
         tier = tier_of(caller.tenant)
-        stream = pool.generate(prompt, adapter=adapter, tenant=caller.tenant, params=params)
+        stream = served.generate(prompt, adapter=adapter, tenant=caller.tenant, params=params)
         # Pull the first chunk before answering, so admission and lookup errors get their
         # status code instead of a broken stream.
         try:
@@ -321,7 +324,7 @@ def create_app(
                 "parent": None,
             }
         ]
-        for info in pool.list_adapters(tenant=caller.tenant):
+        for info in await served.adapters(caller.tenant):
             data.append(
                 {
                     "id": info.adapter_id,
@@ -338,14 +341,14 @@ def create_app(
         if body.shared and not caller.admin:
             message = "only admin keys may register shared adapters"
             return JSONResponse(error_body(message, "permission_denied", 403), 403)
-        info = await pool.register(
+        info = await served.register(
             body.lora_name, body.lora_path, tenant=caller.tenant, shared=body.shared
         )
         return PlainTextResponse(f"Success: LoRA adapter '{info.adapter_id}' added successfully.")
 
     async def unload_adapter(request: Request, caller: Caller) -> Response:
         body = UnloadAdapterRequest.model_validate(await body_of(request))
-        await pool.unregister(body.lora_name, tenant=caller.tenant)
+        await served.unregister(body.lora_name, tenant=caller.tenant)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     # -- operations ------------------------------------------------------------------
@@ -354,7 +357,7 @@ def create_app(
         return PlainTextResponse("ok")
 
     async def ready(request: Request) -> Response:
-        if state["draining"] or not await pool.backend.health():
+        if state["draining"] or not await served.ready():
             return JSONResponse({"ready": False}, 503)
         return JSONResponse({"ready": True, "model": base_model()})
 
@@ -363,7 +366,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await pool.start()
+        await served.start()
         try:
             yield
         finally:
@@ -376,7 +379,7 @@ def create_app(
                     state["inflight"],
                     shutdown_timeout,
                 )
-            await pool.aclose()
+            await served.aclose()
 
     routes = [
         Route("/v1/completions", guarded(completions), methods=["POST"]),

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lorapool.fair import FairScheduler, TierPolicy
 from lorapool.pool import AdapterPool
+from lorapool.registry import Registry
 from lorapool.store import TieredStore
 
 from .auth import ApiKeys, Auth, Caller, TrustedHeader
@@ -167,8 +168,12 @@ class ServerConfig(_Strict):
             default_tier=self.default_tier,
         )
 
-    def build_pool(self) -> AdapterPool:
-        """Backend, store, scheduler and registry as configured (not started)."""
+    def build_pool(self, *, registry: Registry | None = None) -> AdapterPool:
+        """Backend, store, scheduler and registry as configured (not started).
+
+        ``registry`` overrides the configured one (replicas sharing a registry
+        store, :mod:`lorapool.integrations.ray_serve`).
+        """
         s = self.store
         store = TieredStore(
             host_bytes=s.host_bytes,
@@ -181,7 +186,7 @@ class ServerConfig(_Strict):
             self.build_backend(),
             store=store,
             scheduler=self.build_scheduler(),
-            registry=self.registry,
+            registry=registry if registry is not None else self.registry,
         )
 
     def build_auth(self) -> Auth:

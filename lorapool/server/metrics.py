@@ -98,9 +98,10 @@ class _PoolCollector(Collector):
 class ServerMetrics:
     """The metric families of one server, in their own registry."""
 
-    def __init__(self, pool: AdapterPool) -> None:
+    def __init__(self, pool: AdapterPool | None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_PoolCollector(pool))
+        if pool is not None:  # pools elsewhere (Ray replicas) report their own state
+            self.registry.register(_PoolCollector(pool))
         self.requests = Counter(
             "lorapool_requests",
             "Requests by tenant tier and outcome",

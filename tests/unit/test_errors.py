@@ -1,0 +1,44 @@
+"""Errors keep their type, message and fields across pickling (process boundaries)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from lorapool import errors as e
+
+SAMPLES: list[e.LorapoolError] = [
+    e.AdapterNotFound("acme/a"),
+    e.AccessDenied("acme/a", "globex"),
+    e.AdapterExists("acme/a"),
+    e.AdapterInUse("acme/a@v1 carries traffic"),
+    e.SourceNotFound("/nope", "no such directory"),
+    e.SourceError("s3://b/k", "503", transient=True),
+    e.ContentMismatch("s3://b/k", "sha256 differs"),
+    e.ExtraNotInstalled("lorapool.server", "server", "no starlette"),
+    e.AdapterValidationError("rank_too_large", "r=64 > 16"),
+    e.NotAPeftAdapter("/tmp/x", "no adapter_config.json"),
+    e.InvalidRequest("max_tokens must be > 0"),
+    e.RateLimited("acme is over 5 req/s", retry_after=0.2),
+    e.Overloaded("queue full", retry_after=1.5),
+    e.ColdStartRejected("adapter cold", retry_after=3.0),
+    e.DeadlineExceeded("waited 2 s"),
+    e.PinLimitExceeded("4 pinned"),
+    e.LoadError("acme/a", "device", "boom"),
+    e.BackendError("engine died"),
+    e.BackendUnavailable("vllm", "vllm", "no module"),
+]
+
+
+@pytest.mark.parametrize("error", SAMPLES, ids=lambda x: type(x).__name__)
+def test_error_survives_pickling(error: e.LorapoolError) -> None:
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is type(error)
+    assert str(again) == str(error)
+    assert again.__dict__ == error.__dict__
+
+
+def test_every_error_class_is_sampled() -> None:
+    classes = {getattr(e, n) for n in e.__all__}
+    assert classes - {type(x) for x in SAMPLES} == {e.LorapoolError}
