@@ -108,10 +108,22 @@ class Registry:
             name: Alias(**fields) for name, fields in (json.loads(raw) if raw else {}).items()
         }
 
-    def _sync(self) -> None:
-        """Reload if another process changed the store since we last looked."""
+    def _sync(self, lookup: str | None = None) -> None:
+        """Reload if another process changed the store since we last looked.
+
+        A store that caches its version (a remote one) is asked again, past
+        its cache, when ``lookup`` is unknown here: an id registered through
+        another replica a moment ago resolves at once.
+        """
         if self._seen is not None and self._store_version() != self._seen:
             self._reload()
+        if lookup is None or lookup in self._adapters or lookup in self._aliases:
+            return
+        invalidate = getattr(self.store, "invalidate", None)
+        if invalidate is not None:
+            invalidate()
+            if self._store_version() != self._seen:
+                self._reload()
 
     @classmethod
     def open(cls, path: str | Path) -> Registry:
@@ -139,7 +151,7 @@ class Registry:
 
     def alias(self, name: str, tenant: str | None) -> Alias:
         """The alias ``tenant`` may use under ``name``."""
-        self._sync()
+        self._sync(name)
         alias = self._aliases.get(name)
         if alias is None:
             raise AdapterNotFound(name)
@@ -273,7 +285,7 @@ class Registry:
         An alias resolves to one of its versions, chosen from ``request_id``
         by the alias's traffic split.
         """
-        self._sync()
+        self._sync(adapter_id)
         alias = self._aliases.get(adapter_id)
         if alias is not None:
             self.alias(adapter_id, tenant)
@@ -286,7 +298,7 @@ class Registry:
 
     def owned(self, adapter_id: str, tenant: str | None) -> AdapterInfo:
         """The adapter if ``tenant`` owns it (changes such as unregister need ownership)."""
-        self._sync()
+        self._sync(adapter_id)
         alias = self._aliases.get(adapter_id)
         if alias is not None:
             self._owned_alias(adapter_id, tenant)

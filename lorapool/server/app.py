@@ -50,7 +50,6 @@ from lorapool.types import Chunk, Completion, Prompt, SamplingParams, Usage
 
 from .auth import Auth, Caller, Unauthorized
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .served import LocalPool, Served
 from .protocol import (
     ChatRequest,
     CompletionRequest,
@@ -64,6 +63,7 @@ from .protocol import (
     new_id,
     sse,
 )
+from .served import LocalPool, Served
 
 __all__ = ["create_app"]
 

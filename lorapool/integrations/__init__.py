@@ -1,0 +1,1 @@
+"""lorapool on other infrastructure: :mod:`lorapool.integrations.ray_serve` (extra ``ray``)."""
