@@ -1,8 +1,11 @@
 """Benchmarks: ratios measured side by side in one run, printed and written as JSON.
 
-Run them with ``python -m lorapool bench <scenario>`` or
-``python -m lorapool.bench <scenario>``: ``engine`` (throughput with mixed
-adapters, needs the demo model) or ``cache`` (the eviction policy simulator).
+Run them with ``lorapool bench <scenario>`` (or ``python -m lorapool bench``):
+``serve`` (any workload through lorapool on any target: latency, SLO, loads),
+``engine`` (mixed-adapter throughput vs PEFT), ``cache`` (eviction policy
+simulator), ``store`` (load paths), ``fairness`` (FCFS vs FairScheduler),
+``vllm`` (raw vLLM vs lorapool over vLLM), and ``report``, which runs them all
+and writes ``docs/performance.md``.
 Benchmarks are not tests: nothing here asserts on wall-clock speed.
 """
 
@@ -13,7 +16,7 @@ from typing import Any
 
 __all__ = ["SCENARIOS", "add_scenarios", "run"]
 
-SCENARIOS = ("engine", "cache", "store", "fairness", "vllm")
+SCENARIOS = ("serve", "engine", "cache", "store", "fairness", "vllm", "report")
 
 
 def _module(scenario: str) -> Any:
@@ -32,6 +35,23 @@ def add_scenarios(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the scenario ``args.scenario`` parsed by :func:`add_scenarios`."""
+    """Run the scenario ``args.scenario`` parsed by :func:`add_scenarios`.
+
+    Every scenario's JSON (``--json``) gets a ``meta`` entry: machine,
+    package versions and the configuration it ran with (seeds included).
+    """
+    import json
+    from pathlib import Path
+
+    from .meta import run_meta
+
     status: int = _module(args.scenario).run(args)
+    out = getattr(args, "json", None)
+    if status == 0 and out and Path(out).is_file():
+        results = json.loads(Path(out).read_text())
+        if isinstance(results, dict):
+            meta = run_meta(args)
+            meta.update({k: v for k, v in results.get("meta", {}).items() if k not in meta})
+            results["meta"] = meta
+            Path(out).write_text(json.dumps({"meta": meta, **results}, indent=2, default=str))
     return status

@@ -1,0 +1,48 @@
+"""What a benchmark result was measured on: machine, versions, configuration."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import time
+from typing import Any
+
+__all__ = ["run_meta"]
+
+_PACKAGES = ("lorapool", "torch", "transformers", "peft", "vllm", "sglang", "ray", "numpy")
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def run_meta(args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """Machine, package versions and the run's configuration (its parsed arguments)."""
+    config = {k: v for k, v in vars(args).items() if k != "func"} if args is not None else {}
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {
+            "platform": platform.platform(),
+            "arch": platform.machine(),
+            "processor": platform.processor() or None,
+            "cpus": os.cpu_count(),
+            "memory_bytes": _memory_bytes(),
+        },
+        "versions": _versions(),
+        "config": config,
+    }

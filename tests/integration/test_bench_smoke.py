@@ -1,0 +1,150 @@
+"""Every ``lorapool bench`` sub-command runs briefly on TorchBackend (or the simulator) through
+the real CLI: its JSON carries meta (machine, versions, configuration) and its results, and its
+PNG plots are valid images."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+pytest.importorskip("matplotlib")
+
+
+def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lorapool", "bench", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _meta_ok(data: dict[str, Any], **config: Any) -> None:
+    meta = data["meta"]
+    assert meta["machine"]["cpus"] >= 1 and meta["machine"]["arch"]
+    assert meta["versions"]["python"] and meta["versions"]["lorapool"]
+    for key, value in config.items():
+        assert meta["config"][key] == value, key
+
+
+def _png_ok(path: Path) -> None:
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert raw[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", raw[16:24])
+    assert width > 100 and height > 100
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[:2] == (height, width)
+    assert pixels.std() > 0  # not a blank canvas
+
+
+def test_serve(tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    args = ("--duration", "3", "--rate", "2", "--adapters", "1,2", "--slots", "2", "--seed", "3")
+    _bench("serve", *args, "--plots", str(tmp_path), "--json", str(out), cwd=tmp_path)
+    data = json.loads(out.read_text())
+    _meta_ok(data, seed=3, workload="slora", slots=2)
+    assert [(r["target"], r["adapters"]) for r in data["runs"]] == [("torch", 1), ("torch", 2)]
+    for r in data["runs"]:
+        assert r["completed"] == r["requests"] > 0 and r["errors"] == {}
+        assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p90"] <= r["ttft_s"]["p99"]
+        assert r["itl_s"]["p50"] is not None and r["output_tokens_per_s"] > 0
+        assert 0 <= r["slo_attainment"] <= 1 and r["device_loads"] >= 1
+        assert set(r["hit_ratio"]) >= {"device"} and r["tenants"]
+    for name in ("serve-ttft-cdf.png", "serve-throughput.png", "serve-tenant-ttft.png"):
+        _png_ok(tmp_path / name)
+
+
+def test_trace_replay(tmp_path: Path) -> None:
+    trace = tmp_path / "azure.csv"
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,20,4\n"
+        "2023-11-16 18:15:47.1000000,30,3\n"
+        "2023-11-16 18:15:47.9000000,12,5\n"
+    )
+    out = tmp_path / "trace.json"
+    _bench(
+        "serve", "--workload", f"trace:{trace}", "--adapters", "2", "--json", str(out), cwd=tmp_path
+    )
+    runs = json.loads(out.read_text())["runs"]
+    assert runs[0]["requests"] == runs[0]["completed"] == 3
+
+
+def test_engine(tmp_path: Path) -> None:
+    out = tmp_path / "engine.json"
+    args = ("--rounds", "1", "--batch", "4", "--max-tokens", "4", "--adapters", "1,2", "--no-peft")
+    _bench("engine", *args, "--json", str(out), cwd=tmp_path)
+    data = json.loads(out.read_text())
+    _meta_ok(data, rounds=1, batch=4)
+    assert data["rows"]
+
+
+def test_cache(tmp_path: Path) -> None:
+    out = tmp_path / "cache.json"
+    _bench("cache", "--requests", "2000", "--jobs", "1", "--json", str(out), cwd=tmp_path)
+    data = json.loads(out.read_text())
+    _meta_ok(data, requests=2000, seed=0)
+    assert len(data) > 1
+
+
+def test_store(tmp_path: Path) -> None:
+    out = tmp_path / "store.json"
+    _bench("store", "--rounds", "2", "--json", str(out), cwd=tmp_path)
+    data = json.loads(out.read_text())
+    _meta_ok(data, rounds=2)
+    assert {"sizes", "disk_to_host", "store"} <= set(data)
+
+
+def test_fairness(tmp_path: Path) -> None:
+    out, plot = tmp_path / "fairness.json", tmp_path / "ttft.png"
+    args = (
+        "--parts",
+        "noisy,overhead",
+        "--duration",
+        "3",
+        "--noisy-rate",
+        "3",
+        "--quiet-rate",
+        "0.7",
+        "--max-tokens",
+        "4",
+        "--overhead-tenants",
+        "100",
+        "--overhead-requests",
+        "500",
+    )
+    _bench("fairness", *args, "--plot", str(plot), "--json", str(out), cwd=tmp_path)
+    data = json.loads(out.read_text())
+    _meta_ok(data, seed=0, duration=3.0)
+    _png_ok(plot)
+
+
+def test_report_regenerates_the_page(tmp_path: Path) -> None:
+    done = _bench(
+        "report", "--quick", "--only", "cache,serve", "--out", str(tmp_path), cwd=tmp_path
+    )
+    page = (tmp_path / "performance.md").read_text()
+    assert "## Cache policy simulator" in page and "## Serving a workload" in page
+    assert "## Engine" not in page  # --only
+    assert "lorapool bench serve" in page and "FAILED" not in page
+    assert json.loads((tmp_path / "bench-serve.json").read_text())["runs"]
+    _png_ok(tmp_path / "serve-ttft-cdf.png")
+    assert "wrote" in done.stdout
