@@ -57,6 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT bound, s (1.0)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed (0)")
     parser.add_argument("--cache-dir", default=None, help="model and adapter cache")
+    parser.add_argument(
+        "--model", default=None, help="base model directory (default: the demo SmolLM2)"
+    )
+    parser.add_argument(
+        "--adapter-dir",
+        default=None,
+        help="use your PEFT adapters: every subdirectory holding adapter_config.json",
+    )
     parser.add_argument("--plots", default=None, help="write PNG plots into this directory")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
 
@@ -99,7 +107,7 @@ def _workload(args: argparse.Namespace, adapters: Sequence[str]) -> list[Request
         cv=args.cv,
         adapters=adapters,
         alpha=args.alpha,
-        pattern=pattern,  # type: ignore[arg-type]
+        pattern=pattern,
         tenants=args.tenants,
         input_lengths=Lengths.parse(args.input),
         output_lengths=Lengths.parse(args.output),
@@ -151,7 +159,9 @@ async def _replay(pool: Any, requests: Sequence[Request], bar: Any) -> tuple[lis
                 else:
                     d.gaps.append(now - last)
                 last = now
-                d.tokens += max(1, len(chunk.token_ids))
+                d.tokens += len(chunk.token_ids)
+                if chunk.usage is not None:  # the engine's own count wins
+                    d.tokens = chunk.usage.completion_tokens
         except Exception as exc:  # a refusal or failure is a result, not a crash
             d.error = type(exc).__name__
         d.finished = time.perf_counter() - start
@@ -313,11 +323,18 @@ def run(args: argparse.Namespace) -> int:
     """Run every target x adapter count, print the table, write JSON and plots."""
     from lorapool.backends.torch import ensure_demo_model
     from lorapool.bench.engine import _make_adapters
+    from lorapool.cache import default_cache_dir
 
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else None
-    model_dir = ensure_demo_model(cache)
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    model_dir = Path(args.model).expanduser() if args.model else ensure_demo_model(cache)
     counts = [int(c) for c in str(args.adapters).split(",")]
-    paths = _make_adapters(cache or model_dir.parent.parent, model_dir, max(counts), args.rank)
+    if args.adapter_dir:
+        root = Path(args.adapter_dir).expanduser()
+        paths = sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file())
+        if len(paths) < max(counts):
+            raise SystemExit(f"--adapters asks for {max(counts)} but {root} holds {len(paths)}")
+    else:
+        paths = _make_adapters(cache, model_dir, max(counts), args.rank)
     targets = args.target or ["torch"]
     rows: list[dict[str, Any]] = []
     for target in targets:

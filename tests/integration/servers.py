@@ -102,3 +102,19 @@ class FileServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()
+
+
+async def upload(server: CountingMotoServer, bucket: str, prefix: str, directory: Path) -> None:
+    from aiobotocore.session import get_session
+
+    from lorapool.adapters import ADAPTER_FILES
+
+    async with get_session().create_client(
+        "s3", endpoint_url=server.endpoint, **CREDENTIALS
+    ) as client:
+        buckets = await client.list_buckets()
+        if bucket not in {b["Name"] for b in buckets.get("Buckets", [])}:
+            await client.create_bucket(Bucket=bucket)
+        for name in ADAPTER_FILES:
+            body = (directory / name).read_bytes()
+            await client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body)

@@ -31,6 +31,8 @@ from lorapool.integrations.ray_serve import RegistrySpec, build_app  # noqa: E40
 from lorapool.registry import Registry  # noqa: E402
 from lorapool.server import ApiKeys, Caller  # noqa: E402
 
+from .servers import CREDENTIALS, CountingMotoServer, upload  # noqa: E402
+
 APP = "lorapool-test"
 SLOTS = 2
 NAMES = ["r8-attn", "r16-all", "r32-attn", "r16-qv-rslora"]
@@ -39,15 +41,20 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
 KEYS = ApiKeys({"key-acme": "acme", "key-admin": Caller("platform", admin=True)})
 
 
-def torch_pool(model_dir: str, registry: Registry) -> AdapterPool:
-    """Each replica's pool: TorchBackend with SLOTS device slots, host tier only."""
+def torch_pool(model_dir: str, s3_endpoint: str, registry: Registry) -> AdapterPool:
+    """Each replica's pool: TorchBackend with SLOTS device slots, adapters from the bucket."""
     import torch
 
+    from lorapool import TieredStore
     from lorapool.backends.torch import TorchBackend
+    from lorapool.sources import S3Source
 
     torch.set_num_threads(1)  # two replicas share two cores
     backend = TorchBackend(model_dir, max_slots=SLOTS, max_rank=32, max_batch=4, max_seq_len=128)
-    return AdapterPool(backend, registry=registry)
+    store = TieredStore(
+        host_bytes="256MiB", sources={"s3": S3Source(endpoint_url=s3_endpoint, **CREDENTIALS)}
+    )
+    return AdapterPool(backend, store=store, registry=registry)
 
 
 def _free_port() -> int:
@@ -57,7 +64,22 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(model_dir: Path) -> Iterator[dict[str, Any]]:
+def bucket(adapters: dict[str, Path]) -> Iterator[CountingMotoServer]:
+    """The adapters in a real S3 bucket (moto on loopback) that every replica reads."""
+    import asyncio
+
+    server = CountingMotoServer()
+    server.start()
+    try:
+        for name in NAMES:
+            asyncio.run(upload(server, "adapters", name, adapters[name]))
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir: Path, bucket: CountingMotoServer) -> Iterator[dict[str, Any]]:
     import functools
 
     from ray import cloudpickle
@@ -74,7 +96,7 @@ def cluster(model_dir: Path) -> Iterator[dict[str, Any]]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app(
-            functools.partial(torch_pool, str(model_dir)),
+            functools.partial(torch_pool, str(model_dir), bucket.endpoint),
             auth=KEYS,
             replicas=2,
             registry=RegistrySpec(name=f"lorapool-registry-{port}"),
@@ -83,7 +105,12 @@ def cluster(model_dir: Path) -> Iterator[dict[str, Any]]:
         )
         handle = serve.run(app, name=APP, route_prefix="/")
         pools = serve.get_deployment_handle("LoraPool", app_name=APP)
-        yield {"url": f"http://127.0.0.1:{port}", "ingress": handle, "pools": pools}
+        yield {
+            "url": f"http://127.0.0.1:{port}",
+            "ingress": handle,
+            "pools": pools,
+            "bucket": bucket,
+        }
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -138,11 +165,11 @@ def test_scale_out_on_ray_serve(
     admin, acme = _client(cluster, "key-admin"), _client(cluster, "key-acme")
     pools = cluster["pools"]
 
-    # Registered through the ingress: each registration lands on one replica.
+    # Registered through the ingress from the shared bucket: each lands on one replica.
     for name in NAMES:
         admin.post(
             "/load_lora_adapter",
-            body={"lora_name": name, "lora_path": str(adapters[name]), "shared": True},
+            body={"lora_name": name, "lora_path": f"s3://adapters/{name}", "shared": True},
             cast_to=str,
         )
     time.sleep(0.3)  # lists catch up within RegistrySpec.refresh (0.2 s); lookups at once
@@ -198,7 +225,10 @@ def test_scale_out_on_ray_serve(
         time.sleep(2)
     fresh = next(i for r, i in now.items() if r not in infos)
     assert fresh["registered"] == 0 and fresh["device_loads"] == 0
+    fetched = cluster["bucket"].gets("/adapters/")
     for name in NAMES * 2:
         assert _complete(acme, name) == expected[name]
-    # The new replica registered nothing, yet serves adapters registered through the others.
+    # The new replica registered nothing and had no copy, yet serves adapters registered
+    # through the others: it found them in the shared registry and fetched them from the bucket.
     assert _replicas(pools)[fresh["replica"]]["device_loads"] > 0
+    assert cluster["bucket"].gets("/adapters/") > fetched

@@ -15,26 +15,12 @@ from lorapool.errors import LoadError, NotAPeftAdapter, SourceNotFound
 from lorapool.pool import REGISTRY_FILE
 from lorapool.sources import HttpSource, S3Source
 
-from .servers import CREDENTIALS, CountingMotoServer, FileServer
+from .servers import CREDENTIALS, CountingMotoServer, FileServer, upload
 
 pytestmark = pytest.mark.slow
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 PROMPT = "The three primary colours are"
-
-
-async def upload(server: CountingMotoServer, bucket: str, prefix: str, directory: Path) -> None:
-    from aiobotocore.session import get_session
-
-    async with get_session().create_client(
-        "s3", endpoint_url=server.endpoint, **CREDENTIALS
-    ) as client:
-        buckets = await client.list_buckets()
-        if bucket not in {b["Name"] for b in buckets.get("Buckets", [])}:
-            await client.create_bucket(Bucket=bucket)
-        for name in ADAPTER_FILES:
-            body = (directory / name).read_bytes()
-            await client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body)
 
 
 async def put_bytes(server: CountingMotoServer, bucket: str, key: str, body: bytes) -> None:
