@@ -6,10 +6,12 @@ engine's state, as in production. Workloads (``--workload``): ``slora``
 ``punica:distinct|uniform|skewed|identical``, or ``trace:FILE.csv`` (Azure
 layout ``TIMESTAMP,ContextTokens,GeneratedTokens``, optional ``adapter`` and
 ``tenant`` columns). Targets (``--target``, repeatable): ``torch`` (the
-embedded engine), ``vllm`` (in-process vLLM; run from the vLLM venv), or
-``url:BASE_URL`` (a running vLLM/SGLang OpenAI server, reached through
-OpenAIServerBackend). Raw engines without lorapool are compared by the
-``engine`` (PEFT) and ``vllm`` (raw vLLM) scenarios.
+embedded engine), ``vllm`` (in-process vLLM; run from the vLLM venv),
+``sglang`` (in-process SGLang, GPU), or ``url:BASE_URL`` (a running vLLM/SGLang
+OpenAI server, reached through OpenAIServerBackend). TGI is not a target: its
+adapters are fixed when it starts, so the benchmark cannot register its own.
+Raw engines without lorapool are compared by the ``engine`` (PEFT) and
+``vllm`` (raw vLLM) scenarios.
 
 Reports per target and adapter count: throughput, TTFT and inter-token
 latency p50/p90/p99, SLO attainment for ``--slo-ttft``, per-tenant service,
@@ -37,7 +39,9 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scenario's options."""
-    parser.add_argument("--target", action="append", default=None, help="torch | vllm | url:URL")
+    parser.add_argument(
+        "--target", action="append", default=None, help="torch | vllm | sglang | url:URL"
+    )
     parser.add_argument(
         "--workload", default="slora", help="slora | punica:PATTERN | trace:FILE (slora)"
     )
@@ -127,11 +131,17 @@ def _backend(target: str, args: argparse.Namespace, model_dir: Path) -> Any:
         return VLLMBackend(
             str(model_dir), max_slots=args.slots, max_rank=args.rank, max_batch=args.max_batch
         )
+    if target == "sglang":
+        from lorapool.backends.sglang import SGLangBackend
+
+        return SGLangBackend(
+            str(model_dir), max_slots=args.slots, max_rank=args.rank, max_batch=args.max_batch
+        )
     if target.startswith("url:"):
         from lorapool.backends.openai import OpenAIServerBackend
 
         return OpenAIServerBackend(target[4:], max_slots=args.slots, max_rank=args.rank)
-    raise SystemExit(f"unknown --target {target!r}; use torch, vllm or url:BASE_URL")
+    raise SystemExit(f"unknown --target {target!r}; use torch, vllm, sglang or url:BASE_URL")
 
 
 async def _replay(pool: Any, requests: Sequence[Request], bar: Any) -> tuple[list[_Done], float]:
