@@ -87,6 +87,7 @@ def cluster(model_dir: Path, bucket: CountingMotoServer) -> Iterator[dict[str, A
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas can't import tests
     port = _free_port()
     ray.init(
+        address="local",  # always a fresh cluster, never one a developer left running
         num_cpus=6,  # logical: lets 2 replicas + ingress + Serve's actors schedule on 2 cores
         include_dashboard=False,
         namespace="lorapool-tests",
