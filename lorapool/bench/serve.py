@@ -25,12 +25,13 @@ import argparse
 import asyncio
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorapool.bench.fairness import _pct as percentile
 from lorapool.bench.meta import run_meta
 from lorapool.bench.workload import PATTERNS, Lengths, Request, read_trace, slora_workload
 
@@ -84,13 +85,8 @@ class _Done:
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = q / 100 * (len(ordered) - 1)
-    lo = int(rank)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+    """The shared percentile, ``None`` (valid JSON) instead of nan for no values."""
+    return percentile(values, q) if values else None
 
 
 def _workload(args: argparse.Namespace, adapters: Sequence[str]) -> list[Request]:
@@ -195,7 +191,7 @@ def _summary(done: Sequence[_Done], span: float, slo: float, stats: Any) -> dict
     return {
         "requests": len(done),
         "completed": len(ok),
-        "errors": dict(sorted(_count(d.error for d in done if d.error).items())),
+        "errors": dict(sorted(Counter(d.error for d in done if d.error).items())),
         "seconds": span,
         "requests_per_s": len(ok) / span if span else 0.0,
         "output_tokens_per_s": sum(d.tokens for d in ok) / span if span else 0.0,
@@ -218,13 +214,6 @@ def _summary(done: Sequence[_Done], span: float, slo: float, stats: Any) -> dict
             [round(d.request.at, 4), d.request.tenant, round(d.ttft, 5)] for d in ok if d.ttft
         ],
     }
-
-
-def _count(items: Any) -> dict[str, int]:
-    out: dict[str, int] = defaultdict(int)
-    for item in items:
-        out[item] += 1
-    return out
 
 
 async def _one_run(

@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from lorapool.errors import BackendError, ExtraNotInstalled, LorapoolError
 from lorapool.pool import AdapterPool
@@ -409,8 +409,10 @@ class RayPools:
         handle = self.handle.options(stream=True)
         if adapter is not None:
             handle = handle.options(multiplexed_model_id=adapter)
-        response = handle.generate.remote(prompt, adapter=adapter, tenant=tenant, params=params)
-        assert isinstance(response, DeploymentResponseGenerator)
+        response = cast(
+            "DeploymentResponseGenerator[Chunk]",
+            handle.generate.remote(prompt, adapter=adapter, tenant=tenant, params=params),
+        )
         try:
             async for chunk in response:
                 yield chunk
