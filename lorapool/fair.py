@@ -20,6 +20,14 @@ Around that:
   in flight never exceed the device slots (the store's check);
 * starvation bound: a request queued for ``max_wait`` seconds goes before any
   affinity or counter choice;
+* places: the last ``headroom`` places of the engine's concurrency go only to
+  tenants with nothing in flight; tenants holding their weighted share of the
+  places or more are paced, one dispatch between them per ``pace`` seconds (by
+  default the measured request time divided by the places), so a backlogged
+  tenant's requests do not start and finish in waves that leave no place free;
+* burst credit: a tenant whose queue empties but that still has requests
+  running keeps up to ``credit`` of its lead over the lowest counter when its
+  next request comes (a fully idle tenant keeps none);
 * deadlines: a request still queued at its deadline leaves the queue with
   ``DeadlineExceeded``; it was charged nothing.
 
@@ -97,7 +105,12 @@ class FairScheduler(DispatchState):
     ``tiers`` maps tier names to :class:`TierPolicy`, highest priority first;
     ``tenant_tiers`` puts tenants in tiers (others go to ``default_tier``, by
     default the last tier); ``tenant_weights`` overrides a tenant's weight.
-    ``affinity_slack`` is in counter units (weighted token costs).
+    ``affinity_slack`` and ``credit`` are in counter units (weighted token
+    costs). ``headroom``: places kept for tenants with nothing in flight (by
+    default one in eight). ``pace``: seconds between dispatches to tenants at or
+    over their share of the places; ``None`` measures it (mean request time /
+    places), ``0`` turns pacing off. ``pace=0, credit=0`` is plain VTC with the
+    headroom.
     """
 
     def __init__(
@@ -113,6 +126,8 @@ class FairScheduler(DispatchState):
         max_wait: float = 30.0,
         affinity_slack: float = 256.0,
         headroom: int | None = None,
+        pace: float | None = None,
+        credit: float = 512.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
@@ -137,16 +152,27 @@ class FairScheduler(DispatchState):
             raise ValueError("headroom must be >= 0")
         self._headroom_arg = headroom
         self.headroom = 0 if headroom is None else headroom
+        if pace is not None and pace < 0:
+            raise ValueError("pace must be >= 0 (0 turns pacing off)")
+        self.pace = pace
+        if credit < 0:
+            raise ValueError("credit must be >= 0")
+        self.credit = credit
         self._clock = clock
         self._tenants: dict[str, _Tenant] = {}
         self._heap: list[_Entry] = []
         self._seq = itertools.count()
         self._active = 0  # tenants with queued requests
+        self._present_weight = 0.0  # weights of tenants with queued or in-flight requests
+        self._present = 0
+        self._last_over = -float("inf")  # when a tenant over its share of places last went
+        self._paced_until: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._arrivals: deque[Ticket] = deque()
         self._queued = 0
         self._queued_by_tier: Counter[str] = Counter()
         self._floor = 0.0  # the counter of the last dispatch: where idle tenants restart
-        self._service_time = 1.0  # EWMA of dispatch-to-release seconds, for retry hints
+        self._service_time: float | None = None  # EWMA of dispatch-to-release seconds
         self._started: dict[int, float] = {}
         self.shed = 0
         self.affinity_picks = 0
@@ -242,19 +268,41 @@ class FairScheduler(DispatchState):
         state = self._tenants.get(ticket.tenant)
         if state is not None:
             state.inflight -= 1
+            if not state.inflight and not state.queue:
+                self._leave(state)
         started = self._started.pop(id(ticket), None)
         if started is not None:
-            self._service_time = 0.9 * self._service_time + 0.1 * (self._clock() - started)
+            took = self._clock() - started
+            last = self._service_time
+            self._service_time = took if last is None else 0.9 * last + 0.1 * took
         self.kick()
 
     def kick(self) -> None:
         """Dispatch while there is room and a dispatchable request."""
         while self._queued and self._inflight < self._max_inflight:
+            self._paced_until = None
             picked = self._pick()
             if picked is None:
+                if self._paced_until is not None:
+                    self._wake_at(self._paced_until)
                 return
             tenant, ticket = picked
             self._dispatch(tenant, ticket)
+
+    def _wake_at(self, when: float) -> None:
+        """Kick again once pacing lets a tenant over its share go."""
+        if self._timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+
+        def wake() -> None:
+            self._timer = None
+            self.kick()
+
+        self._timer = loop.call_later(max(0.0, when - self._clock()), wake)
 
     # -- admission -----------------------------------------------------------------------
 
@@ -312,7 +360,7 @@ class FairScheduler(DispatchState):
 
     def _retry_hint(self) -> float:
         backlog = (self._queued + 1) / self._max_inflight
-        return max(0.1, backlog * self._service_time)
+        return max(0.1, backlog * (1.0 if self._service_time is None else self._service_time))
 
     def _shed_below(self, rank: int) -> bool:
         """Refuse the newest queued request of the lowest tier below ``rank``, if any."""
@@ -345,9 +393,17 @@ class FairScheduler(DispatchState):
     def _enqueue(self, tenant: _Tenant, ticket: Ticket) -> None:
         if not tenant.queue:
             # Returning from idle: lifted to the lowest active counter, so no credit is banked.
+            # A tenant with requests still running keeps up to `credit` of its lead, so a short
+            # burst from a light tenant is not queued behind a heavy one's backlog.
             floor = self._min_active()
-            tenant.counter = max(tenant.counter, self._floor if floor is None else floor)
+            lift = self._floor if floor is None else floor
+            if tenant.inflight:
+                lift -= self.credit
+            tenant.counter = max(tenant.counter, lift)
             self._active += 1
+            if not tenant.inflight:
+                self._present += 1
+                self._present_weight += tenant.weight
         tenant.queue.append(ticket)
         ticket.queued = True
         self._arrivals.append(ticket)
@@ -365,7 +421,14 @@ class FairScheduler(DispatchState):
         if not tenant.queue:
             self._active -= 1
             tenant.version += 1
+            if not tenant.inflight:
+                self._leave(tenant)
         self.kick()
+
+    def _leave(self, tenant: _Tenant) -> None:
+        """The tenant has nothing queued or in flight any more."""
+        self._present -= 1
+        self._present_weight = self._present_weight - tenant.weight if self._present else 0.0
 
     def _push(self, tenant: _Tenant) -> None:
         tenant.version += 1
@@ -376,6 +439,18 @@ class FairScheduler(DispatchState):
         if len(self._heap) > 2 * self._active + 64:
             self._heap = [e for e in self._heap if self._valid(e)]
             heapq.heapify(self._heap)
+
+    def _over_share(self, tenant: _Tenant) -> bool:
+        """Whether the tenant holds its weighted share of the places, or more."""
+        places = self._max_inflight - self.headroom
+        return tenant.inflight * self._present_weight >= places * tenant.weight
+
+    def _pace(self) -> float:
+        """Seconds between dispatches to tenants over their share (0: no pacing)."""
+        if self.pace is not None:
+            return self.pace
+        service = self._service_time
+        return 0.0 if service is None else service / self._max_inflight
 
     @staticmethod
     def _valid(entry: _Entry) -> bool:
@@ -406,7 +481,12 @@ class FairScheduler(DispatchState):
             return self._tenants[oldest.tenant], oldest
         # The last `headroom` places go only to tenants with nothing in flight, so a tenant
         # that was idle starts at once even when a busy one keeps every other place full.
+        # Tenants holding their weighted share of the places or more get one place per pace
+        # interval between them: their requests then start, and end, spread over the engine's
+        # steps instead of in waves that leave no place free for anyone for a whole request.
         reserved = self._inflight >= self._max_inflight - self.headroom
+        wait_until = self._last_over + self._pace()
+        paced = self._clock() < wait_until
         popped: list[_Entry] = []
         first: tuple[_Tenant, Ticket] | None = None
         chosen: tuple[_Tenant, Ticket] | None = None
@@ -430,6 +510,9 @@ class FairScheduler(DispatchState):
                     break
                 head = tenant.queue[0]
                 if reserved and tenant.inflight > 0:
+                    continue
+                if paced and self._over_share(tenant):
+                    self._paced_until = wait_until
                     continue
                 if not self._can_dispatch(head.adapter_id, self._adapters):
                     continue
@@ -459,6 +542,8 @@ class FairScheduler(DispatchState):
         tenant.counter += self.input_cost * ticket.prompt_tokens / tenant.weight
         if tenant.queue:
             self._push(tenant)
+        if self._over_share(tenant):
+            self._last_over = self._clock()
         tenant.inflight += 1
         self._started[id(ticket)] = self._clock()
         self._mark_dispatched(ticket)

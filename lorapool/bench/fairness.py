@@ -363,10 +363,13 @@ def _tenant_rows(run: _Run, tenants: Sequence[str]) -> list[dict[str, Any]]:
 def _describe(scheduler: object) -> str:
     """FairScheduler's settings that shape these runs (those it has), for the headers."""
     settings = []
-    for name in ("affinity_slack", "max_wait", "headroom", "input_cost", "output_cost"):
+    names = ("affinity_slack", "max_wait", "headroom", "pace", "credit", "input_cost")
+    for name in (*names, "output_cost"):
         value = getattr(scheduler, name, None)
         if value is not None:
             settings.append(f"{name}={value:g}")
+        elif name == "pace" and hasattr(scheduler, name):
+            settings.append("pace=measured")
     return f"{type(scheduler).__name__}({', '.join(settings)})"
 
 

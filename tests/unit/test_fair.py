@@ -324,3 +324,82 @@ async def test_a_returning_tenant_wins_the_tie_at_the_lifted_counter() -> None:
     await h.serve(1)  # x finishes; the freed place goes to the tenant with less in flight
     assert [t.tenant for t, _ in h.tasks if t.dispatched].count("back") == 1
     await h.close()
+
+
+async def _finish(h: Harness, t: Ticket) -> None:
+    """Finish one dispatched request, charging its output, and let the scheduler react."""
+    h.s.charge(t, output_tokens=OUTPUT)
+    h.s.release(t)
+    h.tasks = [(x, k) for x, k in h.tasks if x is not t]
+    await asyncio.sleep(0)
+
+
+def _dispatched(h: Harness, tenant: str) -> list[Ticket]:
+    return [t for t, _ in h.tasks if t.dispatched and t.tenant == tenant]
+
+
+@pytest.mark.parametrize("credit", [512.0, 0.0])
+async def test_a_light_tenant_with_a_request_running_keeps_its_lead_up_to_the_credit(
+    credit: float,
+) -> None:
+    h = Harness(fair(max_wait=1e9, headroom=0, credit=credit), max_inflight=2)
+    await h.submit(ticket("busy"))
+    running = ticket("light")
+    await h.submit(running)  # light keeps this one running throughout
+    for _ in range(50):
+        await h.submit(ticket("busy"))
+    for _ in range(20):  # busy's counter climbs by U per request, light's stays put
+        await _finish(h, _dispatched(h, "busy")[0])
+    assert h.s.counter("busy") - h.s.counter("light") > credit
+    for _ in range(6):
+        await h.submit(ticket("light"))  # a burst; light's queue was empty
+    lead = h.s.counter("busy") - h.s.counter("light")
+    assert lead == pytest.approx(credit, abs=1e-9)  # kept exactly the credit, no more
+    order = []
+    for _ in range(8):  # who gets the place that keeps turning over
+        cycling = [t for t, _ in h.tasks if t.dispatched and t is not running]
+        await _finish(h, cycling[0])
+        order.append(next(t.tenant for t, _ in h.tasks if t.dispatched and t is not running))
+    if credit:
+        # 512 of lead buys 512 / U = 10 requests: the whole burst of 6 goes first.
+        assert order[:6] == ["light"] * 6, order
+    else:
+        # Lifted to busy's counter: light and busy alternate.
+        assert 2 <= order[:6].count("light") <= 4, order
+    await h.close()
+
+
+async def test_a_fully_idle_tenant_gets_no_credit() -> None:
+    h = Harness(fair(max_wait=1e9, headroom=0, credit=512.0), max_inflight=1)
+    for _ in range(30):
+        await h.submit(ticket("busy"))
+    await h.serve(20)
+    await h.submit(ticket("back"))  # nothing queued or running: lifted all the way
+    assert h.s.counter("back") == h.s.counter("busy")
+    await h.close()
+
+
+@pytest.mark.parametrize("pace", [0.2, 0.0])
+async def test_tenants_over_their_share_of_places_are_paced(pace: float) -> None:
+    import time
+
+    h = Harness(FairScheduler(pace=pace, headroom=0, max_wait=1e9), max_inflight=8)
+    await h.submit(ticket("light"))
+    for _ in range(7):
+        await h.submit(ticket("heavy"))
+    # Two tenants present: a share is 4 places. Heavy gets 4 at once and, being then at its
+    # share, one more (the first paced dispatch goes at once) ...
+    if not pace:
+        assert len(_dispatched(h, "heavy")) == 7
+        await h.close()
+        return
+    assert len(_dispatched(h, "heavy")) == 5
+    await h.submit(ticket("light"))  # below its share: not paced
+    assert len(_dispatched(h, "light")) == 2
+    # ... and its last place one pace later, with nothing released in between (a timer).
+    start = time.monotonic()
+    while len(_dispatched(h, "heavy")) < 6:
+        assert time.monotonic() - start < 10, "pacing never let the next request go"
+        await asyncio.sleep(0.01)
+    assert time.monotonic() - start >= pace * 0.9
+    await h.close()
