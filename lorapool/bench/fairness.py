@@ -634,7 +634,8 @@ def _noisy(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, _Run]
     summary["after_10s_p99_ms"] = {k: v * 1e3 for k, v in settled.items()}
     print(
         "quiet p99 TTFT of requests arriving after the first 10 s (past the start-up, when "
-        "the first requests fill every place before any finishes): " + ", ".join(f"{k} {_ms(v * 1e3)} ms" for k, v in settled.items())
+        "the first requests fill every place before any finishes): "
+        + ", ".join(f"{k} {_ms(v * 1e3)} ms" for k, v in settled.items())
     )
     fcfs_noisy = _pct(runs["noisy fcfs"].ttft(quiet), 99)
     fair_noisy = _pct(runs["noisy fair"].ttft(quiet), 99)

@@ -148,3 +148,12 @@ def test_report_regenerates_the_page(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "bench-serve.json").read_text())["runs"]
     _png_ok(tmp_path / "serve-ttft-cdf.png")
     assert "wrote" in done.stdout
+    # Re-running one section keeps the others, and the page says which one was re-run.
+    serve_part = page[page.index("## Serving a workload") :]
+    _bench("report", "--quick", "--only", "cache", "--out", str(tmp_path), cwd=tmp_path)
+    again = (tmp_path / "performance.md").read_text()
+    assert again.index("## Cache policy") < again.index("## Serving a workload")
+    assert again[again.index("## Serving a workload") :] == serve_part
+    cache_part = again[: again.index("## Serving a workload")]
+    assert "Re-run alone at" in cache_part and "--only cache" in cache_part
+    assert again.startswith(page[: page.index("## Cache policy")])  # the header is kept

@@ -10,7 +10,7 @@ The issue's target, quiet p99 TTFT within 1.5x of the no-noise baseline under th
 scheduler, is not met on this 2-core CPU and is not asserted: a decode step over eight
 busy rows takes about twice as long as over the baseline's few, so a quiet request's first
 token waits for a step twice as long even when it is dispatched at once (measured: about
-3-5x the baseline under fair scheduling against 20-40x under FCFS; see the issue note).
+3-6x the baseline under fair scheduling against 20-40x under FCFS; see the issue note).
 What is asserted is the blow-up under FCFS and that fair scheduling removes most of it.
 """
 
