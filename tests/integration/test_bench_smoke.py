@@ -5,33 +5,19 @@ PNG plots are valid images."""
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .cli import run_bench
 
 pytestmark = pytest.mark.slow
 
 pytest.importorskip("matplotlib")
 
 
-def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "lorapool", "bench", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def _meta_ok(data: dict[str, Any], **config: Any) -> None:
@@ -58,7 +44,7 @@ def _png_ok(path: Path) -> None:
 def test_serve(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
     args = ("--duration", "3", "--rate", "2", "--adapters", "1,2", "--slots", "2", "--seed", "3")
-    _bench("serve", *args, "--plots", str(tmp_path), "--json", str(out), cwd=tmp_path)
+    run_bench("serve", *args, "--plots", str(tmp_path), "--json", str(out), cwd=tmp_path)
     data = json.loads(out.read_text())
     _meta_ok(data, seed=3, workload="slora", slots=2)
     assert [(r["target"], r["adapters"]) for r in data["runs"]] == [("torch", 1), ("torch", 2)]
@@ -81,7 +67,7 @@ def test_trace_replay(tmp_path: Path) -> None:
         "2023-11-16 18:15:47.9000000,12,5\n"
     )
     out = tmp_path / "trace.json"
-    _bench(
+    run_bench(
         "serve", "--workload", f"trace:{trace}", "--adapters", "2", "--json", str(out), cwd=tmp_path
     )
     runs = json.loads(out.read_text())["runs"]
@@ -91,7 +77,7 @@ def test_trace_replay(tmp_path: Path) -> None:
 def test_engine(tmp_path: Path) -> None:
     out = tmp_path / "engine.json"
     args = ("--rounds", "1", "--batch", "4", "--max-tokens", "4", "--adapters", "1,2", "--no-peft")
-    _bench("engine", *args, "--json", str(out), cwd=tmp_path)
+    run_bench("engine", *args, "--json", str(out), cwd=tmp_path)
     data = json.loads(out.read_text())
     _meta_ok(data, rounds=1, batch=4)
     assert data["rows"]
@@ -99,7 +85,7 @@ def test_engine(tmp_path: Path) -> None:
 
 def test_cache(tmp_path: Path) -> None:
     out = tmp_path / "cache.json"
-    _bench("cache", "--requests", "2000", "--jobs", "1", "--json", str(out), cwd=tmp_path)
+    run_bench("cache", "--requests", "2000", "--jobs", "1", "--json", str(out), cwd=tmp_path)
     data = json.loads(out.read_text())
     _meta_ok(data, requests=2000, seed=0)
     assert len(data) > 1
@@ -107,7 +93,7 @@ def test_cache(tmp_path: Path) -> None:
 
 def test_store(tmp_path: Path) -> None:
     out = tmp_path / "store.json"
-    _bench("store", "--rounds", "2", "--json", str(out), cwd=tmp_path)
+    run_bench("store", "--rounds", "2", "--json", str(out), cwd=tmp_path)
     data = json.loads(out.read_text())
     _meta_ok(data, rounds=2)
     assert {"sizes", "disk_to_host", "store"} <= set(data)
@@ -131,14 +117,14 @@ def test_fairness(tmp_path: Path) -> None:
         "--overhead-requests",
         "500",
     )
-    _bench("fairness", *args, "--plot", str(plot), "--json", str(out), cwd=tmp_path)
+    run_bench("fairness", *args, "--plot", str(plot), "--json", str(out), cwd=tmp_path)
     data = json.loads(out.read_text())
     _meta_ok(data, seed=0, duration=3.0)
     _png_ok(plot)
 
 
 def test_report_regenerates_the_page(tmp_path: Path) -> None:
-    done = _bench(
+    done = run_bench(
         "report", "--quick", "--only", "cache,serve", "--out", str(tmp_path), cwd=tmp_path
     )
     page = (tmp_path / "performance.md").read_text()
@@ -150,7 +136,7 @@ def test_report_regenerates_the_page(tmp_path: Path) -> None:
     assert "wrote" in done.stdout
     # Re-running one section keeps the others, and the page says which one was re-run.
     serve_part = page[page.index("## Serving a workload") :]
-    _bench("report", "--quick", "--only", "cache", "--out", str(tmp_path), cwd=tmp_path)
+    run_bench("report", "--quick", "--only", "cache", "--out", str(tmp_path), cwd=tmp_path)
     again = (tmp_path / "performance.md").read_text()
     assert again.index("## Cache policy") < again.index("## Serving a workload")
     assert again[again.index("## Serving a workload") :] == serve_part
