@@ -136,11 +136,12 @@ def _split_page(text: str) -> tuple[str, dict[str, str]]:
 
 
 def _run_section(
-    section: _Section, args: argparse.Namespace, out: Path, env: dict[str, str]
+    section: _Section, args: argparse.Namespace, out: Path, env: dict[str, str], stamp: str
 ) -> tuple[list[str], bool]:
-    """Run one scenario; its part of the page, and whether it succeeded."""
+    """Run one scenario; its part of the page (``stamp`` under its title), and whether it
+    succeeded."""
     command = _command(section, args, out)
-    parts = [f"## {section.title}", "", section.about, ""]
+    parts = [f"## {section.title}", "", section.about, ""] + ([stamp, ""] if stamp else [])
     if command is None:
         parts.append(f"Not run: no vLLM venv at `{args.vllm_python}` (`make setup-vllm`).")
         return parts, True
@@ -204,6 +205,12 @@ def run(args: argparse.Namespace) -> int:
                 "```",
             ]
         )
+    stamp = (
+        f"Re-run alone at {meta['when']} (`lorapool bench report --only {args.only}`), on the "
+        "machine of the header; the other sections are from the page's earlier run."
+        if partial
+        else ""
+    )
     status = 0
     blocks = [header]
     for section in SECTIONS:
@@ -211,15 +218,8 @@ def run(args: argparse.Namespace) -> int:
             if section.title in kept:
                 blocks.append(kept[section.title])
             continue
-        parts, ok = _run_section(section, args, out, env)
+        parts, ok = _run_section(section, args, out, env, stamp)
         status = status if ok else 1
-        if partial:
-            parts[4:4] = [
-                f"Re-run alone at {meta['when']} (`lorapool bench report --only "
-                f"{args.only}`), on the machine of the header; the other sections are from "
-                "the page's earlier run.",
-                "",
-            ]
         blocks.append("\n".join(parts))
     page.write_text("\n\n".join(blocks) + "\n")
     print(f"wrote {page}")

@@ -45,26 +45,26 @@ class _PoolCollector(Collector):
         failures.add_metric(["load"], stats.load_failures)
         failures.add_metric(["integrity"], stats.integrity_failures)
         yield failures
-        evictions = CounterMetricFamily(
-            "lorapool_evictions", "Adapters evicted from a tier", labels=["tier"]
-        )
-        for tier, n in stats.evictions.items():
-            evictions.add_metric([tier], n)
-        yield evictions
-        for name, counts, what in (
-            ("lorapool_tier_hits", stats.hits, "Requests that found their adapter in a tier"),
-            ("lorapool_tier_misses", stats.misses, "Requests that went past a tier"),
+        for name, counts, what, label in (
+            ("lorapool_evictions", stats.evictions, "Adapters evicted from a tier", "tier"),
+            (
+                "lorapool_tier_hits",
+                stats.hits,
+                "Requests that found their adapter in a tier",
+                "tier",
+            ),
+            ("lorapool_tier_misses", stats.misses, "Requests that went past a tier", "tier"),
+            (
+                "lorapool_source_fetches",
+                stats.source_fetches,
+                "Adapter downloads by source scheme",
+                "source",
+            ),
         ):
-            family = CounterMetricFamily(name, what, labels=["tier"])
-            for tier, n in counts.items():
-                family.add_metric([tier], n)
+            family = CounterMetricFamily(name, what, labels=[label])
+            for key, n in counts.items():
+                family.add_metric([key], n)
             yield family
-        sources = CounterMetricFamily(
-            "lorapool_source_fetches", "Adapter downloads by source scheme", labels=["source"]
-        )
-        for scheme, n in stats.source_fetches.items():
-            sources.add_metric([scheme], n)
-        yield sources
         seconds = GaugeMetricFamily(
             "lorapool_adapter_load_seconds", "Recent time to make an adapter resident"
         )
