@@ -48,6 +48,11 @@ class TorchBackend:
     resident at once, each of rank up to ``max_rank``; ``max_batch`` sequences
     run at once, each up to ``max_seq_len`` tokens (prompt and completion) in a
     KV cache preallocated at start. Works on CPU and CUDA.
+
+    ``dtype`` is the model's: fp32 by default on CPU (exact against PEFT),
+    bf16 on CUDA. ``dtype="bfloat16"`` on a CPU with AVX-512 BF16 runs the
+    base matmuls several times faster; attention then runs in fp32 and the
+    LoRA stacks stay fp32, both measured faster there (docs/decisions.md).
     """
 
     def __init__(
@@ -74,6 +79,10 @@ class TorchBackend:
         if dtype is None:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        # The LoRA stacks: fp32 on CPU whatever the model's dtype, because
+        # PyTorch's CPU batched matmul on LoRA-sized 16-bit operands is slower than
+        # in fp32 (docs/decisions.md, "16-bit on CPU"); the model's dtype elsewhere.
+        self.lora_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self._engine: Engine | None = None
         self._stats: EngineStats | None = None
         self._tokenizer: Any = None
@@ -156,7 +165,7 @@ class TorchBackend:
             cfg.num_layers,
             self.max_slots,
             self.max_rank,
-            self.dtype,
+            self.lora_dtype,
             self.device,
         )
         cache = KVCache(cfg, self.max_batch, self.max_seq_len, self.dtype, self.device)
@@ -230,7 +239,7 @@ class TorchBackend:
                 cfg.module_shapes(),
                 cfg.num_layers,
                 self.max_rank,
-                self.dtype,
+                self.lora_dtype,
             )
 
         try:

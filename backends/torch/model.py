@@ -198,6 +198,9 @@ class LlamaModel:
         self._inv_freq = inv_freq
         self._q_out = cfg.num_heads * cfg.head_dim
         self._kv_out = cfg.num_kv_heads * cfg.head_dim
+        # PyTorch's CPU attention is several times slower in 16-bit than in fp32
+        # (about 5x for a decode step here, casts included); attend in fp32 there.
+        self._attn_upcast = device.type == "cpu" and dtype != torch.float32
 
     def rope_tables(self, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for every position, ``[max_seq_len, head_dim]`` each."""
@@ -249,8 +252,10 @@ class LlamaModel:
             cache.v[li][rows, :, positions] = v
             kk = cache.k[li, row_start : row_start + n, :, :span]
             vv = cache.v[li, row_start : row_start + n, :, :span]
+            if self._attn_upcast:
+                q, kk, vv = q.float(), kk.float(), vv.float()
             attn = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=nkv != nh)
-            attn = attn.transpose(1, 2).reshape(n * t, nh * hd)
+            attn = attn.transpose(1, 2).reshape(n * t, nh * hd).to(x.dtype)
             o = F.linear(attn, layer.o)
             if plan is not None:
                 lora.apply(li, "o_proj", plan, attn, o)

@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
     parser.add_argument("--adapters", default="1,4,16", help="distinct adapters per batch")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="comma-separated model dtypes (float32, bfloat16), each run for TorchBackend and "
+        "the PEFT reference alike, one table each (default float32)",
+    )
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT reference")
     parser.add_argument("--cache-dir", default=None, help="model and adapter cache")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
@@ -49,7 +55,7 @@ def _chat(prompt: str) -> list[dict[str, str]]:
 
 
 async def _torch_rounds(
-    args: argparse.Namespace, model_dir: Path, adapters: list[Path]
+    args: argparse.Namespace, model_dir: Path, adapters: list[Path], dtype: str
 ) -> tuple[dict[str, list[float]], int]:
     from lorapool import AdapterPool, SamplingParams
     from lorapool.backends.torch import TorchBackend
@@ -61,6 +67,7 @@ async def _torch_rounds(
         max_rank=args.rank,
         max_batch=args.batch,
         max_seq_len=128 + args.max_tokens,
+        dtype=dtype,
     )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     runs: dict[str, list[float]] = {}
@@ -94,13 +101,15 @@ async def _torch_rounds(
                 label = "base" if k == 0 else f"{k} adapters"
                 tps = await one_round(k)
                 runs.setdefault(label, []).append(tps)
-                print(f"  round {r + 1}: torch {label:<12} {tps:8.1f} tok/s", file=sys.stderr)
+                print(
+                    f"  {dtype} round {r + 1}: torch {label:<12} {tps:8.1f} tok/s", file=sys.stderr
+                )
         max_distinct = max(backend.stats.distinct_adapters, default=0)
     return runs, max_distinct
 
 
 def _peft_round(
-    args: argparse.Namespace, model_dir: Path, adapters: list[Path], k: int
+    args: argparse.Namespace, model_dir: Path, adapters: list[Path], k: int, dtype: str
 ) -> list[float]:
     import torch
     from peft import PeftModel
@@ -108,7 +117,7 @@ def _peft_round(
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model: Any = PeftModel.from_pretrained(base, str(adapters[0]), adapter_name="a0")
     for i in range(1, k):
         model.load_adapter(str(adapters[i]), adapter_name=f"a{i}")
@@ -136,7 +145,7 @@ def _peft_round(
         elapsed = time.perf_counter() - start
         produced = (out.shape[1] - enc["input_ids"].shape[1]) * args.batch
         tps = produced / elapsed
-        print(f"  round {r + 1}: peft {k} adapters   {tps:8.1f} tok/s", file=sys.stderr)
+        print(f"  {dtype} round {r + 1}: peft {k} adapters   {tps:8.1f} tok/s", file=sys.stderr)
         runs.append(tps)
     return runs
 
@@ -158,29 +167,19 @@ def _make_adapters(cache: Path, model_dir: Path, count: int, rank: int) -> list[
     return paths
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark, print the table, write JSON if asked."""
-    import torch
-
-    from lorapool.backends.torch import default_cache_dir, ensure_demo_model
-
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    model_dir = ensure_demo_model(cache)
-    counts = [int(c) for c in args.adapters.split(",") if c]
-    adapters = _make_adapters(cache, model_dir, max(counts), args.rank)
-    print(
-        f"engine benchmark: batch {args.batch}, {args.max_tokens} tokens each, rank {args.rank} "
-        f"all-linear, {args.rounds} interleaved rounds (medians), torch {torch.__version__} "
-        f"{torch.get_num_threads()} threads",
-        file=sys.stderr,
-    )
-    runs, max_distinct = asyncio.run(_torch_rounds(args, model_dir, adapters))
-    peft_label = f"peft {max(counts)} adapters"
-    peft_runs = [] if args.no_peft else _peft_round(args, model_dir, adapters, max(counts))
+def _table(
+    args: argparse.Namespace,
+    dtype: str,
+    runs: dict[str, list[float]],
+    peft_runs: list[float],
+    peft_label: str,
+) -> list[dict[str, Any]]:
+    """Print one dtype's table; its rows for the JSON."""
     peft = statistics.median(peft_runs) if peft_runs else float("nan")
     base_runs = runs["base"]
     rows: list[dict[str, Any]] = []
-    print(f"\n{'configuration':<22}{'tok/s':>10}{'x base':>10}{'x peft':>10}")
+    print(f"\n{dtype} (TorchBackend and PEFT alike)")
+    print(f"{'configuration':<22}{'tok/s':>10}{'x base':>10}{'x peft':>10}")
     for label, tps_runs in runs.items():
         tps = statistics.median(tps_runs)
         x_base = statistics.median(t / b for t, b in zip(tps_runs, base_runs, strict=True))
@@ -188,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<22}{tps:>10.1f}{x_base:>10.2f}{tps / peft:>10.2f}")
         rows.append(
             {
+                "dtype": dtype,
                 "configuration": name,
                 "tok_per_s": tps,
                 "x_base": x_base,
@@ -200,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{peft_label:<22}{peft:>10.1f}{peft / base:>10.2f}{1.0:>10.2f}")
         rows.append(
             {
+                "dtype": dtype,
                 "configuration": peft_label,
                 "tok_per_s": peft,
                 "x_base": peft / base,
@@ -207,6 +208,39 @@ def run(args: argparse.Namespace) -> int:
                 "rounds": peft_runs,
             }
         )
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark for each dtype, print the tables, write JSON if asked."""
+    import torch
+
+    from lorapool.backends.torch import default_cache_dir, ensure_demo_model
+
+    dtypes = [d for d in args.dtype.split(",") if d]
+    unknown = [d for d in dtypes if d not in ("float32", "bfloat16")]
+    if unknown or not dtypes:
+        raise SystemExit(f"--dtype takes float32 and/or bfloat16, not {args.dtype!r}")
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    model_dir = ensure_demo_model(cache)
+    counts = [int(c) for c in args.adapters.split(",") if c]
+    adapters = _make_adapters(cache, model_dir, max(counts), args.rank)
+    print(
+        f"engine benchmark: batch {args.batch}, {args.max_tokens} tokens each, rank {args.rank} "
+        f"all-linear, {args.rounds} interleaved rounds (medians), torch {torch.__version__} "
+        f"{torch.get_num_threads()} threads",
+        file=sys.stderr,
+    )
+    rows: list[dict[str, Any]] = []
+    max_distinct = 0
+    peft_label = f"peft {max(counts)} adapters"
+    for dtype in dtypes:
+        runs, distinct = asyncio.run(_torch_rounds(args, model_dir, adapters, dtype))
+        max_distinct = max(max_distinct, distinct)
+        peft_runs = (
+            [] if args.no_peft else _peft_round(args, model_dir, adapters, max(counts), dtype)
+        )
+        rows += _table(args, dtype, runs, peft_runs, peft_label)
     print(f"\nmedians over {args.rounds} rounds; x base is the median of per-round ratios")
     print(f"max distinct adapters in one step: {max_distinct}")
     if args.json:

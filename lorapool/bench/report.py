@@ -46,8 +46,9 @@ SECTIONS = (
         "Engine: mixed adapters vs base-only vs PEFT (issue 2)",
         "TorchBackend decode throughput with 1, 4 and 16 distinct adapters per batch, against "
         "the base model alone and against PEFT's own mixed-adapter batches, interleaved rounds "
-        "(median). Targets: 16 distinct adapters ≥ 0.85x base-only; ≥ 3x PEFT's mixed batch.",
-        ("--rounds", "5"),
+        "(median), in fp32 and in bf16 (both sides in the same dtype). Targets: 16 distinct "
+        "adapters ≥ 0.85x base-only; ≥ 3x PEFT's mixed batch.",
+        ("--rounds", "5", "--dtype", "float32,bfloat16"),
         ("--rounds", "1", "--batch", "4", "--max-tokens", "4", "--adapters", "1,2", "--no-peft"),
     ),
     _Section(

@@ -18,8 +18,6 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("matplotlib")
 
 
-
-
 def _meta_ok(data: dict[str, Any], **config: Any) -> None:
     meta = data["meta"]
     assert meta["machine"]["cpus"] >= 1 and meta["machine"]["arch"]
@@ -74,12 +72,13 @@ def test_trace_replay(tmp_path: Path) -> None:
     assert runs[0]["requests"] == runs[0]["completed"] == 3
 
 
-def test_engine(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine(tmp_path: Path, dtype: str) -> None:
     out = tmp_path / "engine.json"
     args = ("--rounds", "1", "--batch", "4", "--max-tokens", "4", "--adapters", "1,2", "--no-peft")
-    run_bench("engine", *args, "--json", str(out), cwd=tmp_path)
+    run_bench("engine", *args, "--dtype", dtype, "--json", str(out), cwd=tmp_path)
     data = json.loads(out.read_text())
-    _meta_ok(data, rounds=1, batch=4)
+    _meta_ok(data, rounds=1, batch=4, dtype=dtype)
     assert data["rows"]
 
 

@@ -36,8 +36,12 @@ def _loaded(name: str, path: Path) -> LoadedAdapter:
 
 def _peft_greedy(
     hf_model: Any, tokenizer: Any, adapter: Path | None, prompt: str
-) -> tuple[list[int], torch.Tensor]:
-    """Greedy decoding with PEFT, one adapter alone, no KV cache: the plain reference."""
+) -> tuple[list[int], list[torch.Tensor], torch.Tensor]:
+    """Greedy decoding with PEFT, one adapter alone, no KV cache: the plain reference.
+
+    Returns the tokens, the logits of every step, and the base model's logits
+    for the prompt (what the first step would be without the adapter).
+    """
     from peft import PeftModel
 
     model = hf_model if adapter is None else PeftModel.from_pretrained(hf_model, str(adapter))
@@ -46,43 +50,55 @@ def _peft_greedy(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
         )
         ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+        with torch.inference_mode():
+            base_first = hf_model(ids).logits[0, -1].float() if adapter is None else None
+            if adapter is not None:
+                with model.disable_adapter():
+                    base_first = model(ids).logits[0, -1].float()
         out: list[int] = []
-        logits = torch.empty(0)
+        steps: list[torch.Tensor] = []
         with torch.inference_mode():
             for _ in range(NEW_TOKENS):
                 logits = model(ids).logits[0, -1].float()
+                steps.append(logits)
                 nxt = int(logits.argmax())
                 out.append(nxt)
                 ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-        return out, logits
+        assert base_first is not None
+        return out, steps, base_first
     finally:
         if adapter is not None:
             model.unload()
 
 
-async def test_mixed_batch_matches_peft_per_adapter(
-    backend: Any, adapters: dict[str, Path], hf_model: Any
-) -> None:
+class _Run:
+    """What one mixed batch produced, per request name (``None`` is the base model)."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str | None, list[int]] = {}
+        self.logits: dict[str, list[torch.Tensor]] = {}
+        self.steps: list[set[str]] = []
+
+
+async def _mixed_batch(backend: Any, adapters: dict[str, Path], new_tokens: int) -> _Run:
+    """Every adapter plus the base model, submitted together to one engine."""
     slots = {}
     for slot, name in enumerate(adapters):
         await backend.load(_loaded(name, adapters[name]), slot)
         slots[name] = slot
-
-    steps: list[set[str]] = []
-    last_logits: dict[str, torch.Tensor] = {}
+    run = _Run()
 
     def hook(request_ids: list[str], logits: torch.Tensor) -> None:
-        steps.append(set(request_ids))
+        run.steps.append(set(request_ids))
         for rid, row in zip(request_ids, logits, strict=True):
-            last_logits[rid] = row.clone()
+            run.logits.setdefault(rid, []).append(row.clone())
 
     backend._engine.logits_hook = hook
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
-    async def run(name: str | None) -> list[int]:
-        rid = f"req-{name or 'base'}"
+    async def one(name: str | None) -> list[int]:
         request = GenerationRequest(
-            rid,
+            f"req-{name or 'base'}",
             [{"role": "user", "content": PROMPTS[name]}],
             params,
             name,
@@ -94,19 +110,69 @@ async def test_mixed_batch_matches_peft_per_adapter(
         return ids
 
     names: list[str | None] = [None, *adapters]
-    results = dict(zip(names, await asyncio.gather(*(run(n) for n in names)), strict=True))
-
+    run.tokens = dict(zip(names, await asyncio.gather(*(one(n) for n in names)), strict=True))
     # The rows really shared forward passes: some step held every request.
-    assert any(len(s) == len(names) for s in steps), "requests never ran in one batch"
+    assert any(len(s) == len(names) for s in run.steps), "requests never ran in one batch"
     assert max(backend.stats.distinct_adapters) >= 4
+    return run
 
+
+async def test_mixed_batch_matches_peft_per_adapter(
+    backend: Any, adapters: dict[str, Path], hf_model: Any
+) -> None:
+    run = await _mixed_batch(backend, adapters, NEW_TOKENS)
     outputs = set()
-    for name in names:
-        ref_tokens, ref_logits = _peft_greedy(
+    for name in [None, *adapters]:
+        ref_tokens, ref_logits, _ = _peft_greedy(
             hf_model, backend._tokenizer, None if name is None else adapters[name], PROMPTS[name]
         )
-        assert results[name] == ref_tokens, f"{name}: tokens differ from PEFT"
-        mine = last_logits[f"req-{name or 'base'}"]
-        torch.testing.assert_close(mine, ref_logits, atol=2e-3, rtol=1e-3)
+        assert run.tokens[name] == ref_tokens, f"{name}: tokens differ from PEFT"
+        mine = run.logits[f"req-{name or 'base'}"][-1]
+        torch.testing.assert_close(mine, ref_logits[-1], atol=2e-3, rtol=1e-3)
         outputs.add(tuple(ref_tokens))
-    assert len(outputs) == len(names), "adapters should change the output"
+    assert len(outputs) == len(adapters) + 1, "adapters should change the output"
+
+
+async def test_bf16_mixed_batch_tracks_fp32_peft(
+    model_dir: Path, adapters: dict[str, Path], hf_model: Any
+) -> None:
+    """The bf16 CPU path (fp32 attention, fp32 LoRA stacks) in one mixed batch.
+
+    bf16 greedy decoding drifts from fp32 after a few tokens, so this compares
+    logits step by step for as long as the two token streams agree (the same
+    context on both sides): the first token must agree, every compared step,
+    prefill and decode, must be within bf16 error of PEFT's fp32 logits, and
+    each adapter's effect on the first step must be far larger than that error.
+    """
+    from lorapool.backends.torch import TorchBackend
+
+    backend = TorchBackend(
+        model_dir, max_slots=6, max_rank=32, max_batch=8, max_seq_len=256, dtype="bfloat16"
+    )
+    await backend.start()
+    try:
+        assert backend.lora_dtype == torch.float32
+        run = await _mixed_batch(backend, adapters, NEW_TOKENS)
+    finally:
+        await backend.aclose()
+    decode_steps_compared = 0
+    for name in [None, *adapters]:
+        ref_tokens, ref_logits, base_first = _peft_greedy(
+            hf_model, backend._tokenizer, None if name is None else adapters[name], PROMPTS[name]
+        )
+        mine_tokens = run.tokens[name]
+        mine = run.logits[f"req-{name or 'base'}"]
+        assert mine_tokens[0] == ref_tokens[0], f"{name}: first token differs from PEFT fp32"
+        same = next(
+            (i for i, (a, b) in enumerate(zip(mine_tokens, ref_tokens, strict=True)) if a != b),
+            NEW_TOKENS,
+        )
+        for step in range(min(same + 1, NEW_TOKENS)):
+            err = float((mine[step] - ref_logits[step]).abs().max())
+            assert err < 1.5, f"{name} step {step}: bf16 logits off by {err:.2f}"
+            decode_steps_compared += step > 0
+        if name is not None:
+            effect = float((ref_logits[0] - base_first).abs().max())
+            err0 = float((mine[0] - ref_logits[0]).abs().max())
+            assert effect > 4 * err0, f"{name}: adapter effect {effect:.2f} vs error {err0:.2f}"
+    assert decode_steps_compared >= 2 * (len(adapters) + 1)
