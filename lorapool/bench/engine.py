@@ -234,13 +234,18 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     max_distinct = 0
     peft_label = f"peft {max(counts)} adapters"
+    # Every TorchBackend run before any PEFT run: PEFT's generate runs parallel torch ops on
+    # this (main) thread, and a second live OpenMP team slows the engine thread's small ops
+    # several times over (docs/decisions.md, "All tensor work on the engine thread").
+    torch_runs = {}
     for dtype in dtypes:
-        runs, distinct = asyncio.run(_torch_rounds(args, model_dir, adapters, dtype))
+        torch_runs[dtype], distinct = asyncio.run(_torch_rounds(args, model_dir, adapters, dtype))
         max_distinct = max(max_distinct, distinct)
+    for dtype in dtypes:
         peft_runs = (
             [] if args.no_peft else _peft_round(args, model_dir, adapters, max(counts), dtype)
         )
-        rows += _table(args, dtype, runs, peft_runs, peft_label)
+        rows += _table(args, dtype, torch_runs[dtype], peft_runs, peft_label)
     print(f"\nmedians over {args.rounds} rounds; x base is the median of per-round ratios")
     print(f"max distinct adapters in one step: {max_distinct}")
     if args.json:
