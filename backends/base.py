@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 from lorapool.types import Capabilities, Chunk, GenerationRequest, LoadedAdapter
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "Preemptible"]
 
 
 @runtime_checkable
@@ -55,4 +55,18 @@ class Backend(Protocol):
 
     async def health(self) -> bool:
         """True while the engine can serve."""
+        ...
+
+
+@runtime_checkable
+class Preemptible(Protocol):
+    """A backend that can pause a running request (``Capabilities.preemption``)."""
+
+    def preempt(self, request_id: str) -> bool:
+        """Ask the engine to give the request's place to a waiting request.
+
+        Non-blocking and safe to call from the event loop. The request's stream
+        pauses and resumes later with the same output (recomputed, not lost).
+        Returns False when the request is not running now.
+        """
         ...

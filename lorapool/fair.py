@@ -95,6 +95,7 @@ class _Tenant:
     queue: deque[Ticket] = field(default_factory=deque)
     version: int = 0  # bumps whenever a heap entry for this tenant goes stale
     inflight: int = 0
+    flight: dict[str, Ticket] = field(default_factory=dict)  # in dispatch order
     requests: TokenBucket | None = None
     tokens: TokenBucket | None = None
 
@@ -128,6 +129,7 @@ class FairScheduler(DispatchState):
         headroom: int | None = None,
         pace: float | None = None,
         credit: float = 512.0,
+        preemption: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
@@ -158,6 +160,7 @@ class FairScheduler(DispatchState):
         if credit < 0:
             raise ValueError("credit must be >= 0")
         self.credit = credit
+        self.preemption = preemption
         self._clock = clock
         self._tenants: dict[str, _Tenant] = {}
         self._heap: list[_Entry] = []
@@ -174,7 +177,9 @@ class FairScheduler(DispatchState):
         self._floor = 0.0  # the counter of the last dispatch: where idle tenants restart
         self._service_time: float | None = None  # EWMA of dispatch-to-release seconds
         self._started: dict[int, float] = {}
+        self._flying: dict[str, _Tenant] = {}  # tenants with requests in flight
         self.shed = 0
+        self.preemptions = 0
         self.affinity_picks = 0
         self.starvation_picks = 0
 
@@ -268,8 +273,11 @@ class FairScheduler(DispatchState):
         state = self._tenants.get(ticket.tenant)
         if state is not None:
             state.inflight -= 1
-            if not state.inflight and not state.queue:
-                self._leave(state)
+            state.flight.pop(ticket.request_id, None)
+            if not state.inflight:
+                self._flying.pop(state.name, None)
+                if not state.queue:
+                    self._leave(state)
         started = self._started.pop(id(ticket), None)
         if started is not None:
             took = self._clock() - started
@@ -288,6 +296,36 @@ class FairScheduler(DispatchState):
                 return
             tenant, ticket = picked
             self._dispatch(tenant, ticket)
+        if self._queued and self._preempt is not None and self.preemption:
+            self._try_preempt()
+
+    def _try_preempt(self) -> None:
+        """Every place is taken: let the lowest-counter tenant in, if it is under its share,
+        by preempting the newest request of the tenant furthest over its share.
+
+        Only when the places are exactly full, so at most one request is ever over
+        ``max_inflight``; each request is preempted at most once.
+        """
+        if self._inflight != self._max_inflight or self._min_active() is None:
+            return
+        *_, tenant = self._heap[0]
+        head = tenant.queue[0]
+        if self._over_share(tenant) or not self._can_dispatch(head.adapter_id, self._adapters):
+            return
+        victim = max(self._flying.values(), key=lambda t: t.inflight / t.weight, default=None)
+        if (
+            victim is None
+            or not self._over_share(victim)
+            or victim.inflight / victim.weight <= (tenant.inflight + 1) / tenant.weight
+        ):
+            return
+        assert self._preempt is not None
+        for ticket in list(reversed(victim.flight.values()))[:4]:
+            if not ticket.preempted and self._preempt(ticket.request_id):
+                ticket.preempted = True
+                self.preemptions += 1
+                self._dispatch(tenant, head)
+                return
 
     def _wake_at(self, when: float) -> None:
         """Kick again once pacing lets a tenant over its share go."""
@@ -545,5 +583,7 @@ class FairScheduler(DispatchState):
         if self._over_share(tenant):
             self._last_over = self._clock()
         tenant.inflight += 1
+        tenant.flight[ticket.request_id] = ticket
+        self._flying[tenant.name] = tenant
         self._started[id(ticket)] = self._clock()
         self._mark_dispatched(ticket)

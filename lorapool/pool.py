@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from lorapool.backends.base import Backend
+from lorapool.backends.base import Backend, Preemptible
 from lorapool.policies.prefetch import TierName
 
 from .errors import (
@@ -158,6 +158,9 @@ class AdapterPool:
                 can_dispatch=self.store.can_dispatch,
                 on_device=self.store.on_device,
             )
+            bind_preemption = getattr(self.scheduler, "bind_preemption", None)
+            if caps.preemption and isinstance(self.backend, Preemptible) and bind_preemption:
+                bind_preemption(self.backend.preempt)
             self._started = True
             await self.store.on_start(self.registry.visible(None))
 

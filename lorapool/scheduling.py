@@ -19,6 +19,7 @@ __all__ = [
     "DispatchCheck",
     "DispatchState",
     "FCFSScheduler",
+    "PreemptHook",
     "ResidencyCheck",
     "Scheduler",
     "Ticket",
@@ -29,6 +30,10 @@ DispatchCheck = Callable[[str | None, Mapping[str, int]], bool]
 
 ResidencyCheck = Callable[[str], bool]
 """``on_device(adapter_id) -> bool``, given by the store."""
+
+PreemptHook = Callable[[str], bool]
+"""``preempt(request_id) -> bool``, given by the pool when the backend can preempt: asks the
+engine to give the request's place to a waiting one (the request pauses, then resumes)."""
 
 ColdStart = Literal["wait", "fallback", "reject"]
 """What to do when a request's adapter is not on the device: wait for the load, serve
@@ -55,6 +60,7 @@ class Ticket:
     deadline: float | None = None
     queued: bool = False
     dispatched: bool = False
+    preempted: bool = False
     _ready: asyncio.Future[None] | None = field(default=None, repr=False)
 
 
@@ -116,6 +122,7 @@ class DispatchState:
         self._max_inflight = 1
         self._can_dispatch: DispatchCheck = lambda adapter, inflight: True
         self._on_device: ResidencyCheck = lambda adapter: True
+        self._preempt: PreemptHook | None = None
 
     def bind(
         self,
@@ -129,6 +136,14 @@ class DispatchState:
         self._can_dispatch = can_dispatch
         if on_device is not None:
             self._on_device = on_device
+
+    def bind_preemption(self, preempt: PreemptHook | None) -> None:
+        """Called by the pool at start when its backend can preempt running requests.
+
+        Schedulers that use it may dispatch one request beyond ``max_inflight``
+        after preempting another; the default is to never call it.
+        """
+        self._preempt = preempt
 
     @property
     def inflight(self) -> int:

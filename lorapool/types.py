@@ -153,6 +153,8 @@ class Capabilities:
     dynamic_load: bool = True
     pinning: bool = True
     max_seq_len: int | None = None
+    preemption: bool = False
+    """The backend can pause a running request to free its place (``preempt(request_id)``)."""
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,7 @@ class TorchBackend:
                 dynamic_load=True,
                 pinning=True,
                 max_seq_len=self.max_seq_len,
+                preemption=True,
             )
             self._engine = engine
             self._stats = engine.stats
@@ -267,6 +268,17 @@ class TorchBackend:
         if previous is not None and self._slot_of.get(previous) == slot:
             del self._slot_of[previous]
         self._slot_of[adapter.adapter_id] = slot
+
+    def preempt(self, request_id: str) -> bool:
+        """Free a running request's KV row for a waiting request; it resumes by recompute.
+
+        The row is given up at the next step, and only if a request that was
+        never preempted is waiting for a row then; the preempted request waits
+        behind it and, when it gets a row again, one prefill over its prompt and
+        output restores its KV (its stream pauses, nothing is lost).
+        """
+        engine = self._engine
+        return engine is not None and engine.preempt(request_id)
 
     async def unload(self, adapter_id: str) -> None:
         """Free the adapter's slot (the store has drained its requests)."""

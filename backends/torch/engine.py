@@ -44,6 +44,12 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     row: int = -1
     length: int = 0
+    preempted: int = 0
+    """Times this sequence gave up its KV row; it is recomputed from its tokens on return."""
+
+    def context(self) -> list[int]:
+        """The tokens a prefill must run: the prompt, plus any output (after a preemption)."""
+        return self.prompt_ids + self.output if self.output else self.prompt_ids
 
 
 @dataclass
@@ -57,6 +63,7 @@ class EngineStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     distinct_adapters: dict[int, int] = field(default_factory=dict)
+    preemptions: int = 0
 
 
 class Engine:
@@ -79,6 +86,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._cancelled: set[str] = set()
+        self._preempt: dict[str, None] = {}  # ordered: first asked, first applied
         self._control: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._stop = False
         self._ready: Future[None] = Future()
@@ -123,6 +131,22 @@ class Engine:
         with self._cond:
             self._cancelled.add(request_id)
             self._cond.notify()
+
+    def preempt(self, request_id: str) -> bool:
+        """Ask that a running sequence give its KV row to a waiting one.
+
+        Applied at the start of a step, and only while a sequence that was never
+        preempted waits without a free row: the preempted sequence then waits
+        behind it and, when it gets a row again, is recomputed from its prompt
+        and output in one prefill; its stream just pauses. Returns False when the
+        request is not running (not admitted yet, or done).
+        """
+        with self._cond:
+            if not any(s.request_id == request_id for s in self._running):
+                return False
+            self._preempt[request_id] = None
+            self._cond.notify()
+            return True
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn`` on the engine thread between two steps."""
@@ -171,6 +195,7 @@ class Engine:
                 self._control.clear()
                 cancelled = self._cancelled
                 self._cancelled = set()
+                self._apply_preemptions()
                 admitted = self._admit(cancelled)
             for fn, fut in control:
                 try:
@@ -200,6 +225,23 @@ class Engine:
         for seq in waiting:
             seq.sink(([], None, RuntimeError("engine stopped")))
 
+    def _apply_preemptions(self) -> None:
+        """Free rows for fresh waiting sequences by preempting as asked (lock held)."""
+        running = {s.request_id: s for s in self._running}
+        for rid in [r for r in self._preempt if r not in running]:
+            del self._preempt[rid]  # finished or cancelled meanwhile
+        fresh = sum(1 for s in self._waiting if not s.preempted)
+        short = fresh - (self.cache.rows - len(self._running))
+        while short > 0 and self._preempt:
+            rid = next(iter(self._preempt))
+            del self._preempt[rid]
+            seq = running[rid]
+            self._release_row(seq)
+            seq.preempted += 1
+            self._waiting.append(seq)
+            self.stats.preemptions += 1
+            short -= 1
+
     def _admit(self, cancelled: set[str]) -> list[Sequence]:
         """Take waiting sequences into free rows, within the prefill budget (lock held)."""
         for seq in [s for s in self._waiting if s.request_id in cancelled]:
@@ -210,7 +252,7 @@ class Engine:
         longest = 0
         while self._waiting and len(admitted) < free:
             seq = self._waiting[0]
-            longest_if = max(longest, len(seq.prompt_ids))
+            longest_if = max(longest, len(seq.context()))
             if admitted and longest_if * (len(admitted) + 1) > self.max_prefill_tokens:
                 break
             longest = longest_if
@@ -244,15 +286,16 @@ class Engine:
     def _prefill(self, seqs: list[Sequence]) -> None:
         dev = self.model.device
         row0 = len(self._running)
-        width = max(len(s.prompt_ids) for s in seqs)
+        contexts = [s.context() for s in seqs]
+        width = max(len(c) for c in contexts)
         tokens = torch.zeros(len(seqs), width, dtype=torch.long)
         slots: list[int] = []
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
-            slots.extend([s.slot] * len(s.prompt_ids) + [-1] * (width - len(s.prompt_ids)))
+        for i, (s, ids) in enumerate(zip(seqs, contexts, strict=True)):
+            tokens[i, : len(ids)] = torch.tensor(ids)
+            slots.extend([s.slot] * len(ids) + [-1] * (width - len(ids)))
             s.row = row0 + i
-            s.length = len(s.prompt_ids)
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=dev)
+            s.length = len(ids)
+        last = torch.tensor([len(c) - 1 for c in contexts], device=dev)
         starts = torch.zeros(len(seqs), dtype=torch.long, device=dev)
         logits = self._forward(tokens.to(dev), row0, starts, last, slots)
         self._running.extend(seqs)
@@ -311,7 +354,12 @@ class Engine:
         error: BaseException | None = None,
         emit: list[int] | None = None,
     ) -> None:
-        """Free the sequence's row (packing the rows) and tell its consumer."""
+        """Free the sequence's row and tell its consumer."""
+        self._release_row(seq)
+        seq.sink((emit or [], reason, error))
+
+    def _release_row(self, seq: Sequence) -> None:
+        """Take the sequence out of the running rows, keeping them packed."""
         if seq.row >= 0 and seq.row < len(self._running) and self._running[seq.row] is seq:
             last = self._running[-1]
             if last is not seq:
@@ -320,4 +368,3 @@ class Engine:
                 self._running[seq.row] = last
             self._running.pop()
             seq.row = -1
-        seq.sink((emit or [], reason, error))

@@ -49,6 +49,7 @@ from lorapool.scheduling import (
     ColdStart,
     DispatchCheck,
     FCFSScheduler,
+    PreemptHook,
     ResidencyCheck,
     Scheduler,
     Ticket,
@@ -204,6 +205,7 @@ class _Recorder:
     def __init__(self, inner: Scheduler) -> None:
         self.inner = inner
         self._bound: dict[str, Any] | None = None
+        self._preempt: PreemptHook | None = None
 
     @property
     def queued(self) -> int:
@@ -215,6 +217,9 @@ class _Recorder:
         self.inner = inner
         if self._bound is not None:
             inner.bind(**self._bound)
+        bind_preemption = getattr(inner, "bind_preemption", None)
+        if bind_preemption is not None:
+            bind_preemption(self._preempt)
 
     def bind(
         self,
@@ -230,6 +235,13 @@ class _Recorder:
             "on_device": on_device,
         }
         self.inner.bind(max_inflight=max_inflight, can_dispatch=can_dispatch, on_device=on_device)
+
+    def bind_preemption(self, preempt: PreemptHook | None) -> None:
+        """Remember the pool's preemption hook and hand it to the inner scheduler."""
+        self._preempt = preempt
+        inner = getattr(self.inner, "bind_preemption", None)
+        if inner is not None:
+            inner(preempt)
 
     async def acquire(self, ticket: Ticket) -> None:
         """The inner scheduler's acquire, then stamp the dispatch on the current request."""

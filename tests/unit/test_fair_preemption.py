@@ -1,0 +1,106 @@
+"""FairScheduler preemption: a tenant under its share gets a place at once when a tenant over
+its share holds them all, by pausing that tenant's newest request; at most one over the limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from .test_fair import Harness, _dispatched, _finish, fair, ticket
+
+
+class Hook:
+    """Stands in for the backend's ``preempt``: records the calls, answers as told."""
+
+    def __init__(self, answer: bool = True) -> None:
+        self.answer = answer
+        self.calls: list[str] = []
+
+    def __call__(self, request_id: str) -> bool:
+        self.calls.append(request_id)
+        return self.answer
+
+
+def harness(hook: Hook | None, **kw: object) -> Harness:
+    kw.setdefault("max_wait", 1e9)
+    kw.setdefault("headroom", 0)
+    kw.setdefault("pace", 0)
+    h = Harness(fair(**kw), max_inflight=4)
+    if hook is not None:
+        h.s.bind_preemption(hook)
+    return h
+
+
+async def test_a_tenant_under_its_share_preempts_the_newest_request_of_the_busiest() -> None:
+    hook = Hook()
+    h = harness(hook)
+    for _ in range(6):
+        await h.submit(ticket("noisy"))
+    noisy = _dispatched(h, "noisy")
+    assert len(noisy) == 4  # every place taken
+    quiet = ticket("quiet")
+    await h.submit(quiet)
+    assert quiet.dispatched, "the quiet request should start at once"
+    assert hook.calls == [noisy[-1].request_id]  # the newest: least work to redo
+    assert noisy[-1].preempted and h.s.preemptions == 1
+    assert h.s.inflight == 5  # one over the limit, never more
+    second = ticket("quiet")
+    await h.submit(second)
+    assert not second.dispatched and hook.calls == [noisy[-1].request_id]
+    # One release brings the count back to the limit; quiet, still under its share (1 of 2
+    # places), preempts again: another request, as each is preempted at most once.
+    await _finish(h, noisy[0])
+    assert second.dispatched and h.s.inflight == 5
+    assert len(hook.calls) == 2 and hook.calls[1] != noisy[-1].request_id
+    third = ticket("quiet")
+    await h.submit(third)  # quiet now holds its share (2 of 4): it waits like anyone
+    assert not third.dispatched and len(hook.calls) == 2
+    await h.close()
+
+
+async def test_no_preemption_for_a_tenant_at_its_share() -> None:
+    hook = Hook()
+    h = harness(hook)
+    for tenant in ("a", "a", "b", "b"):
+        await h.submit(ticket(tenant))
+    late = ticket("b")
+    await h.submit(late)  # two tenants, 2 places each: b already holds its share
+    assert not late.dispatched and hook.calls == []
+    await h.close()
+
+
+async def test_no_preemption_when_the_victim_would_not_be_over_the_newcomer() -> None:
+    hook = Hook()
+    h = harness(hook)
+    for tenant in ("a", "a", "a", "b"):
+        await h.submit(ticket(tenant))
+    c = ticket("c")
+    await h.submit(c)  # three tenants: share 4/3; a holds 3 > (0 + 1): preempt
+    assert c.dispatched and len(hook.calls) == 1
+    await h.close()
+    hook = Hook()
+    h = harness(hook)
+    for tenant in ("a", "a", "b", "b"):
+        await h.submit(ticket(tenant))
+    await h.submit(ticket("c"))  # a and b hold 2 each, over a share of 4/3: preempt one
+    assert len(hook.calls) == 1
+    await h.submit(ticket("c"))  # c now holds 1; nobody is further over than 2 > 1 + 1
+    assert len(hook.calls) == 1
+    await h.close()
+
+
+@pytest.mark.parametrize("case", ["refused", "not bound", "turned off"])
+async def test_nothing_starts_over_the_limit_without_a_preemption(case: str) -> None:
+    hook = Hook(answer=case != "refused")
+    h = harness(None if case == "not bound" else hook, preemption=case != "turned off")
+    for _ in range(4):
+        await h.submit(ticket("noisy"))
+    quiet = ticket("quiet")
+    await h.submit(quiet)
+    assert not quiet.dispatched and h.s.inflight == 4 and h.s.preemptions == 0
+    if case == "refused":
+        assert hook.calls, "the hook was asked and said no"
+    else:
+        assert hook.calls == []
+    await _finish(h, _dispatched(h, "noisy")[0])
+    assert quiet.dispatched  # the ordinary way: the next free place
+    await h.close()
