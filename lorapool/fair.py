@@ -28,6 +28,11 @@ Around that:
 * burst credit: a tenant whose queue empties but that still has requests
   running keeps up to ``credit`` of its lead over the lowest counter when its
   next request comes (a fully idle tenant keeps none);
+* preemption (when the backend offers it): with every place taken, a tenant
+  under its share goes at once, and the newest request of the tenant furthest
+  over its share pauses (its engine resumes it later by recompute); at most
+  one request over the limit, each request paused at most once; the headroom
+  then also takes tenants under their share;
 * deadlines: a request still queued at its deadline leaves the queue with
   ``DeadlineExceeded``; it was charged nothing.
 
@@ -110,8 +115,10 @@ class FairScheduler(DispatchState):
     costs). ``headroom``: places kept for tenants with nothing in flight (by
     default one in eight). ``pace``: seconds between dispatches to tenants at or
     over their share of the places; ``None`` measures it (mean request time /
-    places), ``0`` turns pacing off. ``pace=0, credit=0`` is plain VTC with the
-    headroom.
+    places), ``0`` turns pacing off. ``preemption``: pause an over-share
+    tenant's request for an under-share one when every place is taken (used
+    only with a backend that can, see :class:`~lorapool.backends.base.Preemptible`).
+    ``pace=0, credit=0, preemption=False`` is plain VTC with the headroom.
     """
 
     def __init__(
@@ -523,6 +530,9 @@ class FairScheduler(DispatchState):
         # interval between them: their requests then start, and end, spread over the engine's
         # steps instead of in waves that leave no place free for anyone for a whole request.
         reserved = self._inflight >= self._max_inflight - self.headroom
+        # With preemption the headroom also takes tenants under their share: a newcomer that
+        # finds every place full then gets one by preemption instead.
+        preempting = self.preemption and self._preempt is not None
         wait_until = self._last_over + self._pace()
         paced = self._clock() < wait_until
         popped: list[_Entry] = []
@@ -547,7 +557,11 @@ class FairScheduler(DispatchState):
                 ):
                     break
                 head = tenant.queue[0]
-                if reserved and tenant.inflight > 0:
+                if (
+                    reserved
+                    and tenant.inflight > 0
+                    and (not preempting or self._over_share(tenant))
+                ):
                     continue
                 if paced and self._over_share(tenant):
                     self._paced_until = wait_until

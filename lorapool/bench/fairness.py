@@ -327,6 +327,7 @@ class _Run:
     device_loads: int = 0
     affinity_picks: int | None = None
     scheduler: str = ""
+    preemptions: int = 0
 
     @property
     def done(self) -> list[_Request]:
@@ -533,8 +534,9 @@ async def _noisy_runs(
                 ("no-noise fcfs", quiet, FCFSScheduler),
                 ("no-noise fair", quiet, FairScheduler),
                 ("noisy fcfs", trace, FCFSScheduler),
-                ("noisy vtc", trace, lambda: FairScheduler(pace=0, credit=0)),
+                ("noisy vtc", trace, lambda: FairScheduler(pace=0, credit=0, preemption=False)),
                 ("noisy fair", trace, FairScheduler),
+                ("noisy no-preempt", trace, lambda: FairScheduler(preemption=False)),
             ]
             for label, items, make in plan:
                 scheduler = make()
@@ -546,6 +548,8 @@ async def _noisy_runs(
                 picks = scheduler.affinity_picks if isinstance(scheduler, FairScheduler) else None
                 runs[label] = _Run(label, reqs, t0, pool.store.stats.device_loads - loads, picks)
                 if isinstance(scheduler, FairScheduler):
+                    runs[label].preemptions = scheduler.preemptions
+                if label == "noisy fair":
                     fair = _describe(scheduler)
     return runs, f"{engine}\nfair = {fair} with equal weights, after binding"
 
@@ -631,17 +635,30 @@ def _noisy(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, _Run]
     vtc_x = vtc / _pct(runs["no-noise fair"].ttft(quiet), 99)
     summary["vtc"] = {"noisy_p99_ms": vtc * 1e3, "x": vtc_x}
     print(
-        f"the same FairScheduler without pacing and burst credit (noisy vtc: pace=0, credit=0): "
+        f"the same FairScheduler without pacing, burst credit and preemption (noisy vtc: pace=0, "
+        "credit=0, preemption=False): "
         f"quiet p99 {vtc * 1e3:.0f} ms = {summary['vtc']['x']:.2f}x; "
         f"throughput fair / vtc: "
         f"{runs['noisy fair'].tokens_per_s / runs['noisy vtc'].tokens_per_s:.2f}"
+    )
+    pre = _pct(runs["noisy no-preempt"].ttft(quiet), 99)
+    summary["no_preempt"] = {
+        "noisy_p99_ms": pre * 1e3,
+        "x": pre / _pct(runs["no-noise fair"].ttft(quiet), 99),
+    }
+    summary["preemptions"] = runs["noisy fair"].preemptions
+    print(
+        f"requests paused by preemption under fair: {runs['noisy fair'].preemptions}; "
+        f"the same FairScheduler with preemption=False (noisy no-preempt): quiet p99 "
+        f"{pre * 1e3:.0f} ms = {summary['no_preempt']['x']:.2f}x; throughput fair / no-preempt: "
+        f"{runs['noisy fair'].tokens_per_s / runs['noisy no-preempt'].tokens_per_s:.2f}"
     )
     settled = {
         label: _pct(
             [r.first - r.start for r in runs[label].done if r.tenant in quiet and r.at >= 10.0],
             99,
         )
-        for label in ("noisy fcfs", "noisy vtc", "noisy fair")
+        for label in ("noisy fcfs", "noisy vtc", "noisy no-preempt", "noisy fair")
     }
     summary["after_10s_p99_ms"] = {k: v * 1e3 for k, v in settled.items()}
     print(

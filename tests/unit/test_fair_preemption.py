@@ -104,3 +104,21 @@ async def test_nothing_starts_over_the_limit_without_a_preemption(case: str) -> 
     await _finish(h, _dispatched(h, "noisy")[0])
     assert quiet.dispatched  # the ordinary way: the next free place
     await h.close()
+
+
+@pytest.mark.parametrize("preemption", [True, False])
+async def test_with_preemption_the_headroom_also_takes_tenants_under_their_share(
+    preemption: bool,
+) -> None:
+    hook = Hook()
+    h = Harness(fair(max_wait=1e9, headroom=2, pace=0, preemption=preemption), max_inflight=8)
+    h.s.bind_preemption(hook)
+    await h.submit(ticket("quiet"))
+    for _ in range(10):
+        await h.submit(ticket("noisy"))
+    assert len(_dispatched(h, "noisy")) == 5  # up to the headroom (8 - 2 places in all)
+    second = ticket("quiet")
+    await h.submit(second)  # quiet has one running and holds 1 of its 3-place share
+    assert second.dispatched is preemption
+    assert hook.calls == []  # a free place, no preemption needed
+    await h.close()
