@@ -566,7 +566,7 @@ def _noisy(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, _Run]
         f"{args.max_tokens} tokens per request, short prompts; every request runs to the end"
     )
     print(
-        f"\n{'run':<15}{'tenant':<9}{'reqs':>6}{'done':>6}{'TTFT p50':>10}{'p99 ms':>8}"
+        f"\n{'run':<18}{'tenant':<9}{'reqs':>6}{'done':>6}{'TTFT p50':>10}{'p99 ms':>8}"
         f"{'queue p99':>11}{'tok/s':>8}"
     )
     rows = []
@@ -575,12 +575,12 @@ def _noisy(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, _Run]
         for row in _tenant_rows(run, shown):
             rows.append(row)
             print(
-                f"{run.label:<15}{row['tenant']:<9}{row['requests']:>6}{row['completed']:>6}"
+                f"{run.label:<18}{row['tenant']:<9}{row['requests']:>6}{row['completed']:>6}"
                 f"{_ms(row['ttft_p50_ms']):>10}{_ms(row['ttft_p99_ms']):>8}"
                 f"{_ms(row['queue_p99_ms']):>11}"
             )
         print(
-            f"{run.label:<15}{'all':<9}{len(run.requests):>6}{len(run.done):>6}"
+            f"{run.label:<18}{'all':<9}{len(run.requests):>6}{len(run.done):>6}"
             f"{_ms(_pct(run.ttft(), 50) * 1e3):>10}{_ms(_pct(run.ttft(), 99) * 1e3):>8}"
             f"{'':>11}{run.tokens_per_s:>8.1f}"
         )
