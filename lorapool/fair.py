@@ -60,6 +60,7 @@ __all__ = ["FairScheduler", "TierPolicy"]
 
 _SCAN_LIMIT = 64  # tenants inspected per pick when heads cannot get a slot
 _AFFINITY_SCAN = 8  # tenants inspected per pick looking for a resident adapter
+_PREEMPT_TRIES = 4  # newest requests of the victim offered to the backend (some not running yet)
 _Entry = tuple[float, int, int, int, "_Tenant"]  # counter, in flight, seq, version, tenant
 
 
@@ -99,10 +100,14 @@ class _Tenant:
     counter: float = 0.0
     queue: deque[Ticket] = field(default_factory=deque)
     version: int = 0  # bumps whenever a heap entry for this tenant goes stale
-    inflight: int = 0
-    flight: dict[str, Ticket] = field(default_factory=dict)  # in dispatch order
+    flight: dict[str, Ticket] = field(default_factory=dict)  # in flight, in dispatch order
     requests: TokenBucket | None = None
     tokens: TokenBucket | None = None
+
+    @property
+    def inflight(self) -> int:
+        """Requests of this tenant dispatched and not yet released."""
+        return len(self.flight)
 
 
 class FairScheduler(DispatchState):
@@ -279,7 +284,6 @@ class FairScheduler(DispatchState):
             return
         state = self._tenants.get(ticket.tenant)
         if state is not None:
-            state.inflight -= 1
             state.flight.pop(ticket.request_id, None)
             if not state.inflight:
                 self._flying.pop(state.name, None)
@@ -327,7 +331,7 @@ class FairScheduler(DispatchState):
         ):
             return
         assert self._preempt is not None
-        for ticket in list(reversed(victim.flight.values()))[:4]:
+        for ticket in list(reversed(victim.flight.values()))[:_PREEMPT_TRIES]:
             if not ticket.preempted and self._preempt(ticket.request_id):
                 ticket.preempted = True
                 self.preemptions += 1
@@ -596,7 +600,6 @@ class FairScheduler(DispatchState):
             self._push(tenant)
         if self._over_share(tenant):
             self._last_over = self._clock()
-        tenant.inflight += 1
         tenant.flight[ticket.request_id] = ticket
         self._flying[tenant.name] = tenant
         self._started[id(ticket)] = self._clock()

@@ -168,7 +168,6 @@ def _make_adapters(cache: Path, model_dir: Path, count: int, rank: int) -> list[
 
 
 def _table(
-    args: argparse.Namespace,
     dtype: str,
     runs: dict[str, list[float]],
     peft_runs: list[float],
@@ -245,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         peft_runs = (
             [] if args.no_peft else _peft_round(args, model_dir, adapters, max(counts), dtype)
         )
-        rows += _table(args, dtype, torch_runs[dtype], peft_runs, peft_label)
+        rows += _table(dtype, torch_runs[dtype], peft_runs, peft_label)
     print(f"\nmedians over {args.rounds} rounds; x base is the median of per-round ratios")
     print(f"max distinct adapters in one step: {max_distinct}")
     if args.json:
