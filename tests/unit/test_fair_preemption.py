@@ -57,11 +57,18 @@ async def test_a_tenant_under_its_share_preempts_the_newest_request_of_the_busie
     await h.close()
 
 
-async def test_no_preemption_for_a_tenant_at_its_share() -> None:
+async def _full(*tenants: str) -> tuple[Harness, Hook]:
+    """A harness with preemption bound and its 4 places taken by these tenants' requests."""
     hook = Hook()
     h = harness(hook)
-    for tenant in ("a", "a", "b", "b"):
+    for tenant in tenants:
         await h.submit(ticket(tenant))
+    assert h.s.inflight == 4
+    return h, hook
+
+
+async def test_no_preemption_for_a_tenant_at_its_share() -> None:
+    h, hook = await _full("a", "a", "b", "b")
     late = ticket("b")
     await h.submit(late)  # two tenants, 2 places each: b already holds its share
     assert not late.dispatched and hook.calls == []
@@ -69,18 +76,12 @@ async def test_no_preemption_for_a_tenant_at_its_share() -> None:
 
 
 async def test_no_preemption_when_the_victim_would_not_be_over_the_newcomer() -> None:
-    hook = Hook()
-    h = harness(hook)
-    for tenant in ("a", "a", "a", "b"):
-        await h.submit(ticket(tenant))
+    h, hook = await _full("a", "a", "a", "b")
     c = ticket("c")
     await h.submit(c)  # three tenants: share 4/3; a holds 3 > (0 + 1): preempt
     assert c.dispatched and len(hook.calls) == 1
     await h.close()
-    hook = Hook()
-    h = harness(hook)
-    for tenant in ("a", "a", "b", "b"):
-        await h.submit(ticket(tenant))
+    h, hook = await _full("a", "a", "b", "b")
     await h.submit(ticket("c"))  # a and b hold 2 each, over a share of 4/3: preempt one
     assert len(hook.calls) == 1
     await h.submit(ticket("c"))  # c now holds 1; nobody is further over than 2 > 1 + 1
