@@ -119,6 +119,9 @@ def test_fairness(tmp_path: Path) -> None:
     run_bench("fairness", *args, "--plot", str(plot), "--json", str(out), cwd=tmp_path)
     data = json.loads(out.read_text())
     _meta_ok(data, seed=0, duration=3.0)
+    summary = data["noisy"]["quiet_p99"]
+    assert {"fcfs", "fair", "vtc", "no_preempt", "preemptions"} <= set(summary)
+    assert "noisy no-preempt" in data["noisy"]["tokens_per_s"]
     _png_ok(plot)
 
 
