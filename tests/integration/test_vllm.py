@@ -102,8 +102,9 @@ async def test_outputs_equal_vllms_own_lora_requests(
             for n in NAMES
         }
         base = (await pool.complete(PROMPT, tenant="t", params=GREEDY)).token_ids
-        # lorapool never let vLLM hold more adapters than its slots (+ the zero adapter).
-        assert len(await backend.engine_loras()) <= SLOTS + 1
+        # lorapool never let vLLM hold more adapters than its CPU cache takes (slots, the
+        # zero adapter and evicted ones kept warm), so vLLM's LRU never evicted one of them.
+        assert len(await backend.engine_loras()) <= engine.vllm_config.lora_config.max_cpu_loras
     assert set(await engine.list_loras()) == set()
     # vLLM alone, each adapter from its own directory under a fresh id.
     for i, n in enumerate(NAMES, start=100):
@@ -112,6 +113,51 @@ async def test_outputs_equal_vllms_own_lora_requests(
         assert list(ours[n]) == theirs, n
     assert list(base) == await raw_vllm(engine, ids, None)
     assert len({tuple(v) for v in ours.values()} | {tuple(base)}) == len(NAMES) + 1
+
+
+async def test_an_evicted_adapter_stays_warm_in_vllms_cpu_cache(
+    engine: Any, adapters: dict[str, Path]
+) -> None:
+    """Evicted from its slot, an adapter stays in vLLM's CPU cache (room: max_cpu_loras 4 -
+    2 slots - the zero adapter = 1) and comes back without another ``add_lora``; unregister
+    removes it from vLLM; ``warm_loras=0`` removes on every eviction."""
+    a, b, c = NAMES[:3]
+
+    async def run(pool: AdapterPool, name: str) -> tuple[int, ...]:
+        return (await pool.complete(PROMPT, adapter=name, tenant="t", params=GREEDY)).token_ids
+
+    backend = backend_on(engine)
+    async with AdapterPool(backend) as pool:
+        for n in (a, b, c):
+            await pool.register(n, str(adapters[n]), tenant="t")
+        first = {n: await run(pool, n) for n in (a, b)}
+        held = await backend.engine_loras()
+        await run(pool, c)  # c takes the slot of a or b, whichever the device policy evicts
+        [evicted] = backend.warm_adapters()
+        assert evicted in (a, b)
+        assert held <= await backend.engine_loras()  # the evicted LoRA is still in vLLM
+        ids = await backend.engine_loras()
+        assert await run(pool, evicted) == first[evicted]  # back from the cache: same output
+        assert await backend.engine_loras() == ids  # ... and no new LoRA was added
+        [now_warm] = backend.warm_adapters()
+        assert now_warm != evicted
+        assert pool.store.stats.device_loads == 4
+        await pool.unregister(now_warm, tenant="t")  # the warm one: gone from vLLM too
+        assert backend.warm_adapters() == []
+        assert len(await backend.engine_loras()) == len(ids) - 1
+    assert set(await engine.list_loras()) == set()
+
+    from lorapool.backends.vllm import VLLMBackend
+
+    cold = VLLMBackend(engine, max_slots=SLOTS, warm_loras=0)
+    async with AdapterPool(cold) as pool:
+        for n in (a, b, c):
+            await pool.register(n, str(adapters[n]), tenant="t")
+        outputs = [await run(pool, n) for n in (a, b, c)]
+        assert outputs[0] == first[a]
+        assert cold.warm_adapters() == []
+        assert len(await cold.engine_loras()) == SLOTS + 1  # two slots and the zero adapter
+    assert set(await engine.list_loras()) == set()
 
 
 async def test_outputs_equal_torch_backend_greedy(
