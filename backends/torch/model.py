@@ -120,6 +120,43 @@ class KVCache:
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
+class Linear:
+    """A projection's weight (and bias), ready for the fastest matmul the device has.
+
+    On CPU the weight is reordered once into oneDNN's blocked layout and run
+    with oneDNN's linear: 2.4-3.2x faster than ``F.linear`` (MKL) in fp32 and
+    1.2-1.4x in bf16 for this model's shapes on the machine of
+    docs/performance.md. Elsewhere, or where PyTorch lacks oneDNN, plain ``F.linear``.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.out_features = weight.shape[0]
+        self.bias = bias
+        self.weight = weight
+        self._packed: torch.Tensor | None = None
+        if _can_pack(weight):
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+            self.weight = torch.empty(0, dtype=weight.dtype)  # the packed copy replaces it
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+                x, self._packed, self.bias, "none", [], ""
+            )
+            return out
+        return F.linear(x, self.weight, self.bias)
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
 class _Layer:
     def __init__(self, w: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) -> None:
         def get(name: str) -> torch.Tensor:
@@ -132,21 +169,21 @@ class _Layer:
             get("self_attn.k_proj.weight"),
             get("self_attn.v_proj.weight"),
         )
-        self.qkv = torch.cat([q, k, v]).contiguous()
-        self.qkv_bias: torch.Tensor | None = None
+        qkv_bias: torch.Tensor | None = None
         if cfg.attention_bias:
-            self.qkv_bias = torch.cat(
+            qkv_bias = torch.cat(
                 [
                     get("self_attn.q_proj.bias"),
                     get("self_attn.k_proj.bias"),
                     get("self_attn.v_proj.bias"),
                 ]
             )
-        self.o = get("self_attn.o_proj.weight")
-        self.gate_up = torch.cat(
-            [get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]
-        ).contiguous()
-        self.down = get("mlp.down_proj.weight")
+        self.qkv = Linear(torch.cat([q, k, v]).contiguous(), qkv_bias)
+        self.o = Linear(get("self_attn.o_proj.weight"))
+        self.gate_up = Linear(
+            torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]).contiguous()
+        )
+        self.down = Linear(get("mlp.down_proj.weight"))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -185,7 +222,7 @@ class LlamaModel:
         cfg = self.cfg
         self.embed = state.pop("embed_tokens.weight")
         lm_head = state.pop("lm_head.weight", None)
-        self.lm_head = self.embed if lm_head is None or cfg.tie_word_embeddings else lm_head
+        self.lm_head = Linear(self.embed if lm_head is None or cfg.tie_word_embeddings else lm_head)
         self.norm = state.pop("norm.weight")
         self.layers = [_Layer(state, f"layers.{i}.", cfg) for i in range(cfg.num_layers)]
         inv_freq = 1.0 / (
@@ -240,7 +277,7 @@ class LlamaModel:
         x = F.embedding(tokens, self.embed).reshape(n * t, cfg.hidden_size)
         for li, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(h)
             if plan is not None:
                 lora.apply_qkv(li, plan, h, qkv)
             q = qkv[:, : self._q_out].view(n, t, nh, hd).transpose(1, 2)
@@ -256,20 +293,20 @@ class LlamaModel:
                 q, kk, vv = q.float(), kk.float(), vv.float()
             attn = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=nkv != nh)
             attn = attn.transpose(1, 2).reshape(n * t, nh * hd).to(x.dtype)
-            o = F.linear(attn, layer.o)
+            o = layer.o(attn)
             if plan is not None:
                 lora.apply(li, "o_proj", plan, attn, o)
             x = x + o
             h = _rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            gu = F.linear(h, layer.gate_up)
+            gu = layer.gate_up(h)
             if plan is not None:
                 lora.apply_gate_up(li, plan, h, gu)
             gate, up = gu.chunk(2, dim=-1)
             act = F.silu(gate) * up
-            d = F.linear(act, layer.down)
+            d = layer.down(act)
             if plan is not None:
                 lora.apply(li, "down_proj", plan, act, d)
             x = x + d
         last = x.view(n, t, cfg.hidden_size)[torch.arange(n, device=self.device), last_index]
         last = _rms_norm(last, self.norm, cfg.rms_norm_eps)
-        return F.linear(last, self.lm_head).float()
+        return self.lm_head(last).float()
