@@ -90,8 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch: TorchBackend on the demo model (default); mock: MockBackend, token_delay",
     )
     noisy.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals (30)")
-    noisy.add_argument("--noisy-rate", type=float, default=10.0, help="noisy req/s (10)")
-    noisy.add_argument("--quiet-rate", type=float, default=1.0, help="req/s per quiet tenant (1)")
+    noisy.add_argument("--noisy-rate", type=float, default=20.0, help="noisy req/s (20)")
+    noisy.add_argument("--quiet-rate", type=float, default=2.0, help="req/s per quiet tenant (2)")
     noisy.add_argument("--quiet-tenants", type=int, default=3, help="quiet tenants (3)")
     noisy.add_argument("--max-batch", type=int, default=16, help="engine batch rows (16)")
     noisy.add_argument(
