@@ -293,23 +293,48 @@ class VLLMBackend:
     async def load(self, adapter: LoadedAdapter, slot: int) -> None:
         """Make the adapter the occupant of ``slot``: from vLLM's cache, or by ``add_lora``.
 
-        The slot's previous occupant is kept warm in vLLM's CPU cache if there is room.
+        The slot's previous occupant is kept warm in vLLM's CPU cache if there is
+        room. If ``add_lora`` fails, the previous occupant stays in its slot.
         """
-        from vllm.lora.request import LoRARequest
-
-        engine = self.engine
         check_load(adapter, slot, self.max_slots, self.max_rank, "vLLM")
         # In another slot, or warm: taken out first, so the occupant's move cannot evict it.
         held = self._loras.pop(adapter.adapter_id, None) or self._warm.pop(adapter.adapter_id, None)
-        for other, lora in list(self._loras.items()):
-            if lora.slot == slot:
-                del self._loras[other]
-                await self._keep_warm(other, lora)
-        if held is not None:
-            if held.sha256 == adapter.sha256:
-                self._loras[adapter.adapter_id] = _Lora(held.request, slot, held.sha256)
-                return
+        if held is not None and held.sha256 != adapter.sha256:
             await self._remove(held)
+            held = None
+        occupant = next(((o, lora) for o, lora in self._loras.items() if lora.slot == slot), None)
+        stale: str | None = None  # files of an occupant removed to make room
+        if held is not None:
+            request = held.request
+        elif occupant is not None and self._warm_capacity > 0:
+            await self._trim_warm(self._warm_capacity - 1)  # the occupant's room, after the add
+            request = await self._add(adapter)
+        elif occupant is not None:
+            # No room to keep it: out first, and back in if the new adapter cannot be added.
+            other, lora = occupant
+            del self._loras[other]
+            await self.engine.remove_lora(lora.request.lora_int_id)
+            try:
+                request = await self._add(adapter)
+            except BaseException:
+                await _engine_call(self.engine.add_lora(lora.request), f"restore {other!r}")
+                self._loras[other] = lora
+                raise
+            stale, occupant = lora.sha256, None
+        else:
+            request = await self._add(adapter)
+        if occupant is not None:
+            del self._loras[occupant[0]]
+            await self._keep_warm(*occupant)
+        self._loras[adapter.adapter_id] = _Lora(request, slot, adapter.sha256)
+        if stale is not None:
+            await self._discard_files(stale)
+
+    async def _add(self, adapter: LoadedAdapter) -> Any:
+        """``add_lora`` from the adapter's written files under a fresh id; the LoRARequest."""
+        from vllm.lora.request import LoRARequest
+
+        engine = self.engine
         path = await self._dirs.dir_of(adapter)
         request = LoRARequest(adapter.adapter_id, next(self._ids), str(path))
         try:
@@ -317,7 +342,7 @@ class VLLMBackend:
         except BackendError as exc:
             await engine.remove_lora(request.lora_int_id)
             raise LoadError(adapter.adapter_id, "device", str(exc)) from None
-        self._loras[adapter.adapter_id] = _Lora(request, slot, adapter.sha256)
+        return request
 
     async def unload(self, adapter_id: str) -> None:
         """``remove_lora`` (the store has drained the adapter's requests)."""
@@ -340,7 +365,11 @@ class VLLMBackend:
             await self._remove(lora)
             return
         self._warm[adapter_id] = _Lora(lora.request, -1, lora.sha256)
-        while len(self._warm) > self._warm_capacity:
+        await self._trim_warm(self._warm_capacity)
+
+    async def _trim_warm(self, size: int) -> None:
+        """Remove the least recently evicted warm adapters until ``size`` are left."""
+        while len(self._warm) > max(0, size):
             _, oldest = self._warm.popitem(last=False)
             await self._remove(oldest)
 
@@ -348,9 +377,12 @@ class VLLMBackend:
         if self._engine is None:
             return
         await self._engine.remove_lora(lora.request.lora_int_id)
+        await self._discard_files(lora.sha256)
+
+    async def _discard_files(self, sha256: str) -> None:
         held = [*self._loras.values(), *self._warm.values()]
-        if not any(other.sha256 == lora.sha256 for other in held):
-            await asyncio.to_thread(self._dirs.discard, lora.sha256)
+        if not any(other.sha256 == sha256 for other in held):
+            await asyncio.to_thread(self._dirs.discard, sha256)
 
     def slot_of(self, adapter_id: str) -> int | None:
         """The slot an adapter occupies, if any."""

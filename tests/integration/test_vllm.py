@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from lorapool import AdapterPool, SamplingParams
-from lorapool.errors import AdapterValidationError
+from lorapool.errors import AdapterValidationError, LoadError
 from lorapool.testing import ALL_CHECKS, check_backend
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -157,6 +157,40 @@ async def test_an_evicted_adapter_stays_warm_in_vllms_cpu_cache(
         assert outputs[0] == first[a]
         assert cold.warm_adapters() == []
         assert len(await cold.engine_loras()) == SLOTS + 1  # two slots and the zero adapter
+    assert set(await engine.list_loras()) == set()
+
+
+@pytest.mark.parametrize("warm_loras", [None, 0])
+async def test_a_failed_add_lora_leaves_the_slots_occupant_serving(
+    engine: Any, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch, warm_loras: int | None
+) -> None:
+    """vLLM refuses one adapter (injected on the real engine): the adapter whose slot it was
+    to take keeps serving, with or without room to keep evicted adapters warm."""
+    from lorapool.backends.vllm import VLLMBackend
+
+    a, b, c = NAMES[:3]
+
+    async def run(pool: AdapterPool, name: str) -> tuple[int, ...]:
+        return (await pool.complete(PROMPT, adapter=name, tenant="t", params=GREEDY)).token_ids
+
+    add_lora = engine.add_lora
+
+    async def refuse(request: Any) -> bool:
+        if request.lora_name == c:
+            raise RuntimeError("injected: vLLM cannot load this LoRA")
+        return bool(await add_lora(request))
+
+    backend = VLLMBackend(engine, max_slots=SLOTS, warm_loras=warm_loras)
+    async with AdapterPool(backend) as pool:
+        for n in (a, b, c):
+            await pool.register(n, str(adapters[n]), tenant="t")
+        first = {n: await run(pool, n) for n in (a, b)}
+        monkeypatch.setattr(engine, "add_lora", refuse)
+        with pytest.raises(LoadError, match="injected"):
+            await run(pool, c)
+        monkeypatch.undo()
+        assert {n: await run(pool, n) for n in (a, b)} == first  # both still in their slots
+        assert len(await run(pool, c)) == GREEDY.max_tokens  # and c loads once vLLM can add it
     assert set(await engine.list_loras()) == set()
 
 
