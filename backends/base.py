@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 from lorapool.types import Capabilities, Chunk, GenerationRequest, LoadedAdapter
 
-__all__ = ["Backend", "Preemptible"]
+__all__ = ["Backend", "EngineCached", "Preemptible"]
 
 
 @runtime_checkable

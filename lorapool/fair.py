@@ -331,7 +331,7 @@ class FairScheduler(DispatchState):
         ):
             return
         assert self._preempt is not None
-        for ticket in list(reversed(victim.flight.values()))[:_PREEMPT_TRIES]:
+        for ticket in itertools.islice(reversed(victim.flight.values()), _PREEMPT_TRIES):
             if not ticket.preempted and self._preempt(ticket.request_id):
                 ticket.preempted = True
                 self.preemptions += 1
