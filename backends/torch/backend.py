@@ -28,6 +28,7 @@ from lorapool.types import (
 from .detok import IncrementalDetokenizer, StopMatcher
 from .engine import Engine, EngineStats, Event
 from .engine import Sequence as EngineSequence
+from .kernel import SgmvKernel, build_kernel, cpu_kernel
 from .lora import LoraSlots, PreparedAdapter, prepare_adapter
 from .model import KVCache, LlamaModel
 
@@ -53,6 +54,12 @@ class TorchBackend:
     bf16 on CUDA. ``dtype="bfloat16"`` on a CPU with AVX-512 BF16 runs the
     base matmuls several times faster; attention then runs in fp32 and the
     LoRA stacks stay fp32, both measured faster there (docs/decisions.md).
+
+    ``lora_kernel``: on CPU, decode steps run the LoRA matmuls through a small C
+    kernel built on first use with the system compiler (``kernel.py``). ``None``
+    uses it when it builds and falls back to PyTorch matmuls otherwise; ``True``
+    requires it (start fails with the compiler's message); ``False`` never
+    uses it.
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class TorchBackend:
         max_prefill_tokens: int = 2048,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
+        lora_kernel: bool | None = None,
     ) -> None:
         if max_slots < 1 or max_rank < 1 or max_batch < 1 or max_seq_len < 2:
             raise ValueError("max_slots, max_rank, max_batch must be >= 1 and max_seq_len >= 2")
@@ -83,6 +91,7 @@ class TorchBackend:
         # PyTorch's CPU batched matmul on LoRA-sized 16-bit operands is slower than
         # in fp32 (docs/decisions.md, "16-bit on CPU"); the model's dtype elsewhere.
         self.lora_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.lora_kernel = lora_kernel
         self._engine: Engine | None = None
         self._stats: EngineStats | None = None
         self._tokenizer: Any = None
@@ -161,6 +170,9 @@ class TorchBackend:
         """Runs on the engine thread."""
         model = LlamaModel(self.model_path, dtype=self.dtype, device=self.device)
         cfg = model.cfg
+        kernel: SgmvKernel | None = None
+        if self.device.type == "cpu" and self.lora_kernel is not False:
+            kernel = build_kernel() if self.lora_kernel else cpu_kernel()
         lora = LoraSlots(
             cfg.module_shapes(),
             cfg.num_layers,
@@ -168,10 +180,12 @@ class TorchBackend:
             self.max_rank,
             self.lora_dtype,
             self.device,
+            kernel,
         )
         cache = KVCache(cfg, self.max_batch, self.max_seq_len, self.dtype, self.device)
         log.info(
-            "TorchBackend ready: %s on %s, %d slots x rank %d (%.1f MiB), KV %d x %d (%.1f MiB)",
+            "TorchBackend ready: %s on %s, %d slots x rank %d (%.1f MiB), KV %d x %d (%.1f MiB)"
+            ", LoRA kernel %s",
             self.model_path.name,
             self.device,
             self.max_slots,
@@ -180,6 +194,7 @@ class TorchBackend:
             self.max_batch,
             self.max_seq_len,
             cache.nbytes / 2**20,
+            kernel.path.name if lora.kernel is not None and kernel is not None else "off",
         )
         return model, lora, cache
 

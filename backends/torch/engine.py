@@ -21,7 +21,7 @@ import torch
 
 from lorapool.types import FinishReason, SamplingParams
 
-from .lora import LoraBatch, LoraSlots
+from .lora import LoraSlots
 from .model import KVCache, LlamaModel
 
 __all__ = ["Engine", "EngineStats", "Event", "Sequence"]
@@ -267,7 +267,7 @@ class Engine:
         last: torch.Tensor,
         token_slots: list[int],
     ) -> torch.Tensor:
-        plan = LoraBatch(token_slots, self.model.device)
+        plan = self.lora.plan(token_slots)
         if plan.distinct:
             self.stats.distinct_adapters[plan.distinct] = (
                 self.stats.distinct_adapters.get(plan.distinct, 0) + 1

@@ -10,21 +10,31 @@ one matmul. The stacks may be wider than the activations (fp32 stacks under a
 bf16 model on CPU); inputs are cast up and deltas cast back as they are added.
 
 A forward pass gets one :class:`LoraBatch` plan (which token uses which slot).
-With many adapters the plan pads each slot's tokens to a common count and runs
-one batched matmul per side for all slots (segmented by slot, never per row);
-with one adapter, or very uneven groups, it runs one matmul per slot.
+On CPU with the C kernel (``kernel.py``) and small groups (decode steps), one
+kernel call per projection group does every slot's shrink, expand and add.
+Otherwise, with many adapters the plan pads each slot's tokens to a common
+count and runs one batched matmul per side for all slots (segmented by slot,
+never per row); with one adapter, or very uneven groups, one matmul per slot.
 """
 
 from __future__ import annotations
 
+import ctypes
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from lorapool.types import LoraConfig
 
-__all__ = ["LoraBatch", "LoraSlots", "PreparedAdapter", "prepare_adapter"]
+from .kernel import SgmvKernel
+
+__all__ = ["KERNEL_MAX_ROWS", "LoraBatch", "LoraSlots", "PreparedAdapter", "prepare_adapter"]
+
+KERNEL_MAX_ROWS = 16
+"""The most tokens of one slot in a pass the C kernel takes; larger groups (prefill)
+go to PyTorch's matmuls, which tile them better."""
 
 _NAME = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 _GROUPS: dict[str, tuple[str, ...]] = {
@@ -105,10 +115,39 @@ def prepare_adapter(
     return PreparedAdapter(adapter_id, r, a, b, nbytes)
 
 
+@dataclass(frozen=True)
+class _Segments:
+    """The C kernel's view of a plan: tokens sorted by slot, one segment per slot."""
+
+    count: int
+    ptr: torch.Tensor
+    slot: torch.Tensor
+    tok: torch.Tensor
+    tokens: int
+    rows: int
+    """One past the highest token index."""
+    addresses: tuple[int, int, int]
+    """``ptr``, ``slot`` and ``tok``'s data pointers, read once per pass."""
+
+    @classmethod
+    def build(cls, groups: dict[int, list[int]]) -> _Segments:
+        order = sorted(groups)
+        ptr = [0]
+        tok: list[int] = []
+        for s in order:
+            tok.extend(groups[s])
+            ptr.append(len(tok))
+        ptr_t, slot_t, tok_t = (torch.tensor(v, dtype=torch.int32) for v in (ptr, order, tok))
+        addresses = (ptr_t.data_ptr(), slot_t.data_ptr(), tok_t.data_ptr())
+        return cls(len(order), ptr_t, slot_t, tok_t, len(tok), max(tok) + 1, addresses)
+
+
 class LoraBatch:
     """Which tokens of a forward pass use which slot, grouped by slot.
 
-    Three layouts, chosen per forward pass. *Span*: the tokens padded to a
+    With ``segments=True`` (a CPU plan for :class:`LoraSlots` with the C
+    kernel) and no slot above :data:`KERNEL_MAX_ROWS` tokens, the kernel runs
+    it. Otherwise three layouts, chosen per forward pass. *Span*: the tokens padded to a
     common count per slot over the contiguous slot range they use, run as one
     batched matmul on a view of the stacks. *Compact*: the same over just the
     slots in use, gathering their weights first (when the used slots are
@@ -116,7 +155,9 @@ class LoraBatch:
     per slot (one adapter, or very uneven groups).
     """
 
-    def __init__(self, token_slots: list[int], device: torch.device) -> None:
+    def __init__(
+        self, token_slots: list[int], device: torch.device, *, segments: bool = False
+    ) -> None:
         groups: dict[int, list[int]] = {}
         for i, s in enumerate(token_slots):
             if s >= 0:
@@ -125,9 +166,33 @@ class LoraBatch:
         self.num_tokens = sum(len(v) for v in groups.values())
         self.loop: list[tuple[int, torch.Tensor | slice]] = []
         self.padded = False
-        k = len(self.slots)
-        if k == 0:
+        self.segments: _Segments | None = None
+        """Set when the C kernel can run this plan."""
+        self._pending: tuple[list[int], dict[int, list[int]], torch.device] | None = None
+        if not self.slots:
             return
+        if (
+            segments
+            and device.type == "cpu"
+            and max(len(v) for v in groups.values()) <= KERNEL_MAX_ROWS
+        ):
+            self.segments = _Segments.build(groups)
+            # PyTorch's layouts only where the kernel cannot run (16-bit activations).
+            self._pending = (token_slots, groups, device)
+            return
+        self._layout(token_slots, groups, device)
+
+    def ensure_layout(self) -> LoraBatch:
+        """Make the PyTorch layouts if the plan was made for the kernel only."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._layout(*pending)
+        return self
+
+    def _layout(
+        self, token_slots: list[int], groups: dict[int, list[int]], device: torch.device
+    ) -> None:
+        k = len(self.slots)
         if k > 1:
             lo, hi = self.slots[0], self.slots[-1]
             layouts: list[tuple[list[int], slice | list[int]]] = [
@@ -193,6 +258,16 @@ class LoraBatch:
         return len(self.slots)
 
 
+class _KernelArgs(NamedTuple):
+    in_dim: int
+    a: int
+    gr: int
+    n_mod: int
+    b: ctypes.Array[ctypes.c_void_p]
+    outs: ctypes.Array[ctypes.c_int64]
+    offsets: ctypes.Array[ctypes.c_int64]
+
+
 class LoraSlots:
     """The device-resident stacks: ``max_slots`` adapters for every LoRA-able linear."""
 
@@ -204,6 +279,7 @@ class LoraSlots:
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        kernel: SgmvKernel | None = None,
     ) -> None:
         self.shapes = shapes
         self.num_layers = num_layers
@@ -229,6 +305,47 @@ class LoraSlots:
         self.occupant: list[str | None] = [None] * max_slots
         # Per slot: rank-columns each module's last occupant wrote (the rest are zero).
         self._written: list[dict[str, int]] = [{} for _ in range(max_slots)]
+        self.kernel = kernel if device.type == "cpu" and dtype == torch.float32 else None
+        """The C kernel, used for fp32 stacks on CPU when one was given."""
+        self._kernel_args = self._bind_kernel() if self.kernel is not None else {}
+        self._scratch = torch.empty(0, dtype=torch.float32)
+        self._scratch_addr = 0
+        self._threads = torch.get_num_threads()
+        # Each group's modules as column blocks of its fused output.
+        self._columns: dict[str, list[tuple[str, int, int]]] = {}
+        for group, modules in _GROUPS.items():
+            start = 0
+            self._columns[group] = []
+            for m in modules:
+                self._columns[group].append((m, start, start + shapes[m][1]))
+                start += shapes[m][1]
+
+    def _bind_kernel(self) -> dict[tuple[int, str], _KernelArgs]:
+        """Per layer and group, the kernel's arguments that never change: stack pointers."""
+        args: dict[tuple[int, str], _KernelArgs] = {}
+        for group, modules in _GROUPS.items():
+            n = len(modules)
+            outs = [self.shapes[m][1] for m in modules]
+            offsets = [sum(outs[:i]) for i in range(n)]
+            for layer in range(self.num_layers):
+                a = self.a[group][layer]
+                args[(layer, group)] = _KernelArgs(
+                    a.shape[1],
+                    a.data_ptr(),
+                    a.shape[-1],
+                    n,
+                    (ctypes.c_void_p * n)(*(self.b[m][layer].data_ptr() for m in modules)),
+                    (ctypes.c_int64 * n)(*outs),
+                    (ctypes.c_int64 * n)(*offsets),
+                )
+        return args
+
+    def plan(self, token_slots: list[int]) -> LoraBatch:
+        """The plan for one forward pass over these stacks (kernel segments when it runs)."""
+        plan = LoraBatch(token_slots, self.device, segments=self.kernel is not None)
+        if plan.segments is not None:
+            self._threads = torch.get_num_threads()
+        return plan
 
     @property
     def nbytes(self) -> int:
@@ -276,10 +393,57 @@ class LoraSlots:
         # A gather and a dense add: about half the time of index_add_ on CPU.
         y.add_(out.flatten(0, 1).index_select(0, plan.gather))
 
-    def _run(
-        self, layer: int, group: str, plan: LoraBatch, x: torch.Tensor, ys: list[torch.Tensor]
+    def _run_kernel(
+        self, layer: int, group: str, seg: _Segments, x: torch.Tensor, y: torch.Tensor
     ) -> None:
-        modules = _GROUPS[group]
+        assert self.kernel is not None
+        in_dim, a, gr, n_mod, b, outs, offsets = self._kernel_args[(layer, group)]
+        # The kernel trusts its pointers: check what it will index.
+        if x.shape[1] != in_dim or y.shape[1] != self._columns[group][-1][2]:
+            raise ValueError(f"{group}: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit")
+        if min(x.shape[0], y.shape[0]) < seg.rows:
+            raise ValueError(f"{group}: the plan indexes token {seg.rows - 1}, x has {x.shape[0]}")
+        if self._scratch.numel() < seg.tokens * gr:
+            self._scratch = torch.empty(seg.tokens * 3 * self.max_rank, dtype=torch.float32)
+            self._scratch_addr = self._scratch.data_ptr()
+        self.kernel.sgmv_f32(
+            seg.count,
+            *seg.addresses,
+            x.data_ptr(),
+            x.stride(0),
+            in_dim,
+            a,
+            gr,
+            n_mod,
+            b,
+            outs,
+            offsets,
+            y.data_ptr(),
+            y.stride(0),
+            self.max_rank,
+            self._scratch_addr,
+            self._threads,
+        )
+
+    def _run(
+        self, layer: int, group: str, plan: LoraBatch, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        """Add ``group``'s deltas into its fused output ``y`` (modules side by side)."""
+        seg = plan.segments
+        if (
+            seg is not None
+            and self.kernel is not None
+            and x.dtype == torch.float32
+            and y.dtype == torch.float32
+            and x.stride(1) == 1
+            and y.stride(1) == 1
+        ):
+            self._run_kernel(layer, group, seg, x, y)
+            return
+        plan.ensure_layout()
+        columns = self._columns[group]
+        modules = [m for m, _, _ in columns]
+        ys = [y[:, start:end] for _, start, end in columns]
         r = self.max_rank
         if plan.padded:
             t = self._shrink(layer, group, plan, x)
@@ -301,18 +465,14 @@ class LoraSlots:
 
     def apply_qkv(self, layer: int, plan: LoraBatch, x: torch.Tensor, qkv: torch.Tensor) -> None:
         """Add the q/k/v LoRA deltas into the fused projection output, in place."""
-        q_out = self.shapes["q_proj"][1]
-        kv_out = self.shapes["k_proj"][1]
-        ys = [qkv[:, :q_out], qkv[:, q_out : q_out + kv_out], qkv[:, q_out + kv_out :]]
-        self._run(layer, "qkv", plan, x, ys)
+        self._run(layer, "qkv", plan, x, qkv)
 
     def apply_gate_up(self, layer: int, plan: LoraBatch, x: torch.Tensor, gu: torch.Tensor) -> None:
         """Add the gate/up LoRA deltas into the fused MLP input projection, in place."""
-        inter = self.shapes["gate_proj"][1]
-        self._run(layer, "gate_up", plan, x, [gu[:, :inter], gu[:, inter:]])
+        self._run(layer, "gate_up", plan, x, gu)
 
     def apply(
         self, layer: int, module: str, plan: LoraBatch, x: torch.Tensor, y: torch.Tensor
     ) -> None:
         """Add one single-module group's LoRA delta (``o_proj`` or ``down_proj``) into ``y``."""
-        self._run(layer, _GROUP_OF[module], plan, x, [y])
+        self._run(layer, _GROUP_OF[module], plan, x, y)

@@ -1,18 +1,20 @@
 """The segmented LoRA matmuls against a plain per-row reference, on small random stacks.
 
-Covers both plans (padded batched matmul, one matmul per slot), rows without an
-adapter, uneven groups, unused slots inside the span, mixed ranks and 16-bit
-stacks; no model needed.
+Covers every plan (the C kernel in its AVX-512 and portable builds, padded
+batched matmul, one matmul per slot), rows without an adapter, uneven groups,
+unused slots inside the span, mixed ranks and 16-bit stacks; no model needed.
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from lorapool.backends.torch.lora import LoraBatch, LoraSlots, PreparedAdapter
+from lorapool.backends.torch.kernel import DEFAULT_FLAGS, SgmvKernel, build_kernel
+from lorapool.backends.torch.lora import KERNEL_MAX_ROWS, LoraBatch, LoraSlots, PreparedAdapter
 
 SHAPES = {
     "q_proj": (16, 16),
@@ -32,13 +34,51 @@ def _adapter(name: str, rank: int, modules: list[str], gen: torch.Generator) -> 
     return PreparedAdapter(name, rank, a, b, 0)
 
 
-def _slots(dtype: torch.dtype) -> tuple[LoraSlots, list[PreparedAdapter]]:
+class CountingKernel:
+    """The real kernel, counting its calls so a test knows it ran."""
+
+    def __init__(self, kernel: SgmvKernel) -> None:
+        self.path = kernel.path
+        self._fn = kernel.sgmv_f32
+        self.calls = 0
+
+    def sgmv_f32(self, *args: object) -> None:
+        self.calls += 1
+        self._fn(*args)
+
+
+KERNEL_BUILDS = {
+    "native": DEFAULT_FLAGS,
+    # Without AVX-512 the portable loops are compiled instead of the intrinsics.
+    "portable": (*DEFAULT_FLAGS, "-mno-avx512f"),
+}
+
+
+@pytest.fixture(scope="module", params=["torch", *KERNEL_BUILDS])
+def kernel(request: pytest.FixtureRequest) -> CountingKernel | None:
+    if request.param == "torch":
+        return None
+    return CountingKernel(build_kernel(flags=KERNEL_BUILDS[request.param]))
+
+
+def _slots(
+    dtype: torch.dtype, kernel: CountingKernel | None = None, max_rank: int = MAX_RANK
+) -> tuple[LoraSlots, list[PreparedAdapter]]:
     gen = torch.Generator().manual_seed(0)
-    slots = LoraSlots(SHAPES, LAYERS, SLOTS, MAX_RANK, dtype, torch.device("cpu"))
+    slots = LoraSlots(
+        SHAPES,
+        LAYERS,
+        SLOTS,
+        max_rank,
+        dtype,
+        torch.device("cpu"),
+        kernel,  # type: ignore[arg-type]
+    )
     adapters = []
     for s in range(SLOTS):
         modules = list(SHAPES) if s % 2 == 0 else ["q_proj", "v_proj", "down_proj"]
-        prepared = _adapter(f"a{s}", rank=(4, 8)[s % 2], modules=modules, gen=gen)
+        rank = (max_rank // 2, max_rank)[s % 2]
+        prepared = _adapter(f"a{s}", rank=rank, modules=modules, gen=gen)
         # 16-bit stacks hold rounded weights; the reference uses the same rounding.
         prepared = PreparedAdapter(
             prepared.adapter_id,
@@ -89,11 +129,19 @@ DTYPES = {
 
 @pytest.mark.parametrize("dtypes", list(DTYPES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_plan_matches_per_row_reference(case: str, dtypes: str) -> None:
+def test_plan_matches_per_row_reference(
+    case: str, dtypes: str, kernel: CountingKernel | None
+) -> None:
     token_slots = CASES[case]
     dtype, stack_dtype = DTYPES[dtypes]
-    slots, adapters = _slots(stack_dtype)
-    plan = LoraBatch(token_slots, torch.device("cpu"))
+    slots, adapters = _slots(stack_dtype, kernel)
+    plan = slots.plan(token_slots)
+    runs_kernel = (
+        kernel is not None
+        and dtypes == "fp32"
+        and max(token_slots.count(s) for s in set(token_slots) - {-1}) <= KERNEL_MAX_ROWS
+    )
+    calls = kernel.calls if kernel is not None else 0
     n = len(token_slots)
     gen = torch.Generator().manual_seed(1)
     tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.3, "rtol": 0.05}
@@ -118,6 +166,9 @@ def test_plan_matches_per_row_reference(case: str, dtypes: str) -> None:
             slots.apply(layer, module, plan, x, y)
             want = 1 + _reference(adapters, layer, module, token_slots, x)
             torch.testing.assert_close(y.float(), want, **tol)
+    if kernel is not None:
+        # Four projection groups per layer, each one call when the kernel runs the plan.
+        assert kernel.calls - calls == (4 * LAYERS if runs_kernel else 0)
 
 
 def _layout(case: str) -> str:
@@ -149,3 +200,59 @@ def test_random_plans_match_reference() -> None:
         slots.apply(1, "down_proj", plan, x, y)
         want = _reference(adapters, 1, "down_proj", token_slots, x)
         torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("build", list(KERNEL_BUILDS))
+def test_kernel_matches_torch_on_random_plans_and_wide_ranks(build: str) -> None:
+    """Rank 32 makes the q/k/v shrink 96 columns wide: two register tiles, one masked."""
+    kernel = CountingKernel(build_kernel(flags=KERNEL_BUILDS[build]))
+    slots, adapters = _slots(torch.float32, kernel, max_rank=32)
+    rng = random.Random(11)
+    for _ in range(30):
+        n = rng.randint(1, 40)
+        token_slots = [rng.choice([-1, *range(SLOTS)]) for _ in range(n)]
+        x = torch.randn(n, 16)
+        for segments in (True, False):
+            plan = LoraBatch(token_slots, torch.device("cpu"), segments=segments)
+            qkv = torch.randn(n, 32)
+            before = qkv.clone()
+            slots.apply_qkv(0, plan, x, qkv)
+            want = torch.cat(
+                [
+                    _reference(adapters, 0, m, token_slots, x)
+                    for m in ("q_proj", "k_proj", "v_proj")
+                ],
+                1,
+            )
+            torch.testing.assert_close(qkv - before, want, atol=1e-4, rtol=1e-4)
+    assert kernel.calls > 0
+
+
+def test_kernel_rows_limit_sends_prefill_to_torch() -> None:
+    plan = LoraBatch([0] * (KERNEL_MAX_ROWS + 1), torch.device("cpu"), segments=True)
+    assert plan.segments is None
+    plan = LoraBatch([0] * KERNEL_MAX_ROWS + [1, -1], torch.device("cpu"), segments=True)
+    assert plan.segments is not None
+    assert plan.segments.count == 2
+    assert plan.segments.tok.tolist() == [*range(KERNEL_MAX_ROWS), KERNEL_MAX_ROWS]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_kernel_shares_pytorchs_openmp_runtime() -> None:
+    """Two OpenMP runtimes would each keep spinning threads on the same cores."""
+    build_kernel()
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) <= 1, runtimes
+
+
+def test_kernel_refuses_tensors_that_do_not_fit_the_plan() -> None:
+    """The kernel indexes raw pointers; a mismatched call must fail before it runs."""
+    kernel = CountingKernel(build_kernel())
+    slots, _ = _slots(torch.float32, kernel)
+    plan = slots.plan([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="indexes token 3"):
+        slots.apply(0, "o_proj", plan, torch.randn(3, 16), torch.zeros(3, 16))
+    with pytest.raises(ValueError, match="do not fit"):
+        slots.apply(0, "o_proj", plan, torch.randn(4, 24), torch.zeros(4, 16))
+    assert kernel.calls == 0

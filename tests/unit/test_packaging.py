@@ -44,7 +44,7 @@ def test_wheel_contains_every_source_file(tmp_path: Path) -> None:
     expected = set()
     for folder, installed in MAPPING.items():
         for f in (ROOT / folder).rglob("*"):
-            if f.is_file() and f.suffix in (".py", ".typed") and "__pycache__" not in f.parts:
+            if f.is_file() and f.suffix in (".py", ".typed", ".c") and "__pycache__" not in f.parts:
                 expected.add(f"{installed}/{f.relative_to(ROOT / folder).as_posix()}")
     assert expected, "no sources found"
     missing = sorted(expected - names)

@@ -1,0 +1,134 @@
+"""The segmented-LoRA CPU kernel (``sgmv.c``): built once with the system compiler, cached.
+
+PyTorch's batched matmul reads LoRA stacks at well under the machine's memory
+bandwidth on the tiny per-slot products of a decode step, and each of its
+calls carries a gather and an add. ``sgmv.c`` does shrink, expand and add for
+all of a pass's slots in one call per projection group, reading every slot's
+weights once. It has an AVX-512 path and a portable one (docs/decisions.md,
+"A C kernel for CPU LoRA").
+
+The kernel is optional: without a C compiler with OpenMP, with
+``LORAPOOL_LORA_KERNEL=0``, or when a build fails, :func:`cpu_kernel`
+returns ``None`` and :class:`~lorapool.backends.torch.lora.LoraSlots` uses
+PyTorch matmuls. Builds are keyed by the source, the compiler and its flags,
+and this CPU's feature flags, under ``<cache dir>/kernels/``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from lorapool.cache import default_cache_dir
+
+__all__ = ["KernelUnavailable", "SgmvKernel", "build_kernel", "cpu_kernel"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("sgmv.c")
+DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+_I64 = ctypes.c_int64
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot be built or loaded here; the message says why."""
+
+
+class SgmvKernel:
+    """The loaded kernel: ``sgmv_f32(...)`` with the argument list of ``sgmv.c``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            raise KernelUnavailable(f"cannot load {path}: {exc}") from exc
+        fn = lib.lorapool_sgmv_f32
+        fn.argtypes = [_I, _P, _P, _P, _P, _I64, _I64, _P, _I64, _I, _P, _P, _P, _P, _I64]
+        fn.argtypes += [_I64, _P, _I]
+        fn.restype = None
+        self.sgmv_f32 = fn
+        self._lib = lib
+
+    def __repr__(self) -> str:
+        return f"SgmvKernel({str(self.path)!r})"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_kernel(
+    cache_dir: Path | None = None,
+    *,
+    cc: str | None = None,
+    flags: Sequence[str] = DEFAULT_FLAGS,
+) -> SgmvKernel:
+    """Compile ``sgmv.c`` (once per source, compiler, flags and CPU) and load it.
+
+    Raises :class:`KernelUnavailable` with the compiler's output when it fails.
+    """
+    compiler = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise KernelUnavailable("no C compiler found (set CC, or install gcc)")
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"C compiler {compiler!r} does not run: {exc}") from exc
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_flags().encode()])
+    ).hexdigest()[:16]
+    out_dir = (cache_dir or default_cache_dir()) / "kernels"
+    target = out_dir / f"sgmv-{key}.so"
+    if not target.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+        os.close(fd)
+        try:
+            proc = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", tmp],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if proc.returncode != 0:
+                raise KernelUnavailable(
+                    f"{compiler} failed to build {SOURCE.name}:\n{proc.stderr.strip()}"
+                )
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return SgmvKernel(target)
+
+
+@functools.cache
+def cpu_kernel(cache_dir: Path | None = None) -> SgmvKernel | None:
+    """The kernel for this process, or ``None`` (logged once) when it is not available."""
+    if os.environ.get("LORAPOOL_LORA_KERNEL", "1").strip().lower() in {"0", "false", "off"}:
+        return None
+    try:
+        return build_kernel(cache_dir)
+    except KernelUnavailable as exc:
+        log.warning("LoRA CPU kernel unavailable, PyTorch matmuls instead: %s", exc)
+        return None
