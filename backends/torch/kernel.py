@@ -47,7 +47,7 @@ class KernelUnavailable(RuntimeError):
 
 
 class SgmvKernel:
-    """The loaded kernel: ``sgmv_f32(...)`` with the argument list of ``sgmv.c``."""
+    """The loaded kernel: ``sgmv_f32`` and ``sgmv_bf16``, the argument lists of ``sgmv.c``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -60,6 +60,11 @@ class SgmvKernel:
         fn.argtypes += [_I64, _P, _I]
         fn.restype = None
         self.sgmv_f32 = fn
+        fn = lib.lorapool_sgmv_bf16
+        fn.argtypes = [_I, _P, _P, _P, _P, _I64, _I64, _P, _I64, _I, _P, _P, _P, _P, _I64]
+        fn.argtypes += [_I64, _P, _P, _I64, _I]
+        fn.restype = None
+        self.sgmv_bf16 = fn
         self._lib = lib
 
     def __repr__(self) -> str:

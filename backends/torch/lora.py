@@ -32,9 +32,14 @@ from .kernel import SgmvKernel
 
 __all__ = ["KERNEL_MAX_ROWS", "LoraBatch", "LoraSlots", "PreparedAdapter", "prepare_adapter"]
 
-KERNEL_MAX_ROWS = 16
+KERNEL_MAX_ROWS = 64
 """The most tokens of one slot in a pass the C kernel takes; larger groups (prefill)
 go to PyTorch's matmuls, which tile them better."""
+
+KERNEL_SEGMENT_ROWS = 4
+"""A slot's tokens are cut into kernel segments of at most this many, so that one
+adapter's rows spread over the threads (the later segments read its weights from
+cache) and each segment's output rows stay in L1."""
 
 _NAME = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 _GROUPS: dict[str, tuple[str, ...]] = {
@@ -134,12 +139,16 @@ class _Segments:
         order = sorted(groups)
         ptr = [0]
         tok: list[int] = []
+        slots: list[int] = []
         for s in order:
-            tok.extend(groups[s])
-            ptr.append(len(tok))
-        ptr_t, slot_t, tok_t = (torch.tensor(v, dtype=torch.int32) for v in (ptr, order, tok))
+            members = groups[s]
+            for i in range(0, len(members), KERNEL_SEGMENT_ROWS):
+                tok.extend(members[i : i + KERNEL_SEGMENT_ROWS])
+                ptr.append(len(tok))
+                slots.append(s)
+        ptr_t, slot_t, tok_t = (torch.tensor(v, dtype=torch.int32) for v in (ptr, slots, tok))
         addresses = (ptr_t.data_ptr(), slot_t.data_ptr(), tok_t.data_ptr())
-        return cls(len(order), ptr_t, slot_t, tok_t, len(tok), max(tok) + 1, addresses)
+        return cls(len(slots), ptr_t, slot_t, tok_t, len(tok), max(tok) + 1, addresses)
 
 
 class LoraBatch:
@@ -177,7 +186,7 @@ class LoraBatch:
             and max(len(v) for v in groups.values()) <= KERNEL_MAX_ROWS
         ):
             self.segments = _Segments.build(groups)
-            # PyTorch's layouts only where the kernel cannot run (16-bit activations).
+            # PyTorch's layouts only where the kernel cannot run (fp16 activations).
             self._pending = (token_slots, groups, device)
             return
         self._layout(token_slots, groups, device)
@@ -310,6 +319,8 @@ class LoraSlots:
         self._kernel_args = self._bind_kernel() if self.kernel is not None else {}
         self._scratch = torch.empty(0, dtype=torch.float32)
         self._scratch_addr = 0
+        self._work = torch.empty(0, dtype=torch.float32)
+        self._widest = max(max(shape) for shape in shapes.values())
         self._threads = torch.get_num_threads()
         # Each group's modules as column blocks of its fused output.
         self._columns: dict[str, list[tuple[str, int, int]]] = {}
@@ -406,7 +417,7 @@ class LoraSlots:
         if self._scratch.numel() < seg.tokens * gr:
             self._scratch = torch.empty(seg.tokens * 3 * self.max_rank, dtype=torch.float32)
             self._scratch_addr = self._scratch.data_ptr()
-        self.kernel.sgmv_f32(
+        common = (
             seg.count,
             *seg.addresses,
             x.data_ptr(),
@@ -422,8 +433,15 @@ class LoraSlots:
             y.stride(0),
             self.max_rank,
             self._scratch_addr,
-            self._threads,
         )
+        if x.dtype == torch.float32:
+            self.kernel.sgmv_f32(*common, self._threads)
+            return
+        # bf16: fp32 copies of a segment's input rows, then of its output rows.
+        per_thread = KERNEL_SEGMENT_ROWS * self._widest
+        if self._work.numel() < per_thread * self._threads:
+            self._work = torch.empty(per_thread * self._threads, dtype=torch.float32)
+        self.kernel.sgmv_bf16(*common, self._work.data_ptr(), per_thread, self._threads)
 
     def _run(
         self, layer: int, group: str, plan: LoraBatch, x: torch.Tensor, y: torch.Tensor
@@ -433,8 +451,8 @@ class LoraSlots:
         if (
             seg is not None
             and self.kernel is not None
-            and x.dtype == torch.float32
-            and y.dtype == torch.float32
+            and x.dtype == y.dtype
+            and x.dtype in (torch.float32, torch.bfloat16)
             and x.stride(1) == 1
             and y.stride(1) == 1
         ):
