@@ -122,7 +122,8 @@ def prepare_adapter(
 
 @dataclass(frozen=True)
 class _Segments:
-    """The C kernel's view of a plan: tokens sorted by slot, one segment per slot."""
+    """The C kernel's view of a plan: tokens sorted by slot, in segments of one slot each
+    and at most :data:`KERNEL_SEGMENT_ROWS` tokens."""
 
     count: int
     ptr: torch.Tensor
@@ -156,8 +157,8 @@ class LoraBatch:
 
     With ``segments=True`` (a CPU plan for :class:`LoraSlots` with the C
     kernel) and no slot above :data:`KERNEL_MAX_ROWS` tokens, the kernel runs
-    it. Otherwise three layouts, chosen per forward pass. *Span*: the tokens padded to a
-    common count per slot over the contiguous slot range they use, run as one
+    it. Otherwise three layouts, chosen per forward pass. *Span*: the tokens
+    padded to a common count per slot over the contiguous slot range they use, run as one
     batched matmul on a view of the stacks. *Compact*: the same over just the
     slots in use, gathering their weights first (when the used slots are
     spread out, e.g. 4 adapters in slots 0, 5, 9 and 14). *Loop*: one matmul
