@@ -107,24 +107,32 @@ def build_kernel(
     out_dir = (cache_dir or default_cache_dir()) / "kernels"
     target = out_dir / f"sgmv-{key}.so"
     if not target.is_file():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
-        os.close(fd)
         try:
-            proc = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", tmp],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            if proc.returncode != 0:
-                raise KernelUnavailable(
-                    f"{compiler} failed to build {SOURCE.name}:\n{proc.stderr.strip()}"
-                )
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+            _compile(compiler, flags, out_dir, target)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise KernelUnavailable(f"cannot build {SOURCE.name} in {out_dir}: {exc}") from exc
     return SgmvKernel(target)
+
+
+def _compile(compiler: str, flags: Sequence[str], out_dir: Path, target: Path) -> None:
+    """Compile to a temporary file beside ``target`` and rename it into place."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", tmp],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            raise KernelUnavailable(
+                f"{compiler} failed to build {SOURCE.name}:\n{proc.stderr.strip()}"
+            )
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 @functools.cache

@@ -69,3 +69,14 @@ def test_auto_builds_the_kernel(tmp_path: Path, fresh_cpu_kernel: None) -> None:
     kernel = cpu_kernel(tmp_path)
     assert kernel is not None
     assert kernel.path.is_file()
+
+
+@needs_cc
+def test_unwritable_cache_is_a_clear_error_and_auto_falls_back(
+    tmp_path: Path, fresh_cpu_kernel: None
+) -> None:
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache directory should be")
+    with pytest.raises(KernelUnavailable, match="cannot build"):
+        build_kernel(blocked)
+    assert cpu_kernel(blocked) is None
