@@ -194,7 +194,7 @@ class TorchBackend:
             self.max_batch,
             self.max_seq_len,
             cache.nbytes / 2**20,
-            kernel.path.name if lora.kernel is not None and kernel is not None else "off",
+            lora.kernel.path.name if lora.kernel is not None else "off",
         )
         return model, lora, cache
 

@@ -30,7 +30,14 @@ from lorapool.types import LoraConfig
 
 from .kernel import SgmvKernel
 
-__all__ = ["KERNEL_MAX_ROWS", "LoraBatch", "LoraSlots", "PreparedAdapter", "prepare_adapter"]
+__all__ = [
+    "KERNEL_MAX_ROWS",
+    "KERNEL_SEGMENT_ROWS",
+    "LoraBatch",
+    "LoraSlots",
+    "PreparedAdapter",
+    "prepare_adapter",
+]
 
 KERNEL_MAX_ROWS = 64
 """The most tokens of one slot in a pass the C kernel takes; larger groups (prefill)
@@ -315,14 +322,6 @@ class LoraSlots:
         self.occupant: list[str | None] = [None] * max_slots
         # Per slot: rank-columns each module's last occupant wrote (the rest are zero).
         self._written: list[dict[str, int]] = [{} for _ in range(max_slots)]
-        self.kernel = kernel if device.type == "cpu" and dtype == torch.float32 else None
-        """The C kernel, used for fp32 stacks on CPU when one was given."""
-        self._kernel_args = self._bind_kernel() if self.kernel is not None else {}
-        self._scratch = torch.empty(0, dtype=torch.float32)
-        self._scratch_addr = 0
-        self._work = torch.empty(0, dtype=torch.float32)
-        self._widest = max(max(shape) for shape in shapes.values())
-        self._threads = torch.get_num_threads()
         # Each group's modules as column blocks of its fused output.
         self._columns: dict[str, list[tuple[str, int, int]]] = {}
         for group, modules in _GROUPS.items():
@@ -331,14 +330,23 @@ class LoraSlots:
             for m in modules:
                 self._columns[group].append((m, start, start + shapes[m][1]))
                 start += shapes[m][1]
+        self.kernel = kernel if device.type == "cpu" and dtype == torch.float32 else None
+        """The C kernel, used for fp32 stacks on CPU when one was given."""
+        self._kernel_args = self._bind_kernel() if self.kernel is not None else {}
+        self._scratch = torch.empty(0, dtype=torch.float32)
+        self._scratch_addr = 0
+        self._work = torch.empty(0, dtype=torch.float32)
+        self._widest = max(max(shape) for shape in shapes.values())
+        self._threads = torch.get_num_threads()
 
     def _bind_kernel(self) -> dict[tuple[int, str], _KernelArgs]:
         """Per layer and group, the kernel's arguments that never change: stack pointers."""
         args: dict[tuple[int, str], _KernelArgs] = {}
-        for group, modules in _GROUPS.items():
-            n = len(modules)
-            outs = [self.shapes[m][1] for m in modules]
-            offsets = [sum(outs[:i]) for i in range(n)]
+        for group, columns in self._columns.items():
+            n = len(columns)
+            modules = [m for m, _, _ in columns]
+            outs = [end - start for _, start, end in columns]
+            offsets = [start for _, start, _ in columns]
             for layer in range(self.num_layers):
                 a = self.a[group][layer]
                 args[(layer, group)] = _KernelArgs(
@@ -416,7 +424,8 @@ class LoraSlots:
         if min(x.shape[0], y.shape[0]) < seg.rows:
             raise ValueError(f"{group}: the plan indexes token {seg.rows - 1}, x has {x.shape[0]}")
         if self._scratch.numel() < seg.tokens * gr:
-            self._scratch = torch.empty(seg.tokens * 3 * self.max_rank, dtype=torch.float32)
+            widest = max(len(ms) for ms in _GROUPS.values()) * self.max_rank
+            self._scratch = torch.empty(seg.tokens * widest, dtype=torch.float32)
             self._scratch_addr = self._scratch.data_ptr()
         common = (
             seg.count,
