@@ -57,12 +57,12 @@ class SgmvKernel:
             raise KernelUnavailable(f"cannot load {path}: {exc}") from exc
         fn = lib.lorapool_sgmv_f32
         fn.argtypes = [_I, _P, _P, _P, _P, _I64, _I64, _P, _I64, _I, _P, _P, _P, _P, _I64]
-        fn.argtypes += [_I64, _P, _I]
+        fn.argtypes += [_I64, _P, _I64, _I]
         fn.restype = None
         self.sgmv_f32 = fn
         fn = lib.lorapool_sgmv_bf16
         fn.argtypes = [_I, _P, _P, _P, _P, _I64, _I64, _P, _I64, _I, _P, _P, _P, _P, _I64]
-        fn.argtypes += [_I64, _P, _P, _I64, _I]
+        fn.argtypes += [_I64, _P, _I64, _P, _I64, _I]
         fn.restype = None
         self.sgmv_bf16 = fn
         self._lib = lib

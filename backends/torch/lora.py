@@ -2,7 +2,9 @@
 
 Every LoRA-able linear of every layer has one stacked tensor per side:
 ``A^T`` as ``[layers, slots, in, max_rank]`` and ``scale * B^T`` as
-``[layers, slots, max_rank, out]``. An adapter of rank ``r < max_rank`` fills
+``[layers, slots, max_rank, out]`` (with the C kernel the same numbers are laid
+out for it: each slot's A and B of a projection group in one block, B in panels
+of 16 columns; :meth:`LoraSlots.b_matrix`). An adapter of rank ``r < max_rank`` fills
 the first ``r`` columns and zeros the rest, so mixed ranks and mixed target
 modules share one layout and the result is exact. ``q/k/v`` and ``gate/up``
 share their input, so their ``A`` sides are stored side by side and shrunk with
@@ -10,11 +12,12 @@ one matmul. The stacks may be wider than the activations (fp32 stacks under a
 bf16 model on CPU); inputs are cast up and deltas cast back as they are added.
 
 A forward pass gets one :class:`LoraBatch` plan (which token uses which slot).
-On CPU with the C kernel (``kernel.py``) and small groups (decode steps), one
-kernel call per projection group does every slot's shrink, expand and add.
-Otherwise, with many adapters the plan pads each slot's tokens to a common
-count and runs one batched matmul per side for all slots (segmented by slot,
-never per row); with one adapter, or very uneven groups, one matmul per slot.
+On CPU with the C kernel (``kernel.py``), one kernel call per projection group
+does every slot's shrink, expand and add, for decode steps and prefills alike.
+Otherwise (no compiler, fp16 activations, CUDA), with many adapters the plan
+pads each slot's tokens to a common count and runs one batched matmul per side
+for all slots (segmented by slot, never per row); with one adapter, or very
+uneven groups, one matmul per slot.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from lorapool.types import LoraConfig
 from .kernel import SgmvKernel
 
 __all__ = [
-    "KERNEL_MAX_ROWS",
     "KERNEL_SEGMENT_ROWS",
     "LoraBatch",
     "LoraSlots",
@@ -39,14 +41,10 @@ __all__ = [
     "prepare_adapter",
 ]
 
-KERNEL_MAX_ROWS = 64
-"""The most tokens of one slot in a pass the C kernel takes; larger groups (prefill)
-go to PyTorch's matmuls, which tile them better."""
-
 KERNEL_SEGMENT_ROWS = 4
 """A slot's tokens are cut into kernel segments of at most this many, so that one
 adapter's rows spread over the threads (the later segments read its weights from
-cache) and each segment's output rows stay in L1."""
+cache) and each segment's rows fit one register tile."""
 
 _NAME = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 _GROUPS: dict[str, tuple[str, ...]] = {
@@ -163,8 +161,8 @@ class LoraBatch:
     """Which tokens of a forward pass use which slot, grouped by slot.
 
     With ``segments=True`` (a CPU plan for :class:`LoraSlots` with the C
-    kernel) and no slot above :data:`KERNEL_MAX_ROWS` tokens, the kernel runs
-    it. Otherwise three layouts, chosen per forward pass. *Span*: the tokens
+    kernel) the kernel runs it, whatever the group sizes. Otherwise three
+    layouts, chosen per forward pass. *Span*: the tokens
     padded to a common count per slot over the contiguous slot range they use, run as one
     batched matmul on a view of the stacks. *Compact*: the same over just the
     slots in use, gathering their weights first (when the used slots are
@@ -188,11 +186,7 @@ class LoraBatch:
         self._pending: tuple[list[int], dict[int, list[int]], torch.device] | None = None
         if not self.slots:
             return
-        if (
-            segments
-            and device.type == "cpu"
-            and max(len(v) for v in groups.values()) <= KERNEL_MAX_ROWS
-        ):
+        if segments and device.type == "cpu":
             self.segments = _Segments.build(groups)
             # PyTorch's layouts only where the kernel cannot run (fp16 activations).
             self._pending = (token_slots, groups, device)
@@ -283,6 +277,12 @@ class _KernelArgs(NamedTuple):
     b: ctypes.Array[ctypes.c_void_p]
     outs: ctypes.Array[ctypes.c_int64]
     offsets: ctypes.Array[ctypes.c_int64]
+    slot_stride: int
+
+
+def _panels(n: int) -> int:
+    """16-column panels that hold ``n`` columns."""
+    return -(-n // 16)
 
 
 class LoraSlots:
@@ -304,21 +304,28 @@ class LoraSlots:
         self.max_rank = max_rank
         self.dtype = dtype
         self.device = device
-        self.a = {
-            g: torch.zeros(
-                num_layers,
-                max_slots,
-                shapes[ms[0]][0],
-                len(ms) * max_rank,
-                dtype=dtype,
-                device=device,
-            )
-            for g, ms in _GROUPS.items()
-        }
-        self.b = {
-            m: torch.zeros(num_layers, max_slots, max_rank, shape[1], dtype=dtype, device=device)
-            for m, shape in shapes.items()
-        }
+        self.kernel = kernel if device.type == "cpu" and dtype == torch.float32 else None
+        """The C kernel, used for fp32 stacks on CPU when one was given."""
+        self.a: dict[str, torch.Tensor] = {}
+        """Per group, ``A^T`` of its modules side by side: ``[layers, slots, in, n * max_rank]``."""
+        self.b: dict[str, torch.Tensor] = {}
+        """Per module, ``scale * B^T``: ``[layers, slots, max_rank, out]``, or with the
+        kernel ``[layers, slots, panels, max_rank, 16]`` (:meth:`b_matrix` reads either)."""
+        self._buffers: list[torch.Tensor] = []
+        if self.kernel is None:
+            for g, ms in _GROUPS.items():
+                fan_in = shapes[ms[0]][0]
+                self.a[g] = torch.zeros(
+                    num_layers, max_slots, fan_in, len(ms) * max_rank, dtype=dtype, device=device
+                )
+                self._buffers.append(self.a[g])
+            for m, (_, fan_out) in shapes.items():
+                self.b[m] = torch.zeros(
+                    num_layers, max_slots, max_rank, fan_out, dtype=dtype, device=device
+                )
+                self._buffers.append(self.b[m])
+        else:
+            self._pack_for_kernel()
         self.occupant: list[str | None] = [None] * max_slots
         # Per slot: rank-columns each module's last occupant wrote (the rest are zero).
         self._written: list[dict[str, int]] = [{} for _ in range(max_slots)]
@@ -330,14 +337,45 @@ class LoraSlots:
             for m in modules:
                 self._columns[group].append((m, start, start + shapes[m][1]))
                 start += shapes[m][1]
-        self.kernel = kernel if device.type == "cpu" and dtype == torch.float32 else None
-        """The C kernel, used for fp32 stacks on CPU when one was given."""
         self._kernel_args = self._bind_kernel() if self.kernel is not None else {}
         self._scratch = torch.empty(0, dtype=torch.float32)
         self._scratch_addr = 0
         self._work = torch.empty(0, dtype=torch.float32)
         self._widest = max(max(shape) for shape in shapes.values())
         self._threads = torch.get_num_threads()
+
+    def _pack_for_kernel(self) -> None:
+        """The kernel's layout: per layer and group, one block per slot holding the slot's
+        ``A`` and each module's ``B`` in panels of 16 columns, so a kernel segment
+        reads one contiguous stretch (``sgmv.c``)."""
+        for g, ms in _GROUPS.items():
+            fan_in = self.shapes[ms[0]][0]
+            sizes = [fan_in * len(ms) * self.max_rank]
+            sizes += [_panels(self.shapes[m][1]) * self.max_rank * 16 for m in ms]
+            block = -(-sum(sizes) // 16) * 16  # whole cache lines per slot
+            buf = torch.zeros(
+                self.num_layers, self.max_slots, block, dtype=self.dtype, device=self.device
+            )
+            self._buffers.append(buf)
+            lead = (self.num_layers, self.max_slots)
+            self.a[g] = buf[..., : sizes[0]].view(*lead, fan_in, len(ms) * self.max_rank)
+            start = sizes[0]
+            for m, size in zip(ms, sizes[1:], strict=True):
+                panels = (_panels(self.shapes[m][1]), self.max_rank, 16)
+                self.b[m] = buf[..., start : start + size].view(*lead, *panels)
+                start += size
+
+    def b_matrix(self, module: str, layer: int) -> torch.Tensor:
+        """``scale * B^T`` of ``module`` in ``layer`` for every slot, ``[slots, max_rank, out]``.
+
+        A view of the stacks, or a copy out of the kernel's panels (the PyTorch
+        path runs with the kernel present only for fp16 activations).
+        """
+        b = self.b[module][layer]
+        if self.kernel is None:
+            return b
+        out = self.shapes[module][1]
+        return b.transpose(1, 2).flatten(2)[..., :out]
 
     def _bind_kernel(self) -> dict[tuple[int, str], _KernelArgs]:
         """Per layer and group, the kernel's arguments that never change: stack pointers."""
@@ -357,6 +395,7 @@ class LoraSlots:
                     (ctypes.c_void_p * n)(*(self.b[m][layer].data_ptr() for m in modules)),
                     (ctypes.c_int64 * n)(*outs),
                     (ctypes.c_int64 * n)(*offsets),
+                    a.stride(0),
                 )
         return args
 
@@ -370,7 +409,7 @@ class LoraSlots:
     @property
     def nbytes(self) -> int:
         """Device memory the stacks hold."""
-        return sum(t.nbytes for t in self.a.values()) + sum(t.nbytes for t in self.b.values())
+        return sum(t.nbytes for t in self._buffers)
 
     def copy_in(self, slot: int, prepared: PreparedAdapter) -> None:
         """Overwrite ``slot`` with a prepared adapter.
@@ -386,11 +425,18 @@ class LoraSlots:
             base = _GROUPS[group].index(module) * self.max_rank
             a_cols = self.a[group][:, slot, :, base : base + self.max_rank]
             b_rows = self.b[module][:, slot]
+            if self.kernel is not None:  # [layers, rank, panels, 16] over the panels
+                b_rows = b_rows.transpose(1, 2)
             new = r if module in prepared.a else 0
             old = written.get(module, 0)
             if new:
                 a_cols[..., :new].copy_(prepared.a[module])
-                b_rows[:, :new].copy_(prepared.b[module])
+                b = prepared.b[module]
+                if self.kernel is not None:
+                    cols = b_rows.shape[2] * 16
+                    b = torch.nn.functional.pad(b, (0, cols - b.shape[-1]))
+                    b = b.view(*b.shape[:-1], -1, 16)
+                b_rows[:, :new].copy_(b)
             if old > new:
                 a_cols[..., new:old].zero_()
                 b_rows[:, new:old].zero_()
@@ -408,7 +454,7 @@ class LoraSlots:
     def _expand_padded(
         self, layer: int, module: str, plan: LoraBatch, t: torch.Tensor, y: torch.Tensor
     ) -> None:
-        b = self.b[module][layer][plan.slot_range]
+        b = self.b_matrix(module, layer)[plan.slot_range]
         out = torch.bmm(t, b)
         # A gather and a dense add: about half the time of index_add_ on CPU.
         y.add_(out.flatten(0, 1).index_select(0, plan.gather))
@@ -417,7 +463,7 @@ class LoraSlots:
         self, layer: int, group: str, seg: _Segments, x: torch.Tensor, y: torch.Tensor
     ) -> None:
         assert self.kernel is not None
-        in_dim, a, gr, n_mod, b, outs, offsets = self._kernel_args[(layer, group)]
+        in_dim, a, gr, n_mod, b, outs, offsets, slot_stride = self._kernel_args[(layer, group)]
         # The kernel trusts its pointers: check what it will index.
         if x.shape[1] != in_dim or y.shape[1] != self._columns[group][-1][2]:
             raise ValueError(f"{group}: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit")
@@ -443,6 +489,7 @@ class LoraSlots:
             y.stride(0),
             self.max_rank,
             self._scratch_addr,
+            slot_stride,
         )
         if x.dtype == torch.float32:
             self.kernel.sgmv_f32(*common, self._threads)
@@ -457,6 +504,8 @@ class LoraSlots:
         self, layer: int, group: str, plan: LoraBatch, x: torch.Tensor, y: torch.Tensor
     ) -> None:
         """Add ``group``'s deltas into its fused output ``y`` (modules side by side)."""
+        if not plan.slots:
+            return
         seg = plan.segments
         if (
             seg is not None
@@ -481,11 +530,12 @@ class LoraSlots:
                 self._expand_padded(layer, module, plan, t[..., j * r : (j + 1) * r], y)
             return
         a = self.a[group][layer]
+        bs = [self.b_matrix(m, layer) for m in modules]
         for slot, idx in plan.loop:
             xs = x[idx].to(a.dtype)
             t = xs @ a[slot]
-            for j, (module, y) in enumerate(zip(modules, ys, strict=True)):
-                out = (t[:, j * r : (j + 1) * r] @ self.b[module][layer, slot]).to(y.dtype)
+            for j, (b, y) in enumerate(zip(bs, ys, strict=True)):
+                out = (t[:, j * r : (j + 1) * r] @ b[slot]).to(y.dtype)
                 if isinstance(idx, slice):
                     y[idx] += out
                 else:

@@ -3,21 +3,25 @@
  * forward pass to one fused projection, reading each slot's weights once.
  *
  * Built by kernel.py with the system C compiler (-O3 -march=native -fopenmp)
- * and called through ctypes. Layouts are those of lora.py's stacks, fp32; the
- * activations are fp32 (lorapool_sgmv_f32) or bf16 (lorapool_sgmv_bf16):
+ * and called through ctypes. Layouts are those of lora.py's stacks when the
+ * kernel is in use, fp32; one block per slot, slot_stride floats apart, holds
+ * the slot's A and every B of the group, so a segment reads one stretch of
+ * memory. The activations are fp32 (lorapool_sgmv_f32) or bf16 (lorapool_sgmv_bf16):
  *
- *   x     [tokens, ldx]            the projection's input, in_dim columns used
- *   a     [slots, in_dim, gr]      A^T of this layer, the group's modules side by side
- *   b[m]  [slots, rank, out[m]]    scale * B^T of module m of this layer
- *   y     [tokens, ldy]            the fused output; module m at column y_off[m]
- *   t     [tokens, gr]             scratch for the shrunk activations
+ *   x     [tokens, ldx]                  the projection's input, in_dim columns used
+ *   a     [in_dim, gr]                   A^T of a slot, the group's modules side by side
+ *   b[m]  [ceil(out[m] / 16), rank, 16]  scale * B^T of module m of a slot, in panels of
+ *                                        16 columns (zero past out[m])
+ *   y     [tokens, ldy]                  the fused output; module m at column y_off[m]
+ *   t     [tokens, gr]                   scratch for the shrunk activations
  *
  * Tokens are given grouped by slot: segment s covers tok[seg_ptr[s]..seg_ptr[s+1])
  * and uses slot seg_slot[s]. Segments run in parallel (OpenMP, the same runtime
- * as PyTorch's), each shrinking its rows through A (register tiles of up to 4
- * rows x 64 columns) and then streaming B row by row into its output rows,
- * which stay in L1 (fp32 copies of them for bf16, rounded once when added). Decode steps have small segments, so the cost is the bytes
- * of A and B, read sequentially once.
+ * as PyTorch's), each shrinking its rows through A and expanding them through
+ * the B panels in register tiles of up to 4 rows x 64 columns; the panels make
+ * the expand read B in one sequential stream. Decode steps have small segments,
+ * so the cost is the bytes of A and B, read once. Summation order is the same
+ * as a row-by-row loop: y + t[0] * B[0] + t[1] * B[1] + ...
  */
 #include <omp.h>
 #include <stdint.h>
@@ -27,43 +31,53 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-/* t[p, j0 : j0 + 16 * NV] = x[p] @ a[:, j0 : ...] for NR rows; the last vector is masked. */
-ALWAYS_INLINE void shrink_tile(const int NR, const int NV, const float *restrict as, int64_t gr,
-                               int64_t in_dim, const float *xr[4], float *tr[4], int64_t j0,
-                               __mmask16 last)
+/* o[p, c0 : c0 + 16 * NV] (+)= sum over k < K of s[p][k] * w[k, 16 NV columns] for NR rows,
+ * in order of k. Vector v of row k of w is at w + k * ks + v * vs; the last is masked.
+ * The shrink reads A's rows (ks = gr, vs = 16); the expand (add) reads B's panels
+ * (ks = 16, vs = rank * 16), zero-padded to 16 columns so their loads need no mask
+ * (measured: masked loads there cost 5% of a 16-adapter step), and adds to o. */
+ALWAYS_INLINE void fma_tile(const int NR, const int NV, const float *restrict w, int64_t ks,
+                            int64_t vs, int64_t K, const float *const s[4], float *const o[4],
+                            int64_t c0, __mmask16 last, int add)
 {
     __m512 acc[4][4];
     for (int p = 0; p < NR; p++)
-        for (int v = 0; v < NV; v++) acc[p][v] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < in_dim; k++) {
-        const float *ak = as + k * gr + j0;
-        __m512 av[4];
         for (int v = 0; v < NV; v++)
-            av[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : (__mmask16)0xFFFF, ak + 16 * v);
+            acc[p][v] = add ? _mm512_maskz_loadu_ps(v == NV - 1 ? last : (__mmask16)0xFFFF,
+                                                    o[p] + c0 + 16 * v)
+                            : _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m512 wv[4];
+        for (int v = 0; v < NV; v++)
+            wv[v] = add ? _mm512_loadu_ps(w + k * ks + v * vs)
+                        : _mm512_maskz_loadu_ps(v == NV - 1 ? last : (__mmask16)0xFFFF,
+                                                w + k * ks + v * vs);
         for (int p = 0; p < NR; p++) {
-            __m512 xv = _mm512_set1_ps(xr[p][k]);
-            for (int v = 0; v < NV; v++) acc[p][v] = _mm512_fmadd_ps(xv, av[v], acc[p][v]);
+            __m512 sv = _mm512_set1_ps(s[p][k]);
+            for (int v = 0; v < NV; v++) acc[p][v] = _mm512_fmadd_ps(sv, wv[v], acc[p][v]);
         }
     }
     for (int p = 0; p < NR; p++)
         for (int v = 0; v < NV; v++)
-            _mm512_mask_storeu_ps(tr[p] + j0 + 16 * v, v == NV - 1 ? last : (__mmask16)0xFFFF,
+            _mm512_mask_storeu_ps(o[p] + c0 + 16 * v, v == NV - 1 ? last : (__mmask16)0xFFFF,
                                   acc[p][v]);
 }
 
 #define TILE(R_, V_)                                                                   \
     case (R_) * 8 + (V_):                                                              \
-        shrink_tile(R_, V_, as, gr, in_dim, xr, tr, j0, last);                         \
+        fma_tile(R_, V_, wb, ks, vs, K, s, o, c0, last, add);                          \
         break;
 
-static void shrink_rows(const float *as, int64_t gr, int64_t in_dim, const float *xr[4],
-                        float *tr[4], int nr)
+/* fma_tile over width columns in blocks of 64 (4 vectors), for nr <= 4 rows. */
+ALWAYS_INLINE void fma_rows(const float *w, int64_t ks, int64_t vs, int64_t K, int64_t width,
+                     const float *const s[4], float *const o[4], int nr, int add)
 {
-    for (int64_t j0 = 0; j0 < gr; j0 += 64) {
-        int64_t width = gr - j0 < 64 ? gr - j0 : 64;
-        int nv = (int)((width + 15) / 16);
-        int rem = (int)(width - 16 * (nv - 1));
+    for (int64_t c0 = 0; c0 < width; c0 += 64) {
+        int64_t cols = width - c0 < 64 ? width - c0 : 64;
+        int nv = (int)((cols + 15) / 16);
+        int rem = (int)(cols - 16 * (nv - 1));
         __mmask16 last = (__mmask16)((1u << rem) - 1u);
+        const float *wb = w + (c0 / 16) * vs;
         switch (nr * 8 + nv) {
             TILE(1, 1) TILE(1, 2) TILE(1, 3) TILE(1, 4)
             TILE(2, 1) TILE(2, 2) TILE(2, 3) TILE(2, 4)
@@ -71,6 +85,20 @@ static void shrink_rows(const float *as, int64_t gr, int64_t in_dim, const float
             TILE(4, 1) TILE(4, 2) TILE(4, 3) TILE(4, 4)
         }
     }
+}
+
+/* t[p, :gr] = x[p] @ A for nr rows. */
+static void shrink_rows(const float *as, int64_t gr, int64_t in_dim, const float *xr[4],
+                        float *tr[4], int nr)
+{
+    fma_rows(as, gr, 16, in_dim, gr, xr, tr, nr, 0);
+}
+
+/* d[p, :od] += t[p] @ B for nr rows, B in panels of 16 columns. */
+static void expand_rows(const float *bs, int64_t rank, int64_t od, const float *tr[4],
+                        float *const *d, int nr)
+{
+    fma_rows(bs, 16, rank * 16, rank, od, tr, d, nr, 1);
 }
 
 #else /* portable: plain loops the compiler vectorises */
@@ -90,6 +118,24 @@ static void shrink_rows(const float *as, int64_t gr, int64_t in_dim, const float
     }
 }
 
+static void expand_rows(const float *bs, int64_t rank, int64_t od, const float *tr[4],
+                        float *const *d, int nr)
+{
+    for (int64_t c0 = 0; c0 < od; c0 += 16) {
+        const float *restrict bp = bs + (c0 / 16) * rank * 16;
+        const int w = od - c0 < 16 ? (int)(od - c0) : 16;
+        for (int p = 0; p < nr; p++) {
+            float acc[16];
+            for (int i = 0; i < w; i++) acc[i] = d[p][c0 + i];
+            for (int64_t j = 0; j < rank; j++) {
+                const float tv = tr[p][j];
+                for (int i = 0; i < w; i++) acc[i] += tv * bp[j * 16 + i];
+            }
+            for (int i = 0; i < w; i++) d[p][c0 + i] = acc[i];
+        }
+    }
+}
+
 #endif
 
 /* The arguments of one call, shared by its segments. */
@@ -105,6 +151,7 @@ typedef struct {
     void *y;
     int64_t ldy, rank;
     float *t;
+    int64_t slot_stride;
 } sgmv_call;
 
 static inline float bf16_to_f32(uint16_t h)
@@ -120,25 +167,22 @@ static inline uint16_t f32_to_bf16(float f) /* round to nearest even, as PyTorch
     return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 
-/* d[p, :od] (+)= t[p, m-th rank block] @ B[slot, m] for the segment's rows p0..p1. */
+/* d[p, :od] += t[p, m-th rank block] @ B[slot, m] for the segment's rows p0..p1. */
 static void expand(const sgmv_call *c, const float *bs, int m, int64_t od, int p0, int p1,
                    float *const *d)
 {
-    for (int64_t j = 0; j < c->rank; j++) {
-        const float *restrict bj = bs + j * od;
-        for (int p = p0; p < p1; p++) {
-            const float tv = c->t[(int64_t)p * c->gr + m * c->rank + j];
-            if (tv == 0.f) continue; /* rank columns the adapter does not use */
-            float *restrict dp = d[p - p0];
-            for (int64_t col = 0; col < od; col++) dp[col] += tv * bj[col];
-        }
+    for (int q = p0; q < p1; q += 4) {
+        const int nr = p1 - q < 4 ? p1 - q : 4;
+        const float *tr[4];
+        for (int p = 0; p < nr; p++) tr[p] = c->t + (int64_t)(q + p) * c->gr + m * c->rank;
+        expand_rows(bs, c->rank, od, tr, d + (q - p0), nr);
     }
 }
 
 /* One segment; 16-bit x and y go through fp32 copies of the segment's rows. */
 static void run_segment(const sgmv_call *c, int s, int bf16, float *work)
 {
-    const float *as = c->a + (int64_t)c->seg_slot[s] * c->in_dim * c->gr;
+    const float *as = c->a + (int64_t)c->seg_slot[s] * c->slot_stride;
     const int p0 = c->seg_ptr[s], p1 = c->seg_ptr[s + 1];
     for (int q = p0; q < p1; q += 4) {
         const int nr = p1 - q < 4 ? p1 - q : 4;
@@ -160,7 +204,7 @@ static void run_segment(const sgmv_call *c, int s, int bf16, float *work)
     }
     for (int m = 0; m < c->n_mod; m++) {
         const int64_t od = c->out[m];
-        const float *bs = c->b[m] + (int64_t)c->seg_slot[s] * c->rank * od;
+        const float *bs = c->b[m] + (int64_t)c->seg_slot[s] * c->slot_stride;
         float *d[p1 - p0 > 0 ? p1 - p0 : 1];
         for (int p = p0; p < p1; p++) {
             const int64_t at = (int64_t)c->tok[p] * c->ldy + c->y_off[m];
@@ -198,10 +242,10 @@ void lorapool_sgmv_f32(int n_seg, const int32_t *seg_ptr, const int32_t *seg_slo
                        const int32_t *tok, const float *x, int64_t ldx, int64_t in_dim,
                        const float *a, int64_t gr, int n_mod, const float *const *b,
                        const int64_t *out, const int64_t *y_off, float *y, int64_t ldy,
-                       int64_t rank, float *t, int n_threads)
+                       int64_t rank, float *t, int64_t slot_stride, int n_threads)
 {
     const sgmv_call c = {seg_ptr, seg_slot, tok, x, ldx, in_dim, a, gr, n_mod, b, out, y_off,
-                         y, ldy, rank, t};
+                         y, ldy, rank, t, slot_stride};
     run(&c, n_seg, 0, 0, 0, n_threads);
 }
 
@@ -211,10 +255,10 @@ void lorapool_sgmv_bf16(int n_seg, const int32_t *seg_ptr, const int32_t *seg_sl
                         const int32_t *tok, const uint16_t *x, int64_t ldx, int64_t in_dim,
                         const float *a, int64_t gr, int n_mod, const float *const *b,
                         const int64_t *out, const int64_t *y_off, uint16_t *y, int64_t ldy,
-                        int64_t rank, float *t, float *work, int64_t work_per_thread,
-                        int n_threads)
+                        int64_t rank, float *t, int64_t slot_stride, float *work,
+                        int64_t work_per_thread, int n_threads)
 {
     const sgmv_call c = {seg_ptr, seg_slot, tok, x, ldx, in_dim, a, gr, n_mod, b, out, y_off,
-                         y, ldy, rank, t};
+                         y, ldy, rank, t, slot_stride};
     run(&c, n_seg, 1, work, work_per_thread, n_threads);
 }

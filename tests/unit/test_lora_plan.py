@@ -15,7 +15,6 @@ import torch
 
 from lorapool.backends.torch.kernel import DEFAULT_FLAGS, SgmvKernel, build_kernel
 from lorapool.backends.torch.lora import (
-    KERNEL_MAX_ROWS,
     KERNEL_SEGMENT_ROWS,
     LoraBatch,
     LoraSlots,
@@ -133,6 +132,9 @@ CASES = {
 DTYPES = {
     "fp32": (torch.float32, torch.float32),
     "bf16 activations, fp32 stacks": (torch.bfloat16, torch.float32),
+    # The kernel takes fp32 and bf16 activations only: fp16 runs PyTorch's path on
+    # stacks laid out for the kernel (B in panels).
+    "fp16 activations, fp32 stacks": (torch.float16, torch.float32),
     "bf16": (torch.bfloat16, torch.bfloat16),
 }
 
@@ -146,11 +148,7 @@ def test_plan_matches_per_row_reference(
     dtype, stack_dtype = DTYPES[dtypes]
     slots, adapters = _slots(stack_dtype, kernel)
     plan = slots.plan(token_slots)
-    runs_kernel = (
-        kernel is not None
-        and stack_dtype == torch.float32
-        and max(token_slots.count(s) for s in set(token_slots) - {-1}) <= KERNEL_MAX_ROWS
-    )
+    runs_kernel = kernel is not None and stack_dtype == torch.float32 and dtype != torch.float16
     calls = kernel.calls if kernel is not None else 0
     n = len(token_slots)
     gen = torch.Generator().manual_seed(1)
@@ -238,15 +236,43 @@ def test_kernel_matches_torch_on_random_plans_and_wide_ranks(build: str) -> None
     assert kernel.calls > 0
 
 
-def test_kernel_rows_limit_sends_prefill_to_torch() -> None:
-    plan = LoraBatch([0] * (KERNEL_MAX_ROWS + 1), torch.device("cpu"), segments=True)
-    assert plan.segments is None
-    plan = LoraBatch([0] * KERNEL_MAX_ROWS + [1, -1], torch.device("cpu"), segments=True)
+def test_kernel_takes_prefill_sized_groups() -> None:
+    """Large groups (a prefill) go to the kernel too: it beat PyTorch's matmuls there."""
+    big = 1000
+    plan = LoraBatch([0] * big + [1, -1], torch.device("cpu"), segments=True)
     assert plan.segments is not None
+    assert not plan.padded and not plan.loop, "PyTorch's layouts are only made on demand"
     # Each slot's tokens in pieces of KERNEL_SEGMENT_ROWS, so one adapter spreads over threads.
-    assert plan.segments.count == KERNEL_MAX_ROWS // KERNEL_SEGMENT_ROWS + 1
+    assert plan.segments.count == big // KERNEL_SEGMENT_ROWS + 1
     assert plan.segments.slot.tolist() == [0] * (plan.segments.count - 1) + [1]
-    assert plan.segments.tok.tolist() == [*range(KERNEL_MAX_ROWS), KERNEL_MAX_ROWS]
+    assert plan.segments.tok.tolist() == [*range(big), big]
+    assert LoraBatch([0] * big, torch.device("cpu")).segments is None
+
+
+def test_kernel_layout_round_trips_every_module() -> None:
+    """With the kernel, B sits in 16-column panels; b_matrix reads back what copy_in wrote,
+    and a lower-rank occupant after a higher-rank one leaves no stale rows."""
+    slots, _ = _slots(torch.float32, CountingKernel(build_kernel()))
+    plain, _ = _slots(torch.float32)
+    for module, (_, out) in SHAPES.items():
+        for layer in range(LAYERS):
+            got = slots.b_matrix(module, layer)
+            assert got.shape == (SLOTS, MAX_RANK, out)
+            torch.testing.assert_close(got, plain.b_matrix(module, layer), atol=0, rtol=0)
+    assert slots.nbytes >= plain.nbytes
+    gen = torch.Generator().manual_seed(9)
+    small = _adapter("small", 2, ["k_proj"], gen)
+    slots.copy_in(1, small)  # slot 1 held a rank-8 adapter on q, v and down
+    for module in SHAPES:
+        got = slots.b_matrix(module, 0)[1]
+        if module == "k_proj":
+            torch.testing.assert_close(got[:2], small.b[module][0], atol=0, rtol=0)
+            assert not got[2:].any()
+        else:
+            assert not got.any(), module
+    qkv_a = slots.a["qkv"][:, 1]
+    assert not qkv_a[..., :MAX_RANK].any() and not qkv_a[..., 2 * MAX_RANK :].any()  # q, v
+    assert qkv_a[..., MAX_RANK : MAX_RANK + 2].any()
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
