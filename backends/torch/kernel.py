@@ -30,7 +30,7 @@ from pathlib import Path
 
 from lorapool.cache import default_cache_dir
 
-__all__ = ["KernelUnavailable", "SgmvKernel", "build_kernel", "cpu_kernel"]
+__all__ = ["KernelUnavailable", "SgmvGroup", "SgmvKernel", "build_kernel", "cpu_kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,26 @@ class KernelUnavailable(RuntimeError):
     """The kernel cannot be built or loaded here; the message says why."""
 
 
+MAX_MODULES = 4
+"""Modules per projection group the kernel's group record holds (``SGMV_MAX_MODULES``)."""
+
+
+class SgmvGroup(ctypes.Structure):
+    """``sgmv_group`` of ``sgmv.c``: one layer's projection group, fixed between calls."""
+
+    _fields_ = [
+        ("a", _P),
+        ("in_dim", _I64),
+        ("gr", _I64),
+        ("n_mod", _I64),
+        ("rank", _I64),
+        ("slot_stride", _I64),
+        ("b", _P * MAX_MODULES),
+        ("out", _I64 * MAX_MODULES),
+        ("y_off", _I64 * MAX_MODULES),
+    ]
+
+
 class SgmvKernel:
     """The loaded kernel: ``sgmv_f32`` and ``sgmv_bf16``, the argument lists of ``sgmv.c``."""
 
@@ -56,13 +76,11 @@ class SgmvKernel:
         except OSError as exc:
             raise KernelUnavailable(f"cannot load {path}: {exc}") from exc
         fn = lib.lorapool_sgmv_f32
-        fn.argtypes = [_I, _P, _P, _P, _P, _I64, _I64, _P, _I64, _I, _P, _P, _P, _P, _I64]
-        fn.argtypes += [_I64, _P, _I64, _I]
+        fn.argtypes = [_P, _I, _P, _P, _P, _P, _I64, _P, _I64, _P, _I]
         fn.restype = None
         self.sgmv_f32 = fn
         fn = lib.lorapool_sgmv_bf16
-        fn.argtypes = [_I, _P, _P, _P, _P, _I64, _I64, _P, _I64, _I, _P, _P, _P, _P, _I64]
-        fn.argtypes += [_I64, _P, _I64, _P, _I64, _I]
+        fn.argtypes = [_P, _I, _P, _P, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I]
         fn.restype = None
         self.sgmv_bf16 = fn
         self._lib = lib

@@ -31,7 +31,7 @@ import torch
 
 from lorapool.types import LoraConfig
 
-from .kernel import SgmvKernel
+from .kernel import MAX_MODULES, SgmvGroup, SgmvKernel
 
 __all__ = [
     "KERNEL_SEGMENT_ROWS",
@@ -54,6 +54,8 @@ _GROUPS: dict[str, tuple[str, ...]] = {
     "down": ("down_proj",),
 }
 _GROUP_OF = {m: g for g, ms in _GROUPS.items() for m in ms}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+"""Activation dtypes the C kernel takes."""
 
 
 @dataclass(frozen=True)
@@ -269,15 +271,13 @@ class LoraBatch:
         return len(self.slots)
 
 
-class _KernelArgs(NamedTuple):
+class _KernelGroup(NamedTuple):
+    record: SgmvGroup
+    address: int
+    """Where ``record`` lives, passed as the kernel's first argument."""
     in_dim: int
-    a: int
-    gr: int
-    n_mod: int
-    b: ctypes.Array[ctypes.c_void_p]
-    outs: ctypes.Array[ctypes.c_int64]
-    offsets: ctypes.Array[ctypes.c_int64]
-    slot_stride: int
+    width: int
+    """Columns of the group's fused output."""
 
 
 def _panels(n: int) -> int:
@@ -337,11 +337,13 @@ class LoraSlots:
             for m in modules:
                 self._columns[group].append((m, start, start + shapes[m][1]))
                 start += shapes[m][1]
-        self._kernel_args = self._bind_kernel() if self.kernel is not None else {}
+        self._kernel_groups = self._bind_kernel() if self.kernel is not None else {}
         self._scratch = torch.empty(0, dtype=torch.float32)
         self._scratch_addr = 0
         self._work = torch.empty(0, dtype=torch.float32)
         self._widest = max(max(shape) for shape in shapes.values())
+        self._widest_rank = max(len(ms) for ms in _GROUPS.values()) * max_rank
+        """Scratch columns per token: the widest group's shrunk activations."""
         self._threads = torch.get_num_threads()
 
     def _pack_for_kernel(self) -> None:
@@ -377,27 +379,26 @@ class LoraSlots:
         out = self.shapes[module][1]
         return b.transpose(1, 2).flatten(2)[..., :out]
 
-    def _bind_kernel(self) -> dict[tuple[int, str], _KernelArgs]:
-        """Per layer and group, the kernel's arguments that never change: stack pointers."""
-        args: dict[tuple[int, str], _KernelArgs] = {}
+    def _bind_kernel(self) -> dict[tuple[int, str], _KernelGroup]:
+        """Per layer and group, the kernel's record of what never changes: stack pointers,
+        widths, output columns."""
+        groups: dict[tuple[int, str], _KernelGroup] = {}
         for group, columns in self._columns.items():
-            n = len(columns)
-            modules = [m for m, _, _ in columns]
-            outs = [end - start for _, start, end in columns]
-            offsets = [start for _, start, _ in columns]
+            if len(columns) > MAX_MODULES:
+                raise ValueError(f"{group}: {len(columns)} modules, the kernel takes {MAX_MODULES}")
             for layer in range(self.num_layers):
                 a = self.a[group][layer]
-                args[(layer, group)] = _KernelArgs(
-                    a.shape[1],
-                    a.data_ptr(),
-                    a.shape[-1],
-                    n,
-                    (ctypes.c_void_p * n)(*(self.b[m][layer].data_ptr() for m in modules)),
-                    (ctypes.c_int64 * n)(*outs),
-                    (ctypes.c_int64 * n)(*offsets),
-                    a.stride(0),
+                record = SgmvGroup(
+                    a.data_ptr(), a.shape[1], a.shape[-1], len(columns), self.max_rank, a.stride(0)
                 )
-        return args
+                for j, (m, start, end) in enumerate(columns):
+                    record.b[j] = self.b[m][layer].data_ptr()
+                    record.out[j] = end - start
+                    record.y_off[j] = start
+                groups[(layer, group)] = _KernelGroup(
+                    record, ctypes.addressof(record), a.shape[1], columns[-1][2]
+                )
+        return groups
 
     def plan(self, token_slots: list[int]) -> LoraBatch:
         """The plan for one forward pass over these stacks (kernel segments when it runs)."""
@@ -463,42 +464,34 @@ class LoraSlots:
         self, layer: int, group: str, seg: _Segments, x: torch.Tensor, y: torch.Tensor
     ) -> None:
         assert self.kernel is not None
-        in_dim, a, gr, n_mod, b, outs, offsets, slot_stride = self._kernel_args[(layer, group)]
+        _, address, in_dim, width = self._kernel_groups[(layer, group)]
         # The kernel trusts its pointers: check what it will index.
-        if x.shape[1] != in_dim or y.shape[1] != self._columns[group][-1][2]:
+        x_rows, x_cols = x.shape
+        y_rows, y_cols = y.shape
+        if x_cols != in_dim or y_cols != width:
             raise ValueError(f"{group}: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit")
-        if min(x.shape[0], y.shape[0]) < seg.rows:
-            raise ValueError(f"{group}: the plan indexes token {seg.rows - 1}, x has {x.shape[0]}")
-        if self._scratch.numel() < seg.tokens * gr:
-            widest = max(len(ms) for ms in _GROUPS.values()) * self.max_rank
-            self._scratch = torch.empty(seg.tokens * widest, dtype=torch.float32)
+        if x_rows < seg.rows or y_rows < seg.rows:
+            raise ValueError(f"{group}: the plan indexes token {seg.rows - 1}, x has {x_rows}")
+        if self._scratch.numel() < seg.tokens * self._widest_rank:
+            self._scratch = torch.empty(seg.tokens * self._widest_rank, dtype=torch.float32)
             self._scratch_addr = self._scratch.data_ptr()
-        common = (
-            seg.count,
-            *seg.addresses,
-            x.data_ptr(),
-            x.stride(0),
-            in_dim,
-            a,
-            gr,
-            n_mod,
-            b,
-            outs,
-            offsets,
-            y.data_ptr(),
-            y.stride(0),
-            self.max_rank,
-            self._scratch_addr,
-            slot_stride,
-        )
-        if x.dtype == torch.float32:
-            self.kernel.sgmv_f32(*common, self._threads)
+        ptr, slot, tok = seg.addresses
+        args = (address, seg.count, ptr, slot, tok, x.data_ptr(), x.stride(0), y.data_ptr())
+        if x.dtype is torch.float32:
+            self.kernel.sgmv_f32(*args, y.stride(0), self._scratch_addr, self._threads)
             return
         # bf16: fp32 copies of a segment's input rows, then of its output rows.
         per_thread = KERNEL_SEGMENT_ROWS * self._widest
         if self._work.numel() < per_thread * self._threads:
             self._work = torch.empty(per_thread * self._threads, dtype=torch.float32)
-        self.kernel.sgmv_bf16(*common, self._work.data_ptr(), per_thread, self._threads)
+        self.kernel.sgmv_bf16(
+            *args,
+            y.stride(0),
+            self._scratch_addr,
+            self._work.data_ptr(),
+            per_thread,
+            self._threads,
+        )
 
     def _run(
         self, layer: int, group: str, plan: LoraBatch, x: torch.Tensor, y: torch.Tensor
@@ -510,8 +503,8 @@ class LoraSlots:
         if (
             seg is not None
             and self.kernel is not None
-            and x.dtype == y.dtype
-            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dtype is y.dtype
+            and x.dtype in _KERNEL_DTYPES
             and x.stride(1) == 1
             and y.stride(1) == 1
         ):

@@ -144,6 +144,17 @@ static void expand_rows(const float *bs, int64_t rank, int64_t od, const float *
 
 #endif
 
+#define SGMV_MAX_MODULES 4
+
+/* One projection group of one layer: what stays the same from call to call (lora.py
+ * builds one per layer and group, as a ctypes Structure of the same layout). */
+typedef struct {
+    const float *a;
+    int64_t in_dim, gr, n_mod, rank, slot_stride;
+    const float *b[SGMV_MAX_MODULES];
+    int64_t out[SGMV_MAX_MODULES], y_off[SGMV_MAX_MODULES];
+} sgmv_group;
+
 /* The arguments of one call, shared by its segments. */
 typedef struct {
     const int32_t *seg_ptr, *seg_slot, *tok;
@@ -159,6 +170,16 @@ typedef struct {
     float *t;
     int64_t slot_stride;
 } sgmv_call;
+
+static sgmv_call make_call(const sgmv_group *g, const int32_t *seg_ptr, const int32_t *seg_slot,
+                           const int32_t *tok, const void *x, int64_t ldx, void *y, int64_t ldy,
+                           float *t)
+{
+    const sgmv_call c = {seg_ptr, seg_slot, tok,  x,      ldx,   g->in_dim, g->a,
+                         g->gr,   (int)g->n_mod, g->b, g->out, g->y_off, y, ldy,
+                         g->rank, t,             g->slot_stride};
+    return c;
+}
 
 static inline float bf16_to_f32(uint16_t h)
 {
@@ -243,28 +264,22 @@ static void run(const sgmv_call *c, int n_seg, int bf16, float *work, int64_t wo
     }
 }
 
-/* y[tok] += (x[tok] @ A[slot]) @ B[slot] for every segment, fp32 activations. */
-void lorapool_sgmv_f32(int n_seg, const int32_t *seg_ptr, const int32_t *seg_slot,
-                       const int32_t *tok, const float *x, int64_t ldx, int64_t in_dim,
-                       const float *a, int64_t gr, int n_mod, const float *const *b,
-                       const int64_t *out, const int64_t *y_off, float *y, int64_t ldy,
-                       int64_t rank, float *t, int64_t slot_stride, int n_threads)
+/* y[tok] += (x[tok] @ A[slot]) @ B[slot] for every segment of group g, fp32 activations. */
+void lorapool_sgmv_f32(const sgmv_group *g, int n_seg, const int32_t *seg_ptr,
+                       const int32_t *seg_slot, const int32_t *tok, const float *x, int64_t ldx,
+                       float *y, int64_t ldy, float *t, int n_threads)
 {
-    const sgmv_call c = {seg_ptr, seg_slot, tok, x, ldx, in_dim, a, gr, n_mod, b, out, y_off,
-                         y, ldy, rank, t, slot_stride};
+    const sgmv_call c = make_call(g, seg_ptr, seg_slot, tok, x, ldx, y, ldy, t);
     run(&c, n_seg, 0, 0, 0, n_threads);
 }
 
 /* The same with bf16 activations and output (fp32 stacks); work holds n_threads *
  * work_per_thread floats, work_per_thread >= segment rows * max(in_dim, out[m]). */
-void lorapool_sgmv_bf16(int n_seg, const int32_t *seg_ptr, const int32_t *seg_slot,
-                        const int32_t *tok, const uint16_t *x, int64_t ldx, int64_t in_dim,
-                        const float *a, int64_t gr, int n_mod, const float *const *b,
-                        const int64_t *out, const int64_t *y_off, uint16_t *y, int64_t ldy,
-                        int64_t rank, float *t, int64_t slot_stride, float *work,
+void lorapool_sgmv_bf16(const sgmv_group *g, int n_seg, const int32_t *seg_ptr,
+                        const int32_t *seg_slot, const int32_t *tok, const uint16_t *x,
+                        int64_t ldx, uint16_t *y, int64_t ldy, float *t, float *work,
                         int64_t work_per_thread, int n_threads)
 {
-    const sgmv_call c = {seg_ptr, seg_slot, tok, x, ldx, in_dim, a, gr, n_mod, b, out, y_off,
-                         y, ldy, rank, t, slot_stride};
+    const sgmv_call c = make_call(g, seg_ptr, seg_slot, tok, x, ldx, y, ldy, t);
     run(&c, n_seg, 1, work, work_per_thread, n_threads);
 }
