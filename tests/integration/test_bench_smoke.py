@@ -77,9 +77,15 @@ def test_engine(tmp_path: Path, dtype: str) -> None:
     out = tmp_path / "engine.json"
     args = ("--rounds", "1", "--batch", "4", "--max-tokens", "4", "--adapters", "1,2", "--no-peft")
     run_bench("engine", *args, "--dtype", dtype, "--json", str(out), cwd=tmp_path)
-    data = json.loads(out.read_text())
+
+    def no_nan(constant: str) -> None:
+        raise AssertionError(f"{constant} in the JSON (not standard JSON)")
+
+    data = json.loads(out.read_text(), parse_constant=no_nan)
     _meta_ok(data, rounds=1, batch=4, dtype=dtype)
     assert data["rows"]
+    # Without PEFT there is no PEFT ratio: null, not NaN.
+    assert all(row["x_peft"] is None for row in data["rows"])
 
 
 def test_cache(tmp_path: Path) -> None:
