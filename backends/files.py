@@ -11,12 +11,15 @@ with adapters (see :func:`write_zero_adapter`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import struct
 import tempfile
 import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,12 +50,21 @@ class AdapterDirs:
 
     ``root`` must be readable by the engine: the local filesystem for an
     in-process engine, a volume shared with the server for a remote one.
+
+    An engine reads a directory some time after it is named to it, so a
+    backend holds a :meth:`lease` from writing the directory until the engine
+    has loaded it, and deletes with :meth:`discard_unused`, which leaves leased
+    directories alone; writes and deletes take turns. Without that, an unload
+    deleting an adapter's files could land between a new load's write and the
+    engine's read of the same files (seen once in the vLLM conformance run).
     """
 
     def __init__(self, root: str | Path | None = None) -> None:
         self._owned = root is None
         self.root = Path(tempfile.mkdtemp(prefix="lorapool-adapters-") if root is None else root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._leases: Counter[str] = Counter()
+        self._lock = asyncio.Lock()
 
     def path_of(self, sha256: str) -> Path:
         """Where the adapter with this content hash is (or would be) written."""
@@ -84,10 +96,35 @@ class AdapterDirs:
 
     async def dir_of(self, adapter: LoadedAdapter) -> Path:
         """The adapter's directory, written now if it is not there (off the event loop)."""
-        return await asyncio.to_thread(self.materialise, adapter)
+        async with self._lock:
+            return await asyncio.to_thread(self.materialise, adapter)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, adapter: LoadedAdapter) -> AsyncIterator[Path]:
+        """The adapter's directory, written if needed and kept on disk until the block ends."""
+        sha = adapter.sha256
+        self._leases[sha] += 1
+        try:
+            yield await self.dir_of(adapter)
+        finally:
+            self._leases[sha] -= 1
+            if self._leases[sha] <= 0:
+                del self._leases[sha]
+
+    def leased(self, sha256: str) -> bool:
+        """Whether a lease holds this directory now."""
+        return self._leases[sha256] > 0
+
+    async def discard_unused(self, sha256: str) -> bool:
+        """Delete an adapter's directory unless a lease holds it; whether it was deleted."""
+        async with self._lock:
+            if self.leased(sha256):
+                return False
+            await asyncio.to_thread(self.discard, sha256)
+            return True
 
     def discard(self, sha256: str) -> None:
-        """Delete an adapter's directory. Blocking."""
+        """Delete an adapter's directory, leased or not. Blocking."""
         shutil.rmtree(self.path_of(sha256), ignore_errors=True)
 
     def close(self) -> None:

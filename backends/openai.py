@@ -281,12 +281,14 @@ class OpenAIServerBackend:
         for other, remote in list(self._loaded.items()):
             if remote.slot == slot and other != adapter.adapter_id:
                 await self.unload(other)
-        path = await self._dirs.dir_of(adapter)
-        try:
-            await self._load_remote(adapter.adapter_id, path)
-        except BackendError as exc:
-            raise LoadError(adapter.adapter_id, "device", str(exc)) from None
-        self._loaded[adapter.adapter_id] = _Remote(adapter.adapter_id, path, slot, adapter.sha256)
+        async with self._dirs.lease(adapter) as path:  # kept until recorded below
+            try:
+                await self._load_remote(adapter.adapter_id, path)
+            except BackendError as exc:
+                raise LoadError(adapter.adapter_id, "device", str(exc)) from None
+            self._loaded[adapter.adapter_id] = _Remote(
+                adapter.adapter_id, path, slot, adapter.sha256
+            )
 
     async def unload(self, adapter_id: str) -> None:
         """Unload the adapter from the server (its requests have drained)."""
@@ -295,7 +297,7 @@ class OpenAIServerBackend:
             return
         await self._unload_remote(remote.name)
         if not any(r.sha256 == remote.sha256 for r in self._loaded.values()):
-            await asyncio.to_thread(self._dirs.discard, remote.sha256)
+            await self._dirs.discard_unused(remote.sha256)
 
     # -- generation ------------------------------------------------------------------
 

@@ -322,15 +322,15 @@ class SGLangBackend:
         for other, lora in list(self._loras.items()):
             if lora.slot == slot or other == adapter.adapter_id:
                 await self.unload(other)
-        path = await self._dirs.dir_of(adapter)
-        try:
-            await _lora_call(
-                engine.async_load_lora_adapter(adapter.adapter_id, str(path), pinned=True),
-                f"load adapter {adapter.adapter_id!r}",
-            )
-        except BackendError as exc:
-            raise LoadError(adapter.adapter_id, "device", str(exc)) from None
-        self._loras[adapter.adapter_id] = _Lora(adapter.adapter_id, slot, adapter.sha256)
+        async with self._dirs.lease(adapter) as path:  # kept until recorded below
+            try:
+                await _lora_call(
+                    engine.async_load_lora_adapter(adapter.adapter_id, str(path), pinned=True),
+                    f"load adapter {adapter.adapter_id!r}",
+                )
+            except BackendError as exc:
+                raise LoadError(adapter.adapter_id, "device", str(exc)) from None
+            self._loras[adapter.adapter_id] = _Lora(adapter.adapter_id, slot, adapter.sha256)
 
     async def unload(self, adapter_id: str) -> None:
         """``unload_lora_adapter`` (the store has drained the adapter's requests)."""
@@ -339,7 +339,7 @@ class SGLangBackend:
             return
         await _lora_call(self._engine.async_unload_lora_adapter(lora.name), f"unload {lora.name!r}")
         if not any(other.sha256 == lora.sha256 for other in self._loras.values()):
-            await asyncio.to_thread(self._dirs.discard, lora.sha256)
+            await self._dirs.discard_unused(lora.sha256)
 
     def slot_of(self, adapter_id: str) -> int | None:
         """The slot an adapter occupies, if any."""

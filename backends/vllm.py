@@ -297,6 +297,12 @@ class VLLMBackend:
         room. If ``add_lora`` fails, the previous occupant stays in its slot.
         """
         check_load(adapter, slot, self.max_slots, self.max_rank, "vLLM")
+        # The lease keeps the adapter's files until it is recorded below: an unload of the
+        # same content running meanwhile must not delete what vLLM is about to read.
+        async with self._dirs.lease(adapter) as path:
+            await self._load(adapter, slot, path)
+
+    async def _load(self, adapter: LoadedAdapter, slot: int, path: Path) -> None:
         # In another slot, or warm: taken out first, so the occupant's move cannot evict it.
         held = self._loras.pop(adapter.adapter_id, None) or self._warm.pop(adapter.adapter_id, None)
         if held is not None and held.sha256 != adapter.sha256:
@@ -308,21 +314,21 @@ class VLLMBackend:
             request = held.request
         elif occupant is not None and self._warm_capacity > 0:
             await self._trim_warm(self._warm_capacity - 1)  # the occupant's room, after the add
-            request = await self._add(adapter)
+            request = await self._add(adapter, path)
         elif occupant is not None:
             # No room to keep it: out first, and back in if the new adapter cannot be added.
             other, lora = occupant
             del self._loras[other]
             await self.engine.remove_lora(lora.request.lora_int_id)
             try:
-                request = await self._add(adapter)
+                request = await self._add(adapter, path)
             except BaseException:
                 await _engine_call(self.engine.add_lora(lora.request), f"restore {other!r}")
                 self._loras[other] = lora
                 raise
             stale, occupant = lora.sha256, None
         else:
-            request = await self._add(adapter)
+            request = await self._add(adapter, path)
         if occupant is not None:
             del self._loras[occupant[0]]
             await self._keep_warm(*occupant)
@@ -330,12 +336,11 @@ class VLLMBackend:
         if stale is not None:
             await self._discard_files(stale)
 
-    async def _add(self, adapter: LoadedAdapter) -> Any:
+    async def _add(self, adapter: LoadedAdapter, path: Path) -> Any:
         """``add_lora`` from the adapter's written files under a fresh id; the LoRARequest."""
         from vllm.lora.request import LoRARequest
 
         engine = self.engine
-        path = await self._dirs.dir_of(adapter)
         request = LoRARequest(adapter.adapter_id, next(self._ids), str(path))
         try:
             await _engine_call(engine.add_lora(request), f"load adapter {adapter.adapter_id!r}")
@@ -382,7 +387,7 @@ class VLLMBackend:
     async def _discard_files(self, sha256: str) -> None:
         held = [*self._loras.values(), *self._warm.values()]
         if not any(other.sha256 == sha256 for other in held):
-            await asyncio.to_thread(self._dirs.discard, sha256)
+            await self._dirs.discard_unused(sha256)
 
     def slot_of(self, adapter_id: str) -> int | None:
         """The slot an adapter occupies, if any."""
