@@ -55,11 +55,11 @@ class TorchBackend:
     base matmuls several times faster; attention then runs in fp32 and the
     LoRA stacks stay fp32, both measured faster there (docs/decisions.md).
 
-    ``lora_kernel``: on CPU, decode steps run the LoRA matmuls through a small C
-    kernel built on first use with the system compiler (``kernel.py``). ``None``
-    uses it when it builds and falls back to PyTorch matmuls otherwise; ``True``
-    requires it (start fails with the compiler's message); ``False`` never
-    uses it.
+    ``lora_kernel``: on CPU, the LoRA matmuls (prefills and decode steps) run
+    through a small C kernel built on first use with the system compiler
+    (``kernel.py``). ``None`` uses it when it builds and falls back to PyTorch
+    matmuls otherwise; ``True`` requires it (start fails with the compiler's
+    message); ``False`` never uses it.
     """
 
     def __init__(

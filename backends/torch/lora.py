@@ -273,6 +273,7 @@ class LoraBatch:
 
 class _KernelGroup(NamedTuple):
     record: SgmvGroup
+    """Held here so the memory behind ``address`` lives as long as the stacks."""
     address: int
     """Where ``record`` lives, passed as the kernel's first argument."""
     in_dim: int

@@ -155,31 +155,16 @@ typedef struct {
     int64_t out[SGMV_MAX_MODULES], y_off[SGMV_MAX_MODULES];
 } sgmv_group;
 
-/* The arguments of one call, shared by its segments. */
+/* One call: its group and its segments, activations and scratch. */
 typedef struct {
+    const sgmv_group *g;
     const int32_t *seg_ptr, *seg_slot, *tok;
     const void *x;
-    int64_t ldx, in_dim;
-    const float *a;
-    int64_t gr;
-    int n_mod;
-    const float *const *b;
-    const int64_t *out, *y_off;
+    int64_t ldx;
     void *y;
-    int64_t ldy, rank;
+    int64_t ldy;
     float *t;
-    int64_t slot_stride;
 } sgmv_call;
-
-static sgmv_call make_call(const sgmv_group *g, const int32_t *seg_ptr, const int32_t *seg_slot,
-                           const int32_t *tok, const void *x, int64_t ldx, void *y, int64_t ldy,
-                           float *t)
-{
-    const sgmv_call c = {seg_ptr, seg_slot, tok,  x,      ldx,   g->in_dim, g->a,
-                         g->gr,   (int)g->n_mod, g->b, g->out, g->y_off, y, ldy,
-                         g->rank, t,             g->slot_stride};
-    return c;
-}
 
 static inline float bf16_to_f32(uint16_t h)
 {
@@ -198,18 +183,20 @@ static inline uint16_t f32_to_bf16(float f) /* round to nearest even, as PyTorch
 static void expand(const sgmv_call *c, const float *bs, int m, int64_t od, int p0, int p1,
                    float *const *d)
 {
+    const sgmv_group *g = c->g;
     for (int q = p0; q < p1; q += 4) {
         const int nr = p1 - q < 4 ? p1 - q : 4;
         const float *tr[4];
-        for (int p = 0; p < nr; p++) tr[p] = c->t + (int64_t)(q + p) * c->gr + m * c->rank;
-        expand_rows(bs, c->rank, od, tr, d + (q - p0), nr);
+        for (int p = 0; p < nr; p++) tr[p] = c->t + (int64_t)(q + p) * g->gr + m * g->rank;
+        expand_rows(bs, g->rank, od, tr, d + (q - p0), nr);
     }
 }
 
 /* One segment; 16-bit x and y go through fp32 copies of the segment's rows. */
 static void run_segment(const sgmv_call *c, int s, int bf16, float *work)
 {
-    const float *as = c->a + (int64_t)c->seg_slot[s] * c->slot_stride;
+    const sgmv_group *g = c->g;
+    const float *as = g->a + (int64_t)c->seg_slot[s] * g->slot_stride;
     const int p0 = c->seg_ptr[s], p1 = c->seg_ptr[s + 1];
     for (int q = p0; q < p1; q += 4) {
         const int nr = p1 - q < 4 ? p1 - q : 4;
@@ -218,23 +205,23 @@ static void run_segment(const sgmv_call *c, int s, int bf16, float *work)
         for (int p = 0; p < nr; p++) {
             const int64_t row = (int64_t)c->tok[q + p] * c->ldx;
             if (bf16) {
-                float *xw = work + (int64_t)p * c->in_dim;
+                float *xw = work + (int64_t)p * g->in_dim;
                 const uint16_t *xs = (const uint16_t *)c->x + row;
-                for (int64_t k = 0; k < c->in_dim; k++) xw[k] = bf16_to_f32(xs[k]);
+                for (int64_t k = 0; k < g->in_dim; k++) xw[k] = bf16_to_f32(xs[k]);
                 xr[p] = xw;
             } else {
                 xr[p] = (const float *)c->x + row;
             }
-            tr[p] = c->t + (int64_t)(q + p) * c->gr;
+            tr[p] = c->t + (int64_t)(q + p) * g->gr;
         }
-        shrink_rows(as, c->gr, c->in_dim, xr, tr, nr);
+        shrink_rows(as, g->gr, g->in_dim, xr, tr, nr);
     }
-    for (int m = 0; m < c->n_mod; m++) {
-        const int64_t od = c->out[m];
-        const float *bs = c->b[m] + (int64_t)c->seg_slot[s] * c->slot_stride;
+    for (int m = 0; m < g->n_mod; m++) {
+        const int64_t od = g->out[m];
+        const float *bs = g->b[m] + (int64_t)c->seg_slot[s] * g->slot_stride;
         float *d[p1 - p0 > 0 ? p1 - p0 : 1];
         for (int p = p0; p < p1; p++) {
-            const int64_t at = (int64_t)c->tok[p] * c->ldy + c->y_off[m];
+            const int64_t at = (int64_t)c->tok[p] * c->ldy + g->y_off[m];
             if (bf16) {
                 d[p - p0] = work + (int64_t)(p - p0) * od;
                 for (int64_t col = 0; col < od; col++) d[p - p0][col] = 0.f;
@@ -245,7 +232,7 @@ static void run_segment(const sgmv_call *c, int s, int bf16, float *work)
         expand(c, bs, m, od, p0, p1, d);
         if (bf16)
             for (int p = p0; p < p1; p++) {
-                uint16_t *yp = (uint16_t *)c->y + (int64_t)c->tok[p] * c->ldy + c->y_off[m];
+                uint16_t *yp = (uint16_t *)c->y + (int64_t)c->tok[p] * c->ldy + g->y_off[m];
                 const float *dp = d[p - p0];
                 for (int64_t col = 0; col < od; col++)
                     yp[col] = f32_to_bf16(bf16_to_f32(yp[col]) + dp[col]);
@@ -269,7 +256,7 @@ void lorapool_sgmv_f32(const sgmv_group *g, int n_seg, const int32_t *seg_ptr,
                        const int32_t *seg_slot, const int32_t *tok, const float *x, int64_t ldx,
                        float *y, int64_t ldy, float *t, int n_threads)
 {
-    const sgmv_call c = make_call(g, seg_ptr, seg_slot, tok, x, ldx, y, ldy, t);
+    const sgmv_call c = {g, seg_ptr, seg_slot, tok, x, ldx, y, ldy, t};
     run(&c, n_seg, 0, 0, 0, n_threads);
 }
 
@@ -280,6 +267,6 @@ void lorapool_sgmv_bf16(const sgmv_group *g, int n_seg, const int32_t *seg_ptr,
                         int64_t ldx, uint16_t *y, int64_t ldy, float *t, float *work,
                         int64_t work_per_thread, int n_threads)
 {
-    const sgmv_call c = make_call(g, seg_ptr, seg_slot, tok, x, ldx, y, ldy, t);
+    const sgmv_call c = {g, seg_ptr, seg_slot, tok, x, ldx, y, ldy, t};
     run(&c, n_seg, 1, work, work_per_thread, n_threads);
 }
