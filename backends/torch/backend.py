@@ -60,6 +60,11 @@ class TorchBackend:
     (``kernel.py``). ``None`` uses it when it builds and falls back to PyTorch
     matmuls otherwise; ``True`` requires it (start fails with the compiler's
     message); ``False`` never uses it.
+
+    ``interleave_prefill``: a request arriving while a decode step runs is
+    prefilled between two of that step's layers instead of after it, so its
+    first token waits for one layer, not for a step over every running row
+    (``False``: prefills only between steps).
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class TorchBackend:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         lora_kernel: bool | None = None,
+        interleave_prefill: bool = True,
     ) -> None:
         if max_slots < 1 or max_rank < 1 or max_batch < 1 or max_seq_len < 2:
             raise ValueError("max_slots, max_rank, max_batch must be >= 1 and max_seq_len >= 2")
@@ -92,6 +98,7 @@ class TorchBackend:
         # in fp32 (docs/decisions.md, "16-bit on CPU"); the model's dtype elsewhere.
         self.lora_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.lora_kernel = lora_kernel
+        self.interleave_prefill = interleave_prefill
         self._engine: Engine | None = None
         self._stats: EngineStats | None = None
         self._tokenizer: Any = None
@@ -149,6 +156,7 @@ class TorchBackend:
                 self._build,
                 eos_ids=self._eos_ids(self._tokenizer),
                 max_prefill_tokens=self.max_prefill_tokens,
+                interleave_prefill=self.interleave_prefill,
             )
             await asyncio.wrap_future(engine.start())
             cfg = engine.model.cfg

@@ -4,6 +4,13 @@ One iteration ("step"): apply queued control operations (slot loads), drop
 cancelled sequences, admit waiting sequences into free KV rows and prefill
 them, then decode one token for every running sequence. Requests join and
 leave between steps; the event loop never waits on a forward pass.
+
+A request that arrives while a decode step runs does not wait for the step to
+end: between two of the decode's layers, fresh sequences that fit in free
+rows are prefilled (their own forward pass, on rows the decode does not
+touch), so a first token waits for one layer and a prefill instead of the rest
+of a step that grows with the rows running (docs/decisions.md, "Prefill
+between a decode's layers").
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ class EngineStats:
     decode_seconds: float = 0.0
     distinct_adapters: dict[int, int] = field(default_factory=dict)
     preemptions: int = 0
+    interleaved_prefills: int = 0
+    """Prefills run between two layers of a decode step."""
 
 
 class Engine:
@@ -75,10 +84,12 @@ class Engine:
         *,
         eos_ids: frozenset[int],
         max_prefill_tokens: int,
+        interleave_prefill: bool = True,
     ) -> None:
         self._build = build
         self.eos_ids = eos_ids
         self.max_prefill_tokens = max_prefill_tokens
+        self.interleave_prefill = interleave_prefill
         self.stats = EngineStats()
         self.logits_hook: Callable[[list[str], torch.Tensor], None] | None = None
         """Test hook: called on the engine thread with request ids and their logits."""
@@ -211,8 +222,11 @@ class Engine:
                     self.stats.prefill_seconds += time.perf_counter() - t0
                 if self._running:
                     t0 = time.perf_counter()
+                    prefill_s = self.stats.prefill_seconds
                     self._decode()
-                    self.stats.decode_seconds += time.perf_counter() - t0
+                    # Less the prefills run between its layers (counted as prefill time).
+                    interleaved = self.stats.prefill_seconds - prefill_s
+                    self.stats.decode_seconds += time.perf_counter() - t0 - interleaved
             except Exception as exc:
                 log.exception("engine step failed")
                 for seq in list(self._running):
@@ -243,21 +257,56 @@ class Engine:
             short -= 1
 
     def _admit(self, cancelled: set[str]) -> list[Sequence]:
-        """Take waiting sequences into free rows, within the prefill budget (lock held)."""
+        """Take waiting sequences into free rows, within the prefill budget (lock held).
+
+        Sequences that have not started go before paused ones: a pause made room for
+        a newcomer, and the paused sequence resuming first would take that room back.
+        """
         for seq in [s for s in self._waiting if s.request_id in cancelled]:
             self._waiting.remove(seq)
             seq.sink(([], "cancelled", None))
+        fresh = [s for s in self._waiting if not s.preempted]
+        return self._take(fresh + [s for s in self._waiting if s.preempted])
+
+    def _take(self, candidates: list[Sequence]) -> list[Sequence]:
+        """Move candidates, in order, from waiting into free rows within the prefill budget
+        (lock held)."""
         admitted: list[Sequence] = []
         free = self.cache.rows - len(self._running)
         longest = 0
-        while self._waiting and len(admitted) < free:
-            seq = self._waiting[0]
+        for seq in candidates:
+            if len(admitted) >= free:
+                break
             longest_if = max(longest, len(seq.context()))
             if admitted and longest_if * (len(admitted) + 1) > self.max_prefill_tokens:
                 break
             longest = longest_if
-            admitted.append(self._waiting.popleft())
+            admitted.append(seq)
+        for seq in admitted:
+            self._waiting.remove(seq)
         return admitted
+
+    def _between_decode_layers(self) -> None:
+        """Prefill fresh arrivals that fit in free rows, in the middle of a decode step.
+
+        Only sequences that have not started (a paused one waits for the next step)
+        and are not being cancelled; the decode's rows are the first ``len(running)``
+        at its start and the prefill takes rows after them, so neither touches the
+        other's cache, and a sequence that ends at its first token frees a row past
+        the decode's too.
+        """
+        if not self._waiting or len(self._running) >= self.cache.rows:
+            return  # unlocked peek: an arrival missed here goes at the next layer or step
+        with self._cond:
+            fresh = [
+                s for s in self._waiting if not s.preempted and s.request_id not in self._cancelled
+            ]
+            admitted = self._take(fresh) if fresh else []
+        if admitted:
+            t0 = time.perf_counter()
+            self._prefill(admitted)
+            self.stats.prefill_seconds += time.perf_counter() - t0
+            self.stats.interleaved_prefills += 1
 
     def _forward(
         self,
@@ -266,6 +315,7 @@ class Engine:
         starts: torch.Tensor,
         last: torch.Tensor,
         token_slots: list[int],
+        between_layers: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         plan = self.lora.plan(token_slots)
         if plan.distinct:
@@ -281,6 +331,7 @@ class Engine:
             self.rope,
             self.lora,
             plan if plan.distinct else None,
+            between_layers,
         )
 
     def _prefill(self, seqs: list[Sequence]) -> None:
@@ -309,7 +360,8 @@ class Engine:
         tokens = torch.tensor([[s.output[-1]] for s in seqs], dtype=torch.long, device=dev)
         starts = torch.tensor([s.length for s in seqs], dtype=torch.long, device=dev)
         last = torch.zeros(len(seqs), dtype=torch.long, device=dev)
-        logits = self._forward(tokens, 0, starts, last, [s.slot for s in seqs])
+        between = self._between_decode_layers if self.interleave_prefill else None
+        logits = self._forward(tokens, 0, starts, last, [s.slot for s in seqs], between)
         for s in seqs:
             s.length += 1
         self.stats.steps += 1

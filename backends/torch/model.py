@@ -13,6 +13,7 @@ window) and ``qwen2`` layouts in safetensors, which covers SmolLM2.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,11 +258,14 @@ class LlamaModel:
         rope: tuple[torch.Tensor, torch.Tensor],
         lora: LoraSlots,
         plan: LoraBatch | None,
+        between_layers: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Run ``tokens`` (``[n, T]``) for cache rows ``row_start..row_start+n``.
 
         ``starts[i]`` is the position of row i's first token; ``last_index[i]`` is
         which of its T tokens to return logits for. Returns ``[n, vocab]`` logits.
+        ``between_layers`` is called after each layer but the last; it may run
+        other forward passes, on other cache rows.
         """
         cfg = self.cfg
         n, t = tokens.shape
@@ -307,6 +311,8 @@ class LlamaModel:
             if plan is not None:
                 lora.apply(li, "down_proj", plan, act, d)
             x = x + d
+            if between_layers is not None and li + 1 < len(self.layers):
+                between_layers()
         last = x.view(n, t, cfg.hidden_size)[torch.arange(n, device=self.device), last_index]
         last = _rms_norm(last, self.norm, cfg.rms_norm_eps)
         return self.lm_head(last).float()

@@ -191,3 +191,58 @@ async def test_slot_reuse_leaves_nothing_of_the_previous_adapter(
     again = await _collect(backend, req("s1"))
     assert with_big != fresh
     assert again == fresh
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+async def test_an_arrival_is_prefilled_between_the_layers_of_a_running_decode(
+    backend: Any, interleave: bool
+) -> None:
+    """A request submitted while a decode step runs gets its prefill (and first token)
+    before that step ends, on its own rows, changing nobody's tokens; one that ends at its
+    first token frees its row in the middle of the step."""
+    engine = backend._engine
+    long_prompt, short_prompt = "Once upon a time, in a quiet village,", "The capital of France is"
+    alone = {
+        "a": await _collect(backend, _req("a0", long_prompt, 6)),
+        "b": await _collect(backend, _req("b0", short_prompt, 5)),
+        "c": await _collect(backend, _req("c0", short_prompt, 1)),
+    }
+    loop = asyncio.get_running_loop()
+    forwards: list[tuple[str, ...]] = []
+    late: dict[str, asyncio.Task[list[int]]] = {}
+
+    def submit_late() -> None:
+        # c first: it takes the row after a's and ends at its first token, so b's row moves
+        # into it while a's decode is still running.
+        late["c"] = asyncio.create_task(_collect(backend, _req("c", short_prompt, 1)))
+        late["b"] = asyncio.create_task(_collect(backend, _req("b", short_prompt, 5)))
+
+    def hook(ids: list[str], logits: Any) -> None:  # on the engine thread, after each forward
+        forwards.append(tuple(ids))
+        if ids == ["a"] and len(forwards) == 1:
+            # a's prefill just ran and its decode comes next: hold the engine until b and c
+            # are queued, so they arrive while that decode runs.
+            loop.call_soon_threadsafe(submit_late)
+            deadline = time.monotonic() + 30
+            while len(engine._waiting) < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert len(engine._waiting) == 2, "b and c were not queued"
+
+    engine.interleave_prefill = interleave
+    engine.logits_hook = hook
+    interleaved = backend.stats.interleaved_prefills
+    try:
+        a = await _collect(backend, _req("a", long_prompt, 6))
+        results = {"a": a, "b": await late["b"], "c": await late["c"]}
+    finally:
+        engine.logits_hook = None
+        engine.interleave_prefill = True
+    assert results == alone
+    if interleave:
+        # b and c's prefill ran inside a's first decode step, which reports after it.
+        assert forwards[:4] == [("a",), ("c", "b"), ("a",), ("a", "b")]
+        assert backend.stats.interleaved_prefills == interleaved + 1
+    else:
+        assert forwards[:4] == [("a",), ("a",), ("c", "b"), ("a", "b")]
+        assert backend.stats.interleaved_prefills == interleaved
+    assert backend.free_kv_rows == backend.max_batch and backend.live_sequences == 0
