@@ -21,18 +21,21 @@ Around that:
 * starvation bound: a request queued for ``max_wait`` seconds goes before any
   affinity or counter choice;
 * places: the last ``headroom`` places of the engine's concurrency go only to
-  tenants with nothing in flight; tenants holding their weighted share of the
-  places or more are paced, one dispatch between them per ``pace`` seconds (by
+  tenants with nothing in flight; tenants over their share of the places
+  (holding their weighted share or more, and as many places per weight as any
+  other tenant) are paced, one dispatch between them per ``pace`` seconds (by
   default the measured request time divided by the places), so a backlogged
   tenant's requests do not start and finish in waves that leave no place free;
 * burst credit: a tenant whose queue empties but that still has requests
   running keeps up to ``credit`` of its lead over the lowest counter when its
   next request comes (a fully idle tenant keeps none);
 * preemption (when the backend offers it): with every place taken, a tenant
-  under its share goes at once, and the newest request of the tenant furthest
-  over its share pauses (its engine resumes it later by recompute); at most
-  one request over the limit, each request paused at most once; the headroom
-  then also takes tenants under their share;
+  under its share goes at once, and the newest request of the tenant holding
+  the most places pauses (its engine resumes it later by recompute) when that
+  tenant is over its share and holds more places than the newcomer's; the
+  places are over-committed by at most the headroom (one at least), each
+  request is paused at most once; the headroom then also takes tenants under
+  their share;
 * deadlines: a request still queued at its deadline leaves the queue with
   ``DeadlineExceeded``; it was charged nothing.
 
@@ -62,6 +65,7 @@ _SCAN_LIMIT = 64  # tenants inspected per pick when heads cannot get a slot
 _AFFINITY_SCAN = 8  # tenants inspected per pick looking for a resident adapter
 _PREEMPT_TRIES = 4  # newest requests of the victim offered to the backend (some not running yet)
 _Entry = tuple[float, int, int, int, "_Tenant"]  # counter, in flight, seq, version, tenant
+_Holders = tuple["_Tenant | None", "_Tenant | None"]  # the two holding the most places
 
 
 @dataclass(frozen=True)
@@ -120,9 +124,10 @@ class FairScheduler(DispatchState):
     costs). ``headroom``: places kept for tenants with nothing in flight (by
     default one in eight). ``pace``: seconds between dispatches to tenants at or
     over their share of the places; ``None`` measures it (mean request time /
-    places), ``0`` turns pacing off. ``preemption``: pause an over-share
-    tenant's request for an under-share one when every place is taken (used
-    only with a backend that can, see :class:`~lorapool.backends.base.Preemptible`).
+    places), ``0`` turns pacing off. ``preemption``: pause a request of the
+    tenant holding the most places for a queued one when every place is taken
+    (used only with a backend that can, see
+    :class:`~lorapool.backends.base.Preemptible`).
     ``pace=0, credit=0, preemption=False`` is plain VTC with the headroom.
     """
 
@@ -173,6 +178,7 @@ class FairScheduler(DispatchState):
             raise ValueError("credit must be >= 0")
         self.credit = credit
         self.preemption = preemption
+        self._overcommit = 1  # paused requests the places may be over-committed by
         self._clock = clock
         self._tenants: dict[str, _Tenant] = {}
         self._heap: list[_Entry] = []
@@ -209,6 +215,7 @@ class FairScheduler(DispatchState):
         if self._headroom_arg is None:
             self.headroom = self._max_inflight // 8 if self._max_inflight >= 4 else 0
         self.headroom = min(self.headroom, self._max_inflight - 1)
+        self._overcommit = max(1, self.headroom)
 
     @property
     def queued(self) -> int:
@@ -311,25 +318,41 @@ class FairScheduler(DispatchState):
             self._try_preempt()
 
     def _try_preempt(self) -> None:
-        """Every place is taken: let the lowest-counter tenant in, if it is under its share,
-        by preempting the newest request of the tenant furthest over its share.
+        """Every place is taken: let a queued tenant under its share in by pausing the
+        newest request of the tenant holding the most places per weight (:meth:`_victim`).
 
-        Only when the places are exactly full, so at most one request is ever over
-        ``max_inflight``; each request is preempted at most once.
+        The lowest-counter tenants are tried in order (a few of them), so a tenant over
+        its share at the head does not keep one under it waiting. The places are
+        over-committed by at most ``_overcommit`` paused requests; each request is paused
+        at most once.
         """
-        if self._inflight != self._max_inflight or self._min_active() is None:
+        if not (self._max_inflight <= self._inflight < self._max_inflight + self._overcommit):
             return
-        *_, tenant = self._heap[0]
-        head = tenant.queue[0]
-        if self._over_share(tenant) or not self._can_dispatch(head.adapter_id, self._adapters):
+        if self._min_active() is None:
             return
-        victim = max(self._flying.values(), key=lambda t: t.inflight / t.weight, default=None)
-        if (
-            victim is None
-            or not self._over_share(victim)
-            or victim.inflight / victim.weight <= (tenant.inflight + 1) / tenant.weight
-        ):
+        holders = self._holders()
+        popped: list[_Entry] = []
+        found: tuple[_Tenant, Ticket, _Tenant] | None = None
+        try:
+            while self._heap and len(popped) < _AFFINITY_SCAN:
+                entry = heapq.heappop(self._heap)
+                if not self._valid(entry):
+                    continue
+                popped.append(entry)
+                tenant = entry[-1]
+                head = tenant.queue[0]
+                if not self._can_dispatch(head.adapter_id, self._adapters):
+                    continue
+                victim = self._victim(tenant, holders)
+                if victim is not None:
+                    found = (tenant, head, victim)
+                    break
+        finally:
+            for entry in popped:
+                heapq.heappush(self._heap, entry)
+        if found is None:
             return
+        tenant, head, victim = found
         assert self._preempt is not None
         for ticket in itertools.islice(reversed(victim.flight.values()), _PREEMPT_TRIES):
             if not ticket.preempted and self._preempt(ticket.request_id):
@@ -337,6 +360,22 @@ class FairScheduler(DispatchState):
                 self.preemptions += 1
                 self._dispatch(tenant, head)
                 return
+
+    def _victim(self, tenant: _Tenant, holders: _Holders) -> _Tenant | None:
+        """Whose request ``tenant`` may pause for a place, if anyone's: the other tenant
+        holding the most places per weight, when it is over its share, ``tenant`` is
+        not, and the victim holds more places per weight than ``tenant``."""
+        first, second = holders
+        victim = second if first is tenant else first
+        if (
+            victim is None
+            or self._over_share(tenant, holders)
+            or not self._over_share(victim, holders)
+        ):
+            return None
+        if victim.inflight / victim.weight <= tenant.inflight / tenant.weight:
+            return None
+        return victim
 
     def _wake_at(self, when: float) -> None:
         """Kick again once pacing lets a tenant over its share go."""
@@ -489,10 +528,34 @@ class FairScheduler(DispatchState):
             self._heap = [e for e in self._heap if self._valid(e)]
             heapq.heapify(self._heap)
 
-    def _over_share(self, tenant: _Tenant) -> bool:
-        """Whether the tenant holds its weighted share of the places, or more."""
+    def _over_share(self, tenant: _Tenant, holders: _Holders | None = None) -> bool:
+        """Whether the tenant holds its weighted share of the places or more and, with one
+        more, would hold more places per weight than any other tenant.
+
+        The second half lets a tenant whose burst is above the equal share go on while
+        another tenant holds even more (the share counts every tenant present, also
+        those using less than it, so the places they leave go to the others evenly).
+        """
         places = self._max_inflight - self.headroom
-        return tenant.inflight * self._present_weight >= places * tenant.weight
+        if tenant.inflight * self._present_weight < places * tenant.weight:
+            return False
+        first, second = self._holders() if holders is None else holders
+        other = second if first is tenant else first
+        most = 0.0 if other is None else other.inflight / other.weight
+        return (tenant.inflight + 1) / tenant.weight > most
+
+    def _holders(self) -> _Holders:
+        """The two tenants holding the most places per weight (O(tenants in flight), at
+        most the places)."""
+        first: _Tenant | None = None
+        second: _Tenant | None = None
+        for t in self._flying.values():
+            held = t.inflight / t.weight
+            if first is None or held > first.inflight / first.weight:
+                first, second = t, first
+            elif second is None or held > second.inflight / second.weight:
+                second = t
+        return first, second
 
     def _pace(self) -> float:
         """Seconds between dispatches to tenants over their share (0: no pacing)."""
@@ -530,7 +593,7 @@ class FairScheduler(DispatchState):
             return self._tenants[oldest.tenant], oldest
         # The last `headroom` places go only to tenants with nothing in flight, so a tenant
         # that was idle starts at once even when a busy one keeps every other place full.
-        # Tenants holding their weighted share of the places or more get one place per pace
+        # Tenants over their share of the places (see `_over_share`) get one place per pace
         # interval between them: their requests then start, and end, spread over the engine's
         # steps instead of in waves that leave no place free for anyone for a whole request.
         reserved = self._inflight >= self._max_inflight - self.headroom
@@ -539,6 +602,7 @@ class FairScheduler(DispatchState):
         preempting = self.preemption and self._preempt is not None
         wait_until = self._last_over + self._pace()
         paced = self._clock() < wait_until
+        holders = self._holders() if reserved or paced else (None, None)
         popped: list[_Entry] = []
         first: tuple[_Tenant, Ticket] | None = None
         chosen: tuple[_Tenant, Ticket] | None = None
@@ -564,10 +628,10 @@ class FairScheduler(DispatchState):
                 if (
                     reserved
                     and tenant.inflight > 0
-                    and (not preempting or self._over_share(tenant))
+                    and (not preempting or self._over_share(tenant, holders))
                 ):
                     continue
-                if paced and self._over_share(tenant):
+                if paced and self._over_share(tenant, holders):
                     self._paced_until = wait_until
                     continue
                 if not self._can_dispatch(head.adapter_id, self._adapters):

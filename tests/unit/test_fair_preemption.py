@@ -1,11 +1,12 @@
 """FairScheduler preemption: a tenant under its share gets a place at once when a tenant over
-its share holds them all, by pausing that tenant's newest request; at most one over the limit."""
+its share holds them all, by pausing that tenant's newest request; the places over-committed
+by at most the headroom (one without)."""
 
 from __future__ import annotations
 
 import pytest
 
-from .test_fair import Harness, _dispatched, _finish, fair, ticket
+from .test_fair import OUTPUT, Harness, _dispatched, _finish, fair, ticket
 
 
 class Hook:
@@ -20,11 +21,11 @@ class Hook:
         return self.answer
 
 
-def harness(hook: Hook | None, **kw: object) -> Harness:
+def harness(hook: Hook | None, *, max_inflight: int = 4, **kw: object) -> Harness:
     kw.setdefault("max_wait", 1e9)
     kw.setdefault("headroom", 0)
     kw.setdefault("pace", 0)
-    h = Harness(fair(**kw), max_inflight=4)
+    h = Harness(fair(**kw), max_inflight=max_inflight)
     if hook is not None:
         h.s.bind_preemption(hook)
     return h
@@ -122,4 +123,72 @@ async def test_with_preemption_the_headroom_also_takes_tenants_under_their_share
     await h.submit(second)  # quiet has one running and holds 1 of its 3-place share
     assert second.dispatched is preemption
     assert hook.calls == []  # a free place, no preemption needed
+    await h.close()
+
+
+async def test_an_over_share_tenant_at_the_head_does_not_keep_one_under_it_waiting() -> None:
+    hook = Hook()
+    h = harness(hook)
+    earlier = ticket("c", prompt_tokens=1000)  # c has had much more service than a
+    await h.submit(earlier)
+    await _finish(h, earlier)
+    for _ in range(6):
+        await h.submit(ticket("a"))
+    a = _dispatched(h, "a")
+    assert len(a) == 4 and h.s.counter("a") < h.s.counter("c")
+    late = ticket("c")
+    await h.submit(late)  # a has the lowest counter but holds every place; c holds none
+    assert late.dispatched and hook.calls == [a[-1].request_id]
+    await h.close()
+
+
+@pytest.mark.parametrize("owed", [True, False])
+async def test_a_tenant_over_its_share_never_preempts_whatever_its_counter(owed: bool) -> None:
+    hook = Hook()
+    h = harness(hook)
+    for tenant in ("a", "a", "q", "q"):
+        await h.submit(ticket(tenant))
+    assert h.s.inflight == 4  # two tenants, 2 places each: both at their share
+    heavy = "a" if owed else "q"
+    for t in _dispatched(h, heavy):  # tokens produced so far, charged as they come
+        h.s.charge(t, output_tokens=OUTPUT)
+    assert (h.s.counter("q") < h.s.counter("a")) is owed
+    burst = ticket("q")
+    await h.submit(burst)  # with 3 places q would hold more than a: it waits for a place
+    assert not burst.dispatched and hook.calls == []
+    await _finish(h, _dispatched(h, "a")[0])
+    assert burst.dispatched
+    await h.close()
+
+
+async def test_a_tenant_at_its_share_gets_a_place_while_another_holds_more() -> None:
+    hook = Hook()
+    h = harness(hook, max_inflight=8, headroom=2)
+    for _ in range(5):
+        await h.submit(ticket("noisy"))
+    quiet = [ticket("quiet") for _ in range(4)]
+    for t in quiet[:3]:
+        await h.submit(t)
+    assert all(t.dispatched for t in quiet[:3]) and h.s.inflight == 8 and hook.calls == []
+    # quiet holds its share (6 places beyond the headroom / 2 tenants = 3) but noisy holds 5
+    await h.submit(quiet[3])
+    assert quiet[3].dispatched and hook.calls == [_dispatched(h, "noisy")[-1].request_id]
+    await h.close()
+
+
+async def test_the_places_are_over_committed_by_at_most_the_headroom() -> None:
+    hook = Hook()
+    h = harness(hook, max_inflight=8, headroom=2)
+    for _ in range(10):
+        await h.submit(ticket("noisy"))
+    for tenant in ("q1", "q2"):
+        await h.submit(ticket(tenant))  # the two headroom places
+    assert h.s.inflight == 8 and len(_dispatched(h, "noisy")) == 6
+    late = {tenant: ticket(tenant) for tenant in ("q1", "q2", "q3")}
+    for t in late.values():
+        await h.submit(t)
+    assert late["q1"].dispatched and late["q2"].dispatched and not late["q3"].dispatched
+    assert h.s.inflight == 10 and len(hook.calls) == 2
+    await _finish(h, _dispatched(h, "noisy")[0])  # back to 9: room for one more pause
+    assert late["q3"].dispatched and h.s.inflight == 10 and len(hook.calls) == 3
     await h.close()
