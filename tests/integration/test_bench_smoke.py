@@ -117,6 +117,8 @@ def test_fairness(tmp_path: Path) -> None:
         "0.7",
         "--max-tokens",
         "4",
+        "--more-seeds",
+        "1",
         "--overhead-tenants",
         "100",
         "--overhead-requests",
@@ -127,6 +129,11 @@ def test_fairness(tmp_path: Path) -> None:
     _meta_ok(data, seed=0, duration=3.0)
     summary = data["noisy"]["quiet_p99"]
     assert {"fcfs", "fair", "vtc", "no_preempt", "preemptions"} <= set(summary)
+    pooled = summary["fair_pooled"]
+    assert pooled["seeds"] == [0, 1] and set(pooled["per_seed_x"]) == {"0", "1"}
+    assert pooled["quiet_requests"] > len(
+        [r for r in data["noisy"]["requests"]["no-noise fair"] if r["tenant"] != "noisy"]
+    )
     assert "noisy no-preempt" in data["noisy"]["tokens_per_s"]
     _png_ok(plot)
 
