@@ -11,7 +11,7 @@ scheduler, is not asserted: on this 2-core CPU a decode step over eight busy row
 longer than over the baseline's few, so a quiet request's first token waits for a longer
 step even when it is dispatched at once (measured: 3-4x the baseline under fair scheduling
 against 45-55x under FCFS; on 2026-11-23, with prefills run between a decode's layers and the
-baseline down to 34-39 ms, 4.8-10x against 78-93x: with about 30 quiet requests the p99 is
+baseline down to 34-39 ms, 4.8-10x against 78-102x: with about 30 quiet requests the p99 is
 their slowest one; see docs/performance.md for the benchmark's figures). What is
 asserted is the blow-up under FCFS and that fair scheduling removes most of it. Requests
 are 24 tokens long so that the flood keeps the engine overloaded: with 12 (before the base
