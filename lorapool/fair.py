@@ -122,8 +122,8 @@ class FairScheduler(DispatchState):
     default the last tier); ``tenant_weights`` overrides a tenant's weight.
     ``affinity_slack`` and ``credit`` are in counter units (weighted token
     costs). ``headroom``: places kept for tenants with nothing in flight (by
-    default one in eight). ``pace``: seconds between dispatches to tenants at or
-    over their share of the places; ``None`` measures it (mean request time /
+    default one in eight). ``pace``: seconds between dispatches to tenants over
+    their share of the places (see ``_over_share``); ``None`` measures it (mean request time /
     places), ``0`` turns pacing off. ``preemption``: pause a request of the
     tenant holding the most places for a queued one when every place is taken
     (used only with a backend that can, see

@@ -493,7 +493,9 @@ def _windows(run: _Run, tenants: Sequence[str], width: float) -> list[dict[str, 
 
 
 def _more_seeds(args: argparse.Namespace) -> list[int]:
-    return [int(x) for x in str(args.more_seeds).split(",") if x.strip()]
+    """The further seeds, each once and never the first seed again."""
+    seeds = [int(x) for x in str(args.more_seeds).split(",") if x.strip()]
+    return [s for s in dict.fromkeys(seeds) if s != args.seed]
 
 
 async def _noisy_runs(
