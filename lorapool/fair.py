@@ -36,6 +36,16 @@ Around that:
   places are over-committed by at most the headroom (one at least), each
   request is paused at most once; the headroom then also takes tenants under
   their share;
+* light tenants: a tenant whose recent service (per weight, decaying over
+  ``light_window`` seconds) is at most 1/``light_ratio`` of the heaviest
+  tenant in flight's goes as if under its share of places whatever it holds:
+  it is not paced, takes the headroom, and pauses the heaviest tenant's newest
+  request when every place is taken (over-committing the places by up to their
+  number, not only the headroom). A light tenant's burst (several requests
+  at once, above an equal share of the places) then starts as it would on an
+  engine of its own, at the expense of the tenant using the most; the counters
+  still order everyone, and a tenant stays light only while it uses clearly
+  less than the heaviest;
 * deadlines: a request still queued at its deadline leaves the queue with
   ``DeadlineExceeded``; it was charged nothing.
 
@@ -50,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -107,6 +118,8 @@ class _Tenant:
     flight: dict[str, Ticket] = field(default_factory=dict)  # in flight, in dispatch order
     requests: TokenBucket | None = None
     tokens: TokenBucket | None = None
+    usage: float = 0.0  # recent service per weight, decaying (see FairScheduler._recent)
+    usage_at: float = 0.0
 
     @property
     def inflight(self) -> int:
@@ -127,8 +140,12 @@ class FairScheduler(DispatchState):
     places), ``0`` turns pacing off. ``preemption``: pause a request of the
     tenant holding the most places for a queued one when every place is taken
     (used only with a backend that can, see
-    :class:`~lorapool.backends.base.Preemptible`).
-    ``pace=0, credit=0, preemption=False`` is plain VTC with the headroom.
+    :class:`~lorapool.backends.base.Preemptible`). ``light_window`` (seconds,
+    ``0`` turns the rule off) and ``light_ratio``: a tenant whose recent
+    service is at most 1/``light_ratio`` of the heaviest tenant's goes as if
+    under its share of places (see the module docstring).
+    ``pace=0, credit=0, preemption=False, light_window=0`` is plain VTC with the
+    headroom.
     """
 
     def __init__(
@@ -147,6 +164,8 @@ class FairScheduler(DispatchState):
         pace: float | None = None,
         credit: float = 512.0,
         preemption: bool = True,
+        light_window: float = 10.0,
+        light_ratio: float = 1.25,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
@@ -178,7 +197,13 @@ class FairScheduler(DispatchState):
             raise ValueError("credit must be >= 0")
         self.credit = credit
         self.preemption = preemption
-        self._overcommit = 1  # paused requests the places may be over-committed by
+        if light_window < 0:
+            raise ValueError("light_window must be >= 0 (0 turns the light rule off)")
+        if light_ratio < 1:
+            raise ValueError("light_ratio must be >= 1")
+        self.light_window = light_window
+        self.light_ratio = light_ratio
+        self._overcommit = 1  # paused requests the share rules may over-commit the places by
         self._clock = clock
         self._tenants: dict[str, _Tenant] = {}
         self._heap: list[_Entry] = []
@@ -282,6 +307,7 @@ class FairScheduler(DispatchState):
         cost = (self.input_cost * input_tokens + self.output_cost * output_tokens) / tenant.weight
         if cost:
             tenant.counter += cost
+            self._use(tenant, cost)
             if tenant.queue:
                 self._push(tenant)
 
@@ -319,18 +345,21 @@ class FairScheduler(DispatchState):
 
     def _try_preempt(self) -> None:
         """Every place is taken: let a queued tenant under its share in by pausing the
-        newest request of the tenant holding the most places per weight (:meth:`_victim`).
+        newest request of the tenant holding the most places per weight (:meth:`_victim`),
+        or a light tenant (:meth:`_light`) by pausing the heaviest tenant's.
 
         The lowest-counter tenants are tried in order (a few of them), so a tenant over
-        its share at the head does not keep one under it waiting. The places are
-        over-committed by at most ``_overcommit`` paused requests; each request is paused
-        at most once.
+        its share at the head does not keep one under it waiting. The share rules
+        over-commit the places by at most ``_overcommit`` paused requests, light tenants by
+        at most the places' number; each request is paused at most once.
         """
-        if not (self._max_inflight <= self._inflight < self._max_inflight + self._overcommit):
+        over = self._inflight - self._max_inflight
+        if not 0 <= over < self._max_inflight:
             return
         if self._min_active() is None:
             return
         holders = self._holders()
+        heavy = self._heaviest()
         popped: list[_Entry] = []
         found: tuple[_Tenant, Ticket, _Tenant] | None = None
         try:
@@ -343,7 +372,12 @@ class FairScheduler(DispatchState):
                 head = tenant.queue[0]
                 if not self._can_dispatch(head.adapter_id, self._adapters):
                     continue
-                victim = self._victim(tenant, holders)
+                if self._light(tenant, heavy):
+                    victim = heavy
+                elif over < self._overcommit:
+                    victim = self._victim(tenant, holders)
+                else:
+                    continue
                 if victim is not None:
                     found = (tenant, head, victim)
                     break
@@ -544,6 +578,39 @@ class FairScheduler(DispatchState):
         most = 0.0 if other is None else other.inflight / other.weight
         return (tenant.inflight + 1) / tenant.weight > most
 
+    def _recent(self, tenant: _Tenant, now: float) -> float:
+        """The tenant's service per weight over about the last ``light_window`` seconds."""
+        if tenant.usage and now > tenant.usage_at:
+            tenant.usage *= math.exp((tenant.usage_at - now) / self.light_window)
+        tenant.usage_at = now
+        return tenant.usage
+
+    def _use(self, tenant: _Tenant, cost: float) -> None:
+        if self.light_window > 0:
+            tenant.usage = self._recent(tenant, self._clock()) + cost
+
+    def _heaviest(self) -> _Tenant | None:
+        """The tenant in flight with the most recent service per weight (O(tenants in
+        flight))."""
+        if self.light_window <= 0:
+            return None
+        now = self._clock()
+        best: _Tenant | None = None
+        most = 0.0
+        for t in self._flying.values():
+            used = self._recent(t, now)
+            if used > most:
+                best, most = t, used
+        return best
+
+    def _light(self, tenant: _Tenant, heavy: _Tenant | None) -> bool:
+        """Whether the tenant used at most 1/``light_ratio`` of the heaviest tenant's
+        recent service (per weight): it then goes as if under its share of places."""
+        if heavy is None or heavy is tenant:
+            return False
+        now = self._clock()
+        return self._recent(tenant, now) * self.light_ratio <= self._recent(heavy, now)
+
     def _holders(self) -> _Holders:
         """The two tenants holding the most places per weight (O(tenants in flight), at
         most the places)."""
@@ -603,6 +670,7 @@ class FairScheduler(DispatchState):
         wait_until = self._last_over + self._pace()
         paced = self._clock() < wait_until
         holders = self._holders() if reserved or paced else (None, None)
+        heavy = self._heaviest() if reserved or paced else None
         popped: list[_Entry] = []
         first: tuple[_Tenant, Ticket] | None = None
         chosen: tuple[_Tenant, Ticket] | None = None
@@ -625,13 +693,15 @@ class FairScheduler(DispatchState):
                 ):
                     break
                 head = tenant.queue[0]
+                light = self._light(tenant, heavy)
                 if (
                     reserved
                     and tenant.inflight > 0
+                    and not light
                     and (not preempting or self._over_share(tenant, holders))
                 ):
                     continue
-                if paced and self._over_share(tenant, holders):
+                if paced and not light and self._over_share(tenant, holders):
                     self._paced_until = wait_until
                     continue
                 if not self._can_dispatch(head.adapter_id, self._adapters):
@@ -659,7 +729,9 @@ class FairScheduler(DispatchState):
             tenant.version += 1
         self._floor = max(self._floor, tenant.counter)
         # Input is charged at dispatch (an estimate, corrected when the backend reports it).
-        tenant.counter += self.input_cost * ticket.prompt_tokens / tenant.weight
+        cost = self.input_cost * ticket.prompt_tokens / tenant.weight
+        tenant.counter += cost
+        self._use(tenant, cost)
         if tenant.queue:
             self._push(tenant)
         if self._over_share(tenant):

@@ -1,6 +1,9 @@
 """FairScheduler preemption: a tenant under its share gets a place at once when a tenant over
 its share holds them all, by pausing that tenant's newest request; the places over-committed
-by at most the headroom (one without)."""
+by at most the headroom (one without).
+
+These tests turn the light rule off (``light_window=0``) to test the share rules alone;
+tests/unit/test_fair_light.py tests the light rule."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ def harness(hook: Hook | None, *, max_inflight: int = 4, **kw: object) -> Harnes
     kw.setdefault("max_wait", 1e9)
     kw.setdefault("headroom", 0)
     kw.setdefault("pace", 0)
+    kw.setdefault("light_window", 0)
     h = Harness(fair(**kw), max_inflight=max_inflight)
     if hook is not None:
         h.s.bind_preemption(hook)
@@ -113,7 +117,10 @@ async def test_with_preemption_the_headroom_also_takes_tenants_under_their_share
     preemption: bool,
 ) -> None:
     hook = Hook()
-    h = Harness(fair(max_wait=1e9, headroom=2, pace=0, preemption=preemption), max_inflight=8)
+    h = Harness(
+        fair(max_wait=1e9, headroom=2, pace=0, preemption=preemption, light_window=0),
+        max_inflight=8,
+    )
     h.s.bind_preemption(hook)
     await h.submit(ticket("quiet"))
     for _ in range(10):

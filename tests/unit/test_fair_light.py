@@ -1,0 +1,132 @@
+"""FairScheduler's light rule: a tenant that used clearly less than the heaviest tenant
+recently (``light_window``, ``light_ratio``) goes as if under its share of places: its burst
+past an equal share starts at once, pausing the heaviest tenant's newest request when every
+place is taken, and is neither paced nor kept out of the headroom."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorapool.testing import ManualClock
+
+from .test_fair import OUTPUT, Harness, _dispatched, _finish, fair, ticket
+from .test_fair_preemption import Hook
+
+
+async def _half_each(
+    *, light_window: float, clock: ManualClock, quiet_output: int = 0, **kw: object
+) -> tuple[Harness, Hook]:
+    """8 places, no headroom: noisy holds 4 (and has a backlog), quiet holds 4; every noisy
+    request has produced OUTPUT tokens, each quiet one ``quiet_output``."""
+    hook = Hook()
+    kw.setdefault("headroom", 0)
+    kw.setdefault("pace", 0)
+    s = fair(max_wait=1e9, light_window=light_window, clock=clock, **kw)
+    h = Harness(s, max_inflight=8)
+    h.s.bind_preemption(hook)
+    for _ in range(4):
+        await h.submit(ticket("noisy"))
+    for _ in range(4):
+        await h.submit(ticket("quiet"))
+    for _ in range(4):
+        await h.submit(ticket("noisy"))  # the backlog: queued
+    assert h.s.inflight == 8 and len(_dispatched(h, "quiet")) == 4
+    for t in _dispatched(h, "noisy"):
+        h.s.charge(t, output_tokens=OUTPUT)
+    for t in _dispatched(h, "quiet"):
+        h.s.charge(t, output_tokens=quiet_output)
+    return h, hook
+
+
+async def _noisy(h: Harness, n: int) -> None:
+    """``n`` requests from noisy; those dispatched have produced OUTPUT tokens each."""
+    for _ in range(n):
+        await h.submit(ticket("noisy"))
+    for t in _dispatched(h, "noisy"):
+        h.s.charge(t, output_tokens=OUTPUT)
+
+
+@pytest.mark.parametrize("light_window", [10.0, 0.0])
+async def test_a_light_tenant_bursts_past_its_share_by_pausing_the_heaviest(
+    light_window: float,
+) -> None:
+    clock = ManualClock()
+    h, hook = await _half_each(light_window=light_window, clock=clock)
+    burst = ticket("quiet")
+    await h.submit(burst)
+    # quiet holds its share (4 of 8) and as many as noisy: by the share rules it waits
+    # for a place; having used 40 against noisy's 200 recently, it goes at once.
+    light = light_window > 0
+    assert burst.dispatched is light
+    noisy = _dispatched(h, "noisy")
+    assert hook.calls == ([noisy[-1].request_id] if light else [])
+    if light:
+        assert noisy[-1].preempted and h.s.inflight == 9
+    await h.close()
+
+
+async def test_a_tenant_that_used_about_as_much_is_not_light() -> None:
+    clock = ManualClock()
+    # quiet's requests produced 16 tokens each against noisy's 20: 4 * (10 + 32) = 168
+    # against 200, within the light ratio of 1.25.
+    h, hook = await _half_each(light_window=10.0, clock=clock, quiet_output=16)
+    burst = ticket("quiet")
+    await h.submit(burst)
+    assert not burst.dispatched and hook.calls == []
+    await _finish(h, _dispatched(h, "noisy")[0])
+    assert burst.dispatched  # the next free place, by the counters (quiet's is lower)
+    await h.close()
+
+
+async def test_recent_service_decays_over_the_window() -> None:
+    clock = ManualClock()
+    h, hook = await _half_each(light_window=10.0, clock=clock)
+    clock.advance(60.0)  # six windows: noisy's 200 decays to about 0.5, quiet's 40 to 0.1
+    quiet = _dispatched(h, "quiet")
+    for t in quiet:
+        h.s.charge(t, output_tokens=1)  # quiet's recent service is now about 8
+    burst = ticket("quiet")
+    await h.submit(burst)
+    # quiet is the heaviest now: its burst waits, and noisy, light against it, gets a
+    # place for its backlog by pausing quiet's newest request.
+    assert not burst.dispatched
+    assert hook.calls == [quiet[-1].request_id]
+    assert len(_dispatched(h, "noisy")) == 5
+    await h.close()
+
+
+@pytest.mark.parametrize("light_window", [10.0, 0.0])
+async def test_a_light_tenant_over_its_share_is_not_paced(light_window: float) -> None:
+    clock = ManualClock()
+    h = Harness(
+        fair(max_wait=1e9, headroom=0, pace=5.0, light_window=light_window, clock=clock),
+        max_inflight=10,
+    )
+    await _noisy(h, 3)
+    quiet = [ticket("quiet") for _ in range(7)]
+    for t in quiet:
+        await h.submit(t)
+    assert all(t.dispatched for t in quiet[:6])
+    # The sixth left quiet over its share (6 of 10 places, more than noisy's 3), so the
+    # share rules pace the seventh (one dispatch per 5 s to tenants over their share).
+    # Light, quiet goes at once.
+    light = light_window > 0
+    assert quiet[6].dispatched is light and h.s.inflight == 9 + light
+    await h.close()
+
+
+async def test_each_running_request_of_the_heaviest_pauses_once_for_a_light_one() -> None:
+    clock = ManualClock()
+    hook = Hook()
+    h = Harness(
+        fair(max_wait=1e9, headroom=0, pace=0, light_window=10.0, clock=clock), max_inflight=4
+    )
+    h.s.bind_preemption(hook)
+    await _noisy(h, 8)
+    burst = [ticket("quiet") for _ in range(5)]
+    for t in burst:
+        await h.submit(t)
+    # Each of noisy's four running requests pauses once, for one quiet request each.
+    assert [t.dispatched for t in burst] == [True] * 4 + [False]
+    assert len(hook.calls) == 4 and len(set(hook.calls)) == 4 and h.s.inflight == 8
+    await h.close()
