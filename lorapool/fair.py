@@ -41,7 +41,8 @@ Around that:
   tenant in flight's goes as if under its share of places whatever it holds:
   it is not paced, takes the headroom, and pauses the heaviest tenant's newest
   request when every place is taken (over-committing the places by up to their
-  number, not only the headroom). A light tenant's burst (several requests
+  number, not only the headroom; a request resumed after a pause may pause
+  again for a light tenant, four times at most). A light tenant's burst (several requests
   at once, above an equal share of the places) then starts as it would on an
   engine of its own, at the expense of the tenant using the most; the counters
   still order everyone, and a tenant stays light only while it uses clearly
@@ -65,6 +66,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from .errors import DeadlineExceeded, InvalidRequest, Overloaded, RateLimited
 from .ratelimit import TokenBucket
@@ -75,6 +77,7 @@ __all__ = ["FairScheduler", "TierPolicy"]
 _SCAN_LIMIT = 64  # tenants inspected per pick when heads cannot get a slot
 _AFFINITY_SCAN = 8  # tenants inspected per pick looking for a resident adapter
 _PREEMPT_TRIES = 4  # newest requests of the victim offered to the backend (some not running yet)
+_LIGHT_PAUSES = 4  # times one request may be paused for light tenants (once for the share rules)
 _Entry = tuple[float, int, int, int, "_Tenant"]  # counter, in flight, seq, version, tenant
 _Holders = tuple["_Tenant | None", "_Tenant | None"]  # the two holding the most places
 
@@ -118,13 +121,17 @@ class _Tenant:
     flight: dict[str, Ticket] = field(default_factory=dict)  # in flight, in dispatch order
     requests: TokenBucket | None = None
     tokens: TokenBucket | None = None
-    usage: float = 0.0  # recent service per weight, decaying (see FairScheduler._recent)
-    usage_at: float = 0.0
+    # Recent service per weight, decaying over the light window, in the log domain with the
+    # decay folded in: log(service at t) + t / window, so tenants compare without a clock.
+    heat: float = -math.inf
 
     @property
     def inflight(self) -> int:
         """Requests of this tenant dispatched and not yet released."""
         return len(self.flight)
+
+
+_heat = attrgetter("heat")
 
 
 class FairScheduler(DispatchState):
@@ -203,6 +210,7 @@ class FairScheduler(DispatchState):
             raise ValueError("light_ratio must be >= 1")
         self.light_window = light_window
         self.light_ratio = light_ratio
+        self._light_margin = math.log(light_ratio)
         self._overcommit = 1  # paused requests the share rules may over-commit the places by
         self._clock = clock
         self._tenants: dict[str, _Tenant] = {}
@@ -350,8 +358,9 @@ class FairScheduler(DispatchState):
 
         The lowest-counter tenants are tried in order (a few of them), so a tenant over
         its share at the head does not keep one under it waiting. The share rules
-        over-commit the places by at most ``_overcommit`` paused requests, light tenants by
-        at most the places' number; each request is paused at most once.
+        over-commit the places by at most ``_overcommit`` paused requests and pause each
+        request once; light tenants over-commit by at most the places' number and pause a
+        request up to ``_LIGHT_PAUSES`` times (the engine refuses one not running).
         """
         over = self._inflight - self._max_inflight
         if not 0 <= over < self._max_inflight:
@@ -361,7 +370,7 @@ class FairScheduler(DispatchState):
         holders = self._holders()
         heavy = self._heaviest()
         popped: list[_Entry] = []
-        found: tuple[_Tenant, Ticket, _Tenant] | None = None
+        found: tuple[_Tenant, Ticket, _Tenant, bool] | None = None
         try:
             while self._heap and len(popped) < _AFFINITY_SCAN:
                 entry = heapq.heappop(self._heap)
@@ -372,25 +381,30 @@ class FairScheduler(DispatchState):
                 head = tenant.queue[0]
                 if not self._can_dispatch(head.adapter_id, self._adapters):
                     continue
-                if self._light(tenant, heavy):
+                light = self._light(tenant, heavy)
+                if light:
                     victim = heavy
                 elif over < self._overcommit:
                     victim = self._victim(tenant, holders)
                 else:
                     continue
                 if victim is not None:
-                    found = (tenant, head, victim)
+                    found = (tenant, head, victim, light)
                     break
         finally:
             for entry in popped:
                 heapq.heappush(self._heap, entry)
         if found is None:
             return
-        tenant, head, victim = found
+        tenant, head, victim, light = found
         assert self._preempt is not None
-        for ticket in itertools.islice(reversed(victim.flight.values()), _PREEMPT_TRIES):
-            if not ticket.preempted and self._preempt(ticket.request_id):
+        # For a light tenant the heaviest's requests may pause again once resumed: in a
+        # collective burst of light tenants its requests are otherwise all spent.
+        most, tries = (_LIGHT_PAUSES, len(victim.flight)) if light else (1, _PREEMPT_TRIES)
+        for ticket in itertools.islice(reversed(victim.flight.values()), tries):
+            if ticket.pauses < most and self._preempt(ticket.request_id):
                 ticket.preempted = True
+                ticket.pauses += 1
                 self.preemptions += 1
                 self._dispatch(tenant, head)
                 return
@@ -578,38 +592,28 @@ class FairScheduler(DispatchState):
         most = 0.0 if other is None else other.inflight / other.weight
         return (tenant.inflight + 1) / tenant.weight > most
 
-    def _recent(self, tenant: _Tenant, now: float) -> float:
-        """The tenant's service per weight over about the last ``light_window`` seconds."""
-        if tenant.usage and now > tenant.usage_at:
-            tenant.usage *= math.exp((tenant.usage_at - now) / self.light_window)
-        tenant.usage_at = now
-        return tenant.usage
-
     def _use(self, tenant: _Tenant, cost: float) -> None:
-        if self.light_window > 0:
-            tenant.usage = self._recent(tenant, self._clock()) + cost
+        """Add service to the tenant's recent service (its ``heat``)."""
+        if self.light_window <= 0 or cost <= 0:
+            return
+        x = math.log(cost) + self._clock() / self.light_window
+        h = tenant.heat
+        tenant.heat = x if h == -math.inf else max(h, x) + math.log1p(math.exp(-abs(h - x)))
 
     def _heaviest(self) -> _Tenant | None:
         """The tenant in flight with the most recent service per weight (O(tenants in
         flight))."""
-        if self.light_window <= 0:
+        if self.light_window <= 0 or not self._flying:
             return None
-        now = self._clock()
-        best: _Tenant | None = None
-        most = 0.0
-        for t in self._flying.values():
-            used = self._recent(t, now)
-            if used > most:
-                best, most = t, used
-        return best
+        heavy = max(self._flying.values(), key=_heat)
+        return heavy if heavy.heat > -math.inf else None
 
     def _light(self, tenant: _Tenant, heavy: _Tenant | None) -> bool:
         """Whether the tenant used at most 1/``light_ratio`` of the heaviest tenant's
         recent service (per weight): it then goes as if under its share of places."""
         if heavy is None or heavy is tenant:
             return False
-        now = self._clock()
-        return self._recent(tenant, now) * self.light_ratio <= self._recent(heavy, now)
+        return tenant.heat + self._light_margin <= heavy.heat
 
     def _holders(self) -> _Holders:
         """The two tenants holding the most places per weight (O(tenants in flight), at
@@ -670,7 +674,8 @@ class FairScheduler(DispatchState):
         wait_until = self._last_over + self._pace()
         paced = self._clock() < wait_until
         holders = self._holders() if reserved or paced else (None, None)
-        heavy = self._heaviest() if reserved or paced else None
+        heavy: _Tenant | None = None
+        heavy_known = False
         popped: list[_Entry] = []
         first: tuple[_Tenant, Ticket] | None = None
         chosen: tuple[_Tenant, Ticket] | None = None
@@ -693,17 +698,19 @@ class FairScheduler(DispatchState):
                 ):
                     break
                 head = tenant.queue[0]
-                light = self._light(tenant, heavy)
-                if (
+                kept_out = (
                     reserved
                     and tenant.inflight > 0
-                    and not light
                     and (not preempting or self._over_share(tenant, holders))
-                ):
-                    continue
-                if paced and not light and self._over_share(tenant, holders):
-                    self._paced_until = wait_until
-                    continue
+                )
+                held = not kept_out and paced and self._over_share(tenant, holders)
+                if kept_out or held:
+                    if not heavy_known:
+                        heavy, heavy_known = self._heaviest(), True
+                    if not self._light(tenant, heavy):
+                        if held:
+                            self._paced_until = wait_until
+                        continue
                 if not self._can_dispatch(head.adapter_id, self._adapters):
                     continue
                 if first is None:

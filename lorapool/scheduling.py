@@ -47,7 +47,8 @@ class Ticket:
     ``prompt_tokens`` is an estimate until the backend reports the real
     count. ``timeout``: seconds the request may wait in the queue (its
     deadline), ``None`` for no limit. ``arrival`` and ``deadline`` are set by
-    the scheduler on its own clock.
+    the scheduler on its own clock. ``preempted``: the request was paused to
+    let another in (``pauses`` times).
     """
 
     request_id: str
@@ -61,6 +62,7 @@ class Ticket:
     queued: bool = False
     dispatched: bool = False
     preempted: bool = False
+    pauses: int = 0
     _ready: asyncio.Future[None] | None = field(default=None, repr=False)
 
 

@@ -65,6 +65,13 @@ class TorchBackend:
     prefilled between two of that step's layers instead of after it, so its
     first token waits for one layer, not for a step over every running row
     (``False``: prefills only between steps).
+
+    ``spare_rows``: KV rows beyond ``max_batch`` (by default one per eight,
+    at least one; none without ``interleave_prefill``) where a request let in
+    by a preemption (:meth:`preempt`) is prefilled while the running decode
+    step still holds the paused sequence's row; the paused sequence leaves at
+    the step's end and the decode never runs more than ``max_batch`` rows.
+    Each costs one row of KV cache (``max_seq_len`` positions).
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class TorchBackend:
         device: str | torch.device | None = None,
         lora_kernel: bool | None = None,
         interleave_prefill: bool = True,
+        spare_rows: int | None = None,
     ) -> None:
         if max_slots < 1 or max_rank < 1 or max_batch < 1 or max_seq_len < 2:
             raise ValueError("max_slots, max_rank, max_batch must be >= 1 and max_seq_len >= 2")
@@ -99,6 +107,11 @@ class TorchBackend:
         self.lora_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.lora_kernel = lora_kernel
         self.interleave_prefill = interleave_prefill
+        if spare_rows is None:
+            spare_rows = max(1, max_batch // 8) if interleave_prefill else 0
+        if spare_rows < 0 or (spare_rows and not interleave_prefill):
+            raise ValueError("spare_rows must be >= 0, and 0 without interleave_prefill")
+        self.spare_rows = spare_rows
         self._engine: Engine | None = None
         self._stats: EngineStats | None = None
         self._tokenizer: Any = None
@@ -157,6 +170,7 @@ class TorchBackend:
                 eos_ids=self._eos_ids(self._tokenizer),
                 max_prefill_tokens=self.max_prefill_tokens,
                 interleave_prefill=self.interleave_prefill,
+                spare_rows=self.spare_rows,
             )
             await asyncio.wrap_future(engine.start())
             cfg = engine.model.cfg
@@ -190,16 +204,18 @@ class TorchBackend:
             self.device,
             kernel,
         )
-        cache = KVCache(cfg, self.max_batch, self.max_seq_len, self.dtype, self.device)
+        rows = self.max_batch + self.spare_rows
+        cache = KVCache(cfg, rows, self.max_seq_len, self.dtype, self.device)
         log.info(
-            "TorchBackend ready: %s on %s, %d slots x rank %d (%.1f MiB), KV %d x %d (%.1f MiB)"
-            ", LoRA kernel %s",
+            "TorchBackend ready: %s on %s, %d slots x rank %d (%.1f MiB), KV %d (+%d spare) x %d"
+            " (%.1f MiB), LoRA kernel %s",
             self.model_path.name,
             self.device,
             self.max_slots,
             self.max_rank,
             lora.nbytes / 2**20,
             self.max_batch,
+            self.spare_rows,
             self.max_seq_len,
             cache.nbytes / 2**20,
             lora.kernel.path.name if lora.kernel is not None else "off",
@@ -296,7 +312,8 @@ class TorchBackend:
         """Free a running request's KV row for a waiting request; it resumes by recompute.
 
         The row is given up at the next step, and only if a request that was
-        never preempted is waiting for a row then; the preempted request waits
+        never preempted is waiting for a row then (or took a spare row meanwhile,
+        see ``spare_rows``); the preempted request waits
         behind it and, when it gets a row again, one prefill over its prompt and
         output restores its KV (its stream pauses, nothing is lost).
         """

@@ -85,11 +85,16 @@ class Engine:
         eos_ids: frozenset[int],
         max_prefill_tokens: int,
         interleave_prefill: bool = True,
+        spare_rows: int = 0,
     ) -> None:
+        if spare_rows < 0:
+            raise ValueError("spare_rows must be >= 0")
         self._build = build
         self.eos_ids = eos_ids
         self.max_prefill_tokens = max_prefill_tokens
         self.interleave_prefill = interleave_prefill
+        self.spare_rows = spare_rows
+        self._rows = 0  # rows a decode step may run: the cache's, less the spare ones
         self.stats = EngineStats()
         self.logits_hook: Callable[[list[str], torch.Tensor], None] | None = None
         """Test hook: called on the engine thread with request ids and their logits."""
@@ -147,7 +152,9 @@ class Engine:
         """Ask that a running sequence give its KV row to a waiting one.
 
         Applied at the start of a step, and only while a sequence that was never
-        preempted waits without a free row: the preempted sequence then waits
+        preempted waits without a free row (a newcomer may already have been prefilled
+        into a spare row during the step, see :meth:`_between_decode_layers`): the
+        preempted sequence then waits
         behind it and, when it gets a row again, is recomputed from its prompt
         and output in one prefill; its stream just pauses. Returns False when the
         request is not running (not admitted yet, or done).
@@ -172,9 +179,9 @@ class Engine:
 
     @property
     def free_rows(self) -> int:
-        """KV rows not held by a running sequence."""
+        """KV rows not held by a running sequence (the spare rows not counted)."""
         with self._cond:
-            return self.cache.rows - len(self._running)
+            return max(0, self._rows - len(self._running))
 
     @property
     def live(self) -> int:
@@ -189,6 +196,12 @@ class Engine:
         try:
             self.model, self.lora, self.cache = self._build()
             self.rope = self.model.rope_tables(self.cache.max_seq_len)
+            self._rows = self.cache.rows - self.spare_rows
+            if self._rows < 1:
+                raise ValueError(
+                    f"a cache of {self.cache.rows} rows leaves none beside "
+                    f"{self.spare_rows} spare ones"
+                )
         except BaseException as exc:
             self._ready.set_exception(exc)
             return
@@ -245,7 +258,7 @@ class Engine:
         for rid in [r for r in self._preempt if r not in running]:
             del self._preempt[rid]  # finished or cancelled meanwhile
         fresh = sum(1 for s in self._waiting if not s.preempted)
-        short = fresh - (self.cache.rows - len(self._running))
+        short = fresh - (self._rows - len(self._running))  # < 0 rows free; > 0 in spare rows
         while short > 0 and self._preempt:
             rid = next(iter(self._preempt))
             del self._preempt[rid]
@@ -268,11 +281,11 @@ class Engine:
         fresh = [s for s in self._waiting if not s.preempted]
         return self._take(fresh + [s for s in self._waiting if s.preempted])
 
-    def _take(self, candidates: list[Sequence]) -> list[Sequence]:
-        """Move candidates, in order, from waiting into free rows within the prefill budget
-        (lock held)."""
+    def _take(self, candidates: list[Sequence], rows: int | None = None) -> list[Sequence]:
+        """Move candidates, in order, from waiting into free rows (of the first ``rows``,
+        by default those a decode may run) within the prefill budget (lock held)."""
         admitted: list[Sequence] = []
-        free = self.cache.rows - len(self._running)
+        free = (self._rows if rows is None else rows) - len(self._running)
         longest = 0
         for seq in candidates:
             if len(admitted) >= free:
@@ -293,15 +306,22 @@ class Engine:
         and are not being cancelled; the decode's rows are the first ``len(running)``
         at its start and the prefill takes rows after them, so neither touches the
         other's cache, and a sequence that ends at its first token frees a row past
-        the decode's too.
+        the decode's too. With every row taken, a spare row takes a newcomer for each
+        preemption asked for and not yet applied: the paused sequence leaves at the
+        step's end (:meth:`_apply_preemptions`), and the newcomer has its first token
+        by then instead of waiting for the step to end and then its prefill.
         """
-        if not self._waiting or len(self._running) >= self.cache.rows:
+        limit = self._rows + (self.spare_rows if self._preempt else 0)
+        if not self._waiting or len(self._running) >= limit:
             return  # unlocked peek: an arrival missed here goes at the next layer or step
         with self._cond:
             fresh = [
                 s for s in self._waiting if not s.preempted and s.request_id not in self._cancelled
             ]
-            admitted = self._take(fresh) if fresh else []
+            running = {s.request_id for s in self._running}
+            pending = sum(1 for rid in self._preempt if rid in running)
+            rows = self._rows + min(self.spare_rows, pending)
+            admitted = self._take(fresh, rows) if fresh else []
         if admitted:
             t0 = time.perf_counter()
             self._prefill(admitted)

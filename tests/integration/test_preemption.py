@@ -5,6 +5,7 @@ tenant's request starts while a noisy tenant holds every row."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,65 @@ async def test_through_the_pool_a_quiet_request_starts_while_a_noisy_tenant_hold
         # Both rows were held by noisy requests of 24 tokens; quiet started before either ended.
         assert first_token["q"] < min(done["n0"], done["n1"])
         assert pool.usage("noisy").completion_tokens == 4 * PARAMS.max_tokens
+
+
+@pytest.mark.parametrize("spare_rows", [1, 0])
+async def test_a_newcomer_let_in_by_a_preemption_is_prefilled_in_a_spare_row_mid_step(
+    model_dir: Path, spare_rows: int
+) -> None:
+    """Both rows busy, a preemption asked for while a decode step runs: with a spare row
+    the newcomer's prefill (and first token) runs between that step's layers, and the
+    paused sequence leaves at the step's end; without, the newcomer waits for the step
+    to end. Nobody's tokens change, and no decode runs more than ``max_batch`` rows."""
+    from lorapool.backends.torch import TorchBackend
+
+    prompts = {"a": "Write a limerick about a cat.", "b": "Explain photosynthesis briefly."}
+    prompts["c"] = "List five fruits."
+    backend = TorchBackend(
+        model_dir, max_slots=1, max_rank=8, max_batch=2, max_seq_len=128, spare_rows=spare_rows
+    )
+    await backend.start()
+    try:
+        engine = backend._engine
+        alone = {
+            n: await _collect(backend, _request(f"ref-{n}", p), []) for n, p in prompts.items()
+        }
+        loop = asyncio.get_running_loop()
+        log: list[tuple[str, int]] = []
+        forwards: list[tuple[str, ...]] = []
+        late: dict[str, asyncio.Task[list[int]]] = {}
+        between = engine._between_decode_layers
+
+        def let_c_in() -> None:  # what the pool does for a preemption: pause, then submit
+            assert backend.preempt("b") is True
+            late["c"] = asyncio.create_task(_collect(backend, _request("c", prompts["c"]), log))
+
+        def between_layers() -> None:  # on the engine thread, inside a decode step
+            if not late and sum(1 for rid, _ in log if rid == "b") >= 3:
+                loop.call_soon_threadsafe(let_c_in)
+                deadline = time.monotonic() + 30
+                while not engine._waiting and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                assert engine._waiting and engine._preempt, "c was not let in"
+                forwards.append(("<c arrives>",))
+            between()
+
+        engine._between_decode_layers = between_layers
+        engine.logits_hook = lambda ids, _: forwards.append(tuple(ids))
+        a = asyncio.create_task(_collect(backend, _request("a", prompts["a"]), log))
+        b = asyncio.create_task(_collect(backend, _request("b", prompts["b"]), log))
+        results = {"a": await a, "b": await b}
+        results["c"] = await late["c"]
+
+        assert results == alone  # b resumed by recompute: greedy output unchanged
+        assert backend.stats.preemptions == 1
+        at = forwards.index(("<c arrives>",))
+        if spare_rows:
+            # c's prefill inside the running decode of a and b; then a and c decode.
+            assert forwards[at + 1 : at + 4] == [("c",), ("a", "b"), ("a", "c")]
+        else:
+            assert forwards[at + 1 : at + 4] == [("a", "b"), ("c",), ("a", "c")]
+        assert max(len(f) for f in forwards) == 2
+        assert backend.free_kv_rows == 2 and backend.live_sequences == 0
+    finally:
+        await backend.aclose()

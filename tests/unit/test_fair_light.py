@@ -115,18 +115,62 @@ async def test_a_light_tenant_over_its_share_is_not_paced(light_window: float) -
     await h.close()
 
 
-async def test_each_running_request_of_the_heaviest_pauses_once_for_a_light_one() -> None:
-    clock = ManualClock()
-    hook = Hook()
-    h = Harness(
-        fair(max_wait=1e9, headroom=0, pace=0, light_window=10.0, clock=clock), max_inflight=4
-    )
-    h.s.bind_preemption(hook)
-    await _noisy(h, 8)
-    burst = [ticket("quiet") for _ in range(5)]
+class Engine(Hook):
+    """A hook that refuses, as the engine does, a request paused and not resumed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused: set[str] = set()
+
+    def __call__(self, request_id: str) -> bool:
+        self.calls.append(request_id)
+        if request_id in self.paused:
+            return False
+        self.paused.add(request_id)
+        return True
+
+
+def _with_engine(max_inflight: int) -> tuple[Harness, Engine]:
+    s = fair(max_wait=1e9, headroom=0, pace=0, light_window=10.0, clock=ManualClock())
+    h = Harness(s, max_inflight=max_inflight)
+    engine = Engine()
+    h.s.bind_preemption(engine)
+    return h, engine
+
+
+async def test_the_heaviest_pauses_again_for_light_tenants_once_resumed() -> None:
+    h, engine = _with_engine(max_inflight=6)
+    await _noisy(h, 3)
+    for _ in range(3):
+        await h.submit(ticket("mid"))
+    for t in _dispatched(h, "mid"):
+        h.s.charge(t, output_tokens=OUTPUT - 2)  # nearly as heavy as noisy: not light
+    burst = [ticket("quiet") for _ in range(4)]
     for t in burst:
         await h.submit(t)
-    # Each of noisy's four running requests pauses once, for one quiet request each.
-    assert [t.dispatched for t in burst] == [True] * 4 + [False]
-    assert len(hook.calls) == 4 and len(set(hook.calls)) == 4 and h.s.inflight == 8
+    # Each of noisy's three running requests pauses for one quiet request; the fourth
+    # finds none of the heaviest's running and waits.
+    assert [t.dispatched for t in burst] == [True] * 3 + [False]
+    noisy = _dispatched(h, "noisy")
+    assert engine.paused == {t.request_id for t in noisy} and h.s.inflight == 9
+    engine.paused.discard(noisy[0].request_id)  # one resumes when a row frees
+    h.s.kick()
+    assert burst[3].dispatched and noisy[0].pauses == 2  # paused again, for a light tenant
+    await h.close()
+
+
+async def test_a_request_pauses_at_most_so_many_times_for_light_tenants() -> None:
+    h, engine = _with_engine(max_inflight=2)
+    await _noisy(h, 2)
+    older, newest = _dispatched(h, "noisy")
+    for _ in range(5):
+        engine.paused.clear()  # resumed at once, every time
+        for t in (older, newest):
+            h.s.charge(t, output_tokens=OUTPUT)  # noisy stays the heaviest by far
+        quiet = ticket("quiet")
+        await h.submit(quiet)
+        assert quiet.dispatched
+        await _finish(h, quiet)
+    # The newest running request pauses first (least work to redo), four times at most.
+    assert (newest.pauses, older.pauses) == (4, 1)
     await h.close()
