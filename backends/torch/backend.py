@@ -66,7 +66,7 @@ class TorchBackend:
     first token waits for one layer, not for a step over every running row
     (``False``: prefills only between steps).
 
-    ``spare_rows``: KV rows beyond ``max_batch`` (by default one per eight,
+    ``spare_rows``: KV rows beyond ``max_batch`` (by default one per four,
     at least one; none without ``interleave_prefill``) where a request let in
     by a preemption (:meth:`preempt`) is prefilled while the running decode
     step still holds the paused sequence's row; the paused sequence leaves at
@@ -108,7 +108,7 @@ class TorchBackend:
         self.lora_kernel = lora_kernel
         self.interleave_prefill = interleave_prefill
         if spare_rows is None:
-            spare_rows = max(1, max_batch // 8) if interleave_prefill else 0
+            spare_rows = max(1, max_batch // 4) if interleave_prefill else 0
         if spare_rows < 0 or (spare_rows and not interleave_prefill):
             raise ValueError("spare_rows must be >= 0, and 0 without interleave_prefill")
         self.spare_rows = spare_rows
