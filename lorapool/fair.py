@@ -403,7 +403,6 @@ class FairScheduler(DispatchState):
         most, tries = (_LIGHT_PAUSES, len(victim.flight)) if light else (1, _PREEMPT_TRIES)
         for ticket in itertools.islice(reversed(victim.flight.values()), tries):
             if ticket.pauses < most and self._preempt(ticket.request_id):
-                ticket.preempted = True
                 ticket.pauses += 1
                 self.preemptions += 1
                 self._dispatch(tenant, head)

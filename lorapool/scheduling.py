@@ -47,8 +47,8 @@ class Ticket:
     ``prompt_tokens`` is an estimate until the backend reports the real
     count. ``timeout``: seconds the request may wait in the queue (its
     deadline), ``None`` for no limit. ``arrival`` and ``deadline`` are set by
-    the scheduler on its own clock. ``preempted``: the request was paused to
-    let another in (``pauses`` times).
+    the scheduler on its own clock. ``pauses``: times the request was paused
+    to let another in.
     """
 
     request_id: str
@@ -61,9 +61,13 @@ class Ticket:
     deadline: float | None = None
     queued: bool = False
     dispatched: bool = False
-    preempted: bool = False
     pauses: int = 0
     _ready: asyncio.Future[None] | None = field(default=None, repr=False)
+
+    @property
+    def preempted(self) -> bool:
+        """The request was paused at least once to let another in."""
+        return self.pauses > 0
 
 
 @runtime_checkable

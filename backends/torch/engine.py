@@ -152,12 +152,11 @@ class Engine:
         """Ask that a running sequence give its KV row to a waiting one.
 
         Applied at the start of a step, and only while a sequence that was never
-        preempted waits without a free row (a newcomer may already have been prefilled
-        into a spare row during the step, see :meth:`_between_decode_layers`): the
-        preempted sequence then waits
-        behind it and, when it gets a row again, is recomputed from its prompt
-        and output in one prefill; its stream just pauses. Returns False when the
-        request is not running (not admitted yet, or done).
+        preempted waits without a free row (or was already prefilled into a spare
+        row during the step, see :meth:`_between_decode_layers`): the preempted
+        sequence then waits behind it and, when it gets a row again, is recomputed
+        from its prompt and output in one prefill; its stream just pauses. Returns
+        False when the request is not running (not admitted yet, or done).
         """
         with self._cond:
             if not any(s.request_id == request_id for s in self._running):

@@ -174,3 +174,25 @@ async def test_a_request_pauses_at_most_so_many_times_for_light_tenants() -> Non
     # The newest running request pauses first (least work to redo), four times at most.
     assert (newest.pauses, older.pauses) == (4, 1)
     await h.close()
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"light_window": -1.0}, "light_window must be >= 0"),
+        ({"light_ratio": 0.5}, "light_ratio must be >= 1"),
+    ],
+)
+def test_bad_light_options_are_refused(kw: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        fair(**kw)
+
+
+@pytest.mark.parametrize("kw", [{"spare_rows": -1}, {"spare_rows": 2, "interleave_prefill": False}])
+def test_bad_spare_rows_are_refused(kw: dict[str, object], tmp_path: object) -> None:
+    from lorapool.backends.torch import TorchBackend
+
+    with pytest.raises(ValueError, match="spare_rows must be >= 0, and 0 without"):
+        TorchBackend(str(tmp_path), **kw)  # type: ignore[arg-type]
+    assert TorchBackend(str(tmp_path), max_batch=16).spare_rows == 4  # one per four
+    assert TorchBackend(str(tmp_path), interleave_prefill=False).spare_rows == 0
