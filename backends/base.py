@@ -81,6 +81,7 @@ class Preemptible(Protocol):
 
         Non-blocking and safe to call from the event loop. The request's stream
         pauses and resumes later with the same output (recomputed, not lost).
-        Returns False when the request is not running now.
+        Returns False when the request is not running now or was already asked
+        to pause (and not resumed since): each True frees one place.
         """
         ...

@@ -315,7 +315,8 @@ class TorchBackend:
         never preempted is waiting for a row then (or took a spare row meanwhile,
         see ``spare_rows``); the preempted request waits
         behind it and, when it gets a row again, one prefill over its prompt and
-        output restores its KV (its stream pauses, nothing is lost).
+        output restores its KV (its stream pauses, nothing is lost). False when
+        the request is not running or was already asked to pause.
         """
         engine = self._engine
         return engine is not None and engine.preempt(request_id)

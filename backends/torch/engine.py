@@ -102,7 +102,10 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._cancelled: set[str] = set()
-        self._preempt: dict[str, None] = {}  # ordered: first asked, first applied
+        # Preemptions asked for, by request id, to the step start they were asked after;
+        # ordered: first asked, first applied.
+        self._preempt: dict[str, int] = {}
+        self._step_starts = 0
         self._control: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._stop = False
         self._ready: Future[None] = Future()
@@ -156,12 +159,16 @@ class Engine:
         row during the step, see :meth:`_between_decode_layers`): the preempted
         sequence then waits behind it and, when it gets a row again, is recomputed
         from its prompt and output in one prefill; its stream just pauses. Returns
-        False when the request is not running (not admitted yet, or done).
+        False when the request is not running (not admitted yet, paused, or done) or
+        was already asked to pause: one pause frees one row, so a second caller must
+        pick another request.
         """
         with self._cond:
+            if request_id in self._preempt:
+                return False
             if not any(s.request_id == request_id for s in self._running):
                 return False
-            self._preempt[request_id] = None
+            self._preempt[request_id] = self._step_starts
             self._cond.notify()
             return True
 
@@ -252,7 +259,16 @@ class Engine:
             seq.sink(([], None, RuntimeError("engine stopped")))
 
     def _apply_preemptions(self) -> None:
-        """Free rows for fresh waiting sequences by preempting as asked (lock held)."""
+        """Free rows for fresh waiting sequences by preempting as asked (lock held).
+
+        A preemption still not applied at the second step start after it was asked is
+        dropped: the newcomer it was asked for found a row freed otherwise (waiting one
+        start more leaves time for its submission to arrive after the ask). Kept, it
+        would later pause a request for a newcomer nobody asked a pause for, and make
+        the request look paused to a caller asking again (:meth:`preempt` refuses one
+        already asked).
+        """
+        self._step_starts += 1
         running = {s.request_id: s for s in self._running}
         for rid in [r for r in self._preempt if r not in running]:
             del self._preempt[rid]  # finished or cancelled meanwhile
@@ -267,6 +283,8 @@ class Engine:
             self._waiting.append(seq)
             self.stats.preemptions += 1
             short -= 1
+        for rid in [r for r, asked in self._preempt.items() if asked < self._step_starts - 1]:
+            del self._preempt[rid]
 
     def _admit(self, cancelled: set[str]) -> list[Sequence]:
         """Take waiting sequences into free rows, within the prefill budget (lock held).

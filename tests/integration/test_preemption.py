@@ -103,6 +103,36 @@ async def test_through_the_pool_a_quiet_request_starts_while_a_noisy_tenant_hold
         assert pool.usage("noisy").completion_tokens == 4 * PARAMS.max_tokens
 
 
+async def test_a_pause_is_asked_once_and_dropped_when_no_newcomer_needs_it(
+    model_dir: Path,
+) -> None:
+    """One ask frees one row: asking again for the same request is refused until the ask
+    is applied or dropped, so two newcomers never count on one pause (the scheduler then
+    asks another request). An ask no newcomer needed is dropped at the second step start
+    after it, and nobody pauses."""
+    from lorapool.backends.torch import TorchBackend
+
+    backend = TorchBackend(model_dir, max_slots=1, max_rank=8, max_batch=2, max_seq_len=128)
+    await backend.start()
+    try:
+        log: list[tuple[str, int]] = []
+        a = asyncio.create_task(_collect(backend, _request("a", "List five fruits."), log))
+        while len(log) < 2:
+            await asyncio.sleep(0.002)
+        assert backend.preempt("a") is True
+        assert backend.preempt("a") is False  # already asked, not applied yet
+        seen = len(log)
+        # Four more tokens: four more steps, so at least two step starts after the ask
+        # (one token of the step running at the ask may arrive late).
+        while len(log) < seen + 4:
+            await asyncio.sleep(0.002)
+        assert backend.preempt("a") is True  # the unneeded ask was dropped
+        assert len(await a) == PARAMS.max_tokens
+        assert backend.stats.preemptions == 0
+    finally:
+        await backend.aclose()
+
+
 @pytest.mark.parametrize("spare_rows", [1, 0])
 async def test_a_newcomer_let_in_by_a_preemption_is_prefilled_in_a_spare_row_mid_step(
     model_dir: Path, spare_rows: int
