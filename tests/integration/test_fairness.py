@@ -1,22 +1,17 @@
 """Noisy neighbour on the real model: FCFS lets one tenant's flood delay everyone; the
-FairScheduler keeps the quiet tenants' time to first token close to their baseline.
+FairScheduler keeps the quiet tenants' time to first token within 1.5x of their baseline.
 
-The same seeded arrival trace runs three times on one TorchBackend configuration: the
-three quiet tenants alone (baseline), then with a fourth tenant sending ten times each
-one's rate, under FCFS and under the FairScheduler. Only ratios between the runs are
-asserted, never absolute times.
+Seeded arrival traces run on one TorchBackend configuration: the three quiet tenants
+alone (baseline), and with a fourth tenant sending ten times each one's rate, under the
+FairScheduler and (first seed only) under FCFS. Only ratios between the runs are asserted,
+never absolute times.
 
-The issue's target, quiet p99 TTFT within 1.5x of the no-noise baseline under the fair
-scheduler, is not asserted: on this 2-core CPU a decode step over eight busy rows takes
-longer than over the baseline's few, so a quiet request's first token waits for a longer
-step even when it is dispatched at once (measured: 3-4x the baseline under fair scheduling
-against 45-55x under FCFS; on 2026-11-23, with prefills run between a decode's layers and the
-baseline down to 34-39 ms, 4.8-10x against 78-102x; later that day, with light tenants and
-spare KV rows, 0.8-2.0x a seed, and 2.2-3.3x over two seeds pooled in four runs, against
-58-98x). With about 30 quiet requests the p99 is their slowest one, and one stall of this
-shared machine moves it by 100-300 ms, so no ratio to the baseline is asserted; the
-benchmark pools three seeds of 30 s (docs/performance.md). What is asserted is the
-blow-up under FCFS and that fair scheduling removes most of it. Requests
+The issue's target is asserted on the quiet requests of three seeds pooled, about 90 a
+side, so the p99 is the second slowest rather than the slowest: with one seed (about 30
+requests) the p99 is the maximum, and one stall of this shared 2-core machine moves it by
+100-300 ms. Baseline and noisy runs alternate seed by seed, so a slow spell of the machine
+falls on both. Measured on 2026-11-23 with the engine's double-pause fix (08a74f5), one
+seed at a time: 0.76-1.57x against 0.8-7.1x before it. FCFS reaches 50-100x. Requests
 are 24 tokens long so that the flood keeps the engine overloaded: with 12 (before the base
 projections moved to oneDNN and got about 2x faster) FCFS reached only 8-9x the baseline.
 """
@@ -38,6 +33,7 @@ pytestmark = pytest.mark.slow
 QUIET = ("q1", "q2", "q3")
 RATE = 1.0  # requests/s of each quiet tenant; the noisy one sends 10x
 DURATION = 10.0
+SEEDS = (1, 2, 3)
 PARAMS = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
@@ -58,7 +54,7 @@ def p99(values: list[float]) -> float:
     return ordered[round(0.99 * (len(ordered) - 1))]
 
 
-async def quiet_ttft(model_dir: Path, scheduler: Scheduler, noisy: bool) -> list[float]:
+async def quiet_ttft(model_dir: Path, scheduler: Scheduler, noisy: bool, seed: int) -> list[float]:
     from lorapool.backends.torch import TorchBackend
 
     backend = TorchBackend(model_dir, max_slots=2, max_rank=16, max_batch=8, max_seq_len=128)
@@ -80,14 +76,22 @@ async def quiet_ttft(model_dir: Path, scheduler: Scheduler, noisy: bool) -> list
             if tenant in QUIET:
                 ttft.append(first)
 
-        await asyncio.gather(*(one(at, tenant) for at, tenant in arrivals(noisy)))
+        await asyncio.gather(*(one(at, tenant) for at, tenant in arrivals(noisy, seed)))
     return ttft
 
 
 async def test_quiet_tenants_keep_their_ttft_under_fair_scheduling(model_dir: Path) -> None:
-    baseline = p99(await quiet_ttft(model_dir, FairScheduler(), noisy=False))
-    fcfs = p99(await quiet_ttft(model_dir, FCFSScheduler(), noisy=True))
-    fair = p99(await quiet_ttft(model_dir, FairScheduler(), noisy=True))
-    print(f"quiet p99 TTFT: baseline {baseline:.3f}s, FCFS {fcfs:.3f}s, fair {fair:.3f}s")
-    assert fcfs > 4 * baseline, ("the flood should blow up FCFS latency", baseline, fcfs)
-    assert fair < fcfs / 3, ("fair scheduling should remove most of it", fcfs, fair)
+    baseline: list[float] = []
+    fair: list[float] = []
+    for seed in SEEDS:  # alternating, so a slow spell of the machine hits both sides
+        baseline += await quiet_ttft(model_dir, FairScheduler(), noisy=False, seed=seed)
+        fair += await quiet_ttft(model_dir, FairScheduler(), noisy=True, seed=seed)
+    fcfs = await quiet_ttft(model_dir, FCFSScheduler(), noisy=True, seed=SEEDS[0])
+    base99, fair99, fcfs99 = p99(baseline), p99(fair), p99(fcfs)
+    print(
+        f"quiet p99 TTFT over {len(fair)} requests: baseline {base99:.3f}s, "
+        f"fair {fair99:.3f}s ({fair99 / base99:.2f}x); FCFS {fcfs99:.3f}s"
+    )
+    assert len(baseline) == len(fair) >= 70, "the traces should hold about 90 quiet requests"
+    assert fcfs99 > 4 * base99, ("the flood should blow up FCFS latency", base99, fcfs99)
+    assert fair99 <= 1.5 * base99, ("fair scheduling should keep the quiet p99", base99, fair99)
