@@ -619,12 +619,13 @@ class FairScheduler(DispatchState):
         most the places)."""
         first: _Tenant | None = None
         second: _Tenant | None = None
+        most = runner_up = -1.0
         for t in self._flying.values():
-            held = t.inflight / t.weight
-            if first is None or held > first.inflight / first.weight:
-                first, second = t, first
-            elif second is None or held > second.inflight / second.weight:
-                second = t
+            held = len(t.flight) / t.weight
+            if held > most:
+                first, second, most, runner_up = t, first, held, most
+            elif held > runner_up:
+                second, runner_up = t, held
         return first, second
 
     def _pace(self) -> float:
@@ -672,7 +673,7 @@ class FairScheduler(DispatchState):
         preempting = self.preemption and self._preempt is not None
         wait_until = self._last_over + self._pace()
         paced = self._clock() < wait_until
-        holders = self._holders() if reserved or paced else (None, None)
+        holders: _Holders | None = None  # found on first need: most tenants looked at hold none
         heavy: _Tenant | None = None
         heavy_known = False
         popped: list[_Entry] = []
@@ -697,12 +698,13 @@ class FairScheduler(DispatchState):
                 ):
                     break
                 head = tenant.queue[0]
-                kept_out = (
-                    reserved
-                    and tenant.inflight > 0
-                    and (not preempting or self._over_share(tenant, holders))
-                )
-                held = not kept_out and paced and self._over_share(tenant, holders)
+                kept_out = held = False
+                if tenant.flight and (reserved or paced):  # holding none, never over its share
+                    if holders is None:
+                        holders = self._holders()
+                    over = self._over_share(tenant, holders)
+                    kept_out = reserved and (not preempting or over)
+                    held = not kept_out and paced and over
                 if kept_out or held:
                     if not heavy_known:
                         heavy, heavy_known = self._heaviest(), True
