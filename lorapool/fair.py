@@ -360,7 +360,8 @@ class FairScheduler(DispatchState):
         its share at the head does not keep one under it waiting. The share rules
         over-commit the places by at most ``_overcommit`` paused requests and pause each
         request once; light tenants over-commit by at most the places' number and pause a
-        request up to ``_LIGHT_PAUSES`` times (the engine refuses one not running).
+        request up to ``_LIGHT_PAUSES`` times (the engine refuses one not running, or already
+        asked to pause and not paused yet).
         """
         over = self._inflight - self._max_inflight
         if not 0 <= over < self._max_inflight:

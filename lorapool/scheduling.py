@@ -47,8 +47,9 @@ class Ticket:
     ``prompt_tokens`` is an estimate until the backend reports the real
     count. ``timeout``: seconds the request may wait in the queue (its
     deadline), ``None`` for no limit. ``arrival`` and ``deadline`` are set by
-    the scheduler on its own clock. ``pauses``: times the request was paused
-    to let another in.
+    the scheduler on its own clock. ``pauses``: times the backend accepted to
+    pause the request to let another in (an accepted pause the backend then
+    found nobody needed, as the newcomer got a place otherwise, still counts).
     """
 
     request_id: str
