@@ -12,7 +12,7 @@ requests) the p99 is the maximum, and one stall of this shared 2-core machine mo
 100-300 ms. Baseline and noisy runs alternate seed by seed, so a slow spell of the machine
 falls on both. Measured on 2026-11-23 with the engine's double-pause fix (08a74f5): one
 seed at a time 0.4-1.6x (0.8-7.1x before it); this test, three seeds pooled, 0.83-1.30x in
-five runs. FCFS reaches 50-100x. Requests
+ten runs. FCFS reaches 50-100x. Requests
 are 24 tokens long so that the flood keeps the engine overloaded: with 12 (before the base
 projections moved to oneDNN and got about 2x faster) FCFS reached only 8-9x the baseline.
 """
