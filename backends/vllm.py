@@ -245,6 +245,7 @@ class VLLMBackend:
             dynamic_load=True,
             pinning=True,
             max_seq_len=self.max_seq_len,
+            resume=True,
         )
 
     async def _add_zero_adapter(self, engine: Any) -> None:
@@ -415,12 +416,12 @@ class VLLMBackend:
             ids = ids["input_ids"]
         return [int(i) for i in ids]
 
-    def _sampling(self, params: SamplingParams) -> Any:
+    def _sampling(self, params: SamplingParams, done: int = 0) -> Any:
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         return VSamplingParams(
-            max_tokens=params.max_tokens,
+            max_tokens=params.max_tokens - done,
             temperature=params.temperature,
             top_p=params.top_p,
             seed=params.seed,
@@ -430,7 +431,12 @@ class VLLMBackend:
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Stream a completion; closing the iterator aborts the request in vLLM."""
+        """Stream a completion; closing the iterator aborts the request in vLLM.
+
+        A request with ``resume`` tokens (handed off and resumed) goes to vLLM as its
+        prompt followed by them, for the tokens still to come: greedy output is the
+        same as without the stop; a seeded sample restarts its random stream.
+        """
         engine = self.engine
         lora_request = self._zero
         if request.adapter_id is not None:
@@ -445,18 +451,23 @@ class VLLMBackend:
         prompt_ids = self.encode(request.prompt)
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
+        done = len(request.resume)
+        if done >= request.params.max_tokens:
+            raise InvalidRequest(
+                f"the request already has {done} of its {request.params.max_tokens} tokens"
+            )
         if len(prompt_ids) + request.params.max_tokens > self.max_seq_len:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) "
                 f"exceeds vLLM's max_model_len {self.max_seq_len}"
             )
         served_by = "base" if request.adapter_id is None else "adapter"
-        completion = 0
+        completion = done
         finished = False
         try:
             stream = engine.generate(
-                {"prompt_token_ids": prompt_ids},
-                self._sampling(request.params),
+                {"prompt_token_ids": prompt_ids + list(request.resume)},
+                self._sampling(request.params, done),
                 request.request_id,
                 lora_request=lora_request,
             )

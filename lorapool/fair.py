@@ -47,6 +47,12 @@ Around that:
   engine of its own, at the expense of the tenant using the most; the counters
   still order everyone, and a tenant stays light only while it uses clearly
   less than the heaviest;
+* slot hand-off (when the backend can resume a request from its output, see
+  :mod:`lorapool.handoff`): a request that has waited ``slot_wait`` seconds for
+  an adapter slot gets one at once: the running requests of one adapter (the
+  fewest, every one already streaming) stop, give the slot up and queue again,
+  to go on from where they were once a slot frees; a request stops this way
+  once at most;
 * deadlines: a request still queued at its deadline leaves the queue with
   ``DeadlineExceeded``; it was charged nothing.
 
@@ -69,6 +75,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from .errors import DeadlineExceeded, InvalidRequest, Overloaded, RateLimited
+from .handoff import Handoff, choose_handoff
 from .ratelimit import TokenBucket
 from .scheduling import ColdStart, DispatchCheck, DispatchState, ResidencyCheck, Ticket
 
@@ -134,6 +141,11 @@ class _Tenant:
 _heat = attrgetter("heat")
 
 
+def _gave_up(ticket: Ticket, handoff: Handoff | None) -> bool:
+    """A resumed request of the adapter that gave its slot up, while the beneficiary waits."""
+    return handoff is not None and ticket.resumed and ticket.adapter_id == handoff.adapter
+
+
 class FairScheduler(DispatchState):
     """Weighted VTC fairness with admission control and adapter affinity.
 
@@ -150,7 +162,10 @@ class FairScheduler(DispatchState):
     :class:`~lorapool.backends.base.Preemptible`). ``light_window`` (seconds,
     ``0`` turns the rule off) and ``light_ratio``: a tenant whose recent
     service is at most 1/``light_ratio`` of the heaviest tenant's goes as if
-    under its share of places (see the module docstring).
+    under its share of places (see the module docstring). ``slot_wait``:
+    seconds a request may wait for an adapter slot before one is handed over
+    to it (``None`` never; used only with a backend that can resume requests,
+    ``Capabilities.resume``).
     ``pace=0, credit=0, preemption=False, light_window=0`` is plain VTC with the
     headroom.
     """
@@ -173,6 +188,7 @@ class FairScheduler(DispatchState):
         preemption: bool = True,
         light_window: float = 10.0,
         light_ratio: float = 1.25,
+        slot_wait: float | None = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
@@ -211,6 +227,10 @@ class FairScheduler(DispatchState):
         self.light_window = light_window
         self.light_ratio = light_ratio
         self._light_margin = math.log(light_ratio)
+        if slot_wait is not None and slot_wait < 0:
+            raise ValueError("slot_wait must be >= 0 seconds, or None for no hand-off")
+        self.slot_wait = slot_wait
+        self._handoff: Handoff | None = None  # the last hand-off, until its beneficiary goes
         self._overcommit = 1  # paused requests the share rules may over-commit the places by
         self._clock = clock
         self._tenants: dict[str, _Tenant] = {}
@@ -222,6 +242,7 @@ class FairScheduler(DispatchState):
         self._last_over = -float("inf")  # when a tenant over its share of places last went
         self._paced_until: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self._arrivals: deque[Ticket] = deque()
         self._queued = 0
         self._queued_by_tier: Counter[str] = Counter()
@@ -231,6 +252,7 @@ class FairScheduler(DispatchState):
         self._flying: dict[str, _Tenant] = {}  # tenants with requests in flight
         self.shed = 0
         self.preemptions = 0
+        self.handoffs = 0
         self.affinity_picks = 0
         self.starvation_picks = 0
 
@@ -278,11 +300,14 @@ class FairScheduler(DispatchState):
         tenant = self._tenant(ticket.tenant)
         now = self._clock()
         ticket.arrival = now
-        if ticket.timeout is not None:
+        if ticket.resumed:  # admitted once already; it keeps going whatever the limits say
+            ticket.timeout = None
+        elif ticket.timeout is not None:
             if ticket.timeout <= 0:
                 raise DeadlineExceeded(f"request {ticket.request_id} arrived after its deadline")
             ticket.deadline = now + ticket.timeout
-        self._admit(tenant, ticket)
+        if not ticket.resumed:
+            self._admit(tenant, ticket)
         ticket._ready = asyncio.get_running_loop().create_future()
         self._enqueue(tenant, ticket)
         self.kick()
@@ -345,11 +370,49 @@ class FairScheduler(DispatchState):
             if picked is None:
                 if self._paced_until is not None:
                     self._wake_at(self._paced_until)
-                return
+                break
             tenant, ticket = picked
             self._dispatch(tenant, ticket)
         if self._queued and self._preempt is not None and self.preemption:
             self._try_preempt()
+        if self._queued and self._hand_off is not None and self.slot_wait is not None:
+            self._try_handoff()
+
+    def _try_handoff(self) -> None:
+        """A request has waited ``slot_wait`` for an adapter slot: stop the running
+        requests of another adapter so that it gets theirs (:func:`choose_handoff`)."""
+        if self._pending_handoff() is not None:
+            return  # one at a time: the last one's beneficiary has not gone yet
+        assert self._hand_off is not None and self.slot_wait is not None
+        waiting = itertools.islice((t for t in self._arrivals if t.queued), _AFFINITY_SCAN)
+        running = (t for tenant in self._flying.values() for t in tenant.flight.values())
+        decision = choose_handoff(
+            waiting,
+            running,
+            self._adapters,
+            self._can_dispatch,
+            now=self._clock(),
+            slot_wait=self.slot_wait,
+        )
+        if isinstance(decision, float):
+            self._wake_at(decision)
+            return
+        if decision is None:
+            return
+        stopped = False
+        for ticket in decision.victims:
+            if self._hand_off(ticket.request_id):
+                ticket.handed_off = stopped = True
+        if stopped:
+            self._handoff = decision
+            self.handoffs += 1
+
+    def _pending_handoff(self) -> Handoff | None:
+        """The last hand-off while its beneficiary still waits for dispatch."""
+        handoff = self._handoff
+        if handoff is not None and not handoff.beneficiary.queued:
+            self._handoff = handoff = None
+        return handoff
 
     def _try_preempt(self) -> None:
         """Every place is taken: let a queued tenant under its share in by pausing the
@@ -426,9 +489,12 @@ class FairScheduler(DispatchState):
         return victim
 
     def _wake_at(self, when: float) -> None:
-        """Kick again once pacing lets a tenant over its share go."""
+        """Kick again at ``when`` (pacing lets a tenant over its share go, or a request has
+        waited ``slot_wait``); the earliest of the times asked for wins."""
         if self._timer is not None:
-            return
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -436,9 +502,11 @@ class FairScheduler(DispatchState):
 
         def wake() -> None:
             self._timer = None
+            self._timer_at = math.inf
             self.kick()
 
         self._timer = loop.call_later(max(0.0, when - self._clock()), wake)
+        self._timer_at = when
 
     # -- admission -----------------------------------------------------------------------
 
@@ -655,10 +723,18 @@ class FairScheduler(DispatchState):
         return None
 
     def _pick(self) -> tuple[_Tenant, Ticket] | None:
+        handoff = self._pending_handoff()
+        if handoff is not None:
+            # The hand-off's beneficiary takes the slot it was made for; the requests that
+            # gave it up wait for another (their adapter is not in flight any more).
+            beneficiary = handoff.beneficiary
+            if self._can_dispatch(beneficiary.adapter_id, self._adapters):
+                return self._tenants[beneficiary.tenant], beneficiary
         oldest = self._oldest()
         if (
             oldest is not None
             and self._clock() - oldest.arrival >= self.max_wait
+            and not _gave_up(oldest, handoff)
             and self._can_dispatch(oldest.adapter_id, self._adapters)
         ):
             self.starvation_picks += 1
@@ -713,7 +789,9 @@ class FairScheduler(DispatchState):
                         if held:
                             self._paced_until = wait_until
                         continue
-                if not self._can_dispatch(head.adapter_id, self._adapters):
+                if _gave_up(head, handoff) or not self._can_dispatch(
+                    head.adapter_id, self._adapters
+                ):
                     continue
                 if first is None:
                     first = (tenant, head)
@@ -729,7 +807,7 @@ class FairScheduler(DispatchState):
         return chosen or first
 
     def _dispatch(self, tenant: _Tenant, ticket: Ticket) -> None:
-        tenant.queue.remove(ticket)  # the head of its tenant's queue: O(1)
+        tenant.queue.remove(ticket)  # the head of its tenant's queue (O(1)) but for a hand-off's
         ticket.queued = False
         self._queued -= 1
         self._queued_by_tier[tenant.tier] -= 1

@@ -28,6 +28,7 @@ from .errors import (
     Overloaded,
     RateLimited,
 )
+from .handoff import Relay
 from .registry import Registry, check_adapter_id
 from .scheduling import FCFSScheduler, Scheduler, Ticket
 from .store import TieredStore
@@ -129,6 +130,8 @@ class AdapterPool:
         self._started = False
         self._closed = False
         self._start_lock = asyncio.Lock()
+        self._handoffs = False  # the scheduler may hand a request's slot to another adapter
+        self._relays: dict[str, Relay] = {}  # streams a hand-off can stop, by request id
 
     async def __aenter__(self) -> AdapterPool:
         await self.start()
@@ -161,6 +164,10 @@ class AdapterPool:
             bind_preemption = getattr(self.scheduler, "bind_preemption", None)
             if caps.preemption and isinstance(self.backend, Preemptible) and bind_preemption:
                 bind_preemption(self.backend.preempt)
+            bind_handoff = getattr(self.scheduler, "bind_handoff", None)
+            if caps.resume and bind_handoff is not None:
+                bind_handoff(self._hand_off)
+                self._handoffs = True
             self._started = True
             await self.store.on_start(self.registry.visible(None))
 
@@ -470,37 +477,69 @@ class AdapterPool:
         account.queue_seconds += loop.time() - queued_at
         usage: Usage | None = None
         finish: FinishReason | None = None
+        estimate = ticket.prompt_tokens  # charged at dispatch; corrected by the engine's count
+        streamed: list[int] = []
+        legs = 0
         try:
-            slot = await self.store.acquire(info) if info is not None else None
-            closing = None
-            try:
-                request = GenerationRequest(request_id, prompt, params, ticket.adapter_id, slot)
-                stream = self.backend.generate(request)
-                # Closing the backend's stream now (not when it is garbage collected)
-                # cancels the request in the engine as soon as the caller leaves.
-                closing = getattr(stream, "aclose", None)
-                async for chunk in stream:
-                    if chunk.token_ids:
-                        self.scheduler.charge(ticket, output_tokens=len(chunk.token_ids))
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                        finish = chunk.finish_reason
-                        correction = usage.prompt_tokens - ticket.prompt_tokens
-                        self.scheduler.charge(ticket, input_tokens=correction)
-                    yield chunk
-            finally:
+            while True:
+                slot = await self.store.acquire(info) if info is not None else None
+                relay: Relay | None = None
+                chunks: AsyncIterator[Chunk] | None = None
                 try:
-                    if closing is not None:
-                        await closing()
+                    leg_id = request_id if not legs else f"{request_id}.{legs}"
+                    request = GenerationRequest(
+                        leg_id, prompt, params, ticket.adapter_id, slot, tuple(streamed)
+                    )
+                    chunks = self.backend.generate(request)
+                    if self._handoffs and info is not None:
+                        chunks = relay = self._relays[request_id] = Relay(chunks)
+                    async for chunk in chunks:
+                        if chunk.token_ids:
+                            ticket.streaming = True
+                            ticket.output_tokens += len(chunk.token_ids)
+                            streamed.extend(chunk.token_ids)
+                            self.scheduler.charge(ticket, output_tokens=len(chunk.token_ids))
+                        if chunk.usage is not None:
+                            usage = chunk.usage
+                            finish = chunk.finish_reason
+                            correction = usage.prompt_tokens - estimate
+                            self.scheduler.charge(ticket, input_tokens=correction)
+                        yield chunk
                 finally:
-                    if info is not None:
-                        self.store.release(info.adapter_id)
-                        self.store.request_done(info)
+                    # Closing the backend's stream now (not when it is garbage collected)
+                    # cancels the request in the engine as soon as the caller leaves.
+                    try:
+                        if relay is not None:
+                            self._relays.pop(request_id, None)
+                        closing = getattr(chunks, "aclose", None)
+                        if closing is not None:
+                            await closing()
+                    finally:
+                        if info is not None:
+                            self.store.release(info.adapter_id)
+                if relay is None or not relay.handed_off or usage is not None:
+                    break
+                if len(streamed) >= params.max_tokens:  # stopped on its last token: done
+                    break
+                # Handed off: the adapter's slot went to another adapter's request. Give the
+                # place back and queue again; the engine goes on from the tokens streamed.
+                legs += 1
+                self.scheduler.release(ticket)
+                ticket = Ticket(
+                    request_id,
+                    tenant,
+                    ticket.adapter_id,
+                    max_tokens=params.max_tokens - len(streamed),
+                    resumed=True,
+                )
+                await self.scheduler.acquire(ticket)
         except BaseException:
             self.stats.failed += 1
             account.failed += 1
             raise
         finally:
+            if info is not None:
+                self.store.request_done(info)
             self.scheduler.release(ticket)
             if usage is not None:
                 for totals in (self.stats, account):
@@ -508,14 +547,21 @@ class AdapterPool:
                     totals.prompt_tokens += usage.prompt_tokens
                     totals.completion_tokens += usage.completion_tokens
                 log.debug(
-                    "request %s tenant=%s adapter=%s finish=%s prompt=%d completion=%d",
+                    "request %s tenant=%s adapter=%s finish=%s prompt=%d completion=%d legs=%d",
                     request_id,
                     tenant,
                     ticket.adapter_id,
                     finish,
                     usage.prompt_tokens,
                     usage.completion_tokens,
+                    legs + 1,
                 )
+
+    def _hand_off(self, request_id: str) -> bool:
+        """The scheduler's hook: stop a running request so its adapter's slot can go to
+        another; the request queues again and goes on from its output (``generate``)."""
+        relay = self._relays.get(request_id)
+        return relay is not None and relay.hand_off()
 
     def usage(self, tenant: str) -> TenantUsage:
         """A copy of the tenant's totals since the pool started (for billing and quotas)."""

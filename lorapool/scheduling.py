@@ -19,6 +19,7 @@ __all__ = [
     "DispatchCheck",
     "DispatchState",
     "FCFSScheduler",
+    "HandoffHook",
     "PreemptHook",
     "ResidencyCheck",
     "Scheduler",
@@ -35,6 +36,12 @@ PreemptHook = Callable[[str], bool]
 """``preempt(request_id) -> bool``, given by the pool when the backend can preempt: asks the
 engine to give the request's place to a waiting one (the request pauses, then resumes)."""
 
+HandoffHook = Callable[[str], bool]
+"""``hand_off(request_id) -> bool``, given by the pool when the backend can resume a request
+from its output so far: the request stops in the engine, gives back its place and its
+adapter's hold on a slot, and queues again (``Ticket.resumed``) to go on later. False when
+the request is not streaming any more."""
+
 ColdStart = Literal["wait", "fallback", "reject"]
 """What to do when a request's adapter is not on the device: wait for the load, serve
 from the base model meanwhile, or refuse with ``ColdStartRejected``."""
@@ -50,6 +57,11 @@ class Ticket:
     the scheduler on its own clock. ``pauses``: times the backend accepted to
     pause the request to let another in (an accepted pause the backend then
     found nobody needed, as the newcomer got a place otherwise, still counts).
+    ``output_tokens``: tokens streamed under this ticket (kept by the pool).
+    ``streaming``: the request's first token has reached the caller. ``resumed``: the
+    ticket continues a request that was handed off (it passes no admission check and
+    is not handed off again). ``handed_off``: the scheduler asked the pool to stop the
+    request so that another adapter can have its slot.
     """
 
     request_id: str
@@ -63,6 +75,10 @@ class Ticket:
     queued: bool = False
     dispatched: bool = False
     pauses: int = 0
+    output_tokens: int = 0
+    streaming: bool = False
+    resumed: bool = False
+    handed_off: bool = False
     _ready: asyncio.Future[None] | None = field(default=None, repr=False)
 
     @property
@@ -130,6 +146,7 @@ class DispatchState:
         self._can_dispatch: DispatchCheck = lambda adapter, inflight: True
         self._on_device: ResidencyCheck = lambda adapter: True
         self._preempt: PreemptHook | None = None
+        self._hand_off: HandoffHook | None = None
 
     def bind(
         self,
@@ -151,6 +168,14 @@ class DispatchState:
         after preempting another; the default is to never call it.
         """
         self._preempt = preempt
+
+    def bind_handoff(self, hand_off: HandoffHook | None) -> None:
+        """Called by the pool at start when its backend can resume handed-off requests.
+
+        Schedulers that use it may stop running requests of one adapter so that a
+        request waiting for a slot gets one; the default is to never call it.
+        """
+        self._hand_off = hand_off
 
     @property
     def inflight(self) -> int:

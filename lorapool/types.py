@@ -155,6 +155,10 @@ class Capabilities:
     max_seq_len: int | None = None
     preemption: bool = False
     """The backend can pause a running request to free its place (``preempt(request_id)``)."""
+    resume: bool = False
+    """The backend continues a request after tokens it already produced
+    (:attr:`GenerationRequest.resume`): the pool may then stop a running request to hand
+    its adapter's slot to another adapter, and go on with it later."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,11 @@ class GenerationRequest:
     params: SamplingParams
     adapter_id: str | None = None
     slot: int | None = None
+    resume: tuple[int, ...] = ()
+    """Output token ids already streamed to the caller (a request handed off and resumed):
+    the backend continues after them, for ``params.max_tokens`` minus their number, and
+    reports usage as if the request had never stopped. Only for backends whose
+    :attr:`Capabilities.resume` is true."""
 
 
 @dataclass(frozen=True)

@@ -154,13 +154,13 @@ async def _pooled(
     trace: Sequence[_Req],
     paths: Sequence[Path],
     max_tokens: int,
-    fair: bool,
+    scheduler: Any = None,
     load_times: list[float] | None = None,
 ) -> tuple[_Result, int]:
-    from lorapool import AdapterPool, FairScheduler, SamplingParams
+    """One run through an AdapterPool (FCFS without ``scheduler``); its device loads."""
+    from lorapool import AdapterPool, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    scheduler = FairScheduler() if fair else None
     if load_times is not None:
         load = backend.load
 
@@ -245,7 +245,7 @@ async def _main(args: argparse.Namespace, parts: Sequence[str]) -> dict[str, Any
             for _ in range(args.repeats):
                 raw.append(await _raw(engine, trace, paths[: args.slots], args.max_tokens))
                 r, _ = await _pooled(
-                    _vllm_backend(engine, args), trace, paths[: args.slots], args.max_tokens, False
+                    _vllm_backend(engine, args), trace, paths[: args.slots], args.max_tokens
                 )
                 ours.append(r)
             raw_tps = statistics.mean(r.throughput for r in raw)
@@ -271,9 +271,7 @@ async def _main(args: argparse.Namespace, parts: Sequence[str]) -> dict[str, Any
                         model_dir, max_slots=args.slots, max_rank=16, max_batch=args.max_batch,
                         max_seq_len=512,
                     )  # fmt: skip
-                    r, _ = await _pooled(
-                        backend, trace, paths[: args.slots], args.max_tokens, False
-                    )
+                    r, _ = await _pooled(backend, trace, paths[: args.slots], args.max_tokens)
                     torch_runs.append(r)
                 torch_tps = statistics.mean(r.throughput for r in torch_runs)
                 results["torch"] = {
@@ -292,52 +290,91 @@ async def _main(args: argparse.Namespace, parts: Sequence[str]) -> dict[str, Any
     return results
 
 
+# The sides of part (b), besides raw vLLM: (label, warm_loras, FairScheduler arguments). By
+# default FairScheduler hands a slot over to a request that waited slot_wait for one.
+_HOT_SIDES: tuple[tuple[str, int | None, dict[str, Any]], ...] = (
+    ("warm", None, {}),
+    ("no_handoff", None, {"slot_wait": None}),
+    ("cold", 0, {}),
+)
+
+
 async def _hot(
     engine: Any, args: argparse.Namespace, paths: Sequence[Path], rng: random.Random
 ) -> dict[str, Any]:
-    """Part (b): raw vLLM, lorapool, and lorapool with no evicted adapter kept warm."""
+    """Part (b): raw vLLM; lorapool (FairScheduler, slot hand-off on); lorapool without
+    hand-off; lorapool keeping no evicted adapter warm in vLLM's CPU cache."""
+    from lorapool import FairScheduler
+
     hot = len(paths)
     trace = _zipf_poisson(args.requests, hot, args.alpha, args.rate, rng)
     raw: list[_Result] = []
-    ours: dict[str, list[_Result]] = {"warm": [], "cold": []}
-    loads: dict[str, list[int]] = {"warm": [], "cold": []}
-    load_times: dict[str, list[float]] = {"warm": [], "cold": []}
+    ours: dict[str, list[_Result]] = {side: [] for side, _, _ in _HOT_SIDES}
+    loads: dict[str, list[int]] = {side: [] for side in ours}
+    handoffs: dict[str, list[int]] = {side: [] for side in ours}
+    load_times: dict[str, list[float]] = {side: [] for side in ours}
     for _ in range(args.repeats):
         raw.append(await _raw(engine, trace, paths, args.max_tokens))
-        for kind, warm_loras in (("warm", None), ("cold", 0)):
+        for side, warm_loras, fair_args in _HOT_SIDES:
             backend = _vllm_backend(engine, args, warm_loras)
-            r, n = await _pooled(backend, trace, paths, args.max_tokens, True, load_times[kind])
-            ours[kind].append(r)
-            loads[kind].append(n)
-    raw_p99 = statistics.mean(_pct(r.ttft, 99) for r in raw)
-    p99 = {k: statistics.mean(_pct(r.ttft, 99) for r in v) for k, v in ours.items()}
+            scheduler = FairScheduler(**fair_args)
+            r, n = await _pooled(
+                backend, trace, paths, args.max_tokens, scheduler, load_times[side]
+            )
+            ours[side].append(r)
+            loads[side].append(n)
+            handoffs[side].append(scheduler.handoffs)
+
+    def p(runs: Sequence[_Result], q: float) -> float:
+        return statistics.mean(_pct(r.ttft, q) for r in runs)
+
+    raw_p99 = p(raw, 99)
+    p99 = {side: p(runs, 99) for side, runs in ours.items()}
     load_ms = {k: 1e3 * statistics.mean(v) if v else 0.0 for k, v in load_times.items()}
+    tok_s = {side: statistics.mean(r.throughput for r in runs) for side, runs in ours.items()}
+    raw_tok_s = statistics.mean(r.throughput for r in raw)
     print(
         f"\n{hot} hot adapters, {args.slots} slots, Zipf {args.alpha}, {args.rate} req/s, "
-        f"max_cpu_loras {engine.vllm_config.lora_config.max_cpu_loras}: p99 TTFT raw vLLM "
-        f"{raw_p99:.2f} s, lorapool (FairScheduler) {p99['warm']:.2f} s, ratio "
-        f"{p99['warm'] / raw_p99:.3f} (target <= 0.5); p50 raw "
-        f"{statistics.mean(_pct(r.ttft, 50) for r in raw):.2f} s, lorapool "
-        f"{statistics.mean(_pct(r.ttft, 50) for r in ours['warm']):.2f} s"
+        f"{args.requests} requests, max_cpu_loras "
+        f"{engine.vllm_config.lora_config.max_cpu_loras}: p99 TTFT raw vLLM {raw_p99:.2f} s, "
+        f"lorapool (FairScheduler) {p99['warm']:.2f} s, ratio {p99['warm'] / raw_p99:.3f} "
+        f"(target <= 0.5); p50 raw {p(raw, 50):.2f} s, lorapool {p(ours['warm'], 50):.2f} s"
+        f"\nslot hand-offs {handoffs['warm']}; without hand-off (slot_wait=None): p99 TTFT "
+        f"{p99['no_handoff']:.2f} s, ratio {p99['no_handoff'] / raw_p99:.3f}, p50 "
+        f"{p(ours['no_handoff'], 50):.2f} s"
+        f"\nthroughput raw vLLM {raw_tok_s:.1f} tok/s, lorapool {tok_s['warm']:.1f} "
+        f"({tok_s['warm'] / raw_tok_s:.3f}x), without hand-off {tok_s['no_handoff']:.1f} "
+        f"({tok_s['no_handoff'] / raw_tok_s:.3f}x)"
         f"\nlorapool device loads {loads['warm']}, {load_ms['warm']:.1f} ms each (evicted "
         f"adapters kept warm in vLLM's CPU cache); with warm_loras=0 {loads['cold']}, "
         f"{load_ms['cold']:.1f} ms each (every load an add_lora from files), p99 TTFT "
         f"{p99['cold']:.2f} s (vLLM's own adapter swaps are not visible through its API)"
     )
+
+    def rounded(runs: Sequence[_Result], q: float) -> list[float]:
+        return [round(_pct(r.ttft, q), 3) for r in runs]
+
     return {
         "hot_adapters": hot,
         "alpha": args.alpha,
         "rate": args.rate,
-        "raw_ttft_p50_s": [round(_pct(r.ttft, 50), 3) for r in raw],
-        "raw_ttft_p99_s": [round(_pct(r.ttft, 99), 3) for r in raw],
-        "lorapool_ttft_p50_s": [round(_pct(r.ttft, 50), 3) for r in ours["warm"]],
-        "lorapool_ttft_p99_s": [round(_pct(r.ttft, 99), 3) for r in ours["warm"]],
+        "requests": args.requests,
+        "raw_ttft_p50_s": rounded(raw, 50),
+        "raw_ttft_p99_s": rounded(raw, 99),
+        "lorapool_ttft_p50_s": rounded(ours["warm"], 50),
+        "lorapool_ttft_p99_s": rounded(ours["warm"], 99),
         "p99_ratio": round(p99["warm"] / raw_p99, 3),
         "raw_tok_s": [round(r.throughput, 1) for r in raw],
         "lorapool_tok_s": [round(r.throughput, 1) for r in ours["warm"]],
         "lorapool_device_loads": loads["warm"],
         "lorapool_load_ms": round(load_ms["warm"], 2),
-        "cold_ttft_p99_s": [round(_pct(r.ttft, 99), 3) for r in ours["cold"]],
+        "lorapool_handoffs": handoffs["warm"],
+        "no_handoff_ttft_p50_s": rounded(ours["no_handoff"], 50),
+        "no_handoff_ttft_p99_s": rounded(ours["no_handoff"], 99),
+        "no_handoff_p99_ratio": round(p99["no_handoff"] / raw_p99, 3),
+        "no_handoff_tok_s": [round(r.throughput, 1) for r in ours["no_handoff"]],
+        "no_handoff_device_loads": loads["no_handoff"],
+        "cold_ttft_p99_s": rounded(ours["cold"], 99),
         "cold_device_loads": loads["cold"],
         "cold_load_ms": round(load_ms["cold"], 2),
     }

@@ -28,7 +28,8 @@ class MockBackend:
 
     Records every load, unload and request so tests can assert on them;
     ``fail_loads`` makes loading the named adapters fail; ``token_delay``
-    sleeps between tokens.
+    sleeps between tokens. ``resume=True`` offers ``Capabilities.resume``: a
+    request with ``resume`` tokens goes on with the handler's pieces after them.
     """
 
     handler: Handler = _echo
@@ -36,6 +37,7 @@ class MockBackend:
     max_rank: int = 64
     max_batch: int = 8
     token_delay: float = 0.0
+    resume: bool = False
     target_modules: frozenset[str] = frozenset(
         {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     )
@@ -56,6 +58,7 @@ class MockBackend:
             max_batch=self.max_batch,
             base_model="mock",
             target_modules=self.target_modules,
+            resume=self.resume,
         )
 
     async def start(self) -> None:
@@ -99,7 +102,12 @@ class MockBackend:
         pieces = [out] if isinstance(out, str) else list(out)
         pieces = pieces[: request.params.max_tokens] or [""]
         prompt_tokens = len(request.prompt) if isinstance(request.prompt, str) else 1
+        done = len(request.resume)
+        if done and not self.resume:
+            raise BackendError("this MockBackend was made with resume=False")
         for i, piece in enumerate(pieces):
+            if i < done:
+                continue
             if self.token_delay:
                 await asyncio.sleep(self.token_delay)
             last = i == len(pieces) - 1

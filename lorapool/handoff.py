@@ -1,0 +1,168 @@
+"""Slot hand-off: stop one adapter's running requests so that a waiting adapter gets a slot.
+
+An engine with ``max_slots`` adapter slots serves a request only while its adapter
+holds one, and a slot frees only when every request of its adapter has finished. With
+more hot adapters than slots, a request for an adapter without a slot waits for a
+whole request's lifetime (every running request of some adapter to end), however
+short its own work. The engines do not shorten that wait: vLLM skips such a request
+until an adapter leaves its running batch.
+
+When the backend can continue a request from the tokens it already streamed
+(``Capabilities.resume``), the scheduler can instead *hand off* a slot: the running
+requests of one adapter stop in the engine, give back their places and their hold on
+the slot, and queue again; the waiting request takes the slot and has its first token
+within a step or two; the stopped requests go on later from where they were, by
+recompute (greedy output unchanged; the caller's stream only pauses).
+
+This module holds the two halves: :func:`choose_handoff`, the scheduler's pure
+decision (whom to help, whose requests to stop), and :class:`Relay`, the pool's side
+(a backend stream that a hand-off can stop without cancelling the caller).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from .scheduling import Ticket
+from .types import Chunk
+
+__all__ = ["Handoff", "Relay", "choose_handoff"]
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """The scheduler's decision: stop ``victims`` (every running request of ``adapter``)
+    so that ``beneficiary`` can have ``adapter``'s slot."""
+
+    beneficiary: Ticket
+    adapter: str
+    victims: tuple[Ticket, ...]
+
+
+def choose_handoff(
+    waiting: Iterable[Ticket],
+    running: Iterable[Ticket],
+    inflight: Mapping[str, int],
+    can_dispatch: Callable[[str | None, Mapping[str, int]], bool],
+    *,
+    now: float,
+    slot_wait: float,
+    min_remaining: int = 4,
+) -> Handoff | float | None:
+    """Whether to hand a slot over now, and whose.
+
+    ``waiting``: queued tickets, oldest first (only a few are looked at by the caller);
+    ``running``: tickets in flight; ``inflight``: requests in flight per adapter, as the
+    store's ``can_dispatch`` is asked about them.
+
+    The beneficiary is the oldest waiting request that is not a resumed one, needs an
+    adapter that cannot get a slot, and has waited ``slot_wait`` seconds or more. The
+    victim is an adapter whose running requests have all streamed their first token,
+    were never handed off or resumed (a request stops once at most), and whose leaving
+    lets the beneficiary's adapter in (a pinned adapter's slot, say, never frees); of
+    those, the one with the fewest requests, then the one with the most output still to
+    come (it would free its slot last). An adapter whose requests have fewer than
+    ``min_remaining`` tokens to go is left to finish.
+
+    Returns the :class:`Handoff`, or the time to look again when a request waits for a
+    slot but not yet ``slot_wait``, or ``None``.
+    """
+    beneficiary: Ticket | None = None
+    wake: float | None = None
+    for ticket in waiting:
+        if ticket.resumed or ticket.adapter_id is None:
+            continue
+        if can_dispatch(ticket.adapter_id, inflight):
+            continue
+        due = ticket.arrival + slot_wait
+        if due <= now:
+            beneficiary = ticket
+            break
+        wake = due if wake is None else min(wake, due)
+    if beneficiary is None:
+        return wake
+    by_adapter: defaultdict[str, list[Ticket]] = defaultdict(list)
+    for ticket in running:
+        if ticket.adapter_id is not None and ticket.adapter_id != beneficiary.adapter_id:
+            by_adapter[ticket.adapter_id].append(ticket)
+    best: tuple[int, int, str] | None = None
+    for adapter, tickets in by_adapter.items():
+        if any(t.resumed or t.handed_off or not t.streaming for t in tickets):
+            continue
+        remaining = max(t.max_tokens - t.output_tokens for t in tickets)
+        if remaining < min_remaining:
+            continue
+        without = {a: n for a, n in inflight.items() if a != adapter}
+        if not can_dispatch(beneficiary.adapter_id, without):
+            continue
+        key = (len(tickets), -remaining, adapter)
+        if best is None or key < best:
+            best = key
+    if best is None:
+        return None
+    adapter = best[2]
+    return Handoff(beneficiary, adapter, tuple(by_adapter[adapter]))
+
+
+class Relay:
+    """A backend stream, read by a task of its own so that a hand-off can stop it.
+
+    Iterating the relay yields the backend's chunks. :meth:`hand_off` closes the
+    backend's stream (the engine drops the request) while the caller keeps
+    iterating: the chunks already produced still come, then the iteration ends
+    with :attr:`handed_off` set. Errors of the backend's stream are raised to the
+    caller as they are. :meth:`aclose` stops the stream (the caller left).
+    """
+
+    def __init__(self, stream: AsyncIterator[Chunk]) -> None:
+        self.handed_off = False
+        self._stream = stream
+        self._queue: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        end: Exception | None = None
+        try:
+            async for chunk in self._stream:
+                self._queue.put_nowait(chunk)
+        except asyncio.CancelledError:
+            if not self.handed_off:
+                raise
+        except Exception as exc:  # handed to the reader, raised there
+            end = exc
+        finally:
+            # The reader's last item goes first: closing the stream may itself be cut short.
+            self._queue.put_nowait(end)
+            closing = getattr(self._stream, "aclose", None)
+            if closing is not None:
+                with contextlib.suppress(Exception):
+                    await closing()
+
+    def hand_off(self) -> bool:
+        """Stop the backend's stream for a hand-off; False if it has already ended."""
+        if self._task.done() or self.handed_off:
+            return False
+        self.handed_off = True
+        self._task.cancel()
+        return True
+
+    def __aiter__(self) -> Relay:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        item = await self._queue.get()
+        if item is None:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        """Stop the backend's stream (if it still runs) and wait until it is closed."""
+        if not self._task.done():
+            self._task.cancel()
+        await asyncio.wait([self._task])  # never raises: a cancel of the caller still does
