@@ -52,7 +52,7 @@ Around that:
   an adapter slot gets one at once: the running requests of one adapter (the
   fewest, every one already streaming) stop, give the slot up and queue again,
   to go on from where they were once a slot frees; a request stops this way
-  once at most;
+  once at most, and each waiting request gets its own adapter's slot;
 * deadlines: a request still queued at its deadline leaves the queue with
   ``DeadlineExceeded``; it was charged nothing.
 
@@ -141,9 +141,9 @@ class _Tenant:
 _heat = attrgetter("heat")
 
 
-def _gave_up(ticket: Ticket, handoff: Handoff | None) -> bool:
-    """A resumed request of the adapter that gave its slot up, while the beneficiary waits."""
-    return handoff is not None and ticket.resumed and ticket.adapter_id == handoff.adapter
+def _gave_up(ticket: Ticket, pending: list[Handoff]) -> bool:
+    """A resumed request of an adapter that gave its slot up, while the beneficiary waits."""
+    return ticket.resumed and any(ticket.adapter_id == h.adapter for h in pending)
 
 
 class FairScheduler(DispatchState):
@@ -230,7 +230,7 @@ class FairScheduler(DispatchState):
         if slot_wait is not None and slot_wait < 0:
             raise ValueError("slot_wait must be >= 0 seconds, or None for no hand-off")
         self.slot_wait = slot_wait
-        self._handoff: Handoff | None = None  # the last hand-off, until its beneficiary goes
+        self._handoffs: list[Handoff] = []  # hand-offs whose beneficiaries have not gone yet
         self._overcommit = 1  # paused requests the share rules may over-commit the places by
         self._clock = clock
         self._tenants: dict[str, _Tenant] = {}
@@ -379,40 +379,40 @@ class FairScheduler(DispatchState):
             self._try_handoff()
 
     def _try_handoff(self) -> None:
-        """A request has waited ``slot_wait`` for an adapter slot: stop the running
-        requests of another adapter so that it gets theirs (:func:`choose_handoff`)."""
-        if self._pending_handoff() is not None:
-            return  # one at a time: the last one's beneficiary has not gone yet
+        """Requests have waited ``slot_wait`` for an adapter slot: stop the running
+        requests of other adapters so that they get theirs (:func:`choose_handoff`), one
+        victim adapter per waiting request."""
         assert self._hand_off is not None and self.slot_wait is not None
-        waiting = itertools.islice((t for t in self._arrivals if t.queued), _AFFINITY_SCAN)
-        running = (t for tenant in self._flying.values() for t in tenant.flight.values())
-        decision = choose_handoff(
-            waiting,
-            running,
-            self._adapters,
-            self._can_dispatch,
-            now=self._clock(),
-            slot_wait=self.slot_wait,
-        )
-        if isinstance(decision, float):
-            self._wake_at(decision)
-            return
-        if decision is None:
-            return
-        stopped = False
-        for ticket in decision.victims:
-            if self._hand_off(ticket.request_id):
-                ticket.handed_off = stopped = True
-        if stopped:
-            self._handoff = decision
+        for _ in range(_AFFINITY_SCAN):
+            waiting = itertools.islice((t for t in self._arrivals if t.queued), _AFFINITY_SCAN)
+            running = (t for tenant in self._flying.values() for t in tenant.flight.values())
+            decision = choose_handoff(
+                waiting,
+                running,
+                self._adapters,
+                self._can_dispatch,
+                now=self._clock(),
+                slot_wait=self.slot_wait,
+                pending=self._pending_handoffs(),
+            )
+            if isinstance(decision, float):
+                self._wake_at(decision)
+            if not isinstance(decision, Handoff):
+                return
+            stopped = False
+            for ticket in decision.victims:
+                if self._hand_off(ticket.request_id):
+                    ticket.handed_off = stopped = True
+            if not stopped:
+                return
+            self._handoffs.append(decision)
             self.handoffs += 1
 
-    def _pending_handoff(self) -> Handoff | None:
-        """The last hand-off while its beneficiary still waits for dispatch."""
-        handoff = self._handoff
-        if handoff is not None and not handoff.beneficiary.queued:
-            self._handoff = handoff = None
-        return handoff
+    def _pending_handoffs(self) -> list[Handoff]:
+        """The hand-offs whose beneficiaries still wait for dispatch."""
+        if any(not h.beneficiary.queued for h in self._handoffs):
+            self._handoffs = [h for h in self._handoffs if h.beneficiary.queued]
+        return self._handoffs
 
     def _try_preempt(self) -> None:
         """Every place is taken: let a queued tenant under its share in by pausing the
@@ -723,9 +723,9 @@ class FairScheduler(DispatchState):
         return None
 
     def _pick(self) -> tuple[_Tenant, Ticket] | None:
-        handoff = self._pending_handoff()
-        if handoff is not None:
-            # The hand-off's beneficiary takes the slot it was made for; the requests that
+        pending = self._pending_handoffs()
+        for handoff in pending:
+            # A hand-off's beneficiary takes the slot it was made for; the requests that
             # gave it up wait for another (their adapter is not in flight any more).
             beneficiary = handoff.beneficiary
             if self._can_dispatch(beneficiary.adapter_id, self._adapters):
@@ -734,7 +734,7 @@ class FairScheduler(DispatchState):
         if (
             oldest is not None
             and self._clock() - oldest.arrival >= self.max_wait
-            and not _gave_up(oldest, handoff)
+            and not _gave_up(oldest, pending)
             and self._can_dispatch(oldest.adapter_id, self._adapters)
         ):
             self.starvation_picks += 1
@@ -789,7 +789,7 @@ class FairScheduler(DispatchState):
                         if held:
                             self._paced_until = wait_until
                         continue
-                if _gave_up(head, handoff) or not self._can_dispatch(
+                if _gave_up(head, pending) or not self._can_dispatch(
                     head.adapter_id, self._adapters
                 ):
                     continue

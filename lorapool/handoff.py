@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .scheduling import Ticket
@@ -51,13 +51,15 @@ def choose_handoff(
     *,
     now: float,
     slot_wait: float,
+    pending: Sequence[Handoff] = (),
     min_remaining: int = 4,
 ) -> Handoff | float | None:
     """Whether to hand a slot over now, and whose.
 
     ``waiting``: queued tickets, oldest first (only a few are looked at by the caller);
     ``running``: tickets in flight; ``inflight``: requests in flight per adapter, as the
-    store's ``can_dispatch`` is asked about them.
+    store's ``can_dispatch`` is asked about them; ``pending``: hand-offs made whose
+    beneficiaries have not gone yet (their victims' slots are taken as already theirs).
 
     The beneficiary is the oldest waiting request that is not a resumed one, needs an
     adapter that cannot get a slot, and has waited ``slot_wait`` seconds or more. The
@@ -71,10 +73,11 @@ def choose_handoff(
     Returns the :class:`Handoff`, or the time to look again when a request waits for a
     slot but not yet ``slot_wait``, or ``None``.
     """
+    helped = {id(h.beneficiary) for h in pending}
     beneficiary: Ticket | None = None
     wake: float | None = None
     for ticket in waiting:
-        if ticket.resumed or ticket.adapter_id is None:
+        if ticket.resumed or ticket.adapter_id is None or id(ticket) in helped:
             continue
         if can_dispatch(ticket.adapter_id, inflight):
             continue
@@ -89,6 +92,12 @@ def choose_handoff(
     for ticket in running:
         if ticket.adapter_id is not None and ticket.adapter_id != beneficiary.adapter_id:
             by_adapter[ticket.adapter_id].append(ticket)
+    # The slots as they will be once the pending hand-offs are done.
+    leaving = {h.adapter for h in pending}
+    after = {a: n for a, n in inflight.items() if a not in leaving}
+    for h in pending:
+        if h.beneficiary.adapter_id is not None:
+            after[h.beneficiary.adapter_id] = after.get(h.beneficiary.adapter_id, 0) + 1
     best: tuple[int, int, str] | None = None
     for adapter, tickets in by_adapter.items():
         if any(t.resumed or t.handed_off or not t.streaming for t in tickets):
@@ -96,7 +105,7 @@ def choose_handoff(
         remaining = max(t.max_tokens - t.output_tokens for t in tickets)
         if remaining < min_remaining:
             continue
-        without = {a: n for a, n in inflight.items() if a != adapter}
+        without = {a: n for a, n in after.items() if a != adapter}
         if not can_dispatch(beneficiary.adapter_id, without):
             continue
         key = (len(tickets), -remaining, adapter)

@@ -4,7 +4,8 @@ Parts (run in the vLLM venv: ``~/.cache/lorapool/venvs/vllm/bin/python -m lorapo
 vllm``): ``inside``: a working set that fits vLLM's ``max_loras``, all requests at once,
 throughput of lorapool over raw vLLM (target >= 0.97); ``hot``: 4x more hot adapters than
 ``max_loras`` with Zipf popularity and Poisson arrivals, p99 TTFT of lorapool over raw vLLM
-(target <= 0.5) and lorapool's device loads; ``torch``: the ``inside`` workload on
+(target <= 0.5) and lorapool's device loads, with and without slot hand-off
+(:mod:`lorapool.handoff`) and with no evicted adapter kept warm in vLLM; ``torch``: the ``inside`` workload on
 TorchBackend vs on vLLM, both through lorapool. Raw and lorapool runs share one
 ``AsyncLLM`` and alternate (raw, lorapool, raw, lorapool) so machine noise hits both.
 """
@@ -40,10 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="max_num_seqs / max_batch (16)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (32)")
     parser.add_argument("--requests", type=int, default=48, help="requests per run (48)")
+    parser.add_argument(
+        "--hot-requests", type=int, default=96, help="requests per run, hot part (96)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs of each, alternating (2)")
     parser.add_argument("--hot-factor", type=int, default=4, help="hot adapters / slots (4)")
     parser.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent, hot part (1.0)")
-    parser.add_argument("--rate", type=float, default=3.0, help="arrivals/s, hot part (3.0)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=1.0,
+        help="arrivals/s, hot part (1.0: what vLLM-CPU serves here without a growing queue)",
+    )
     parser.add_argument(
         "--cpu-loras",
         type=int,
@@ -307,7 +316,7 @@ async def _hot(
     from lorapool import FairScheduler
 
     hot = len(paths)
-    trace = _zipf_poisson(args.requests, hot, args.alpha, args.rate, rng)
+    trace = _zipf_poisson(args.hot_requests, hot, args.alpha, args.rate, rng)
     raw: list[_Result] = []
     ours: dict[str, list[_Result]] = {side: [] for side, _, _ in _HOT_SIDES}
     loads: dict[str, list[int]] = {side: [] for side in ours}
@@ -335,7 +344,7 @@ async def _hot(
     raw_tok_s = statistics.mean(r.throughput for r in raw)
     print(
         f"\n{hot} hot adapters, {args.slots} slots, Zipf {args.alpha}, {args.rate} req/s, "
-        f"{args.requests} requests, max_cpu_loras "
+        f"{args.hot_requests} requests, max_cpu_loras "
         f"{engine.vllm_config.lora_config.max_cpu_loras}: p99 TTFT raw vLLM {raw_p99:.2f} s, "
         f"lorapool (FairScheduler) {p99['warm']:.2f} s, ratio {p99['warm'] / raw_p99:.3f} "
         f"(target <= 0.5); p50 raw {p(raw, 50):.2f} s, lorapool {p(ours['warm'], 50):.2f} s"
@@ -358,7 +367,7 @@ async def _hot(
         "hot_adapters": hot,
         "alpha": args.alpha,
         "rate": args.rate,
-        "requests": args.requests,
+        "requests": args.hot_requests,
         "raw_ttft_p50_s": rounded(raw, 50),
         "raw_ttft_p99_s": rounded(raw, 99),
         "lorapool_ttft_p50_s": rounded(ours["warm"], 50),

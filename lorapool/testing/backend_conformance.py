@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorapool.backends.base import Backend
+from lorapool.pool import AdapterPool
 from lorapool.errors import AdapterNotFound, LorapoolError
 from lorapool.types import GenerationRequest, SamplingParams
 
@@ -36,11 +37,13 @@ ALL_CHECKS = (
     "more-adapters-than-slots",
     "cancellation",
     "unload-drain",
+    "resume",
     "errors",
     "close",
 )
 """Every check, in the order :func:`check_backend` runs them (``more-adapters-than-slots``
-only when more adapters than the backend's slots are given)."""
+only when more adapters than the backend's slots are given, ``resume`` only for a backend
+with ``Capabilities.resume``)."""
 
 PROMPT = "Write one sentence about the sea."
 _TENANT = "conformance"
@@ -78,10 +81,9 @@ async def check_backend(
     give at least as many as the backend has slots plus one (so slots must be
     reused) and at least two. Checks: capabilities, streaming, mixed adapters
     in one batch, more adapters than slots, cancellation, unload drains
-    in-flight requests, and typed errors.
+    in-flight requests, a request resumed after part of its output goes on with
+    the rest (backends that offer it), and typed errors.
     """
-    from lorapool.pool import AdapterPool
-
     _require(len(adapters) >= 2, "setup", "give at least two adapters")
     report = BackendReport(prefix_tokens=prefix_tokens)
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -187,6 +189,10 @@ async def check_backend(
         _require(await run(target) == solo[target], "unload-drain", "reload gives other output")
         report.checks.append("unload-drain")
 
+        if caps.resume:
+            await _check_resume(pool, backend, names[1], solo[names[1]], greedy)
+            report.checks.append("resume")
+
         # Errors are typed, and nothing else is harmed.
         try:
             await pool.complete(PROMPT, adapter="no/such-adapter", tenant=_TENANT, params=greedy)
@@ -212,3 +218,28 @@ async def check_backend(
     _require(not await backend.health(), "close", "health() is True after the pool closed")
     report.checks.append("close")
     return report
+
+
+async def _check_resume(
+    pool: AdapterPool, backend: Backend, name: str, solo: list[int], greedy: SamplingParams
+) -> None:
+    """Resumed after half its output, a request streams the other half (greedy: the same
+    tokens as the solo run) and reports usage as if it had never stopped."""
+    info = pool.registry.resolve(name, _TENANT)
+    slot = await pool.store.acquire(info)
+    try:
+        half = len(solo) // 2
+        request = GenerationRequest(
+            "conformance-resume", PROMPT, greedy, info.adapter_id, slot, tuple(solo[:half])
+        )
+        chunks = [c async for c in backend.generate(request)]
+    finally:
+        pool.store.release(info.adapter_id)
+    rest = [t for c in chunks for t in c.token_ids]
+    _require(rest == solo[half:], "resume", f"resumed after {half} tokens: {rest}, solo {solo}")
+    usage = chunks[-1].usage if chunks else None
+    _require(
+        usage is not None and usage.completion_tokens == len(solo),
+        "resume",
+        f"usage {usage}: completion should count all {len(solo)} tokens",
+    )

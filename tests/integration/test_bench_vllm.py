@@ -29,13 +29,16 @@ def test_bench_vllm_inside(tmp_path: Path) -> None:
 
 def test_bench_vllm_hot_runs_raw_warm_and_cold_side_by_side(tmp_path: Path) -> None:
     out = tmp_path / "vllm.json"
-    args = ("--parts", "hot", "--requests", "6", "--repeats", "1", "--rate", "6")
+    args = ("--parts", "hot", "--hot-requests", "6", "--repeats", "1", "--rate", "6")
     done = run_bench(
         "vllm", *args, "--cpu-loras", "9", "--json", str(out), cwd=tmp_path, timeout=500
     )
     hot = json.loads(out.read_text())["hot"]
     assert hot["hot_adapters"] == 16
+    assert hot["requests"] == 6
     assert len(hot["raw_ttft_p99_s"]) == len(hot["cold_ttft_p99_s"]) == 1
+    assert len(hot["no_handoff_ttft_p99_s"]) == len(hot["lorapool_handoffs"]) == 1
+    assert "without hand-off (slot_wait=None)" in done.stdout
     # Both lorapool sides loaded adapters, and each side's loads were timed.
     assert hot["lorapool_device_loads"][0] > 0 and hot["cold_device_loads"][0] > 0
     assert hot["lorapool_load_ms"] > 0 and hot["cold_load_ms"] > 0

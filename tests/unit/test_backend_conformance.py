@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from lorapool.testing import ConformanceError, MockBackend, check_backend
+from lorapool.testing import ALL_CHECKS, ConformanceError, MockBackend, check_backend
 from lorapool.types import Chunk, GenerationRequest
 
 from .test_store import make_adapters
@@ -53,11 +54,23 @@ class KeepsStreaming(MockBackend):
         return stream()
 
 
+class RestartsOnResume(MockBackend):
+    """Claims resume but starts over: the resumed request repeats the streamed tokens."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        return super().generate(dataclasses.replace(request, resume=()))
+
+
 async def test_mock_backend_passes(tmp_path: Path) -> None:
     adapters = make_adapters(tmp_path, 3)
     report = await check_backend(lambda: MockBackend(max_slots=2, token_delay=0.001), adapters)
     assert "more-adapters-than-slots" in report.checks and report.checks[-1] == "close"
+    assert "resume" not in report.checks  # not offered
     assert report.outputs["t/a0"] != report.outputs["base"]
+    resumable = await check_backend(
+        lambda: MockBackend(max_slots=2, token_delay=0.001, resume=True), adapters
+    )
+    assert resumable.checks == list(ALL_CHECKS)
 
 
 @pytest.mark.parametrize(
@@ -66,10 +79,11 @@ async def test_mock_backend_passes(tmp_path: Path) -> None:
         (IgnoresAdapters, "[mixed]"),
         (ServesAnything, "[errors]"),
         (KeepsStreaming, "[cancellation]"),
+        (functools.partial(RestartsOnResume, resume=True), "[resume]"),
     ],
 )
 async def test_broken_backends_fail_the_check_they_break(
-    tmp_path: Path, backend: type[MockBackend], check: str
+    tmp_path: Path, backend: Callable[..., MockBackend], check: str
 ) -> None:
     adapters = make_adapters(tmp_path, 3)
     with pytest.raises(ConformanceError) as err:

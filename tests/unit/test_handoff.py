@@ -115,6 +115,29 @@ def test_requests_that_should_not_stop_are_left_alone(victim: dict[str, object])
     assert decide([waiting("c")], run, n=1) is None
 
 
+def test_a_second_waiting_request_gets_another_adapters_slot() -> None:
+    run = [running("a"), running("a"), running("b"), running("c"), running("c"), running("c")]
+    first, second = waiting("x"), waiting("y")
+    one = decide([first, second], run, n=3)
+    assert isinstance(one, Handoff) and (one.beneficiary, one.adapter) == (first, "b")
+    for t in one.victims:
+        t.handed_off = True
+    two = choose_handoff(
+        [first, second], run, counts(run), slots(3), now=1.0, slot_wait=0.5, pending=[one]
+    )
+    assert isinstance(two, Handoff) and (two.beneficiary, two.adapter) == (second, "a")
+    # Three slots, one pinned, a and b running: x gets a's slot. For y, a's slot counts as
+    # x's already (even before a's requests are marked stopped): y gets b's.
+    run2 = [running("a", out=1), running("b")]
+    pinned = slots(3, pinned=frozenset({"p"}))
+    one = choose_handoff([first, second], run2, counts(run2), pinned, now=1.0, slot_wait=0.5)
+    assert isinstance(one, Handoff) and (one.beneficiary, one.adapter) == (first, "a")
+    two = choose_handoff(
+        [first, second], run2, counts(run2), pinned, now=1.0, slot_wait=0.5, pending=[one]
+    )
+    assert isinstance(two, Handoff) and (two.beneficiary, two.adapter) == (second, "b")
+
+
 def test_between_equals_the_adapter_with_the_most_left_to_do_stops() -> None:
     run = [running("a", out=20), running("b", out=5)]
     decision = decide([waiting("c")], run)
@@ -182,7 +205,7 @@ async def test_a_request_waiting_slot_wait_for_a_slot_gets_one_by_hand_off() -> 
     h.s.kick()
     assert hook.calls == [b.request_id] and b.handed_off and h.s.handoffs == 1
     h.s.kick()
-    assert hook.calls == [b.request_id], "one hand-off at a time"
+    assert hook.calls == [b.request_id], "c is helped once"
     # The pool stops b, releases it and queues its continuation; c takes the slot first.
     resumed = ticket("tb", "b", resumed=True)
     h.s.release(b)
@@ -208,6 +231,27 @@ async def test_the_gave_up_adapter_waits_while_the_beneficiary_is_queued() -> No
     h.s.release(b)
     await asyncio.sleep(0)
     assert c.dispatched and not resumed.dispatched
+    await h.close()
+
+
+async def test_two_waiting_requests_get_the_slots_of_two_adapters() -> None:
+    hook = Hook()
+    h = harness(hook, slot_wait=0.0)
+    a1, a2, b = await _two_slots_busy(h)
+    c, d = ticket("tc", "c"), ticket("td", "d")
+    await h.submit(c)
+    await h.submit(d)
+    assert hook.calls[0] == b.request_id  # c first: b has the fewest requests
+    assert sorted(hook.calls[1:]) == sorted([a1.request_id, a2.request_id])  # d: a's slot
+    assert h.s.handoffs == 2
+    resumed = [ticket("ta", "a", resumed=True), ticket("tb", "b", resumed=True)]
+    for t in (a1, a2, b):
+        h.s.release(t)
+    h.tasks = [(x, k) for x, k in h.tasks if x not in (a1, a2, b)]
+    for t in resumed:
+        await h.submit(t)
+    assert c.dispatched and d.dispatched
+    assert not any(t.dispatched for t in resumed)  # both slots went to c and d
     await h.close()
 
 
