@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorapool.backends.base import Backend
-from lorapool.pool import AdapterPool
 from lorapool.errors import AdapterNotFound, LorapoolError
+from lorapool.pool import AdapterPool
 from lorapool.types import GenerationRequest, SamplingParams
 
 __all__ = ["ALL_CHECKS", "BackendReport", "ConformanceError", "check_backend"]
