@@ -75,6 +75,7 @@ class _Result:
     seconds: float
     tokens: int
     ttft: list[float]
+    latency: list[float]  # arrival to last token, per request
 
     @property
     def throughput(self) -> float:
@@ -99,10 +100,11 @@ def _zipf_poisson(
 async def _drive(
     trace: Sequence[_Req], one: Callable[[_Req, Callable[[], None]], Awaitable[int]]
 ) -> _Result:
-    """Submit each request at its time; record TTFT (first token) and tokens."""
+    """Submit each request at its time; record TTFT (first token), latency and tokens."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     ttft: list[float] = []
+    latency: list[float] = []
 
     async def submit(req: _Req) -> int:
         await asyncio.sleep(max(0.0, start + req.at - loop.time()))
@@ -115,10 +117,12 @@ async def _drive(
                 first = True
                 ttft.append(loop.time() - sent)
 
-        return await one(req, on_token)
+        tokens = await one(req, on_token)
+        latency.append(loop.time() - sent)
+        return tokens
 
     tokens = sum(await asyncio.gather(*(submit(r) for r in trace)))
-    return _Result(loop.time() - start, tokens, ttft)
+    return _Result(loop.time() - start, tokens, ttft, latency)
 
 
 def _sampling(max_tokens: int) -> Any:
@@ -338,6 +342,9 @@ async def _hot(
     def p(runs: Sequence[_Result], q: float) -> float:
         return statistics.mean(_pct(r.ttft, q) for r in runs)
 
+    def e2e(runs: Sequence[_Result]) -> float:
+        return statistics.mean(_pct(r.latency, 99) for r in runs)
+
     raw_p99 = p(raw, 99)
     p99 = {side: p(runs, 99) for side, runs in ours.items()}
     load_ms = {k: 1e3 * statistics.mean(v) if v else 0.0 for k, v in load_times.items()}
@@ -352,6 +359,8 @@ async def _hot(
         f"\nslot hand-offs {handoffs['warm']}; without hand-off (slot_wait=None): p99 TTFT "
         f"{p99['no_handoff']:.2f} s, ratio {p99['no_handoff'] / raw_p99:.3f}, p50 "
         f"{p(ours['no_handoff'], 50):.2f} s"
+        f"\nlatency (arrival to last token) p99 raw vLLM {e2e(raw):.2f} s, lorapool "
+        f"{e2e(ours['warm']):.2f} s, without hand-off {e2e(ours['no_handoff']):.2f} s"
         f"\nthroughput raw vLLM {raw_tok_s:.1f} tok/s, lorapool {tok_s['warm']:.1f} "
         f"({tok_s['warm'] / raw_tok_s:.3f}x), without hand-off {tok_s['no_handoff']:.1f} "
         f"({tok_s['no_handoff'] / raw_tok_s:.3f}x)"
@@ -384,6 +393,9 @@ async def _hot(
         "no_handoff_p99_ratio": round(p99["no_handoff"] / raw_p99, 3),
         "no_handoff_tok_s": [round(r.throughput, 1) for r in ours["no_handoff"]],
         "no_handoff_device_loads": loads["no_handoff"],
+        "raw_latency_p99_s": [round(_pct(r.latency, 99), 3) for r in raw],
+        "lorapool_latency_p99_s": [round(_pct(r.latency, 99), 3) for r in ours["warm"]],
+        "no_handoff_latency_p99_s": [round(_pct(r.latency, 99), 3) for r in ours["no_handoff"]],
         "cold_ttft_p99_s": rounded(ours["cold"], 99),
         "cold_device_loads": loads["cold"],
         "cold_load_ms": round(load_ms["cold"], 2),

@@ -39,6 +39,8 @@ def test_bench_vllm_hot_runs_raw_warm_and_cold_side_by_side(tmp_path: Path) -> N
     assert len(hot["raw_ttft_p99_s"]) == len(hot["cold_ttft_p99_s"]) == 1
     assert len(hot["no_handoff_ttft_p99_s"]) == len(hot["lorapool_handoffs"]) == 1
     assert "without hand-off (slot_wait=None)" in done.stdout
+    for side in ("raw", "lorapool", "no_handoff"):  # a request's last token after its first
+        assert hot[f"{side}_latency_p99_s"][0] >= hot[f"{side}_ttft_p99_s"][0] > 0
     # Both lorapool sides loaded adapters, and each side's loads were timed.
     assert hot["lorapool_device_loads"][0] > 0 and hot["cold_device_loads"][0] > 0
     assert hot["lorapool_load_ms"] > 0 and hot["cold_load_ms"] > 0
