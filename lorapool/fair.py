@@ -142,8 +142,9 @@ _heat = attrgetter("heat")
 
 
 def _gave_up(ticket: Ticket, pending: list[Handoff]) -> bool:
-    """A resumed request of an adapter that gave its slot up, while the beneficiary waits."""
-    return ticket.resumed and any(ticket.adapter_id == h.adapter for h in pending)
+    """A request for an adapter that is giving its slot up, while the beneficiary waits:
+    another dispatch for it would keep the slot (its own stopped requests, or a new one)."""
+    return any(ticket.adapter_id == h.adapter for h in pending)
 
 
 class FairScheduler(DispatchState):
@@ -395,9 +396,10 @@ class FairScheduler(DispatchState):
                 slot_wait=self.slot_wait,
                 pending=self._pending_handoffs(),
             )
-            if isinstance(decision, float):
-                self._wake_at(decision)
+            if decision is None:
+                return
             if not isinstance(decision, Handoff):
+                self._wake_at(decision)  # the time a request will have waited slot_wait
                 return
             stopped = False
             for ticket in decision.victims:

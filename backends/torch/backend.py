@@ -184,6 +184,7 @@ class TorchBackend:
                 pinning=True,
                 max_seq_len=self.max_seq_len,
                 preemption=True,
+                resume=True,
             )
             self._engine = engine
             self._stats = engine.stats
@@ -356,7 +357,12 @@ class TorchBackend:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Stream a completion; leaving the loop early cancels it within one step."""
+        """Stream a completion; leaving the loop early cancels it within one step.
+
+        A request with ``resume`` tokens starts as a preempted sequence returns: its
+        prompt and those tokens in one prefill, then the tokens still to come (greedy
+        output unchanged; a seeded sample restarts its random stream).
+        """
         engine = self._require_engine()
         if request.adapter_id is not None and request.slot is None:
             raise InvalidRequest(f"adapter {request.adapter_id!r} has no device slot")
@@ -369,6 +375,11 @@ class TorchBackend:
         params = request.params
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
+        resumed = list(request.resume)
+        if len(resumed) >= params.max_tokens:
+            raise InvalidRequest(
+                f"the request already has {len(resumed)} of its {params.max_tokens} tokens"
+            )
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
@@ -395,10 +406,12 @@ class TorchBackend:
             slot=-1 if request.slot is None else request.slot,
             sink=sink,
             generator=generator,
+            output=resumed,
         )
         detok = IncrementalDetokenizer(self.decode)
+        detok.add(resumed)  # the text already streamed: context for what follows
         stops = StopMatcher(params.stop)
-        produced = 0
+        produced = len(resumed)
         served_by = "base" if request.adapter_id is None else "adapter"
         done = False
         engine.submit(seq)

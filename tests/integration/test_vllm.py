@@ -244,54 +244,17 @@ async def test_lorapool_refuses_what_vllm_would_serve_silently(
 async def test_a_slot_handed_off_on_the_real_engine_resumes_with_the_same_output(
     engine: Any, adapters: dict[str, Path]
 ) -> None:
-    """Two slots, both held by long requests (a and b) already streaming. A request for a
-    third adapter waits ``slot_wait``, gets a slot by hand-off and finishes while the
-    stopped request waits; the stopped request then goes on in vLLM from its streamed
-    tokens (prompt + them, by recompute). Every output equals the adapter's solo greedy
-    output, and the usage counts the request as one."""
+    """The hand-off scenario (tests/integration/handoff.py) on vLLM: the stopped request
+    goes on in vLLM as prompt + streamed ids, with its solo greedy output."""
     from lorapool import FairScheduler
 
-    a, b, c = NAMES[:3]
-    long = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    from .handoff import check_handoff
+
     backend = backend_on(engine)
     scheduler = FairScheduler(slot_wait=0.05, light_window=0)
     async with AdapterPool(backend, scheduler=scheduler) as pool:
-        for n in (a, b, c):
+        for n in NAMES[:3]:
             await pool.register(n, str(adapters[n]), tenant=n)
-        solo = {
-            n: (await pool.complete(PROMPT, adapter=n, tenant=n, params=long)).token_ids
-            for n in (a, b)
-        }
-        solo[c] = (await pool.complete(PROMPT, adapter=c, tenant=c, params=GREEDY)).token_ids
-        assert scheduler.handoffs == 0  # one at a time: a slot was always free
-        loop = asyncio.get_running_loop()
-        streaming = {n: asyncio.Event() for n in (a, b)}
-        done: dict[str, float] = {}
-
-        async def run(n: str, params: SamplingParams) -> tuple[tuple[int, ...], Any]:
-            ids: list[int] = []
-            usage = None
-            async for chunk in pool.generate(PROMPT, adapter=n, tenant=n, params=params):
-                ids.extend(chunk.token_ids)
-                if n in streaming and chunk.token_ids:
-                    streaming[n].set()
-                usage = chunk.usage or usage
-            done[n] = loop.time()
-            return tuple(ids), usage
-
-        runs = {n: asyncio.create_task(run(n, long)) for n in (a, b)}
-        await asyncio.gather(*(e.wait() for e in streaming.values()))
-        out_c, usage_c = await run(c, GREEDY)
-        out = {n: await t for n, t in runs.items()}
-        assert scheduler.handoffs == 1
-        stopped = [n for n in (a, b) if done[n] > done[c]]
-        assert stopped, "c finished after both long requests: no slot was handed over"
-        assert out_c == solo[c] and usage_c.completion_tokens == GREEDY.max_tokens
-        for n in (a, b):
-            ids, usage = out[n]
-            assert ids == solo[n], n  # the stopped one too: its continuation is exact
-            assert usage.completion_tokens == long.max_tokens
-            assert usage.prompt_tokens == len(backend.encode(PROMPT))
-        assert pool.stats.failed == 0
+        await check_handoff(pool, scheduler, NAMES[:3])
         assert len(await backend.engine_loras()) <= engine.vllm_config.lora_config.max_cpu_loras
     assert set(await engine.list_loras()) == set()

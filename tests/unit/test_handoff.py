@@ -234,6 +234,22 @@ async def test_the_gave_up_adapter_waits_while_the_beneficiary_is_queued() -> No
     await h.close()
 
 
+async def test_no_new_request_for_the_adapter_giving_its_slot_up_keeps_it() -> None:
+    hook = Hook()
+    h = harness(hook, slot_wait=0.0)
+    _, _, b = await _two_slots_busy(h)
+    c = ticket("tc", "c")
+    await h.submit(c)
+    assert hook.calls == [b.request_id]
+    fresh = ticket("tb", "b")  # b still holds its slot: without the rule this would go now
+    await h.submit(fresh)
+    assert not fresh.dispatched
+    h.s.release(b)
+    await asyncio.sleep(0)
+    assert c.dispatched and not fresh.dispatched  # and then it waits for a slot like anyone
+    await h.close()
+
+
 async def test_two_waiting_requests_get_the_slots_of_two_adapters() -> None:
     hook = Hook()
     h = harness(hook, slot_wait=0.0)
