@@ -495,7 +495,6 @@ class AdapterPool:
                         chunks = relay = self._relays[request_id] = Relay(chunks)
                     async for chunk in chunks:
                         if chunk.token_ids:
-                            ticket.streaming = True
                             ticket.output_tokens += len(chunk.token_ids)
                             streamed.extend(chunk.token_ids)
                             self.scheduler.charge(ticket, output_tokens=len(chunk.token_ids))

@@ -57,8 +57,7 @@ class Ticket:
     the scheduler on its own clock. ``pauses``: times the backend accepted to
     pause the request to let another in (an accepted pause the backend then
     found nobody needed, as the newcomer got a place otherwise, still counts).
-    ``output_tokens``: tokens streamed under this ticket (kept by the pool).
-    ``streaming``: the request's first token has reached the caller. ``resumed``: the
+    ``output_tokens``: tokens streamed under this ticket (kept by the pool). ``resumed``: the
     ticket continues a request that was handed off (it passes no admission check and
     is not handed off again). ``handed_off``: the scheduler asked the pool to stop the
     request so that another adapter can have its slot.
@@ -76,10 +75,14 @@ class Ticket:
     dispatched: bool = False
     pauses: int = 0
     output_tokens: int = 0
-    streaming: bool = False
     resumed: bool = False
     handed_off: bool = False
     _ready: asyncio.Future[None] | None = field(default=None, repr=False)
+
+    @property
+    def streaming(self) -> bool:
+        """The request's first token (under this ticket) has reached the caller."""
+        return self.output_tokens > 0
 
     @property
     def preempted(self) -> bool:

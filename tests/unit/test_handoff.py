@@ -26,7 +26,7 @@ _ids = itertools.count()
 
 def running(adapter: str, *, streaming: bool = True, out: int = 2, **kw: object) -> Ticket:
     t = Ticket(f"r{next(_ids)}", f"t-{adapter}", adapter, max_tokens=32, **kw)  # type: ignore[arg-type]
-    t.streaming, t.output_tokens, t.dispatched = streaming, out, True
+    t.output_tokens, t.dispatched = (out if streaming else 0), True
     return t
 
 
@@ -188,7 +188,7 @@ async def _two_slots_busy(h: Harness) -> tuple[Ticket, Ticket, Ticket]:
     a1, a2, b = ticket("ta", "a"), ticket("ta", "a"), ticket("tb", "b")
     for t in (a1, a2, b):
         await h.submit(t)
-        t.streaming, t.output_tokens = True, 1
+        t.output_tokens = 1
     assert all(t.dispatched for t in (a1, a2, b))
     return a1, a2, b
 
@@ -218,35 +218,24 @@ async def test_a_request_waiting_slot_wait_for_a_slot_gets_one_by_hand_off() -> 
     await h.close()
 
 
-async def test_the_gave_up_adapter_waits_while_the_beneficiary_is_queued() -> None:
-    hook = Hook()
-    h = harness(hook, slot_wait=0.0)
-    _, _, b = await _two_slots_busy(h)
-    # Two requests wait: c (the beneficiary) and a resumed b. When b's slot frees, c goes.
-    c = ticket("tc", "c")
-    await h.submit(c)
-    assert hook.calls == [b.request_id]
-    resumed = ticket("tb", "b", resumed=True)
-    await h.submit(resumed)
-    h.s.release(b)
-    await asyncio.sleep(0)
-    assert c.dispatched and not resumed.dispatched
-    await h.close()
-
-
-async def test_no_new_request_for_the_adapter_giving_its_slot_up_keeps_it() -> None:
+@pytest.mark.parametrize("resumed", [True, False])
+async def test_no_request_for_the_adapter_giving_its_slot_up_goes_before_the_beneficiary(
+    resumed: bool,
+) -> None:
+    """b gives its slot to c. Neither b's own stopped request (resumed) nor a new one may
+    take it back: b still holds the slot, so without the rule the new one would go now."""
     hook = Hook()
     h = harness(hook, slot_wait=0.0)
     _, _, b = await _two_slots_busy(h)
     c = ticket("tc", "c")
     await h.submit(c)
     assert hook.calls == [b.request_id]
-    fresh = ticket("tb", "b")  # b still holds its slot: without the rule this would go now
-    await h.submit(fresh)
-    assert not fresh.dispatched
+    other = ticket("tb", "b", resumed=resumed)
+    await h.submit(other)
+    assert not other.dispatched
     h.s.release(b)
     await asyncio.sleep(0)
-    assert c.dispatched and not fresh.dispatched  # and then it waits for a slot like anyone
+    assert c.dispatched and not other.dispatched  # and then it waits for a slot like anyone
     await h.close()
 
 
