@@ -23,8 +23,10 @@ which on the machines of November (quiet baseline p99 43-53 ms) was about the en
 capacity; on the slower machine of 2026-12-05 (baseline 71-77 ms, about 200 tok/s in the
 burst) the same rate offered 1.56x what it serves, and the quiet p99 under FairScheduler was
 10.8x the baseline with the code of 2026-11-23 and with today's alike (the queue of an
-engine that cannot keep up, not a scheduling choice). At the capacity-relative rate it was
-1.08x there (FCFS 15x), the same scenario as the fixed rate on a faster machine.
+engine that cannot keep up, not a scheduling choice). At a capacity-relative rate the
+offered load is ``LOAD`` (0.9) of the burst's tokens/s: at 1.0 two clean-clone runs gave 1.32x
+and 1.51x (the engine then queues for whole bursts, and the p99 of 91 requests moves with the
+machine's noise); at about 0.94 one run gave 1.08x with FCFS still at 15x the baseline.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ pytestmark = pytest.mark.slow
 QUIET = ("q1", "q2", "q3")
 NOISY_FACTOR = 10  # the noisy tenant sends 10x each quiet tenant's rate
 QUIET_PER_SEED = 10  # requests of each quiet tenant per seed, on average
+LOAD = 0.9  # offered tokens/s over what the engine serves in a closed-loop burst
 SEEDS = (1, 2, 3)
 PARAMS = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -114,8 +117,8 @@ async def quiet_ttft(
 
 async def test_quiet_tenants_keep_their_ttft_under_fair_scheduling(model_dir: Path) -> None:
     served = await capacity(model_dir)
-    # All four tenants together offer what the engine serves: the flood keeps it saturated.
-    rate = served / ((len(QUIET) + NOISY_FACTOR) * PARAMS.max_tokens)
+    # All four tenants together offer 0.9 of what the engine serves: saturated in bursts.
+    rate = LOAD * served / ((len(QUIET) + NOISY_FACTOR) * PARAMS.max_tokens)
     baseline: list[float] = []
     fair: list[float] = []
     for seed in SEEDS:  # alternating, so a slow spell of the machine hits both sides
