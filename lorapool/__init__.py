@@ -6,7 +6,12 @@
 ``import lorapool`` imports no engine and no torch.
 """
 
-from . import errors
+from lorapool.registry import Registry
+from lorapool.scheduler import FCFSScheduler, Scheduler
+from lorapool.scheduler.fair import FairScheduler, TierPolicy
+from lorapool.store import StoreStats, TieredStore
+
+from . import _compat, errors
 from .errors import (
     AccessDenied,
     AdapterNotFound,
@@ -19,11 +24,7 @@ from .errors import (
     SourceError,
     SourceNotFound,
 )
-from .fair import FairScheduler, TierPolicy
 from .pool import AdapterPool, Session, TenantUsage
-from .registry import Registry
-from .scheduling import FCFSScheduler, Scheduler
-from .store import StoreStats, TieredStore
 from .types import (
     AdapterInfo,
     Capabilities,
@@ -37,6 +38,8 @@ from .types import (
 )
 
 __version__ = "0.1.0"
+
+_compat.install()
 
 __all__ = [
     "AccessDenied",

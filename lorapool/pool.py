@@ -19,6 +19,11 @@ from types import TracebackType
 
 from lorapool.backends.base import Backend, Preemptible
 from lorapool.policies.prefetch import TierName
+from lorapool.registry import Registry, check_adapter_id
+from lorapool.request import Relay
+from lorapool.scheduler import Scheduler, Ticket
+from lorapool.scheduler.fcfs import FCFSScheduler
+from lorapool.store import TieredStore
 
 from .errors import (
     AdapterExists,
@@ -28,10 +33,6 @@ from .errors import (
     Overloaded,
     RateLimited,
 )
-from .handoff import Relay
-from .registry import Registry, check_adapter_id
-from .scheduling import FCFSScheduler, Scheduler, Ticket
-from .store import TieredStore
 from .types import (
     AdapterInfo,
     Chunk,

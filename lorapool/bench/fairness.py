@@ -48,7 +48,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from lorapool.scheduling import (
+from lorapool.scheduler import (
     ColdStart,
     DispatchCheck,
     FCFSScheduler,

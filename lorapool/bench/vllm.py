@@ -5,7 +5,7 @@ vllm``): ``inside``: a working set that fits vLLM's ``max_loras``, all requests 
 throughput of lorapool over raw vLLM (target >= 0.97); ``hot``: 4x more hot adapters than
 ``max_loras`` with Zipf popularity and Poisson arrivals, p99 TTFT of lorapool over raw vLLM
 (target <= 0.5) and lorapool's device loads, with and without slot hand-off
-(:mod:`lorapool.handoff`) and with no evicted adapter kept warm in vLLM; ``torch``: the
+(:mod:`lorapool.scheduler.handoff`) and with no evicted adapter kept warm in vLLM; ``torch``: the
 ``inside`` workload on TorchBackend vs on vLLM, both through lorapool. Raw and lorapool
 runs share one ``AsyncLLM`` and alternate (raw, lorapool, raw, lorapool) so machine noise
 hits both.

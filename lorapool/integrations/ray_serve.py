@@ -36,8 +36,7 @@ from typing import Any, Literal, cast
 
 from lorapool.errors import BackendError, ExtraNotInstalled, LorapoolError
 from lorapool.pool import AdapterPool
-from lorapool.registry import Registry
-from lorapool.registry_store import MemoryRegistryStore, RegistryStore, SqliteRegistryStore
+from lorapool.registry import MemoryRegistryStore, Registry, RegistryStore, SqliteRegistryStore
 from lorapool.types import AdapterInfo, Chunk, Completion, Prompt, SamplingParams
 
 try:
@@ -106,7 +105,7 @@ class _RegistryActor:
 
 
 class RayRegistryStore:
-    """A :class:`~lorapool.registry_store.RegistryStore` shared by every replica of a cluster.
+    """A :class:`~lorapool.registry.RegistryStore` shared by every replica of a cluster.
 
     The records live in a detached actor named ``name`` (created by the first
     replica that asks, found by the others; Ray restarts it if it dies). With

@@ -29,9 +29,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorapool.fair import FairScheduler, TierPolicy
 from lorapool.pool import AdapterPool
 from lorapool.registry import Registry
+from lorapool.scheduler.fair import FairScheduler, TierPolicy
 from lorapool.store import TieredStore
 
 from .auth import ApiKeys, Auth, Caller, TrustedHeader

@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 
 from lorapool import AdapterPool, FairScheduler, SamplingParams
-from lorapool.scheduling import FCFSScheduler, Scheduler
+from lorapool.scheduler import FCFSScheduler, Scheduler
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 from lorapool import AdapterPool, FairScheduler, SamplingParams  # noqa: E402
-from lorapool.fair import TierPolicy  # noqa: E402
+from lorapool.scheduler.fair import TierPolicy  # noqa: E402
 from lorapool.server import ApiKeys, Caller, create_app  # noqa: E402
 
 KEYS = {

@@ -15,7 +15,7 @@ from lorapool.errors import (
     LoadError,
     PinLimitExceeded,
 )
-from lorapool.scheduling import FCFSScheduler, Ticket
+from lorapool.scheduler import FCFSScheduler, Ticket
 from lorapool.store import parse_size
 from lorapool.testing import MockBackend
 from lorapool.types import GenerationRequest

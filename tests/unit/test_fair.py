@@ -18,7 +18,7 @@ from lorapool.errors import (
     Overloaded,
     RateLimited,
 )
-from lorapool.scheduling import Ticket
+from lorapool.scheduler import Ticket
 from lorapool.testing import ManualClock, MockBackend
 
 from .test_store import make_adapters

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from lorapool import AdapterPool, FairScheduler, SamplingParams
-from lorapool.handoff import Handoff, Relay, choose_handoff
-from lorapool.scheduling import Ticket
+from lorapool.request import Relay
+from lorapool.scheduler import Ticket
+from lorapool.scheduler.handoff import Handoff, choose_handoff
 from lorapool.testing import MockBackend
 from lorapool.types import Chunk
 

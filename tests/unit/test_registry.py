@@ -9,8 +9,7 @@ import pytest
 
 from lorapool import AdapterPool, SamplingParams
 from lorapool.errors import AccessDenied, AdapterExists, AdapterNotFound
-from lorapool.registry import Registry
-from lorapool.registry_store import SqliteRegistryStore
+from lorapool.registry import Registry, SqliteRegistryStore
 from lorapool.testing import MockBackend
 
 from .test_store import make_adapters

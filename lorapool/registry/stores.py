@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .errors import AdapterExists
-from .types import AdapterInfo, LoraConfig
+from lorapool.errors import AdapterExists
+from lorapool.types import AdapterInfo, LoraConfig
 
 __all__ = ["MemoryRegistryStore", "RegistryStore", "SqliteRegistryStore"]
 

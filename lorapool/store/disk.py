@@ -24,11 +24,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import ADAPTER_FILES, CONFIG_FILE, AdapterFiles, inspect_adapter_dir, sha256_of_files
-from .errors import ContentMismatch, LoadError, LorapoolError, NotAPeftAdapter, SourceNotFound
-from .policies.base import EvictionPolicy
-from .tiers import Tier
-from .validation import SIDECAR_FILE
+from lorapool.adapters import (
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    AdapterFiles,
+    inspect_adapter_dir,
+    sha256_of_files,
+)
+from lorapool.errors import (
+    ContentMismatch,
+    LoadError,
+    LorapoolError,
+    NotAPeftAdapter,
+    SourceNotFound,
+)
+from lorapool.policies.base import EvictionPolicy
+from lorapool.store.tiers import Tier
+from lorapool.validation import SIDECAR_FILE
 
 __all__ = ["DiskFull", "DiskTier", "FetchFile", "Staged"]
 

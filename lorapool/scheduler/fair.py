@@ -48,7 +48,7 @@ Around that:
   still order everyone, and a tenant stays light only while it uses clearly
   less than the heaviest;
 * slot hand-off (when the backend can resume a request from its output, see
-  :mod:`lorapool.handoff`): a request that has waited ``slot_wait`` seconds for
+  :mod:`lorapool.scheduler.handoff`): a request that has waited ``slot_wait`` seconds for
   an adapter slot gets one at once: the running requests of one adapter (the
   fewest, every one already streaming) stop, give the slot up and queue again,
   to go on from where they were once a slot frees; a request stops this way
@@ -74,10 +74,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-from .errors import DeadlineExceeded, InvalidRequest, Overloaded, RateLimited
-from .handoff import Handoff, choose_handoff
-from .ratelimit import TokenBucket
-from .scheduling import ColdStart, DispatchCheck, DispatchState, ResidencyCheck, Ticket
+from lorapool.errors import DeadlineExceeded, InvalidRequest, Overloaded, RateLimited
+from lorapool.ratelimit import TokenBucket
+from lorapool.scheduler.base import ColdStart, DispatchCheck, DispatchState, ResidencyCheck, Ticket
+from lorapool.scheduler.handoff import Handoff, choose_handoff
 
 __all__ = ["FairScheduler", "TierPolicy"]
 
@@ -98,7 +98,7 @@ class TierPolicy:
     ``max_tokens``, counted at admission): per-tenant token buckets, ``None``
     for no limit; a burst defaults to one second of requests (at least 1) and
     one minute of tokens. ``max_queue``: queued requests of this tier, all
-    tenants together. ``cold_start``: see :data:`~lorapool.scheduling.ColdStart`.
+    tenants together. ``cold_start``: see :data:`~lorapool.scheduler.ColdStart`.
     """
 
     weight: float = 1.0

@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorapool.adapters import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
 from lorapool.backends.base import EngineCached
-
-from .adapters import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
-from .disk import DiskFull, DiskTier, FetchFile, Staged
-from .errors import (
+from lorapool.errors import (
     AdapterValidationError,
     ContentMismatch,
     LoadError,
@@ -39,11 +37,12 @@ from .errors import (
     SourceError,
     SourceNotFound,
 )
-from .ratelimit import TokenBucket
-from .sources import Source, make_source, scheme_of
-from .sources.archive import ArchiveFiles, is_archive_uri, split_archive_uri
-from .tiers import SingleFlight, Tier, parse_size
-from .types import AdapterInfo, LoadedAdapter
+from lorapool.ratelimit import TokenBucket
+from lorapool.sources import Source, make_source, scheme_of
+from lorapool.sources.archive import ArchiveFiles, is_archive_uri, split_archive_uri
+from lorapool.store.disk import DiskFull, DiskTier, FetchFile, Staged
+from lorapool.store.tiers import SingleFlight, Tier, parse_size
+from lorapool.types import AdapterInfo, LoadedAdapter
 
 if TYPE_CHECKING:
     from lorapool.backends.base import Backend

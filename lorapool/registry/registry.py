@@ -1,7 +1,7 @@
 """Which adapters exist, who owns them, and who may use them.
 
 The registry keeps the tenancy rules; its records live in a
-:class:`~lorapool.registry_store.RegistryStore`: in memory by default, or in
+:class:`~lorapool.registry.RegistryStore`: in memory by default, or in
 a SQLite file (``Registry.open("registry.sqlite")``) that survives restarts.
 """
 
@@ -13,9 +13,15 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import AccessDenied, AdapterExists, AdapterInUse, AdapterNotFound, InvalidRequest
-from .registry_store import MemoryRegistryStore, RegistryStore, SqliteRegistryStore
-from .types import AdapterInfo
+from lorapool.errors import (
+    AccessDenied,
+    AdapterExists,
+    AdapterInUse,
+    AdapterNotFound,
+    InvalidRequest,
+)
+from lorapool.registry.stores import MemoryRegistryStore, RegistryStore, SqliteRegistryStore
+from lorapool.types import AdapterInfo
 
 __all__ = ["Alias", "Registry", "check_adapter_id"]
 
@@ -76,7 +82,7 @@ class Registry:
 
     Reads come from memory; every change is written through to ``store``
     first, so a failed write changes nothing. Before each read the registry
-    asks the store for its :meth:`~lorapool.registry_store.RegistryStore.version`
+    asks the store for its :meth:`~lorapool.registry.RegistryStore.version`
     and reloads when another process changed it: pools sharing one store see
     each other's registrations and removals.
     """
