@@ -13,11 +13,15 @@ __all__ = [
     "AdapterInUse",
     "AdapterNotFound",
     "AdapterValidationError",
+    "BackendClosed",
     "BackendError",
+    "BackendNotStarted",
+    "BackendServerError",
     "BackendUnavailable",
     "ColdStartRejected",
     "ContentMismatch",
     "DeadlineExceeded",
+    "DiskFull",
     "ExtraNotInstalled",
     "InvalidRequest",
     "LoadError",
@@ -25,6 +29,8 @@ __all__ = [
     "NotAPeftAdapter",
     "Overloaded",
     "PinLimitExceeded",
+    "PluginNotFound",
+    "PoolClosed",
     "RateLimited",
     "SourceError",
     "SourceNotFound",
@@ -212,6 +218,56 @@ class LoadError(LorapoolError):
 
 class BackendError(LorapoolError):
     """The engine failed while serving a request."""
+
+
+class BackendNotStarted(BackendError, RuntimeError):
+    """A backend was used before :meth:`~lorapool.abc.Backend.start` (or after a failed start).
+
+    ``AdapterPool`` starts its backend itself (``async with pool``); this error
+    means the backend was driven directly.
+    """
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        super().__init__(f"{backend} is not started; use `async with pool` or await its start()")
+
+
+class BackendClosed(BackendError, RuntimeError):
+    """A backend was used after :meth:`~lorapool.abc.Backend.aclose`; make a new one."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        super().__init__(f"{backend} was closed; create a new one")
+
+
+class PoolClosed(LorapoolError, RuntimeError):
+    """An :class:`~lorapool.AdapterPool` was started again after it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__("this AdapterPool is closed; create a new one")
+
+
+class BackendServerError(BackendError):
+    """A remote engine answered with an error status: ``status`` and the server's message."""
+
+    def __init__(self, status: int, message: str, *, what: str) -> None:
+        self.status = status
+        self.server_message = message
+        super().__init__(f"the server could not {what}: HTTP {status}: {message}")
+
+
+class DiskFull(LorapoolError):
+    """The disk tier cannot make room without evicting adapters in use or pinned."""
+
+
+class PluginNotFound(LorapoolError, LookupError):
+    """No plugin of that name is registered in the entry-point group."""
+
+    def __init__(self, group: str, name: str, available: list[str]) -> None:
+        self.group = group
+        self.name = name
+        self.available = available
+        super().__init__(f"no {group} plugin named {name!r}; available: {available}")
 
 
 class BackendUnavailable(ExtraNotInstalled):

@@ -31,6 +31,7 @@ from .errors import (
     DeadlineExceeded,
     InvalidRequest,
     Overloaded,
+    PoolClosed,
     RateLimited,
 )
 from .types import (
@@ -152,7 +153,7 @@ class AdapterPool:
             if self._started:
                 return
             if self._closed:
-                raise RuntimeError("this AdapterPool is closed; create a new one")
+                raise PoolClosed()
             await self.backend.start()
             self._base_spec = await asyncio.to_thread(_base_spec_of, self.backend)
             caps = self.backend.capabilities

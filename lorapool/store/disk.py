@@ -33,8 +33,8 @@ from lorapool.adapters import (
 )
 from lorapool.errors import (
     ContentMismatch,
+    DiskFull,
     LoadError,
-    LorapoolError,
     NotAPeftAdapter,
     SourceNotFound,
 )
@@ -50,10 +50,6 @@ FetchFile = Callable[[str, Path], Awaitable[int]]
 """Copies one named adapter file to a local path and returns its size."""
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-
-
-class DiskFull(LorapoolError):
-    """The disk tier cannot make room without evicting adapters in use or pinned."""
 
 
 @dataclass
