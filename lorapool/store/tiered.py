@@ -508,6 +508,8 @@ class TieredStore:
             self._stats.prefetches += 1
             try:
                 if tier == "device":
+                    if info.adapter_id in self._device:  # already there: nothing to load
+                        return "device"
                     slot = await self._device_flights.run(
                         info.adapter_id, lambda: self._load_to_device(info, True)
                     )

@@ -362,3 +362,21 @@ async def test_a_prefetch_policy_may_propose_other_adapters(tmp_path: Path) -> N
         await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
         await drain(store)
         assert store.on_host("t/a1") and not store.on_device("t/a1")
+
+
+async def test_warming_an_adapter_already_on_the_device_loads_nothing(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 3)
+    backend = MockBackend(max_slots=3)
+    store = TieredStore()
+    async with AdapterPool(backend, store=store) as pool:
+        for name, path in dirs.items():
+            await pool.register(name, str(path), tenant="t")
+        assert await pool.prefetch("t/a0", tenant="t", wait=True) == "device"
+        slot = store.resident["t/a0"]
+        assert await pool.prefetch("t/a0", tenant="t", wait=True) == "device"
+        assert store.resident == {"t/a0": slot}
+        assert len(backend.loads) == 1 and store.stats.device_loads == 1
+        # The slot a second load would have taken is still free for the other adapters.
+        for name in ("t/a1", "t/a2"):
+            await pool.complete("x", adapter=name, tenant="t", params=ONE)
+        assert set(store.resident) == {"t/a0", "t/a1", "t/a2"}
