@@ -188,6 +188,7 @@ class OpenAIServerBackend:
             target_modules=frozenset(targets),
             dynamic_load=True,
             pinning=False,
+            model_path=self.model_path,
         )
         if self.zero_base:
             await self._load_zero()

@@ -285,6 +285,7 @@ class SGLangBackend:
             dynamic_load=True,
             pinning=True,
             max_seq_len=None if context is None else int(context),
+            model_path=self.model_path,
         )
 
     async def aclose(self) -> None:

@@ -310,6 +310,7 @@ class TGIBackend:
             dynamic_load=False,
             pinning=False,
             max_seq_len=None if total is None else int(total),
+            model_path=self.model_path,
         )
 
     async def aclose(self) -> None:

@@ -246,6 +246,8 @@ class VLLMBackend:
             pinning=True,
             max_seq_len=self.max_seq_len,
             resume=True,
+            engine_cache=True,
+            model_path=self.model_path,
         )
 
     async def _add_zero_adapter(self, engine: Any) -> None:

@@ -1,7 +1,8 @@
 """Write your own eviction policy, check it, simulate it, and hand it to a store.
 
-A policy is any object with the four methods of
-``lorapool.policies.EvictionPolicy``; it does not subclass anything. This one
+A policy subclasses ``lorapool.abc.EvictionPolicy`` and defines its four required
+methods (``on_insert``, ``on_access``, ``on_remove``, ``victim``); the optional
+``expired`` keeps the seam's default (nothing expires). This one
 evicts the largest entry (oldest first among equals), which frees the most
 memory per eviction. No model is needed to run this script:
 
@@ -16,12 +17,13 @@ import time
 from collections.abc import Callable, Collection, Hashable
 
 import lorapool
+from lorapool.abc import EvictionPolicy
 from lorapool.bench.cache import belady, simulate, zipf_trace
 from lorapool.plugins import load_policy
 from lorapool.testing import ManualClock, check_policy
 
 
-class LargestFirstPolicy:
+class LargestFirstPolicy(EvictionPolicy):
     """Evict the largest evictable entry; among equal sizes, the one inserted first."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:

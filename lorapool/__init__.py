@@ -3,29 +3,92 @@
 >>> from lorapool import AdapterPool, SamplingParams
 >>> from lorapool.backends.torch import TorchBackend, ensure_demo_model
 
-``import lorapool`` imports no engine and no torch.
+``import lorapool`` imports no engine and no torch. The package's rooms::
+
+    lorapool/
+      pool.py        AdapterPool, the facade an application embeds
+      request.py     one request's life: ticket, legs, relay, usage
+      abc.py         the seams (Backend, Scheduler, EvictionPolicy, PrefetchPolicy,
+                     Source, RegistryStore), all in one place
+      types.py       SamplingParams, Chunk, Completion, Usage, Capabilities, ...
+      errors.py      the error tree below
+      plugins.py     finding backends, policies and sources through entry points
+      registry/      adapters, tenants, versions, aliases, canary splits
+      scheduler/     whose request runs next: FCFS, fair (VTC), admission, preemption, hand-off
+      store/         device slots <- host RAM <- disk <- source
+      sources/       file, s3, http(s)
+      formats/       safetensors headers, PEFT configs, archives, the base model's description
+      validation.py  the checks an adapter passes before it is registered
+      server/        the OpenAI-compatible HTTP server
+      integrations/  Ray Serve
+      bench/         ``lorapool bench``
+      testing/       conformance suites and test doubles for plugin authors
+    lorapool.backends   (plugins) torch, vllm, sglang, tgi, openai
+    lorapool.policies   (plugins) lru, lru2, sieve, s3fifo, wtinylfu, gdsf, ttl; prefetch
+
+Every error lorapool raises on purpose is a :class:`LorapoolError`, importable from
+here and from :mod:`lorapool.errors`::
+
+    LorapoolError
+    ├── AdapterNotFound (LookupError)       an id that does not exist, or another tenant's
+    ├── AccessDenied (PermissionError)
+    ├── AdapterExists (ValueError)
+    ├── AdapterInUse
+    ├── AdapterValidationError (ValueError)
+    │   └── NotAPeftAdapter
+    ├── InvalidRequest (ValueError)
+    ├── RateLimited, Overloaded, ColdStartRejected   (retry_after: seconds)
+    ├── DeadlineExceeded (TimeoutError)
+    ├── PinLimitExceeded
+    ├── SourceNotFound (FileNotFoundError)
+    ├── SourceError (OSError)
+    │   └── ContentMismatch
+    ├── LoadError                           (adapter_id, tier, cause)
+    ├── DiskFull
+    ├── BackendError
+    │   ├── BackendNotStarted, BackendClosed (RuntimeError)
+    │   └── BackendServerError              (status, server_message)
+    ├── PoolClosed (RuntimeError)
+    ├── PluginNotFound (LookupError)
+    └── ExtraNotInstalled (ImportError)
+        └── BackendUnavailable
 """
 
-from lorapool.registry import Registry
-from lorapool.scheduler import FCFSScheduler, Scheduler
-from lorapool.scheduler.fair import FairScheduler, TierPolicy
-from lorapool.store import StoreStats, TieredStore
-
-from . import _compat, errors
-from .errors import (
+from lorapool import _compat, abc, errors
+from lorapool._version import __version__
+from lorapool.errors import (
     AccessDenied,
+    AdapterExists,
+    AdapterInUse,
     AdapterNotFound,
     AdapterValidationError,
+    BackendClosed,
     BackendError,
+    BackendNotStarted,
+    BackendServerError,
+    BackendUnavailable,
+    ColdStartRejected,
+    ContentMismatch,
+    DeadlineExceeded,
+    DiskFull,
+    ExtraNotInstalled,
     InvalidRequest,
     LoadError,
     LorapoolError,
     NotAPeftAdapter,
+    Overloaded,
+    PinLimitExceeded,
+    PluginNotFound,
+    PoolClosed,
+    RateLimited,
     SourceError,
     SourceNotFound,
 )
-from .pool import AdapterPool, Session, TenantUsage
-from .types import (
+from lorapool.pool import AdapterPool, Session, TenantUsage
+from lorapool.registry import Registry
+from lorapool.scheduler import FairScheduler, FCFSScheduler, Scheduler, TierPolicy
+from lorapool.store import StoreStats, TieredStore
+from lorapool.types import (
     AdapterInfo,
     Capabilities,
     Chunk,
@@ -37,20 +100,29 @@ from .types import (
     Usage,
 )
 
-__version__ = "0.1.0"
-
 _compat.install()
 
 __all__ = [
     "AccessDenied",
+    "AdapterExists",
+    "AdapterInUse",
     "AdapterInfo",
     "AdapterNotFound",
     "AdapterPool",
     "AdapterValidationError",
+    "BackendClosed",
     "BackendError",
+    "BackendNotStarted",
+    "BackendServerError",
+    "BackendUnavailable",
     "Capabilities",
     "Chunk",
+    "ColdStartRejected",
     "Completion",
+    "ContentMismatch",
+    "DeadlineExceeded",
+    "DiskFull",
+    "ExtraNotInstalled",
     "FCFSScheduler",
     "FairScheduler",
     "GenerationRequest",
@@ -60,6 +132,11 @@ __all__ = [
     "LoraConfig",
     "LorapoolError",
     "NotAPeftAdapter",
+    "Overloaded",
+    "PinLimitExceeded",
+    "PluginNotFound",
+    "PoolClosed",
+    "RateLimited",
     "Registry",
     "SamplingParams",
     "Scheduler",
@@ -72,5 +149,6 @@ __all__ = [
     "TieredStore",
     "Usage",
     "__version__",
+    "abc",
     "errors",
 ]

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from lorapool.policies.base import EvictionPolicy
+from lorapool.abc import EvictionPolicy, conform, lacks
 
 __all__ = ["available", "load_backend_class", "load_policy", "policies_for_tiers"]
 
@@ -90,8 +89,8 @@ def policies_for_tiers(spec: object = None) -> dict[str, EvictionPolicy]:
         if isinstance(item, type):
             policy: EvictionPolicy = item()
             return policy
-        if _is_policy(item):
-            return item  # type: ignore[return-value]
+        if not lacks(item, EvictionPolicy):
+            return conform(item, EvictionPolicy, what="an eviction policy")  # type: ignore[arg-type]
         raise TypeError(
             f"eviction for the {tier} tier must be a policy name, class or object, "
             f"not {type(item).__name__}"
@@ -106,8 +105,3 @@ def policies_for_tiers(spec: object = None) -> dict[str, EvictionPolicy]:
         return {t: make(spec, t) for t in _TIER_NAMES}
     return {t: make(spec if t == "device" else None, t) for t in _TIER_NAMES}
 
-
-def _is_policy(obj: object) -> bool:
-    return all(
-        callable(getattr(obj, m, None)) for m in ("on_insert", "on_access", "on_remove", "victim")
-    )

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from lorapool.backends.base import Backend, Preemptible
-from lorapool.policies.prefetch import TierName
+from lorapool.abc import Backend, TierName
 from lorapool.registry import Registry, check_adapter_id
 from lorapool.request import Relay
 from lorapool.scheduler import Scheduler, Ticket
@@ -163,12 +162,10 @@ class AdapterPool:
                 can_dispatch=self.store.can_dispatch,
                 on_device=self.store.on_device,
             )
-            bind_preemption = getattr(self.scheduler, "bind_preemption", None)
-            if caps.preemption and isinstance(self.backend, Preemptible) and bind_preemption:
-                bind_preemption(self.backend.preempt)
-            bind_handoff = getattr(self.scheduler, "bind_handoff", None)
-            if caps.resume and bind_handoff is not None:
-                bind_handoff(self._hand_off)
+            if caps.preemption:
+                self.scheduler.bind_preemption(self.backend.preempt)
+            if caps.resume:
+                self.scheduler.bind_handoff(self._hand_off)
                 self._handoffs = True
             self._started = True
             await self.store.on_start(self.registry.visible(None))
@@ -602,7 +599,7 @@ class AdapterPool:
 
 def _base_spec_of(backend: Backend) -> BaseModelSpec | None:
     """The base model's description for validation, when the backend runs a local checkpoint."""
-    model_path = getattr(backend, "model_path", None)
+    model_path = backend.capabilities.model_path
     if model_path is None or not (Path(model_path) / "config.json").is_file():
         log.info("no local base checkpoint: adapters are validated without base-model checks")
         return None

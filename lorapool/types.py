@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -159,6 +160,12 @@ class Capabilities:
     """The backend continues a request after tokens it already produced
     (:attr:`GenerationRequest.resume`): the pool may then stop a running request to hand
     its adapter's slot to another adapter, and go on with it later."""
+    engine_cache: bool = False
+    """The engine keeps adapters evicted from a slot in a cache of its own (vLLM's CPU
+    LoRA cache); the store calls ``discard(adapter_id)`` when it unloads one."""
+    model_path: Path | None = None
+    """A local copy of the base model (its ``config.json`` and weights' headers), when the
+    backend has one: adapters are validated against its module names and shapes."""
 
 
 @dataclass(frozen=True)

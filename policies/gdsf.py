@@ -7,6 +7,8 @@ import time
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 
+from lorapool.abc import EvictionPolicy
+
 from ._util import Clock, allowed
 
 __all__ = ["GDSFPolicy"]
@@ -23,7 +25,7 @@ class _Entry:
     seq: int
 
 
-class GDSFPolicy:
+class GDSFPolicy(EvictionPolicy):
     """Cherkasova's Greedy-Dual-Size-Frequency.
 
     Each entry's priority is ``L + freq * cost / size``: ``cost`` is the seconds

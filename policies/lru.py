@@ -6,12 +6,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Collection, Hashable
 
+from lorapool.abc import EvictionPolicy
+
 from ._util import Clock, allowed
 
 __all__ = ["LRUPolicy"]
 
 
-class LRUPolicy:
+class LRUPolicy(EvictionPolicy):
     """Evict the entry used longest ago. O(1) bookkeeping per event.
 
     ``clock`` is accepted so every policy is built the same way; LRU orders by

@@ -7,12 +7,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Collection, Hashable
 
+from lorapool.abc import EvictionPolicy
+
 from ._util import Clock, allowed
 
 __all__ = ["LRU2Policy"]
 
 
-class LRU2Policy:
+class LRU2Policy(EvictionPolicy):
     """O'Neil et al.'s LRU-K for K = 2, on a logical clock of events.
 
     An entry used only once has an infinite backward 2-distance and goes first

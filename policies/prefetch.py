@@ -12,64 +12,13 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+
+from lorapool.abc import PrefetchPolicy, TierName, Warm
 
 __all__ = ["KeepWarm", "PrefetchPolicy", "Preload", "SessionHint", "TierName", "Warm"]
 
-TierName = Literal["device", "host", "disk"]
 
-
-@dataclass(frozen=True)
-class Warm:
-    """A proposal: bring ``adapter_id`` to ``tier``."""
-
-    adapter_id: str
-    tier: TierName = "device"
-
-
-@runtime_checkable
-class PrefetchPolicy(Protocol):
-    """Observes the pool and proposes adapters to warm."""
-
-    def on_start(self, adapter_ids: Sequence[str]) -> Iterable[Warm]:
-        """The pool started with these adapters registered."""
-        ...
-
-    def on_hint(self, adapter_id: str) -> Iterable[Warm]:
-        """An application said a session using ``adapter_id`` is starting."""
-        ...
-
-    def on_request(self, adapter_id: str) -> Iterable[Warm]:
-        """A request using ``adapter_id`` finished."""
-        ...
-
-    def keep_warm(self) -> Collection[str]:
-        """Adapters the device tier should give up last, now."""
-        ...
-
-
-class _Quiet:
-    """Defaults: propose nothing, protect nothing."""
-
-    def on_start(self, adapter_ids: Sequence[str]) -> Iterable[Warm]:
-        """Nothing at start."""
-        return ()
-
-    def on_hint(self, adapter_id: str) -> Iterable[Warm]:
-        """Nothing on a hint."""
-        return ()
-
-    def on_request(self, adapter_id: str) -> Iterable[Warm]:
-        """Nothing after a request."""
-        return ()
-
-    def keep_warm(self) -> Collection[str]:
-        """Nothing kept."""
-        return ()
-
-
-class Preload(_Quiet):
+class Preload(PrefetchPolicy):
     """Bulk preload at start: every registered adapter (or ``adapters``) into ``tier``.
 
     The default tier is ``host``: RAM holds far more adapters than the device
@@ -90,7 +39,7 @@ class Preload(_Quiet):
         return [Warm(a, self.tier) for a in chosen]
 
 
-class SessionHint(_Quiet):
+class SessionHint(PrefetchPolicy):
     """Honour session-start hints by warming the adapter into ``tier``."""
 
     def __init__(self, *, tier: TierName = "device") -> None:
@@ -101,7 +50,7 @@ class SessionHint(_Quiet):
         return [Warm(adapter_id, self.tier)]
 
 
-class KeepWarm(_Quiet):
+class KeepWarm(PrefetchPolicy):
     """After each request keep its adapter on the device for ``window`` seconds.
 
     Soft: the device tier evicts adapters outside the window first, and ones

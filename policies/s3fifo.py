@@ -6,6 +6,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Collection, Container, Hashable
 
+from lorapool.abc import EvictionPolicy
+
 from ._util import Clock, allowed
 
 __all__ = ["S3FIFOPolicy"]
@@ -13,7 +15,7 @@ __all__ = ["S3FIFOPolicy"]
 _MAX_FREQ = 3
 
 
-class S3FIFOPolicy:
+class S3FIFOPolicy(EvictionPolicy):
     """Yang et al.'s S3-FIFO (SOSP '23).
 
     New entries go to a small FIFO (``small_fraction`` of the tracked entries,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Hashable
 
+from lorapool.abc import EvictionPolicy
+
 from ._util import Clock, allowed
 
 __all__ = ["SievePolicy"]
@@ -20,7 +22,7 @@ class _Node:
         self.older: _Node | None = None
 
 
-class SievePolicy:
+class SievePolicy(EvictionPolicy):
     """Zhang et al.'s SIEVE (NSDI '24): lazy promotion, quick demotion.
 
     New entries join the head of a queue; a use only sets the entry's visited

@@ -6,12 +6,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Collection, Hashable
 
+from lorapool.abc import EvictionPolicy
+
 from ._util import Clock, allowed
 
 __all__ = ["TTLPolicy"]
 
 
-class TTLPolicy:
+class TTLPolicy(EvictionPolicy):
     """Evict expired entries first, then the least recently used one.
 
     An entry expires ``ttl`` seconds after its last insert or access, read from

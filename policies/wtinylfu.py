@@ -6,13 +6,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Collection, Container, Hashable
 
+from lorapool.abc import EvictionPolicy
+
 from ._sketch import FrequencySketch
 from ._util import Clock, allowed
 
 __all__ = ["WTinyLFUPolicy"]
 
 
-class WTinyLFUPolicy:
+class WTinyLFUPolicy(EvictionPolicy):
     """Einziger et al.'s W-TinyLFU, the policy of Caffeine, without its hill climber.
 
     New entries enter an LRU *window*. When the tier is full, the window's

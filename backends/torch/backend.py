@@ -185,6 +185,7 @@ class TorchBackend:
                 max_seq_len=self.max_seq_len,
                 preemption=True,
                 resume=True,
+                model_path=self.model_path,
             )
             self._engine = engine
             self._stats = engine.stats

@@ -104,7 +104,7 @@ class _RegistryActor:
         self._writes += 1
 
 
-class RayRegistryStore:
+class RayRegistryStore(RegistryStore):
     """A :class:`~lorapool.registry.RegistryStore` shared by every replica of a cluster.
 
     The records live in a detached actor named ``name`` (created by the first

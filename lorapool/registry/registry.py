@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lorapool.abc import conform
 from lorapool.errors import (
     AccessDenied,
     AdapterExists,
@@ -90,7 +91,9 @@ class Registry:
     def __init__(self, store: RegistryStore | None = None, *, keep_versions: int = 5) -> None:
         if keep_versions < 1:
             raise ValueError("keep_versions must be >= 1")
-        self.store: RegistryStore = store if store is not None else MemoryRegistryStore()
+        self.store: RegistryStore = (
+            MemoryRegistryStore() if store is None else conform(store, RegistryStore)
+        )
         self.keep_versions = keep_versions
         self._adapters: dict[str, AdapterInfo] = {}
         self._aliases: dict[str, Alias] = {}
@@ -98,11 +101,8 @@ class Registry:
         self._reload()
 
     def _store_version(self) -> int | None:
-        version = getattr(self.store, "version", None)
-        if version is None:  # a store written before stores had versions
-            return None
         try:
-            return int(version())
+            return int(self.store.version())
         except RuntimeError:  # closed: keep serving what is in memory
             return self._seen
 
@@ -125,11 +125,9 @@ class Registry:
             self._reload()
         if lookup is None or lookup in self._adapters or lookup in self._aliases:
             return
-        invalidate = getattr(self.store, "invalidate", None)
-        if invalidate is not None:
-            invalidate()
-            if self._store_version() != self._seen:
-                self._reload()
+        self.store.invalidate()
+        if self._store_version() != self._seen:
+            self._reload()
 
     @classmethod
     def open(cls, path: str | Path) -> Registry:

@@ -14,54 +14,15 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
+from lorapool.abc import RegistryStore
 from lorapool.errors import AdapterExists
 from lorapool.types import AdapterInfo, LoraConfig
 
 __all__ = ["MemoryRegistryStore", "RegistryStore", "SqliteRegistryStore"]
 
 
-@runtime_checkable
-class RegistryStore(Protocol):
-    """Durable (or not) storage of :class:`AdapterInfo` records and named settings."""
-
-    def insert(self, info: AdapterInfo) -> None:
-        """Add a record; :class:`AdapterExists` if the id is taken (atomically)."""
-        ...
-
-    def delete(self, adapter_id: str) -> None:
-        """Remove a record (no-op if absent)."""
-        ...
-
-    def records(self) -> Iterator[AdapterInfo]:
-        """Every record, in insertion order."""
-        ...
-
-    def get_setting(self, key: str) -> str | None:
-        """A named value (aliases and traffic splits live here as JSON)."""
-        ...
-
-    def set_setting(self, key: str, value: str | None) -> None:
-        """Set (``None``: delete) a named value."""
-        ...
-
-    def version(self) -> int:
-        """A number that changes when another process or node changed the store.
-
-        The :class:`~lorapool.registry.Registry` reads it before each lookup
-        and reloads its in-memory view when it moved, so pools that share a
-        store (replicas of one deployment) see each other's registrations.
-        A store only this process writes returns a constant.
-        """
-        ...
-
-    def close(self) -> None:
-        """Release the store. Idempotent."""
-        ...
-
-
-class MemoryRegistryStore:
+class MemoryRegistryStore(RegistryStore):
     """Records in a dict; gone with the process."""
 
     def __init__(self) -> None:
@@ -120,7 +81,7 @@ CREATE TABLE IF NOT EXISTS settings (
 """
 
 
-class SqliteRegistryStore:
+class SqliteRegistryStore(RegistryStore):
     """Records in a SQLite file (created if missing), one transaction per change.
 
     Writes are short and happen on the calling thread; SQLite's WAL journal

@@ -12,7 +12,9 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
+
+from lorapool.abc import Scheduler
 
 __all__ = [
     "ColdStart",
@@ -89,50 +91,6 @@ class Ticket:
         return self.pauses > 0
 
 
-@runtime_checkable
-class Scheduler(Protocol):
-    """Decides whose request runs next."""
-
-    @property
-    def queued(self) -> int:
-        """Requests waiting for dispatch (the queue-depth metric)."""
-        ...
-
-    def bind(
-        self,
-        *,
-        max_inflight: int,
-        can_dispatch: DispatchCheck,
-        on_device: ResidencyCheck | None = None,
-    ) -> None:
-        """Called once by the pool at start with the engine's limits."""
-        ...
-
-    async def acquire(self, ticket: Ticket) -> None:
-        """Admit ``ticket`` and wait until it is dispatched.
-
-        May refuse it (``RateLimited``, ``Overloaded``) or give up at its
-        deadline (``DeadlineExceeded``). Cancelling the wait withdraws it.
-        """
-        ...
-
-    def charge(self, ticket: Ticket, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
-        """Service a dispatched request received (output as it is produced)."""
-        ...
-
-    def cold_start(self, tenant: str) -> ColdStart:
-        """The tenant's policy for a request whose adapter is not on the device."""
-        ...
-
-    def release(self, ticket: Ticket) -> None:
-        """The dispatched request finished (or failed); free its place."""
-        ...
-
-    def kick(self) -> None:
-        """Something outside changed (a pin, an unload): try to dispatch again."""
-        ...
-
-
 class DispatchState:
     """What every scheduler tracks: the engine's limits and what is in flight.
 
@@ -178,6 +136,15 @@ class DispatchState:
         request waiting for a slot gets one; the default is to never call it.
         """
         self._hand_off = hand_off
+
+    def tier_of(self, tenant: str) -> str | None:
+        """No service tiers by default."""
+        return None
+
+    @property
+    def queued_by_tier(self) -> dict[str, int]:
+        """No service tiers by default: empty."""
+        return {}
 
     @property
     def inflight(self) -> int:

@@ -160,7 +160,7 @@ class FairScheduler(DispatchState):
     places), ``0`` turns pacing off. ``preemption``: pause a request of the
     tenant holding the most places for a queued one when every place is taken
     (used only with a backend that can, see
-    :class:`~lorapool.backends.base.Preemptible`). ``light_window`` (seconds,
+    ``Capabilities.preemption``). ``light_window`` (seconds,
     ``0`` turns the rule off) and ``light_ratio``: a tenant whose recent
     service is at most 1/``light_ratio`` of the heaviest tenant's goes as if
     under its share of places (see the module docstring). ``slot_wait``:

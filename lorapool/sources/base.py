@@ -9,10 +9,9 @@ transient failures; a source only moves bytes, like an fsspec protocol.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
-from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+from lorapool.abc import Source
 from lorapool.errors import InvalidRequest
 
 __all__ = [
@@ -23,32 +22,6 @@ __all__ = [
     "register_source",
     "scheme_of",
 ]
-
-
-@runtime_checkable
-class Source(Protocol):
-    """Where adapters come from, for one URI scheme."""
-
-    def local_path(self, uri: str) -> Path | None:
-        """The directory itself when ``uri`` is already on local disk, else ``None``.
-
-        The store reads local adapters in place instead of copying them into
-        its disk tier.
-        """
-        ...
-
-    async def fetch(self, uri: str, name: str, dest: Path) -> int:
-        """Write file ``name`` of the adapter at ``uri`` to ``dest``; return the bytes written.
-
-        Raise :class:`~lorapool.errors.SourceNotFound` when the file does not
-        exist and :class:`~lorapool.errors.SourceError` (``transient=True``
-        when a retry may help) for anything else.
-        """
-        ...
-
-    async def aclose(self) -> None:
-        """Release connections. Idempotent."""
-        ...
 
 
 SourceFactory = Callable[[], Source]

@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio
 import httpx
 
+from lorapool.abc import Source
 from lorapool.errors import SourceError, SourceNotFound
 
 __all__ = ["HttpSource"]
@@ -21,7 +22,7 @@ _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _CHUNK = 1 << 20
 
 
-class HttpSource:
+class HttpSource(Source):
     """GETs adapter files with one shared :class:`httpx.AsyncClient`.
 
     Pass ``client`` to control TLS, proxies, auth or transports; otherwise one

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from lorapool.abc import Source
 from lorapool.errors import SourceError, SourceNotFound
 
 __all__ = ["LocalSource", "local_path_of"]
@@ -22,7 +23,7 @@ def local_path_of(uri: str) -> Path:
     return Path(uri).expanduser()
 
 
-class LocalSource:
+class LocalSource(Source):
     """Reads adapter directories in place; :meth:`fetch` copies a file when asked."""
 
     def local_path(self, uri: str) -> Path | None:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import anyio
 
+from lorapool.abc import Source
 from lorapool.errors import ExtraNotInstalled, SourceError, SourceNotFound
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return parts.netloc, parts.path.strip("/")
 
 
-class S3Source:
+class S3Source(Source):
     """GETs adapter files from S3 or any S3-compatible endpoint with one aiobotocore client."""
 
     def __init__(

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorapool.abc import EvictionPolicy
 from lorapool.adapters import (
     ADAPTER_FILES,
     CONFIG_FILE,
@@ -38,7 +39,6 @@ from lorapool.errors import (
     NotAPeftAdapter,
     SourceNotFound,
 )
-from lorapool.policies.base import EvictionPolicy
 from lorapool.store.tiers import Tier
 from lorapool.validation import SIDECAR_FILE
 

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorapool.adapters import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
-from lorapool.backends.base import EngineCached
 from lorapool.errors import (
     AdapterValidationError,
     ContentMismatch,
@@ -45,8 +44,7 @@ from lorapool.store.tiers import SingleFlight, Tier, parse_size
 from lorapool.types import AdapterInfo, LoadedAdapter
 
 if TYPE_CHECKING:
-    from lorapool.backends.base import Backend
-    from lorapool.policies.prefetch import PrefetchPolicy, TierName
+    from lorapool.abc import Backend, PrefetchPolicy, TierName
 
 __all__ = ["StoreStats", "TieredStore", "parse_size"]
 
@@ -396,7 +394,7 @@ class TieredStore:
                 self._slots[resident.slot] = None
                 self._device_policy.on_remove(adapter_id)
                 await self._backend.unload(adapter_id)
-            elif isinstance(self._backend, EngineCached):
+            elif self._backend is not None and self._backend.capabilities.engine_cache:
                 await self._backend.discard(adapter_id)
         if "host" in tiers:
             self._host.pop(adapter_id)

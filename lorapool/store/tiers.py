@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from lorapool.policies.base import EvictionPolicy
+from lorapool.abc import EvictionPolicy
 
 __all__ = ["SingleFlight", "Tier", "parse_size"]
 
@@ -142,15 +142,12 @@ class Tier(Generic[K, V]):
         return evicted
 
     def expire(self, *, protected: Callable[[K], bool]) -> list[tuple[K, V]]:
-        """Drop the entries the policy says have expired (policies with ``expired()``, e.g. TTL).
+        """Drop the entries the policy says have expired (:meth:`EvictionPolicy.expired`).
 
         Protected entries stay whatever the policy says.
         """
-        expired = getattr(self.policy, "expired", None)
-        if expired is None:
-            return []
         dropped: list[tuple[K, V]] = []
-        for key in list(expired()):
+        for key in list(self.policy.expired()):
             if key in self._entries and not protected(key):
                 dropped.append((key, self._drop(key)))
                 self.evictions += 1

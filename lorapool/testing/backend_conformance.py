@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorapool.backends.base import Backend
+from lorapool.abc import Backend
 from lorapool.errors import AdapterNotFound, LorapoolError
 from lorapool.pool import AdapterPool
 from lorapool.types import GenerationRequest, SamplingParams

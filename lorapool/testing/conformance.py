@@ -56,7 +56,7 @@ from collections.abc import Callable, Collection, Hashable, Sized
 from dataclasses import dataclass
 from typing import Any
 
-from lorapool.policies.base import EvictionPolicy
+from lorapool.abc import EvictionPolicy, lacks
 
 from .clock import ManualClock
 
@@ -219,7 +219,8 @@ def _drive(
 
 def _check_protocol(factory: PolicyFactory) -> None:
     policy = factory(ManualClock())
-    _require(isinstance(policy, EvictionPolicy), f"{policy!r} lacks EvictionPolicy's methods")
+    missing = lacks(policy, EvictionPolicy)
+    _require(not missing, f"{policy!r} lacks EvictionPolicy's methods {missing}")
     empties: tuple[Collection[Hashable], ...] = ([], set(), (), {}.keys())
     for empty in empties:
         _require(policy.victim(empty) is None, "victim of an empty collection is not None")

@@ -28,6 +28,12 @@ SAMPLES: list[e.LorapoolError] = [
     e.LoadError("acme/a", "device", "boom"),
     e.BackendError("engine died"),
     e.BackendUnavailable("vllm", "vllm", "no module"),
+    e.BackendNotStarted("TorchBackend"),
+    e.BackendClosed("TorchBackend"),
+    e.BackendServerError(503, "overloaded", what="load the adapter"),
+    e.PoolClosed(),
+    e.DiskFull("no room for 3 MiB"),
+    e.PluginNotFound("lorapool.backends", "nope", ["torch", "vllm"]),
 ]
 
 
@@ -42,3 +48,20 @@ def test_error_survives_pickling(error: e.LorapoolError) -> None:
 def test_every_error_class_is_sampled() -> None:
     classes = {getattr(e, n) for n in e.__all__}
     assert classes - {type(x) for x in SAMPLES} == {e.LorapoolError}
+
+
+def test_every_error_is_importable_from_lorapool() -> None:
+    """``lorapool`` is the documented place: every public error class is exported there."""
+    import lorapool
+
+    for name in e.__all__:
+        assert getattr(lorapool, name) is getattr(e, name), name
+        assert name in lorapool.__all__, name
+
+
+def test_the_error_tree_in_the_docstring_names_every_error() -> None:
+    import lorapool
+
+    assert lorapool.__doc__ is not None
+    for name in e.__all__:
+        assert name in lorapool.__doc__, name
