@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorapool-installed
 TYPECHECK := .cache/typecheck
+CONTRACTS := .cache/contracts
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -15,7 +16,7 @@ VLLM_VENV ?= $(HOME)/.cache/lorapool/venvs/vllm
 VLLM_TESTS := tests/integration/test_vllm.py tests/integration/test_openai_backend.py \
 	tests/integration/test_bench_vllm.py
 
-.PHONY: setup setup-vllm demo test test-unit test-vllm bench lint clean
+.PHONY: setup setup-vllm demo test test-unit test-vllm bench lint contracts clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +35,7 @@ setup-vllm:
 demo: setup
 	$(PY) examples/quickstart.py
 
-test: setup setup-vllm
+test: setup setup-vllm contracts
 	$(VENV)/bin/pytest -q
 	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -m vllm $(VLLM_TESTS)
 
@@ -54,5 +55,12 @@ lint: setup
 	$(PY) -m pip install -q --no-deps --no-build-isolation --target $(TYPECHECK) .
 	cd $(TYPECHECK) && ../../$(VENV)/bin/mypy --strict --config-file ../../pyproject.toml -p lorapool
 
+# The import contracts of pyproject.toml ([tool.importlinter]) on an installed copy, where
+# backends/ and policies/ sit inside lorapool/ as they do for users.
+contracts: setup
+	rm -rf $(CONTRACTS)
+	$(PY) -m pip install -q --no-deps --no-build-isolation --target $(CONTRACTS) .
+	cd $(CONTRACTS) && PYTHONPATH=. ../../$(VENV)/bin/lint-imports --config ../../pyproject.toml
+
 clean:
-	rm -rf $(VENV) $(TYPECHECK) build dist *.egg-info
+	rm -rf $(VENV) $(TYPECHECK) $(CONTRACTS) build dist *.egg-info
