@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
-from lorapool.adapters import CONFIG_FILE, WEIGHTS_FILE
 from lorapool.errors import LoadError
+from lorapool.formats import CONFIG_FILE, WEIGHTS_FILE
 from lorapool.types import LoadedAdapter
 
 __all__ = ["AdapterDirs", "check_load", "write_zero_adapter"]

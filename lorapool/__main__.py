@@ -45,7 +45,7 @@ def _add_stamp(commands: Any) -> None:
 
 def _stamp(args: argparse.Namespace) -> int:
     from .errors import AdapterValidationError
-    from .validation import BaseModelSpec, stamp_adapter
+    from .formats import BaseModelSpec, stamp_adapter
 
     try:
         target = stamp_adapter(args.path, BaseModelSpec.from_dir(args.base))
@@ -60,8 +60,9 @@ def _validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .errors import SourceNotFound
+    from .formats import BaseModelSpec
     from .types import Capabilities
-    from .validation import BaseModelSpec, validate_adapter
+    from .validation import validate_adapter
 
     base = None
     if args.base is not None:

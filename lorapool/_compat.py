@@ -24,6 +24,7 @@ MOVED: dict[str, str] = {
     "lorapool.tiers": "lorapool.store.tiers",
     "lorapool.disk": "lorapool.store.disk",
     "lorapool.registry_store": "lorapool.registry.stores",
+    "lorapool.adapters": "lorapool.formats",
 }
 """Old module path -> the module that holds its code now."""
 

@@ -33,6 +33,7 @@ from .errors import (
     PoolClosed,
     RateLimited,
 )
+from .formats import BaseModelSpec
 from .types import (
     AdapterInfo,
     Chunk,
@@ -44,7 +45,7 @@ from .types import (
     SamplingParams,
     Usage,
 )
-from .validation import BaseModelSpec, validate_adapter
+from .validation import validate_adapter
 
 __all__ = ["REGISTRY_FILE", "AdapterPool", "PoolStats", "Session", "TenantUsage", "estimate_tokens"]
 

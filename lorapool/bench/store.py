@@ -57,7 +57,7 @@ def _timed(fn: Callable[[], object]) -> float:
 def _disk_to_host(path: Path, rounds: int) -> dict[str, list[float]]:
     from safetensors.torch import load
 
-    from lorapool.adapters import ADAPTER_FILES, WEIGHTS_FILE, sha256_of_files
+    from lorapool.formats import ADAPTER_FILES, WEIGHTS_FILE, sha256_of_files
 
     def read() -> None:
         for name in ADAPTER_FILES:

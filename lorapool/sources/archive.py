@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lorapool.errors import SourceNotFound
-from lorapool.validation import ARCHIVE_SUFFIXES, extract_archive
+from lorapool.formats import ARCHIVE_SUFFIXES, extract_archive
 
 __all__ = ["ArchiveFiles", "is_archive_uri", "split_archive_uri"]
 

@@ -25,13 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorapool.abc import EvictionPolicy
-from lorapool.adapters import (
-    ADAPTER_FILES,
-    CONFIG_FILE,
-    AdapterFiles,
-    inspect_adapter_dir,
-    sha256_of_files,
-)
 from lorapool.errors import (
     ContentMismatch,
     DiskFull,
@@ -39,8 +32,15 @@ from lorapool.errors import (
     NotAPeftAdapter,
     SourceNotFound,
 )
+from lorapool.formats import (
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    SIDECAR_FILE,
+    AdapterFiles,
+    inspect_adapter_dir,
+    sha256_of_files,
+)
 from lorapool.store.tiers import Tier
-from lorapool.validation import SIDECAR_FILE
 
 __all__ = ["DiskFull", "DiskTier", "FetchFile", "Staged"]
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorapool.adapters import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
 from lorapool.errors import (
     AdapterValidationError,
     ContentMismatch,
@@ -36,6 +35,7 @@ from lorapool.errors import (
     SourceError,
     SourceNotFound,
 )
+from lorapool.formats import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
 from lorapool.ratelimit import TokenBucket
 from lorapool.sources import Source, make_source, scheme_of
 from lorapool.sources.archive import ArchiveFiles, is_archive_uri, split_archive_uri

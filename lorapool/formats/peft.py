@@ -1,9 +1,9 @@
-"""Reading a PEFT LoRA adapter directory without importing torch.
+"""A PEFT LoRA adapter directory: its file names, inspecting it, and its digests.
 
 A PEFT adapter is a directory with ``adapter_config.json`` and
-``adapter_model.safetensors``. This module parses the config strictly enough
-for serving, reads the safetensors header (tensor names and shapes) from its
-JSON prefix, and hashes the files so every later load can be verified.
+``adapter_model.safetensors``. :func:`inspect_adapter_dir` parses the config
+well enough for serving, reads the safetensors header (tensor names and shapes)
+and hashes the files so every later load can be verified; it never imports torch.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .errors import AdapterValidationError, NotAPeftAdapter, SourceNotFound
-from .types import Capabilities, LoraConfig
+from ..errors import AdapterValidationError, NotAPeftAdapter, SourceNotFound
+from ..types import Capabilities, LoraConfig
+from .limits import MIB, PICKLE_SUFFIXES, ValidationLimits, read_capped
+from .safetensors import read_safetensors_header
 
 __all__ = [
     "ADAPTER_FILES",
@@ -26,15 +28,15 @@ __all__ = [
     "adapter_digest",
     "check_supported",
     "inspect_adapter_dir",
-    "read_safetensors_header",
     "sha256_of_files",
 ]
 
 CONFIG_FILE = "adapter_config.json"
+"""The adapter's PEFT configuration."""
 WEIGHTS_FILE = "adapter_model.safetensors"
+"""The adapter's weights; the only weight file lorapool reads."""
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-_PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-_MAX_HEADER = 100 * 1024 * 1024
+"""The files that make an adapter, in the order its digest covers them."""
 
 
 @dataclass(frozen=True)
@@ -46,26 +48,6 @@ class AdapterFiles:
     tensors: dict[str, tuple[int, ...]]
     sha256: str
     size_bytes: int
-
-
-def read_safetensors_header(data: bytes | Path) -> dict[str, tuple[int, ...]]:
-    """Return ``{tensor name: shape}`` from a safetensors file or its bytes.
-
-    The header is checked strictly (dtypes, shapes, offsets tiling the data
-    section, the file's size) by :mod:`lorapool.validation`; a file's data
-    section is never read. Raises :class:`AdapterValidationError` (a
-    ``ValueError``) with reason ``truncated``, ``bad_header`` or ``too_large``.
-    """
-    from .validation import (
-        ValidationLimits,
-        read_safetensors_header_bytes,
-        read_safetensors_header_file,
-    )
-
-    limits = ValidationLimits(max_header_bytes=_MAX_HEADER, max_tensors=1_000_000)
-    if isinstance(data, Path):
-        return read_safetensors_header_file(data, limits).shapes
-    return read_safetensors_header_bytes(data, limits).shapes
 
 
 def adapter_digest(files: dict[str, bytes]) -> str:
@@ -83,7 +65,7 @@ def sha256_of_files(directory: Path, names: tuple[str, ...] = ADAPTER_FILES) -> 
     for name in names:
         digest.update(name.encode() + b"\0")
         with (directory / name).open("rb") as f:
-            while chunk := f.read(1 << 20):
+            while chunk := f.read(MIB):
                 digest.update(chunk)
     return digest.hexdigest()
 
@@ -95,7 +77,8 @@ def inspect_adapter_dir(source: str | Path, *, label: str | None = None) -> Adap
     :class:`NotAPeftAdapter` (or another :class:`AdapterValidationError`)
     when it does not hold a usable LoRA adapter. ``label`` names the adapter
     in errors (the URI it was downloaded from) when ``source`` is a staging
-    directory.
+    directory. The config and the safetensors header are read under the
+    default :class:`ValidationLimits`.
     """
     path = Path(source).expanduser()
     label = str(source) if label is None else label
@@ -108,7 +91,11 @@ def inspect_adapter_dir(source: str | Path, *, label: str | None = None) -> Adap
     if not config_path.is_file():
         raise NotAPeftAdapter(label, f"no {CONFIG_FILE}")
     if not weights_path.is_file():
-        pickled = [n for n in _PICKLE_FILES if (path / n).exists()]
+        pickled = [
+            name
+            for name in (f"adapter_model{suffix}" for suffix in PICKLE_SUFFIXES)
+            if (path / name).exists()
+        ]
         if pickled:
             raise AdapterValidationError(
                 "pickle_weights",
@@ -117,24 +104,7 @@ def inspect_adapter_dir(source: str | Path, *, label: str | None = None) -> Adap
                 "safe_serialization=True))",
             )
         raise NotAPeftAdapter(label, f"no {WEIGHTS_FILE}")
-    try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise NotAPeftAdapter(label, f"{CONFIG_FILE} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise NotAPeftAdapter(label, f"{CONFIG_FILE} is not a JSON object")
-    if str(raw.get("peft_type", "LORA")).upper() != "LORA":
-        raise AdapterValidationError(
-            "unsupported_peft_type",
-            f"peft_type {raw.get('peft_type')!r} is not supported; only LORA adapters are",
-        )
-    try:
-        config = LoraConfig.model_validate(raw)
-    except ValidationError as exc:
-        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
-        raise NotAPeftAdapter(
-            label, f"{CONFIG_FILE} is missing or has bad fields: {fields}"
-        ) from None
+    config = _read_config(config_path, label)
     try:
         tensors = read_safetensors_header(weights_path)
     except AdapterValidationError:
@@ -151,6 +121,33 @@ def inspect_adapter_dir(source: str | Path, *, label: str | None = None) -> Adap
         sha256=sha256_of_files(path),
         size_bytes=size,
     )
+
+
+def _read_config(config_path: Path, label: str) -> LoraConfig:
+    """``adapter_config.json`` as far as serving needs it (the strict parse is
+    :func:`lorapool.formats.parse_adapter_config`)."""
+    cap = ValidationLimits().max_config_bytes
+    try:
+        data = read_capped(config_path, cap)
+        raw = None if data is None else json.loads(data.decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise NotAPeftAdapter(label, f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+    if data is None:
+        raise AdapterValidationError("too_large", f"{label!r}: {CONFIG_FILE} is above {cap} bytes")
+    if not isinstance(raw, dict):
+        raise NotAPeftAdapter(label, f"{CONFIG_FILE} is not a JSON object")
+    if str(raw.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterValidationError(
+            "unsupported_peft_type",
+            f"peft_type {raw.get('peft_type')!r} is not supported; only LORA adapters are",
+        )
+    try:
+        return LoraConfig.model_validate(raw)
+    except ValidationError as exc:
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
+        raise NotAPeftAdapter(
+            label, f"{CONFIG_FILE} is missing or has bad fields: {fields}"
+        ) from None
 
 
 def check_supported(files: AdapterFiles, caps: Capabilities) -> None:
