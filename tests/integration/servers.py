@@ -107,7 +107,7 @@ class FileServer:
 async def upload(server: CountingMotoServer, bucket: str, prefix: str, directory: Path) -> None:
     from aiobotocore.session import get_session
 
-    from lorapool.adapters import ADAPTER_FILES
+    from lorapool.formats import ADAPTER_FILES
 
     async with get_session().create_client(
         "s3", endpoint_url=server.endpoint, **CREDENTIALS

@@ -162,7 +162,7 @@ async def test_seeded_sampling_is_reproducible_and_stop_strings_cut(backend: Any
 async def test_slot_reuse_leaves_nothing_of_the_previous_adapter(
     backend: Any, adapters: dict[str, Any]
 ) -> None:
-    from lorapool.adapters import WEIGHTS_FILE, inspect_adapter_dir
+    from lorapool.formats import WEIGHTS_FILE, inspect_adapter_dir
     from lorapool.types import LoadedAdapter
 
     def loaded(name: str) -> LoadedAdapter:

@@ -15,11 +15,16 @@ import pytest
 
 from lorapool import AdapterPool, SamplingParams, TieredStore
 from lorapool.__main__ import main
-from lorapool.adapters import ADAPTER_FILES, WEIGHTS_FILE
 from lorapool.errors import AdapterValidationError
+from lorapool.formats import (
+    ADAPTER_FILES,
+    SIDECAR_FILE,
+    WEIGHTS_FILE,
+    BaseModelSpec,
+    stamp_adapter,
+)
 from lorapool.registry import Registry
 from lorapool.sources import HttpSource, S3Source
-from lorapool.validation import SIDECAR_FILE, BaseModelSpec, stamp_adapter
 
 from .servers import CREDENTIALS, CountingMotoServer, FileServer
 from .test_sources import put_bytes

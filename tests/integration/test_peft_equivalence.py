@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from lorapool.adapters import inspect_adapter_dir
+from lorapool.formats import inspect_adapter_dir
 from lorapool.types import GenerationRequest, LoadedAdapter, SamplingParams
 
 pytestmark = pytest.mark.slow

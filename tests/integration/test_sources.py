@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from lorapool import AdapterPool, SamplingParams, TieredStore
-from lorapool.adapters import ADAPTER_FILES, WEIGHTS_FILE
 from lorapool.errors import LoadError, NotAPeftAdapter, SourceNotFound
+from lorapool.formats import ADAPTER_FILES, WEIGHTS_FILE
 from lorapool.pool import REGISTRY_FILE
 from lorapool.sources import HttpSource, S3Source
 

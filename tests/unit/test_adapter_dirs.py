@@ -6,8 +6,8 @@ import asyncio
 import hashlib
 from pathlib import Path
 
-from lorapool.adapters import CONFIG_FILE, WEIGHTS_FILE
 from lorapool.backends.files import AdapterDirs
+from lorapool.formats import CONFIG_FILE, WEIGHTS_FILE
 from lorapool.types import LoadedAdapter, LoraConfig
 
 

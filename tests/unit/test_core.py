@@ -20,7 +20,7 @@ from lorapool.store import parse_size
 from lorapool.testing import MockBackend
 from lorapool.types import GenerationRequest
 
-from .test_adapters import make_dir
+from .test_formats_peft import make_dir
 
 
 @pytest.fixture

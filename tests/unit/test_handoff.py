@@ -19,8 +19,8 @@ from lorapool.scheduler.handoff import Handoff, choose_handoff
 from lorapool.testing import MockBackend
 from lorapool.types import Chunk
 
-from .test_adapters import make_dir
 from .test_fair import Harness, fair
+from .test_formats_peft import make_dir
 
 _ids = itertools.count()
 

@@ -21,7 +21,7 @@ from lorapool.registry import Registry
 from lorapool.sources import LocalSource
 from lorapool.testing import ManualClock, MockBackend
 
-from .test_adapters import make_dir
+from .test_formats_peft import make_dir
 
 ONE = SamplingParams(max_tokens=1)
 

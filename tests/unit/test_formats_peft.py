@@ -1,16 +1,27 @@
-"""Reading PEFT directories without torch: errors say what is wrong."""
+"""PEFT adapter directories and ``adapter_config.json``, read without torch: errors say what
+is wrong."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lorapool.adapters import check_supported, inspect_adapter_dir, read_safetensors_header
 from lorapool.errors import AdapterValidationError, NotAPeftAdapter, SourceNotFound
+from lorapool.formats import (
+    PICKLE_SUFFIXES,
+    check_supported,
+    inspect_adapter_dir,
+    parse_adapter_config,
+    read_safetensors_header,
+)
 from lorapool.types import Capabilities
+from lorapool.validation import REASONS, validate_adapter
 
 CAPS = Capabilities(
     max_slots=4,
@@ -32,6 +43,9 @@ def _safetensors(tensors: dict[str, list[int]]) -> bytes:
         offset += n
     raw = json.dumps(header).encode()
     return struct.pack("<Q", len(raw)) + raw + b"\0" * offset
+
+
+PREFIX = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 def make_dir(
@@ -103,6 +117,35 @@ def test_pickle_weights_refused(tmp_path: Path) -> None:
     assert info.value.reason == "pickle_weights"
 
 
+@pytest.mark.parametrize("suffix", PICKLE_SUFFIXES)
+def test_one_pickle_list(tmp_path: Path, suffix: str) -> None:
+    """Inspection and validation refuse the same pickle weight files."""
+    d = make_dir(tmp_path)
+    (d / "adapter_model.safetensors").rename(d / f"adapter_model{suffix}")
+    with pytest.raises(AdapterValidationError) as info:
+        inspect_adapter_dir(d)
+    assert info.value.reason == "pickle_weights"
+    assert "pickle_weights" in validate_adapter(d).reasons
+
+
+def test_header_reader_uses_the_strict_checks(tmp_path: Path) -> None:
+    d = make_dir(tmp_path)
+    data = (d / "adapter_model.safetensors").read_bytes()
+    assert read_safetensors_header(data)[f"{PREFIX}.lora_A.weight"] == (4, 8)
+    (d / "adapter_model.safetensors").write_bytes(data[:-4])
+    with pytest.raises(AdapterValidationError) as info:
+        inspect_adapter_dir(d)
+    assert info.value.reason == "truncated"
+
+
+def test_config_above_the_cap_is_not_read(tmp_path: Path) -> None:
+    d = make_dir(tmp_path)
+    (d / "adapter_config.json").write_text(" " * (1 << 20) + "{}")
+    with pytest.raises(AdapterValidationError) as info:
+        inspect_adapter_dir(d)
+    assert info.value.reason == "too_large"
+
+
 def test_other_peft_type_refused(tmp_path: Path) -> None:
     with pytest.raises(AdapterValidationError) as info:
         inspect_adapter_dir(make_dir(tmp_path, {"peft_type": "IA3"}))
@@ -138,3 +181,46 @@ def test_unknown_target_module(tmp_path: Path) -> None:
     with pytest.raises(AdapterValidationError, match="gate_proj") as info:
         check_supported(files, CAPS)
     assert info.value.reason == "unsupported_target"
+
+
+# -- adapter_config.json properties ---------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+config_keys = st.sampled_from(
+    [
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "use_rslora",
+        "use_dora",
+        "peft_type",
+        "bias",
+        "modules_to_save",
+        "rank_pattern",
+        "base_model_name_or_path",
+    ]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_config_parser_bytes(data: bytes) -> None:
+    with contextlib.suppress(AdapterValidationError):
+        parse_adapter_config(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(config_keys | st.text(max_size=8), json_values, max_size=10) | json_values)
+def test_config_parser_json(value: object) -> None:
+    try:
+        config = parse_adapter_config(json.dumps(value))
+    except AdapterValidationError as exc:
+        assert exc.reason in REASONS
+    else:
+        assert isinstance(value, dict) and config.r == value["r"]
