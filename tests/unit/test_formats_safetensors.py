@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from lorapool.validation import REASONS, validate_adapter
 QA0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 
-def _raw(header: dict[str, object], data: bytes, declared: int | None = None) -> bytes:
+def _raw(header: Mapping[str, object], data: bytes, declared: int | None = None) -> bytes:
     encoded = json.dumps(header).encode()
     n = len(encoded) if declared is None else declared
     return struct.pack("<Q", n) + encoded + data
@@ -61,7 +62,7 @@ def test_one_header_cap_for_every_reader(tmp_path: Path) -> None:
     base.mkdir()
     (base / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
     (base / "model.safetensors").write_bytes(above)
-    readers = {
+    readers: dict[str, Callable[[], object]] = {
         "bytes": lambda: read_safetensors_header_bytes(above, ValidationLimits()),
         "file": lambda: read_safetensors_header_file(adapter / "adapter_model.safetensors"),
         "shapes": lambda: read_safetensors_header(above),
