@@ -34,7 +34,7 @@ import warnings
 from collections.abc import AsyncIterator, Collection, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast, runtime_checkable
 
 from lorapool.errors import InvalidRequest
 
@@ -236,6 +236,7 @@ class Source(Protocol):
 
     async def aclose(self) -> None:
         """Release connections. Idempotent (default: nothing to release)."""
+        return None
 
 
 @runtime_checkable
@@ -277,9 +278,11 @@ class RegistryStore(Protocol):
         Default: nothing cached. The registry calls it when a lookup misses, so an id
         registered through another replica a moment ago resolves at once.
         """
+        return None
 
     def close(self) -> None:
         """Release the store. Idempotent (default: nothing to release)."""
+        return None
 
 
 @runtime_checkable
@@ -389,7 +392,7 @@ def lacks(obj: object, seam: type[Any]) -> list[str]:
     return [n for n in _members(seam) if n not in optional and not hasattr(obj, n)]
 
 
-def conform(obj: T, seam: type[T], *, what: str | None = None) -> T:
+def conform(obj: T, seam: Any, *, what: str | None = None) -> T:
     """``obj`` as an implementation of ``seam``, checked once where lorapool receives it.
 
     Refuses (:class:`~lorapool.errors.InvalidRequest`) an object without every
@@ -414,4 +417,4 @@ def conform(obj: T, seam: type[T], *, what: str | None = None) -> T:
         DeprecationWarning,
         stacklevel=3,
     )
-    return _WithDefaults(obj, seam, missing)  # type: ignore[return-value]
+    return cast(T, _WithDefaults(obj, seam, missing))
