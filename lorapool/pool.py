@@ -1,50 +1,32 @@
 """AdapterPool: the façade an application embeds.
 
-The path of one request (design §2): the registry resolves the adapter and
-checks the tenant may use it; the scheduler admits and dispatches it; the store
-makes the adapter resident and holds a reference; the backend streams tokens;
-the pool accounts usage and releases everything, whatever way the stream ends.
+The path of one request: the registry resolves the adapter and checks the tenant
+may use it (here); then :class:`lorapool.request.Lifecycle` takes it: the
+scheduler admits and dispatches it, the store makes the adapter resident and holds
+a reference, the backend streams tokens, and the request is billed and releases
+everything, whatever way the stream ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from lorapool.abc import Backend, TierName
 from lorapool.registry import Registry, check_adapter_id
-from lorapool.request import Relay
-from lorapool.scheduler import Scheduler, Ticket
+from lorapool.request import Ledger, Lifecycle, PoolStats, TenantUsage, estimate_tokens
+from lorapool.scheduler import Scheduler
 from lorapool.scheduler.fcfs import FCFSScheduler
 from lorapool.store import TieredStore
 
-from .errors import (
-    AdapterExists,
-    ColdStartRejected,
-    DeadlineExceeded,
-    InvalidRequest,
-    Overloaded,
-    PoolClosed,
-    RateLimited,
-)
+from .errors import AdapterExists, InvalidRequest, PoolClosed
 from .formats import BaseModelSpec
-from .types import (
-    AdapterInfo,
-    Chunk,
-    Completion,
-    FinishReason,
-    GenerationRequest,
-    LoraConfig,
-    Message,
-    SamplingParams,
-    Usage,
-)
+from .types import AdapterInfo, Chunk, Completion, LoraConfig, Message, SamplingParams
 from .validation import validate_adapter
 
 __all__ = ["REGISTRY_FILE", "AdapterPool", "PoolStats", "Session", "TenantUsage", "estimate_tokens"]
@@ -53,45 +35,6 @@ log = logging.getLogger(__name__)
 
 REGISTRY_FILE = "registry.sqlite"
 """The default registry's file name in the store's ``disk_dir``."""
-
-
-@dataclass
-class PoolStats:
-    """Totals since the pool started."""
-
-    requests: int = 0
-    completed: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
-class TenantUsage:
-    """One tenant's totals: what it asked for, what it got, what it was refused.
-
-    ``refused``: rate-limited, shed or cold-start-rejected requests; ``expired``:
-    requests whose deadline passed in the queue; ``fallbacks``: requests served
-    by the base model while their adapter loaded; ``queue_seconds``: total time
-    requests waited for dispatch.
-    """
-
-    requests: int = 0
-    completed: int = 0
-    failed: int = 0
-    refused: int = 0
-    expired: int = 0
-    fallbacks: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    queue_seconds: float = 0.0
-
-
-def estimate_tokens(prompt: str | Sequence[Message]) -> int:
-    """A cheap prompt-token estimate for admission (about 4 characters a token)."""
-    if isinstance(prompt, str):
-        return len(prompt) // 4 + 1
-    return sum(len(str(m.get("content", ""))) // 4 + 4 for m in prompt) + 1
 
 
 class AdapterPool:
@@ -126,14 +69,13 @@ class AdapterPool:
         elif not isinstance(registry, Registry):
             registry = Registry.open(registry)
         self.registry = registry
-        self.stats = PoolStats()
-        self._usage: dict[str, TenantUsage] = {}
+        self._ledger = Ledger()
+        self.stats: PoolStats = self._ledger.stats
+        self._requests = Lifecycle(self.backend, self.store, self.scheduler, self._ledger)
         self._base_spec: BaseModelSpec | None = None
         self._started = False
         self._closed = False
         self._start_lock = asyncio.Lock()
-        self._handoffs = False  # the scheduler may hand a request's slot to another adapter
-        self._relays: dict[str, Relay] = {}  # streams a hand-off can stop, by request id
 
     async def __aenter__(self) -> AdapterPool:
         await self.start()
@@ -166,8 +108,7 @@ class AdapterPool:
             if caps.preemption:
                 self.scheduler.bind_preemption(self.backend.preempt)
             if caps.resume:
-                self.scheduler.bind_handoff(self._hand_off)
-                self._handoffs = True
+                self._requests.bind_handoff()
             self._started = True
             await self.store.on_start(self.registry.visible(None))
 
@@ -439,132 +380,21 @@ class AdapterPool:
             if adapter is not None
             else None
         )
-        params = params if params is not None else SamplingParams()
-        account = self._usage.setdefault(tenant, TenantUsage())
-        account.requests += 1
-        self.stats.requests += 1
-        if info is not None and not self.store.on_device(info.adapter_id):
-            policy = self.scheduler.cold_start(tenant)
-            if policy != "wait":
-                self.store.load_for(info)
-                if policy == "reject":
-                    account.refused += 1
-                    raise ColdStartRejected(
-                        f"adapter {info.adapter_id!r} is not loaded (tenant {tenant!r} rejects "
-                        "cold starts); it is being loaded now",
-                        retry_after=self.store.stats.load_seconds,
-                    )
-                account.fallbacks += 1
-                info = None
-        ticket = Ticket(
+        run = self._requests.run(
             request_id,
-            tenant,
-            None if info is None else info.adapter_id,
-            prompt_tokens=estimate_tokens(prompt),
-            max_tokens=params.max_tokens,
-            timeout=deadline,
+            prompt,
+            info,
+            tenant=tenant,
+            params=params if params is not None else SamplingParams(),
+            deadline=deadline,
         )
-        loop = asyncio.get_running_loop()
-        queued_at = loop.time()
-        try:
-            await self.scheduler.acquire(ticket)
-        except (RateLimited, Overloaded):
-            account.refused += 1
-            raise
-        except DeadlineExceeded:
-            account.expired += 1
-            raise
-        account.queue_seconds += loop.time() - queued_at
-        usage: Usage | None = None
-        finish: FinishReason | None = None
-        estimate = ticket.prompt_tokens  # charged at dispatch; corrected by the engine's count
-        streamed: list[int] = []
-        legs = 0
-        try:
-            while True:
-                slot = await self.store.acquire(info) if info is not None else None
-                relay: Relay | None = None
-                chunks: AsyncIterator[Chunk] | None = None
-                try:
-                    leg_id = request_id if not legs else f"{request_id}.{legs}"
-                    request = GenerationRequest(
-                        leg_id, prompt, params, ticket.adapter_id, slot, tuple(streamed)
-                    )
-                    chunks = self.backend.generate(request)
-                    if self._handoffs and info is not None:
-                        chunks = relay = self._relays[request_id] = Relay(chunks)
-                    async for chunk in chunks:
-                        if chunk.token_ids:
-                            ticket.output_tokens += len(chunk.token_ids)
-                            streamed.extend(chunk.token_ids)
-                            self.scheduler.charge(ticket, output_tokens=len(chunk.token_ids))
-                        if chunk.usage is not None:
-                            usage = chunk.usage
-                            finish = chunk.finish_reason
-                            correction = usage.prompt_tokens - estimate
-                            self.scheduler.charge(ticket, input_tokens=correction)
-                        yield chunk
-                finally:
-                    # Closing the backend's stream now (not when it is garbage collected)
-                    # cancels the request in the engine as soon as the caller leaves.
-                    try:
-                        if relay is not None:
-                            self._relays.pop(request_id, None)
-                        closing = getattr(chunks, "aclose", None)
-                        if closing is not None:
-                            await closing()
-                    finally:
-                        if info is not None:
-                            self.store.release(info.adapter_id)
-                if relay is None or not relay.handed_off or usage is not None:
-                    break
-                if len(streamed) >= params.max_tokens:  # stopped on its last token: done
-                    break
-                # Handed off: the adapter's slot went to another adapter's request. Give the
-                # place back and queue again; the engine goes on from the tokens streamed.
-                legs += 1
-                self.scheduler.release(ticket)
-                ticket = Ticket(
-                    request_id,
-                    tenant,
-                    ticket.adapter_id,
-                    max_tokens=params.max_tokens - len(streamed),
-                    resumed=True,
-                )
-                await self.scheduler.acquire(ticket)
-        except BaseException:
-            self.stats.failed += 1
-            account.failed += 1
-            raise
-        finally:
-            if info is not None:
-                self.store.request_done(info)
-            self.scheduler.release(ticket)
-            if usage is not None:
-                for totals in (self.stats, account):
-                    totals.completed += 1
-                    totals.prompt_tokens += usage.prompt_tokens
-                    totals.completion_tokens += usage.completion_tokens
-                log.debug(
-                    "request %s tenant=%s adapter=%s finish=%s prompt=%d completion=%d legs=%d",
-                    request_id,
-                    tenant,
-                    ticket.adapter_id,
-                    finish,
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                    legs + 1,
-                )
-
-    def _hand_off(self, request_id: str) -> bool:
-        """The scheduler's hook: stop a running request so its adapter's slot can go to
-        another; the request queues again and goes on from its output (``generate``)."""
-        relay = self._relays.get(request_id)
-        return relay is not None and relay.hand_off()
+        async with contextlib.aclosing(run):  # the caller leaving ends the request at once
+            async for chunk in run:
+                yield chunk
 
     def usage(self, tenant: str) -> TenantUsage:
         """A copy of the tenant's totals since the pool started (for billing and quotas)."""
-        return dataclasses.replace(self._usage.get(tenant, TenantUsage()))
+        return self._ledger.usage(tenant)
 
     async def complete(
         self,
