@@ -1,4 +1,4 @@
-"""Prometheus metrics for a served pool (``lorapool_*``, design §7).
+"""Prometheus metrics for a served pool (``lorapool_*``).
 
 Per-request families (TTFT, latency, requests, tokens) are observed by the
 server as requests finish; pool state (loads, evictions, resident adapters,
@@ -86,11 +86,10 @@ class _PoolCollector(Collector):
         queue = GaugeMetricFamily(
             "lorapool_queue_depth", "Requests waiting for dispatch", labels=["tier"]
         )
-        by_tier = getattr(self.pool.scheduler, "queued_by_tier", None)
-        if isinstance(by_tier, dict):
-            for tier, n in by_tier.items():
-                queue.add_metric([str(tier)], n)
-        else:
+        by_tier = self.pool.scheduler.queued_by_tier  # empty without service tiers
+        for tier, n in by_tier.items():
+            queue.add_metric([tier], n)
+        if not by_tier:
             queue.add_metric(["all"], self.pool.scheduler.queued)
         yield queue
 

@@ -75,8 +75,8 @@ class LocalPool:
 
     def tier_of(self, tenant: str) -> str:
         """The scheduler's tier for ``tenant`` (``default`` without tiers)."""
-        tier = getattr(self.pool.scheduler, "tier_of", None)
-        return str(tier(tenant)) if callable(tier) else "default"
+        tier = self.pool.scheduler.tier_of(tenant)
+        return "default" if tier is None else tier
 
     async def ready(self) -> bool:
         """The backend's health."""
