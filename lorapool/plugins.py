@@ -1,85 +1,129 @@
-"""Finding backends and policies by name through entry points.
+"""Finding backends, eviction policies and sources by name, through entry points.
 
-Built-in plugins register through the same ``lorapool.backends`` and
-``lorapool.policies`` groups as third-party ones, so a user's own policy is
-selected exactly like a built-in one: by name, or by passing the object.
+=====================  =================================  ==============================
+group                  built-in names                     what a name loads
+=====================  =================================  ==============================
+``lorapool.backends``  torch, vllm, openai, sglang, tgi   a backend class
+``lorapool.policies``  lru, lru2, sieve, s3fifo,          an eviction policy class
+                       wtinylfu, gdsf, ttl
+``lorapool.sources``   file, s3, http, https              a source class (one per scheme)
+=====================  =================================  ==============================
+
+Built-in plugins are declared in lorapool's own ``pyproject.toml`` under these
+groups, exactly as a third-party package declares its own::
+
+    [project.entry-points."lorapool.backends"]
+    mybackend = "my_package.backend:MyBackend"
+
+so once that package is installed, ``kind = "mybackend"`` in ``server.toml``
+and ``lorapool bench serve --target mybackend`` find it with no change to
+lorapool. Loading a name imports only the module that defines it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from importlib.metadata import entry_points
-from typing import Any
+from collections.abc import Callable, Mapping
+from importlib.metadata import EntryPoint, entry_points
+from types import MappingProxyType
+from typing import Any, Final, cast
 
-from lorapool.abc import EvictionPolicy, conform, lacks
+from lorapool.abc import Backend, EvictionPolicy, Source, conform, lacks
+from lorapool.errors import PluginNotFound
 
-__all__ = ["available", "load_backend_class", "load_policy", "policies_for_tiers"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_EVICTION",
+    "POLICIES",
+    "SOURCES",
+    "available",
+    "load_backend",
+    "load_policy",
+    "load_source",
+    "policies_for_tiers",
+]
 
-_BUILTIN_POLICIES = {
-    "lru": "lorapool.policies.lru:LRUPolicy",
-    "lru2": "lorapool.policies.lru2:LRU2Policy",
-    "sieve": "lorapool.policies.sieve:SievePolicy",
-    "s3fifo": "lorapool.policies.s3fifo:S3FIFOPolicy",
-    "wtinylfu": "lorapool.policies.wtinylfu:WTinyLFUPolicy",
-    "gdsf": "lorapool.policies.gdsf:GDSFPolicy",
-    "ttl": "lorapool.policies.ttl:TTLPolicy",
-}
-_BUILTIN_BACKENDS = {
-    "torch": "lorapool.backends.torch:TorchBackend",
-    "vllm": "lorapool.backends.vllm:VLLMBackend",
-    "openai": "lorapool.backends.openai:OpenAIServerBackend",
-    "sglang": "lorapool.backends.sglang:SGLangBackend",
-    "tgi": "lorapool.backends.tgi:TGIBackend",
-}
+BACKENDS = "lorapool.backends"
+"""The entry-point group of backends: name -> backend class."""
+POLICIES = "lorapool.policies"
+"""The entry-point group of eviction policies: name -> policy class."""
+SOURCES = "lorapool.sources"
+"""The entry-point group of sources: URI scheme -> source class."""
 
 
-def _resolve(group: str, name: str, builtins: dict[str, str]) -> Any:
+def _entry_points(group: str) -> dict[str, EntryPoint]:
+    """The group's entry points by name (the first installed one wins a name)."""
+    found: dict[str, EntryPoint] = {}
     for ep in entry_points(group=group):
-        if ep.name == name:
-            return ep.load()
-    target = builtins.get(name)
-    if target is None:
-        names = sorted({ep.name for ep in entry_points(group=group)} | set(builtins))
-        raise LookupError(f"no {group} plugin named {name!r}; available: {names}")
-    module, _, attr = target.partition(":")
-    import importlib
-
-    return getattr(importlib.import_module(module), attr)
+        found.setdefault(ep.name, ep)
+    return found
 
 
 def available(group: str) -> list[str]:
-    """Names registered in an entry-point group (``lorapool.backends`` / ``lorapool.policies``)."""
-    builtins = _BUILTIN_POLICIES if group.endswith("policies") else _BUILTIN_BACKENDS
-    return sorted({ep.name for ep in entry_points(group=group)} | set(builtins))
+    """The names registered in an entry-point group (:data:`BACKENDS`, ...), sorted."""
+    return sorted(_entry_points(group))
+
+
+def _load(group: str, name: str) -> Any:
+    eps = _entry_points(group)
+    ep = eps.get(name)
+    if ep is None:
+        raise PluginNotFound(group, name, sorted(eps))
+    return ep.load()
+
+
+def load_backend(name: str) -> type[Backend]:
+    """The backend class registered under ``name`` (``"torch"``, ``"vllm"``, ...).
+
+    Build it with its constructor, or from a config's values with its
+    ``from_config(model, **options)`` (built-in backends inherit it from
+    :class:`lorapool.backends.base.BaseBackend`). Raises
+    :class:`~lorapool.errors.PluginNotFound` for a name no installed package declares.
+    """
+    cls: type[Backend] = _load(BACKENDS, name)
+    return cls
+
+
+def load_source(scheme: str) -> Callable[..., Source]:
+    """The source class registered for URI scheme ``scheme`` (``"s3"``, ...).
+
+    Called with the source's settings (none: its defaults), it makes a source.
+    Raises :class:`~lorapool.errors.PluginNotFound` for a scheme no package declares.
+    """
+    factory: Callable[..., Source] = _load(SOURCES, scheme.lower())
+    return factory
 
 
 def load_policy(spec: str | EvictionPolicy) -> EvictionPolicy:
-    """An eviction policy object from a name (``"lru"``) or the object itself."""
+    """An eviction policy object from a name (``"lru"``) or the object itself.
+
+    Raises :class:`~lorapool.errors.PluginNotFound` for a name no package declares.
+    """
     if not isinstance(spec, str):
         return spec
-    factory = _resolve("lorapool.policies", spec, _BUILTIN_POLICIES)
+    factory = _load(POLICIES, spec)
     policy: EvictionPolicy = factory()
     return policy
-
-
-def load_backend_class(name: str) -> Any:
-    """The backend class registered under ``name`` (``"torch"``, ...)."""
-    return _resolve("lorapool.backends", name, _BUILTIN_BACKENDS)
 
 
 _TIER_NAMES = ("device", "host", "disk")
 
 
+DEFAULT_EVICTION: Final[Mapping[str, str]] = MappingProxyType(
+    {"device": "wtinylfu", "host": "sieve", "disk": "sieve"}
+)
+"""Entry-point name of the default eviction policy of each tier (``docs/decisions.md``
+explains the choice with the cache simulator's results)."""
+
+
 def policies_for_tiers(spec: object = None) -> dict[str, EvictionPolicy]:
     """One eviction policy per tier from a store's ``eviction`` argument.
 
-    ``None``: the defaults of ``lorapool.policies.DEFAULT_EVICTION``. A name or
+    ``None``: the defaults of :data:`DEFAULT_EVICTION`. A name or
     a policy class: that policy for every tier, one instance each. A policy
     object: the device tier's (a stateful object cannot serve two tiers); the
     other tiers keep their defaults. A mapping: per tier, any of the above,
     missing tiers defaulted.
     """
-    from lorapool.policies import DEFAULT_EVICTION
 
     def make(item: object, tier: str) -> EvictionPolicy:
         if item is None:
@@ -90,7 +134,8 @@ def policies_for_tiers(spec: object = None) -> dict[str, EvictionPolicy]:
             policy: EvictionPolicy = item()
             return policy
         if not lacks(item, EvictionPolicy):
-            return conform(item, EvictionPolicy, what="an eviction policy")  # type: ignore[arg-type]
+            policy = cast(EvictionPolicy, item)
+            return conform(policy, EvictionPolicy, what="an eviction policy")
         raise TypeError(
             f"eviction for the {tier} tier must be a policy name, class or object, "
             f"not {type(item).__name__}"
@@ -104,4 +149,3 @@ def policies_for_tiers(spec: object = None) -> dict[str, EvictionPolicy]:
     if spec is None or isinstance(spec, (str, type)):
         return {t: make(spec, t) for t in _TIER_NAMES}
     return {t: make(spec if t == "device" else None, t) for t in _TIER_NAMES}
-

@@ -2,7 +2,9 @@
 
 Built in: local paths and ``file://`` (:class:`LocalSource`), ``s3://``
 (:class:`S3Source`, aiobotocore; the ``s3`` extra) and ``http(s)://``
-(:class:`HttpSource`, httpx). :func:`register_source` adds a scheme.
+(:class:`HttpSource`, httpx), declared in the ``lorapool.sources`` entry-point group
+like a third-party package's schemes; :func:`register_source` adds or replaces a
+scheme in code.
 """
 
 from .base import Source, SourceFactory, available_schemes, make_source, register_source, scheme_of

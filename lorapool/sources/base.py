@@ -1,9 +1,15 @@
-"""The Source seam and the registry of URI schemes.
+"""The Source seam and how a URI scheme finds its source.
 
 A source knows how to copy one file of an adapter directory from where the
 adapter lives (a local directory, an S3 prefix, an HTTP directory) to a local
 file. The store decides where that file goes, checks its sha256 and retries
 transient failures; a source only moves bytes, like an fsspec protocol.
+
+Sources are found by scheme through the ``lorapool.sources`` entry-point group
+(:func:`lorapool.plugins.load_source`), where the built-in ``file``, ``s3``,
+``http`` and ``https`` are declared like a third-party package's. In code,
+:func:`register_source` sets a scheme's factory for this process, over what the
+entry points say.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from lorapool.abc import Source
-from lorapool.errors import InvalidRequest
+from lorapool.errors import InvalidRequest, PluginNotFound
+from lorapool.plugins import SOURCES, available, load_source
 
 __all__ = [
     "Source",
@@ -26,24 +33,25 @@ __all__ = [
 
 SourceFactory = Callable[[], Source]
 
-_FACTORIES: dict[str, SourceFactory] = {}
+_OVERRIDES: dict[str, SourceFactory] = {}
 
 
 def register_source(scheme: str, factory: SourceFactory) -> None:
     """Serve URIs of ``scheme`` (``"s3"``, ``"gs"``, ...) with sources made by ``factory``.
 
-    Registering a scheme again replaces the earlier factory. A store can also
-    be given ready-made sources per scheme (``TieredStore(sources={...})``).
+    For this process, over the ``lorapool.sources`` entry points (a package
+    declares its scheme there instead). Registering a scheme again replaces the
+    earlier factory. A store can also be given ready-made sources per scheme
+    (``TieredStore(sources={...})``).
     """
     if not scheme or not scheme.isascii() or not scheme.replace("+", "").isalnum():
         raise ValueError(f"not a URI scheme: {scheme!r}")
-    _FACTORIES[scheme.lower()] = factory
+    _OVERRIDES[scheme.lower()] = factory
 
 
 def available_schemes() -> list[str]:
-    """The schemes that have a registered source."""
-    _register_builtins()
-    return sorted(_FACTORIES)
+    """The schemes that have a source: entry points and :func:`register_source`."""
+    return sorted(set(available(SOURCES)) | set(_OVERRIDES))
 
 
 def scheme_of(uri: str) -> str:
@@ -54,33 +62,18 @@ def scheme_of(uri: str) -> str:
 
 
 def make_source(scheme: str) -> Source:
-    """A new source for ``scheme`` from the registry."""
-    _register_builtins()
-    factory = _FACTORIES.get(scheme)
-    if factory is None:
+    """A new source for ``scheme``, with its default settings.
+
+    Refuses a scheme no source handles with :class:`~lorapool.errors.InvalidRequest`
+    (the URI is the caller's mistake) naming the known ones.
+    """
+    factory = _OVERRIDES.get(scheme.lower())
+    if factory is not None:
+        return factory()
+    try:
+        return load_source(scheme)()
+    except PluginNotFound:
         raise InvalidRequest(
-            f"no source handles {scheme!r} URIs; known schemes: {sorted(_FACTORIES)} "
-            "(lorapool.sources.register_source adds one)"
-        )
-    return factory()
-
-
-_builtins_done = False
-
-
-def _register_builtins() -> None:
-    global _builtins_done
-    if _builtins_done:
-        return
-    _builtins_done = True
-    from .http import HttpSource
-    from .local import LocalSource
-    from .s3 import S3Source
-
-    for scheme, factory in (
-        ("file", LocalSource),
-        ("s3", S3Source),
-        ("http", HttpSource),
-        ("https", HttpSource),
-    ):
-        _FACTORIES.setdefault(scheme, factory)
+            f"no source handles {scheme!r} URIs; known schemes: {available_schemes()} "
+            "(a package declares one in the lorapool.sources entry-point group)"
+        ) from None

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import anyio
 import httpx
 
 from lorapool.abc import Source
 from lorapool.errors import SourceError, SourceNotFound
+
+from ._files import open_for_writing
 
 __all__ = ["HttpSource"]
 
@@ -67,7 +68,7 @@ class HttpSource(Source):
                         f"HTTP {response.status_code}",
                         transient=response.status_code in _TRANSIENT_STATUS,
                     )
-                async with await anyio.open_file(dest, "wb") as out:
+                async with open_for_writing(dest) as out:
                     async for chunk in response.aiter_bytes(_CHUNK):
                         await out.write(chunk)
                         written += len(chunk)

@@ -14,15 +14,16 @@ requests is what the store asked for.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import anyio
-
 from lorapool.abc import Source
 from lorapool.errors import ExtraNotInstalled, SourceError, SourceNotFound
+
+from ._files import open_for_writing
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -85,7 +86,7 @@ class S3Source(Source):
         self._timeouts = (connect_timeout, read_timeout)
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: S3Client | None = None
-        self._lock = anyio.Lock()
+        self._lock = asyncio.Lock()
 
     def local_path(self, uri: str) -> Path | None:
         """S3 adapters are never local."""
@@ -127,7 +128,7 @@ class S3Source(Source):
         written = 0
         try:
             response = await client.get_object(Bucket=bucket, Key=key)
-            async with response["Body"] as body, await anyio.open_file(dest, "wb") as out:
+            async with response["Body"] as body, open_for_writing(dest) as out:
                 while chunk := await body.read(_CHUNK):
                     await out.write(chunk)
                     written += len(chunk)
