@@ -21,14 +21,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 
-from lorapool.errors import BackendError, InvalidRequest, LoadError
+from lorapool.errors import BackendError, BackendServerError, InvalidRequest, LoadError
 from lorapool.types import (
     Capabilities,
     Chunk,
@@ -39,9 +39,10 @@ from lorapool.types import (
     Usage,
 )
 
+from ._http import RemoteBackend, Reopen, RetryLater, error_message, parse_sse_line, sse_events
 from .files import AdapterDirs, check_load, write_zero_adapter
 
-__all__ = ["OpenAIServerBackend", "ServerError", "parse_sse_line"]
+__all__ = ["OpenAIServerBackend", "ServerError", "error_message", "parse_sse_line"]
 
 log = logging.getLogger(__name__)
 
@@ -50,46 +51,11 @@ _ROUTES: dict[str, tuple[str, str]] = {
     "vllm": ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"),
     "sglang": ("/load_lora_adapter", "/unload_lora_adapter"),
 }
-_TRANSIENT = {502, 503, 504}
 _ZERO = "lorapool-zero"
 _FINISH: dict[str, FinishReason] = {"length": "length", "stop": "stop", "abort": "cancelled"}
 
-
-class ServerError(BackendError):
-    """The server answered with an error status; ``status`` and the server's message."""
-
-    def __init__(self, status: int, message: str, *, what: str) -> None:
-        self.status = status
-        self.server_message = message
-        super().__init__(f"the server could not {what}: HTTP {status}: {message}")
-
-
-def error_message(response: httpx.Response) -> str:
-    """The message of an OpenAI-style error body, or the body's text."""
-    try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return response.text.strip()[:500]
-    if isinstance(body, Mapping):
-        err = body.get("error", body)
-        if isinstance(err, Mapping) and isinstance(err.get("message"), str):
-            return str(err["message"])
-        if isinstance(body.get("message"), str):
-            return str(body["message"])
-    return json.dumps(body)[:500]
-
-
-def parse_sse_line(line: str) -> dict[str, Any] | None:
-    """One ``data: {...}`` line of an SSE stream as JSON; ``None`` for other lines and [DONE]."""
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    if not data or data == "[DONE]":
-        return None
-    event = json.loads(data)
-    if not isinstance(event, dict):
-        raise BackendError(f"the server streamed a non-object event: {data[:200]}")
-    return event
+ServerError = BackendServerError
+"""The name this module used for :class:`~lorapool.errors.BackendServerError`."""
 
 
 @dataclass
@@ -100,7 +66,7 @@ class _Remote:
     sha256: str
 
 
-class OpenAIServerBackend:
+class OpenAIServerBackend(RemoteBackend):
     """Serve lorapool's adapters on a remote OpenAI-compatible vLLM or SGLang server.
 
     ``max_slots`` and ``max_rank`` must not exceed the server's ``--max-loras``
@@ -132,7 +98,8 @@ class OpenAIServerBackend:
     ) -> None:
         if flavor not in _ROUTES:
             raise ValueError(f"flavor must be one of {sorted(_ROUTES)}")
-        self.base_url = base_url.rstrip("/")
+        connection = (base_url, api_key, timeout, retries, retry_backoff, transport)
+        super().__init__(*connection, label="the server")
         self.flavor: Flavor = flavor
         self.max_slots = max_slots
         self.max_rank = max_rank
@@ -140,38 +107,16 @@ class OpenAIServerBackend:
         self.model = model
         self.model_path = None if model_path is None else Path(model_path).expanduser()
         self.zero_base = zero_base
-        self.retries = retries
-        self.retry_backoff = retry_backoff
-        headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            transport=transport,
-        )
         self._dirs = AdapterDirs(adapter_dir)
         self._loaded: dict[str, _Remote] = {}
         self._zero_path: Path | None = None
-        self._caps: Capabilities | None = None
-        self._closed = False
         self.reloads = 0
         """Adapters loaded again because the server had forgotten them (a restart)."""
 
     # -- lifecycle -------------------------------------------------------------------
 
-    @property
-    def capabilities(self) -> Capabilities:
-        """Set at :meth:`start` (slots and rank as configured; base model from the server)."""
-        if self._caps is None:
-            raise RuntimeError("OpenAIServerBackend is not started")
-        return self._caps
-
-    async def start(self) -> None:
+    async def _start(self) -> Capabilities:
         """Check the server is up, find the base model's name, load the zero adapter."""
-        if self._caps is not None:
-            return
-        if self._closed:
-            raise RuntimeError("OpenAIServerBackend was closed")
         response = await self._request("GET", "/v1/models", what="list models")
         models = response.json().get("data", [])
         if self.model is None:
@@ -179,8 +124,10 @@ class OpenAIServerBackend:
             if not bases:
                 raise BackendError(f"{self.base_url}/v1/models lists no base model")
             self.model = str(bases[0])
+        if self.zero_base:
+            await self._load_zero()
         targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-        self._caps = Capabilities(
+        return Capabilities(
             max_slots=self.max_slots,
             max_rank=self.max_rank,
             max_batch=self.max_batch,
@@ -190,8 +137,6 @@ class OpenAIServerBackend:
             pinning=False,
             model_path=self.model_path,
         )
-        if self.zero_base:
-            await self._load_zero()
 
     async def _load_zero(self) -> None:
         if self.model_path is None:
@@ -204,11 +149,8 @@ class OpenAIServerBackend:
         )
         await self._load_remote(_ZERO, self._zero_path)
 
-    async def aclose(self) -> None:
+    async def _aclose(self) -> None:
         """Unload what this backend loaded (best effort) and close the connection pool."""
-        if self._closed:
-            return
-        self._closed = True
         names = list(self._loaded) + ([_ZERO] if self._zero_path else [])
         for name in names:
             try:
@@ -216,42 +158,10 @@ class OpenAIServerBackend:
             except (BackendError, httpx.HTTPError) as exc:
                 log.info("could not unload %s from %s on close: %s", name, self.base_url, exc)
         self._loaded.clear()
-        self._caps = None
-        await self._client.aclose()
+        await super()._aclose()
         await asyncio.to_thread(self._dirs.close)
 
-    async def health(self) -> bool:
-        """``GET /health`` answers 200."""
-        if self._closed:
-            return False
-        try:
-            response = await self._client.get("/health")
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
-
     # -- HTTP --------------------------------------------------------------------------
-
-    async def _request(
-        self, method: str, path: str, *, what: str, body: dict[str, Any] | None = None
-    ) -> httpx.Response:
-        """One call, retried on connection errors and 502/503/504; errors become ServerError."""
-        attempt = 0
-        while True:
-            try:
-                response = await self._client.request(method, path, json=body)
-            except httpx.TransportError as exc:
-                if attempt >= self.retries:
-                    raise BackendError(
-                        f"the server at {self.base_url} is unreachable: {exc}"
-                    ) from exc
-            else:
-                if response.status_code < 400:
-                    return response
-                if response.status_code not in _TRANSIENT or attempt >= self.retries:
-                    raise ServerError(response.status_code, error_message(response), what=what)
-            await asyncio.sleep(self.retry_backoff * 2**attempt)
-            attempt += 1
 
     async def _load_remote(self, name: str, path: Path) -> None:
         load, _ = _ROUTES[self.flavor]
@@ -266,7 +176,7 @@ class OpenAIServerBackend:
             await self._request(
                 "POST", unload, body={"lora_name": name}, what=f"unload adapter {name!r}"
             )
-        except ServerError as exc:
+        except BackendServerError as exc:
             if exc.status != 404:  # already gone (unloaded, or the server restarted)
                 raise
 
@@ -327,9 +237,12 @@ class OpenAIServerBackend:
         return "/v1/chat/completions", body
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Stream a completion; closing the iterator closes the HTTP stream (the server aborts)."""
-        if self._caps is None:
-            raise RuntimeError("OpenAIServerBackend is not started")
+        """Stream a completion; closing the iterator closes the HTTP stream (the server aborts).
+
+        A 404 for an adapter this backend loaded means the server restarted and forgot
+        it: the adapter is loaded again, once, and the request sent again.
+        """
+        self._require_started()
         remote = None
         if request.adapter_id is not None:
             remote = self._loaded.get(request.adapter_id)
@@ -342,31 +255,27 @@ class OpenAIServerBackend:
         model = remote.name if remote else (_ZERO if self._zero_path else str(self.model))
         path, body = self._body(request, model)
         served_by = "base" if remote is None else "adapter"
-        attempt = 0
         reloaded = False
-        while True:
-            try:
-                async with self._client.stream("POST", path, json=body) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                        status, message = response.status_code, error_message(response)
-                        if status == 404 and not reloaded and await self._reload(model):
-                            reloaded = True
-                            continue
-                        if status in _TRANSIENT and attempt < self.retries:
-                            raise _Retry
-                        if status in (400, 422):
-                            raise InvalidRequest(f"the server refused the request: {message}")
-                        raise ServerError(status, message, what="generate")
-                    async for chunk in self._chunks(response, request, served_by):
-                        yield chunk
-                    return
-            except (_Retry, httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-                if attempt >= self.retries:
-                    raise BackendError(f"the server at {self.base_url} failed: {exc!r}") from None
-                await asyncio.sleep(self.retry_backoff * 2**attempt)
-                attempt += 1
-                # A restarted server has forgotten its adapters: they are loaded again on 404.
+
+        async def consume(response: httpx.Response) -> AsyncIterator[Chunk]:
+            nonlocal reloaded
+            if response.status_code >= 400:
+                await response.aread()
+                status, message = response.status_code, error_message(response)
+                if status == 404 and not reloaded and await self._reload(model):
+                    reloaded = True
+                    raise Reopen
+                if status in (400, 422):
+                    raise InvalidRequest(f"the server refused the request: {message}")
+                error = BackendServerError(status, message, what="generate")
+                if status in self.transient_status:
+                    raise RetryLater(f"HTTP {status}: {message}", final=error)
+                raise error
+            async for chunk in self._chunks(response, request, served_by):
+                yield chunk
+
+        async for chunk in self._stream(path, body, consume):
+            yield chunk
 
     async def _reload(self, model: str) -> bool:
         """Load ``model`` again if this backend had loaded it (the server restarted)."""
@@ -390,10 +299,7 @@ class OpenAIServerBackend:
         finish: FinishReason | None = None
         pending: Chunk | None = None
         completion = 0
-        async for line in response.aiter_lines():
-            event = parse_sse_line(line)
-            if event is None:
-                continue
+        async for event in sse_events(response):
             if "error" in event:
                 raise BackendError(f"the server failed mid-stream: {event['error']}")
             usage = event.get("usage")
@@ -418,7 +324,3 @@ class OpenAIServerBackend:
         if pending is not None or finish is not None:
             last = pending or Chunk("", (), adapter_id=request.adapter_id, served_by=served_by)
             yield replace(last, finish_reason=finish or "stop", usage=Usage(0, completion))
-
-
-class _Retry(Exception):
-    """A transient status before any token: try the request again."""

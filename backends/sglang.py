@@ -38,11 +38,11 @@ from lorapool.types import (
     FinishReason,
     GenerationRequest,
     LoadedAdapter,
-    Prompt,
     SamplingParams,
     Usage,
 )
 
+from .base import BaseBackend
 from .files import AdapterDirs, check_load
 
 __all__ = ["SGLangBackend", "SGLangStream", "sglang_finish_reason", "sglang_sampling_params"]
@@ -154,7 +154,7 @@ class _Lora:
     sha256: str
 
 
-class SGLangBackend:
+class SGLangBackend(BaseBackend):
     """Serve lorapool's adapters with SGLang's batched multi-LoRA kernels, in this process.
 
     ``model`` is a model directory or hub name; the engine is built from it and
@@ -180,6 +180,7 @@ class SGLangBackend:
             raise ValueError("max_slots and max_rank must be >= 1")
         if model is None and engine is None:
             raise ValueError("pass a model (path or name) or a running sglang engine")
+        super().__init__()
         self.model = model
         self.max_slots = max_slots
         self.max_rank = max_rank
@@ -190,26 +191,15 @@ class SGLangBackend:
             self.model_path = Path(model).expanduser()
         self._owns_engine = engine is None
         self._engine: Any = engine
-        self._caps: Capabilities | None = None
         self._dirs = AdapterDirs(adapter_dir)
         self._loras: dict[str, _Lora] = {}
-        self._start_lock = asyncio.Lock()
-        self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------
 
     @property
-    def capabilities(self) -> Capabilities:
-        """Negotiated at :meth:`start` from the engine's LoRA and scheduler settings."""
-        if self._caps is None:
-            raise RuntimeError("SGLangBackend is not started; use `async with pool` or start()")
-        return self._caps
-
-    @property
     def engine(self) -> Any:
         """The ``sglang.Engine`` (after :meth:`start`)."""
-        if self._engine is None or self._caps is None:
-            raise RuntimeError("SGLangBackend is not started")
+        self._require_started()
         return self._engine
 
     def engine_args(self) -> dict[str, Any]:
@@ -225,26 +215,21 @@ class SGLangBackend:
         kwargs.update(self.engine_kwargs)
         return kwargs
 
-    async def start(self) -> None:
-        """Build (or adopt) the engine and negotiate capabilities. Idempotent.
+    async def _start(self) -> Capabilities:
+        """Build (or adopt) the engine and negotiate capabilities.
 
         Building loads the model and starts SGLang's scheduler processes; it runs in a
         thread so the event loop stays live.
         """
-        async with self._start_lock:
-            if self._caps is not None:
-                return
-            if self._closed:
-                raise RuntimeError("SGLangBackend was closed")
+        if self._owns_engine:
+            self._engine = await self._build(_sglang().Engine, self.engine_args())
+        try:
+            return self._negotiate(self._engine)
+        except BaseException:
             if self._owns_engine:
-                self._engine = await self._build(_sglang().Engine, self.engine_args())
-            try:
-                self._caps = self._negotiate(self._engine)
-            except BaseException:
-                if self._owns_engine:
-                    await asyncio.to_thread(self._engine.shutdown)
-                    self._engine = None
-                raise
+                await asyncio.to_thread(self._engine.shutdown)
+                self._engine = None
+            raise
 
     @staticmethod
     async def _build(engine_cls: Any, kwargs: dict[str, Any]) -> Any:
@@ -288,12 +273,10 @@ class SGLangBackend:
             model_path=self.model_path,
         )
 
-    async def aclose(self) -> None:
+    async def _aclose(self) -> None:
         """Shut the engine down (if the backend built it) and delete written adapters."""
-        self._closed = True
-        engine, caps = self._engine, self._caps
-        self._caps = None
-        if engine is not None and caps is not None:
+        engine = self._engine
+        if engine is not None and self._caps is not None:
             if self._owns_engine:
                 await asyncio.to_thread(engine.shutdown)
                 self._engine = None
@@ -305,7 +288,7 @@ class SGLangBackend:
 
     async def health(self) -> bool:
         """True while the engine is started and its tokenizer manager has not exited."""
-        if self._caps is None or self._engine is None:
+        if not self.running or self._engine is None:
             return False
         manager = getattr(self._engine, "tokenizer_manager", None)
         return manager is not None and not getattr(manager, "gracefully_exit", False)
@@ -349,19 +332,12 @@ class SGLangBackend:
 
     # -- generation ------------------------------------------------------------------
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt; chat messages go through the model's chat template."""
+    def _prompt_tokenizer(self) -> Any:
+        """The engine's tokenizer (none when it runs with ``skip_tokenizer_init``)."""
         tok = getattr(self.engine.tokenizer_manager, "tokenizer", None)
         if tok is None:
             raise InvalidRequest("the SGLang engine has no tokenizer (skip_tokenizer_init)")
-        if isinstance(prompt, str):
-            return [int(i) for i in tok.encode(prompt)]
-        if not getattr(tok, "chat_template", None):
-            raise InvalidRequest("this model has no chat template; pass the prompt as a string")
-        ids = tok.apply_chat_template([dict(m) for m in prompt], add_generation_prompt=True)
-        if isinstance(ids, Mapping) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return tok
 
     def _incremental(self) -> bool:
         manager = self.engine.tokenizer_manager

@@ -20,8 +20,6 @@ TGI has no ``ignore_eos``: requests asking for it may finish early, at EOS.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import replace
@@ -30,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from lorapool.errors import BackendError, InvalidRequest, LoadError
+from lorapool.errors import BackendError, BackendServerError, InvalidRequest, LoadError
 from lorapool.types import (
     Capabilities,
     Chunk,
@@ -41,13 +39,12 @@ from lorapool.types import (
     Usage,
 )
 
-from .openai import parse_sse_line
+from ._http import RemoteBackend, RetryLater, error_message, sse_events
 
 __all__ = ["StopTrimmer", "TGIBackend", "chat_body", "generate_body", "tgi_finish_reason"]
 
 log = logging.getLogger(__name__)
 
-_TRANSIENT = {429, 502, 503, 504}
 _FINISH: dict[str, FinishReason] = {
     "length": "length",
     "eos_token": "stop",
@@ -136,10 +133,6 @@ class StopTrimmer:
         return out
 
 
-class _Retry(Exception):
-    """A transient failure before any token: try the request again."""
-
-
 def _raise_error_event(error: object, error_type: object, *, started: bool) -> None:
     """TGI streams its errors as events (``{"error": ..., "error_type": ...}``)."""
     if isinstance(error, Mapping):  # the OpenAI-style error of /v1/chat/completions
@@ -151,7 +144,7 @@ def _raise_error_event(error: object, error_type: object, *, started: bool) -> N
     if error_type == "validation":
         raise InvalidRequest(f"TGI refused the request: {message}")
     if error_type == "overloaded" and not started:
-        raise _Retry(message)
+        raise RetryLater(message)
     raise BackendError(f"TGI failed the request ({error_type}): {message}")
 
 
@@ -232,7 +225,7 @@ class _Stream:
         raise BackendError("TGI closed the stream before the last token")
 
 
-class TGIBackend:
+class TGIBackend(RemoteBackend):
     """Serve lorapool's adapters from a TGI server started with ``LORA_ADAPTERS``.
 
     ``adapters`` maps lorapool adapter ids to TGI adapter ids (a list of ids, or a
@@ -242,6 +235,8 @@ class TGIBackend:
     the base checkpoint, if any, for registration's shape checks. TGI has no
     ``ignore_eos``; such requests may finish at EOS.
     """
+
+    transient_status = frozenset({429, 502, 503, 504})
 
     def __init__(
         self,
@@ -259,49 +254,32 @@ class TGIBackend:
     ) -> None:
         if isinstance(adapters, str):
             raise TypeError("adapters must be a mapping or a list of adapter ids, not a string")
+        connection = (base_url, api_key, timeout, retries, retry_backoff, transport)
+        super().__init__(*connection, label="TGI")
         if isinstance(adapters, Mapping):
             self.adapters = {k: (v or k) for k, v in adapters.items()}
         else:
             self.adapters = {name: name for name in adapters or ()}
-        self.base_url = base_url.rstrip("/")
         self.max_batch = max_batch
         self.max_rank = max_rank
-        self.retries = retries
-        self.retry_backoff = retry_backoff
         self.model_path = None if model_path is None else Path(model_path).expanduser()
-        headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            transport=transport,
-        )
         self._slots: dict[str, int] = {}
-        self._caps: Capabilities | None = None
-        self._closed = False
         self.info: dict[str, Any] = {}
         """TGI's ``/info`` answer (model id, token limits, version), read at :meth:`start`."""
 
     # -- lifecycle -------------------------------------------------------------------
 
-    @property
-    def capabilities(self) -> Capabilities:
-        """Set at :meth:`start`: one slot per static adapter, limits from ``/info``."""
-        if self._caps is None:
-            raise RuntimeError("TGIBackend is not started")
-        return self._caps
+    async def _start(self) -> Capabilities:
+        """Read ``GET /info`` for the base model and its token limits.
 
-    async def start(self) -> None:
-        """Read ``GET /info`` for the base model and its token limits."""
-        if self._caps is not None:
-            return
-        if self._closed:
-            raise RuntimeError("TGIBackend was closed")
-        response = await self._request("GET", "/info")
+        One slot per static adapter (at least one), the batch bounded by TGI's
+        ``max_concurrent_requests``.
+        """
+        response = await self._request("GET", "/info", what="answer GET /info")
         self.info = response.json()
         concurrent = int(self.info.get("max_concurrent_requests") or self.max_batch)
         total = self.info.get("max_total_tokens")
-        self._caps = Capabilities(
+        return Capabilities(
             max_slots=max(1, len(self.adapters)),
             max_rank=self.max_rank,
             max_batch=min(self.max_batch, concurrent),
@@ -313,43 +291,10 @@ class TGIBackend:
             model_path=self.model_path,
         )
 
-    async def aclose(self) -> None:
+    async def _aclose(self) -> None:
         """Close the connection pool (TGI's adapters stay loaded: they are TGI's)."""
-        if self._closed:
-            return
-        self._closed = True
         self._slots.clear()
-        self._caps = None
-        await self._client.aclose()
-
-    async def health(self) -> bool:
-        """``GET /health`` answers 200."""
-        if self._closed:
-            return False
-        try:
-            response = await self._client.get("/health")
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
-
-    async def _request(self, method: str, path: str) -> httpx.Response:
-        attempt = 0
-        while True:
-            try:
-                response = await self._client.request(method, path)
-            except httpx.TransportError as exc:
-                if attempt >= self.retries:
-                    raise BackendError(f"TGI at {self.base_url} is unreachable: {exc}") from exc
-            else:
-                if response.status_code < 400:
-                    return response
-                if response.status_code not in _TRANSIENT or attempt >= self.retries:
-                    raise BackendError(
-                        f"TGI answered {method} {path} with HTTP {response.status_code}: "
-                        f"{_error_message(response)}"
-                    )
-            await asyncio.sleep(self.retry_backoff * 2**attempt)
-            attempt += 1
+        await super()._aclose()
 
     # -- adapters --------------------------------------------------------------------
 
@@ -359,7 +304,7 @@ class TGIBackend:
 
     async def load(self, adapter: LoadedAdapter, slot: int) -> None:
         """Record that ``slot`` serves the adapter; refuse an adapter TGI was not started with."""
-        max_slots = self.capabilities.max_slots
+        max_slots = self._require_started().max_slots
         if not 0 <= slot < max_slots:
             raise ValueError(f"slot {slot} is out of range 0..{max_slots - 1}")
         if adapter.adapter_id not in self.adapters:
@@ -404,49 +349,32 @@ class TGIBackend:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Stream a completion; closing the iterator closes the HTTP stream (TGI cancels)."""
-        if self._caps is None:
-            raise RuntimeError("TGIBackend is not started")
+        self._require_started()
         path, body = self._target(request)
-        attempt = 0
-        while True:
+
+        async def consume(response: httpx.Response) -> AsyncIterator[Chunk]:
+            if response.status_code >= 400:
+                await response.aread()
+                _raise_status(response, self.transient_status)
             stream = _Stream(request, chat=path != "/generate_stream")
-            try:
-                async with self._client.stream("POST", path, json=body) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                        _raise_status(response)
-                    async for line in response.aiter_lines():
-                        event = parse_sse_line(line)
-                        for chunk in [] if event is None else stream.feed(event):
-                            yield chunk
-                        if stream.done:
-                            return
-                    for chunk in stream.end():
-                        yield chunk
+            async for event in sse_events(response):
+                for chunk in stream.feed(event):
+                    yield chunk
+                if stream.done:
                     return
-            except (_Retry, httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-                if stream.tokens > 0 or attempt >= self.retries:
-                    raise BackendError(f"TGI at {self.base_url} failed: {exc}") from None
-                await asyncio.sleep(self.retry_backoff * 2**attempt)
-                attempt += 1
+            for chunk in stream.end():
+                yield chunk
+
+        async for chunk in self._stream(path, body, consume):
+            yield chunk
 
 
-def _error_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return response.text.strip()[:500]
-    if isinstance(body, Mapping) and "error" in body:
-        error = body["error"]
-        return str(error.get("message", error) if isinstance(error, Mapping) else error)
-    return json.dumps(body)[:500]
-
-
-def _raise_status(response: httpx.Response) -> None:
+def _raise_status(response: httpx.Response, transient: frozenset[int]) -> None:
     """An error status before the stream: validation → InvalidRequest, transient → retry."""
-    status, message = response.status_code, _error_message(response)
+    status, message = response.status_code, error_message(response)
     if status in (400, 422):
         raise InvalidRequest(f"TGI refused the request: {message}")
-    if status in _TRANSIENT:
-        raise _Retry(f"HTTP {status}: {message}")
-    raise BackendError(f"TGI answered HTTP {status}: {message}")
+    error = BackendServerError(status, message, what="generate")
+    if status in transient:
+        raise RetryLater(f"HTTP {status}: {message}", final=error)
+    raise error

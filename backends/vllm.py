@@ -29,7 +29,7 @@ import asyncio
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +41,11 @@ from lorapool.types import (
     FinishReason,
     GenerationRequest,
     LoadedAdapter,
-    Prompt,
     SamplingParams,
     Usage,
 )
 
+from .base import BaseBackend
 from .files import AdapterDirs, check_load, write_zero_adapter
 
 __all__ = ["VLLMBackend"]
@@ -71,7 +71,7 @@ class _Lora:
     sha256: str
 
 
-class VLLMBackend:
+class VLLMBackend(BaseBackend):
     """Serve lorapool's adapters with vLLM's batched multi-LoRA kernels, in this process.
 
     ``engine`` is a model path or name (an ``AsyncLLM`` is built from it and
@@ -86,6 +86,8 @@ class VLLMBackend:
     ``adapter_dir`` is where adapters are written for vLLM to read (a
     temporary directory by default).
     """
+
+    requires_model = True
 
     def __init__(
         self,
@@ -107,6 +109,7 @@ class VLLMBackend:
             raise ValueError("max_slots and max_rank must be >= 1")
         if warm_loras is not None and warm_loras < 0:
             raise ValueError("warm_loras must be >= 0 (0 keeps no evicted adapter)")
+        super().__init__()
         self.warm_loras = warm_loras
         self.max_slots = max_slots
         self.max_rank = max_rank
@@ -126,31 +129,19 @@ class VLLMBackend:
         if isinstance(engine, (str, Path)) and Path(engine).expanduser().is_dir():
             self.model_path = Path(engine).expanduser()
         self._engine: Any = None
-        self._caps: Capabilities | None = None
         self._dirs = AdapterDirs(adapter_dir)
         self._loras: dict[str, _Lora] = {}
         self._warm: OrderedDict[str, _Lora] = OrderedDict()  # evicted, still in vLLM's cache
         self._warm_capacity = 0
         self._ids = itertools.count(1)
         self._zero: Any = None
-        self._tokenizer: Any = None
-        self._start_lock = asyncio.Lock()
-        self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------
 
     @property
-    def capabilities(self) -> Capabilities:
-        """Negotiated at :meth:`start` from the engine's LoRA and scheduler config."""
-        if self._caps is None:
-            raise RuntimeError("VLLMBackend is not started; use `async with pool` or start()")
-        return self._caps
-
-    @property
     def engine(self) -> Any:
         """The ``AsyncLLM`` (after :meth:`start`)."""
-        if self._engine is None:
-            raise RuntimeError("VLLMBackend is not started")
+        self._require_started()
         return self._engine
 
     def _engine_args(self) -> Any:
@@ -182,34 +173,30 @@ class VLLMBackend:
 
         return bool(current_platform.is_cpu())
 
-    async def start(self) -> None:
-        """Build (or adopt) the engine and negotiate capabilities. Idempotent.
+    async def _start(self) -> Capabilities:
+        """Build (or adopt) the engine and negotiate capabilities.
 
         Building takes ~20 s on CPU; it runs in a thread so the event loop stays live.
         """
-        async with self._start_lock:
-            if self._engine is not None:
-                return
-            if self._closed:
-                raise RuntimeError("VLLMBackend was closed")
-            _vllm()
-            from vllm.v1.engine.async_llm import AsyncLLM
+        _vllm()
+        from vllm.v1.engine.async_llm import AsyncLLM
 
+        if self._owns_engine:
+            args = self._engine_args()
+            engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        else:
+            engine = self._spec
+        try:
+            caps = self._negotiate(engine)
+            self._tokenizer = engine.get_tokenizer()
+            if self._zero_base_wanted():
+                await self._add_zero_adapter(engine)
+        except BaseException:
             if self._owns_engine:
-                args = self._engine_args()
-                engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-            else:
-                engine = self._spec
-            try:
-                self._caps = self._negotiate(engine)
-                self._tokenizer = engine.get_tokenizer()
-                if self._zero_base_wanted():
-                    await self._add_zero_adapter(engine)
-            except BaseException:
-                if self._owns_engine:
-                    await asyncio.to_thread(engine.shutdown)
-                raise
-            self._engine = engine
+                await asyncio.to_thread(engine.shutdown)
+            raise
+        self._engine = engine
+        return caps
 
     def _negotiate(self, engine: Any) -> Capabilities:
         config = engine.vllm_config
@@ -268,9 +255,8 @@ class VLLMBackend:
         await _engine_call(engine.pin_lora(zero.lora_int_id), "pin the zero adapter")
         self._zero = zero
 
-    async def aclose(self) -> None:
+    async def _aclose(self) -> None:
         """Shut the engine down (if the backend built it) and delete written adapters."""
-        self._closed = True
         engine, self._engine = self._engine, None
         if engine is not None and self._owns_engine:
             await asyncio.to_thread(engine.shutdown)
@@ -402,21 +388,6 @@ class VLLMBackend:
         return set(await self.engine.list_loras())
 
     # -- generation ------------------------------------------------------------------
-
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt; chat messages go through the model's chat template."""
-        tok = self._tokenizer
-        if tok is None:
-            raise RuntimeError("VLLMBackend is not started")
-        if isinstance(prompt, str):
-            return [int(i) for i in tok.encode(prompt)]
-        messages = [dict(m) for m in prompt]
-        if not getattr(tok, "chat_template", None):
-            raise InvalidRequest("this model has no chat template; pass the prompt as a string")
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, Mapping) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
 
     def _sampling(self, params: SamplingParams, done: int = 0) -> Any:
         from vllm import SamplingParams as VSamplingParams

@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -20,11 +20,10 @@ from lorapool.types import (
     Chunk,
     GenerationRequest,
     LoadedAdapter,
-    Message,
-    Prompt,
     Usage,
 )
 
+from ..base import BaseBackend
 from .detok import IncrementalDetokenizer, StopMatcher
 from .engine import Engine, EngineStats, Event
 from .engine import Sequence as EngineSequence
@@ -41,7 +40,7 @@ T = TypeVar("T")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TorchBackend:
+class TorchBackend(BaseBackend):
     """Continuous batching with a different LoRA adapter per row, in one forward pass.
 
     ``model`` is a directory with a Hugging Face Llama-family checkpoint in
@@ -91,6 +90,7 @@ class TorchBackend:
     ) -> None:
         if max_slots < 1 or max_rank < 1 or max_batch < 1 or max_seq_len < 2:
             raise ValueError("max_slots, max_rank, max_batch must be >= 1 and max_seq_len >= 2")
+        super().__init__()
         self.model_path = Path(model).expanduser()
         self.max_slots = max_slots
         self.max_rank = max_rank
@@ -114,28 +114,22 @@ class TorchBackend:
         self.spare_rows = spare_rows
         self._engine: Engine | None = None
         self._stats: EngineStats | None = None
-        self._tokenizer: Any = None
-        self._caps: Capabilities | None = None
         self._slot_of: dict[str, int] = {}
-        self._start_lock = asyncio.Lock()
-        self._closed = False
+
+    @classmethod
+    def from_config(cls, model: str | None = None, /, **options: Any) -> Self:
+        """See :meth:`BaseBackend.from_config`; no model: the demo SmolLM2 (converted once)."""
+        from .demo_model import ensure_demo_model
+
+        return cls(Path(model) if model is not None else ensure_demo_model(), **options)
 
     # -- lifecycle -------------------------------------------------------------------
-
-    @property
-    def capabilities(self) -> Capabilities:
-        """Negotiated at :meth:`start`."""
-        if self._caps is None:
-            raise RuntimeError(
-                "TorchBackend is not started; use `async with pool` or await start()"
-            )
-        return self._caps
 
     @property
     def stats(self) -> EngineStats:
         """Engine counters: steps, tokens, distinct adapters per step (kept after close)."""
         if self._stats is None:
-            raise RuntimeError("TorchBackend is not started")
+            raise self._lifecycle_error()
         return self._stats
 
     @property
@@ -148,47 +142,40 @@ class TorchBackend:
         """Sequences waiting for or holding a KV row."""
         return self._require_engine().live
 
-    async def start(self) -> None:
+    async def _start(self) -> Capabilities:
         """Load the weights and tokenizer, allocate KV and slots, start the step thread."""
-        async with self._start_lock:
-            if self._engine is not None:
-                return
-            if self._closed:
-                raise RuntimeError("TorchBackend was closed")
-            if not (self.model_path / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"{self.model_path} holds no config.json; pass a Hugging Face checkpoint "
-                    "directory (lorapool.backends.torch.ensure_demo_model() makes one)"
-                )
-            from transformers import AutoTokenizer
+        if not (self.model_path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{self.model_path} holds no config.json; pass a Hugging Face checkpoint "
+                "directory (lorapool.backends.torch.ensure_demo_model() makes one)"
+            )
+        from transformers import AutoTokenizer
 
-            self._tokenizer = await asyncio.to_thread(
-                AutoTokenizer.from_pretrained, self.model_path
-            )
-            engine = Engine(
-                self._build,
-                eos_ids=self._eos_ids(self._tokenizer),
-                max_prefill_tokens=self.max_prefill_tokens,
-                interleave_prefill=self.interleave_prefill,
-                spare_rows=self.spare_rows,
-            )
-            await asyncio.wrap_future(engine.start())
-            cfg = engine.model.cfg
-            self._caps = Capabilities(
-                max_slots=self.max_slots,
-                max_rank=self.max_rank,
-                max_batch=self.max_batch,
-                base_model=self.model_path.name,
-                target_modules=frozenset(cfg.module_shapes()),
-                dynamic_load=True,
-                pinning=True,
-                max_seq_len=self.max_seq_len,
-                preemption=True,
-                resume=True,
-                model_path=self.model_path,
-            )
-            self._engine = engine
-            self._stats = engine.stats
+        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
+        engine = Engine(
+            self._build,
+            eos_ids=self._eos_ids(self._tokenizer),
+            max_prefill_tokens=self.max_prefill_tokens,
+            interleave_prefill=self.interleave_prefill,
+            spare_rows=self.spare_rows,
+        )
+        await asyncio.wrap_future(engine.start())
+        cfg = engine.model.cfg
+        self._engine = engine
+        self._stats = engine.stats
+        return Capabilities(
+            max_slots=self.max_slots,
+            max_rank=self.max_rank,
+            max_batch=self.max_batch,
+            base_model=self.model_path.name,
+            target_modules=frozenset(cfg.module_shapes()),
+            dynamic_load=True,
+            pinning=True,
+            max_seq_len=self.max_seq_len,
+            preemption=True,
+            resume=True,
+            model_path=self.model_path,
+        )
 
     def _build(self) -> tuple[LlamaModel, LoraSlots, KVCache]:
         """Runs on the engine thread."""
@@ -237,9 +224,8 @@ class TorchBackend:
                 ids.update(int(e) for e in eos)
         return frozenset(ids)
 
-    async def aclose(self) -> None:
-        """Stop the step thread; requests still running end with an error. Idempotent."""
-        self._closed = True
+    async def _aclose(self) -> None:
+        """Stop the step thread; requests still running end with an error."""
         engine, self._engine = self._engine, None
         if engine is not None:
             await asyncio.to_thread(engine.stop)
@@ -249,8 +235,8 @@ class TorchBackend:
         return self._engine is not None and self._engine.alive
 
     def _require_engine(self) -> Engine:
-        if self._engine is None:
-            raise RuntimeError("TorchBackend is not started")
+        self._require_started()
+        assert self._engine is not None  # set by _start, cleared by _aclose
         return self._engine
 
     # -- adapters --------------------------------------------------------------------
@@ -336,22 +322,6 @@ class TorchBackend:
         return self._slot_of.get(adapter_id)
 
     # -- generation ------------------------------------------------------------------
-
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt; chat messages go through the model's chat template."""
-        tok = self._tokenizer
-        if tok is None:
-            raise RuntimeError("TorchBackend is not started")
-        if isinstance(prompt, str):
-            ids = tok(prompt, add_special_tokens=True)["input_ids"]
-            return [int(i) for i in ids]
-        messages = _check_messages(prompt)
-        if not getattr(tok, "chat_template", None):
-            raise InvalidRequest("this model has no chat template; pass the prompt as a string")
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of token ids, without special tokens."""
@@ -477,20 +447,3 @@ def _set_result(fut: asyncio.Future[T], value: T) -> None:
 def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
-
-
-def _check_messages(prompt: Sequence[Message]) -> list[dict[str, str]]:
-    messages: list[dict[str, str]] = []
-    for i, m in enumerate(prompt):
-        if (
-            not hasattr(m, "get")
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise InvalidRequest(
-                f"message {i} must be a mapping with string 'role' and 'content', got {m!r}"
-            )
-        messages.append({"role": m["role"], "content": m["content"]})
-    if not messages:
-        raise InvalidRequest("the message list is empty")
-    return messages

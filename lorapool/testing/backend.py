@@ -6,7 +6,9 @@ import asyncio
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Self
 
+from lorapool.backends.base import BaseBackend
 from lorapool.errors import BackendError, LoadError
 from lorapool.types import Capabilities, Chunk, GenerationRequest, LoadedAdapter, Usage
 
@@ -20,7 +22,7 @@ def _echo(request: GenerationRequest) -> list[str]:
 
 
 @dataclass
-class MockBackend:
+class MockBackend(BaseBackend):
     """Answers each request with ``handler(request)``: a string, or one string per token.
 
     Each piece is one token; its id is a hash of its text, so different
@@ -30,6 +32,10 @@ class MockBackend:
     ``fail_loads`` makes loading the named adapters fail; ``token_delay``
     sleeps between tokens. ``resume=True`` offers ``Capabilities.resume``: a
     request with ``resume`` tokens goes on with the handler's pieces after them.
+
+    Its lifecycle is :class:`~lorapool.backends.base.BaseBackend`'s (a closed
+    MockBackend does not start again), but its :attr:`capabilities` are readable
+    before :meth:`start`.
     """
 
     handler: Handler = _echo
@@ -49,6 +55,14 @@ class MockBackend:
     started: bool = False
     closed: bool = False
 
+    def __post_init__(self) -> None:
+        BaseBackend.__init__(self)
+
+    @classmethod
+    def from_config(cls, model: str | None = None, /, **options: Any) -> Self:
+        """A MockBackend from keyword ``options``; it has no model, so ``model`` is ignored."""
+        return cls(**options)
+
     @property
     def capabilities(self) -> Capabilities:
         """Fixed capabilities from the constructor."""
@@ -61,11 +75,12 @@ class MockBackend:
             resume=self.resume,
         )
 
-    async def start(self) -> None:
+    async def _start(self) -> Capabilities:
         """Mark started."""
         self.started = True
+        return self.capabilities
 
-    async def aclose(self) -> None:
+    async def _aclose(self) -> None:
         """Mark closed."""
         self.closed = True
 

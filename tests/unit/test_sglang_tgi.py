@@ -24,7 +24,15 @@ from lorapool.backends.sglang import (
     sglang_sampling_params,
 )
 from lorapool.backends.tgi import StopTrimmer, TGIBackend, generate_body, tgi_finish_reason
-from lorapool.errors import BackendError, BackendUnavailable, InvalidRequest, LoadError
+from lorapool.errors import (
+    BackendClosed,
+    BackendError,
+    BackendNotStarted,
+    BackendServerError,
+    BackendUnavailable,
+    InvalidRequest,
+    LoadError,
+)
 from lorapool.types import (
     Chunk,
     GenerationRequest,
@@ -302,6 +310,29 @@ async def test_chat_stream_reads_deltas_and_usage() -> None:
     await b.aclose()
 
 
+async def test_tgi_lifecycle_misuse_is_a_typed_error() -> None:
+    b = tgi(b"", adapters=["a"])
+    with pytest.raises(BackendNotStarted, match="TGIBackend"):
+        await b.load(adapter("a"), 0)
+    with pytest.raises(BackendNotStarted):
+        await collect(b.generate(GenerationRequest("r", "x", GREEDY)))
+    await b.start()
+    await b.aclose()
+    with pytest.raises(BackendClosed):
+        await b.load(adapter("a"), 0)
+    with pytest.raises(BackendClosed):
+        await b.start()
+
+
+async def test_tgi_error_statuses_keep_their_status_after_the_retries() -> None:
+    b = tgi(lambda r: httpx.Response(503, json={"error": "busy", "error_type": "overloaded"}))
+    await b.start()
+    with pytest.raises(BackendServerError) as err:
+        await collect(b.generate(GenerationRequest("r", "x", GREEDY)))
+    assert err.value.status == 503 and err.value.server_message == "busy"
+    await b.aclose()
+
+
 def test_tgi_parameters_and_finish_reasons() -> None:
     sampled = generate_body("x", SamplingParams(temperature=0.7, top_p=1.0), "lora")
     assert sampled["parameters"]["temperature"] == 0.7
@@ -504,6 +535,38 @@ async def test_sglang_backend_aborts_a_closed_stream_and_types_failures() -> Non
         await b2.load(adapter("tenant/big", rank=64), 0)
     await b2.aclose()
     await b.aclose()
+
+
+class _ChatTokenizer(_Tokenizer):
+    chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **kw: Any) -> Any:
+        assert kw == {"add_generation_prompt": True, "tokenize": True}
+        return {"input_ids": [len(m["content"]) for m in messages]}  # a BatchEncoding's shape
+
+
+async def test_sglang_encodes_chat_through_the_template_and_refuses_bad_messages() -> None:
+    engine = FakeEngine()
+    b = SGLangBackend(engine=engine, max_slots=2)
+    with pytest.raises(BackendNotStarted):
+        b.encode("x")
+    await b.start()
+    assert b.encode("ab") == [97, 98]
+    chat = [{"role": "user", "content": "hello"}]
+    with pytest.raises(InvalidRequest, match="no chat template"):
+        b.encode(chat)
+    engine.tokenizer_manager.tokenizer = _ChatTokenizer()
+    assert b.encode(chat) == [5]
+    with pytest.raises(InvalidRequest, match="message 0 must be a mapping"):
+        b.encode([{"role": "user", "content": 3}])  # type: ignore[dict-item]
+    with pytest.raises(InvalidRequest, match="empty"):
+        b.encode([])
+    engine.tokenizer_manager.tokenizer = None
+    with pytest.raises(InvalidRequest, match="skip_tokenizer_init"):
+        b.encode("x")
+    await b.aclose()
+    with pytest.raises(BackendClosed):
+        b.engine  # noqa: B018
 
 
 async def test_sglang_backend_refuses_an_engine_with_too_few_lora_slots() -> None:
