@@ -5,11 +5,12 @@ engine's state, as in production. Workloads (``--workload``): ``slora``
 (Gamma arrivals with ``--rate``/``--cv``, power-law popularity ``--alpha``),
 ``punica:distinct|uniform|skewed|identical``, or ``trace:FILE.csv`` (Azure
 layout ``TIMESTAMP,ContextTokens,GeneratedTokens``, optional ``adapter`` and
-``tenant`` columns). Targets (``--target``, repeatable): ``torch`` (the
-embedded engine), ``vllm`` (in-process vLLM; run from the vLLM venv),
-``sglang`` (in-process SGLang, GPU), or ``url:BASE_URL`` (a running vLLM/SGLang
-OpenAI server, reached through OpenAIServerBackend). TGI is not a target: its
-adapters are fixed when it starts, so the benchmark cannot register its own.
+``tenant`` columns). Targets (``--target``, repeatable): a backend's name in the
+``lorapool.backends`` entry points, built on ``--model`` (``torch``, the embedded
+engine; ``vllm``, in-process vLLM, from the vLLM venv; ``sglang``, in-process
+SGLang, GPU; or an installed package's backend), or ``url:BASE_URL`` (a running
+vLLM/SGLang OpenAI server, reached through the ``openai`` backend). TGI is not a
+target: its adapters are fixed when it starts, so the benchmark cannot register its own.
 Raw engines without lorapool are compared by the ``engine`` (PEFT) and
 ``vllm`` (raw vLLM) scenarios.
 
@@ -31,9 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorapool.abc import Backend
+from lorapool.backends.base import build_backend
 from lorapool.bench.fairness import _pct as percentile
 from lorapool.bench.meta import run_meta
 from lorapool.bench.workload import PATTERNS, Lengths, Request, read_trace, slora_workload
+from lorapool.plugins import BACKENDS, available
 
 __all__ = ["add_arguments", "run"]
 
@@ -41,7 +45,11 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scenario's options."""
     parser.add_argument(
-        "--target", action="append", default=None, help="torch | vllm | sglang | url:URL"
+        "--target",
+        action="append",
+        default=None,
+        help="a backend's name (torch, vllm, sglang, an installed plugin's) or url:URL; "
+        "repeatable (torch)",
     )
     parser.add_argument(
         "--workload", default="slora", help="slora | punica:PATTERN | trace:FILE (slora)"
@@ -114,30 +122,21 @@ def _workload(args: argparse.Namespace, adapters: Sequence[str]) -> list[Request
     )
 
 
-def _backend(target: str, args: argparse.Namespace, model_dir: Path) -> Any:
-    if target == "torch":
-        from lorapool.backends.torch import TorchBackend
+def _backend(target: str, args: argparse.Namespace, model_dir: Path) -> Backend:
+    """The target's backend: ``url:URL`` is the ``openai`` backend on URL, a name is built
+    on ``--model`` with the slots, rank and batch of the flags."""
+    name, model = ("openai", target[4:]) if target.startswith("url:") else (target, str(model_dir))
+    return build_backend(
+        name, model, max_slots=args.slots, max_rank=args.rank, max_batch=args.max_batch
+    )
 
-        return TorchBackend(
-            model_dir, max_slots=args.slots, max_rank=args.rank, max_batch=args.max_batch
-        )
-    if target == "vllm":
-        from lorapool.backends.vllm import VLLMBackend
 
-        return VLLMBackend(
-            str(model_dir), max_slots=args.slots, max_rank=args.rank, max_batch=args.max_batch
-        )
-    if target == "sglang":
-        from lorapool.backends.sglang import SGLangBackend
-
-        return SGLangBackend(
-            str(model_dir), max_slots=args.slots, max_rank=args.rank, max_batch=args.max_batch
-        )
-    if target.startswith("url:"):
-        from lorapool.backends.openai import OpenAIServerBackend
-
-        return OpenAIServerBackend(target[4:], max_slots=args.slots, max_rank=args.rank)
-    raise SystemExit(f"unknown --target {target!r}; use torch, vllm, sglang or url:BASE_URL")
+def _check_targets(targets: Sequence[str]) -> None:
+    """Refuse a target no installed package declares, before any adapter is made."""
+    names = available(BACKENDS)
+    unknown = [t for t in targets if not t.startswith("url:") and t not in names]
+    if unknown:
+        raise SystemExit(f"unknown --target {unknown}; use one of {names} or url:BASE_URL")
 
 
 async def _replay(pool: Any, requests: Sequence[Request], bar: Any) -> tuple[list[_Done], float]:
@@ -320,12 +319,18 @@ def _plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Run every target x adapter count, print the table, write JSON and plots."""
-    from lorapool.backends.torch import ensure_demo_model
     from lorapool.bench.engine import _make_adapters
     from lorapool.cache import default_cache_dir
 
+    targets = args.target or ["torch"]
+    _check_targets(targets)
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    model_dir = Path(args.model).expanduser() if args.model else ensure_demo_model(cache)
+    if args.model:
+        model_dir = Path(args.model).expanduser()
+    else:
+        from lorapool.backends.torch import ensure_demo_model
+
+        model_dir = ensure_demo_model(cache)
     counts = [int(c) for c in str(args.adapters).split(",")]
     if args.adapter_dir:
         root = Path(args.adapter_dir).expanduser()
@@ -334,7 +339,6 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"--adapters asks for {max(counts)} but {root} holds {len(paths)}")
     else:
         paths = _make_adapters(cache, model_dir, max(counts), args.rank)
-    targets = args.target or ["torch"]
     rows: list[dict[str, Any]] = []
     for target in targets:
         for n in counts:

@@ -1,9 +1,9 @@
-"""A served pool described by one TOML file: model, backend, tiers, tenants, keys, server.
+"""A served pool described by one TOML file and the environment: model, backend, tiers, keys.
 
 Example (``examples/server.toml`` is a complete one)::
 
     [backend]
-    kind = "torch"            # torch | vllm | openai
+    kind = "torch"            # a name in the lorapool.backends entry points
     model = "~/.cache/lorapool/models/SmolLM2-135M-Instruct"
     max_slots = 4
     max_rank = 16
@@ -19,6 +19,15 @@ Example (``examples/server.toml`` is a complete one)::
 
     [keys]
     "sk-acme" = { tenant = "acme", tier = "gold" }
+
+Every setting can also come from an environment variable named ``LORAPOOL_`` and its
+path, sections joined by ``__`` (``LORAPOOL_BACKEND__MAX_SLOTS=8``,
+``LORAPOOL_SERVER__PORT=9000``; tables as JSON: ``LORAPOOL_KEYS='{"sk-x": {"tenant":
+"acme"}}'``); the environment wins over the file (pydantic-settings).
+
+The backend is found by ``kind`` through the ``lorapool.backends`` entry points and
+built with its ``from_config(model, max_slots=..., max_rank=..., max_batch=...,
+**options)``, so an installed package's backend is configured like a built-in one.
 """
 
 from __future__ import annotations
@@ -27,8 +36,12 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from lorapool.abc import Backend, Source
+from lorapool.backends.base import build_backend
+from lorapool.plugins import BACKENDS, SOURCES, available, load_source
 from lorapool.pool import AdapterPool
 from lorapool.registry import Registry
 from lorapool.scheduler.fair import FairScheduler, TierPolicy
@@ -38,6 +51,19 @@ from .auth import ApiKeys, Auth, Caller, TrustedHeader
 
 __all__ = ["ServerConfig", "load_config"]
 
+ENV_PREFIX = "LORAPOOL_"
+"""Environment variables that set the server config start with this."""
+
+
+def _registered(group: str, name: str, what: str) -> str:
+    names = available(group)
+    if name not in names:
+        raise ValueError(
+            f"no {what} named {name!r} is installed; available: {names} "
+            f"(a package declares one in the {group} entry-point group)"
+        )
+    return name
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -46,14 +72,32 @@ class _Strict(BaseModel):
 class BackendConfig(_Strict):
     """Which engine, and its slots and rank."""
 
-    kind: Literal["torch", "vllm", "openai"] = "torch"
+    kind: str = "torch"
+    """The backend's name in the ``lorapool.backends`` entry points: ``torch``, ``vllm``,
+    ``openai``, ``sglang``, ``tgi``, or one an installed package declares."""
     model: str | None = None
-    """Model directory (torch, vllm) or the server's base URL (openai)."""
+    """Model directory (torch, vllm, sglang) or the server's base URL (openai, tgi)."""
     max_slots: int = Field(default=4, ge=1)
     max_rank: int = Field(default=16, ge=1)
     max_batch: int = Field(default=32, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for the backend's constructor."""
+
+    @field_validator("kind")
+    @classmethod
+    def _installed(cls, kind: str) -> str:
+        return _registered(BACKENDS, kind, "backend")
+
+    def build(self) -> Backend:
+        """The backend, not started: ``from_config(model, max_slots=..., ..., **options)``."""
+        return build_backend(
+            self.kind,
+            self.model,
+            max_slots=self.max_slots,
+            max_rank=self.max_rank,
+            max_batch=self.max_batch,
+            **self.options,
+        )
 
 
 class StoreConfig(_Strict):
@@ -63,20 +107,23 @@ class StoreConfig(_Strict):
     disk_dir: str | None = None
     disk_bytes: str | int | None = None
     eviction: str | dict[str, str] | None = None
-    sources: dict[Literal["s3", "http", "https"], dict[str, Any]] = Field(default_factory=dict)
-    """Per scheme, the source's settings: ``[store.sources.s3]`` takes
-    :class:`~lorapool.sources.S3Source`'s (``endpoint_url``, ``region_name``, ``profile``,
-    ...; credentials better come from the AWS environment), ``http``/``https``
-    :class:`~lorapool.sources.HttpSource`'s (``headers``)."""
+    sources: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per URI scheme, the settings of its source (found through the ``lorapool.sources``
+    entry points): ``[store.sources.s3]`` takes :class:`~lorapool.sources.S3Source`'s
+    (``endpoint_url``, ``region_name``, ``profile``, ...; credentials better come from
+    the AWS environment), ``http``/``https`` :class:`~lorapool.sources.HttpSource`'s
+    (``headers``)."""
 
-    def build_sources(self) -> dict[str, Any]:
+    @field_validator("sources")
+    @classmethod
+    def _installed(cls, sources: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for scheme in sources:
+            _registered(SOURCES, scheme, "source")
+        return sources
+
+    def build_sources(self) -> dict[str, Source]:
         """The configured sources by scheme."""
-        from lorapool.sources import HttpSource, S3Source
-
-        out: dict[str, Any] = {}
-        for scheme, settings in self.sources.items():
-            out[scheme] = S3Source(**settings) if scheme == "s3" else HttpSource(**settings)
-        return out
+        return {scheme: load_source(scheme)(**kw) for scheme, kw in self.sources.items()}
 
 
 class KeyConfig(_Strict):
@@ -106,8 +153,17 @@ class HttpConfig(_Strict):
     """Also serve ``/metrics`` on this port (e.g. one only the monitoring network reaches)."""
 
 
-class ServerConfig(_Strict):
-    """The whole file."""
+class ServerConfig(BaseSettings):
+    """The whole file; any setting may come from a ``LORAPOOL_`` environment variable.
+
+    ``LORAPOOL_<SECTION>__<KEY>`` sets a key of a section (``LORAPOOL_STORE__DISK_DIR``),
+    ``LORAPOOL_<KEY>`` a top-level one (``LORAPOOL_REGISTRY``); tables and lists are
+    JSON. The environment wins over values given to the constructor (the file's).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid"
+    )
 
     backend: BackendConfig = Field(default_factory=BackendConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -121,37 +177,21 @@ class ServerConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     server: HttpConfig = Field(default_factory=HttpConfig)
 
-    def build_backend(self) -> Any:
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment first, then the file's values (no dotenv, no secrets dir)."""
+        return env_settings, init_settings
+
+    def build_backend(self) -> Backend:
         """The configured backend, not started."""
-        b = self.backend
-        if b.kind == "torch":
-            from lorapool.backends.torch import TorchBackend, ensure_demo_model
-
-            model = Path(b.model).expanduser() if b.model else ensure_demo_model()
-            return TorchBackend(
-                model,
-                max_slots=b.max_slots,
-                max_rank=b.max_rank,
-                max_batch=b.max_batch,
-                **b.options,
-            )
-        if b.model is None:
-            raise ValueError(f"backend.model is required for kind={b.kind!r}")
-        if b.kind == "vllm":
-            from lorapool.backends.vllm import VLLMBackend
-
-            return VLLMBackend(
-                b.model,
-                max_slots=b.max_slots,
-                max_rank=b.max_rank,
-                max_batch=b.max_batch,
-                **b.options,
-            )
-        from lorapool.backends.openai import OpenAIServerBackend
-
-        return OpenAIServerBackend(
-            b.model, max_slots=b.max_slots, max_rank=b.max_rank, max_batch=b.max_batch, **b.options
-        )
+        return self.backend.build()
 
     def build_scheduler(self) -> FairScheduler:
         """A FairScheduler with the configured tiers; key tiers assign tenants."""
@@ -199,7 +239,12 @@ class ServerConfig(_Strict):
         return ApiKeys({key: Caller(k.tenant, k.admin) for key, k in self.keys.items()})
 
 
-def load_config(path: str | Path) -> ServerConfig:
-    """Read and validate a TOML config file."""
+def load_config(path: str | Path | None = None) -> ServerConfig:
+    """Read and validate a TOML config file, overridden by ``LORAPOOL_`` variables.
+
+    Without a path, the config is the environment's (and the defaults).
+    """
+    if path is None:
+        return ServerConfig()
     with Path(path).expanduser().open("rb") as f:
-        return ServerConfig.model_validate(tomllib.load(f))
+        return ServerConfig(**tomllib.load(f))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
 pytest.importorskip("starlette")
 
 from lorapool import AdapterPool
+from lorapool.backends.openai import OpenAIServerBackend
 from lorapool.server import TrustedHeader, create_app
-from lorapool.server.config import ServerConfig
-from lorapool.sources import S3Source
+from lorapool.server.config import ServerConfig, load_config
+from lorapool.sources import HttpSource, S3Source
 from lorapool.testing import MockBackend
 
 
@@ -26,6 +29,66 @@ def test_sources_come_from_the_config() -> None:
     assert sources["s3"]._client_kwargs["endpoint_url"] == "http://127.0.0.1:9000"
     with pytest.raises(ValueError):
         ServerConfig.model_validate({"store": {"sources": {"ftp": {}}}})
+
+
+def test_the_backend_is_found_by_name_and_built_from_its_options() -> None:
+    config = ServerConfig.model_validate(
+        {
+            "backend": {
+                "kind": "openai",
+                "model": "http://vllm.internal:8000/",
+                "max_slots": 3,
+                "options": {"model": "served-base", "flavor": "sglang"},
+            }
+        }
+    )
+    backend = config.build_backend()
+    assert isinstance(backend, OpenAIServerBackend)
+    assert backend.base_url == "http://vllm.internal:8000" and backend.model == "served-base"
+    assert (backend.flavor, backend.max_slots, backend.max_batch) == ("sglang", 3, 32)
+    with pytest.raises(ValueError, match=r"no backend named 'nope'.*'torch'"):
+        ServerConfig.model_validate({"backend": {"kind": "nope"}})
+    no_url = ServerConfig.model_validate({"backend": {"kind": "tgi"}})
+    with pytest.raises(ValueError, match="TGIBackend needs a model"):
+        no_url.build_backend()
+
+
+def test_any_installed_scheme_takes_source_settings() -> None:
+    config = ServerConfig.model_validate(
+        {"store": {"sources": {"https": {"headers": {"authorization": "Bearer t"}}}}}
+    )
+    [source] = config.store.build_sources().values()
+    assert isinstance(source, HttpSource) and source._headers == {"authorization": "Bearer t"}
+
+
+def test_the_environment_overrides_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(
+        """
+[backend]
+kind = "openai"
+model = "http://file:8000"
+max_slots = 2
+
+[server]
+port = 8000
+"""
+    )
+    monkeypatch.setenv("LORAPOOL_BACKEND__MAX_SLOTS", "8")
+    monkeypatch.setenv("LORAPOOL_SERVER__PORT", "9001")
+    monkeypatch.setenv("LORAPOOL_KEYS", '{"sk-env": {"tenant": "acme", "admin": true}}')
+    monkeypatch.setenv("LORAPOOL_CACHE_DIR", str(tmp_path))  # another lorapool variable: ignored
+    config = load_config(path)
+    assert config.backend.max_slots == 8 and config.backend.model == "http://file:8000"
+    assert config.server.port == 9001 and config.keys["sk-env"].admin
+    monkeypatch.setenv("LORAPOOL_BACKEND__KIND", "no-such-backend")
+    with pytest.raises(ValueError, match="no backend named 'no-such-backend'"):
+        load_config(path)
+    monkeypatch.setenv("LORAPOOL_BACKEND__KIND", "openai")
+    monkeypatch.setenv("LORAPOOL_BACKEND__MODEL", "http://env:8000")
+    assert load_config().backend.model == "http://env:8000"  # no file: the environment alone
 
 
 def test_header_mode_takes_the_tenant_from_the_gateway_header() -> None:
