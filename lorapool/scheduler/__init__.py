@@ -4,9 +4,19 @@
   a request holds while it waits and runs, and :class:`DispatchState` (places in
   flight, distinct adapters per slot) that every scheduler shares.
 * :mod:`~lorapool.scheduler.fcfs`: :class:`FCFSScheduler`, the baseline.
-* :mod:`~lorapool.scheduler.fair`: :class:`FairScheduler`, weighted virtual token
-  counters with admission, rate limits, preemption and slot hand-off.
-* :mod:`~lorapool.scheduler.handoff`: the hand-off decision.
+* :mod:`~lorapool.scheduler.fair`: :class:`FairScheduler`, which composes:
+
+  * :mod:`~lorapool.scheduler.config`: its settings (:class:`TenantConfig`,
+    :class:`TierPolicy`, :class:`AdmissionConfig`, :class:`FairnessConfig`,
+    :class:`PlacesConfig`, :class:`HandoffConfig`);
+  * :mod:`~lorapool.scheduler.vtc`: the weighted virtual token counters and the queue
+    they order;
+  * :mod:`~lorapool.scheduler.pick` and :mod:`~lorapool.scheduler.rules`: the pick, a
+    composition of rule parts;
+  * :mod:`~lorapool.scheduler.admission`: tiers, rate limits, queue caps, shedding;
+  * :mod:`~lorapool.scheduler.places` and :mod:`~lorapool.scheduler.preemption`: the
+    engine's places, shares, headroom, pacing, light tenants, and preemption;
+  * :mod:`~lorapool.scheduler.handoff`: slot hand-off.
 """
 
 from lorapool.scheduler.base import (
@@ -19,21 +29,34 @@ from lorapool.scheduler.base import (
     Scheduler,
     Ticket,
 )
-from lorapool.scheduler.fair import FairScheduler, TierPolicy
+from lorapool.scheduler.config import (
+    AdmissionConfig,
+    FairnessConfig,
+    HandoffConfig,
+    PlacesConfig,
+    TenantConfig,
+    TierPolicy,
+)
+from lorapool.scheduler.fair import FairScheduler
 from lorapool.scheduler.fcfs import FCFSScheduler
 from lorapool.scheduler.handoff import Handoff, choose_handoff
 
 __all__ = [
+    "AdmissionConfig",
     "ColdStart",
     "DispatchCheck",
     "DispatchState",
     "FCFSScheduler",
     "FairScheduler",
+    "FairnessConfig",
     "Handoff",
+    "HandoffConfig",
     "HandoffHook",
+    "PlacesConfig",
     "PreemptHook",
     "ResidencyCheck",
     "Scheduler",
+    "TenantConfig",
     "Ticket",
     "TierPolicy",
     "choose_handoff",

@@ -14,20 +14,27 @@ the slot, and queue again; the waiting request takes the slot and has its first 
 within a step or two; the stopped requests go on later from where they were, by
 recompute (greedy output unchanged; the caller's stream only pauses).
 
-This module holds the scheduler's half, :func:`choose_handoff`: a pure decision (whom
-to help, whose requests to stop). The pool's half, a backend stream that a hand-off
-can stop without cancelling the caller, is :class:`lorapool.request.Relay`.
+This module holds the scheduler's half: :func:`choose_handoff`, a pure decision (whom
+to help, whose requests to stop), and :class:`Handoffs`, the hand-offs a scheduler made
+and whose beneficiaries still wait (the pick's rules :class:`~lorapool.scheduler.rules.HandoffFirst`
+and :class:`~lorapool.scheduler.rules.SlotGivenUp` read them). The pool's half, a backend
+stream that a hand-off can stop without cancelling the caller, is
+:class:`lorapool.request.Relay`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from lorapool.scheduler.base import Ticket
+from lorapool.scheduler.base import HandoffHook, Ticket
 
-__all__ = ["Handoff", "choose_handoff"]
+__all__ = ["WAITING_LOOKED_AT", "Handoff", "Handoffs", "choose_handoff"]
+
+WAITING_LOOKED_AT = 8
+"""Oldest queued requests looked at for a hand-off, and hand-offs made, per attempt."""
 
 
 @dataclass(frozen=True)
@@ -112,3 +119,76 @@ def choose_handoff(
         return None
     adapter = best[2]
     return Handoff(beneficiary, adapter, tuple(by_adapter[adapter]))
+
+
+class Handoffs:
+    """A scheduler's hand-offs: makes them (:meth:`attempt`) and keeps those whose
+    beneficiaries still wait for dispatch (:meth:`pending`).
+
+    ``hook`` is the pool's ``hand_off``, given when the backend can resume requests;
+    ``count`` counts the hand-offs made.
+    """
+
+    def __init__(self, slot_wait: float | None) -> None:
+        self.slot_wait = slot_wait
+        self.hook: HandoffHook | None = None
+        self.count = 0
+        self._pending: list[Handoff] = []
+
+    @property
+    def active(self) -> bool:
+        """Turned on, and the backend can resume requests."""
+        return self.hook is not None and self.slot_wait is not None
+
+    def pending(self) -> list[Handoff]:
+        """The hand-offs whose beneficiaries still wait for dispatch."""
+        pending = self._pending
+        if pending and any(not h.beneficiary.queued for h in pending):
+            self._pending = pending = [h for h in pending if h.beneficiary.queued]
+        return pending
+
+    def attempt(
+        self,
+        arrivals: Iterable[Ticket],
+        running: Callable[[], Iterable[Ticket]],
+        inflight: Mapping[str, int],
+        can_dispatch: Callable[[str | None, Mapping[str, int]], bool],
+        clock: Callable[[], float],
+        wake_at: Callable[[float], None],
+    ) -> None:
+        """Requests have waited ``slot_wait`` for an adapter slot: stop the running
+        requests of other adapters so that they get theirs (:func:`choose_handoff`), one
+        victim adapter per waiting request.
+
+        ``arrivals``: queued tickets, oldest first (some that left, skipped);
+        ``running()``: the tickets in flight; ``wake_at(t)`` is called with the time a
+        request will have waited ``slot_wait``, when none has yet.
+        """
+        hook = self.hook
+        slot_wait = self.slot_wait
+        if hook is None or slot_wait is None:
+            return
+        for _ in range(WAITING_LOOKED_AT):
+            waiting = itertools.islice((t for t in arrivals if t.queued), WAITING_LOOKED_AT)
+            decision = choose_handoff(
+                waiting,
+                running(),
+                inflight,
+                can_dispatch,
+                now=clock(),
+                slot_wait=slot_wait,
+                pending=self.pending(),
+            )
+            if decision is None:
+                return
+            if not isinstance(decision, Handoff):
+                wake_at(decision)  # the time a request will have waited slot_wait
+                return
+            stopped = False
+            for ticket in decision.victims:
+                if hook(ticket.request_id):
+                    ticket.handed_off = stopped = True
+            if not stopped:
+                return
+            self._pending.append(decision)
+            self.count += 1

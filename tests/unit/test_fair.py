@@ -7,6 +7,7 @@ import itertools
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,14 @@ from lorapool.errors import (
     Overloaded,
     RateLimited,
 )
-from lorapool.scheduler import Ticket
+from lorapool.scheduler import (
+    AdmissionConfig,
+    FairnessConfig,
+    HandoffConfig,
+    PlacesConfig,
+    TenantConfig,
+    Ticket,
+)
 from lorapool.testing import ManualClock, MockBackend
 
 from .test_store import make_adapters
@@ -77,15 +85,33 @@ class Harness:
         await asyncio.gather(*(k for _, k in self.tasks), return_exceptions=True)
 
 
-def fair(**kw: object) -> FairScheduler:
-    kw.setdefault("clock", ManualClock())
-    kw.setdefault("input_cost", IN_COST)
-    kw.setdefault("output_cost", OUT_COST)
-    return FairScheduler(**kw)  # type: ignore[arg-type]
+def vtc(**fields: Any) -> FairnessConfig:
+    """The counters' settings: these fields, and the test's costs."""
+    return FairnessConfig(input_cost=IN_COST, output_cost=OUT_COST, **fields)
+
+
+def fair(
+    *,
+    clock: ManualClock | None = None,
+    tenants: TenantConfig | None = None,
+    admission: AdmissionConfig | None = None,
+    fairness: FairnessConfig | None = None,
+    places: PlacesConfig | None = None,
+    handoff: HandoffConfig | None = None,
+) -> FairScheduler:
+    """A FairScheduler on a manual clock, charging the test's costs (``vtc()``)."""
+    return FairScheduler(
+        tenants=tenants,
+        admission=admission,
+        fairness=fairness or vtc(),
+        places=places,
+        handoff=handoff,
+        clock=clock or ManualClock(),
+    )
 
 
 async def test_backlogged_tenants_get_service_in_their_weight_ratio() -> None:
-    h = Harness(fair(tenant_weights={"a": 3.0, "b": 1.0}))
+    h = Harness(fair(tenants=TenantConfig(tenant_weights={"a": 3.0, "b": 1.0})))
     for _ in range(300):
         await h.submit(ticket("a"))
         await h.submit(ticket("b"))
@@ -100,7 +126,7 @@ async def test_backlogged_tenants_get_service_in_their_weight_ratio() -> None:
 async def test_a_tenant_idle_for_an_hour_cannot_monopolise() -> None:
     clock = ManualClock()
     # max_wait out of the way: an hour of manual time would make busy's queue "starve".
-    h = Harness(fair(clock=clock, max_wait=1e9))
+    h = Harness(fair(clock=clock, fairness=vtc(max_wait=1e9)))
     for _ in range(100):
         await h.submit(ticket("busy"))
     await h.serve(50)  # busy's counter grows; idle's stays at 0
@@ -117,7 +143,7 @@ async def test_a_tenant_idle_for_an_hour_cannot_monopolise() -> None:
 async def test_token_buckets_allow_the_burst_then_refuse_with_retry_after() -> None:
     clock = ManualClock()
     policy = TierPolicy(requests_per_s=2.0, request_burst=5, tokens_per_min=600, token_burst=150)
-    h = Harness(fair(clock=clock, tiers={"std": policy}), max_inflight=100)
+    h = Harness(fair(clock=clock, tenants=TenantConfig(tiers={"std": policy})), max_inflight=100)
     for _ in range(3):  # 3 x (10 + 20) = 90 tokens
         await h.submit(ticket("t"))
     with pytest.raises(RateLimited) as err:  # 4th: 120 > 150 - 90 left... 60 tokens left
@@ -137,8 +163,12 @@ async def test_token_buckets_allow_the_burst_then_refuse_with_retry_after() -> N
 
 
 async def test_the_lowest_tier_is_shed_first() -> None:
-    s = fair(tiers={"gold": TierPolicy(), "free": TierPolicy()}, tenant_tiers={"g": "gold"})
-    s.max_queue = 3
+    s = fair(
+        tenants=TenantConfig(
+            tiers={"gold": TierPolicy(), "free": TierPolicy()}, tenant_tiers={"g": "gold"}
+        ),
+        admission=AdmissionConfig(max_queue=3),
+    )
     h = Harness(s)
     await h.submit(ticket("blocker"))  # dispatched, holds the only place
     free = [await h.submit(ticket(f"f{i}")) for i in range(3)]
@@ -158,7 +188,7 @@ async def test_the_lowest_tier_is_shed_first() -> None:
 
 
 async def test_per_tier_queue_cap() -> None:
-    h = Harness(fair(tiers={"free": TierPolicy(max_queue=2)}))
+    h = Harness(fair(tenants=TenantConfig(tiers={"free": TierPolicy(max_queue=2)})))
     await h.submit(ticket("x"))
     await h.submit(ticket("a"))
     await h.submit(ticket("b"))
@@ -184,7 +214,7 @@ async def test_deadline_and_cancellation_leave_the_queue_uncharged() -> None:
 
 
 async def test_affinity_prefers_resident_adapters_within_the_slack() -> None:
-    h = Harness(fair(affinity_slack=1000.0), max_inflight=1)
+    h = Harness(fair(fairness=vtc(affinity_slack=1000.0)), max_inflight=1)
     h.resident.add("warm")
     await h.submit(ticket("blocker"))
     await h.submit(ticket("cold-tenant", "cold"))
@@ -197,7 +227,7 @@ async def test_affinity_prefers_resident_adapters_within_the_slack() -> None:
 
 async def test_starvation_bound_overrides_affinity_and_counters() -> None:
     clock = ManualClock()
-    h = Harness(fair(clock=clock, affinity_slack=1e9, max_wait=5.0))
+    h = Harness(fair(clock=clock, fairness=vtc(affinity_slack=1e9, max_wait=5.0)))
     h.resident.add("warm")
     await h.submit(ticket("blocker"))
     await h.submit(ticket("cold-tenant", "cold"))
@@ -229,12 +259,14 @@ async def test_no_head_of_line_blocking_on_the_slot_bound() -> None:
 async def test_cold_start_policies_and_usage(tmp_path: Path) -> None:
     dirs = make_adapters(tmp_path, 3)
     scheduler = FairScheduler(
-        tiers={
-            "pro": TierPolicy(cold_start="reject"),
-            "std": TierPolicy(cold_start="fallback"),
-            "free": TierPolicy(cold_start="wait"),
-        },
-        tenant_tiers={"p": "pro", "s": "std"},
+        tenants=TenantConfig(
+            tiers={
+                "pro": TierPolicy(cold_start="reject"),
+                "std": TierPolicy(cold_start="fallback"),
+                "free": TierPolicy(cold_start="wait"),
+            },
+            tenant_tiers={"p": "pro", "s": "std"},
+        )
     )
     async with AdapterPool(MockBackend(max_slots=4), scheduler=scheduler) as pool:
         for (name, path), tenant in zip(dirs.items(), ("p", "s", "f"), strict=True):
@@ -262,7 +294,9 @@ async def test_cold_start_policies_and_usage(tmp_path: Path) -> None:
 
 
 async def test_rate_limited_requests_are_counted_and_served_later(tmp_path: Path) -> None:
-    scheduler = FairScheduler(tiers={"std": TierPolicy(requests_per_s=1.0, request_burst=2)})
+    scheduler = FairScheduler(
+        tenants=TenantConfig(tiers={"std": TierPolicy(requests_per_s=1.0, request_burst=2)})
+    )
     async with AdapterPool(MockBackend(), scheduler=scheduler) as pool:
         one = SamplingParams(max_tokens=1)
         await pool.complete("x", tenant="t", params=one)
@@ -282,7 +316,7 @@ async def _hot_adapters_run(tmp_path: Path, slack: float, max_wait: float) -> tu
     root = tmp_path / f"slack{slack}-{max_wait}"
     root.mkdir()
     dirs = make_adapters(root, 16)
-    scheduler = FairScheduler(affinity_slack=slack, max_wait=max_wait)
+    scheduler = FairScheduler(fairness=FairnessConfig(affinity_slack=slack, max_wait=max_wait))
     backend = MockBackend(max_slots=4, max_batch=8, token_delay=0.003)
     worst = 0.0
     async with AdapterPool(backend, scheduler=scheduler) as pool:
@@ -315,7 +349,7 @@ async def test_affinity_cuts_device_loads_and_the_starvation_bound_holds(tmp_pat
 
 
 async def test_a_returning_tenant_wins_the_tie_at_the_lifted_counter() -> None:
-    h = Harness(fair(max_wait=1e9, headroom=0), max_inflight=3)
+    h = Harness(fair(fairness=vtc(max_wait=1e9), places=PlacesConfig(headroom=0)), max_inflight=3)
     await h.submit(ticket("x"))
     for _ in range(5):
         await h.submit(ticket("busy"))  # two run, three wait
@@ -342,7 +376,10 @@ def _dispatched(h: Harness, tenant: str) -> list[Ticket]:
 async def test_a_light_tenant_with_a_request_running_keeps_its_lead_up_to_the_credit(
     credit: float,
 ) -> None:
-    h = Harness(fair(max_wait=1e9, headroom=0, credit=credit), max_inflight=2)
+    h = Harness(
+        fair(fairness=vtc(max_wait=1e9, credit=credit), places=PlacesConfig(headroom=0)),
+        max_inflight=2,
+    )
     await h.submit(ticket("busy"))
     running = ticket("light")
     await h.submit(running)  # light keeps this one running throughout
@@ -370,7 +407,10 @@ async def test_a_light_tenant_with_a_request_running_keeps_its_lead_up_to_the_cr
 
 
 async def test_a_fully_idle_tenant_gets_no_credit() -> None:
-    h = Harness(fair(max_wait=1e9, headroom=0, credit=512.0), max_inflight=1)
+    h = Harness(
+        fair(fairness=vtc(max_wait=1e9, credit=512.0), places=PlacesConfig(headroom=0)),
+        max_inflight=1,
+    )
     for _ in range(30):
         await h.submit(ticket("busy"))
     await h.serve(20)
@@ -383,7 +423,12 @@ async def test_a_fully_idle_tenant_gets_no_credit() -> None:
 async def test_tenants_over_their_share_of_places_are_paced(pace: float) -> None:
     import time
 
-    h = Harness(FairScheduler(pace=pace, headroom=0, max_wait=1e9), max_inflight=8)
+    h = Harness(
+        FairScheduler(
+            fairness=FairnessConfig(max_wait=1e9), places=PlacesConfig(pace=pace, headroom=0)
+        ),
+        max_inflight=8,
+    )
     await h.submit(ticket("light"))
     for _ in range(7):
         await h.submit(ticket("heavy"))

@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import pytest
 
+from lorapool.scheduler import PlacesConfig
 from lorapool.testing import ManualClock
 
-from .test_fair import OUTPUT, Harness, _dispatched, _finish, fair, ticket
+from .test_fair import OUTPUT, Harness, _dispatched, _finish, fair, ticket, vtc
 from .test_fair_preemption import Hook
 
 
 async def _half_each(
-    *, light_window: float, clock: ManualClock, quiet_output: int = 0, **kw: object
+    *, light_window: float, clock: ManualClock, quiet_output: int = 0
 ) -> tuple[Harness, Hook]:
     """8 places, no headroom: noisy holds 4 (and has a backlog), quiet holds 4; every noisy
     request has produced OUTPUT tokens, each quiet one ``quiet_output``."""
     hook = Hook()
-    kw.setdefault("headroom", 0)
-    kw.setdefault("pace", 0)
-    s = fair(max_wait=1e9, light_window=light_window, clock=clock, **kw)
+    s = fair(
+        clock=clock,
+        fairness=vtc(max_wait=1e9),
+        places=PlacesConfig(headroom=0, pace=0, light_window=light_window),
+    )
     h = Harness(s, max_inflight=8)
     h.s.bind_preemption(hook)
     for _ in range(4):
@@ -99,7 +102,11 @@ async def test_recent_service_decays_over_the_window() -> None:
 async def test_a_light_tenant_over_its_share_is_not_paced(light_window: float) -> None:
     clock = ManualClock()
     h = Harness(
-        fair(max_wait=1e9, headroom=0, pace=5.0, light_window=light_window, clock=clock),
+        fair(
+            clock=clock,
+            fairness=vtc(max_wait=1e9),
+            places=PlacesConfig(headroom=0, pace=5.0, light_window=light_window),
+        ),
         max_inflight=10,
     )
     await _noisy(h, 3)
@@ -131,7 +138,11 @@ class Engine(Hook):
 
 
 def _with_engine(max_inflight: int) -> tuple[Harness, Engine]:
-    s = fair(max_wait=1e9, headroom=0, pace=0, light_window=10.0, clock=ManualClock())
+    s = fair(
+        clock=ManualClock(),
+        fairness=vtc(max_wait=1e9),
+        places=PlacesConfig(headroom=0, pace=0, light_window=10.0),
+    )
     h = Harness(s, max_inflight=max_inflight)
     engine = Engine()
     h.s.bind_preemption(engine)
@@ -185,7 +196,7 @@ async def test_a_request_pauses_at_most_so_many_times_for_light_tenants() -> Non
 )
 def test_bad_light_options_are_refused(kw: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        fair(**kw)
+        fair(places=PlacesConfig.model_validate(kw))
 
 
 @pytest.mark.parametrize("kw", [{"spare_rows": -1}, {"spare_rows": 2, "interleave_prefill": False}])

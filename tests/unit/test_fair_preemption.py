@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from .test_fair import OUTPUT, Harness, _dispatched, _finish, fair, ticket
+from lorapool.scheduler import PlacesConfig
+
+from .test_fair import OUTPUT, Harness, _dispatched, _finish, fair, ticket, vtc
 
 
 class Hook:
@@ -24,12 +26,11 @@ class Hook:
         return self.answer
 
 
-def harness(hook: Hook | None, *, max_inflight: int = 4, **kw: object) -> Harness:
-    kw.setdefault("max_wait", 1e9)
-    kw.setdefault("headroom", 0)
-    kw.setdefault("pace", 0)
-    kw.setdefault("light_window", 0)
-    h = Harness(fair(**kw), max_inflight=max_inflight)
+def harness(
+    hook: Hook | None, *, max_inflight: int = 4, headroom: int = 0, preemption: bool = True
+) -> Harness:
+    places = PlacesConfig(headroom=headroom, pace=0, light_window=0, preemption=preemption)
+    h = Harness(fair(fairness=vtc(max_wait=1e9), places=places), max_inflight=max_inflight)
     if hook is not None:
         h.s.bind_preemption(hook)
     return h
@@ -118,7 +119,10 @@ async def test_with_preemption_the_headroom_also_takes_tenants_under_their_share
 ) -> None:
     hook = Hook()
     h = Harness(
-        fair(max_wait=1e9, headroom=2, pace=0, preemption=preemption, light_window=0),
+        fair(
+            fairness=vtc(max_wait=1e9),
+            places=PlacesConfig(headroom=2, pace=0, preemption=preemption, light_window=0),
+        ),
         max_inflight=8,
     )
     h.s.bind_preemption(hook)

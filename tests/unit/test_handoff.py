@@ -14,12 +14,12 @@ import pytest
 
 from lorapool import AdapterPool, FairScheduler, SamplingParams
 from lorapool.request import Relay
-from lorapool.scheduler import Ticket
+from lorapool.scheduler import HandoffConfig, PlacesConfig, Ticket
 from lorapool.scheduler.handoff import Handoff, choose_handoff
 from lorapool.testing import MockBackend
 from lorapool.types import Chunk
 
-from .test_fair import Harness, fair
+from .test_fair import Harness, fair, vtc
 from .test_formats_peft import make_dir
 
 _ids = itertools.count()
@@ -170,12 +170,13 @@ class Hook:
         return True
 
 
-def harness(hook: Hook | None, **kw: object) -> Harness:
-    kw.setdefault("max_wait", 1e9)
-    kw.setdefault("headroom", 0)
-    kw.setdefault("pace", 0)
-    kw.setdefault("light_window", 0)
-    h = Harness(fair(**kw), max_inflight=8)  # 2 adapter slots (Harness.slots)
+def harness(hook: Hook | None, *, slot_wait: float | None) -> Harness:
+    s = fair(
+        fairness=vtc(max_wait=1e9),
+        places=PlacesConfig(headroom=0, pace=0, light_window=0),
+        handoff=HandoffConfig(slot_wait=slot_wait),
+    )
+    h = Harness(s, max_inflight=8)  # 2 adapter slots (Harness.slots)
     if hook is not None:
         h.s.bind_handoff(hook)
     return h
@@ -276,7 +277,10 @@ async def test_no_hand_off_without_slot_wait_or_without_the_hook() -> None:
 
 async def test_the_scheduler_wakes_itself_when_slot_wait_is_up() -> None:
     hook = Hook()
-    h = Harness(FairScheduler(slot_wait=0.05, light_window=0), max_inflight=8)
+    h = Harness(
+        FairScheduler(places=PlacesConfig(light_window=0), handoff=HandoffConfig(slot_wait=0.05)),
+        max_inflight=8,
+    )
     h.s.bind_handoff(hook)
     _, _, b = await _two_slots_busy(h)
     await h.submit(ticket("tc", "c"))
@@ -291,7 +295,7 @@ async def test_the_scheduler_wakes_itself_when_slot_wait_is_up() -> None:
 
 def test_slot_wait_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="slot_wait"):
-        FairScheduler(slot_wait=-1.0)
+        FairScheduler(handoff=HandoffConfig(slot_wait=-1.0))
 
 
 # -- the relay --------------------------------------------------------------------------------
@@ -366,7 +370,9 @@ async def test_the_pool_goes_on_with_a_handed_off_request_and_the_caller_sees_on
         return [f"{request.adapter_id}{i} " for i in range(request.params.max_tokens)]  # type: ignore[attr-defined]
 
     backend = MockBackend(handler, max_slots=1, token_delay=0.01, resume=True)
-    scheduler = FairScheduler(slot_wait=0.05, light_window=0)
+    scheduler = FairScheduler(
+        places=PlacesConfig(light_window=0), handoff=HandoffConfig(slot_wait=0.05)
+    )
     async with AdapterPool(backend, scheduler=scheduler) as pool:
         for name in ("a", "b"):
             (tmp_path / name).mkdir()
