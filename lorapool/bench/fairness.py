@@ -15,7 +15,8 @@ MockBackend with a fixed ``token_delay`` instead (no model, same trace).
 ``slora``: Gamma-distributed inter-arrival times (bursty, cv 2) and a
 power-law (Zipf) adapter popularity over 32 adapters owned by 8 tenants, on a
 MockBackend with 4 device slots: FCFS vs FairScheduler vs
-FairScheduler(affinity_slack=0), with device loads per 1000 requests.
+FairScheduler(fairness=FairnessConfig(affinity_slack=0)), with device loads per 1000
+requests.
 
 ``overhead``: the scheduler driven directly (no pool) with 100, 1,000 and
 10,000 tenants, each with its own adapter: the time of ``acquire`` (admission,
@@ -49,9 +50,14 @@ from pathlib import Path
 from typing import Any
 
 from lorapool.scheduler import (
+    AdmissionConfig,
     ColdStart,
     DispatchCheck,
+    FairnessConfig,
+    FairScheduler,
     FCFSScheduler,
+    HandoffHook,
+    PlacesConfig,
     PreemptHook,
     ResidencyCheck,
     Scheduler,
@@ -215,6 +221,7 @@ class _Recorder:
         self.inner = inner
         self._bound: dict[str, Any] | None = None
         self._preempt: PreemptHook | None = None
+        self._hand_off: HandoffHook | None = None
 
     @property
     def queued(self) -> int:
@@ -226,9 +233,8 @@ class _Recorder:
         self.inner = inner
         if self._bound is not None:
             inner.bind(**self._bound)
-        bind_preemption = getattr(inner, "bind_preemption", None)
-        if bind_preemption is not None:
-            bind_preemption(self._preempt)
+        inner.bind_preemption(self._preempt)
+        inner.bind_handoff(self._hand_off)
 
     def bind(
         self,
@@ -248,9 +254,21 @@ class _Recorder:
     def bind_preemption(self, preempt: PreemptHook | None) -> None:
         """Remember the pool's preemption hook and hand it to the inner scheduler."""
         self._preempt = preempt
-        inner = getattr(self.inner, "bind_preemption", None)
-        if inner is not None:
-            inner(preempt)
+        self.inner.bind_preemption(preempt)
+
+    def bind_handoff(self, hand_off: HandoffHook | None) -> None:
+        """Remember the pool's hand-off hook and hand it to the inner scheduler."""
+        self._hand_off = hand_off
+        self.inner.bind_handoff(hand_off)
+
+    def tier_of(self, tenant: str) -> str | None:
+        """Delegated."""
+        return self.inner.tier_of(tenant)
+
+    @property
+    def queued_by_tier(self) -> dict[str, int]:
+        """Delegated."""
+        return self.inner.queued_by_tier
 
     async def acquire(self, ticket: Ticket) -> None:
         """The inner scheduler's acquire, then stamp the dispatch on the current request."""
@@ -383,16 +401,32 @@ def _tenant_rows(run: _Run, tenants: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def _describe(scheduler: object) -> str:
-    """FairScheduler's settings that shape these runs (those it has), for the headers."""
-    settings = []
-    names = ("affinity_slack", "max_wait", "headroom", "pace", "credit", "input_cost")
-    for name in (*names, "output_cost"):
-        value = getattr(scheduler, name, None)
-        if value is not None:
-            settings.append(f"{name}={value:g}")
-        elif name == "pace" and hasattr(scheduler, name):
-            settings.append("pace=measured")
-    return f"{type(scheduler).__name__}({', '.join(settings)})"
+    """FairScheduler's settings that shape these runs (none for others), for the headers."""
+    if not isinstance(scheduler, FairScheduler):
+        return f"{type(scheduler).__name__}()"
+    f, pace = scheduler.fairness, scheduler.places.pace
+    settings = [
+        f"affinity_slack={f.affinity_slack:g}",
+        f"max_wait={f.max_wait:g}",
+        f"headroom={scheduler.headroom:g}",
+        "pace=measured" if pace is None else f"pace={pace:g}",
+        f"credit={f.credit:g}",
+        f"input_cost={f.input_cost:g}",
+        f"output_cost={f.output_cost:g}",
+    ]
+    return f"FairScheduler({', '.join(settings)})"
+
+
+def _plain_vtc() -> FairScheduler:
+    """The ``noisy vtc`` side: FairScheduler without pacing, burst credit and preemption."""
+    return FairScheduler(
+        fairness=FairnessConfig(credit=0), places=PlacesConfig(pace=0, preemption=False)
+    )
+
+
+def _no_preemption() -> FairScheduler:
+    """The ``noisy no-preempt`` side."""
+    return FairScheduler(places=PlacesConfig(preemption=False))
 
 
 def _ms(x: float) -> str:
@@ -502,7 +536,7 @@ async def _noisy_runs(
     args: argparse.Namespace, tenants: Sequence[str], trace: Sequence[_Request]
 ) -> tuple[dict[str, _Run], dict[tuple[int, str], _Run], str]:
     """The six runs of ``trace`` on one pool, then the fair pair for each further seed."""
-    from lorapool import AdapterPool, FairScheduler
+    from lorapool import AdapterPool
 
     recorder = _Recorder(FCFSScheduler())
     backend: Any
@@ -550,9 +584,9 @@ async def _noisy_runs(
                 ("no-noise fcfs", quiet, FCFSScheduler),
                 ("no-noise fair", quiet, FairScheduler),
                 ("noisy fcfs", trace, FCFSScheduler),
-                ("noisy vtc", trace, lambda: FairScheduler(pace=0, credit=0, preemption=False)),
+                ("noisy vtc", trace, _plain_vtc),
                 ("noisy fair", trace, FairScheduler),
-                ("noisy no-preempt", trace, lambda: FairScheduler(preemption=False)),
+                ("noisy no-preempt", trace, _no_preemption),
             ]
             for label, items, make in plan:
                 scheduler = make()
@@ -833,7 +867,7 @@ def _slora_trace(args: argparse.Namespace) -> list[_Request]:
 async def _slora_run(
     args: argparse.Namespace, label: str, scheduler: Scheduler, trace: Sequence[_Request]
 ) -> _Run:
-    from lorapool import AdapterPool, FairScheduler
+    from lorapool import AdapterPool
 
     backend = _SlowLoadBackend(
         max_slots=args.slora_slots,
@@ -857,13 +891,11 @@ async def _slora_run(
 
 
 def _slora(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    from lorapool import FairScheduler
-
     trace = _slora_trace(args)
     configs: list[tuple[str, Callable[[], Scheduler]]] = [
         ("fcfs", FCFSScheduler),
         ("fair", FairScheduler),
-        ("fair slack=0", lambda: FairScheduler(affinity_slack=0)),
+        ("fair slack=0", lambda: FairScheduler(fairness=FairnessConfig(affinity_slack=0))),
     ]
     runs = [asyncio.run(_slora_run(args, label, make(), trace)) for label, make in configs]
     tenants = [f"t{i}" for i in range(args.slora_tenants)]
@@ -1030,8 +1062,6 @@ async def _overhead_one(
 
 
 def _overhead(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    from lorapool import FairScheduler
-
     counts = [int(c) for c in args.overhead_tenants.split(",") if c]
     print(
         f"\nscheduling overhead: the scheduler driven directly, {args.overhead_requests} timed "
@@ -1046,11 +1076,12 @@ def _overhead(args: argparse.Namespace, results: dict[str, Any]) -> None:
     )
     rows: list[dict[str, Any]] = []
     for n in counts:
-        fair = partial(FairScheduler, max_queue=4 * n + 64)
+        fair = partial(FairScheduler, admission=AdmissionConfig(max_queue=4 * n + 64))
+        slack0 = partial(fair, fairness=FairnessConfig(affinity_slack=0))
         configs: list[tuple[str, Callable[[], Scheduler], bool]] = [
             ("fcfs", FCFSScheduler, False),
             ("fair", fair, False),
-            ("fair slack=0", partial(fair, affinity_slack=0), False),
+            ("fair slack=0", slack0, False),
             ("fair resident", fair, True),
         ]
         for label, make, all_resident in configs:
