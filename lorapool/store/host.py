@@ -1,0 +1,131 @@
+"""The host tier: verified adapter bytes in RAM, in the backend's prepared form.
+
+Filling it reads the adapter's two files from a local directory (the source
+itself, or the disk tier's copy), checks them against the sha256 recorded at
+registration, and lets the backend prepare them (``Backend.prepare``). A disk
+copy that fails the check rotted after it was verified: it is dropped and
+fetched again, once. When the tier cannot make room without evicting an
+adapter in use or pinned, the adapter is served without being kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lorapool.errors import LoadError
+from lorapool.formats import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
+from lorapool.store.disk import DiskTier
+from lorapool.store.stats import StoreStats
+from lorapool.store.tiers import Tier
+from lorapool.types import AdapterInfo, LoadedAdapter
+
+if TYPE_CHECKING:
+    from lorapool.abc import Backend, EvictionPolicy
+
+__all__ = ["HostTier"]
+
+log = logging.getLogger(__name__)
+
+
+class HostTier:
+    """The host tier's entries (:attr:`tier`) and its fill (:meth:`load`).
+
+    ``local_dir(info, speculative)`` gives a local directory holding the
+    adapter's files (reading the disk tier, or filling it, for a remote
+    adapter); ``protected(adapter_id)`` says whether an entry may not be evicted.
+    """
+
+    def __init__(
+        self,
+        capacity: int | None,
+        policy: EvictionPolicy,
+        stats: StoreStats,
+        *,
+        disk: DiskTier,
+        local_dir: Callable[[AdapterInfo, bool], Awaitable[Path]],
+        protected: Callable[[str], bool],
+    ) -> None:
+        self.tier: Tier[str, LoadedAdapter] = Tier("host", capacity, policy)
+        self._stats = stats
+        self._disk = disk
+        self._local_dir = local_dir
+        self._protected = protected
+        self._backend: Backend | None = None
+
+    def bind(self, backend: Backend) -> None:
+        """Attach to the backend that prepares what the tier holds."""
+        self._backend = backend
+
+    def lookup(self, adapter_id: str, use: bool) -> LoadedAdapter | None:
+        """The adapter's prepared bytes, if the tier holds them; ``use`` counts an access."""
+        return self.tier.get(adapter_id, use=use)
+
+    async def load(self, info: AdapterInfo, speculative: bool) -> LoadedAdapter:
+        """Read, verify and prepare the adapter, and keep it if there is room."""
+        key = info.adapter_id
+        self.tier.expire(protected=self._protected)
+        started = time.perf_counter()
+        entry = await self._read(info, speculative)
+        assert self._backend is not None
+        try:
+            entry = await self._backend.prepare(entry)
+        except LoadError:
+            raise
+        except Exception as exc:
+            raise LoadError(key, "host", f"{type(exc).__name__}: {exc}") from exc
+        self._stats.host_loads += 1
+        evicted = self.tier.make_room(
+            entry.nbytes, protected=self._protected, speculative=speculative
+        )
+        if evicted is None:
+            log.debug("host tier has no room for %s; serving it without caching", key)
+            return entry
+        self.tier.put(
+            key, entry, entry.nbytes, cost=time.perf_counter() - started, speculative=speculative
+        )
+        return entry
+
+    async def _read(self, info: AdapterInfo, speculative: bool) -> LoadedAdapter:
+        """The adapter's verified files; a rotten disk copy is dropped and fetched again once."""
+        key = info.adapter_id
+        path = await self._local_dir(info, speculative)
+        try:
+            return await asyncio.to_thread(_read_verified, info, path)
+        except _Mismatch as exc:
+            self._stats.integrity_failures += 1
+            if not self._disk.holds(path):
+                log.error("adapter %s refused: %s", key, exc)
+                raise LoadError(key, "host", str(exc)) from None
+        # The disk copy rotted after it was verified: drop it and fetch again.
+        log.error("disk copy of %s failed verification; dropped, fetching it again", key)
+        await self._disk.delete(info.sha256)
+        path = await self._local_dir(info, speculative)
+        try:
+            return await asyncio.to_thread(_read_verified, info, path)
+        except _Mismatch as again:
+            self._stats.integrity_failures += 1
+            raise LoadError(key, "disk", str(again)) from None
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _read_verified(info: AdapterInfo, path: Path) -> LoadedAdapter:
+    """Read an adapter's files and check the registered sha256."""
+    try:
+        config_raw = (path / CONFIG_FILE).read_bytes()
+        weights = (path / WEIGHTS_FILE).read_bytes()
+    except OSError as exc:
+        raise LoadError(info.adapter_id, "host", f"cannot read {path}: {exc}") from exc
+    if adapter_digest({CONFIG_FILE: config_raw, WEIGHTS_FILE: weights}) != info.sha256:
+        raise _Mismatch(
+            f"sha256 mismatch for {path}: the files changed since registration; "
+            "register the new content as a new adapter"
+        )
+    return LoadedAdapter(info.adapter_id, info.config, weights, info.sha256)
