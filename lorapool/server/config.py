@@ -44,7 +44,7 @@ from lorapool.backends.base import build_backend
 from lorapool.plugins import BACKENDS, SOURCES, available, load_source
 from lorapool.pool import AdapterPool
 from lorapool.registry import Registry
-from lorapool.scheduler.fair import FairScheduler, TierPolicy
+from lorapool.scheduler import FairScheduler, TenantConfig, TierPolicy
 from lorapool.store import TieredStore
 
 from .auth import ApiKeys, Auth, Caller, TrustedHeader
@@ -203,9 +203,9 @@ class ServerConfig(BaseSettings):
         if unknown:
             raise ValueError(f"tenants are assigned to undefined tiers {unknown}")
         return FairScheduler(
-            tiers=dict(self.tiers),
-            tenant_tiers=tenant_tiers,
-            default_tier=self.default_tier,
+            tenants=TenantConfig(
+                tiers=dict(self.tiers), tenant_tiers=tenant_tiers, default_tier=self.default_tier
+            )
         )
 
     def build_pool(self, *, registry: Registry | None = None) -> AdapterPool:
