@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorapool.scheduler import HandoffConfig
+
 from .fairness import _pct
 
 __all__ = ["add_arguments", "run"]
@@ -304,12 +306,12 @@ async def _main(args: argparse.Namespace, parts: Sequence[str]) -> dict[str, Any
     return results
 
 
-# The sides of part (b), besides raw vLLM: (label, warm_loras, FairScheduler arguments). By
+# The sides of part (b), besides raw vLLM: (label, warm_loras, FairScheduler's hand-off). By
 # default FairScheduler hands a slot over to a request that waited slot_wait for one.
-_HOT_SIDES: tuple[tuple[str, int | None, dict[str, Any]], ...] = (
-    ("warm", None, {}),
-    ("no_handoff", None, {"slot_wait": None}),
-    ("cold", 0, {}),
+_HOT_SIDES: tuple[tuple[str, int | None, HandoffConfig], ...] = (
+    ("warm", None, HandoffConfig()),
+    ("no_handoff", None, HandoffConfig(slot_wait=None)),
+    ("cold", 0, HandoffConfig()),
 )
 
 
@@ -329,9 +331,9 @@ async def _hot(
     load_times: dict[str, list[float]] = {side: [] for side in ours}
     for _ in range(args.repeats):
         raw.append(await _raw(engine, trace, paths, args.max_tokens))
-        for side, warm_loras, fair_args in _HOT_SIDES:
+        for side, warm_loras, handoff in _HOT_SIDES:
             backend = _vllm_backend(engine, args, warm_loras)
-            scheduler = FairScheduler(**fair_args)
+            scheduler = FairScheduler(handoff=handoff)
             r, n = await _pooled(
                 backend, trace, paths, args.max_tokens, scheduler, load_times[side]
             )
