@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lorapool import AdapterPool, SamplingParams, TieredStore
+from lorapool.abc import TierName
 from lorapool.errors import LoadError, SourceError, SourceNotFound
 from lorapool.plugins import policies_for_tiers
 from lorapool.policies import DEFAULT_EVICTION, LRUPolicy
@@ -380,3 +381,47 @@ async def test_warming_an_adapter_already_on_the_device_loads_nothing(tmp_path: 
         for name in ("t/a1", "t/a2"):
             await pool.complete("x", adapter=name, tenant="t", params=ONE)
         assert set(store.resident) == {"t/a0", "t/a1", "t/a2"}
+
+
+async def test_hits_and_misses_per_tier_count_requests_not_prefetches(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 3)
+    store = TieredStore(disk_dir=tmp_path / "disk", sources={"flaky": FlakySource()})
+
+    def counts() -> dict[str, tuple[int, int]]:
+        stats = store.stats
+        return {t: (stats.hits[t], stats.misses[t]) for t in ("device", "host", "disk")}
+
+    async with AdapterPool(MockBackend(max_slots=4), store=store) as pool:
+        remote = await pool.register("t/a0", f"flaky://{dirs['t/a0']}", tenant="t")
+        local = await pool.register("t/a1", str(dirs["t/a1"]), tenant="t")
+        await pool.register("t/a2", str(dirs["t/a2"]), tenant="t")
+        assert counts() == {"device": (0, 0), "host": (0, 0), "disk": (0, 0)}
+        # Remote, cold in RAM, its copy on disk since registration.
+        await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
+        assert counts() == {"device": (0, 1), "host": (0, 1), "disk": (1, 0)}
+        await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
+        assert counts() == {"device": (1, 1), "host": (0, 1), "disk": (1, 0)}
+        # Local: read in place, the disk tier is not consulted.
+        await pool.complete("x", adapter="t/a1", tenant="t", params=ONE)
+        assert counts() == {"device": (1, 2), "host": (0, 2), "disk": (1, 0)}
+        # Off the device, still in RAM.
+        await store.unload("t/a1", tiers=("device",))
+        await pool.complete("x", adapter="t/a1", tenant="t", params=ONE)
+        assert counts() == {"device": (1, 3), "host": (1, 2), "disk": (1, 0)}
+        # Gone from every tier: fetched from the source again.
+        await store.unload("t/a0", tiers=("device", "host", "disk"))
+        await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
+        assert counts() == {"device": (1, 4), "host": (1, 3), "disk": (1, 1)}
+        assert store.stats.disk_fetches == 1 and store.stats.device_loads == 4
+        # Prefetches count nothing, whether they find the adapter or load it.
+        await store.unload("t/a0", tiers=("device", "host", "disk"))
+        tiers: tuple[TierName, ...] = ("disk", "host", "device")
+        for tier in tiers:
+            assert await store.warm(remote, tier, limited=False) == tier
+        assert await store.warm(local, "device", limited=False) == "device"
+        assert await pool.prefetch("t/a2", tenant="t", wait=True) == "device"
+        assert counts() == {"device": (1, 4), "host": (1, 3), "disk": (1, 1)}
+        assert store.stats.prefetches == 5
+        # A request for a prefetched adapter is a hit.
+        await pool.complete("x", adapter="t/a2", tenant="t", params=ONE)
+        assert counts() == {"device": (2, 4), "host": (1, 3), "disk": (1, 1)}
