@@ -71,7 +71,7 @@ class AdapterPool:
         self.registry = registry
         self._ledger = Ledger()
         self.stats: PoolStats = self._ledger.stats
-        self._requests = Lifecycle(self.backend, self.store, self.scheduler, self._ledger)
+        self._lifecycle = Lifecycle(self.backend, self.store, self.scheduler, self._ledger)
         self._base_spec: BaseModelSpec | None = None
         self._started = False
         self._closed = False
@@ -108,7 +108,7 @@ class AdapterPool:
             if caps.preemption:
                 self.scheduler.bind_preemption(self.backend.preempt)
             if caps.resume:
-                self._requests.bind_handoff()
+                self._lifecycle.bind_handoff()
             self._started = True
             await self.store.on_start(self.registry.visible(None))
 
@@ -363,7 +363,8 @@ class AdapterPool:
         ``adapter=None`` uses the base model. ``deadline``: seconds from now
         the request may wait for dispatch; past it, it leaves the queue with
         ``DeadlineExceeded`` and is charged nothing. Leaving the loop early
-        cancels the request in the engine. When the adapter is not on the
+        cancels the request in the engine; every token streamed is billed to the
+        tenant (:meth:`usage`) however the stream ends. When the adapter is not on the
         device, the tenant's cold-start policy applies: wait for it, serve from
         the base model meanwhile (the chunks say ``served_by="base"``), or
         refuse with ``ColdStartRejected``.
@@ -380,7 +381,7 @@ class AdapterPool:
             if adapter is not None
             else None
         )
-        run = self._requests.run(
+        run = self._lifecycle.run(
             request_id,
             prompt,
             info,
