@@ -52,14 +52,15 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	rm -rf $(TYPECHECK)
+	rm -rf $(TYPECHECK) build
 	$(PY) -m pip install -q --no-deps --no-build-isolation --target $(TYPECHECK) .
 	cd $(TYPECHECK) && ../../$(VENV)/bin/mypy --strict --config-file ../../pyproject.toml -p lorapool
 
 # The import contracts of pyproject.toml ([tool.importlinter]) on an installed copy, where
-# backends/ and policies/ sit inside lorapool/ as they do for users.
+# backends/ and policies/ sit inside lorapool/ as they do for users. build/ goes first:
+# setuptools reuses it and would install modules that have since been moved or deleted.
 contracts: setup
-	rm -rf $(CONTRACTS)
+	rm -rf $(CONTRACTS) build
 	$(PY) -m pip install -q --no-deps --no-build-isolation --target $(CONTRACTS) .
 	cd $(CONTRACTS) && PYTHONPATH=. ../../$(VENV)/bin/lint-imports --config ../../pyproject.toml
 

@@ -19,9 +19,7 @@ Every policy takes a keyword-only ``clock`` (``time.monotonic`` by default).
 (``python -m lorapool.bench cache``).
 """
 
-from collections.abc import Mapping
-from types import MappingProxyType
-from typing import Final
+from lorapool.plugins import DEFAULT_EVICTION
 
 from .base import EvictionPolicy
 from .gdsf import GDSFPolicy
@@ -43,8 +41,3 @@ __all__ = [
     "TTLPolicy",
     "WTinyLFUPolicy",
 ]
-
-DEFAULT_EVICTION: Final[Mapping[str, str]] = MappingProxyType(
-    {"device": "wtinylfu", "host": "sieve", "disk": "sieve"}
-)
-"""Entry-point name of the default eviction policy of each tier."""
