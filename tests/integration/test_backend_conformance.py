@@ -33,12 +33,15 @@ async def test_a_slot_handed_off_on_torch_backend_resumes_with_the_same_output(
     request starts again as a preempted sequence returns, with its solo greedy output."""
     from lorapool import AdapterPool, FairScheduler
     from lorapool.backends.torch import TorchBackend
+    from lorapool.scheduler import HandoffConfig, PlacesConfig
 
     from .handoff import check_handoff
 
     names = ("r8-attn", "r16-all", "r32-attn")
     backend = TorchBackend(model_dir, max_slots=2, max_rank=32, max_batch=8, max_seq_len=256)
-    scheduler = FairScheduler(slot_wait=0.05, light_window=0)
+    scheduler = FairScheduler(
+        places=PlacesConfig(light_window=0), handoff=HandoffConfig(slot_wait=0.05)
+    )
     async with AdapterPool(backend, scheduler=scheduler) as pool:
         for n in names:
             await pool.register(n, str(adapters[n]), tenant=n)

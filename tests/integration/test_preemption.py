@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from lorapool import AdapterPool, FairScheduler, SamplingParams
+from lorapool.scheduler import PlacesConfig
 from lorapool.types import GenerationRequest
 
 pytestmark = pytest.mark.slow
@@ -79,7 +80,7 @@ async def test_through_the_pool_a_quiet_request_starts_while_a_noisy_tenant_hold
     from lorapool.backends.torch import TorchBackend
 
     backend = TorchBackend(model_dir, max_slots=1, max_rank=8, max_batch=2, max_seq_len=128)
-    scheduler = FairScheduler(headroom=0, pace=0)  # preemption is on by default
+    scheduler = FairScheduler(places=PlacesConfig(headroom=0, pace=0))  # preemption: on
     async with AdapterPool(backend, scheduler=scheduler) as pool:
         first_token: dict[str, float] = {}
         done: dict[str, float] = {}

@@ -20,7 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 from lorapool import AdapterPool, FairScheduler, SamplingParams  # noqa: E402
-from lorapool.scheduler.fair import TierPolicy  # noqa: E402
+from lorapool.scheduler import TenantConfig, TierPolicy  # noqa: E402
 from lorapool.server import ApiKeys, Caller, create_app  # noqa: E402
 
 KEYS = {
@@ -56,13 +56,15 @@ async def served(model_dir: Path, adapters: dict[str, Path]) -> AsyncIterator[Se
 
     backend = TorchBackend(model_dir, max_slots=3, max_rank=32, max_batch=8, max_seq_len=256)
     scheduler = FairScheduler(
-        tiers={
-            "paid": TierPolicy(),
-            "limited": TierPolicy(requests_per_s=0.01, request_burst=1),
-            "no-cold-starts": TierPolicy(cold_start="reject"),
-        },
-        tenant_tiers={"slowco": "limited", "coldco": "no-cold-starts"},
-        default_tier="paid",
+        tenants=TenantConfig(
+            tiers={
+                "paid": TierPolicy(),
+                "limited": TierPolicy(requests_per_s=0.01, request_burst=1),
+                "no-cold-starts": TierPolicy(cold_start="reject"),
+            },
+            tenant_tiers={"slowco": "limited", "coldco": "no-cold-starts"},
+            default_tier="paid",
+        )
     )
     pool = AdapterPool(backend, scheduler=scheduler)
     app = create_app(pool, auth=ApiKeys(KEYS), shutdown_timeout=30)

@@ -247,11 +247,14 @@ async def test_a_slot_handed_off_on_the_real_engine_resumes_with_the_same_output
     """The hand-off scenario (tests/integration/handoff.py) on vLLM: the stopped request
     goes on in vLLM as prompt + streamed ids, with its solo greedy output."""
     from lorapool import FairScheduler
+    from lorapool.scheduler import HandoffConfig, PlacesConfig
 
     from .handoff import check_handoff
 
     backend = backend_on(engine)
-    scheduler = FairScheduler(slot_wait=0.05, light_window=0)
+    scheduler = FairScheduler(
+        places=PlacesConfig(light_window=0), handoff=HandoffConfig(slot_wait=0.05)
+    )
     async with AdapterPool(backend, scheduler=scheduler) as pool:
         for n in NAMES[:3]:
             await pool.register(n, str(adapters[n]), tenant=n)

@@ -17,6 +17,7 @@ import pytest
 from lorapool import AdapterPool, FairScheduler, FCFSScheduler, SamplingParams, TierPolicy
 from lorapool.errors import BackendError, ColdStartRejected
 from lorapool.request import Ledger, Lifecycle
+from lorapool.scheduler import HandoffConfig, PlacesConfig, TenantConfig
 from lorapool.testing import MockBackend
 from lorapool.types import AdapterInfo, Chunk, GenerationRequest
 
@@ -224,7 +225,9 @@ async def _handed_off(
     waits slot_wait, gets the slot by hand-off and finishes; the first goes on in a second
     leg (and, with ``stop_after``, its caller leaves after that many tokens)."""
     backend = StallsUntilHandedOff(numbered, max_slots=1, resume=True)
-    scheduler = FairScheduler(slot_wait=0.05, light_window=0)
+    scheduler = FairScheduler(
+        places=PlacesConfig(light_window=0), handoff=HandoffConfig(slot_wait=0.05)
+    )
     r = await rig(tmp_path, backend, scheduler, n_adapters=2, warm=False)
     received: list[Chunk] = []
     streaming = asyncio.Event()
@@ -275,7 +278,7 @@ async def test_a_caller_leaving_in_the_second_leg_is_billed_both_legs(tmp_path: 
 
 
 def _tiers(policy: str) -> FairScheduler:
-    return FairScheduler(tiers={"only": TierPolicy(cold_start=policy)})  # type: ignore[arg-type]
+    return FairScheduler(tenants=TenantConfig(tiers={"only": TierPolicy(cold_start=policy)}))  # type: ignore[arg-type]
 
 
 async def _until_on_device(r: Rig, adapter: str) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from lorapool import AdapterPool, FairScheduler, FCFSScheduler, SamplingParams, TierPolicy
+from lorapool.scheduler import TenantConfig
 from lorapool.server.metrics import ServerMetrics
 from lorapool.server.served import LocalPool
 from lorapool.testing import MockBackend
@@ -17,7 +18,9 @@ pytest.importorskip("prometheus_client")
 
 def _tiered() -> FairScheduler:
     return FairScheduler(
-        tiers={"gold": TierPolicy(), "std": TierPolicy()}, tenant_tiers={"acme": "gold"}
+        tenants=TenantConfig(
+            tiers={"gold": TierPolicy(), "std": TierPolicy()}, tenant_tiers={"acme": "gold"}
+        )
     )
 
 
