@@ -292,8 +292,8 @@ class Scheduler(Protocol):
     Whatever its policy, a scheduler keeps two bounds the pool relies on: at most
     ``max_inflight`` requests in flight, and never more distinct adapters in flight
     than the store can hold on the device (``can_dispatch``).
-    ``lorapool.scheduler.DispatchState`` keeps that state and gives the defaults
-    of the optional abilities (preemption, hand-off and tiers: not used).
+    ``lorapool.scheduler.DispatchState`` keeps that state; the optional abilities
+    (preemption, hand-off, service tiers) default to not used.
     """
 
     @property
@@ -312,12 +312,18 @@ class Scheduler(Protocol):
         ...
 
     def bind_preemption(self, preempt: PreemptHook | None) -> None:
-        """Called by the pool at start when its backend can preempt running requests."""
-        ...
+        """Called by the pool at start when its backend can preempt running requests.
+
+        Optional: a scheduler that never preempts ignores it (the default).
+        """
+        return None
 
     def bind_handoff(self, hand_off: HandoffHook | None) -> None:
-        """Called by the pool at start when its backend can resume handed-off requests."""
-        ...
+        """Called by the pool at start when its backend can resume handed-off requests.
+
+        Optional: a scheduler that never hands a slot off ignores it (the default).
+        """
+        return None
 
     async def acquire(self, ticket: Ticket) -> None:
         """Admit ``ticket`` and wait until it is dispatched.
@@ -344,13 +350,13 @@ class Scheduler(Protocol):
         ...
 
     def tier_of(self, tenant: str) -> str | None:
-        """The tenant's service tier, ``None`` for a scheduler without tiers."""
-        ...
+        """The tenant's service tier (optional; default ``None``: no tiers)."""
+        return None
 
     @property
     def queued_by_tier(self) -> dict[str, int]:
-        """Requests waiting per service tier (empty for a scheduler without tiers)."""
-        ...
+        """Requests waiting per service tier (optional; default empty: no tiers)."""
+        return {}
 
 
 OPTIONAL: dict[type[Any], frozenset[str]] = {
@@ -358,6 +364,7 @@ OPTIONAL: dict[type[Any], frozenset[str]] = {
     PrefetchPolicy: frozenset({"on_start", "on_hint", "on_request", "keep_warm"}),
     Source: frozenset({"local_path", "aclose"}),
     RegistryStore: frozenset({"version", "invalidate", "close"}),
+    Scheduler: frozenset({"bind_preemption", "bind_handoff", "tier_of", "queued_by_tier"}),
 }
 """The optional methods of each seam whose Protocol gives them a default body."""
 

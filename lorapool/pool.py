@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from lorapool.abc import Backend, TierName
+from lorapool.abc import Backend, TierName, conform
 from lorapool.registry import Registry, check_adapter_id
 from lorapool.request import Ledger, Lifecycle, PoolStats, TenantUsage, estimate_tokens
 from lorapool.scheduler import Scheduler
@@ -61,7 +61,9 @@ class AdapterPool:
     ) -> None:
         self.backend = backend
         self.store = store if store is not None else TieredStore()
-        self.scheduler: Scheduler = scheduler if scheduler is not None else FCFSScheduler()
+        self.scheduler: Scheduler = (
+            FCFSScheduler() if scheduler is None else conform(scheduler, Scheduler)
+        )
         self._owns_registry = not isinstance(registry, Registry)
         if registry is None:
             home = self.store.persistent_dir

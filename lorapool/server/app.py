@@ -69,6 +69,7 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("lorapool.server")
 
+_RETRYABLE = (RateLimited, Overloaded, ColdStartRejected)
 _STATUS: list[tuple[type[BaseException], int, str]] = [
     (RateLimited, 429, "rate_limit_exceeded"),
     (Overloaded, 503, "overloaded"),
@@ -90,7 +91,7 @@ def _error(exc: BaseException) -> Response:
     for kind, status, name in _STATUS:
         if isinstance(exc, kind):
             headers = {}
-            retry = getattr(exc, "retry_after", None)
+            retry = exc.retry_after if isinstance(exc, _RETRYABLE) else None
             if retry is not None:
                 headers["Retry-After"] = str(max(1, math.ceil(retry)))
             if isinstance(exc, AdapterValidationError):
