@@ -83,6 +83,12 @@ class Pick:
         self._can_dispatch: DispatchCheck = lambda adapter, inflight: True
         self._adapters: Mapping[str, int] = {}
 
+    def bind(self, can_dispatch: DispatchCheck, adapters: Mapping[str, int]) -> None:
+        """Take the store's slot check and the requests in flight per adapter (a live
+        mapping)."""
+        self._can_dispatch = can_dispatch
+        self._adapters = adapters
+
     def holders(self) -> Holders:
         """The two tenants holding the most places per weight (found once per pick)."""
         if self._holders is None:
@@ -124,7 +130,8 @@ class PlaceRule(Protocol):
     """A rule that may keep a tenant holding places out of a pick.
 
     A tenant holding none is never kept out by a place rule (it is never over its share),
-    so rules are asked only about tenants with requests in flight.
+    so rules are asked only about tenants with requests in flight. A rule may keep what
+    :meth:`begin` found for the rest of the pick (picks do not overlap).
     """
 
     def begin(self, pick: Pick) -> bool:
@@ -149,7 +156,8 @@ class Exemption(Protocol):
 
 
 class TicketFilter(Protocol):
-    """A rule that keeps a request out of a pick (shortcuts' choices included)."""
+    """A rule that keeps a request out of a pick (shortcuts' choices included); like a
+    place rule it may keep what :meth:`begin` found for the rest of the pick."""
 
     def begin(self, pick: Pick) -> bool:
         """Whether the filter applies in this pick at all."""
@@ -195,8 +203,7 @@ class Picker:
     ) -> None:
         """Take the store's slot and residency checks and the requests in flight per
         adapter (a live mapping)."""
-        self._pick._can_dispatch = can_dispatch
-        self._pick._adapters = adapters
+        self._pick.bind(can_dispatch, adapters)
         self._on_device = on_device
 
     @property

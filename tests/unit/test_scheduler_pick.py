@@ -62,7 +62,7 @@ def pick(p: Places, *, now: float = 0.0, inflight: int | None = None, free: bool
     k = Pick(p)
     k.now = now
     k.inflight = sum(t.inflight for t in p.flying.values()) if inflight is None else inflight
-    k._can_dispatch = lambda adapter, inflight: free or adapter is None
+    k.bind(lambda adapter, inflight: free or adapter is None, {})
     return k
 
 
