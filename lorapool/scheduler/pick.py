@@ -225,12 +225,13 @@ class Picker:
             chosen = shortcut.choose(p)
             if chosen is not None:
                 return chosen
-        rules = [r for r in self._place_rules if r.begin(p)]
+        rules: list[PlaceRule] | None = None  # begun on first need: most tenants hold no place
         can_dispatch = p._can_dispatch
         adapters = p._adapters
         on_device = self._on_device
         slack = self.affinity_slack
         heap = self._counters.heap
+        heappop = heapq.heappop
         popped: list[Entry] = []
         first: Candidate | None = None
         found: Candidate | None = None
@@ -238,7 +239,7 @@ class Picker:
         looked_before = 0
         try:
             while heap and len(popped) < SCAN_LIMIT:
-                entry = heapq.heappop(heap)
+                entry = heappop(heap)
                 counter, _, _, version, tenant = entry
                 if version != tenant.version or not tenant.queue:
                     continue  # stale
@@ -250,8 +251,11 @@ class Picker:
                     not within or slack <= 0 or len(popped) > looked_before + AFFINITY_SCAN
                 ):
                     break
-                if rules and tenant.flight and self._kept_out(p, rules, tenant):
-                    continue
+                if tenant.flight:
+                    if rules is None:
+                        rules = [r for r in self._place_rules if r.begin(p)]
+                    if rules and self._kept_out(p, rules, tenant):
+                        continue
                 head = tenant.queue[0]
                 if filters and not _passes(p, filters, head):
                     continue
