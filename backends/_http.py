@@ -170,9 +170,10 @@ class RemoteBackend(BaseBackend):
         """POST ``body`` to ``path`` and yield what ``consume`` reads from the response.
 
         Until the first chunk, a dropped connection or :class:`RetryLater` opens the
-        stream again after a backoff, and :class:`Reopen` at once; after it, failures
-        are the caller's. Closing the iterator closes the HTTP stream (the server
-        aborts the request).
+        stream again after a backoff, and :class:`Reopen` at once. After the first
+        chunk nothing is sent again (the caller has the tokens): a failure is raised as
+        :class:`~lorapool.errors.BackendError`. Closing the iterator closes the HTTP
+        stream (the server aborts the request).
         """
         attempt = 0
         while True:
