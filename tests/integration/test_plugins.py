@@ -10,14 +10,12 @@ benchmark runs as ``python -m lorapool bench serve --target <the backend>``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,13 +25,13 @@ import pytest
 from lorapool import plugins
 
 from .cli import run_bench
+from .test_server_example import free_port, start_example
 
 pytestmark = pytest.mark.slow
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
-ROOT = Path(__file__).resolve().parents[2]
 BACKEND, SCHEME, MODULE = "echo-plugin", "vault", "lorapool_plugin_example"
 
 PLUGIN_MODULE = '''
@@ -116,21 +114,17 @@ def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     yield site
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """``python examples/openai_server.py CONFIG`` in its own process group."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, str(ROOT / "examples" / "openai_server.py"), str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+async def became_ready(url: str, proc: subprocess.Popen[bytes]) -> bool:
+    """Poll ``/ready`` until the server answers 200 (True) or its process exits (False)."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        for _ in range(600):  # a hang guard (two minutes), not a timing
+            if proc.poll() is not None:
+                return False
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get("/ready")).status_code == 200:
+                    return True
+            await asyncio.sleep(0.2)
+    return False
 
 
 def test_the_plugins_are_found_by_name_like_builtin_ones(plugin_site: Path) -> None:
@@ -170,20 +164,12 @@ shutdown_timeout = 10
 """
     )
     log = tmp_path / "server.log"
-    proc = start_server(config, log)
+    proc = start_example(config, log)
     try:
+        url = f"http://127.0.0.1:{port}"
+        assert await became_ready(url, proc), log.read_text()
         auth = {"Authorization": "Bearer sk-acme"}
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            deadline = time.monotonic() + 120  # a hang guard, not a timing
-            while True:
-                try:
-                    if (await http.get("/ready")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                await asyncio.sleep(0.2)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             models = (await http.get("/v1/models", headers=auth)).json()
             assert [m["id"] for m in models["data"]] == ["mock"]  # EchoBackend's base model
             body = {"lora_name": "acme/echo", "lora_path": f"{SCHEME}://echo-adapter"}
