@@ -138,6 +138,8 @@ class FairScheduler(DispatchState):
         )
         self._handoffs = Handoffs(self.handoff.slot_wait)
         self._starvation = StarvationBound(self._counters, self._tenants, self.fairness.max_wait)
+        # The pick's rule parts, in the order they apply within their stage (see
+        # lorapool.scheduler.pick); a new rule is a new part in one of these lists.
         self._picker = Picker(
             self._counters,
             self._places,
