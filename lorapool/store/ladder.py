@@ -68,7 +68,12 @@ class Rung(Generic[K, V]):
         self._recheck = recheck
 
     async def get(self, key: K, fill: Fill[V], *, speculative: bool = False) -> V:
-        """The tier's value for ``key``; on a miss, ``fill()`` (shared with concurrent misses)."""
+        """The tier's value for ``key``; on a miss, the result of a fill.
+
+        The first caller to miss starts ``fill()``; callers that miss while it
+        runs wait for it instead of starting their own. A caller that is
+        cancelled stops waiting, and the fill runs on for the others.
+        """
         value = self._lookup(key, not speculative)
         if not speculative:
             counts = self._stats.hits if value is not None else self._stats.misses
