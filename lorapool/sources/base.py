@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from lorapool.abc import Source
+from lorapool.abc import Source, conform
 from lorapool.errors import InvalidRequest, PluginNotFound
 from lorapool.plugins import SOURCES, available, load_source
 
@@ -69,9 +69,9 @@ def make_source(scheme: str) -> Source:
     """
     factory = _OVERRIDES.get(scheme.lower())
     if factory is not None:
-        return factory()
+        return conform(factory(), Source, what=f"a source for {scheme!r}")
     try:
-        return load_source(scheme)()
+        return conform(load_source(scheme)(), Source, what=f"a source for {scheme!r}")
     except PluginNotFound:
         raise InvalidRequest(
             f"no source handles {scheme!r} URIs; known schemes: {available_schemes()} "

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from lorapool.abc import Source
+from lorapool.abc import Source, conform
 from lorapool.errors import (
     AdapterValidationError,
     ContentMismatch,
@@ -51,7 +51,9 @@ class Fetcher:
         retry_backoff: float,
         protected_sha: Callable[[str], bool],
     ) -> None:
-        self.sources: dict[str, Source] = dict(sources or {})
+        self.sources: dict[str, Source] = {
+            scheme: conform(source, Source) for scheme, source in (sources or {}).items()
+        }
         """The source of each scheme used so far (and those given)."""
         self.retries = retries
         self.retry_backoff = retry_backoff

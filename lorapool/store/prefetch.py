@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mappin
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
+from lorapool.abc import PrefetchPolicy, conform
 from lorapool.ratelimit import TokenBucket
 from lorapool.store.stats import StoreStats
 from lorapool.types import AdapterInfo
 
 if TYPE_CHECKING:
-    from lorapool.abc import PrefetchPolicy, TierName, Warm
+    from lorapool.abc import TierName, Warm
 
 __all__ = ["Prefetcher", "WarmFn"]
 
@@ -52,7 +53,7 @@ class Prefetcher:
         max_pending: int,
         clock: Callable[[], float],
     ) -> None:
-        self.policies = list(policies)
+        self.policies = [conform(p, PrefetchPolicy) for p in policies]
         self.pending: set[asyncio.Task[Any]] = set()
         """Background tasks (warms, preloads, loads for requests that did not wait)."""
         self.closed = False

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lorapool import AdapterPool, SamplingParams, TieredStore
-from lorapool.abc import TierName
+from lorapool.abc import EvictionPolicy, TierName
 from lorapool.errors import LoadError, SourceError, SourceNotFound
 from lorapool.plugins import policies_for_tiers
 from lorapool.policies import DEFAULT_EVICTION, LRUPolicy
@@ -262,7 +262,7 @@ async def until(condition: Callable[[], bool], limit: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
-class _HighestKey:
+class _HighestKey(EvictionPolicy):
     """Evicts the greatest key: deterministic and unlike LRU."""
 
     def on_insert(self, key: Hashable, size: int, cost: float) -> None: ...
