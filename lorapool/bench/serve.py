@@ -78,6 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="use your PEFT adapters: every subdirectory holding adapter_config.json",
     )
+    parser.add_argument(
+        "--adapter-uri",
+        default="{path}",
+        help="the URI each adapter is registered from, with {path} (its directory) and "
+        "{name} (the directory's name): e.g. s3://bucket/adapters/{name} to load them "
+        "through a source; any scheme an installed source serves ({path})",
+    )
     parser.add_argument("--plots", default=None, help="write PNG plots into this directory")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
 
@@ -226,7 +233,8 @@ async def _one_run(
     requests = _workload(args, names)
     async with AdapterPool(_backend(target, args, model_dir)) as pool:
         for i, name in enumerate(names):
-            await pool.register(name, str(paths[i]), tenant=f"t{i % args.tenants}", shared=True)
+            uri = args.adapter_uri.format(path=paths[i], name=paths[i].name)
+            await pool.register(name, uri, tenant=f"t{i % args.tenants}", shared=True)
         with tqdm(total=len(requests), desc=f"{target} {n} adapters", unit="req") as bar:
             done, span = await _replay(pool, requests, bar)
         return {

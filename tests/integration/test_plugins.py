@@ -38,6 +38,7 @@ PLUGIN_MODULE = '''
 """A third party's lorapool plugins: a backend and a source."""
 
 import asyncio
+import os
 from pathlib import Path
 
 from lorapool.abc import Source
@@ -55,8 +56,8 @@ class VaultSource(Source):
     Every file it copies is logged to ``<root>/fetched.log``.
     """
 
-    def __init__(self, root: str = "/nonexistent") -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | None = None) -> None:
+        self.root = Path(root or os.environ.get("VAULT_ROOT", "/nonexistent"))
 
     async def fetch(self, uri: str, name: str, dest: Path) -> int:
         src = self.root / uri.removeprefix("vault://") / name
@@ -191,14 +192,18 @@ shutdown_timeout = 10
             proc.wait()
 
 
-def test_bench_serve_targets_a_third_party_backend(plugin_site: Path, tmp_path: Path) -> None:
-    adapters = tmp_path / "adapters"
+def test_bench_serve_targets_a_third_party_backend_and_source(
+    plugin_site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vault = tmp_path / "vault"
     for i in range(2):
-        write_adapter(adapters / f"a{i}", alpha=8 + i)
+        write_adapter(vault / f"a{i}", alpha=8 + i)
+    monkeypatch.setenv("VAULT_ROOT", str(vault))  # the source's default root, in the child
     out = tmp_path / "serve.json"
     run_bench(
         "serve",
-        *("--target", BACKEND, "--model", str(tmp_path), "--adapter-dir", str(adapters)),
+        *("--target", BACKEND, "--model", str(tmp_path), "--adapter-dir", str(vault)),
+        *("--adapter-uri", f"{SCHEME}://{{name}}"),
         *("--adapters", "2", "--slots", "2", "--duration", "2", "--rate", "4"),
         *("--cache-dir", str(tmp_path / "cache"), "--json", str(out)),
         cwd=tmp_path,
@@ -207,3 +212,8 @@ def test_bench_serve_targets_a_third_party_backend(plugin_site: Path, tmp_path: 
     assert (run["target"], run["adapters"]) == (BACKEND, 2)
     assert run["completed"] == run["requests"] > 0 and run["errors"] == {}
     assert run["output_tokens_per_s"] > 0 and run["device_loads"] >= 1
+    # Every adapter came through the third-party source, file by file.
+    fetched = (vault / "fetched.log").read_text().split("\n")
+    for i in range(2):
+        assert f"{SCHEME}://a{i} adapter_config.json" in fetched
+        assert f"{SCHEME}://a{i} adapter_model.safetensors" in fetched
