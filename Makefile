@@ -62,7 +62,7 @@ lint: setup
 contracts: setup
 	rm -rf $(CONTRACTS) build
 	$(PY) -m pip install -q --no-deps --no-build-isolation --target $(CONTRACTS) .
-	cd $(CONTRACTS) && PYTHONPATH=. ../../$(VENV)/bin/lint-imports --config ../../pyproject.toml
+	cd $(CONTRACTS) && PYTHONPATH=. ../../$(VENV)/bin/lint-imports --no-cache ../../pyproject.toml
 
 clean:
 	rm -rf $(VENV) $(TYPECHECK) $(CONTRACTS) build dist *.egg-info
