@@ -25,7 +25,7 @@ from lorapool.types import (
 
 from ..base import BaseBackend
 from .detok import IncrementalDetokenizer, StopMatcher
-from .engine import Engine, EngineStats, Event
+from .engine import Engine, EngineStats, Event, RowFault
 from .engine import Sequence as EngineSequence
 from .kernel import SgmvKernel, build_kernel, cpu_kernel
 from .lora import LoraSlots, PreparedAdapter, prepare_adapter
@@ -389,6 +389,13 @@ class TorchBackend(BaseBackend):
         try:
             while True:
                 ids, finish, error = await queue.get()
+                if isinstance(error, RowFault):
+                    done = True
+                    raise BackendError(
+                        f"request {request.request_id} on adapter "
+                        f"{request.adapter_id or '(base model)'} ended: {error.reason}; "
+                        "the engine's other requests go on"
+                    )
                 if error is not None:
                     done = True
                     raise BackendError(f"engine failed on request {request.request_id}: {error}")

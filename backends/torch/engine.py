@@ -31,7 +31,7 @@ from lorapool.types import FinishReason, SamplingParams
 from .lora import LoraSlots
 from .model import KVCache, LlamaModel
 
-__all__ = ["Engine", "EngineStats", "Event", "Sequence"]
+__all__ = ["Engine", "EngineStats", "Event", "RowFault", "Sequence"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,18 @@ class Sequence:
         return self.prompt_ids + self.output if self.output else self.prompt_ids
 
 
+class RowFault(Exception):
+    """One row of an engine step failed (non-finite logits, a sampling error).
+
+    It ends that request alone; the step's other rows go on.
+    """
+
+    def __init__(self, request_id: str, reason: str) -> None:
+        self.request_id = request_id
+        self.reason = reason
+        super().__init__(reason)
+
+
 @dataclass
 class EngineStats:
     """Counters the engine keeps; read them from any thread."""
@@ -70,6 +82,8 @@ class EngineStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     distinct_adapters: dict[int, int] = field(default_factory=dict)
+    row_faults: int = 0
+    """Requests ended alone by a fault of their row (see :class:`RowFault`)."""
     preemptions: int = 0
     interleaved_prefills: int = 0
     """Prefills run between two layers of a decode step."""
@@ -409,6 +423,12 @@ class Engine:
             self.logits_hook([s.request_id for s in seqs], logits)
         chosen = self._sample(seqs, logits)
         for seq, tok in zip(seqs, chosen, strict=True):
+            if isinstance(tok, RowFault):
+                # This row alone ends: the other rows of the step go on.
+                self.stats.row_faults += 1
+                log.warning("request %s ended by a row fault: %s", seq.request_id, tok)
+                self._finish(seq, None, tok)
+                continue
             self.stats.tokens_generated += 1
             seq.output.append(tok)
             finish: FinishReason | None = None
@@ -421,20 +441,39 @@ class Engine:
             else:
                 self._finish(seq, finish, emit=[] if finish == "stop" else [tok])
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        chosen = logits.argmax(dim=-1).tolist()
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RowFault]:
+        """The next token of each row, or the :class:`RowFault` that ends that row alone.
+
+        A row whose logits are not all finite (an adapter that overflowed) is a fault.
+        Temperature scaling subtracts the row's maximum first, so every positive
+        temperature gives a valid distribution: as it approaches zero the distribution
+        approaches greedy (all mass on the arg-max tokens) instead of overflowing; a
+        temperature below the logits' dtype's smallest normal number acts as that number.
+        """
+        chosen: list[int | RowFault] = [int(c) for c in logits.argmax(dim=-1).tolist()]
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         for i, seq in enumerate(seqs):
+            if not finite[i]:
+                chosen[i] = RowFault(seq.request_id, "the adapter's logits are not finite")
+                continue
             p = seq.params
             if p.temperature == 0.0:
                 continue
-            row = logits[i] / p.temperature
-            probs = torch.softmax(row, dim=-1)
-            if p.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < p.top_p
-                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-            chosen[i] = int(torch.multinomial(probs.cpu(), 1, generator=seq.generator).item())
-        return [int(c) for c in chosen]
+            try:
+                row = logits[i]
+                # Below the dtype's smallest normal number the temperature itself would
+                # round to zero (0 / 0 = NaN): it acts as that number, which is greedy.
+                temperature = max(p.temperature, torch.finfo(row.dtype).tiny)
+                probs = torch.softmax((row - row.max()) / temperature, dim=-1)
+                if p.top_p < 1.0:
+                    sorted_p, order = probs.sort(descending=True)
+                    keep = sorted_p.cumsum(0) - sorted_p < p.top_p
+                    probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+                pick = torch.multinomial(probs.cpu(), 1, generator=seq.generator)
+                chosen[i] = int(pick.item())
+            except RuntimeError as exc:  # a sampling failure is this row's, not the step's
+                chosen[i] = RowFault(seq.request_id, f"sampling failed: {exc}")
+        return chosen
 
     def _finish(
         self,
