@@ -35,9 +35,14 @@ def build_backend(name: str, model: str | None = None, /, **options: Any) -> Bac
     a model). ``server.toml`` and ``lorapool bench serve`` build their backend here.
     """
     cls: type[Any] = load_backend(name)
-    if issubclass(cls, BaseBackend):
-        return cls.from_config(model, **options)
-    backend: Backend = _construct(cls, model, options)
+    try:
+        if issubclass(cls, BaseBackend):
+            return cls.from_config(model, **options)
+        backend: Backend = _construct(cls, model, options)
+    except TypeError as exc:  # an option the backend does not take: refused, by name
+        raise InvalidRequest(
+            f"the {name!r} backend refused its options {sorted(options)}: {exc}"
+        ) from exc
     return backend
 
 

@@ -119,3 +119,11 @@ async def test_trusted_header_requests_are_scoped_to_that_tenant() -> None:
         assert pool.usage("acme").completed == 1
     finally:
         await pool.aclose()
+
+
+def test_an_option_the_backend_does_not_take_is_refused_by_name() -> None:
+    from lorapool.backends.base import build_backend
+    from lorapool.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match=r"'openai' backend refused its options.*no_such_knob"):
+        build_backend("openai", "http://127.0.0.1:9", no_such_knob=1)
