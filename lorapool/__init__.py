@@ -45,6 +45,7 @@ here and from :mod:`lorapool.errors`::
     │   └── ContentMismatch
     ├── LoadError                           (adapter_id, tier, cause)
     ├── DiskFull
+    ├── RegistryUnavailable                 (operation, cause)
     ├── BackendError
     │   ├── BackendNotStarted, BackendClosed (RuntimeError)
     │   └── BackendServerError              (status, server_message)
@@ -81,6 +82,7 @@ from lorapool.errors import (
     PluginNotFound,
     PoolClosed,
     RateLimited,
+    RegistryUnavailable,
     SourceError,
     SourceNotFound,
 )
@@ -137,6 +139,7 @@ __all__ = [
     "PluginNotFound",
     "PoolClosed",
     "RateLimited",
+    "RegistryUnavailable",
     "Registry",
     "SamplingParams",
     "Scheduler",

@@ -32,6 +32,7 @@ __all__ = [
     "PluginNotFound",
     "PoolClosed",
     "RateLimited",
+    "RegistryUnavailable",
     "SourceError",
     "SourceNotFound",
 ]
@@ -276,3 +277,18 @@ class BackendUnavailable(ExtraNotInstalled):
     def __init__(self, backend: str, extra: str, cause: str = "") -> None:
         self.backend = backend
         super().__init__(f"the {backend} backend", extra, cause)
+
+class RegistryUnavailable(LorapoolError):
+    """The registry's storage refused a read or write (a full disk, a locked or damaged file).
+
+    Nothing was recorded; the registry is as it was before the call. Free space or
+    repair the store, then retry. Not a source error: it is never retried as one.
+    """
+
+    def __init__(self, operation: str, cause: str) -> None:
+        self.operation = operation
+        self.cause = cause
+        super().__init__(
+            f"the adapter registry could not {operation}: {cause}; nothing was recorded "
+            "(check the registry's disk and file, then retry)"
+        )
