@@ -31,7 +31,8 @@ here and from :mod:`lorapool.errors`::
 
     LorapoolError
     ├── AdapterNotFound (LookupError)       an id that does not exist, or another tenant's
-    ├── AccessDenied (PermissionError)
+    ├── AccessDenied (PermissionError)      a shared adapter the caller may use, not change
+    ├── SourceNotAllowed (PermissionError)  a registration source outside the caller's rules
     ├── AdapterExists (ValueError)
     ├── AdapterInUse
     ├── AdapterValidationError (ValueError)
@@ -84,6 +85,7 @@ from lorapool.errors import (
     RateLimited,
     RegistryUnavailable,
     SourceError,
+    SourceNotAllowed,
     SourceNotFound,
 )
 from lorapool.pool import AdapterPool, Session, TenantUsage
@@ -145,6 +147,7 @@ __all__ = [
     "Scheduler",
     "Session",
     "SourceError",
+    "SourceNotAllowed",
     "SourceNotFound",
     "StoreStats",
     "TenantUsage",

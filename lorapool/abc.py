@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import AsyncIterator, Collection, Hashable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast, runtime_checkable
@@ -272,6 +273,15 @@ class RegistryStore(Protocol):
         """
         return 0
 
+    def transaction(self) -> AbstractContextManager[None]:
+        """A context in which the changes made are all kept or, on an exception, none.
+
+        The registry makes each change (a record and the aliases naming it)
+        inside one. Default: no atomicity (each write stands alone); a durable
+        store should override it (SQLite: one ``BEGIN IMMEDIATE`` ... ``COMMIT``).
+        """
+        return nullcontext()
+
     def invalidate(self) -> None:
         """Forget any cached :meth:`version`, so the next call asks the source of truth.
 
@@ -363,7 +373,7 @@ OPTIONAL: dict[type[Any], frozenset[str]] = {
     EvictionPolicy: frozenset({"expired"}),
     PrefetchPolicy: frozenset({"on_start", "on_hint", "on_request", "keep_warm"}),
     Source: frozenset({"local_path", "aclose"}),
-    RegistryStore: frozenset({"version", "invalidate", "close"}),
+    RegistryStore: frozenset({"version", "invalidate", "close", "transaction"}),
     Scheduler: frozenset({"bind_preemption", "bind_handoff", "tier_of", "queued_by_tier"}),
 }
 """The optional methods of each seam whose Protocol gives them a default body."""

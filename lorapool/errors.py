@@ -34,6 +34,7 @@ __all__ = [
     "RateLimited",
     "RegistryUnavailable",
     "SourceError",
+    "SourceNotAllowed",
     "SourceNotFound",
 ]
 
@@ -72,14 +73,35 @@ class AdapterNotFound(LorapoolError, LookupError):
 
 
 class AccessDenied(LorapoolError, PermissionError):
-    """The tenant may not use (or change) this adapter."""
+    """The tenant may see this adapter (a shared one) but not change it.
+
+    Another tenant's private adapter is never this error: it is
+    :class:`AdapterNotFound`, exactly like one that does not exist.
+    """
 
     def __init__(self, adapter_id: str, tenant: str) -> None:
         self.adapter_id = adapter_id
         self.tenant = tenant
         super().__init__(
-            f"tenant {tenant!r} may not use adapter {adapter_id!r}: it belongs to another "
-            "tenant and is not shared"
+            f"tenant {tenant!r} may use adapter {adapter_id!r} but not change it: it is shared, "
+            "and only its owner manages it"
+        )
+
+
+class SourceNotAllowed(LorapoolError, PermissionError):
+    """The caller may not register adapters from this source (or may not register at all).
+
+    The message never says whether anything exists at the source: a path outside
+    the caller's roots reads the same whether it is a file, a directory or nothing.
+    """
+
+    def __init__(self, source: str, detail: str = "") -> None:
+        self.source = source
+        super().__init__(
+            f"registering from {source!r} is not allowed for this caller"
+            + (f": {detail}" if detail else "")
+            + "; the operator configures the allowed sources ([registration] in the server "
+            "config, or AdapterPool.register(..., allowed=SourceRules(...)))"
         )
 
 
@@ -277,6 +299,7 @@ class BackendUnavailable(ExtraNotInstalled):
     def __init__(self, backend: str, extra: str, cause: str = "") -> None:
         self.backend = backend
         super().__init__(f"the {backend} backend", extra, cause)
+
 
 class RegistryUnavailable(LorapoolError):
     """The registry's storage refused a read or write (a full disk, a locked or damaged file).

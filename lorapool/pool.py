@@ -18,7 +18,8 @@ from pathlib import Path
 from types import TracebackType
 
 from lorapool.abc import Backend, TierName, conform
-from lorapool.registry import Registry, check_adapter_id
+from lorapool.access import SourceRules
+from lorapool.registry import Registry, check_adapter_id, check_tenant, qualify
 from lorapool.request import Ledger, Lifecycle, PoolStats, TenantUsage, estimate_tokens
 from lorapool.scheduler import Scheduler
 from lorapool.scheduler.fcfs import FCFSScheduler
@@ -140,8 +141,15 @@ class AdapterPool:
         force: bool = False,
         version: str | None = None,
         activate: bool = True,
+        allowed: SourceRules | None = None,
     ) -> AdapterInfo:
-        """Register a PEFT LoRA adapter for ``tenant``.
+        """Register a PEFT LoRA adapter for ``tenant`` under the name ``adapter_id``.
+
+        Names are the tenant's own: the adapter's id is ``tenant/adapter_id``
+        (:func:`lorapool.registry.qualify`; ``acme``'s ``support`` is
+        ``acme/support``, and ``globex`` may have a ``support`` of its own).
+        The tenant uses it by either form; other tenants cannot see it unless
+        ``shared``, and then by its name or full id.
 
         ``source`` is a local directory, a ``file://``, ``s3://bucket/prefix``
         or ``http(s)://`` URI of a directory holding ``adapter_config.json``
@@ -158,15 +166,24 @@ class AdapterPool:
         all of the alias's traffic to it; see :meth:`set_traffic` and
         :meth:`rollback`. The registry keeps ``keep_versions`` versions per
         alias and removes older ones that carry no traffic.
+
+        ``allowed`` confines where a caller that is not the platform may register
+        from (:class:`~lorapool.access.SourceRules`: local roots with symlinks
+        resolved, URL and bucket prefixes); a source outside them is refused with
+        :class:`~lorapool.errors.SourceNotAllowed` before anything is read, and the
+        store's own directories are always refused. ``None``: the platform's own
+        call, unconfined.
         """
         await self.start()
         check_adapter_id(adapter_id)
-        _check_tenant(tenant)
-        name = adapter_id
-        if version is not None:
-            adapter_id = f"{name}@{version}"
-            if name in self.registry and not self.registry.version_ids(name):
-                raise AdapterExists(name)
+        check_tenant(tenant)
+        if allowed is not None:
+            private = [d for d in (self.store.disk_dir, self.store.persistent_dir) if d]
+            source = await asyncio.to_thread(allowed.check, source, tenant, private=private)
+        name = qualify(adapter_id, tenant)
+        adapter_id = name if version is None else f"{name}@{version}"
+        if version is not None and name in self.registry and not self.registry.version_ids(name):
+            raise AdapterExists(name)
         if adapter_id in self.registry:
             raise AdapterExists(adapter_id)
         staged = await self.store.stage(source)
@@ -231,15 +248,15 @@ class AdapterPool:
         An alias goes with all its versions; a single version (``name@v2``)
         is refused with ``AdapterInUse`` while it carries traffic.
         """
-        self.registry.owned(adapter_id, tenant)
-        versions = self.registry.version_ids(adapter_id)
+        key = self.registry.owned_id(adapter_id, tenant)
+        versions = self.registry.version_ids(key)
         if versions:
             for vid in versions:
                 await self.store.remove(vid)
-            self.registry.remove_alias(adapter_id)
+            self.registry.remove_alias(key)
         else:
-            self.registry.remove(adapter_id)  # refuses a version with traffic, first
-            await self.store.remove(adapter_id)
+            self.registry.remove(key)  # refuses a version with traffic, first
+            await self.store.remove(key)
         self.scheduler.kick()
 
     def set_traffic(self, name: str, split: dict[str, float], *, tenant: str | None) -> None:
@@ -255,17 +272,18 @@ class AdapterPool:
 
     def versions(self, name: str, *, tenant: str | None) -> list[AdapterInfo]:
         """The versions of an alias, oldest first."""
-        self.registry.alias(name, tenant)
-        return [self.registry.resolve(v, tenant) for v in self.registry.version_ids(name)]
+        alias = self.registry.alias(name, tenant)
+        return [self.registry.resolve(v, None) for v in self.registry.version_ids(alias.name)]
 
     def list_adapters(self, *, tenant: str) -> list[AdapterInfo]:
         """Adapters ``tenant`` may use: its own and the shared ones."""
         return self.registry.visible(tenant)
 
-    async def unload(self, adapter_id: str, *, tenant: str | None = None) -> None:
+    async def unload(self, adapter_id: str, *, tenant: str | None) -> None:
         """Free the adapter's device slot and host memory once its requests finish.
 
         It stays registered (and on disk); the next request loads it again.
+        ``tenant`` names whose adapter (``None``: the platform, by full id).
         """
         info = self.registry.resolve(adapter_id, tenant)
         await self.store.unload(info.adapter_id)
@@ -275,7 +293,7 @@ class AdapterPool:
         self,
         adapter_id: str,
         *,
-        tenant: str | None = None,
+        tenant: str | None,
         tier: TierName = "device",
         wait: bool = False,
     ) -> str | None:
@@ -285,6 +303,7 @@ class AdapterPool:
         requests have used; without room the adapter stops at the tier below.
         With ``wait=True`` this returns the tier the adapter reached, else it
         returns at once (``None``) and the warming runs in the background.
+        ``tenant`` names whose adapter (``None``: the platform, by full id).
         """
         await self.start()
         info = self.registry.resolve(adapter_id, tenant)
@@ -334,16 +353,19 @@ class AdapterPool:
         ``async with pool.session("acme", adapter="acme/support") as s:
         await s.complete("hi")``.
         """
-        _check_tenant(tenant)
+        check_tenant(tenant)
         return Session(self, tenant, adapter)
 
-    async def pin(self, adapter_id: str, *, tenant: str | None = None) -> None:
-        """Load the adapter onto the device and keep it there until :meth:`unpin`."""
+    async def pin(self, adapter_id: str, *, tenant: str | None) -> None:
+        """Load the adapter onto the device and keep it there until :meth:`unpin`.
+
+        ``tenant`` names whose adapter (``None``: the platform, by full id).
+        """
         await self.start()
         info = self.registry.resolve(adapter_id, tenant)
         await self.store.pin(info)
 
-    async def unpin(self, adapter_id: str, *, tenant: str | None = None) -> None:
+    async def unpin(self, adapter_id: str, *, tenant: str | None) -> None:
         """Let a pinned adapter be evicted again."""
         info = self.registry.resolve(adapter_id, tenant)
         self.store.unpin(info.adapter_id)
@@ -372,7 +394,7 @@ class AdapterPool:
         refuse with ``ColdStartRejected``.
         """
         await self.start()
-        _check_tenant(tenant)
+        check_tenant(tenant)
         if not isinstance(prompt, str) and not isinstance(prompt, Sequence):
             raise InvalidRequest(
                 "prompt must be a string or a list of {'role', 'content'} messages"
@@ -444,11 +466,6 @@ def _base_spec_of(backend: Backend) -> BaseModelSpec | None:
             "cannot describe the base model at %s (%s); validating without it", model_path, exc
         )
         return None
-
-
-def _check_tenant(tenant: str) -> None:
-    if not isinstance(tenant, str) or not tenant:
-        raise InvalidRequest("tenant must be a non-empty string naming the caller's tenant")
 
 
 class Session:

@@ -245,7 +245,9 @@ class _Resident:
             running = None
         if running is self._loop:  # garbage-collected on the loop itself: cannot wait here
             return
-        future = asyncio.run_coroutine_threadsafe(self.pool.unload(self.adapter_id), self._loop)
+        future = asyncio.run_coroutine_threadsafe(
+            self.pool.unload(self.adapter_id, tenant=None), self._loop
+        )
         try:
             future.result()
         except LorapoolError as exc:  # e.g. unregistered meanwhile: nothing left to free
@@ -272,7 +274,7 @@ class PoolReplica:
         loop = asyncio.get_running_loop()
 
         async def make_resident(adapter_id: str) -> _Resident:
-            await self.pool.prefetch(adapter_id, tier="device", wait=True)
+            await self.pool.prefetch(adapter_id, tenant=None, tier="device", wait=True)
             return _Resident(self.pool, adapter_id, loop)
 
         # Bound here, not at class level, so the limit follows this backend's slots.
@@ -281,8 +283,8 @@ class PoolReplica:
     async def _ensure(self, adapter: str | None, tenant: str) -> None:
         if adapter is None:
             return
-        self.pool.registry.resolve(adapter, tenant)  # refuse before loading anything
-        await self._resident(adapter)
+        # Refuse before loading anything; the multiplexer keys by full id (names are per tenant).
+        await self._resident(self.pool.registry.locate(adapter, tenant))
 
     async def generate(
         self,

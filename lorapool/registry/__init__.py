@@ -1,12 +1,13 @@
 """The registry wing: which adapters exist, whose they are, and which version answers.
 
 * :mod:`~lorapool.registry.registry`: :class:`Registry` (tenancy, versions, aliases,
-  canary splits, rollback) and :func:`check_adapter_id`.
+  canary splits, rollback), tenant-scoped names (:func:`qualify`) and the
+  name checks.
 * :mod:`~lorapool.registry.stores`: the :class:`RegistryStore` seam and its SQLite
   and in-memory implementations.
 """
 
-from lorapool.registry.registry import Alias, Registry, check_adapter_id
+from lorapool.registry.registry import Alias, Registry, check_adapter_id, check_tenant, qualify
 from lorapool.registry.stores import MemoryRegistryStore, RegistryStore, SqliteRegistryStore
 
 __all__ = [
@@ -16,4 +17,6 @@ __all__ = [
     "RegistryStore",
     "SqliteRegistryStore",
     "check_adapter_id",
+    "check_tenant",
+    "qualify",
 ]

@@ -24,7 +24,7 @@ from lorapool.errors import (
 from lorapool.registry.stores import MemoryRegistryStore, RegistryStore, SqliteRegistryStore
 from lorapool.types import AdapterInfo
 
-__all__ = ["Alias", "Registry", "check_adapter_id"]
+__all__ = ["Alias", "Registry", "check_adapter_id", "check_tenant", "qualify"]
 
 _ALIASES = "aliases"
 
@@ -61,6 +61,7 @@ class Alias:
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
 
 
 def check_adapter_id(adapter_id: str) -> None:
@@ -72,20 +73,42 @@ def check_adapter_id(adapter_id: str) -> None:
         )
 
 
-def _check_use(adapter_id: str, owner: str, shared: bool, tenant: str | None) -> None:
-    """``AccessDenied`` unless ``tenant`` may use it (its owner, a shared one, or the platform)."""
-    if tenant is not None and not shared and owner != tenant:
-        raise AccessDenied(adapter_id, tenant)
+def check_tenant(tenant: str) -> None:
+    """Refuse tenant names that could not prefix an adapter id (``acme``, ``team-7``)."""
+    if not isinstance(tenant, str) or not _TENANT.match(tenant):
+        raise InvalidRequest(
+            f"tenant {tenant!r} is not a valid tenant name: use 1 to 64 letters, digits, '.', "
+            "'_' or '-', starting with a letter or digit, no '/'"
+        )
+
+
+def qualify(name: str, tenant: str) -> str:
+    """The registry id of ``tenant``'s adapter ``name``: ``tenant/name``.
+
+    Names are scoped to their tenant: ``acme``'s ``support`` is ``acme/support``
+    and ``globex``'s is ``globex/support``. A name that already starts with
+    ``tenant/`` is its own id (``acme`` may say ``support`` or ``acme/support``).
+    Tenant names hold no ``/``, so two tenants' ids never collide.
+    """
+    return name if name.startswith(f"{tenant}/") else f"{tenant}/{name}"
 
 
 class Registry:
-    """Adapter metadata with tenancy: private adapters are visible to their owner only.
+    """Adapter metadata with tenancy: names are scoped to their tenant.
+
+    Each adapter's id is ``tenant/name`` (:func:`qualify`); a tenant names its
+    own adapters with or without the prefix, and shared adapters by their name
+    without the owner's prefix (or their full id). Another tenant's private
+    adapter is not found, exactly like one that does not exist: lookups never
+    say that a name is taken by someone else. ``tenant=None`` is the platform:
+    any adapter by its full id.
 
     Reads come from memory; every change is written through to ``store``
-    first, so a failed write changes nothing. Before each read the registry
-    asks the store for its :meth:`~lorapool.registry.RegistryStore.version`
-    and reloads when another process changed it: pools sharing one store see
-    each other's registrations and removals.
+    first, in one transaction, so a failed write changes nothing. Before each
+    read the registry asks the store for its
+    :meth:`~lorapool.registry.RegistryStore.version` and reloads when another
+    process changed it: pools sharing one store see each other's registrations
+    and removals.
     """
 
     def __init__(self, store: RegistryStore | None = None, *, keep_versions: int = 5) -> None:
@@ -97,6 +120,7 @@ class Registry:
         self.keep_versions = keep_versions
         self._adapters: dict[str, AdapterInfo] = {}
         self._aliases: dict[str, Alias] = {}
+        self._shared: dict[str, str] | None = None
         self._seen: int | None = None
         self._reload()
 
@@ -113,18 +137,19 @@ class Registry:
         self._aliases = {
             name: Alias(**fields) for name, fields in (json.loads(raw) if raw else {}).items()
         }
+        self._shared = None
 
-    def _sync(self, lookup: str | None = None) -> None:
-        """Reload if another process changed the store since we last looked.
-
-        A store that caches its version (a remote one) is asked again, past
-        its cache, when ``lookup`` is unknown here: an id registered through
-        another replica a moment ago resolves at once.
-        """
+    def _sync(self) -> None:
+        """Reload if another process changed the store since we last looked."""
         if self._seen is not None and self._store_version() != self._seen:
             self._reload()
-        if lookup is None or lookup in self._adapters or lookup in self._aliases:
-            return
+
+    def _refresh(self) -> None:
+        """Ask a store that caches its version (a remote one) again, past its cache.
+
+        Called when a lookup misses: an id registered through another replica a
+        moment ago resolves at once.
+        """
         self.store.invalidate()
         if self._store_version() != self._seen:
             self._reload()
@@ -143,23 +168,81 @@ class Registry:
         return len(self._adapters)
 
     def __contains__(self, adapter_id: object) -> bool:
+        """Whether a full id (``tenant/name``, an alias or a version) is registered."""
         self._sync()
         return adapter_id in self._adapters or adapter_id in self._aliases
 
+    # -- names -----------------------------------------------------------------------
+
+    def _owner(self, key: str) -> tuple[str, bool] | None:
+        """The owner of the adapter or alias ``key`` and whether it is shared."""
+        alias = self._aliases.get(key)
+        if alias is not None:
+            return alias.tenant, alias.shared
+        info = self._adapters.get(key)
+        return None if info is None else (info.tenant, info.shared)
+
+    def _shared_names(self) -> dict[str, str]:
+        """Shared adapters and aliases by short name (the id without the owner) and full id."""
+        if self._shared is None:
+            index: dict[str, str] = {}
+            owners = [(k, i.tenant, i.shared) for k, i in self._adapters.items()]
+            owners += [(k, a.tenant, a.shared) for k, a in self._aliases.items()]
+            for key, owner, shared in owners:
+                if shared:
+                    index[key] = key
+                    index.setdefault(key.removeprefix(f"{owner}/"), key)
+            self._shared = index
+        return self._shared
+
+    def _key(self, name: str, tenant: str | None) -> str | None:
+        """The id ``tenant`` means by ``name``, or ``None`` when it may not see one.
+
+        In order: the tenant's own ``tenant/name``; its own adapter registered
+        under exactly ``name`` (ids recorded before names were scoped); a shared
+        adapter by short name or full id.
+        """
+        if tenant is None:
+            return name if self._owner(name) is not None else None
+        for key in (qualify(name, tenant), name):
+            owner = self._owner(key)
+            if owner is not None and owner[0] == tenant:
+                return key
+        return self._shared_names().get(name)
+
+    def locate(self, name: str, tenant: str | None) -> str:
+        """The full id (an adapter's or an alias's) ``tenant`` means by ``name``.
+
+        :class:`AdapterNotFound` when the tenant can see none: missing, or
+        another tenant's private adapter, alike.
+        """
+        self._sync()
+        key = self._key(name, tenant)
+        if key is None:
+            self._refresh()
+            key = self._key(name, tenant)
+        if key is None:
+            raise AdapterNotFound(name)
+        return key
+
+    def _changed(self) -> None:
+        self._shared = None
+
     # -- versions and aliases ------------------------------------------------------------
 
+    def _aliases_json(self, aliases: dict[str, Alias]) -> str:
+        return json.dumps({n: asdict(a) for n, a in sorted(aliases.items())})
+
     def _save_aliases(self) -> None:
-        self.store.set_setting(
-            _ALIASES, json.dumps({n: asdict(a) for n, a in sorted(self._aliases.items())})
-        )
+        with self.store.transaction():
+            self.store.set_setting(_ALIASES, self._aliases_json(self._aliases))
 
     def alias(self, name: str, tenant: str | None) -> Alias:
         """The alias ``tenant`` may use under ``name``."""
-        self._sync(name)
-        alias = self._aliases.get(name)
+        key = self.locate(name, tenant)
+        alias = self._aliases.get(key)
         if alias is None:
             raise AdapterNotFound(name)
-        _check_use(name, alias.tenant, alias.shared, tenant)
         return alias
 
     def _owned_alias(self, name: str, tenant: str | None) -> Alias:
@@ -173,70 +256,105 @@ class Registry:
     ) -> list[str]:
         """Record ``info`` (id ``name@version``) as a new version of the alias ``name``.
 
-        ``activate`` sends all traffic to it (the previous split can be rolled
-        back). Returns the ids of old versions beyond ``keep_versions`` that
-        carry no traffic: the caller removes them.
+        ``name`` is the alias's full id (``tenant/name``). ``activate`` sends all
+        traffic to it (the previous split can be rolled back). The record and the
+        alias are written in one transaction: a failure leaves neither. Returns the
+        ids of old versions beyond ``keep_versions`` that carry no traffic: the
+        caller removes them.
         """
         self._sync()
-        check_adapter_id(name)
         if not version or "@" in version or "/" in version:
             raise InvalidRequest(f"version {version!r} must be a non-empty name without '@' or '/'")
         if name in self._adapters:
             raise AdapterExists(name)
-        alias = self._aliases.get(name)
-        if alias is not None and alias.tenant != info.tenant:
-            raise AccessDenied(name, info.tenant)
-        if alias is not None and version in alias.versions:
+        current = self._aliases.get(name)
+        if current is not None and current.tenant != info.tenant:
+            raise AdapterExists(name)  # not reachable through qualify(): ids carry the owner
+        if current is not None and version in current.versions:
             raise AdapterExists(f"{name}@{version}")
-        self.add(info)
-        if alias is None:
-            alias = Alias(name, info.tenant, info.shared)
-            self._aliases[name] = alias
+        if info.adapter_id in self._adapters:
+            raise AdapterExists(info.adapter_id)
+        if current is None:
+            self._check_shared_name(name, info)
+        self._check_shared_name(info.adapter_id, info)
+        alias = (
+            Alias(name, info.tenant, info.shared)
+            if current is None
+            else Alias(**json.loads(json.dumps(asdict(current))))
+        )
         alias.versions.append(version)
         if activate or not alias.traffic:
             if alias.traffic:
                 alias.history.append(dict(alias.traffic))
             alias.traffic = {version: 100.0}
-        self._save_aliases()
+        aliases = {**self._aliases, name: alias}
+        with self.store.transaction():
+            self.store.insert(info)
+            self.store.set_setting(_ALIASES, self._aliases_json(aliases))
+        self._adapters[info.adapter_id] = info
+        self._aliases = aliases
+        self._changed()
         idle = [v for v in alias.versions if v not in alias.traffic]
         excess = len(alias.versions) - self.keep_versions
         return [alias.version_id(v) for v in idle[: max(0, excess)]]
 
     def set_traffic(self, name: str, split: dict[str, float], tenant: str | None) -> None:
         """Split the alias's traffic over versions by weight (``{"v3": 90, "v4": 10}``)."""
-        self._sync()
         alias = self._owned_alias(name, tenant)
         unknown = sorted(set(split) - set(alias.versions))
         if unknown:
             raise InvalidRequest(f"{name} has no versions {unknown}; it has {alias.versions}")
         if any(w < 0 for w in split.values()) or sum(split.values()) <= 0:
             raise InvalidRequest("traffic weights must be >= 0 and add up to more than 0")
+        before = (list(alias.history), dict(alias.traffic))
         alias.history.append(dict(alias.traffic))
         alias.traffic = {v: float(w) for v, w in split.items() if w > 0}
-        self._save_aliases()
+        self._save_or_restore(alias, before)
+
+    def _save_or_restore(
+        self, alias: Alias, before: tuple[list[dict[str, float]], dict[str, float]]
+    ) -> None:
+        try:
+            self._save_aliases()
+        except BaseException:
+            alias.history, alias.traffic = before
+            raise
 
     def rollback(self, name: str, tenant: str | None) -> dict[str, float]:
         """Restore the alias's previous traffic split; returns it."""
-        self._sync()
         alias = self._owned_alias(name, tenant)
+        before = (list(alias.history), dict(alias.traffic))
         while alias.history:
             previous = alias.history.pop()
             if all(v in alias.versions for v in previous):
                 alias.traffic = previous
-                self._save_aliases()
+                self._save_or_restore(alias, before)
                 return dict(previous)
+        alias.history, alias.traffic = before
         raise InvalidRequest(f"{name} has no earlier traffic split to roll back to")
+
+    def _check_shared_name(self, key: str, info: AdapterInfo) -> None:
+        """A shared adapter's short name must name one shared adapter only."""
+        if not info.shared:
+            return
+        short = key.removeprefix(f"{info.tenant}/")
+        taken = self._shared_names().get(short)
+        if taken is not None and taken != key:
+            raise AdapterExists(short)
 
     def add(self, info: AdapterInfo) -> None:
         """Record a new adapter; :class:`AdapterExists` if the id is taken."""
         self._sync()
-        if info.adapter_id in self._adapters:
+        if info.adapter_id in self._adapters or info.adapter_id in self._aliases:
             raise AdapterExists(info.adapter_id)
-        self.store.insert(info)
+        self._check_shared_name(info.adapter_id, info)
+        with self.store.transaction():
+            self.store.insert(info)
         self._adapters[info.adapter_id] = info
+        self._changed()
 
     def remove(self, adapter_id: str) -> None:
-        """Forget an adapter (no-op if unknown).
+        """Forget an adapter by its full id (no-op if unknown).
 
         A version that carries traffic is refused with :class:`AdapterInUse`;
         move the traffic first (``set_traffic``/``rollback``).
@@ -246,72 +364,94 @@ class Registry:
             return
         name, _, version = adapter_id.rpartition("@")
         alias = self._aliases.get(name) if name else None
-        if alias is not None and version in alias.versions:
-            if alias.traffic.get(version, 0) > 0 and len(alias.versions) > 1:
-                raise AdapterInUse(
-                    f"{adapter_id} carries {alias.traffic[version]:g} of {name}'s traffic; "
-                    "move it with set_traffic or rollback before removing the version"
-                )
-            self.store.delete(adapter_id)
+        if alias is None or version not in alias.versions:
+            with self.store.transaction():
+                self.store.delete(adapter_id)
             del self._adapters[adapter_id]
-            alias.versions.remove(version)
-            alias.traffic.pop(version, None)
-            alias.history = [h for h in alias.history if version not in h]
-            if not alias.versions:
-                del self._aliases[name]
-            self._save_aliases()
+            self._changed()
             return
-        self.store.delete(adapter_id)
+        if alias.traffic.get(version, 0) > 0 and len(alias.versions) > 1:
+            raise AdapterInUse(
+                f"{adapter_id} carries {alias.traffic[version]:g} of {name}'s traffic; "
+                "move it with set_traffic or rollback before removing the version"
+            )
+        kept = Alias(**json.loads(json.dumps(asdict(alias))))
+        kept.versions.remove(version)
+        kept.traffic.pop(version, None)
+        kept.history = [h for h in kept.history if version not in h]
+        aliases = dict(self._aliases)
+        if kept.versions:
+            aliases[name] = kept
+        else:
+            del aliases[name]
+        with self.store.transaction():
+            self.store.delete(adapter_id)
+            self.store.set_setting(_ALIASES, self._aliases_json(aliases))
         del self._adapters[adapter_id]
+        self._aliases = aliases
+        self._changed()
 
     def remove_alias(self, name: str) -> None:
-        """Forget the alias ``name`` and every version of it."""
+        """Forget the alias ``name`` (its full id) and every version of it."""
         self._sync()
-        alias = self._aliases.pop(name, None)
+        alias = self._aliases.get(name)
         if alias is None:
             return
-        for version in alias.versions:
-            vid = alias.version_id(version)
-            if vid in self._adapters:
+        aliases = {n: a for n, a in self._aliases.items() if n != name}
+        ids = [alias.version_id(v) for v in alias.versions]
+        with self.store.transaction():
+            for vid in ids:
                 self.store.delete(vid)
-                del self._adapters[vid]
-        self._save_aliases()
+            self.store.set_setting(_ALIASES, self._aliases_json(aliases))
+        for vid in ids:
+            self._adapters.pop(vid, None)
+        self._aliases = aliases
+        self._changed()
 
     def version_ids(self, name: str) -> list[str]:
-        """Ids of every version of the alias ``name`` (empty if it is not an alias)."""
+        """Ids of every version of the alias with full id ``name`` (empty if not an alias)."""
         self._sync()
         alias = self._aliases.get(name)
         return [] if alias is None else [alias.version_id(v) for v in alias.versions]
 
     def resolve(self, adapter_id: str, tenant: str | None, *, request_id: str = "") -> AdapterInfo:
-        """The adapter ``tenant`` may use under this id (``tenant=None``: platform access).
+        """The adapter ``tenant`` means by ``adapter_id`` (``tenant=None``: the platform).
 
         An alias resolves to one of its versions, chosen from ``request_id``
-        by the alias's traffic split.
+        by the alias's traffic split. :class:`AdapterNotFound` for a name the
+        tenant cannot see, whether it is missing or another tenant's.
         """
-        self._sync(adapter_id)
-        alias = self._aliases.get(adapter_id)
+        key = self.locate(adapter_id, tenant)
+        alias = self._aliases.get(key)
         if alias is not None:
-            self.alias(adapter_id, tenant)
-            adapter_id = alias.version_id(alias.pick(request_id))
-        info = self._adapters.get(adapter_id)
+            key = alias.version_id(alias.pick(request_id))
+        info = self._adapters.get(key)
         if info is None:
             raise AdapterNotFound(adapter_id)
-        _check_use(adapter_id, info.tenant, info.shared, tenant)
         return info
 
+    def owned_id(self, adapter_id: str, tenant: str | None) -> str:
+        """The full id of the adapter or alias ``tenant`` owns under ``adapter_id``.
+
+        Changes (unregister, traffic) need ownership: a shared adapter the tenant
+        may use but does not own is :class:`AccessDenied`; another tenant's private
+        one is :class:`AdapterNotFound`.
+        """
+        key = self.locate(adapter_id, tenant)
+        owner = self._owner(key)
+        if tenant is not None and owner is not None and owner[0] != tenant:
+            raise AccessDenied(adapter_id, tenant)
+        return key
+
     def owned(self, adapter_id: str, tenant: str | None) -> AdapterInfo:
-        """The adapter if ``tenant`` owns it (changes such as unregister need ownership)."""
-        self._sync(adapter_id)
-        alias = self._aliases.get(adapter_id)
+        """The adapter if ``tenant`` owns it (an alias: its current version)."""
+        key = self.owned_id(adapter_id, tenant)
+        alias = self._aliases.get(key)
         if alias is not None:
-            self._owned_alias(adapter_id, tenant)
-            adapter_id = alias.version_id(alias.pick(""))
-        info = self._adapters.get(adapter_id)
+            key = alias.version_id(alias.pick(""))
+        info = self._adapters.get(key)
         if info is None:
             raise AdapterNotFound(adapter_id)
-        if tenant is not None and info.tenant != tenant:
-            raise AccessDenied(adapter_id, tenant)
         return info
 
     def visible(self, tenant: str | None) -> list[AdapterInfo]:

@@ -13,10 +13,11 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from lorapool.abc import RegistryStore
-from lorapool.errors import AdapterExists
+from lorapool.errors import AdapterExists, RegistryUnavailable
 from lorapool.types import AdapterInfo, LoraConfig
 
 __all__ = ["MemoryRegistryStore", "RegistryStore", "SqliteRegistryStore"]
@@ -58,8 +59,32 @@ class MemoryRegistryStore(RegistryStore):
         """Constant: nobody else writes this dict."""
         return 0
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All or nothing: on an exception the records and settings are put back."""
+        records, settings = dict(self._records), dict(self._settings)
+        try:
+            yield
+        except BaseException:
+            self._records, self._settings = records, settings
+            raise
+
     def close(self) -> None:
         """Nothing to release."""
+
+
+@contextmanager
+def _typed(operation: str) -> Iterator[None]:
+    """SQLite's operational failures (full disk, locked or damaged file) as a typed error.
+
+    An ``IntegrityError`` (a duplicate id) passes through for the caller to name.
+    """
+    try:
+        yield
+    except sqlite3.IntegrityError:
+        raise
+    except sqlite3.Error as exc:
+        raise RegistryUnavailable(operation, f"{type(exc).__name__}: {exc}") from exc
 
 
 _SCHEMA = """
@@ -91,52 +116,95 @@ class SqliteRegistryStore(RegistryStore):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db: sqlite3.Connection | None = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(adapters)")}
-        if "norm" not in columns:  # a file written before norms were recorded
-            self._db.execute("ALTER TABLE adapters ADD COLUMN norm REAL")
+        self._depth = 0
+        with _typed(f"open {self.path}"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db: sqlite3.Connection | None = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(adapters)")}
+            if "norm" not in columns:  # a file written before norms were recorded
+                self._db.execute("ALTER TABLE adapters ADD COLUMN norm REAL")
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             raise RuntimeError(f"the registry store {self.path} is closed")
         return self._db
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One SQLite transaction (``BEGIN IMMEDIATE``): committed whole or rolled back.
+
+        Nested calls join the outer transaction.
+        """
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        db = self._conn()
+        with _typed("begin a change"):
+            db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                with _typed("record the change"):
+                    db.execute("COMMIT")
+            except RegistryUnavailable:
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+        finally:
+            self._depth = 0
+
     def insert(self, info: AdapterInfo) -> None:
         """Add a record; the primary key makes a duplicate id fail atomically."""
         try:
-            self._conn().execute(
-                "INSERT INTO adapters (adapter_id, tenant, shared, source, sha256, size_bytes, "
-                "config, created_at, norm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    info.adapter_id,
-                    info.tenant,
-                    int(info.shared),
-                    info.source,
-                    info.sha256,
-                    info.size_bytes,
-                    info.config.model_dump_json(),
-                    time.time(),
-                    info.norm,
-                ),
-            )
+            with _typed(f"record adapter {info.adapter_id!r}"):
+                self._conn().execute(
+                    "INSERT INTO adapters (adapter_id, tenant, shared, source, sha256, size_bytes, "
+                    "config, created_at, norm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        info.adapter_id,
+                        info.tenant,
+                        int(info.shared),
+                        info.source,
+                        info.sha256,
+                        info.size_bytes,
+                        info.config.model_dump_json(),
+                        time.time(),
+                        info.norm,
+                    ),
+                )
         except sqlite3.IntegrityError:
             raise AdapterExists(info.adapter_id) from None
 
     def delete(self, adapter_id: str) -> None:
         """Remove a record."""
-        self._conn().execute("DELETE FROM adapters WHERE adapter_id = ?", (adapter_id,))
+        with _typed(f"remove adapter {adapter_id!r}"):
+            self._conn().execute("DELETE FROM adapters WHERE adapter_id = ?", (adapter_id,))
 
     def records(self) -> Iterator[AdapterInfo]:
         """Every record, oldest first."""
-        rows = self._conn().execute(
-            "SELECT adapter_id, tenant, shared, source, sha256, size_bytes, config, norm "
-            "FROM adapters ORDER BY created_at, rowid"
-        )
+        with _typed("read the adapters"):
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT adapter_id, tenant, shared, source, sha256, size_bytes, config, norm "
+                    "FROM adapters ORDER BY created_at, rowid"
+                )
+                .fetchall()
+            )
         for adapter_id, tenant, shared, source, sha256, size_bytes, config, norm in rows:
             yield AdapterInfo(
                 adapter_id=adapter_id,
@@ -151,26 +219,30 @@ class SqliteRegistryStore(RegistryStore):
 
     def get_setting(self, key: str) -> str | None:
         """A named value."""
-        row = self._conn().execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        with _typed(f"read the setting {key!r}"):
+            query = "SELECT value FROM settings WHERE key = ?"
+            row = self._conn().execute(query, (key,)).fetchone()
         return None if row is None else str(row[0])
 
     def set_setting(self, key: str, value: str | None) -> None:
         """Set or delete a named value."""
-        if value is None:
-            self._conn().execute("DELETE FROM settings WHERE key = ?", (key,))
-        else:
-            self._conn().execute(
-                "INSERT INTO settings VALUES (?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (key, value),
-            )
+        with _typed(f"write the setting {key!r}"):
+            if value is None:
+                self._conn().execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                self._conn().execute(
+                    "INSERT INTO settings VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
 
     def version(self) -> int:
         """SQLite's ``data_version``: it moves when another connection commits.
 
         One cheap pragma (no table read), so every lookup can afford it.
         """
-        row = self._conn().execute("PRAGMA data_version").fetchone()
+        with _typed("read its version"):
+            row = self._conn().execute("PRAGMA data_version").fetchone()
         return int(row[0])
 
     def close(self) -> None:

@@ -178,7 +178,7 @@ async def check_backend(
 
         task = asyncio.create_task(in_flight())
         await started.wait()
-        await pool.unload(target)
+        await pool.unload(target, tenant=_TENANT)
         _require(
             len(received) == 24,
             "unload-drain",

@@ -125,14 +125,14 @@ async def test_changed_files_fail_sha256(adapter_dirs: dict[str, Path]) -> None:
 async def test_pins_are_capped_and_never_evicted(adapter_dirs: dict[str, Path]) -> None:
     backend = MockBackend(max_slots=3)
     pool = await _pool(backend, adapter_dirs)
-    await pool.pin("t/a0")
-    await pool.pin("t/a1")
+    await pool.pin("t/a0", tenant="t")
+    await pool.pin("t/a1", tenant="t")
     with pytest.raises(PinLimitExceeded, match="at most 2"):
-        await pool.pin("t/a2")
+        await pool.pin("t/a2", tenant="t")
     for i in range(2, 6):
         await pool.complete("x", adapter=f"t/a{i}", tenant="t")
     assert {"t/a0", "t/a1"} <= set(pool.store.resident)
-    await pool.unpin("t/a0")
+    await pool.unpin("t/a0", tenant="t")
     await pool.complete("x", adapter="t/a2", tenant="t")
     await pool.complete("x", adapter="t/a3", tenant="t")
     assert "t/a0" not in pool.store.resident
@@ -142,11 +142,13 @@ async def test_tenancy(adapter_dirs: dict[str, Path]) -> None:
     pool = AdapterPool(MockBackend())
     await pool.register("acme/a", str(adapter_dirs["t/a0"]), tenant="acme")
     await pool.register("shared/b", str(adapter_dirs["t/a1"]), tenant="platform", shared=True)
-    with pytest.raises(AccessDenied):
+    with pytest.raises(AdapterNotFound):  # another tenant's: exactly like a missing one
         await pool.complete("x", adapter="acme/a", tenant="globex")
+    # A shared adapter answers to its name without the owner's prefix, and to its full id.
     assert (await pool.complete("x", adapter="shared/b", tenant="globex")).text
-    assert [a.adapter_id for a in pool.list_adapters(tenant="globex")] == ["shared/b"]
-    with pytest.raises(AccessDenied):
+    assert (await pool.complete("x", adapter="platform/shared/b", tenant="globex")).text
+    assert [a.adapter_id for a in pool.list_adapters(tenant="globex")] == ["platform/shared/b"]
+    with pytest.raises(AccessDenied):  # it may use it, not change it
         await pool.unregister("shared/b", tenant="globex")
     with pytest.raises(AdapterNotFound):
         await pool.unregister("nope", tenant="acme")

@@ -34,6 +34,8 @@ SAMPLES: list[e.LorapoolError] = [
     e.PoolClosed(),
     e.DiskFull("no room for 3 MiB"),
     e.PluginNotFound("lorapool.backends", "nope", ["torch", "vllm"]),
+    e.RegistryUnavailable("record adapter 'acme/a'", "OperationalError: database or disk is full"),
+    e.SourceNotAllowed("/etc", "outside the caller's roots"),
 ]
 
 

@@ -186,7 +186,7 @@ async def test_unload_frees_host_memory(tmp_path: Path) -> None:
             assert pool.store.host_bytes >= 4 * 2 * 1 << 20
             assert loaded >= pool.store.host_bytes
             for name in dirs:
-                await pool.unload(name)
+                await pool.unload(name, tenant="t")
             gc.collect()
             after = tracemalloc.get_traced_memory()[0] - baseline
         finally:
