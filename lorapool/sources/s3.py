@@ -24,6 +24,7 @@ from lorapool.abc import Source
 from lorapool.errors import ExtraNotInstalled, SourceError, SourceNotFound
 
 from ._files import open_for_writing
+from .caps import fetch_limit
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -117,7 +118,11 @@ class S3Source(Source):
             return client
 
     async def fetch(self, uri: str, name: str, dest: Path) -> int:
-        """Stream object ``<prefix>/<name>`` into ``dest``."""
+        """Stream object ``<prefix>/<name>`` into ``dest`` under the cap (:mod:`.caps`).
+
+        An object whose ContentLength is over the cap is refused before its body
+        is read; the body is counted as it is read and stopped one byte past the cap.
+        """
         import aiohttp
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -125,13 +130,15 @@ class S3Source(Source):
         key = f"{prefix}/{name}" if prefix else name
         label = f"s3://{bucket}/{key}"
         client = await self._s3()
-        written = 0
+        limit = fetch_limit()
         try:
             response = await client.get_object(Bucket=bucket, Key=key)
-            async with response["Body"] as body, open_for_writing(dest) as out:
-                while chunk := await body.read(_CHUNK):
+            async with response["Body"] as body, open_for_writing(dest, label, limit) as out:
+                out.check_declared(response.get("ContentLength"))
+                # Never ask for more than one byte past the cap.
+                while chunk := await body.read(min(_CHUNK, out.room() + 1)):
                     await out.write(chunk)
-                    written += len(chunk)
+                written = out.written
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))

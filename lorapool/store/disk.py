@@ -54,26 +54,27 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclass
 class Staged:
-    """A new adapter's files, local and inspected, waiting for registration to finish."""
+    """A new adapter's files, waiting for registration to finish.
+
+    ``files.path`` is always lorapool's private copy under the disk tier's
+    staging area, written by the fetch whose bytes ``files.sha256`` hashes, so
+    what registration validates and records is what was hashed, whatever
+    happens to the source meanwhile (local directories are copied too).
+    """
 
     files: AdapterFiles
     source: str
     _commit: Callable[[str], Awaitable[None]] | None = field(default=None, repr=False)
 
-    @classmethod
-    def in_place(cls, path: Path) -> Staged:
-        """A local adapter directory, inspected where it is."""
-        files = inspect_adapter_dir(path)
-        return cls(files, str(files.path.resolve()))
-
     async def commit(self, adapter_id: str) -> None:
-        """Keep the files: move a downloaded copy into the disk tier."""
+        """Registration succeeded: move a remote adapter's copy into the disk tier (a local
+        adapter's copy is deleted; it is read in place from then on)."""
         if self._commit is not None:
             commit, self._commit = self._commit, None
             await commit(adapter_id)
 
     async def discard(self) -> None:
-        """Drop a downloaded copy (registration failed)."""
+        """Drop the private copy (registration failed)."""
         if self._commit is not None:
             self._commit = None
             await asyncio.to_thread(shutil.rmtree, self.files.path, True)
@@ -167,8 +168,16 @@ class DiskTier:
 
     # -- filling ---------------------------------------------------------------------
 
-    async def stage(self, uri: str, fetch_file: FetchFile) -> Staged:
-        """Download a new adapter into a staging directory and inspect it."""
+    async def stage(
+        self, uri: str, fetch_file: FetchFile, *, label: str | None = None, keep: bool = True
+    ) -> Staged:
+        """Copy a new adapter's files into a private staging directory and inspect them.
+
+        ``uri`` becomes :attr:`Staged.source`; ``label`` names the adapter in
+        errors (default ``uri``). With ``keep``, :meth:`Staged.commit` moves the
+        copy into the tier; without (an adapter read in place later), it deletes it.
+        """
+        label = uri if label is None else label
         tmp = self._tmp / f"stage-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
@@ -178,15 +187,22 @@ class DiskTier:
                 except SourceNotFound:
                     if name == CONFIG_FILE:
                         raise SourceNotFound(
-                            uri, f"no {CONFIG_FILE} there", hint="check the adapter URI"
+                            label, f"no {CONFIG_FILE} there", hint="check the adapter URI"
                         ) from None
-                    raise NotAPeftAdapter(uri, f"no {name}") from None
+                    raise NotAPeftAdapter(label, f"no {name}") from None
             with contextlib.suppress(SourceNotFound):  # optional: the declared base model
                 await fetch_file(SIDECAR_FILE, tmp / SIDECAR_FILE)
-            files = await asyncio.to_thread(inspect_adapter_dir, tmp, label=uri)
+            files = await asyncio.to_thread(inspect_adapter_dir, tmp, label=label)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
             raise
+
+        if not keep:
+
+            async def drop(adapter_id: str) -> None:
+                await asyncio.to_thread(shutil.rmtree, tmp, True)
+
+            return Staged(files, uri, drop)
 
         async def commit(adapter_id: str) -> None:
             try:

@@ -3,9 +3,12 @@
 Filling it reads the adapter's two files from a local directory (the source
 itself, or the disk tier's copy), checks them against the sha256 recorded at
 registration, and lets the backend prepare them (``Backend.prepare``). A disk
-copy that fails the check rotted after it was verified: it is dropped and
-fetched again, once. When the tier cannot make room without evicting an
-adapter in use or pinned, the adapter is served without being kept.
+copy that fails the check, or cannot be read (a file missing, unreadable, of
+the wrong size), rotted after it was verified: it is dropped and fetched again
+from the source, once. The files' sizes are checked against the registered size
+before anything is read, so a file that grew is never read into memory. When
+the tier cannot make room without evicting an adapter in use or pinned, the
+adapter is served without being kept.
 """
 
 from __future__ import annotations
@@ -91,41 +94,70 @@ class HostTier:
         return entry
 
     async def _read(self, info: AdapterInfo, speculative: bool) -> LoadedAdapter:
-        """The adapter's verified files; a rotten disk copy is dropped and fetched again once."""
+        """The adapter's verified files.
+
+        A disk copy that is rotten (sha256 or size mismatch) or unreadable (a file
+        missing or unreadable) is dropped and fetched again from the source, once;
+        if the source no longer has the adapter, the fetch's LoadError says so.
+        """
         key = info.adapter_id
         path = await self._local_dir(info, speculative)
         try:
             return await asyncio.to_thread(_read_verified, info, path)
-        except _Mismatch as exc:
-            self._stats.integrity_failures += 1
+        except _BadCopy as exc:
+            if exc.integrity:
+                self._stats.integrity_failures += 1
             if not self._disk.holds(path):
                 log.error("adapter %s refused: %s", key, exc)
                 raise LoadError(key, "host", str(exc)) from None
-        # The disk copy rotted after it was verified: drop it and fetch again.
-        log.error("disk copy of %s failed verification; dropped, fetching it again", key)
+            log.error("disk copy of %s is unusable (%s); dropped, fetching it again", key, exc)
         await self._disk.delete(info.sha256)
         path = await self._local_dir(info, speculative)
         try:
             return await asyncio.to_thread(_read_verified, info, path)
-        except _Mismatch as again:
-            self._stats.integrity_failures += 1
+        except _BadCopy as again:
+            if again.integrity:
+                self._stats.integrity_failures += 1
             raise LoadError(key, "disk", str(again)) from None
 
 
-class _Mismatch(Exception):
-    pass
+class _BadCopy(Exception):
+    """The files cannot be used: unreadable, or (``integrity``) not the registered content."""
+
+    def __init__(self, message: str, *, integrity: bool) -> None:
+        super().__init__(message)
+        self.integrity = integrity
 
 
 def _read_verified(info: AdapterInfo, path: Path) -> LoadedAdapter:
-    """Read an adapter's files and check the registered sha256."""
+    """Read an adapter's files and check the registered size, then sha256.
+
+    The sizes are checked before a byte is read; each file is read to at most
+    its expected size plus one byte.
+    """
     try:
-        config_raw = (path / CONFIG_FILE).read_bytes()
-        weights = (path / WEIGHTS_FILE).read_bytes()
+        sizes = [(path / name).stat().st_size for name in (CONFIG_FILE, WEIGHTS_FILE)]
+        if sum(sizes) != info.size_bytes:
+            raise _BadCopy(
+                f"sha256 mismatch for {path}: the files changed since registration "
+                f"({sum(sizes)} bytes, {info.size_bytes} registered); "
+                "register the new content as a new adapter",
+                integrity=True,
+            )
+        config_raw = _read_at_most(path / CONFIG_FILE, sizes[0])
+        weights = _read_at_most(path / WEIGHTS_FILE, sizes[1])
     except OSError as exc:
-        raise LoadError(info.adapter_id, "host", f"cannot read {path}: {exc}") from exc
+        raise _BadCopy(f"cannot read {path}: {exc}", integrity=False) from exc
     if adapter_digest({CONFIG_FILE: config_raw, WEIGHTS_FILE: weights}) != info.sha256:
-        raise _Mismatch(
+        raise _BadCopy(
             f"sha256 mismatch for {path}: the files changed since registration; "
-            "register the new content as a new adapter"
+            "register the new content as a new adapter",
+            integrity=True,
         )
     return LoadedAdapter(info.adapter_id, info.config, weights, info.sha256)
+
+
+def _read_at_most(path: Path, size: int) -> bytes:
+    """At most ``size + 1`` bytes of ``path`` (one more than expected shows it grew)."""
+    with path.open("rb") as f:
+        return f.read(size + 1)

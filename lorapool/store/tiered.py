@@ -17,7 +17,9 @@ Each tier is reached through the same get-or-fill (:mod:`~lorapool.store.ladder`
 look up, count a hit or a miss, and on a miss fill it from the tier below,
 one fill per key however many requests miss at once. Loads run as tasks and
 threads, never inside the engine's step. Every copy is checked against the
-sha256 recorded at registration before it is used or made visible.
+sha256 recorded at registration before it is used or made visible; every file
+is read under the caps of :mod:`lorapool.sources.caps` (see
+:mod:`~lorapool.store.fetch`), and registration validates a private copy.
 
 A request holds a reference on its adapter from dispatch to its last token;
 an adapter with references, or pinned, is never evicted from any tier

@@ -11,7 +11,7 @@ import pytest
 
 from lorapool import AdapterPool, SamplingParams, TieredStore
 from lorapool.errors import LoadError, NotAPeftAdapter, SourceNotFound
-from lorapool.formats import ADAPTER_FILES, WEIGHTS_FILE
+from lorapool.formats import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
 from lorapool.pool import REGISTRY_FILE
 from lorapool.sources import HttpSource, S3Source
 
@@ -217,6 +217,43 @@ async def test_disk_tier_and_registry_survive_a_restart(
         assert pool.store.stats.disk_fetches == 0  # the copy from the first run
     assert again.text == first.text
     assert s3_server.gets("/adapters/kept/") == gets  # nothing fetched after the restart
+
+
+async def test_a_disk_copy_missing_a_file_is_dropped_and_fetched_again(
+    s3_pool: AdapterPool, s3_server: CountingMotoServer, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    from aiobotocore.session import get_session
+
+    pool, store = s3_pool, s3_pool.store
+    disk = tmp_path / "disk"
+    await upload(s3_server, "adapters", "mended", adapters["r8-attn"])
+    await upload(s3_server, "adapters", "lost", adapters["r16-all"])
+    mended = await pool.register("t/mended", "s3://adapters/mended", tenant="t")
+    lost = await pool.register("t/lost", "s3://adapters/lost", tenant="t")
+    expected = await pool.complete(PROMPT, adapter="t/mended", tenant="t", params=GREEDY)
+    await store.unload("t/mended")  # device and host; the disk copy stays
+
+    (disk / mended.sha256 / WEIGHTS_FILE).unlink()  # the disk copy is incomplete
+    gets = s3_server.gets("/adapters/mended/")
+    for _ in range(2):
+        again = await pool.complete(PROMPT, adapter="t/mended", tenant="t", params=GREEDY)
+        assert again.text == expected.text
+        await store.unload("t/mended")
+    assert s3_server.gets("/adapters/mended/") == gets + 2  # fetched again, once
+    assert store.on_disk("t/mended") and (disk / mended.sha256 / WEIGHTS_FILE).is_file()
+
+    # Incomplete, and the source has lost it too: a LoadError that says so.
+    (disk / lost.sha256 / CONFIG_FILE).unlink()
+    async with get_session().create_client(
+        "s3", endpoint_url=s3_server.endpoint, **CREDENTIALS
+    ) as client:
+        for name in ADAPTER_FILES:
+            await client.delete_object(Bucket="adapters", Key=f"lost/{name}")
+    with pytest.raises(LoadError) as err:
+        await pool.complete(PROMPT, adapter="t/lost", tenant="t", params=GREEDY)
+    assert err.value.tier == "source" and "no longer exists" in str(err.value)
+    assert not store.on_disk("t/lost") and store.refs("t/lost") == 0
+    assert not (disk / lost.sha256).exists()
 
 
 # -- HTTP --------------------------------------------------------------------------------
