@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from lorapool.access import SourceRules
 from lorapool.errors import BackendError, ExtraNotInstalled, LorapoolError
 from lorapool.pool import AdapterPool
 from lorapool.registry import MemoryRegistryStore, Registry, RegistryStore, SqliteRegistryStore
@@ -427,11 +428,17 @@ class RayPools:
         return list(await self._call("adapters", tenant))
 
     async def register(
-        self, adapter_id: str, source: str, *, tenant: str, shared: bool
+        self,
+        adapter_id: str,
+        source: str,
+        *,
+        tenant: str,
+        shared: bool,
+        allowed: SourceRules | None = None,
     ) -> AdapterInfo:
-        """Through any replica."""
+        """Through any replica (``allowed`` travels with the call and is checked there)."""
         info: AdapterInfo = await self._call(
-            "register", adapter_id, source, tenant=tenant, shared=shared
+            "register", adapter_id, source, tenant=tenant, shared=shared, allowed=allowed
         )
         return info
 

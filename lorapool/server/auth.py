@@ -1,15 +1,19 @@
-"""Who is calling: API keys mapped to tenants, or a trusted gateway's tenant header."""
+"""Who is calling (API keys mapped to tenants, or a trusted gateway's tenant header), and
+what a caller may register (:class:`Registration`)."""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from starlette.requests import Request
 
-__all__ = ["ApiKeys", "Auth", "Caller", "TrustedHeader", "Unauthorized"]
+from lorapool.access import SourceRules
+from lorapool.errors import SourceNotAllowed
+
+__all__ = ["ApiKeys", "Auth", "Caller", "Registration", "TrustedHeader", "Unauthorized"]
 
 
 class Unauthorized(Exception):
@@ -72,3 +76,33 @@ class TrustedHeader:
         if not tenant:
             raise Unauthorized(f"missing {self.header} header (trusted-gateway mode)")
         return Caller(tenant, tenant in self.admin_tenants)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Who may register adapters over HTTP, and from which sources (two roles).
+
+    Tenant keys register from ``tenant_sources`` (or their own entry in
+    ``per_tenant``), admin keys from ``admin_sources``; each is a list of
+    :class:`~lorapool.access.SourceRules` prefixes (``{tenant}`` is the
+    caller's tenant). ``tenants_may_register=False`` leaves registration to
+    admins. The default allows nothing: an operator opts sources in.
+    """
+
+    tenant_sources: tuple[str, ...] = ()
+    admin_sources: tuple[str, ...] = ()
+    per_tenant: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    tenants_may_register: bool = True
+
+    def __post_init__(self) -> None:
+        for sources in (self.tenant_sources, self.admin_sources, *self.per_tenant.values()):
+            SourceRules(sources=tuple(sources))  # a malformed rule fails at start, not per call
+
+    def rules_for(self, caller: Caller) -> SourceRules:
+        """The sources ``caller`` may register from; :class:`SourceNotAllowed` if none."""
+        if caller.admin:
+            return SourceRules(sources=tuple(self.admin_sources))
+        if not self.tenants_may_register:
+            raise SourceNotAllowed("*", "only admin keys may register adapters here")
+        sources = self.per_tenant.get(caller.tenant, self.tenant_sources)
+        return SourceRules(sources=tuple(sources))

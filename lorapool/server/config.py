@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from lorapool.abc import Backend, Source
+from lorapool.access import SourceRules
 from lorapool.backends.base import build_backend
 from lorapool.plugins import BACKENDS, SOURCES, available, load_source
 from lorapool.pool import AdapterPool
@@ -47,7 +48,7 @@ from lorapool.registry import Registry
 from lorapool.scheduler import FairScheduler, TenantConfig, TierPolicy
 from lorapool.store import TieredStore
 
-from .auth import ApiKeys, Auth, Caller, TrustedHeader
+from .auth import ApiKeys, Auth, Caller, Registration, TrustedHeader
 
 __all__ = ["ServerConfig", "load_config"]
 
@@ -151,6 +152,48 @@ class HttpConfig(_Strict):
     log_prompts: bool = False
     metrics_port: int | None = None
     """Also serve ``/metrics`` on this port (e.g. one only the monitoring network reaches)."""
+    metrics_key: str | None = None
+    """``/metrics`` on the main port needs ``Authorization: Bearer <metrics_key>``: it carries
+    tenant names. Without a key (and without ``metrics_public``) the main port does not
+    serve it; use ``metrics_port`` or set a key."""
+    metrics_public: bool = False
+    """Serve ``/metrics`` on the main port to anyone (only where every caller is trusted)."""
+
+
+class RegistrationConfig(_Strict):
+    """Who may register adapters through ``POST /v1/load_lora_adapter``, and from where.
+
+    Each list holds sources a caller may register from: absolute local directories
+    (symlinks resolved), ``https://host/prefix/`` and ``s3://bucket/prefix/``
+    prefixes; ``{tenant}`` is the caller's tenant. Nothing is allowed by default.
+    Example::
+
+        [registration]
+        tenant_sources = ["/srv/adapters/{tenant}", "s3://adapters/{tenant}/"]
+        admin_sources = ["/srv/adapters", "s3://adapters/"]
+    """
+
+    tenants_may_register: bool = True
+    """``false``: only admin keys register."""
+    tenant_sources: list[str] = Field(default_factory=list)
+    admin_sources: list[str] = Field(default_factory=list)
+    per_tenant: dict[str, list[str]] = Field(default_factory=dict)
+    """A tenant's own list, replacing ``tenant_sources`` for it."""
+
+    @field_validator("tenant_sources", "admin_sources")
+    @classmethod
+    def _rules(cls, sources: list[str]) -> list[str]:
+        SourceRules(sources=tuple(sources))
+        return sources
+
+    def build(self) -> Registration:
+        """The server's :class:`~lorapool.server.auth.Registration`."""
+        return Registration(
+            tenant_sources=tuple(self.tenant_sources),
+            admin_sources=tuple(self.admin_sources),
+            per_tenant={t: tuple(s) for t, s in self.per_tenant.items()},
+            tenants_may_register=self.tenants_may_register,
+        )
 
 
 class ServerConfig(BaseSettings):
@@ -176,6 +219,7 @@ class ServerConfig(BaseSettings):
     keys: dict[str, KeyConfig] = Field(default_factory=dict)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     server: HttpConfig = Field(default_factory=HttpConfig)
+    registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Protocol, runtime_checkable
 
+from lorapool.access import SourceRules
 from lorapool.pool import AdapterPool
 from lorapool.types import AdapterInfo, Chunk, Prompt, SamplingParams
 
@@ -45,9 +46,15 @@ class Served(Protocol):
         ...
 
     async def register(
-        self, adapter_id: str, source: str, *, tenant: str, shared: bool
+        self,
+        adapter_id: str,
+        source: str,
+        *,
+        tenant: str,
+        shared: bool,
+        allowed: SourceRules | None = None,
     ) -> AdapterInfo:
-        """Register an adapter."""
+        """Register an adapter; ``allowed`` confines its source (the caller's rules)."""
         ...
 
     async def unregister(self, adapter_id: str, *, tenant: str) -> None:
@@ -93,10 +100,18 @@ class LocalPool:
         return self.pool.list_adapters(tenant=tenant)
 
     async def register(
-        self, adapter_id: str, source: str, *, tenant: str, shared: bool
+        self,
+        adapter_id: str,
+        source: str,
+        *,
+        tenant: str,
+        shared: bool,
+        allowed: SourceRules | None = None,
     ) -> AdapterInfo:
         """:meth:`AdapterPool.register`."""
-        return await self.pool.register(adapter_id, source, tenant=tenant, shared=shared)
+        return await self.pool.register(
+            adapter_id, source, tenant=tenant, shared=shared, allowed=allowed
+        )
 
     async def unregister(self, adapter_id: str, *, tenant: str) -> None:
         """:meth:`AdapterPool.unregister`."""

@@ -95,8 +95,13 @@ async def check_backend(
         _require(await backend.health(), "capabilities", "health() is False after start")
         report.checks.append("capabilities")
         names = list(adapters)
+        full_ids: dict[
+            str, str
+        ] = {}  # the registry's ids (tenant/name), which the store and the engine use
         for name in names:
-            await pool.register(name, str(adapters[name]), tenant=_TENANT)
+            full_ids[name] = (
+                await pool.register(name, str(adapters[name]), tenant=_TENANT)
+            ).adapter_id
 
         # Streaming: several chunks, the last with finish reason and usage.
         chunks = [
@@ -157,7 +162,7 @@ async def check_backend(
         await stream.aclose()
         _require(seen < 64, "cancellation", "the stream ran to the end before it was closed")
         _require(
-            pool.store.refs(names[1]) == 0,
+            pool.store.refs(full_ids[names[1]]) == 0,
             "cancellation",
             "the cancelled request holds its adapter",
         )
@@ -185,7 +190,7 @@ async def check_backend(
             f"unload returned after {len(received)} of the request's 24 tokens",
         )
         await task
-        _require(not pool.store.on_device(target), "unload-drain", "still on the device")
+        _require(not pool.store.on_device(full_ids[target]), "unload-drain", "still on the device")
         _require(await run(target) == solo[target], "unload-drain", "reload gives other output")
         report.checks.append("unload-drain")
 

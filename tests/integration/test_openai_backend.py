@@ -144,10 +144,11 @@ async def test_load_generate_unload_equal_torch_and_survive_a_server_restart(
         for n in NAMES[:2]:
             done = await pool.complete(PROMPT, adapter=n, tenant="t", params=GREEDY)
             assert done.token_ids == expected[n], n
-        assert await served(server) == {"smollm2", "lorapool-zero", *NAMES[:2]}
+        # The server holds the registry's ids: "t/<name>".
+        assert await served(server) == {"smollm2", "lorapool-zero", *(f"t/{n}" for n in NAMES[:2])}
 
-        await pool.unload(NAMES[0])
-        assert NAMES[0] not in await served(server)
+        await pool.unload(NAMES[0], tenant="t")
+        assert f"t/{NAMES[0]}" not in await served(server)
 
         server.stop()  # the server goes away with its adapters...
         with pytest.raises(BackendError):

@@ -93,8 +93,11 @@ async def test_typed_errors_leave_pool_serving(
     before = [a.adapter_id for a in pool.list_adapters(tenant="acme")]
     with pytest.raises(AdapterNotFound, match="register it first"):
         await pool.complete("Hi", adapter="acme/nope", tenant="acme")
-    with pytest.raises(AccessDenied):
+    with pytest.raises(AdapterNotFound) as missing:
+        await pool.complete("Hi", adapter="globex/nope", tenant="acme")
+    with pytest.raises(AdapterNotFound) as hidden:  # another tenant's: exactly as if missing
         await pool.complete("Hi", adapter="globex/sales", tenant="acme")
+    assert str(hidden.value) == str(missing.value).replace("globex/nope", "globex/sales")
     with pytest.raises(SourceNotFound):
         await pool.register("acme/missing", str(tmp_path / "does-not-exist"), tenant="acme")
     (tmp_path / "notpeft").mkdir()
@@ -137,12 +140,12 @@ async def test_listing_is_scoped_to_tenant(pool: AdapterPool) -> None:
 
 
 async def test_pin_and_unregister_drains(pool: AdapterPool) -> None:
-    await pool.pin("acme/support")
+    await pool.pin("acme/support", tenant="acme")
     assert pool.store.on_device("acme/support")
-    await pool.pin("globex/sales")
+    await pool.pin("sales", tenant="globex")
     with pytest.raises(PinLimitExceeded):
-        await pool.pin("platform/polite")
-    await pool.unpin("globex/sales")
+        await pool.pin("platform/polite", tenant=None)
+    await pool.unpin("globex/sales", tenant="globex")
 
     stream = pool.generate(
         CHAT,

@@ -80,7 +80,7 @@ async def test_s3_register_then_serve_from_host_disk_and_s3(
     assert first.text == expected.text != base.text
     assert s3_server.gets("/adapters/acme/support/") == 3  # served from the disk copy
 
-    await pool.unload("acme/support")  # device + host; the disk copy stays
+    await pool.unload("acme/support", tenant="acme")  # device + host; the disk copy stays
     assert not store.on_device("acme/support") and not store.on_host("acme/support")
     host_loads = store.stats.host_loads
     again = await pool.complete(PROMPT, adapter="acme/support", tenant="acme", params=GREEDY)

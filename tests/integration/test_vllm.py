@@ -133,11 +133,12 @@ async def test_an_evicted_adapter_stays_warm_in_vllms_cpu_cache(
         first = {n: await run(pool, n) for n in (a, b)}
         held = await backend.engine_loras()
         await run(pool, c)  # c takes the slot of a or b, whichever the device policy evicts
-        [evicted] = backend.warm_adapters()
-        assert evicted in (a, b)
+        [evicted] = backend.warm_adapters()  # the engine holds registry ids: "t/<name>"
+        assert evicted in (f"t/{a}", f"t/{b}")
         assert held <= await backend.engine_loras()  # the evicted LoRA is still in vLLM
         ids = await backend.engine_loras()
-        assert await run(pool, evicted) == first[evicted]  # back from the cache: same output
+        # Back from the cache: same output.
+        assert await run(pool, evicted) == first[evicted.removeprefix("t/")]
         assert await backend.engine_loras() == ids  # ... and no new LoRA was added
         [now_warm] = backend.warm_adapters()
         assert now_warm != evicted
