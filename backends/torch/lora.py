@@ -23,12 +23,12 @@ uneven groups, one matmul per slot.
 from __future__ import annotations
 
 import ctypes
-import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from lorapool.formats import LLAMA_PARENTS, LoraTargets, map_lora_tensors
 from lorapool.types import LoraConfig
 
 from .kernel import MAX_MODULES, SgmvGroup, SgmvKernel
@@ -46,7 +46,6 @@ KERNEL_SEGMENT_ROWS = 4
 adapter's rows spread over the threads (the later segments read its weights from
 cache) and each segment's rows fit one register tile."""
 
-_NAME = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 _GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
     "gate_up": ("gate_proj", "up_proj"),
@@ -86,20 +85,25 @@ def prepare_adapter(
 ) -> PreparedAdapter:
     """Check an adapter's tensors against the model and lay them out for a slot.
 
-    Runs off the engine thread; raises ``ValueError`` saying what does not fit.
+    Which module each tensor goes to is decided by
+    :func:`lorapool.formats.map_lora_tensors`, as PEFT decides it and as
+    validation did at registration: a tensor PEFT would ignore (untargeted,
+    misnamed, or stored under two names) is refused, never applied. A module
+    with no tensors adds nothing. Runs off the engine thread; raises
+    ``ValueError`` (:class:`lorapool.errors.AdapterValidationError` for the
+    names) saying what does not fit.
     """
     r = config.r
     if r > max_rank:
         raise ValueError(f"rank {r} exceeds max_rank {max_rank}")
     scale = config.scaling
+    parents = {m: p for m, p in LLAMA_PARENTS.items() if m in shapes}
+    mapping = map_lora_tensors(tensors, LoraTargets.from_config(config), parents)
+    mapping.raise_first()
     found: dict[tuple[int, str, str], torch.Tensor] = {}
-    for name, t in tensors.items():
-        m = _NAME.search(name)
-        if m is None:
-            raise ValueError(f"tensor {name!r} is not a LoRA A/B weight of a decoder layer")
-        layer, module, side = int(m.group(1)), m.group(2), m.group(3)
-        if module not in shapes:
-            raise ValueError(f"tensor {name!r} targets {module!r}, which is not a LoRA-able linear")
+    for name, site in mapping.sites.items():
+        t = tensors[name]
+        layer, module, side = site.layer, site.module, site.side
         if layer >= num_layers:
             raise ValueError(f"tensor {name!r} names layer {layer}; the model has {num_layers}")
         fan_in, fan_out = shapes[module]

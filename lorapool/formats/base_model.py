@@ -14,14 +14,15 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterValidationError
-from ._json import load_strict
-from .limits import CHECKPOINT_LIMITS, MIB, ValidationLimits, read_capped
+from ._json import load_json, load_strict
+from .limits import CHECKPOINT_LIMITS, MIB, ValidationLimits, read_capped, read_config_file
 from .peft import CONFIG_FILE
+from .peft_targets import LLAMA_PARENTS
 from .safetensors import read_safetensors_header_file
 
 __all__ = [
@@ -83,7 +84,7 @@ def _read_json(path: Path, cap: int) -> Any:
     data = read_capped(path, cap)
     if data is None:
         raise ValueError(f"{path} is above {cap} bytes")
-    return json.loads(data.decode("utf-8"))
+    return load_json(data, str(path), "bad_config", strict=False)
 
 
 def _weight_headers(model_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -113,6 +114,9 @@ class BaseModelSpec:
     tokenizer_sha256: str | None = None
     aliases: frozenset[str] = frozenset()
     """Other names the base goes by (compared with ``base_model_name_or_path``)."""
+    module_parents: Mapping[str, str] = field(default_factory=lambda: dict(LLAMA_PARENTS))
+    """``{module: the decoder-layer child holding it}`` (``q_proj``: ``self_attn``), from the
+    checkpoint's tensor names; the Llama-family layout by default."""
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> BaseModelSpec:
@@ -131,6 +135,7 @@ class BaseModelSpec:
             raise ValueError(f"{path / 'config.json'} is not a JSON object")
         shapes = _weight_headers(path)
         modules: dict[str, tuple[int, int]] = {}
+        parents: dict[str, str] = {}
         layers: set[int] = set()
         for tensor, shape in shapes.items():
             m = _BASE_LINEAR.match(tensor)
@@ -139,8 +144,10 @@ class BaseModelSpec:
             layers.add(int(m.group(1)))
             out_f, in_f = shape
             modules.setdefault(m.group(3), (in_f, out_f))
+            parents.setdefault(m.group(3), m.group(2))
         if not modules:
             modules = _llama_shapes(config)
+            parents = dict(LLAMA_PARENTS)
         num_layers = int(config.get("num_hidden_layers") or (max(layers) + 1 if layers else 0))
         aliases = {path.name}
         for key in ("_name_or_path", "_model_name_or_path"):
@@ -153,6 +160,7 @@ class BaseModelSpec:
             fingerprint=base_fingerprint(config, shapes),
             tokenizer_sha256=tokenizer_hash(path),
             aliases=frozenset(aliases),
+            module_parents=parents,
         )
 
 
@@ -204,9 +212,7 @@ def read_sidecar(
     :class:`AdapterValidationError` (``too_large`` above ``max_bytes``,
     ``bad_config`` when it is not a JSON object) or ``OSError``.
     """
-    data = read_capped(path, max_bytes)
-    if data is None:
-        raise AdapterValidationError("too_large", f"{SIDECAR_FILE} is too large")
+    data = read_config_file(path, max_bytes)
     side = load_strict(data, SIDECAR_FILE, "bad_config")
     if not isinstance(side, dict):
         raise AdapterValidationError("bad_config", f"{SIDECAR_FILE} is not a JSON object")

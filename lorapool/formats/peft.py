@@ -9,7 +9,6 @@ and hashes the files so every later load can be verified; it never imports torch
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,8 @@ from pydantic import ValidationError
 
 from ..errors import AdapterValidationError, NotAPeftAdapter, SourceNotFound
 from ..types import Capabilities, LoraConfig
-from .limits import MIB, PICKLE_SUFFIXES, ValidationLimits, read_capped
+from ._json import load_json
+from .limits import MIB, PICKLE_SUFFIXES, ValidationLimits, read_config_file
 from .safetensors import read_safetensors_header
 
 __all__ = [
@@ -125,15 +125,21 @@ def inspect_adapter_dir(source: str | Path, *, label: str | None = None) -> Adap
 
 def _read_config(config_path: Path, label: str) -> LoraConfig:
     """``adapter_config.json`` as far as serving needs it (the strict parse is
-    :func:`lorapool.formats.parse_adapter_config`)."""
-    cap = ValidationLimits().max_config_bytes
+    :func:`lorapool.formats.parse_adapter_config`).
+
+    The file's size is checked before it is read (:func:`read_config_file`)
+    and its nesting depth before it is decoded.
+    """
     try:
-        data = read_capped(config_path, cap)
-        raw = None if data is None else json.loads(data.decode("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise NotAPeftAdapter(label, f"{CONFIG_FILE} is not valid JSON: {exc}") from None
-    if data is None:
-        raise AdapterValidationError("too_large", f"{label!r}: {CONFIG_FILE} is above {cap} bytes")
+        data = read_config_file(config_path, ValidationLimits().max_config_bytes)
+    except OSError as exc:
+        raise NotAPeftAdapter(label, f"{CONFIG_FILE} cannot be read: {exc}") from None
+    except AdapterValidationError as exc:
+        raise AdapterValidationError(exc.reason, f"{label!r}: {exc.detail}") from None
+    try:
+        raw = load_json(data, CONFIG_FILE, "not_peft", strict=False)
+    except AdapterValidationError as exc:
+        raise NotAPeftAdapter(label, exc.detail) from None
     if not isinstance(raw, dict):
         raise NotAPeftAdapter(label, f"{CONFIG_FILE} is not a JSON object")
     if str(raw.get("peft_type", "LORA")).upper() != "LORA":

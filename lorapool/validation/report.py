@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AdapterValidationError
-from ..formats import TensorInfo
+from ..formats import LoraTargets, TensorInfo
 from ..types import LoraConfig
 
 __all__ = ["REASONS", "Problem", "ValidationReport"]
@@ -24,7 +24,14 @@ REASONS: Mapping[str, str] = {
     "unsupported_option": "a PEFT option serving cannot honour (rank_pattern, fan_in_fan_out...)",
     "unsupported_rank": "rank is above the backend's max rank",
     "unsupported_target": "a target module is not LoRA-able in this backend",
-    "unknown_module": "a tensor name does not map to a LoRA-able linear of the base model",
+    "unknown_module": "a tensor name does not map to a LoRA-able linear of the base model "
+    "as PEFT loads it",
+    "untargeted_tensors": "tensors for modules adapter_config.json does not target "
+    "(PEFT ignores them)",
+    "ambiguous_tensor_names": "one LoRA weight stored under two names "
+    "(lora_A.weight and lora_A.default.weight)",
+    "missing_tensors": "a module the config targets has no LoRA tensors "
+    "(PEFT would use its initial weights)",
     "layer_out_of_range": "a tensor names a layer the base model does not have",
     "shape_mismatch": "a tensor's shape does not match the base layer's in/out features",
     "rank_mismatch": "a tensor's rank does not match the declared r",
@@ -67,6 +74,8 @@ class ValidationReport:
     path: Path
     problems: list[Problem] = field(default_factory=list)
     config: LoraConfig | None = None
+    targets: LoraTargets | None = None
+    """The modules the config targets, with its layer and exclusion options."""
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
     """Per-tensor Frobenius norms (empty when values were not scanned)."""

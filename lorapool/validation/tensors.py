@@ -1,10 +1,17 @@
-"""Tensor checks: every name a LoRA-able linear of the base, shapes, rank, pairs, dtypes."""
+"""Tensor checks: every name a LoRA-able linear of the base as PEFT loads it, targeted by the
+config, shapes, rank, pairs, dtypes."""
 
 from __future__ import annotations
 
-import re
-
-from ..formats import WEIGHTS_FILE, BaseModelSpec, SafetensorsHeader
+from ..formats import (
+    LLAMA_PARENTS,
+    WEIGHTS_FILE,
+    BaseModelSpec,
+    LoraTargets,
+    SafetensorsHeader,
+    map_lora_tensors,
+    missing_sites,
+)
 from ..types import Capabilities
 from .report import ValidationReport
 
@@ -13,11 +20,6 @@ __all__ = ["ALLOWED_DTYPES", "check_tensors"]
 ALLOWED_DTYPES = frozenset({"F32", "F16", "BF16"})
 """Tensor dtypes an adapter may use."""
 
-_LORA_NAME = re.compile(
-    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+?)"
-    r"\.lora_([AB])(?:\.\w+)?\.weight$"
-)
-
 
 def check_tensors(
     header: SafetensorsHeader,
@@ -25,13 +27,19 @@ def check_tensors(
     base: BaseModelSpec | None,
     caps: Capabilities | None,
 ) -> None:
-    """Check the header's tensors against the config's rank, the base model and the backend.
+    """Check the header's tensors against the config, the base model and the backend.
 
-    Every tensor must be ``...layers.N.(self_attn|mlp).MODULE.lora_(A|B)[.x].weight``
-    with ``MODULE`` a LoRA-able linear of ``base`` and ``N`` one of its layers,
-    A ``[r, in]`` and B ``[out, r]``, in pairs, of an :data:`ALLOWED_DTYPES`
-    dtype. Without ``base`` the module, layer and shape checks are skipped
-    (a note says so).
+    Which module each tensor goes to is decided by
+    :func:`lorapool.formats.map_lora_tensors`, as PEFT decides it when it loads
+    the adapter (the engine's loader uses the same function): every tensor
+    must be ``base_model.model.model.layers.N.<parent>.MODULE.lora_(A|B)[.default].weight``
+    for a linear the config targets (``unknown_module``, ``untargeted_tensors``,
+    ``ambiguous_tensor_names``), ``MODULE`` a LoRA-able linear of ``base``
+    under its own parent and ``N`` one of its layers, A ``[r, in]`` and B
+    ``[out, r]``, in pairs, of an :data:`ALLOWED_DTYPES` dtype. When nothing
+    else is wrong, every linear the config targets must have its pair
+    (``missing_tensors``). Without ``base`` the module, layer, shape and
+    missing-module checks are skipped (a note says so).
     """
     cfg = report.config
     r = cfg.r if cfg is not None else None
@@ -44,20 +52,18 @@ def check_tensors(
     if not header.tensors:
         report.add("not_peft", f"{WEIGHTS_FILE} holds no tensors")
         return
+    targets = report.targets or (LoraTargets.from_config(cfg) if cfg is not None else None)
+    parents = base.module_parents if base is not None else None
+    # Without a config there are no targets to check: every well-named tensor is mapped.
+    mapping = map_lora_tensors(header.tensors, targets or LoraTargets(None), parents)
+    first = len(report.problems)
+    for error in mapping.problems:
+        report.add_error(error)
     seen: dict[tuple[int, str], set[str]] = {}
-    bad_dtypes: set[str] = set()
-    for name, info in header.tensors.items():
-        if info.dtype not in ALLOWED_DTYPES:
-            bad_dtypes.add(info.dtype)
-        m = _LORA_NAME.match(name)
-        if m is None:
-            report.add(
-                "unknown_module",
-                f"tensor {name[:200]!r} is not a lora_A/lora_B weight of a decoder layer's "
-                "self_attn or mlp linear",
-            )
-            continue
-        layer, module, side = int(m.group(1)), m.group(3), m.group(4)
+    bad_dtypes = {info.dtype for info in header.tensors.values()} - ALLOWED_DTYPES
+    for name, site in mapping.sites.items():
+        info = header.tensors[name]
+        layer, module, side = site.layer, site.module, site.side
         seen.setdefault((layer, module), set()).add(side)
         if len(info.shape) != 2:
             report.add("shape_mismatch", f"tensor {name!r} has shape {info.shape}; LoRA is 2-D")
@@ -69,13 +75,6 @@ def check_tensors(
                 f"tensor {name!r} has rank {rank_dim} but adapter_config.json says r={r}",
             )
         if base is None:
-            continue
-        if module not in base.module_shapes:
-            report.add(
-                "unknown_module",
-                f"tensor {name!r} targets {module!r}, not a LoRA-able linear of "
-                f"{base.name}; it has {sorted(base.module_shapes)}",
-            )
             continue
         if layer >= base.num_layers:
             report.add(
@@ -115,3 +114,26 @@ def check_tensors(
             )
     if base is None:
         report.notes.append("no base model given: module, layer and shape checks skipped")
+    elif targets is not None and len(report.problems) == first:
+        _check_missing(report, seen, targets, base)
+
+
+def _check_missing(
+    report: ValidationReport,
+    seen: dict[tuple[int, str], set[str]],
+    targets: LoraTargets,
+    base: BaseModelSpec,
+) -> None:
+    """Every linear PEFT wraps has its tensors (checked once the tensors are otherwise sound,
+    so an adapter for another base is reported as that, not as thousands of gaps)."""
+    parents = base.module_parents or LLAMA_PARENTS
+    gaps = missing_sites(seen, targets, parents, base.num_layers)
+    if gaps:
+        layer, module = gaps[0]
+        report.add(
+            "missing_tensors",
+            f"{len(gaps)} module(s) the config targets have no LoRA tensors (first: layer "
+            f"{layer} {module}); PEFT would serve them with their initial, possibly random, "
+            "weights. Save the adapter with save_pretrained, or narrow target_modules "
+            "(or layers_to_transform) to what was trained",
+        )

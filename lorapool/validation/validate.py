@@ -16,10 +16,10 @@ from ..formats import (
     WEIGHTS_FILE,
     BaseModelSpec,
     ValidationLimits,
-    config_problems,
+    check_adapter_config,
     extract_archive,
     is_archive,
-    read_capped,
+    read_config_file,
     read_safetensors_header_file,
 )
 from ..types import Capabilities
@@ -116,12 +116,14 @@ def _validate_dir(
             "too_large", f"the adapter has {size} bytes, above the cap of {limits.max_total_bytes}"
         )
         return
-    raw_config = read_capped(config_path, limits.max_config_bytes)
-    if raw_config is None:
-        report.add("too_large", f"{CONFIG_FILE} is above {limits.max_config_bytes} bytes")
+    try:
+        raw_config = read_config_file(config_path, limits.max_config_bytes)
+    except AdapterValidationError as exc:
+        report.add_error(exc)
     else:
-        report.config, problems = config_problems(raw_config)
-        for error in problems:
+        check = check_adapter_config(raw_config)
+        report.config, report.targets = check.config, check.targets
+        for error in check.problems:
             report.add_error(error)
     try:
         header = read_safetensors_header_file(weights_path, limits)

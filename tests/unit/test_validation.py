@@ -434,6 +434,55 @@ CORPUS: dict[str, tuple[Case, set[str], dict[str, Any]]] = {
     "truncated-data": (_weights_bytes(lambda b: b[:-10]), {"truncated"}, {}),
     "truncated-header": (_weights_bytes(lambda b: b[:20]), {"truncated"}, {}),
     "empty-weights": (_weights_bytes(lambda b: b""), {"truncated"}, {}),
+    # PEFT parity: what PEFT would not load as named is refused, never served differently
+    "untargeted": (
+        _tensors(
+            lambda t: t.update(
+                {
+                    f"{PREFIX}.0.mlp.gate_proj.lora_A.weight": np.zeros((RANK, 8), "float32"),
+                    f"{PREFIX}.0.mlp.gate_proj.lora_B.weight": np.zeros((16, RANK), "float32"),
+                }
+            )
+        ),
+        {"untargeted_tensors"},
+        {},
+    ),
+    "excluded": (_cfg(exclude_modules=["v_proj"]), {"untargeted_tensors"}, {}),
+    "outside-layers-to-transform": (_cfg(layers_to_transform=[0]), {"untargeted_tensors"}, {}),
+    "ambiguous-names": (
+        _tensors(_set(QA0.replace(".lora_A.", ".lora_A.default."), np.zeros((RANK, 8), "f4"))),
+        {"ambiguous_tensor_names"},
+        {},
+    ),
+    "missing-module": (
+        _tensors(lambda t: [t.pop(f"{PREFIX}.1.self_attn.v_proj.lora_{s}.weight") for s in "AB"]),
+        {"missing_tensors"},
+        {},
+    ),
+    "all-linear-but-attention-only": (
+        _cfg(target_modules="all-linear"),
+        {"missing_tensors"},
+        {},
+    ),
+    "no-peft-prefix": (
+        _tensors(
+            lambda t: t.update({k.removeprefix("base_model.model."): t.pop(k) for k in [QA0, QB0]})
+        ),
+        {"unknown_module"},
+        {},
+    ),
+    "other-adapter-name": (
+        _tensors(_rename(QA0, QA0.replace(".lora_A.", ".lora_A.other."))),
+        {"unknown_module", "unpaired_lora"},
+        {},
+    ),
+    "wrong-parent": (
+        _tensors(lambda t: t.update({k.replace("self_attn", "mlp"): t.pop(k) for k in [QA0, QB0]})),
+        {"unknown_module"},
+        {},
+    ),
+    "target-regex": (_cfg(target_modules=r".*\.q_proj"), {"bad_config"}, {}),
+    "pissa-init": (_cfg(init_lora_weights="pissa"), {"unsupported_option"}, {}),
     # combinations: every problem is reported, not just the first
     "dora-and-nan-and-unpaired": (
         _tensors(lambda t: (t.pop(QB0), t.update({QA0: NAN})), use_dora=True),
@@ -493,6 +542,32 @@ def test_good_adapter_accepted(tmp_path: Path, base: BaseModelSpec) -> None:
     assert report.config is not None and report.config.r == RANK
     assert len(report.tensors) == 8 and len(report.norms) == 8
     assert report.norm is not None and 0 < report.norm < 10
+
+
+@pytest.mark.parametrize(
+    ("config", "modules", "layers"),
+    [
+        ({"target_modules": "all-linear"}, tuple(SHAPES), 2),
+        ({"layers_to_transform": [1], "layers_pattern": "layers"}, ("q_proj", "v_proj"), 1),
+        ({"exclude_modules": ["model.layers.0.self_attn.v_proj"]}, ("q_proj",), 2),
+        ({"init_lora_weights": "gaussian"}, ("q_proj", "v_proj"), 2),
+    ],
+)
+def test_peft_target_options_accepted(
+    tmp_path: Path,
+    base: BaseModelSpec,
+    config: dict[str, object],
+    modules: tuple[str, ...],
+    layers: int,
+) -> None:
+    """An adapter holding exactly the modules PEFT wraps under these options is accepted."""
+    tensors = lora_tensors(modules=modules, layers=2)
+    if layers == 1:
+        tensors = {k: v for k, v in tensors.items() if ".layers.1." in k}
+    if "exclude_modules" in config:
+        tensors.update({k: v for k, v in lora_tensors(("v_proj",)).items() if ".layers.1." in k})
+    report = validate_adapter(write_adapter(tmp_path / "a", config, tensors), base=base)
+    assert report.ok, [str(p) for p in report.problems]
 
 
 def test_good_bf16_and_f16_adapter_accepted(tmp_path: Path, base: BaseModelSpec) -> None:
