@@ -15,7 +15,8 @@
 4. whatever way it ends (its last chunk, an error, a caller that stops reading, a
    cancelled task): closes the backend's stream, releases the store's reference and
    the scheduler's place, and bills the tenant once for what was produced
-   (:class:`Ledger`, :class:`TenantUsage`).
+   (:class:`Ledger`, :class:`TenantUsage`), writing one line of the audit of usage
+   (:class:`UsageRecord`, logger ``lorapool.usage``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
 
 from lorapool.abc import Backend
 from lorapool.errors import ColdStartRejected, DeadlineExceeded, Overloaded, RateLimited
@@ -43,11 +45,14 @@ from lorapool.types import (
 )
 
 __all__ = [
+    "AUDIT_LOGGER",
     "Ledger",
     "Lifecycle",
+    "Outcome",
     "PoolStats",
     "Relay",
     "TenantUsage",
+    "UsageRecord",
     "estimate_tokens",
 ]
 
@@ -55,41 +60,113 @@ log = logging.getLogger(__name__)
 
 # -- usage -------------------------------------------------------------------------------
 
+Outcome = Literal[
+    "finished",
+    "handed_off",
+    "cancelled",
+    "preempted-then-cancelled",
+    "error",
+    "refused",
+    "expired",
+]
+"""How a request ended, as its :class:`UsageRecord` says.
 
-@dataclass
-class PoolStats:
-    """Totals since the pool started."""
+``finished``: the engine's last chunk came. ``handed_off``: a hand-off stopped it on its
+last token (it has all its output; the engine's count never came). ``cancelled``: the
+caller left (stopped reading, closed the stream, its task was cancelled), in the queue or
+while streaming; ``preempted-then-cancelled``: the same, after the scheduler had paused
+it at least once. ``error``: an error ended it (the backend's, the store's).
+``refused``: rate limits, queue caps, shedding or the cold-start policy refused it;
+``expired``: its deadline passed in the queue. The last two never reached the engine.
+"""
 
-    requests: int = 0
-    completed: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+AUDIT_LOGGER = "lorapool.usage"
+"""The logger of the audit of usage: one record per request, see :class:`UsageRecord`."""
+
+_audit = logging.getLogger(AUDIT_LOGGER)
 
 
-@dataclass
-class TenantUsage:
-    """One tenant's totals: what it asked for, what it got, what it was refused.
+@dataclass(frozen=True)
+class UsageRecord:
+    """What one request was billed, and how it ended: one line of the audit of usage.
 
-    ``refused``: rate-limited, shed or cold-start-rejected requests; ``expired``:
-    requests whose deadline passed in the queue; ``fallbacks``: requests served
-    by the base model while their adapter loaded; ``queue_seconds``: total time
-    requests waited for dispatch. ``completion_tokens`` counts every token a
-    request produced, however it ended: the engine's count for a completed
-    request, the tokens streamed to the caller for one that failed or that the
-    caller left. ``prompt_tokens`` are the engine's count, which comes with the
-    last chunk: a request that ends before it adds none.
+    The :class:`Ledger` adds it to the totals and logs it on the logger
+    ``lorapool.usage`` (:data:`AUDIT_LOGGER`, level INFO), its fields as the log
+    record's attributes. ``adapter``: the adapter that served it (``None``: the base
+    model, also when ``fallback`` served it while its adapter loaded). ``handoffs``:
+    times it was stopped for another adapter's slot and resumed; ``preemptions``: times
+    the scheduler paused it for another request.
     """
+
+    request_id: str
+    tenant: str
+    adapter: str | None
+    outcome: Outcome
+    prompt_tokens: int
+    completion_tokens: int
+    handoffs: int = 0
+    preemptions: int = 0
+    fallback: bool = False
+
+
+@dataclass
+class _Totals:
+    """Counts of requests by how they ended, and the tokens billed."""
 
     requests: int = 0
     completed: int = 0
     failed: int = 0
     refused: int = 0
     expired: int = 0
-    fallbacks: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+    def add(self, record: UsageRecord) -> None:
+        """Count an ended request and its tokens."""
+        self.prompt_tokens += record.prompt_tokens
+        self.completion_tokens += record.completion_tokens
+        match record.outcome:
+            case "finished" | "handed_off":
+                self.completed += 1
+            case "refused":
+                self.refused += 1
+            case "expired":
+                self.expired += 1
+            case _:
+                self.failed += 1
+
+
+@dataclass
+class TenantUsage(_Totals):
+    """One tenant's totals: what it asked for, what it got, what it was refused.
+
+    Every request ends in one of ``completed`` (its whole output: ``finished`` or
+    ``handed_off``), ``failed`` (``cancelled``, ``preempted-then-cancelled``,
+    ``error``), ``refused`` (rate-limited, shed or cold-start-rejected) and ``expired``
+    (its deadline passed in the queue); ``requests`` also counts those still running.
+    ``fallbacks``: requests served by the base model while their adapter loaded;
+    ``queue_seconds``: total time requests waited for dispatch.
+
+    ``prompt_tokens`` and ``completion_tokens`` are billed however a request ends
+    (see :class:`Ledger`): every token the engine produced for it, and its prompt
+    once the engine has worked on it.
+    """
+
+    fallbacks: int = 0
     queue_seconds: float = 0.0
+
+
+@dataclass
+class PoolStats(_Totals):
+    """Totals since the pool started, over all tenants (:meth:`by_tenant`: each one's)."""
+
+    _accounts: dict[str, TenantUsage] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def by_tenant(self) -> dict[str, TenantUsage]:
+        """A copy of every tenant's totals, by tenant (safe to call from another thread)."""
+        return {t: dataclasses.replace(u) for t, u in list(self._accounts.items())}
 
 
 def estimate_tokens(prompt: str | Sequence[Message]) -> int:
@@ -100,11 +177,25 @@ def estimate_tokens(prompt: str | Sequence[Message]) -> int:
 
 
 class Ledger:
-    """The pool's :class:`PoolStats` and a :class:`TenantUsage` per tenant."""
+    """The pool's :class:`PoolStats` and a :class:`TenantUsage` per tenant: the bill.
+
+    The single source of truth for usage: ``pool.usage(tenant)``, the server's
+    ``lorapool_tokens_total`` and the audit log (:data:`AUDIT_LOGGER`) all come from
+    it. :class:`Lifecycle` opens an account entry when a request arrives and closes it
+    once, with a :class:`UsageRecord`, whatever way the request ends:
+
+    * the engine's count when its last chunk came (``finished``);
+    * otherwise, once the engine produced a first chunk for it (its prompt was
+      prefilled), its prompt tokens as the backend's tokenizer counts them (the ids
+      the engine prefilled; the estimate charged to the scheduler where the backend
+      has no tokenizer) and every token streamed from the engine, over all legs;
+    * nothing for a request that ended before its first chunk: refused, expired,
+      cancelled in the queue, failed before the engine produced anything.
+    """
 
     def __init__(self) -> None:
         self.stats = PoolStats()
-        self._tenants: dict[str, TenantUsage] = {}
+        self._tenants = self.stats._accounts
 
     def open(self, tenant: str) -> TenantUsage:
         """Count a new request of ``tenant``; returns the tenant's account to charge."""
@@ -113,25 +204,20 @@ class Ledger:
         self.stats.requests += 1
         return account
 
-    def close(
-        self, account: TenantUsage, usage: Usage | None, *, streamed: int, failed: bool
-    ) -> None:
-        """Bill a request that ended, once.
-
-        With the engine's ``usage`` (its last chunk came) the request completed and
-        is billed that; without it the request is billed the ``streamed`` tokens it
-        produced, and counts as failed if it ended with an error, a cancellation or
-        a caller that stopped reading.
-        """
-        for totals in (self.stats, account):
-            if usage is not None:
-                totals.completed += 1
-                totals.prompt_tokens += usage.prompt_tokens
-                totals.completion_tokens += usage.completion_tokens
-            else:
-                totals.completion_tokens += streamed
-                if failed:
-                    totals.failed += 1
+    def close(self, account: TenantUsage, record: UsageRecord) -> None:
+        """Bill a request that ended, once, and write its line of the audit."""
+        self.stats.add(record)
+        account.add(record)
+        _audit.info(
+            "request %s tenant=%s adapter=%s outcome=%s prompt_tokens=%d completion_tokens=%d",
+            record.request_id,
+            record.tenant,
+            record.adapter,
+            record.outcome,
+            record.prompt_tokens,
+            record.completion_tokens,
+            extra=dataclasses.asdict(record),
+        )
 
     def usage(self, tenant: str) -> TenantUsage:
         """A copy of the tenant's totals (zeros for a tenant never seen)."""
@@ -215,6 +301,13 @@ class Relay:
 # -- the lifecycle -----------------------------------------------------------------------
 
 
+@runtime_checkable
+class _Tokenizes(Protocol):
+    """A backend that tokenizes prompts as its engine does (``BaseBackend.encode``)."""
+
+    def encode(self, prompt: Prompt) -> list[int]: ...
+
+
 @dataclass
 class _Output:
     """What one request has produced so far, over all its legs."""
@@ -223,7 +316,16 @@ class _Output:
     streamed: list[int] = field(default_factory=list)  # token ids the caller received
     usage: Usage | None = None  # the engine's count, with the last chunk
     finish: FinishReason | None = None
-    legs: int = 1
+    started: bool = False  # the engine produced a chunk: it has prefilled the prompt
+    tickets: list[Ticket] = field(default_factory=list)  # one per leg dispatched or queued
+
+    @property
+    def legs(self) -> int:
+        return len(self.tickets)
+
+    @property
+    def pauses(self) -> int:
+        return sum(t.pauses for t in self.tickets)
 
 
 class Lifecycle:
@@ -243,6 +345,7 @@ class Lifecycle:
         self.ledger = ledger
         self._handoffs = False
         self._relays: dict[str, Relay] = {}  # streams a hand-off can stop, by request id
+        self._encode = backend.encode if isinstance(backend, _Tokenizes) else None
 
     def bind_handoff(self) -> None:
         """Give the scheduler :meth:`hand_off`; requests for adapters then run through a relay."""
@@ -272,24 +375,28 @@ class Lifecycle:
 
         ``deadline``: seconds the request may wait for dispatch. Raises what the
         cold-start policy, the scheduler, the store or the backend raise; the
-        request's ticket, reference and bill are settled before it propagates.
+        request's ticket, reference and bill are settled before it propagates, and
+        the ledger writes its line of the audit (:class:`UsageRecord`).
         """
         account = self.ledger.open(tenant)
-        info = self._cold_start(info, tenant, account)
-        ticket = Ticket(
-            request_id,
-            tenant,
-            None if info is None else info.adapter_id,
-            prompt_tokens=estimate_tokens(prompt),
-            max_tokens=params.max_tokens,
-            timeout=deadline,
-        )
-        await self._admit(ticket, account)
-        out = _Output(estimate=ticket.prompt_tokens)
-        failed = False
+        out = _Output(estimate=estimate_tokens(prompt))
+        served = info
+        ticket: Ticket | None = None  # the leg's ticket, once dispatched
+        outcome: Outcome = "finished"
         try:
+            served = self._cold_start(info, tenant, account)
+            pending = Ticket(
+                request_id,
+                tenant,
+                None if served is None else served.adapter_id,
+                prompt_tokens=out.estimate,
+                max_tokens=params.max_tokens,
+                timeout=deadline,
+            )
+            await self._admit(pending, account, out)
+            ticket = pending
             while True:
-                slot = await self.store.acquire(info) if info is not None else None
+                slot = await self.store.acquire(served) if served is not None else None
                 try:
                     stream = self._open(ticket, prompt, params, slot, out)
                     try:
@@ -299,29 +406,63 @@ class Lifecycle:
                     finally:
                         await self._close(request_id, stream)
                 finally:
-                    if info is not None:
-                        self.store.release(info.adapter_id)
+                    if served is not None:
+                        self.store.release(served.adapter_id)
                 if not self._goes_on(stream, params, out):
                     break
                 ticket = await self._requeue(ticket, params, out)
-        except BaseException:
-            failed = True
+            if out.usage is None and self._handed_off(stream):
+                outcome = "handed_off"  # stopped on its last token
+        except BaseException as exc:
+            outcome = _outcome(exc, dispatched=ticket is not None, paused=out.pauses > 0)
             raise
         finally:
-            if info is not None:
-                self.store.request_done(info)
-            self.scheduler.release(ticket)
-            self.ledger.close(account, out.usage, streamed=len(out.streamed), failed=failed)
-            log.debug(
-                "request %s tenant=%s adapter=%s finish=%s usage=%s streamed=%d legs=%d",
-                request_id,
-                tenant,
-                ticket.adapter_id,
-                out.finish,
-                out.usage,
-                len(out.streamed),
-                out.legs,
+            if ticket is not None:
+                if served is not None:
+                    self.store.request_done(served)
+                self.scheduler.release(ticket)
+            self.ledger.close(
+                account, self._record(request_id, tenant, info, served, out, prompt, outcome)
             )
+
+    def _record(
+        self,
+        request_id: str,
+        tenant: str,
+        info: AdapterInfo | None,
+        served: AdapterInfo | None,
+        out: _Output,
+        prompt: Prompt,
+        outcome: Outcome,
+    ) -> UsageRecord:
+        """The request's bill: see :class:`Ledger` for what each way of ending is billed."""
+        if out.usage is not None:
+            prompt_tokens, completion_tokens = out.usage.prompt_tokens, out.usage.completion_tokens
+        elif out.started:
+            prompt_tokens, completion_tokens = self._prompt_tokens(prompt, out), len(out.streamed)
+        else:
+            prompt_tokens = completion_tokens = 0
+        return UsageRecord(
+            request_id,
+            tenant,
+            None if served is None else served.adapter_id,
+            outcome,
+            prompt_tokens,
+            completion_tokens,
+            handoffs=max(out.legs - 1, 0),
+            preemptions=out.pauses,
+            fallback=info is not None and served is None,
+        )
+
+    def _prompt_tokens(self, prompt: Prompt, out: _Output) -> int:
+        """The prompt's tokens for a request whose engine count never came: the backend's
+        tokenizer's (the ids its engine prefilled), else the estimate the scheduler was charged."""
+        if self._encode is not None:
+            try:
+                return len(self._encode(prompt))
+            except Exception as exc:  # no tokenizer (a remote server, a test double)
+                log.debug("prompt tokens estimated: the backend cannot count them (%s)", exc)
+        return out.estimate
 
     def _cold_start(
         self, info: AdapterInfo | None, tenant: str, account: TenantUsage
@@ -336,7 +477,6 @@ class Lifecycle:
             return info
         self.store.load_for(info)
         if policy == "reject":
-            account.refused += 1
             raise ColdStartRejected(
                 f"adapter {info.adapter_id!r} is not loaded (tenant {tenant!r} rejects "
                 "cold starts); it is being loaded now",
@@ -345,18 +485,12 @@ class Lifecycle:
         account.fallbacks += 1
         return None
 
-    async def _admit(self, ticket: Ticket, account: TenantUsage) -> None:
-        """Wait for the scheduler to dispatch the ticket; count refusals and queue time."""
+    async def _admit(self, ticket: Ticket, account: TenantUsage, out: _Output) -> None:
+        """Wait for the scheduler to dispatch the ticket; count its queue time."""
         loop = asyncio.get_running_loop()
         queued_at = loop.time()
-        try:
-            await self.scheduler.acquire(ticket)
-        except (RateLimited, Overloaded):
-            account.refused += 1
-            raise
-        except DeadlineExceeded:
-            account.expired += 1
-            raise
+        out.tickets.append(ticket)
+        await self.scheduler.acquire(ticket)
         account.queue_seconds += loop.time() - queued_at
 
     def _open(
@@ -380,6 +514,7 @@ class Lifecycle:
 
     def _charge(self, ticket: Ticket, chunk: Chunk, out: _Output) -> None:
         """Record a chunk and charge the tenant's service: its tokens, the prompt's count."""
+        out.started = True
         if chunk.token_ids:
             ticket.output_tokens += len(chunk.token_ids)
             out.streamed.extend(chunk.token_ids)
@@ -398,16 +533,21 @@ class Lifecycle:
             await _close_stream(stream)
 
     @staticmethod
-    def _goes_on(stream: AsyncIterator[Chunk], params: SamplingParams, out: _Output) -> bool:
+    def _handed_off(stream: AsyncIterator[Chunk]) -> bool:
+        """Whether the leg that ended was stopped by a hand-off."""
+        return isinstance(stream, Relay) and stream.handed_off
+
+    @classmethod
+    def _goes_on(cls, stream: AsyncIterator[Chunk], params: SamplingParams, out: _Output) -> bool:
         """Whether the leg that ended was handed off with output still to produce."""
-        handed_off = isinstance(stream, Relay) and stream.handed_off
         # A leg stopped on its last token is done.
-        return handed_off and out.usage is None and len(out.streamed) < params.max_tokens
+        return (
+            cls._handed_off(stream) and out.usage is None and len(out.streamed) < params.max_tokens
+        )
 
     async def _requeue(self, ticket: Ticket, params: SamplingParams, out: _Output) -> Ticket:
         """Give a handed-off request's place back and wait for a new one (resumed)."""
         self.scheduler.release(ticket)
-        out.legs += 1
         ticket = Ticket(
             ticket.request_id,
             ticket.tenant,
@@ -415,5 +555,17 @@ class Lifecycle:
             max_tokens=params.max_tokens - len(out.streamed),
             resumed=True,
         )
+        out.tickets.append(ticket)
         await self.scheduler.acquire(ticket)
         return ticket
+
+
+def _outcome(exc: BaseException, *, dispatched: bool, paused: bool) -> Outcome:
+    """How a request that ``exc`` ended ended (:data:`Outcome`)."""
+    if isinstance(exc, GeneratorExit | asyncio.CancelledError):  # the caller left
+        return "preempted-then-cancelled" if paused else "cancelled"
+    if not dispatched and isinstance(exc, RateLimited | Overloaded | ColdStartRejected):
+        return "refused"
+    if not dispatched and isinstance(exc, DeadlineExceeded):
+        return "expired"
+    return "error"

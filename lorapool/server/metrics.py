@@ -1,8 +1,10 @@
 """Prometheus metrics for a served pool (``lorapool_*``).
 
-Per-request families (TTFT, latency, requests, tokens) are observed by the
-server as requests finish; pool state (loads, evictions, resident adapters,
-queue depth) is read from the pool at scrape time by a collector, so the
+Per-request families (TTFT, latency, requests) are observed by the server as
+requests finish; pool state (loads, evictions, resident adapters, queue depth)
+and the tokens billed to each tenant (``lorapool_tokens_total``, from the pool's
+ledger: the same numbers as ``pool.usage(tenant)`` and the audit of usage, on
+every exit path) are read from the pool at scrape time by a collector, so the
 pool itself never depends on prometheus-client.
 """
 
@@ -24,13 +26,22 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+_TOKENS = "lorapool_tokens"
+_TOKENS_HELP = "Tokens billed by tenant and direction (in: prompt, out: completion)"
+
+
 class _PoolCollector(Collector):
-    """Reads the store's and scheduler's counters when Prometheus scrapes."""
+    """Reads the ledger's, store's and scheduler's counters when Prometheus scrapes."""
 
     def __init__(self, pool: AdapterPool) -> None:
         self.pool = pool
 
     def collect(self) -> Iterator[Metric]:
+        tokens = CounterMetricFamily(_TOKENS, _TOKENS_HELP, labels=["tenant", "direction"])
+        for tenant, usage in sorted(self.pool.stats.by_tenant().items()):
+            tokens.add_metric([tenant, "in"], usage.prompt_tokens)
+            tokens.add_metric([tenant, "out"], usage.completion_tokens)
+        yield tokens
         store, stats = self.pool.store, self.pool.store.stats
         loads = CounterMetricFamily(
             "lorapool_adapter_loads", "Adapter loads into a tier", labels=["tier"]
@@ -95,7 +106,14 @@ class _PoolCollector(Collector):
 
 
 class ServerMetrics:
-    """The metric families of one server, in their own registry."""
+    """The metric families of one server, in their own registry.
+
+    With an in-process ``pool``, ``lorapool_tokens_total`` is the pool's ledger, read
+    at scrape time; :attr:`tokens` is then a counter outside the registry (what is
+    added to it is not exported), kept only for code that still adds to it.
+    Without one (pools on Ray Serve replicas, which hold their own ledgers),
+    :attr:`tokens` is the exported counter, counting what the server adds.
+    """
 
     def __init__(self, pool: AdapterPool | None) -> None:
         self.registry = CollectorRegistry()
@@ -108,10 +126,10 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.tokens = Counter(
-            "lorapool_tokens",
-            "Tokens by tenant and direction (in: prompt, out: completion)",
+            _TOKENS,
+            _TOKENS_HELP,
             ["tenant", "direction"],
-            registry=self.registry,
+            registry=self.registry if pool is None else None,
         )
         self.ttft = Histogram(
             "lorapool_ttft_seconds",

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,10 +17,10 @@ import pytest
 
 from lorapool import AdapterPool, FairScheduler, FCFSScheduler, SamplingParams, TierPolicy
 from lorapool.errors import BackendError, ColdStartRejected
-from lorapool.request import Ledger, Lifecycle
+from lorapool.request import Ledger, Lifecycle, estimate_tokens
 from lorapool.scheduler import HandoffConfig, PlacesConfig, TenantConfig
 from lorapool.testing import MockBackend
-from lorapool.types import AdapterInfo, Chunk, GenerationRequest
+from lorapool.types import AdapterInfo, Chunk, GenerationRequest, Prompt
 
 from .test_store import make_adapters
 
@@ -107,7 +108,7 @@ async def rig(
     for name, path in make_adapters(tmp_path, n_adapters).items():
         await pool.register(name, str(path), tenant="t", shared=True)
         if warm:
-            await pool.prefetch(name, wait=True)
+            await pool.prefetch(name, tenant="t", wait=True)
     ledger = Ledger()
     life = Lifecycle(pool.backend, pool.store, pool.scheduler, ledger)
     if backend.resume:
@@ -139,7 +140,8 @@ async def test_a_caller_that_stops_reading_is_billed_what_it_received(tmp_path: 
     usage = r.ledger.usage("t")
     assert (usage.completed, usage.failed) == (0, 1)
     assert usage.completion_tokens == sum(len(c.token_ids) for c in received) == 3
-    assert usage.prompt_tokens == 0  # the engine never reported its count
+    # The engine's count never came and MockBackend cannot tokenize: the scheduler's estimate.
+    assert usage.prompt_tokens == estimate_tokens(PROMPT)
     r.assert_released()
     await r.pool.aclose()
 
@@ -342,3 +344,65 @@ async def test_leaving_pool_generate_early_ends_the_request_at_once(tmp_path: Pa
     assert (usage.failed, usage.completion_tokens) == (1, len(first.token_ids))
     assert pool.stats.failed == 1
     await pool.aclose()
+
+
+# -- the bill on every exit path ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Tokenizes(MockBackend):
+    """MockBackend with a tokenizer that counts as its engine does (a token a character)."""
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        assert isinstance(prompt, str)
+        return [ord(c) for c in prompt]
+
+
+async def test_a_caller_that_leaves_is_billed_its_prompt_as_the_engine_counts_it(
+    tmp_path: Path,
+) -> None:
+    """The same prompt costs the same whether its request finished or its caller left."""
+    r = await rig(tmp_path, Tokenizes(numbered))
+    [c async for c in r.run(2, tenant="done")]
+    stream = r.run(10, tenant="left")
+    await stream.__anext__()
+    await stream.aclose()  # type: ignore[attr-defined]
+    done, left = r.ledger.usage("done"), r.ledger.usage("left")
+    assert done.prompt_tokens == left.prompt_tokens == len(PROMPT)
+    assert (left.completion_tokens, left.failed) == (1, 1)
+    await r.pool.aclose()
+
+
+async def test_every_request_writes_one_line_of_the_audit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finished, left, failed, refused: one line each on lorapool.usage, and the ledger's
+    totals are their sums; a request that never reached the engine is billed nothing."""
+    r = await rig(tmp_path, FailsMidStream(numbered, fail_after=2), _tiers("reject"), warm=False)
+    caplog.set_level(logging.INFO, logger="lorapool.usage")
+    with pytest.raises(ColdStartRejected):
+        await anext(aiter(r.run(3)))
+    await _until_on_device(r, ADAPTER)
+    [c async for c in r.run(2)]
+    with pytest.raises(BackendError):
+        [c async for c in r.run(5)]
+    stream = r.run(5, adapter=None)
+    await stream.__anext__()
+    await stream.aclose()  # type: ignore[attr-defined]
+    lines = [vars(rec) for rec in caplog.records if rec.name == "lorapool.usage"]
+    got = [(x["outcome"], x["adapter"], x["prompt_tokens"], x["completion_tokens"]) for x in lines]
+    estimate = estimate_tokens(PROMPT)
+    assert got == [
+        ("refused", ADAPTER, 0, 0),
+        ("finished", ADAPTER, len(PROMPT), 2),
+        ("error", ADAPTER, estimate, 2),
+        ("cancelled", None, estimate, 1),
+    ]
+    assert {x["tenant"] for x in lines} == {"t"} and len({x["request_id"] for x in lines}) == 4
+    usage = r.ledger.usage("t")
+    assert (usage.requests, usage.completed, usage.failed, usage.refused) == (4, 1, 2, 1)
+    assert usage.prompt_tokens == sum(x["prompt_tokens"] for x in lines)
+    assert usage.completion_tokens == sum(x["completion_tokens"] for x in lines) == 5
+    assert r.ledger.stats.by_tenant() == {"t": usage}
+    r.assert_released()
+    await r.pool.aclose()
