@@ -37,6 +37,7 @@ demo: setup
 
 test: setup setup-vllm contracts
 	$(VENV)/bin/pytest -q
+	$(PY) scripts/fuzz_server.py
 	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -m vllm $(VLLM_TESTS)
 
 test-vllm: setup setup-vllm

@@ -24,7 +24,18 @@ from lorapool.errors import BackendClosed, BackendNotStarted, InvalidRequest
 from lorapool.plugins import load_backend
 from lorapool.types import Capabilities, Chunk, GenerationRequest, LoadedAdapter, Message, Prompt
 
-__all__ = ["Backend", "BaseBackend", "build_backend", "chat_messages"]
+__all__ = [
+    "Backend",
+    "BaseBackend",
+    "build_backend",
+    "chat_messages",
+    "prompt_chars",
+    "refuse_long_prompt",
+]
+
+PROMPT_CHARS_MARGIN = 4
+"""How many times more characters than ``max_seq_len`` times the longest token a prompt
+may have before it is refused untokenized: room for normalisers that compose characters."""
 
 
 def build_backend(name: str, model: str | None = None, /, **options: Any) -> Backend:
@@ -72,6 +83,39 @@ def chat_messages(prompt: Sequence[Message]) -> list[dict[str, str]]:
     return messages
 
 
+def prompt_chars(prompt: Prompt) -> int:
+    """A prompt's text in characters: the string's, or its messages' contents together."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    total = 0
+    for m in prompt:
+        content = m.get("content") if isinstance(m, Mapping) else None
+        if isinstance(content, str):
+            total += len(content)
+    return total
+
+
+def refuse_long_prompt(chars: int, limit: int | None) -> None:
+    """Refuse a prompt of ``chars`` characters over ``limit`` (``None``: no bound).
+
+    Raises :class:`~lorapool.errors.InvalidRequest` saying the prompt is too long.
+    """
+    if limit is not None and chars > limit:
+        raise InvalidRequest(
+            f"the prompt is too long: {chars} characters, more than the {limit} that can "
+            "fit the model's context; shorten the prompt"
+        )
+
+
+def _refuse_lone_surrogate(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            f"{what} contains an unpaired surrogate; send valid UTF-8 text"
+        ) from None
+
+
 class BaseBackend(ABC):
     """The lifecycle, prompt encoding and optional-ability defaults every backend shares.
 
@@ -92,6 +136,7 @@ class BaseBackend(ABC):
         self._closed = False
         self._lifecycle = asyncio.Lock()
         self._tokenizer: Any = None
+        self._max_prompt_chars: int | None = None
 
     # -- construction from a config ----------------------------------------------------
 
@@ -183,18 +228,60 @@ class BaseBackend(ABC):
             raise InvalidRequest(f"{type(self).__name__} has no tokenizer to encode prompts")
         return self._tokenizer
 
+    @property
+    def max_prompt_chars(self) -> int | None:
+        """The longest prompt, in characters, that could fit the engine's context.
+
+        ``Capabilities.max_seq_len`` tokens, times the longest entry of the tokenizer's
+        vocabulary (no token covers more characters than it spells), times
+        :data:`PROMPT_CHARS_MARGIN`. :meth:`encode` refuses a longer prompt before
+        tokenizing it, so the work a prompt costs is bounded by the context, not by what
+        a client sent. ``None`` (no bound) without a tokenizer, a vocabulary or a context
+        length.
+        """
+        if self._max_prompt_chars is None:
+            caps, tok = self._caps, self._tokenizer
+            if caps is None or caps.max_seq_len is None or tok is None:
+                return None
+            try:
+                vocab = tok.get_vocab()
+            except (AttributeError, NotImplementedError, TypeError):
+                return None
+            longest = max((len(str(t)) for t in vocab), default=1)
+            self._max_prompt_chars = caps.max_seq_len * max(1, longest) * PROMPT_CHARS_MARGIN
+        return self._max_prompt_chars
+
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt; chat messages go through the model's chat template."""
+        """Token ids of a prompt; chat messages go through the model's chat template.
+
+        Refused with :class:`~lorapool.errors.InvalidRequest`, before the tokenizer sees
+        it: a prompt longer than :attr:`max_prompt_chars`, and text holding an unpaired
+        surrogate (not text; the tokenizer would fail on it). Runs the tokenizer on the
+        calling thread: from a coroutine use :meth:`aencode`.
+        """
         tok = self._prompt_tokenizer()
+        refuse_long_prompt(prompt_chars(prompt), self.max_prompt_chars)
         if isinstance(prompt, str):
+            _refuse_lone_surrogate(prompt, "the prompt")
             return [int(i) for i in tok.encode(prompt)]
         messages = chat_messages(prompt)
+        for i, m in enumerate(messages):
+            _refuse_lone_surrogate(m["role"], f"message {i}'s role")
+            _refuse_lone_surrogate(m["content"], f"message {i}'s content")
         if not getattr(tok, "chat_template", None):
             raise InvalidRequest("this model has no chat template; pass the prompt as a string")
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, Mapping) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]
+
+    async def aencode(self, prompt: Prompt) -> list[int]:
+        """:meth:`encode` on a worker thread: tokenizing never holds up the event loop.
+
+        The tokenizer's work is bounded first (:attr:`max_prompt_chars`); Hugging Face's
+        fast tokenizers release the GIL while they run, so other requests go on meanwhile.
+        """
+        return await asyncio.to_thread(self.encode, prompt)
 
     # -- the rest of the seam ------------------------------------------------------------
 

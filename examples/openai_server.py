@@ -21,13 +21,22 @@ from lorapool.server.config import load_config
 
 
 class JsonLines(logging.Formatter):
-    """One JSON object per log line, with the request fields the server attaches."""
+    """One JSON object per log line, with the request fields the server attaches.
+
+    A record with an exception (every 500: the server logs it with ``exc_info``) carries
+    its traceback as ``exc_info``, the stack of a ``stack_info`` record as ``stack_info``.
+    """
 
     _SKIP = set(logging.makeLogRecord({}).__dict__) | {"message"}
 
     def format(self, record: logging.LogRecord) -> str:
         fields = {k: v for k, v in record.__dict__.items() if k not in self._SKIP}
-        return json.dumps({"level": record.levelname, "event": record.getMessage(), **fields})
+        line = {"level": record.levelname, "event": record.getMessage(), **fields}
+        if record.exc_info:
+            line["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(line, default=repr)
 
 
 def main() -> None:

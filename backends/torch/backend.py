@@ -337,12 +337,14 @@ class TorchBackend(BaseBackend):
         engine = self._require_engine()
         if request.adapter_id is not None and request.slot is None:
             raise InvalidRequest(f"adapter {request.adapter_id!r} has no device slot")
+        # Tokenized on a worker thread (bounded by max_prompt_chars first): a long prompt
+        # never holds up the event loop, which serves every other request.
+        prompt_ids = await self.aencode(request.prompt)
         if request.slot is not None and engine.lora.occupant[request.slot] != request.adapter_id:
             raise BackendError(
                 f"slot {request.slot} holds {engine.lora.occupant[request.slot]!r}, "
                 f"not {request.adapter_id!r}"
             )
-        prompt_ids = self.encode(request.prompt)
         params = request.params
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")

@@ -7,16 +7,25 @@ SSE, usage in the last chunk when ``stream_options.include_usage``), ``GET
 to the caller's tenant), ``GET /health``, ``/ready`` and ``/metrics``.
 
 Errors use OpenAI's JSON: 401 no or bad key, 403 another tenant's adapter,
-404 unknown adapter, 400 bad body, 429 with ``Retry-After`` when rate
-limited, 503 with ``Retry-After`` when overloaded or a cold start is refused.
+404 unknown adapter, 400 bad body, 413 a body over ``max_body_bytes``, 429 with
+``Retry-After`` when rate limited, 503 with ``Retry-After`` when overloaded or a
+cold start is refused; every :class:`~lorapool.errors.LorapoolError` has a status
+of its own (``_STATUS``), and anything else is a JSON 500 whose traceback is logged.
 A client that disconnects cancels its request in the engine. One structured
 log line per request (tenant, adapter, tokens, TTFT, queue time, served_by),
 never the prompt unless ``log_prompts``.
+
+The work a request costs before it is refused is bounded: the body is read up to
+``max_body_bytes`` (a larger ``Content-Length`` is refused unread), a prompt longer
+than the context could hold is refused before it is tokenized (``max_prompt_chars``),
+and tokenizing happens off the event loop (the backend's ``aencode``), so ``/health``
+and everyone else's requests go on meanwhile. ``GET /openapi.json`` describes the API.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -30,19 +39,30 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from lorapool.backends.base import BaseBackend, refuse_long_prompt
 from lorapool.errors import (
     AccessDenied,
     AdapterExists,
+    AdapterInUse,
     AdapterNotFound,
     AdapterValidationError,
+    BackendClosed,
     BackendError,
+    BackendNotStarted,
     ColdStartRejected,
     DeadlineExceeded,
+    DiskFull,
+    ExtraNotInstalled,
     InvalidRequest,
     LoadError,
     LorapoolError,
     Overloaded,
+    PinLimitExceeded,
+    PluginNotFound,
+    PoolClosed,
     RateLimited,
+    RegistryUnavailable,
+    SourceError,
     SourceNotFound,
 )
 from lorapool.pool import AdapterPool
@@ -50,6 +70,7 @@ from lorapool.types import Chunk, Completion, Prompt, SamplingParams, Usage
 
 from .auth import Auth, Caller, Unauthorized
 from .metrics import CONTENT_TYPE, ServerMetrics
+from .openapi import openapi_document
 from .protocol import (
     ChatRequest,
     CompletionRequest,
@@ -65,40 +86,93 @@ from .protocol import (
 )
 from .served import LocalPool, Served
 
-__all__ = ["create_app"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
 log = logging.getLogger("lorapool.server")
 
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+"""``create_app``'s default request-body limit: 4 MiB, far above any prompt a context of
+128k tokens holds, far below what would stall the server to read and parse."""
+
 _RETRYABLE = (RateLimited, Overloaded, ColdStartRejected)
+_REGISTRY_MESSAGE = (
+    "the adapter registry could not record or read this change, so nothing was changed: "
+    "retry in a few seconds, and if it persists tell the server's operator (its log says why)"
+)
+_INTERNAL_MESSAGE = (
+    "internal error; nothing about your request caused it. Retry; if it persists, tell the "
+    "server's operator the time of the request (its log has the details)"
+)
+
+
+class _TooLarge(Exception):
+    """The request's body is over the server's limit (413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the request body is too large: this server accepts at most {limit} bytes; "
+            "send a shorter prompt"
+        )
+
+
 _STATUS: list[tuple[type[BaseException], int, str]] = [
+    (_TooLarge, 413, "request_too_large"),
     (RateLimited, 429, "rate_limit_exceeded"),
     (Overloaded, 503, "overloaded"),
     (ColdStartRejected, 503, "adapter_loading"),
     (AccessDenied, 403, "permission_denied"),
     (AdapterNotFound, 404, "model_not_found"),
     (AdapterExists, 409, "conflict"),
+    (AdapterInUse, 409, "adapter_in_use"),
     (AdapterValidationError, 400, "invalid_adapter"),
     (SourceNotFound, 404, "not_found"),
+    (SourceError, 502, "source_unavailable"),  # a permanent one: 400 (_describe)
+    (RegistryUnavailable, 503, "registry_unavailable"),
+    (PluginNotFound, 400, "invalid_request_error"),
+    (ExtraNotInstalled, 501, "not_implemented"),
     (InvalidRequest, 400, "invalid_request_error"),
     (DeadlineExceeded, 504, "timeout"),
+    (PinLimitExceeded, 409, "conflict"),
+    (DiskFull, 507, "insufficient_storage"),
     (LoadError, 503, "adapter_load_failed"),
+    (PoolClosed, 503, "unavailable"),
+    (BackendNotStarted, 503, "unavailable"),
+    (BackendClosed, 503, "unavailable"),
     (BackendError, 502, "backend_error"),
 ]
 
 
-def _error(exc: BaseException) -> Response:
-    """The HTTP response for a lorapool error (500 for anything unexpected)."""
+def _describe(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
+    """Status, OpenAI error type, message and headers for an error (500: unexpected)."""
     for kind, status, name in _STATUS:
-        if isinstance(exc, kind):
-            headers = {}
-            retry = exc.retry_after if isinstance(exc, _RETRYABLE) else None
-            if retry is not None:
-                headers["Retry-After"] = str(max(1, math.ceil(retry)))
-            if isinstance(exc, AdapterValidationError):
-                name = f"invalid_adapter:{exc.reason}"
-            return JSONResponse(error_body(str(exc), name, status), status, headers=headers)
-    log.exception("unexpected error", exc_info=exc)
-    return JSONResponse(error_body("internal error", "internal_error", 500), 500)
+        if not isinstance(exc, kind):
+            continue
+        headers = {}
+        message = str(exc)
+        retry = exc.retry_after if isinstance(exc, _RETRYABLE) else None
+        if isinstance(exc, AdapterValidationError):
+            name = f"invalid_adapter:{exc.reason}"
+        elif isinstance(exc, SourceError) and not exc.transient:
+            status, name = 400, "source_error"
+            message += "; the source refused it for good: check lora_path and its permissions"
+        elif isinstance(exc, SourceError):
+            message += "; the source failed for now: try again in a few seconds"
+        elif isinstance(exc, RegistryUnavailable):
+            log.error("registry unavailable: %s", exc)  # the cause is the operator's
+            message, retry = _REGISTRY_MESSAGE, 5.0
+        elif isinstance(exc, (PoolClosed, BackendNotStarted, BackendClosed)):
+            message, retry = "the server is not serving now; retry in a few seconds", 5.0
+        if retry is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(retry)))
+        return status, name, message, headers
+    log.error("unexpected error", exc_info=exc)
+    return 500, "internal_error", _INTERNAL_MESSAGE, {}
+
+
+def _error(exc: BaseException) -> Response:
+    """The HTTP response for an error: its status, OpenAI's JSON (500 for the unexpected)."""
+    status, name, message, headers = _describe(exc)
+    return JSONResponse(error_body(message, name, status), status, headers=headers)
 
 
 def _bad_body(exc: ValidationError | ValueError) -> Response:
@@ -111,6 +185,24 @@ def _bad_body(exc: ValidationError | ValueError) -> Response:
     return JSONResponse(error_body(message, "invalid_request_error", 400), 400)
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request's body, read up to ``limit`` bytes; :class:`_TooLarge` beyond.
+
+    A declared ``Content-Length`` over the limit is refused before anything is read; a
+    body without one (chunked) is counted as it arrives, and no more than ``limit + 1``
+    bytes of it are ever kept.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise _TooLarge(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk[: limit + 1 - len(body)]
+        if len(body) > limit:
+            raise _TooLarge(limit)
+    return bytes(body)
+
+
 def create_app(
     pool: AdapterPool | Served,
     *,
@@ -118,6 +210,8 @@ def create_app(
     default_max_tokens: int = 256,
     shutdown_timeout: float = 30.0,
     log_prompts: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_prompt_chars: int | None = None,
 ) -> Starlette:
     """An ASGI app serving ``pool`` with the OpenAI API; run it with uvicorn.
 
@@ -127,10 +221,23 @@ def create_app(
     or :class:`~lorapool.server.TrustedHeader`). The app starts the pool on
     startup and, on shutdown, stops accepting requests, lets streams in
     flight finish for up to ``shutdown_timeout`` seconds, then closes it.
+
+    ``max_body_bytes`` (default :data:`DEFAULT_MAX_BODY_BYTES`, 4 MiB) bounds a request's
+    body: a larger one is answered 413 without being read further.
+    ``max_prompt_chars`` bounds a prompt's characters (a completion's prompt, or a chat's
+    messages together): a longer one is a 400 before it is queued or tokenized. ``None``
+    takes the backend's own bound once it started (``BaseBackend.max_prompt_chars``: what
+    its context could hold), or none where the backend offers none.
     """
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     metrics = ServerMetrics(pool if isinstance(pool, AdapterPool) else None)
     served: Served = LocalPool(pool) if isinstance(pool, AdapterPool) else pool
-    state: dict[str, Any] = {"draining": False, "inflight": 0}
+    state: dict[str, Any] = {
+        "draining": False,
+        "inflight": 0,
+        "max_prompt_chars": max_prompt_chars,
+    }
     idle = asyncio.Event()
     idle.set()
 
@@ -171,16 +278,19 @@ def create_app(
                 if isinstance(exc, LorapoolError):
                     return _error(exc)
                 return _bad_body(exc)
-            except LorapoolError as exc:
+            except Exception as exc:  # typed ones get their status; the rest a logged 500
                 return _error(exc)
 
         return endpoint
 
     async def body_of(request: Request) -> Any:
+        raw = await _read_body(request, max_body_bytes)
         try:
-            return await request.json()
+            return json.loads(raw)
         except ValueError as exc:
             raise ValueError(f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError("the body is not valid JSON: it is nested too deeply") from None
 
     # -- generation ------------------------------------------------------------------
 
@@ -191,6 +301,7 @@ def create_app(
         prompt: Prompt,
         chat: bool,
     ) -> Response:
+        refuse_long_prompt(body.prompt_chars(), state["max_prompt_chars"])
         adapter = resolve_model(body.model)
         params: SamplingParams = body.sampling(default_max_tokens)
         rid = new_id("chatcmpl" if chat else "cmpl")
@@ -294,9 +405,10 @@ def create_app(
                     yield sse(tail)
                 yield sse("[DONE]")
                 outcome = "ok"
-            except LorapoolError as exc:
+            except Exception as exc:  # the status is sent: the error goes in the stream
                 outcome = type(exc).__name__
-                yield sse(error_body(str(exc), "backend_error", 500))
+                status, name, message, _ = _describe(exc)
+                yield sse(error_body(message, name, status))
             finally:
                 await stream.aclose()  # a disconnected client cancels the request here
                 finished(usage, outcome, served_by)
@@ -365,9 +477,18 @@ def create_app(
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await served.start()
+        if state["max_prompt_chars"] is None and isinstance(pool, AdapterPool):
+            backend = pool.backend
+            if isinstance(backend, BaseBackend):
+                state["max_prompt_chars"] = await asyncio.to_thread(
+                    lambda: backend.max_prompt_chars
+                )
         try:
             yield
         finally:
@@ -391,6 +512,7 @@ def create_app(
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.metrics = metrics

@@ -1,4 +1,10 @@
-"""The OpenAI wire format: request bodies in, completion objects and SSE chunks out."""
+"""The OpenAI wire format: request bodies in, completion objects and SSE chunks out.
+
+Every request body refuses a string holding an unpaired UTF-16 surrogate (JSON's
+``"\\ud800"`` escape with no partner), wherever it is: such a string is not text, no
+tokenizer takes it and no registry stores it, so it is a 400 naming the field here rather
+than a failure further in.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from lorapool.types import Completion, SamplingParams, Usage
 
@@ -21,15 +28,71 @@ __all__ = [
     "completion_chunk",
     "completion_response",
     "error_body",
+    "lone_surrogate",
     "sse",
     "usage_dict",
 ]
 
 
-class _Common(BaseModel):
-    """Fields shared by both endpoints; unknown fields are ignored, as OpenAI's server does."""
+def lone_surrogate(value: Any) -> str | None:
+    """The dotted path of the first string in ``value`` (parsed JSON) that holds an unpaired
+    surrogate, or ``None``.
+
+    Keys and values of objects and the items of arrays are checked, however deep (no
+    recursion); a path names the key or index (``messages.0.content``; ``""`` for ``value``
+    itself; ``a key of messages.0`` for a bad key, which the path never repeats).
+    """
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if not _is_text(item):
+                return where
+            continue
+        if isinstance(item, dict):
+            children = list(item.items())
+        elif isinstance(item, list):
+            children = list(enumerate(item))
+        else:
+            continue
+        for key, child in reversed(children):
+            if isinstance(key, str) and not _is_text(key):
+                return f"a key of {where or 'the body'}"  # never the key itself
+            path = f"{where}.{key}" if where else str(key)
+            stack.append((path, child))
+    return None
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` is encodable as UTF-8 (no unpaired surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _Body(BaseModel):
+    """A request body: unknown fields are ignored, as OpenAI's server does; no string may
+    hold an unpaired surrogate."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        where = lone_surrogate(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "unpaired_surrogate",
+                "{where} contains an unpaired surrogate; send valid UTF-8 text",
+                {"where": where or "the body"},
+            )
+        return data
+
+
+class _Common(_Body):
+    """Fields shared by both endpoints."""
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -74,11 +137,13 @@ class CompletionRequest(_Common):
 
     prompt: str
 
+    def prompt_chars(self) -> int:
+        """The prompt's length in characters."""
+        return len(self.prompt)
 
-class ChatMessage(BaseModel):
+
+class ChatMessage(_Body):
     """One chat message; content may be a string or a list of text parts."""
-
-    model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]]
@@ -103,26 +168,26 @@ class ChatRequest(_Common):
             params = params.model_copy(update={"max_tokens": self.max_completion_tokens})
         return params
 
+    def prompt_chars(self) -> int:
+        """The messages' text in characters, all together."""
+        return sum(len(m.text()) for m in self.messages)
+
     def chat(self) -> list[dict[str, str]]:
         """The messages as lorapool's prompt."""
         role = {"developer": "system"}
         return [{"role": role.get(m.role, m.role), "content": m.text()} for m in self.messages]
 
 
-class LoadAdapterRequest(BaseModel):
+class LoadAdapterRequest(_Body):
     """vLLM's ``POST /v1/load_lora_adapter`` body (``shared``: admins only)."""
-
-    model_config = ConfigDict(extra="ignore")
 
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
     shared: bool = False
 
 
-class UnloadAdapterRequest(BaseModel):
+class UnloadAdapterRequest(_Body):
     """vLLM's ``POST /v1/unload_lora_adapter`` body."""
-
-    model_config = ConfigDict(extra="ignore")
 
     lora_name: str = Field(min_length=1)
 
