@@ -449,6 +449,8 @@ class Engine:
         temperature gives a valid distribution: as it approaches zero the distribution
         approaches greedy (all mass on the arg-max tokens) instead of overflowing; a
         temperature below the logits' dtype's smallest normal number acts as that number.
+        Top-p always keeps the likeliest token, so a ``top_p`` too small for the dtype
+        (``1e-300`` rounds to zero in float32) is greedy, never an empty distribution.
         """
         chosen: list[int | RowFault] = [int(c) for c in logits.argmax(dim=-1).tolist()]
         finite = torch.isfinite(logits).all(dim=-1).tolist()
@@ -468,6 +470,7 @@ class Engine:
                 if p.top_p < 1.0:
                     sorted_p, order = probs.sort(descending=True)
                     keep = sorted_p.cumsum(0) - sorted_p < p.top_p
+                    keep[0] = True  # the likeliest token stays, however small top_p is
                     probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
                 pick = torch.multinomial(probs.cpu(), 1, generator=seq.generator)
                 chosen[i] = int(pick.item())

@@ -50,6 +50,17 @@ async def test_a_tiny_temperature_samples_like_greedy_and_hurts_nobody(backend: 
     assert backend.stats.row_faults == 0
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-45])
+async def test_a_tiny_top_p_keeps_the_likeliest_token(backend: Any, top_p: float) -> None:
+    """Found by the server fuzz: a ``top_p`` that rounds to zero in float32 kept no token at
+    all, and the request ended with "invalid multinomial distribution"."""
+    greedy = await _collect(backend, _req("g", PROMPT, temperature=0.0))
+    faults = backend.stats.row_faults
+    tiny = await _collect(backend, _req("p", PROMPT, temperature=0.7, top_p=top_p, seed=5))
+    assert tiny == greedy  # only the likeliest token is left to sample
+    assert backend.stats.row_faults == faults
+
+
 async def test_non_finite_logits_end_that_request_alone(backend: Any) -> None:
     engine = backend._engine
     other_alone = await _collect(backend, _req("o0", OTHER, temperature=0.0))
