@@ -16,7 +16,6 @@ import logging
 
 import uvicorn
 
-from lorapool.server import create_app
 from lorapool.server.config import load_config
 
 
@@ -47,13 +46,7 @@ def main() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLines())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    app = create_app(
-        config.build_pool(),
-        auth=config.build_auth(),
-        default_max_tokens=config.server.default_max_tokens,
-        shutdown_timeout=config.server.shutdown_timeout,
-        log_prompts=config.server.log_prompts,
-    )
+    app = config.build_app()
     if config.server.metrics_port is not None:
         from prometheus_client import start_http_server
 

@@ -458,12 +458,17 @@ class OpenAIIngress:
         tenant_tiers: Mapping[str, str] | None = None,
         default_max_tokens: int = 256,
         log_prompts: bool = False,
+        registration: Any = None,
     ) -> None:
         from lorapool.server import create_app
 
         self.pools = RayPools(pools, tenant_tiers=tenant_tiers)
         self._app = create_app(
-            self.pools, auth=auth, default_max_tokens=default_max_tokens, log_prompts=log_prompts
+            self.pools,
+            auth=auth,
+            default_max_tokens=default_max_tokens,
+            log_prompts=log_prompts,
+            registration=registration,
         )
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -483,8 +488,12 @@ def build_app(
     ingress_options: Mapping[str, Any] | None = None,
     tenant_tiers: Mapping[str, str] | None = None,
     default_max_tokens: int = 256,
+    registration: Any = None,
 ) -> Any:
     """The Serve application: ``OpenAIIngress`` over ``replicas`` :class:`PoolReplica`.
+
+    ``registration`` (a :class:`lorapool.server.Registration`) says who may register
+    adapters through the ingress and from where; by default nobody may.
 
     ``make_pool`` must be picklable (a module-level function or a
     ``functools.partial`` of one; :func:`pool_from_config` is one).
@@ -505,7 +514,9 @@ def build_app(
     }
     front.update(ingress_options or {})
     ingress = serve.deployment(name="LoraPoolIngress", **front)(OpenAIIngress)
-    return ingress.bind(pools, auth, dict(tenant_tiers or {}), default_max_tokens)
+    return ingress.bind(
+        pools, auth, dict(tenant_tiers or {}), default_max_tokens, False, registration
+    )
 
 
 def _pool_from_config(path: str, registry: Registry) -> AdapterPool:
@@ -560,4 +571,5 @@ def app_builder(args: dict[str, str]) -> Any:
         replica_options=options,
         tenant_tiers=tiers,
         default_max_tokens=config.server.default_max_tokens,
+        registration=config.registration.build(),
     )

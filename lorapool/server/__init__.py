@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ExtraNotInstalled("lorapool.server", "server", str(exc)) from exc
 
 from .app import create_app
-from .auth import ApiKeys, Auth, Caller, TrustedHeader, Unauthorized
+from .auth import ApiKeys, Auth, Caller, Registration, TrustedHeader, Unauthorized
 from .served import LocalPool, Served
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "Auth",
     "Caller",
     "LocalPool",
+    "Registration",
     "Served",
     "TrustedHeader",
     "Unauthorized",

@@ -25,6 +25,7 @@ and everyone else's requests go on meanwhile. ``GET /openapi.json`` describes th
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
@@ -63,12 +64,13 @@ from lorapool.errors import (
     RateLimited,
     RegistryUnavailable,
     SourceError,
+    SourceNotAllowed,
     SourceNotFound,
 )
 from lorapool.pool import AdapterPool
 from lorapool.types import Chunk, Completion, Prompt, SamplingParams, Usage
 
-from .auth import Auth, Caller, Unauthorized
+from .auth import Auth, Caller, Registration, Unauthorized
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .openapi import openapi_document
 from .protocol import (
@@ -121,6 +123,7 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (Overloaded, 503, "overloaded"),
     (ColdStartRejected, 503, "adapter_loading"),
     (AccessDenied, 403, "permission_denied"),
+    (SourceNotAllowed, 403, "permission_denied"),
     (AdapterNotFound, 404, "model_not_found"),
     (AdapterExists, 409, "conflict"),
     (AdapterInUse, 409, "adapter_in_use"),
@@ -140,6 +143,14 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (BackendClosed, 503, "unavailable"),
     (BackendError, 502, "backend_error"),
 ]
+
+
+def _bearer_is(request: Request, key: str | None) -> bool:
+    """Whether the request carries ``Authorization: Bearer <key>`` (constant-time)."""
+    if not key:
+        return False
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
 
 
 def _describe(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
@@ -212,6 +223,9 @@ def create_app(
     log_prompts: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_prompt_chars: int | None = None,
+    registration: Registration | None = None,
+    metrics_key: str | None = None,
+    metrics_public: bool = False,
 ) -> Starlette:
     """An ASGI app serving ``pool`` with the OpenAI API; run it with uvicorn.
 
@@ -228,10 +242,18 @@ def create_app(
     messages together): a longer one is a 400 before it is queued or tokenized. ``None``
     takes the backend's own bound once it started (``BaseBackend.max_prompt_chars``: what
     its context could hold), or none where the backend offers none.
+
+    ``registration`` says who may register adapters (``POST /v1/load_lora_adapter``)
+    and from which sources (:class:`~lorapool.server.Registration`); the default
+    allows nothing. ``/metrics`` names tenants, so it answers only a request with
+    ``Authorization: Bearer <metrics_key>``, or anyone with ``metrics_public``;
+    otherwise it is 404 here (serve it on a listener of its own, as the example's
+    ``metrics_port`` does).
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     metrics = ServerMetrics(pool if isinstance(pool, AdapterPool) else None)
+    rules = registration if registration is not None else Registration()
     served: Served = LocalPool(pool) if isinstance(pool, AdapterPool) else pool
     state: dict[str, Any] = {
         "draining": False,
@@ -329,9 +351,6 @@ def create_app(
             elapsed = time.perf_counter() - started
             metrics.requests.labels(tier, outcome).inc()
             metrics.latency.labels(tier).observe(elapsed)
-            if usage is not None:
-                metrics.tokens.labels(caller.tenant, "in").inc(usage.prompt_tokens)
-                metrics.tokens.labels(caller.tenant, "out").inc(usage.completion_tokens)
             extra = {"prompt": prompt} if log_prompts else {}
             log.info(
                 "request",
@@ -454,8 +473,13 @@ def create_app(
         if body.shared and not caller.admin:
             message = "only admin keys may register shared adapters"
             return JSONResponse(error_body(message, "permission_denied", 403), 403)
+        allowed = rules.rules_for(caller)  # SourceNotAllowed (403) when it may not register
         info = await served.register(
-            body.lora_name, body.lora_path, tenant=caller.tenant, shared=body.shared
+            body.lora_name,
+            body.lora_path,
+            tenant=caller.tenant,
+            shared=body.shared,
+            allowed=allowed,
         )
         return PlainTextResponse(f"Success: LoRA adapter '{info.adapter_id}' added successfully.")
 
@@ -475,6 +499,8 @@ def create_app(
         return JSONResponse({"ready": True, "model": base_model()})
 
     async def metrics_endpoint(request: Request) -> Response:
+        if not metrics_public and not _bearer_is(request, metrics_key):
+            return JSONResponse(error_body("not found", "not_found", 404), 404)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def openapi(request: Request) -> Response:

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from starlette.applications import Starlette
 
 from lorapool.abc import Backend, Source
 from lorapool.access import SourceRules
@@ -48,7 +49,9 @@ from lorapool.registry import Registry
 from lorapool.scheduler import FairScheduler, TenantConfig, TierPolicy
 from lorapool.store import TieredStore
 
+from .app import create_app
 from .auth import ApiKeys, Auth, Caller, Registration, TrustedHeader
+from .served import Served
 
 __all__ = ["ServerConfig", "load_config"]
 
@@ -158,6 +161,10 @@ class HttpConfig(_Strict):
     serve it; use ``metrics_port`` or set a key."""
     metrics_public: bool = False
     """Serve ``/metrics`` on the main port to anyone (only where every caller is trusted)."""
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+    """A request body larger than this is answered 413 unread."""
+    max_prompt_chars: int | None = Field(default=None, ge=1)
+    """Refuse longer prompts before tokenizing (default: what the backend's context holds)."""
 
 
 class RegistrationConfig(_Strict):
@@ -271,6 +278,22 @@ class ServerConfig(BaseSettings):
             store=store,
             scheduler=self.build_scheduler(),
             registry=registry if registry is not None else self.registry,
+        )
+
+    def build_app(self, pool: AdapterPool | Served | None = None) -> Starlette:
+        """The server app over ``pool`` (default: :meth:`build_pool`) with every setting here."""
+        h = self.server
+        return create_app(
+            pool if pool is not None else self.build_pool(),
+            auth=self.build_auth(),
+            default_max_tokens=h.default_max_tokens,
+            shutdown_timeout=h.shutdown_timeout,
+            log_prompts=h.log_prompts,
+            max_body_bytes=h.max_body_bytes,
+            max_prompt_chars=h.max_prompt_chars,
+            registration=self.registration.build(),
+            metrics_key=h.metrics_key,
+            metrics_public=h.metrics_public,
         )
 
     def build_auth(self) -> Auth:

@@ -43,7 +43,9 @@ async def served(model_dir: Path, adapters: dict[str, Path]) -> AsyncIterator[Se
 
     backend = TorchBackend(model_dir, max_slots=2, max_rank=32, max_batch=4, max_seq_len=256)
     pool = AdapterPool(backend)
-    app = create_app(pool, auth=ApiKeys({"key-acme": "acme", "key-ref": "reference"}))
+    app = create_app(
+        pool, auth=ApiKeys({"key-acme": "acme", "key-ref": "reference"}), metrics_key="scrape"
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
@@ -90,7 +92,7 @@ async def billed_everywhere(
 async def tokens_in_metrics(url: str, tenant: str) -> tuple[float, float]:
     """``lorapool_tokens_total`` of ``tenant`` as the server's /metrics says: (in, out)."""
     async with httpx.AsyncClient(base_url=url) as http:
-        text = (await http.get("/metrics")).text
+        text = (await http.get("/metrics", headers={"Authorization": "Bearer scrape"})).text
     got = {
         s.labels["direction"]: s.value
         for family in parser.text_string_to_metric_families(text)

@@ -29,7 +29,7 @@ pytest.importorskip("starlette")
 from lorapool import AdapterPool, SamplingParams  # noqa: E402
 from lorapool.integrations.ray_serve import RegistrySpec, build_app  # noqa: E402
 from lorapool.registry import Registry  # noqa: E402
-from lorapool.server import ApiKeys, Caller  # noqa: E402
+from lorapool.server import ApiKeys, Caller, Registration  # noqa: E402
 
 from .servers import CREDENTIALS, CountingMotoServer, upload  # noqa: E402
 
@@ -103,6 +103,7 @@ def cluster(model_dir: Path, bucket: CountingMotoServer) -> Iterator[dict[str, A
             registry=RegistrySpec(name=f"lorapool-registry-{port}"),
             replica_options={"ray_actor_options": {"num_cpus": 1}},
             ingress_options={"ray_actor_options": {"num_cpus": 0.5}},
+            registration=Registration(admin_sources=("s3://adapters/",)),
         )
         handle = serve.run(app, name=APP, route_prefix="/")
         pools = serve.get_deployment_handle("LoraPool", app_name=APP)
@@ -175,7 +176,7 @@ def test_scale_out_on_ray_serve(
         )
     time.sleep(0.3)  # lists catch up within RegistrySpec.refresh (0.2 s); lookups at once
     models = {m.id for m in acme.models.list().data}
-    assert set(NAMES) <= models
+    assert {f"platform/{n}" for n in NAMES} <= models  # full ids; tenants use the short names
 
     # Correct answers for every adapter and the base model, through one endpoint.
     base = _replicas(pools)[next(iter(_replicas(pools)))]["base_model"]

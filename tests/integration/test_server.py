@@ -21,7 +21,10 @@ pytest.importorskip("starlette")
 
 from lorapool import AdapterPool, FairScheduler, SamplingParams  # noqa: E402
 from lorapool.scheduler import TenantConfig, TierPolicy  # noqa: E402
-from lorapool.server import ApiKeys, Caller, create_app  # noqa: E402
+from lorapool.server import ApiKeys, Caller, Registration, create_app  # noqa: E402
+
+METRICS_KEY = "metrics-secret"
+"""The credential /metrics asks for (it names tenants)."""
 
 KEYS = {
     "key-acme": "acme",
@@ -67,7 +70,15 @@ async def served(model_dir: Path, adapters: dict[str, Path]) -> AsyncIterator[Se
         )
     )
     pool = AdapterPool(backend, scheduler=scheduler)
-    app = create_app(pool, auth=ApiKeys(KEYS), shutdown_timeout=30)
+    root = str(adapters["r8-attn"].parent)  # where the test adapters live
+    registration = Registration(tenant_sources=(root,), admin_sources=(root,))
+    app = create_app(
+        pool,
+        auth=ApiKeys(KEYS),
+        shutdown_timeout=30,
+        registration=registration,
+        metrics_key=METRICS_KEY,
+    )
     port = _free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
@@ -151,8 +162,15 @@ async def test_errors_follow_openai_status_codes(served: Served, adapters: dict[
         await served.client(None).models.list()
     with pytest.raises(openai.AuthenticationError):
         await served.client("wrong-key").models.list()
-    with pytest.raises(openai.PermissionDeniedError):
+    # Another tenant's adapter is answered exactly like a missing one: 404, same body.
+    with pytest.raises(openai.NotFoundError) as hidden:
         await acme.completions.create(model="globex/legal", prompt=PROMPT, max_tokens=4)
+    with pytest.raises(openai.NotFoundError) as missing:
+        await acme.completions.create(model="globex/nope", prompt=PROMPT, max_tokens=4)
+    assert hidden.value.body == {
+        **missing.value.body,  # type: ignore[dict-item]
+        "message": missing.value.body["message"].replace("globex/nope", "globex/legal"),  # type: ignore[index]
+    }
     with pytest.raises(openai.NotFoundError):
         await acme.completions.create(model="acme/nope", prompt=PROMPT, max_tokens=4)
     with pytest.raises(openai.BadRequestError):
@@ -209,11 +227,23 @@ async def test_load_and_unload_adapters_with_vllm_bodies(
         assert r.status_code == 200
         with pytest.raises(openai.NotFoundError):
             await globex.completions.create(model="globex/new", prompt=PROMPT, max_tokens=4)
-        # Another tenant's adapter cannot be unloaded; shared needs an admin key.
+        # Another tenant's adapter cannot be unloaded, and answers exactly like a missing
+        # one; shared needs an admin key.
         r = await http.post(
             "/v1/unload_lora_adapter", json={"lora_name": "acme/pirate"}, headers=auth
         )
-        assert r.status_code == 403
+        missing = await http.post(
+            "/v1/unload_lora_adapter", json={"lora_name": "acme/no-such"}, headers=auth
+        )
+        assert r.status_code == missing.status_code == 404
+        assert r.json() == {
+            "error": {
+                **missing.json()["error"],
+                "message": missing.json()["error"]["message"].replace(
+                    "acme/no-such", "acme/pirate"
+                ),
+            }
+        }
         body = {"lora_name": "globex/shared", "lora_path": str(adapters["r8-attn"]), "shared": True}
         r = await http.post("/v1/load_lora_adapter", json=body, headers=auth)
         assert r.status_code == 403
@@ -266,7 +296,12 @@ async def test_health_ready_and_metrics(served: Served) -> None:
         assert (await http.get("/health")).status_code == 200
         ready = await http.get("/ready")
         assert ready.status_code == 200 and ready.json()["ready"] is True
-        before = _samples((await http.get("/metrics")).text)
+        # /metrics names tenants: not without its own credential (a tenant's key is not it).
+        assert (await http.get("/metrics")).status_code == 404
+        tenant_key = {"Authorization": "Bearer key-acme"}
+        assert (await http.get("/metrics", headers=tenant_key)).status_code == 404
+        scrape = {"Authorization": f"Bearer {METRICS_KEY}"}
+        before = _samples((await http.get("/metrics", headers=scrape)).text)
         acme = served.client("key-acme")
         await acme.completions.create(
             model="acme/french",
@@ -276,7 +311,7 @@ async def test_health_ready_and_metrics(served: Served) -> None:
             extra_body={"ignore_eos": True},
         )
         await acme.close()
-        text = (await http.get("/metrics")).text
+        text = (await http.get("/metrics", headers=scrape)).text
     after = _samples(text)
     assert after[out] == before.get(out, 0.0) + 5
     assert after[ok] == before.get(ok, 0.0) + 1

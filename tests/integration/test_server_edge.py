@@ -32,7 +32,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 from lorapool import AdapterPool, TieredStore  # noqa: E402
-from lorapool.server import ApiKeys, create_app  # noqa: E402
+from lorapool.server import ApiKeys, Registration, create_app  # noqa: E402
 
 KEY = "key-acme"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -59,7 +59,12 @@ def _free_port() -> int:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def edge(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Edge]:
+async def edge(
+    model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    refusing_source: str,
+    adapters: dict[str, Path],
+) -> AsyncIterator[Edge]:
     from lorapool.backends.torch import TorchBackend
 
     root = tmp_path_factory.mktemp("edge")
@@ -68,7 +73,14 @@ async def edge(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Asy
     )
     store = TieredStore(disk_dir=root / "disk", disk_bytes="200MiB")
     pool = AdapterPool(backend, store=store, registry=root / "registry.sqlite")
-    app = create_app(pool, auth=ApiKeys({KEY: "acme"}), shutdown_timeout=5)
+    # acme may register from the test adapters and from the refusing loopback source.
+    sources = (str(adapters["r8-attn"].parent), f"{refusing_source}/")
+    app = create_app(
+        pool,
+        auth=ApiKeys({KEY: "acme"}),
+        shutdown_timeout=5,
+        registration=Registration(tenant_sources=sources),
+    )
     port = _free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)

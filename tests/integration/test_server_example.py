@@ -50,8 +50,12 @@ def write_config(
     store: str,
     max_batch: int = 4,
     server: str = "",
+    sources: tuple[str, ...] = (),
 ) -> Path:
-    """A server.toml for the example: TorchBackend, 2 slots, ``keys`` -> tenants."""
+    """A server.toml for the example: TorchBackend, 2 slots, ``keys`` -> tenants.
+
+    Tenants may register adapters from ``sources`` (``[registration] tenant_sources``).
+    """
     lines = "\n".join(f'"{k}" = {{ tenant = "{t}" }}' for k, t in keys.items())
     config = tmp / "server.toml"
     config.write_text(
@@ -74,6 +78,9 @@ options = {{ max_seq_len = 512 }}
 port = {port}
 shutdown_timeout = 60
 {server}
+
+[registration]
+tenant_sources = {json.dumps(list(sources))}
 """
     )
     return config
@@ -104,6 +111,7 @@ async def test_served_from_a_config_file_logs_json_and_drains_on_sigterm(
         {"sk-acme": "acme"},
         f'disk_dir = "{tmp_path / "disk"}"',
         server=f"metrics_port = {metrics_port}",
+        sources=(str(adapters["r8-attn"].parent),),
     )
     log = tmp_path / "server.log"
     proc = start_example(config, log)
