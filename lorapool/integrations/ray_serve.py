@@ -274,7 +274,9 @@ class PoolReplica:
         self.registered = 0
         loop = asyncio.get_running_loop()
 
-        async def make_resident(adapter_id: str) -> _Resident:
+        async def make_resident(route: str) -> _Resident:
+            tenant, _, name = route.partition("/")
+            adapter_id = self.pool.registry.locate(name, tenant)
             await self.pool.prefetch(adapter_id, tenant=None, tier="device", wait=True)
             return _Resident(self.pool, adapter_id, loop)
 
@@ -284,8 +286,8 @@ class PoolReplica:
     async def _ensure(self, adapter: str | None, tenant: str) -> None:
         if adapter is None:
             return
-        # Refuse before loading anything; the multiplexer keys by full id (names are per tenant).
-        await self._resident(self.pool.registry.locate(adapter, tenant))
+        self.pool.registry.locate(adapter, tenant)  # refuse before loading anything
+        await self._resident(route_key(tenant, adapter))
 
     async def generate(
         self,
@@ -410,7 +412,7 @@ class RayPools:
         """Stream from the replica that holds ``adapter`` (Ray's multiplexed routing)."""
         handle = self.handle.options(stream=True)
         if adapter is not None:
-            handle = handle.options(multiplexed_model_id=adapter)
+            handle = handle.options(multiplexed_model_id=route_key(tenant, adapter))
         response = cast(
             "DeploymentResponseGenerator[Chunk]",
             handle.generate.remote(prompt, adapter=adapter, tenant=tenant, params=params),
@@ -476,6 +478,16 @@ class OpenAIIngress:
 
 
 # -- building an application ---------------------------------------------------------------
+
+
+def route_key(tenant: str, adapter: str) -> str:
+    """The multiplexed model id of a tenant's request for ``adapter``: ``tenant/adapter``.
+
+    Names are per tenant, so the routing key carries the tenant (whose name holds no
+    ``/``); the replica resolves it to the adapter's id when it loads it. Ingress and
+    replicas use this one function, so a request goes where its adapter is resident.
+    """
+    return f"{tenant}/{adapter}"
 
 
 def build_app(
