@@ -359,7 +359,7 @@ class SGLangBackend(BaseBackend):
                     f"adapter {request.adapter_id!r} is in slot {lora.slot}, not {request.slot}"
                 )
             lora_name = lora.name
-        input_ids = self.encode(request.prompt)
+        input_ids = await self.aencode(request.prompt)
         if not input_ids:
             raise InvalidRequest("the prompt is empty")
         stream = SGLangStream(

@@ -421,7 +421,7 @@ class VLLMBackend(BaseBackend):
                     f"adapter {request.adapter_id!r} is in slot {lora.slot}, not {request.slot}"
                 )
             lora_request = lora.request
-        prompt_ids = self.encode(request.prompt)
+        prompt_ids = await self.aencode(request.prompt)
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
         done = len(request.resume)

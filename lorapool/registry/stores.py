@@ -73,6 +73,12 @@ class MemoryRegistryStore(RegistryStore):
         """Nothing to release."""
 
 
+BUSY_TIMEOUT = 0.5
+"""Seconds a change waits for another connection's write lock before it is
+:class:`RegistryUnavailable`. Registry writes take milliseconds and run on the event
+loop's thread, so a long wait (SQLite's default is 5 s) would stall every request."""
+
+
 @contextmanager
 def _typed(operation: str) -> Iterator[None]:
     """SQLite's operational failures (full disk, locked or damaged file) as a typed error.
@@ -120,7 +126,7 @@ class SqliteRegistryStore(RegistryStore):
         with _typed(f"open {self.path}"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db: sqlite3.Connection | None = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False
+                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
