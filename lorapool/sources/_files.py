@@ -4,13 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import errno
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from lorapool.errors import DiskFull
+
 from .caps import FetchLimit
 
-__all__ = ["FileWriter", "open_for_writing"]
+__all__ = ["FileWriter", "no_space_is_disk_full", "open_for_writing"]
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def no_space_is_disk_full(label: str) -> Iterator[None]:
+    """A full disk (``ENOSPC``, ``EDQUOT``) while writing ``label`` is :class:`DiskFull`.
+
+    Not a source error: the source is fine, and retrying the fetch cannot help until
+    room is made (sources would otherwise report it as a transient failure and retry).
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise DiskFull(f"no space left writing {label}: {exc.strerror}") from exc
+        raise
 
 
 class FileWriter:
@@ -40,7 +60,8 @@ class FileWriter:
         """Write ``data``; the bytes written."""
         if self._limit.exceeded(self.written + len(data)):
             raise self._limit.refuse(self._label)
-        n = await asyncio.to_thread(self._file.write, data)
+        with no_space_is_disk_full(self._label):
+            n = await asyncio.to_thread(self._file.write, data)
         self.written += n
         return n
 
@@ -52,13 +73,19 @@ async def open_for_writing(path: Path, label: str, limit: FetchLimit) -> AsyncIt
     The close runs to completion on its thread even if the task is cancelled
     meanwhile. When the block raises, the incomplete file is removed.
     """
-    file = await asyncio.to_thread(open, path, "wb")
+    with no_space_is_disk_full(label):
+        file = await asyncio.to_thread(open, path, "wb")
     try:
         yield FileWriter(file, label, limit)
     except BaseException:
         await asyncio.to_thread(_close_and_remove, file, path)
         raise
-    await asyncio.to_thread(file.close)
+    try:
+        with no_space_is_disk_full(label):  # buffered bytes reach the disk here
+            await asyncio.to_thread(file.close)
+    except DiskFull:
+        await asyncio.to_thread(path.unlink, True)
+        raise
 
 
 def _close_and_remove(file: BinaryIO, path: Path) -> None:

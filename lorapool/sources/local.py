@@ -13,6 +13,7 @@ from lorapool.abc import Source
 from lorapool.errors import AdapterValidationError, SourceError, SourceNotFound
 from lorapool.formats.limits import MIB
 
+from ._files import no_space_is_disk_full
 from .caps import FetchLimit, fetch_limit
 
 __all__ = ["LocalSource", "copy_adapter_file", "copy_capped", "local_path_of"]
@@ -56,9 +57,10 @@ async def copy_adapter_file(
     src = directory / name
     limit = fetch_limit()
     try:
-        return await asyncio.to_thread(
-            copy_capped, src, dest, limit, follow_symlinks=follow_symlinks
-        )
+        with no_space_is_disk_full(str(dest)):
+            return await asyncio.to_thread(
+                copy_capped, src, dest, limit, follow_symlinks=follow_symlinks
+            )
     except FileNotFoundError:
         raise SourceNotFound(str(src)) from None
     except OSError as exc:
