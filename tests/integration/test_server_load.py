@@ -1,8 +1,13 @@
 """A bounded load test: the example server as one process, the load generator as another.
 
 Mixed tenants and adapters, more adapters than device slots, streaming and not, random
-cancellations: no unexpected error, every completed response well formed, and the server's
-RSS after the run within 5% of its RSS after warm-up.
+cancellations: a fixed workload in which every request completes (well formed, or
+cancelled by the client as planned), no unexpected error, and the server's RSS after the
+run within 5% of its RSS after warm-up.
+
+Nothing here depends on the machine's speed: the workload is a number of requests, not
+what fits in a time window, and each time limit is a hang guard many times the normal
+run (1 to 3 minutes on 2 CPU cores; 24 minutes seen on 2 cores running 5 busy processes).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import pytest
 
 from .test_server_example import free_port, start_example, write_config
 
-pytestmark = pytest.mark.slow
+HANG_GUARD_S = 1200
+"""Per phase (server start, each load run): far beyond a slow machine, short of forever."""
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * HANG_GUARD_S + 300)]
 
 pytest.importorskip("uvicorn")
 
@@ -36,13 +44,20 @@ def rss_bytes(pid: int) -> int:
 
 
 def load(url: str, models: dict[str, list[str]], requests: int, seed: int) -> dict[str, object]:
-    """Run lorapool.testing.loadtest in a second process; its JSON report."""
+    """Run lorapool.testing.loadtest in a second process: all ``requests`` requests, to
+    the end (its ``--duration`` is only the hang guard); its JSON report."""
     cmd = [sys.executable, "-m", "lorapool.testing.loadtest", url, "--requests", str(requests)]
-    cmd += ["--concurrency", "6", "--cancel", "0.2", "--duration", "240", "--seed", str(seed)]
+    cmd += ["--concurrency", "6", "--cancel", "0.2", "--seed", str(seed)]
+    cmd += ["--duration", str(HANG_GUARD_S)]
     for key, names in models.items():
         cmd += ["--keys", f"{key}={','.join(names)}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S + 60)
     report: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"load of {requests} requests: {report}")
+    outcomes = report["outcomes"]
+    assert isinstance(outcomes, dict)
+    # The whole workload ran: the hang guard did not cut it short.
+    assert sum(outcomes.values()) == requests, report
     return report
 
 
@@ -50,12 +65,18 @@ def test_bounded_load_from_a_second_process(
     tmp_path: Path, model_dir: Path, adapters: dict[str, Path]
 ) -> None:
     port = free_port()
-    config = write_config(tmp_path, model_dir, port, TENANTS, 'host_bytes = "64MiB"', max_batch=6)
+    store = 'host_bytes = "64MiB"'
+    # The tenants register the test adapters over HTTP, from the one directory they may.
+    sources = tuple(sorted({str(adapters[name].parent) for name in ADAPTERS}))
+    metrics = 'metrics_key = "sk-metrics"'  # /metrics on the main port, with this key
+    config = write_config(
+        tmp_path, model_dir, port, TENANTS, store, max_batch=6, server=metrics, sources=sources
+    )
     log = tmp_path / "server.log"
     proc = start_example(config, log)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_GUARD_S
         while True:
             try:
                 if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
@@ -88,12 +109,13 @@ def test_bounded_load_from_a_second_process(
         outcomes = report["outcomes"]
         assert isinstance(outcomes, dict)
         assert report["unexpected_errors"] == 0, report
+        # All 160 completed: OK, or cancelled by the client after the first chunk (about
+        # 14% of them are: 70% stream, a fifth of those cancelled).
+        assert set(outcomes) <= {"ok", "cancelled"}, report  # no 5xx, no refusals (no limits)
         assert outcomes.get("ok", 0) >= 100 and outcomes.get("cancelled", 0) >= 5, report
-        assert outcomes.get("refused", 0) == 0, report  # no limits configured
-        assert set(outcomes) <= {"ok", "cancelled"}, report
         assert abs(after_run - after_warmup) <= 0.05 * after_warmup, (after_warmup, after_run)
-        metrics = httpx.get(f"{url}/metrics").text
-        assert 'lorapool_adapter_loads_total{tier="device"}' in metrics
+        scraped = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer sk-metrics"})
+        assert 'lorapool_adapter_loads_total{tier="device"}' in scraped.text, scraped.text
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
