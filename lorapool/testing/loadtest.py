@@ -138,10 +138,12 @@ async def run_load(
     cancel: float = 0.1,
     duration: float = 300.0,
     seed: int = 0,
+    request_timeout: float = 120.0,
 ) -> LoadReport:
     """Send ``requests`` requests (or stop after ``duration`` s) with ``concurrency`` workers.
 
-    ``models`` maps an API key to the models it may use.
+    ``models`` maps an API key to the models it may use; ``request_timeout`` bounds each
+    request's connect and reads (seconds).
     """
     rng = random.Random(seed)
     plan = [(k, rng.choice(v)) for k, v in models.items() for _ in range(requests)]
@@ -153,7 +155,7 @@ async def run_load(
         queue.put_nowait(item)
     started = time.monotonic()
     limits = httpx.Limits(max_connections=concurrency * 2)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=request_timeout, limits=limits) as client:
 
         async def worker(wid: int) -> None:
             wrng = random.Random(seed * 1000 + wid)
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cancel", type=float, default=0.1, help="fraction of streams cancelled")
     parser.add_argument("--duration", type=float, default=300.0, help="stop after this, s")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=120.0, help="per request, s")
     args = parser.parse_args(argv)
     models = {}
     for spec in args.keys:
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             cancel=args.cancel,
             duration=args.duration,
             seed=args.seed,
+            request_timeout=args.timeout,
         )
     )
     sys.stdout.write(json.dumps(report.as_dict()) + "\n")

@@ -48,7 +48,7 @@ def load(url: str, models: dict[str, list[str]], requests: int, seed: int) -> di
     the end (its ``--duration`` is only the hang guard); its JSON report."""
     cmd = [sys.executable, "-m", "lorapool.testing.loadtest", url, "--requests", str(requests)]
     cmd += ["--concurrency", "6", "--cancel", "0.2", "--seed", str(seed)]
-    cmd += ["--duration", str(HANG_GUARD_S)]
+    cmd += ["--duration", str(HANG_GUARD_S), "--timeout", str(HANG_GUARD_S)]
     for key, names in models.items():
         cmd += ["--keys", f"{key}={','.join(names)}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S + 60)
