@@ -16,7 +16,8 @@ Rules are prefixes, one kind per scheme:
   tenant's files is refused);
 * an ``http://`` or ``https://`` prefix ending in ``/`` (scheme and host compared
   exactly, the path by prefix, no ``..`` segments, no credentials in the URL);
-* an ``s3://bucket/prefix/`` prefix.
+* an ``s3://bucket/prefix/`` prefix, or the prefix of any scheme a package's
+  source registers (``vault://team/``), compared as written.
 
 ``{tenant}`` in a rule is replaced by the caller's tenant. A scheme without a rule
 is off. Every refusal is the same :class:`~lorapool.errors.SourceNotAllowed`,
@@ -36,11 +37,19 @@ from lorapool.errors import SourceNotAllowed
 
 __all__ = ["SourceRules"]
 
-_REMOTE = ("http://", "https://", "s3://")
+_WEB = ("http", "https")
+
+
+def _scheme(source: str) -> str | None:
+    """A URI's scheme, lower-cased (``None`` for a path or ``file://``)."""
+    scheme, sep, _ = source.partition("://")
+    if not sep or not scheme or scheme.lower() == "file" or "/" in scheme:
+        return None
+    return scheme.lower()
 
 
 def _is_remote(source: str) -> bool:
-    return source.lower().startswith(_REMOTE)
+    return _scheme(source) is not None
 
 
 def _local_path(source: str) -> str | None:
@@ -63,10 +72,10 @@ def _has_dot_segments(path: str) -> bool:
 class SourceRules(BaseModel):
     """The sources one caller may register adapters from (none by default).
 
-    ``sources`` holds absolute local directories, ``http(s)://host/prefix/`` and
-    ``s3://bucket/prefix/`` prefixes; ``{tenant}`` stands for the caller's
-    tenant. ``SourceRules()`` allows nothing; ``SourceRules.anything()`` is the
-    trusted platform's (no confinement).
+    ``sources`` holds absolute local directories and URI prefixes ending in ``/``
+    (``https://host/prefix/``, ``s3://bucket/prefix/``, ``vault://team/``);
+    ``{tenant}`` stands for the caller's tenant. ``SourceRules()`` allows nothing;
+    ``SourceRules.anything()`` is the trusted platform's (no confinement).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -81,21 +90,22 @@ class SourceRules(BaseModel):
         for rule in sources:
             if _is_remote(rule):
                 parts = urlsplit(rule)
-                if not parts.netloc or not rule.endswith("/"):
+                if not rule.endswith("/") or (_scheme(rule) in _WEB and not parts.netloc):
                     raise ValueError(
-                        f"source rule {rule!r}: a URL prefix needs a host and must end with '/' "
-                        "(so 'https://h/acme/' does not also allow 'https://h/acme-evil/')"
+                        f"source rule {rule!r}: a URI prefix must end with '/' (so "
+                        "'https://h/acme/' does not also allow 'https://h/acme-evil/'), and "
+                        "an http(s) one needs a host"
                     )
                 if parts.username or parts.password or parts.query or parts.fragment:
                     raise ValueError(f"source rule {rule!r}: no credentials, query or fragment")
-                if _has_dot_segments(parts.path):
+                if _has_dot_segments(parts.path) or _has_dot_segments(parts.netloc):
                     raise ValueError(f"source rule {rule!r}: no '.' or '..' segments")
             else:
                 path = _local_path(rule)
                 if path is None or not os.path.isabs(os.path.expanduser(path)):
                     raise ValueError(
-                        f"source rule {rule!r} must be an absolute directory, an http(s):// "
-                        "prefix or an s3:// prefix"
+                        f"source rule {rule!r} must be an absolute directory or a URI prefix "
+                        "(https://host/prefix/, s3://bucket/prefix/, any source scheme://...)"
                     )
         return sources
 
@@ -154,20 +164,23 @@ class SourceRules(BaseModel):
         return real
 
     def _remote_allowed(self, source: str, tenant: str) -> bool:
+        scheme = _scheme(source)
         parts = urlsplit(source)
         if parts.username or parts.password or _has_dot_segments(parts.path):
             return False
+        if _has_dot_segments(parts.netloc):
+            return False
         for rule in self.for_tenant(tenant):
-            if not _is_remote(rule):
+            if _scheme(rule) != scheme:
                 continue
-            allowed = urlsplit(rule)
-            if (parts.scheme.lower(), parts.netloc.lower()) != (
-                allowed.scheme.lower(),
-                allowed.netloc.lower(),
-            ):
-                continue
-            path = parts.path if parts.path.endswith("/") else parts.path + "/"
-            if path.startswith(allowed.path):
+            if scheme in _WEB:
+                allowed = urlsplit(rule)
+                if parts.netloc.lower() != allowed.netloc.lower():
+                    continue
+                path, prefix = parts.path, allowed.path
+            else:  # s3://bucket/key, or a source a package registers: compared as written
+                path, prefix = source.partition("://")[2], rule.partition("://")[2]
+            if (path if path.endswith("/") else path + "/").startswith(prefix):
                 return True
         return False
 

@@ -162,6 +162,9 @@ root = "{vault}"
 [server]
 port = {port}
 shutdown_timeout = 10
+
+[registration]
+tenant_sources = ["{SCHEME}://"]
 """
     )
     log = tmp_path / "server.log"

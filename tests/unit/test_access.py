@@ -126,6 +126,17 @@ def test_url_and_bucket_prefixes() -> None:
             rules.check(source, "acme")
 
 
+def test_a_plugin_scheme_is_a_prefix_like_any_other() -> None:
+    """A source a package registers (``vault://``) is off until a rule names its prefix."""
+    rules = SourceRules(sources=("vault://{tenant}/",))
+    assert rules.check("vault://acme/support", "acme") == "vault://acme/support"
+    for source in ("vault://globex/support", "vault://acme/../globex/x", "other://acme/x"):
+        with pytest.raises(SourceNotAllowed):
+            rules.check(source, "acme")
+    with pytest.raises(SourceNotAllowed):
+        SourceRules().check("vault://acme/support", "acme")
+
+
 @pytest.mark.parametrize(
     "rule",
     ["relative/dir", "https://hub.example.com/adapters", "https://hub/a/../b/", "https://u:p@h/x/"],
