@@ -351,6 +351,12 @@ def create_app(
             elapsed = time.perf_counter() - started
             metrics.requests.labels(tier, outcome).inc()
             metrics.latency.labels(tier).observe(elapsed)
+            if usage is not None and metrics.counts_tokens:
+                # Pools elsewhere (Ray replicas) bill in their own ledgers and audit logs;
+                # here, the usage the stream reported. An in-process pool's ledger is read
+                # at scrape time instead, every exit path included.
+                metrics.tokens.labels(caller.tenant, "in").inc(usage.prompt_tokens)
+                metrics.tokens.labels(caller.tenant, "out").inc(usage.completion_tokens)
             extra = {"prompt": prompt} if log_prompts else {}
             log.info(
                 "request",

@@ -125,6 +125,8 @@ class ServerMetrics:
             ["tier", "outcome"],
             registry=self.registry,
         )
+        self.counts_tokens = pool is None
+        """Whether the server counts tokens itself (no in-process ledger to read)."""
         self.tokens = Counter(
             _TOKENS,
             _TOKENS_HELP,
