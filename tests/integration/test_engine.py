@@ -211,22 +211,28 @@ async def test_an_arrival_is_prefilled_between_the_layers_of_a_running_decode(
     forwards: list[tuple[str, ...]] = []
     late: dict[str, asyncio.Task[list[int]]] = {}
 
-    def submit_late() -> None:
-        # c first: it takes the row after a's and ends at its first token, so b's row moves
-        # into it while a's decode is still running.
-        late["c"] = asyncio.create_task(_collect(backend, _req("c", short_prompt, 1)))
-        late["b"] = asyncio.create_task(_collect(backend, _req("b", short_prompt, 5)))
+    def submit_late(name: str, max_tokens: int) -> None:
+        late[name] = asyncio.create_task(_collect(backend, _req(name, short_prompt, max_tokens)))
+
+    def queue(name: str, max_tokens: int, queued: int) -> None:
+        """Submit ``name`` from the loop and wait (on the engine thread) until it is queued:
+        prompts are tokenized on worker threads, so two submitted together may be queued
+        in either order."""
+        loop.call_soon_threadsafe(submit_late, name, max_tokens)
+        deadline = time.monotonic() + 120  # a hang guard only
+        while len(engine._waiting) < queued and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert len(engine._waiting) == queued, f"{name} was not queued"
 
     def hook(ids: list[str], logits: Any) -> None:  # on the engine thread, after each forward
         forwards.append(tuple(ids))
         if ids == ["a"] and len(forwards) == 1:
             # a's prefill just ran and its decode comes next: hold the engine until b and c
-            # are queued, so they arrive while that decode runs.
-            loop.call_soon_threadsafe(submit_late)
-            deadline = time.monotonic() + 30
-            while len(engine._waiting) < 2 and time.monotonic() < deadline:
-                time.sleep(0.001)
-            assert len(engine._waiting) == 2, "b and c were not queued"
+            # are queued, so they arrive while that decode runs. c first: it takes the row
+            # after a's and ends at its first token, so b's row moves into it while a's
+            # decode is still running.
+            queue("c", 1, queued=1)
+            queue("b", 5, queued=2)
 
     engine.interleave_prefill = interleave
     engine.logits_hook = hook
