@@ -35,6 +35,27 @@ async def _collect(
     return ids
 
 
+async def _submit(
+    backend: Any, request: GenerationRequest, log: list[tuple[str, int]]
+) -> asyncio.Task[list[int]]:
+    """Start collecting ``request`` and return once the engine holds it (waiting or
+    running): prompts are tokenized on worker threads, so two requests started together
+    may reach the engine in either order."""
+    engine = backend._engine
+    rid = request.request_id
+    task = asyncio.create_task(_collect(backend, request, log))
+
+    def known() -> bool:
+        with engine._cond:
+            return any(s.request_id == rid for s in (*engine._waiting, *engine._running))
+
+    deadline = time.monotonic() + 120  # a hang guard only
+    while not known() and not task.done():
+        assert time.monotonic() < deadline, f"{rid} never reached the engine"
+        await asyncio.sleep(0.001)
+    return task
+
+
 async def test_a_preempted_request_resumes_with_the_same_output(model_dir: Path) -> None:
     from lorapool.backends.torch import TorchBackend
 
@@ -52,12 +73,11 @@ async def test_a_preempted_request_resumes_with_the_same_output(model_dir: Path)
         assert backend.preempt("ref-a") is False  # finished: nothing to preempt
 
         log: list[tuple[str, int]] = []
-        a = asyncio.create_task(_collect(backend, _request("a", prompts["a"]), log))
-        b = asyncio.create_task(_collect(backend, _request("b", prompts["b"]), log))
+        a = await _submit(backend, _request("a", prompts["a"]), log)
+        b = await _submit(backend, _request("b", prompts["b"]), log)
         while sum(1 for rid, _ in log if rid == "b") < 4:
             await asyncio.sleep(0.005)
-        c = asyncio.create_task(_collect(backend, _request("c", prompts["c"]), log))
-        await asyncio.sleep(0)  # c is submitted before b gives up its row
+        c = await _submit(backend, _request("c", prompts["c"]), log)  # before b gives up its row
         assert backend.preempt("b") is True
         assert backend.preempt("nope") is False
         results = dict(zip("abc", await asyncio.gather(a, b, c), strict=True))
@@ -177,8 +197,8 @@ async def test_a_newcomer_let_in_by_a_preemption_is_prefilled_in_a_spare_row_mid
 
         engine._between_decode_layers = between_layers
         engine.logits_hook = lambda ids, _: forwards.append(tuple(ids))
-        a = asyncio.create_task(_collect(backend, _request("a", prompts["a"]), log))
-        b = asyncio.create_task(_collect(backend, _request("b", prompts["b"]), log))
+        a = await _submit(backend, _request("a", prompts["a"]), log)  # a's row, then b's
+        b = await _submit(backend, _request("b", prompts["b"]), log)
         results = {"a": await a, "b": await b}
         results["c"] = await late["c"]
 
