@@ -10,7 +10,9 @@
       request.py     one request's life: ticket, legs, relay, usage
       abc.py         the seams (Backend, Scheduler, EvictionPolicy, PrefetchPolicy,
                      Source, RegistryStore), all in one place
-      types.py       SamplingParams, Chunk, Completion, Usage, Capabilities, ...
+      sampling.py    SamplingParams, StructuredOutput: what a request asks of the sampler
+      tools.py       tool calling: rendering tools into a prompt, parsing calls out
+      types.py       Chunk, Completion, Usage, Capabilities, ...
       errors.py      the error tree below
       plugins.py     finding backends, policies and sources through entry points
       registry/      adapters, tenants, versions, aliases, canary splits
@@ -38,6 +40,7 @@ here and from :mod:`lorapool.errors`::
     ├── AdapterValidationError (ValueError)
     │   └── NotAPeftAdapter
     ├── InvalidRequest (ValueError)
+    │   └── UnsupportedParameter            a parameter the backend cannot honour (backend)
     ├── RateLimited, Overloaded, ColdStartRejected   (retry_after: seconds)
     ├── DeadlineExceeded (TimeoutError)
     ├── PinLimitExceeded
@@ -87,6 +90,7 @@ from lorapool.errors import (
     SourceError,
     SourceNotAllowed,
     SourceNotFound,
+    UnsupportedParameter,
 )
 from lorapool.pool import AdapterPool, Session, TenantUsage
 from lorapool.registry import Registry
@@ -101,6 +105,10 @@ from lorapool.types import (
     LoadedAdapter,
     LoraConfig,
     SamplingParams,
+    StructuredOutput,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
     Usage,
 )
 
@@ -150,10 +158,15 @@ __all__ = [
     "SourceNotAllowed",
     "SourceNotFound",
     "StoreStats",
+    "StructuredOutput",
     "TenantUsage",
     "TierPolicy",
     "TieredStore",
+    "TokenLogprob",
+    "ToolCall",
+    "TopLogprob",
     "Usage",
+    "UnsupportedParameter",
     "__version__",
     "abc",
     "errors",

@@ -36,6 +36,7 @@ __all__ = [
     "SourceError",
     "SourceNotAllowed",
     "SourceNotFound",
+    "UnsupportedParameter",
 ]
 
 
@@ -199,6 +200,19 @@ class NotAPeftAdapter(AdapterValidationError):
 
 class InvalidRequest(LorapoolError, ValueError):
     """The request itself is malformed (bad prompt, too long for the engine, ...)."""
+
+
+class UnsupportedParameter(InvalidRequest):
+    """The request sets a parameter its backend cannot honour (never silently ignored)."""
+
+    def __init__(self, backend: str, parameters: list[str]) -> None:
+        self.backend = backend
+        self.parameters = parameters
+        names = ", ".join(parameters)
+        super().__init__(
+            f"the {backend} backend does not support {names}; leave "
+            f"{'it' if len(parameters) == 1 else 'them'} unset or use a backend that does"
+        )
 
 
 class _RetryableError(LorapoolError):

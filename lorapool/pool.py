@@ -27,6 +27,7 @@ from lorapool.store import TieredStore
 
 from .errors import AdapterExists, InvalidRequest, PoolClosed
 from .formats import BaseModelSpec
+from .sampling import refuse_unsupported
 from .types import AdapterInfo, Chunk, Completion, LoraConfig, Message, SamplingParams
 from .validation import validate_adapter
 
@@ -399,6 +400,8 @@ class AdapterPool:
             raise InvalidRequest(
                 "prompt must be a string or a list of {'role', 'content'} messages"
             )
+        params = params if params is not None else SamplingParams()
+        refuse_unsupported(params, self.backend.capabilities.sampling, type(self.backend).__name__)
         request_id = uuid.uuid4().hex
         info = (
             self.registry.resolve(adapter, tenant, request_id=request_id)
@@ -410,7 +413,7 @@ class AdapterPool:
             prompt,
             info,
             tenant=tenant,
-            params=params if params is not None else SamplingParams(),
+            params=params,
             deadline=deadline,
         )
         async with contextlib.aclosing(run):  # the caller leaving ends the request at once

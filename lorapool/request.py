@@ -390,7 +390,7 @@ class Lifecycle:
                 tenant,
                 None if served is None else served.adapter_id,
                 prompt_tokens=out.estimate,
-                max_tokens=params.max_tokens,
+                max_tokens=params.max_tokens * params.n,
                 timeout=deadline,
             )
             await self._admit(pending, account, out)
@@ -508,7 +508,8 @@ class Lifecycle:
             leg_id, prompt, params, ticket.adapter_id, slot, tuple(out.streamed)
         )
         stream = self.backend.generate(request)
-        if self._handoffs and ticket.adapter_id is not None:
+        # A request of several samples is not handed off: resuming is per sequence.
+        if self._handoffs and ticket.adapter_id is not None and params.n == 1:
             stream = self._relays[rid] = Relay(stream)
         return stream
 

@@ -6,9 +6,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .sampling import BASIC_PARAMETERS, SamplingParams, StructuredOutput
 
 __all__ = [
     "AdapterInfo",
@@ -22,47 +24,18 @@ __all__ = [
     "Message",
     "Prompt",
     "SamplingParams",
+    "StructuredOutput",
+    "ToolCall",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
 ]
 
-FinishReason: TypeAlias = Literal["stop", "length", "cancelled"]
-Message: TypeAlias = Mapping[str, str]
+FinishReason: TypeAlias = Literal["stop", "length", "cancelled", "tool_calls"]
+Message: TypeAlias = Mapping[str, Any]
+"""A chat message: ``role`` and ``content`` strings; an assistant message may carry
+``tool_calls`` (OpenAI's shape) instead of content, a ``tool`` message a ``tool_call_id``."""
 Prompt: TypeAlias = str | Sequence[Message]
-
-
-class SamplingParams(BaseModel):
-    """How to sample a completion.
-
-    ``temperature=0`` means greedy decoding. ``seed`` makes sampling
-    reproducible per request. ``stop`` strings end the completion; the stop
-    string itself is not returned. ``ignore_eos`` keeps generating past the
-    end-of-sequence token (for benchmarks that need a fixed output length).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_tokens: int = Field(default=128, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_tuple(cls, value: object) -> object:
-        if isinstance(value, str):
-            return (value,)
-        if isinstance(value, list):
-            return tuple(value)
-        return value
-
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if any(not s for s in value):
-            raise ValueError("stop strings must not be empty")
-        return value
 
 
 class LoraConfig(BaseModel):
@@ -166,6 +139,13 @@ class Capabilities:
     model_path: Path | None = None
     """A local copy of the base model (its ``config.json`` and weights' headers), when the
     backend has one: adapters are validated against its module names and shapes."""
+    sampling: frozenset[str] = BASIC_PARAMETERS
+    """The :class:`SamplingParams` the backend honours, by name (structured output by
+    kind: ``structured.json_schema``, ...); a request setting any other is refused with
+    :class:`~lorapool.errors.UnsupportedParameter` (:meth:`SamplingParams.used`)."""
+    tools: bool = False
+    """The backend renders ``GenerationRequest.tools`` into the prompt (the chat
+    template's ``tools``, or lorapool's rendering where the template has none)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +162,40 @@ class GenerationRequest:
     the backend continues after them, for ``params.max_tokens`` minus their number, and
     reports usage as if the request had never stopped. Only for backends whose
     :attr:`Capabilities.resume` is true."""
+    tools: tuple[Mapping[str, Any], ...] = ()
+    """OpenAI-style tool definitions (``{"type": "function", "function": {...}}``) the
+    chat prompt is rendered with; only for backends whose :attr:`Capabilities.tools`."""
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One alternative for a position: a token and its log-probability."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A produced token's log-probability and the likeliest alternatives at its position
+    (``SamplingParams.logprobs`` / ``top_logprobs``), from the model's distribution
+    before penalties, bias, temperature and truncation."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made (OpenAI's ``tool_calls`` entry): ``arguments`` is
+    the JSON text of the arguments object."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True)
@@ -211,11 +225,22 @@ class Chunk:
     usage: Usage | None = None
     adapter_id: str | None = None
     served_by: str = "adapter"
+    index: int = 0
+    """Which of the request's ``n`` samples the chunk belongs to."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One entry per token of ``token_ids`` when ``SamplingParams.logprobs`` is set."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Calls the model made (with ``tools``); the sample's text then holds none of them."""
 
 
 @dataclass(frozen=True)
 class Completion:
-    """A whole completion, as returned by ``pool.complete``."""
+    """A whole completion, as returned by ``pool.complete``.
+
+    With ``n`` samples, ``text``, ``token_ids``, ``finish_reason``, ``logprobs`` and
+    ``tool_calls`` are sample 0's and ``choices`` holds every sample (``choices[i]`` is
+    sample ``i``, its own ``choices`` empty); ``usage`` is the whole request's.
+    """
 
     text: str
     token_ids: tuple[int, ...]
@@ -223,3 +248,7 @@ class Completion:
     usage: Usage
     adapter_id: str | None = None
     served_by: str = "adapter"
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    choices: tuple[Completion, ...] = ()

@@ -36,6 +36,7 @@ SAMPLES: list[e.LorapoolError] = [
     e.PluginNotFound("lorapool.backends", "nope", ["torch", "vllm"]),
     e.RegistryUnavailable("record adapter 'acme/a'", "OperationalError: database or disk is full"),
     e.SourceNotAllowed("/etc", "outside the caller's roots"),
+    e.UnsupportedParameter("TGIBackend", ["n", "top_logprobs"]),
 ]
 
 
