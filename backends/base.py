@@ -20,7 +20,13 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar, Self
 
 from lorapool.abc import Backend
-from lorapool.errors import BackendClosed, BackendNotStarted, InvalidRequest
+from lorapool.errors import (
+    BackendClosed,
+    BackendNotStarted,
+    InvalidRequest,
+    UnsupportedParameter,
+)
+from lorapool.sampling import refuse_unsupported
 from lorapool.plugins import load_backend
 from lorapool.types import Capabilities, Chunk, GenerationRequest, LoadedAdapter, Message, Prompt
 
@@ -218,6 +224,20 @@ class BaseBackend(ABC):
 
     async def discard(self, adapter_id: str) -> None:  # noqa: B027 - optional, not abstract
         """Not offered (``Capabilities.engine_cache`` is False): there is no engine cache."""
+
+    # -- requests ----------------------------------------------------------------------
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Refuse what the backend cannot honour, before any work is done for it.
+
+        A sampling parameter outside :attr:`Capabilities.sampling`, or ``tools`` without
+        :attr:`Capabilities.tools`: :class:`~lorapool.errors.UnsupportedParameter`,
+        naming this backend. Every backend's :meth:`generate` calls it first.
+        """
+        caps = self._require_started()
+        refuse_unsupported(request.params, caps.sampling, type(self).__name__)
+        if request.tools and not caps.tools:
+            raise UnsupportedParameter(type(self).__name__, ["tools"])
 
     # -- prompts -----------------------------------------------------------------------
 
