@@ -15,8 +15,10 @@ may subclass it too; lorapool only needs the :class:`Backend` protocol.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Self
 
 from lorapool.abc import Backend
@@ -26,8 +28,14 @@ from lorapool.errors import (
     InvalidRequest,
     UnsupportedParameter,
 )
-from lorapool.sampling import refuse_unsupported
 from lorapool.plugins import load_backend
+from lorapool.sampling import refuse_unsupported
+from lorapool.tools import (
+    native_messages,
+    prompt_tools,
+    render_messages,
+    template_renders_tools,
+)
 from lorapool.types import Capabilities, Chunk, GenerationRequest, LoadedAdapter, Message, Prompt
 
 __all__ = [
@@ -67,37 +75,90 @@ def _construct(cls: type[Any], model: str | None, options: dict[str, Any]) -> An
     return cls(**options) if model is None else cls(model, **options)
 
 
-def chat_messages(prompt: Sequence[Message]) -> list[dict[str, str]]:
+def chat_messages(prompt: Sequence[Message]) -> list[dict[str, Any]]:
     """The messages of a chat prompt as plain dicts; refuses malformed ones.
 
-    Each message must be a mapping with string ``role`` and ``content``; the list
-    must not be empty (:class:`~lorapool.errors.InvalidRequest` otherwise).
+    Each message must be a mapping with a string ``role`` and a string ``content``, except
+    that an assistant message carrying ``tool_calls`` (OpenAI's shape: ``id``, ``type``
+    ``function`` and ``function`` with a string ``name`` and ``arguments``) may have no
+    content (``None`` or absent), and a ``tool`` message must carry a string
+    ``tool_call_id``. The list must not be empty. Anything else is
+    :class:`~lorapool.errors.InvalidRequest`.
     """
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     for i, m in enumerate(prompt):
-        if (
-            not isinstance(m, Mapping)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise InvalidRequest(
                 f"message {i} must be a mapping with string 'role' and 'content', got {m!r}"
             )
+        calls = m.get("tool_calls")
+        if calls is not None:
+            _check_tool_calls(i, m["role"], calls)
+        content = m.get("content")
+        if not isinstance(content, str) and not (calls and content is None):
+            raise InvalidRequest(
+                f"message {i} must be a mapping with string 'role' and 'content', got {m!r}"
+            )
+        if m["role"] == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise InvalidRequest(f"message {i} has role 'tool' but no string 'tool_call_id'")
         messages.append(dict(m))
     if not messages:
         raise InvalidRequest("the message list is empty")
     return messages
 
 
+def _check_tool_calls(i: int, role: str, calls: object) -> None:
+    """Refuse a message's ``tool_calls`` that are not OpenAI's shape, or not an assistant's."""
+    if role != "assistant":
+        raise InvalidRequest(f"message {i} has tool_calls but role {role!r}; only 'assistant'")
+    if not isinstance(calls, list | tuple) or not calls:
+        raise InvalidRequest(f"message {i}'s tool_calls must be a non-empty list")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if (
+            not isinstance(call, Mapping)
+            or call.get("type", "function") != "function"
+            or not isinstance(function, Mapping)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments"), str | Mapping)
+        ):
+            raise InvalidRequest(
+                f"message {i}'s tool_calls[{j}] must be {{'id', 'type': 'function', "
+                "'function': {'name', 'arguments'}}"
+            )
+
+
+def _strings(value: object) -> Iterator[str]:
+    """Every string in a message (keys and values, however deep; no recursion)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, Mapping):
+            for key, child in item.items():
+                stack.append(key)
+                stack.append(child)
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
 def prompt_chars(prompt: Prompt) -> int:
-    """A prompt's text in characters: the string's, or its messages' contents together."""
+    """A prompt's text in characters: the string's, or its messages' contents, their tool
+    calls' names and arguments and the tools it carries (:class:`~lorapool.tools.ToolPrompt`)
+    together."""
     if isinstance(prompt, str):
         return len(prompt)
-    total = 0
+    total = sum(len(json.dumps(t)) for t in prompt_tools(prompt))
     for m in prompt:
-        content = m.get("content") if isinstance(m, Mapping) else None
+        if not isinstance(m, Mapping):
+            continue
+        content = m.get("content")
         if isinstance(content, str):
             total += len(content)
+        calls = m.get("tool_calls")
+        if isinstance(calls, list | tuple):
+            total += sum(len(s) for s in _strings(calls))
     return total
 
 
@@ -195,7 +256,10 @@ class BaseBackend(ABC):
             if self._closed:
                 raise BackendClosed(type(self).__name__)
             if self._caps is None:
-                self._caps = await self._start()
+                caps = await self._start()
+                if not caps.tools and self._encodes_chat():
+                    caps = dataclasses.replace(caps, tools=True)
+                self._caps = caps
 
     async def aclose(self) -> None:
         """Stop the engine (:meth:`_aclose`, once); a closed backend cannot start again."""
@@ -204,6 +268,11 @@ class BaseBackend(ABC):
                 return
             self._closed = True
             await self._aclose()
+
+    def _encodes_chat(self) -> bool:
+        """Whether chat prompts go through :meth:`encode` with a tokenizer of this process:
+        then tools are rendered here, and :attr:`Capabilities.tools` is true."""
+        return self._tokenizer is not None and type(self).encode is BaseBackend.encode
 
     @abstractmethod
     async def _start(self) -> Capabilities:
@@ -271,8 +340,14 @@ class BaseBackend(ABC):
             self._max_prompt_chars = caps.max_seq_len * max(1, longest) * PROMPT_CHARS_MARGIN
         return self._max_prompt_chars
 
-    def encode(self, prompt: Prompt) -> list[int]:
+    def encode(self, prompt: Prompt, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Token ids of a prompt; chat messages go through the model's chat template.
+
+        ``tools`` (OpenAI's definitions; by default those a
+        :class:`~lorapool.tools.ToolPrompt` carries) are rendered into a chat prompt: as the
+        template's ``tools`` where it references them, else by lorapool into the system
+        message (:func:`lorapool.tools.render_messages`, which also renders assistant
+        ``tool_calls`` and ``tool`` messages for a template that knows neither).
 
         Refused with :class:`~lorapool.errors.InvalidRequest`, before the tokenizer sees
         it: a prompt longer than :attr:`max_prompt_chars`, and text holding an unpaired
@@ -284,24 +359,35 @@ class BaseBackend(ABC):
         if isinstance(prompt, str):
             _refuse_lone_surrogate(prompt, "the prompt")
             return [int(i) for i in tok.encode(prompt)]
+        tools = list(prompt_tools(prompt) if tools is None else tools)
         messages = chat_messages(prompt)
         for i, m in enumerate(messages):
-            _refuse_lone_surrogate(m["role"], f"message {i}'s role")
-            _refuse_lone_surrogate(m["content"], f"message {i}'s content")
-        if not getattr(tok, "chat_template", None):
+            for text in _strings(m):
+                _refuse_lone_surrogate(text, f"message {i}")
+        for text in _strings(tools):
+            _refuse_lone_surrogate(text, "the tools")
+        template = getattr(tok, "chat_template", None)
+        if not template:
             raise InvalidRequest("this model has no chat template; pass the prompt as a string")
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if template_renders_tools(template):
+            extra: dict[str, Any] = {"tools": tools} if tools else {}
+            chat: list[dict[str, Any]] = native_messages(messages)
+        else:
+            extra, chat = {}, list(render_messages(messages, tools))
+        ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(ids, Mapping) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]
 
-    async def aencode(self, prompt: Prompt) -> list[int]:
+    async def aencode(
+        self, prompt: Prompt, tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
         """:meth:`encode` on a worker thread: tokenizing never holds up the event loop.
 
         The tokenizer's work is bounded first (:attr:`max_prompt_chars`); Hugging Face's
         fast tokenizers release the GIL while they run, so other requests go on meanwhile.
         """
-        return await asyncio.to_thread(self.encode, prompt)
+        return await asyncio.to_thread(self.encode, prompt, tools)
 
     # -- the rest of the seam ------------------------------------------------------------
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from lorapool.abc import Backend, TierName, conform
 from lorapool.access import SourceRules
@@ -25,10 +28,22 @@ from lorapool.scheduler import Scheduler
 from lorapool.scheduler.fcfs import FCFSScheduler
 from lorapool.store import TieredStore
 
-from .errors import AdapterExists, InvalidRequest, PoolClosed
+from .errors import AdapterExists, InvalidRequest, PoolClosed, UnsupportedParameter
 from .formats import BaseModelSpec
 from .sampling import refuse_unsupported
-from .types import AdapterInfo, Chunk, Completion, LoraConfig, Message, SamplingParams
+from .tools import Tool, ToolChoice, ToolPrompt, ToolRequest, tool_chunks, tool_request
+from .types import (
+    AdapterInfo,
+    Chunk,
+    Completion,
+    FinishReason,
+    LoraConfig,
+    Message,
+    SamplingParams,
+    TokenLogprob,
+    ToolCall,
+    Usage,
+)
 from .validation import validate_adapter
 
 __all__ = ["REGISTRY_FILE", "AdapterPool", "PoolStats", "Session", "TenantUsage", "estimate_tokens"]
@@ -382,6 +397,9 @@ class AdapterPool:
         tenant: str,
         params: SamplingParams | None = None,
         deadline: float | None = None,
+        tools: Sequence[Mapping[str, Any] | Tool] | None = None,
+        tool_choice: ToolChoice | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """Stream a completion of ``prompt`` (a string or chat messages) with ``adapter``.
 
@@ -393,6 +411,15 @@ class AdapterPool:
         device, the tenant's cold-start policy applies: wait for it, serve from
         the base model meanwhile (the chunks say ``served_by="base"``), or
         refuse with ``ColdStartRejected``.
+
+        ``tools`` (OpenAI's function definitions), ``tool_choice`` (``auto``, ``none``,
+        ``required`` or ``{"type": "function", "function": {"name": ...}}``) and
+        ``parallel_tool_calls`` ask for tool calls (:mod:`lorapool.tools`): the tools are
+        rendered into the chat prompt, and a sample's calls come in its last chunk
+        (``Chunk.tool_calls``, finish reason ``tool_calls``); while its output may still
+        be a call its text is held back. ``required`` or a named function constrain the
+        output to calls, so the backend must honour ``structured.json_schema``. A backend
+        without ``Capabilities.tools`` refuses tools with ``UnsupportedParameter``.
         """
         await self.start()
         check_tenant(tenant)
@@ -401,6 +428,9 @@ class AdapterPool:
                 "prompt must be a string or a list of {'role', 'content'} messages"
             )
         params = params if params is not None else SamplingParams()
+        calls = tool_request(tools, tool_choice, parallel_tool_calls)
+        if calls is not None:
+            prompt, params = self._with_tools(prompt, params, calls)
         refuse_unsupported(params, self.backend.capabilities.sampling, type(self.backend).__name__)
         request_id = uuid.uuid4().hex
         info = (
@@ -415,10 +445,32 @@ class AdapterPool:
             tenant=tenant,
             params=params,
             deadline=deadline,
+            tools=() if calls is None else calls.definitions(),
         )
-        async with contextlib.aclosing(run):  # the caller leaving ends the request at once
-            async for chunk in run:
+        stream = run if calls is None or not calls.calls else tool_chunks(run, calls)
+        async with contextlib.aclosing(run), contextlib.aclosing(stream):
+            # the caller leaving ends the request at once
+            async for chunk in stream:
                 yield chunk
+
+    def _with_tools(
+        self, prompt: str | Sequence[Message], params: SamplingParams, calls: ToolRequest
+    ) -> tuple[ToolPrompt, SamplingParams]:
+        """The prompt carrying the tools to render, and the parameters constraining the
+        output to calls where the choice forces them."""
+        if isinstance(prompt, str):
+            raise InvalidRequest("tools need a chat prompt (a list of messages), not a string")
+        if calls.rendered and not self.backend.capabilities.tools:
+            raise UnsupportedParameter(type(self.backend).__name__, ["tools"])
+        constraint = calls.constraint()
+        if constraint is not None:
+            if params.structured is not None:
+                raise InvalidRequest(
+                    f"tool_choice {calls.choice!r} constrains the answer to tool calls; it "
+                    "cannot also follow structured output (response_format): send one"
+                )
+            params = params.model_copy(update={"structured": constraint})
+        return ToolPrompt(prompt, calls.definitions()), params
 
     def usage(self, tenant: str) -> TenantUsage:
         """A copy of the tenant's totals since the pool started (for billing and quotas)."""
@@ -432,27 +484,74 @@ class AdapterPool:
         tenant: str,
         params: SamplingParams | None = None,
         deadline: float | None = None,
+        tools: Sequence[Mapping[str, Any] | Tool] | None = None,
+        tool_choice: ToolChoice | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> Completion:
-        """Generate the whole completion and return it at once."""
-        texts: list[str] = []
-        ids: list[int] = []
-        last: Chunk | None = None
+        """Generate the whole completion and return it at once (see :meth:`generate`).
+
+        With ``n`` samples, the top-level fields are sample 0's and ``choices`` holds every
+        sample by index; ``usage`` is the whole request's.
+        """
+        samples: dict[int, _Sample] = {}
+        usage: Usage | None = None
         stream = self.generate(
-            prompt, adapter=adapter, tenant=tenant, params=params, deadline=deadline
+            prompt,
+            adapter=adapter,
+            tenant=tenant,
+            params=params,
+            deadline=deadline,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
         )
         async for chunk in stream:
-            texts.append(chunk.text)
-            ids.extend(chunk.token_ids)
-            last = chunk
-        if last is None or last.finish_reason is None or last.usage is None:
+            samples.setdefault(chunk.index, _Sample()).add(chunk)
+            if chunk.usage is not None:
+                usage = chunk.usage
+        if not samples or usage is None or any(s.finish is None for s in samples.values()):
+            raise RuntimeError("the backend ended the stream without a final chunk")
+        choices = tuple(samples[i].completion(i, usage, adapter) for i in sorted(samples))
+        if len(choices) == 1:
+            return choices[0]
+        return dataclasses.replace(choices[0], choices=choices)
+
+
+@dataclass
+class _Sample:
+    """One sample's chunks, gathered for :meth:`AdapterPool.complete`."""
+
+    texts: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+    finish: FinishReason | None = None
+    served_by: str = "adapter"
+
+    def add(self, chunk: Chunk) -> None:
+        """Add one of the sample's chunks."""
+        self.texts.append(chunk.text)
+        self.ids.extend(chunk.token_ids)
+        self.logprobs.extend(chunk.logprobs)
+        self.calls.extend(chunk.tool_calls)
+        self.served_by = chunk.served_by
+        if chunk.finish_reason is not None:
+            self.finish = chunk.finish_reason
+
+    def completion(self, index: int, usage: Usage, adapter: str | None) -> Completion:
+        """The sample as a :class:`Completion` (``usage``: the whole request's)."""
+        if self.finish is None:
             raise RuntimeError("the backend ended the stream without a final chunk")
         return Completion(
-            text="".join(texts),
-            token_ids=tuple(ids),
-            finish_reason=last.finish_reason,
-            usage=last.usage,
+            text="".join(self.texts),
+            token_ids=tuple(self.ids),
+            finish_reason=self.finish,
+            usage=usage,
             adapter_id=adapter,
-            served_by=last.served_by,
+            served_by=self.served_by,
+            index=index,
+            logprobs=tuple(self.logprobs),
+            tool_calls=tuple(self.calls),
         )
 
 

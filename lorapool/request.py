@@ -24,15 +24,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from lorapool.abc import Backend
 from lorapool.errors import ColdStartRejected, DeadlineExceeded, Overloaded, RateLimited
 from lorapool.scheduler import Scheduler, Ticket
 from lorapool.store import TieredStore
+from lorapool.tools import prompt_tools
 from lorapool.types import (
     AdapterInfo,
     Chunk,
@@ -170,10 +172,16 @@ class PoolStats(_Totals):
 
 
 def estimate_tokens(prompt: str | Sequence[Message]) -> int:
-    """A cheap prompt-token estimate for admission (about 4 characters a token)."""
+    """A cheap prompt-token estimate for admission (about 4 characters a token; a chat
+    prompt's messages, their tool calls and the tools it carries)."""
     if isinstance(prompt, str):
         return len(prompt) // 4 + 1
-    return sum(len(str(m.get("content", ""))) // 4 + 4 for m in prompt) + 1
+    tools = sum(len(json.dumps(t, default=str)) for t in prompt_tools(prompt)) // 4
+    messages = sum(
+        (len(str(m.get("content") or "")) + len(str(m.get("tool_calls") or ""))) // 4 + 4
+        for m in prompt
+    )
+    return messages + tools + 1
 
 
 class Ledger:
@@ -370,11 +378,13 @@ class Lifecycle:
         tenant: str,
         params: SamplingParams,
         deadline: float | None = None,
+        tools: tuple[Mapping[str, Any], ...] = (),
     ) -> AsyncGenerator[Chunk, None]:
         """Serve one request with ``info``'s adapter (``None``: the base model) and stream it.
 
-        ``deadline``: seconds the request may wait for dispatch. Raises what the
-        cold-start policy, the scheduler, the store or the backend raise; the
+        ``deadline``: seconds the request may wait for dispatch. ``tools``: the OpenAI
+        definitions the backend renders the prompt with (``GenerationRequest.tools``).
+        Raises what the cold-start policy, the scheduler, the store or the backend raise; the
         request's ticket, reference and bill are settled before it propagates, and
         the ledger writes its line of the audit (:class:`UsageRecord`).
         """
@@ -398,7 +408,7 @@ class Lifecycle:
             while True:
                 slot = await self.store.acquire(served) if served is not None else None
                 try:
-                    stream = self._open(ticket, prompt, params, slot, out)
+                    stream = self._open(ticket, prompt, params, slot, out, tools)
                     try:
                         async for chunk in stream:
                             self._charge(ticket, chunk, out)
@@ -500,12 +510,13 @@ class Lifecycle:
         params: SamplingParams,
         slot: int | None,
         out: _Output,
+        tools: tuple[Mapping[str, Any], ...] = (),
     ) -> AsyncIterator[Chunk]:
         """Start a leg in the backend: the request, going on after what was streamed."""
         rid = ticket.request_id
         leg_id = rid if out.legs == 1 else f"{rid}.{out.legs - 1}"
         request = GenerationRequest(
-            leg_id, prompt, params, ticket.adapter_id, slot, tuple(out.streamed)
+            leg_id, prompt, params, ticket.adapter_id, slot, tuple(out.streamed), tools
         )
         stream = self.backend.generate(request)
         # A request of several samples is not handed off: resuming is per sequence.
