@@ -46,7 +46,15 @@ from .types import (
 )
 from .validation import validate_adapter
 
-__all__ = ["REGISTRY_FILE", "AdapterPool", "PoolStats", "Session", "TenantUsage", "estimate_tokens"]
+__all__ = [
+    "REGISTRY_FILE",
+    "AdapterPool",
+    "Gathered",
+    "PoolStats",
+    "Session",
+    "TenantUsage",
+    "estimate_tokens",
+]
 
 log = logging.getLogger(__name__)
 
@@ -493,8 +501,7 @@ class AdapterPool:
         With ``n`` samples, the top-level fields are sample 0's and ``choices`` holds every
         sample by index; ``usage`` is the whole request's.
         """
-        samples: dict[int, _Sample] = {}
-        usage: Usage | None = None
+        gathered = Gathered()
         stream = self.generate(
             prompt,
             adapter=adapter,
@@ -506,9 +513,31 @@ class AdapterPool:
             parallel_tool_calls=parallel_tool_calls,
         )
         async for chunk in stream:
-            samples.setdefault(chunk.index, _Sample()).add(chunk)
-            if chunk.usage is not None:
-                usage = chunk.usage
+            gathered.add(chunk)
+        return gathered.completion(adapter)
+
+
+class Gathered:
+    """A stream's chunks gathered into one :class:`Completion` (:meth:`AdapterPool.complete`;
+    the server's answers that do not stream): a sample per ``Chunk.index``."""
+
+    def __init__(self) -> None:
+        self._samples: dict[int, _Sample] = {}
+        self.usage: Usage | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        """Add the stream's next chunk."""
+        sample = self._samples.get(chunk.index)
+        if sample is None:
+            sample = self._samples[chunk.index] = _Sample()
+        sample.add(chunk)
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+
+    def completion(self, adapter: str | None) -> Completion:
+        """Sample 0's fields with every sample in ``choices`` (for more than one); ``usage``
+        the whole request's. ``RuntimeError`` when the stream ended without its last chunk."""
+        samples, usage = self._samples, self.usage
         if not samples or usage is None or any(s.finish is None for s in samples.values()):
             raise RuntimeError("the backend ended the stream without a final chunk")
         choices = tuple(samples[i].completion(i, usage, adapter) for i in sorted(samples))

@@ -66,9 +66,10 @@ from lorapool.errors import (
     SourceError,
     SourceNotAllowed,
     SourceNotFound,
+    UnsupportedParameter,
 )
-from lorapool.pool import AdapterPool
-from lorapool.types import Chunk, Completion, Prompt, SamplingParams, Usage
+from lorapool.pool import AdapterPool, Gathered
+from lorapool.types import Chunk, Prompt, SamplingParams, Usage
 
 from .auth import Auth, Caller, Registration, Unauthorized
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -78,15 +79,12 @@ from .protocol import (
     CompletionRequest,
     LoadAdapterRequest,
     UnloadAdapterRequest,
-    chat_chunk,
-    chat_response,
-    completion_chunk,
-    completion_response,
     error_body,
-    new_id,
     sse,
 )
-from .served import LocalPool, Served
+from .responses import chat_response, completion_response, fingerprint, new_id
+from .served import LocalPool, Served, ServedTools
+from .streams import Answers
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
@@ -180,20 +178,42 @@ def _describe(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
     return 500, "internal_error", _INTERNAL_MESSAGE, {}
 
 
+def _param(exc: BaseException) -> str | None:
+    """The request field an error is about (OpenAI's ``param``), where it names one."""
+    if isinstance(exc, UnsupportedParameter):
+        names = [_FIELD.get(p.partition(".")[0], p) for p in exc.parameters]
+        return ", ".join(dict.fromkeys(names))
+    return None
+
+
+_FIELD = {"structured": "response_format"}
+"""SamplingParams' names that OpenAI's request spells otherwise."""
+
+
 def _error(exc: BaseException) -> Response:
     """The HTTP response for an error: its status, OpenAI's JSON (500 for the unexpected)."""
     status, name, message, headers = _describe(exc)
-    return JSONResponse(error_body(message, name, status), status, headers=headers)
+    return JSONResponse(error_body(message, name, status, _param(exc)), status, headers=headers)
 
 
 def _bad_body(exc: ValidationError | ValueError) -> Response:
+    """A 400 for a body that is not a valid request, naming the field (``param``)."""
+    param: str | None = None
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        context = first.get("ctx") or {}
+        if first.get("type") == "extra_forbidden":
+            message, param = f"Unrecognized request argument supplied: {where}", where
+        elif first.get("type") == "unsupported_value":
+            param = str(context.get("name"))
+            message = str(first.get("msg"))
+        else:
+            message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+            param = where or None
     else:
         message = str(exc)
-    return JSONResponse(error_body(message, "invalid_request_error", 400), 400)
+    return JSONResponse(error_body(message, "invalid_request_error", 400, param), 400)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -329,7 +349,16 @@ def create_app(
         rid = new_id("chatcmpl" if chat else "cmpl")
         started = time.perf_counter()
         tier = tier_of(caller.tenant)
-        stream = served.generate(prompt, adapter=adapter, tenant=caller.tenant, params=params)
+        tools = body.tool_options() if isinstance(body, ChatRequest) else {}
+        if tools and not isinstance(served, ServedTools):
+            raise UnsupportedParameter(type(served).__name__, ["tools"])
+        stream = (
+            served.generate_tools(
+                prompt, adapter=adapter, tenant=caller.tenant, params=params, **tools
+            )
+            if tools and isinstance(served, ServedTools)
+            else served.generate(prompt, adapter=adapter, tenant=caller.tenant, params=params)
+        )
         # Pull the first chunk before answering, so admission and lookup errors get their
         # status code instead of a broken stream.
         try:
@@ -381,59 +410,43 @@ def create_app(
                 yield chunk
 
         model = body.model
+        fp = fingerprint(base_model())
         if not body.stream:
-            text: list[str] = []
-            last: Chunk | None = None
+            gathered = Gathered()
             try:
                 async for chunk in chunks():
-                    text.append(chunk.text)
-                    last = chunk
+                    gathered.add(chunk)
+                done = gathered.completion(adapter)
             except BaseException:
                 finished(None, "error", "adapter" if adapter else "base")
                 raise
-            usage = last.usage if last and last.usage else Usage(0, 0)
-            done = Completion(
-                text="".join(text),
-                token_ids=(),
-                finish_reason=(last.finish_reason if last and last.finish_reason else "stop"),
-                usage=usage,
-                adapter_id=adapter,
-                served_by=last.served_by if last else "base",
-            )
-            finished(usage, "ok", done.served_by)
-            payload = (
-                chat_response(rid, model, done) if chat else completion_response(rid, model, done)
-            )
-            return JSONResponse(payload)
+            finished(done.usage, "ok", done.served_by)
+            answer = chat_response if chat else completion_response
+            return JSONResponse(answer(rid, model, fp, done, logprobs=params.logprobs))
+
+        answers = Answers(rid, model, fp, chat, params, body.include_usage)
 
         async def events() -> AsyncIterator[bytes]:
             usage: Usage | None = None
             outcome, served_by = "cancelled", "adapter" if adapter else "base"
             try:
-                if chat:
-                    yield sse(chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
+                for opening in answers.opening():
+                    yield sse(opening)
                 async for chunk in chunks():
                     served_by = chunk.served_by
                     if chunk.usage is not None:
                         usage = chunk.usage
-                    if chat:
-                        event = chat_chunk(rid, model, {"content": chunk.text}, chunk.finish_reason)
-                    else:
-                        event = completion_chunk(rid, model, chunk.text, chunk.finish_reason)
-                    yield sse(event)
+                    event = answers.event(chunk)
+                    if event is not None:
+                        yield sse(event)
                 if body.include_usage and usage is not None:
-                    tail = (
-                        chat_chunk(rid, model, None, None, usage)
-                        if chat
-                        else completion_chunk(rid, model, None, None, usage)
-                    )
-                    yield sse(tail)
+                    yield sse(answers.usage(usage))
                 yield sse("[DONE]")
                 outcome = "ok"
             except Exception as exc:  # the status is sent: the error goes in the stream
                 outcome = type(exc).__name__
                 status, name, message, _ = _describe(exc)
-                yield sse(error_body(message, name, status))
+                yield sse(error_body(message, name, status, _param(exc)))
             finally:
                 await stream.aclose()  # a disconnected client cancels the request here
                 finished(usage, outcome, served_by)
@@ -442,7 +455,7 @@ def create_app(
 
     async def completions(request: Request, caller: Caller) -> Response:
         body = CompletionRequest.model_validate(await body_of(request))
-        return await generate(request, caller, body, body.prompt, chat=False)
+        return await generate(request, caller, body, body.text, chat=False)
 
     async def chat_completions(request: Request, caller: Caller) -> Response:
         body = ChatRequest.model_validate(await body_of(request))

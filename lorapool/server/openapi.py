@@ -58,10 +58,19 @@ _USAGE = _object(
 )
 
 
+_NULLABLE_OBJECT = {"type": ["object", "null"]}
+
+
 def _completion(obj: str, field: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """A completion object whose one choice carries ``field`` (its text or message)."""
+    """A completion object with a choice per sample, each carrying ``field`` (its text or
+    message) and its logprobs (chat's ``{"content": [...]}`` or the legacy shape)."""
     choice = _object(
-        {"index": _INT, field: schema, "finish_reason": _OPTIONAL_STR},
+        {
+            "index": _INT,
+            field: schema,
+            "logprobs": _NULLABLE_OBJECT,
+            "finish_reason": _OPTIONAL_STR,
+        },
         "index",
         field,
         "finish_reason",
@@ -73,6 +82,7 @@ def _completion(obj: str, field: str, schema: dict[str, Any]) -> dict[str, Any]:
             "object": {"const": obj},
             "created": _INT,
             "model": _STR,
+            "system_fingerprint": _STR,
             "choices": {"type": "array", "items": choice},
             "usage": usage,
         },
@@ -80,12 +90,36 @@ def _completion(obj: str, field: str, schema: dict[str, Any]) -> dict[str, Any]:
         "object",
         "created",
         "model",
+        "system_fingerprint",
         "choices",
     )
 
 
+_TOOL_CALL = _object(
+    {
+        "id": _STR,
+        "type": {"const": "function"},
+        "function": _object(
+            {"name": _STR, "arguments": {**_STR, "description": "The arguments' JSON text."}},
+            "name",
+            "arguments",
+        ),
+    },
+    "id",
+    "type",
+    "function",
+)
 _COMPLETION = _completion("text_completion", "text", _STR)
-_MESSAGE = _object({"role": {"const": "assistant"}, "content": _STR}, "role", "content")
+_MESSAGE = _object(
+    {
+        "role": {"const": "assistant"},
+        "content": {**_OPTIONAL_STR, "description": "Null when the answer is tool calls."},
+        "refusal": {"type": "null"},
+        "tool_calls": {"type": "array", "items": _TOOL_CALL},
+    },
+    "role",
+    "content",
+)
 _CHAT_COMPLETION = _completion("chat.completion", "message", _MESSAGE)
 _MODEL = _object(
     {
@@ -124,7 +158,10 @@ _AUTHENTICATED = {
     "503": _error("The server is draining, or the registry cannot be read or written now."),
 }
 _BODY_ERRORS = {
-    "400": _error("The body is not valid JSON or not a valid request (a field names it)."),
+    "400": _error(
+        "The body is not valid JSON or not a valid request, or it sets a field the server "
+        "does not know or cannot honour (`param` names the field)."
+    ),
     "413": _error("The body is larger than the server's limit (`max_body_bytes`)."),
 }
 _GENERATION_ERRORS = {

@@ -9,14 +9,14 @@ them from pools on Ray Serve replicas, so the same app is the ingress there.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from typing import Protocol, runtime_checkable
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from lorapool.access import SourceRules
 from lorapool.pool import AdapterPool
 from lorapool.types import AdapterInfo, Chunk, Prompt, SamplingParams
 
-__all__ = ["LocalPool", "Served"]
+__all__ = ["LocalPool", "Served", "ServedTools"]
 
 
 @runtime_checkable
@@ -70,6 +70,26 @@ class Served(Protocol):
         ...
 
 
+@runtime_checkable
+class ServedTools(Protocol):
+    """What serves tool calls too (:class:`LocalPool`); the app refuses ``tools`` for a
+    :class:`Served` without it (400, ``UnsupportedParameter``)."""
+
+    def generate_tools(
+        self,
+        prompt: Prompt,
+        *,
+        adapter: str | None,
+        tenant: str,
+        params: SamplingParams,
+        tools: Sequence[Mapping[str, Any]],
+        tool_choice: str | Mapping[str, Any] | None,
+        parallel_tool_calls: bool | None,
+    ) -> AsyncGenerator[Chunk, None]:
+        """Stream a completion that may call ``tools`` (:meth:`AdapterPool.generate`)."""
+        ...
+
+
 class LocalPool:
     """:class:`Served` by an :class:`~lorapool.AdapterPool` in this process."""
 
@@ -94,6 +114,28 @@ class LocalPool:
     ) -> AsyncGenerator[Chunk, None]:
         """:meth:`AdapterPool.generate`."""
         return self.pool.generate(prompt, adapter=adapter, tenant=tenant, params=params)
+
+    def generate_tools(
+        self,
+        prompt: Prompt,
+        *,
+        adapter: str | None,
+        tenant: str,
+        params: SamplingParams,
+        tools: Sequence[Mapping[str, Any]],
+        tool_choice: str | Mapping[str, Any] | None,
+        parallel_tool_calls: bool | None,
+    ) -> AsyncGenerator[Chunk, None]:
+        """:meth:`AdapterPool.generate` with tools."""
+        return self.pool.generate(
+            prompt,
+            adapter=adapter,
+            tenant=tenant,
+            params=params,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+        )
 
     async def adapters(self, tenant: str) -> list[AdapterInfo]:
         """:meth:`AdapterPool.list_adapters`."""
