@@ -9,14 +9,46 @@ from pathlib import Path
 
 import pytest
 
+from lorapool.sampling import BASIC_PARAMETERS
 from lorapool.testing import ALL_CHECKS, ConformanceError, MockBackend, check_backend
-from lorapool.types import Chunk, GenerationRequest
+from lorapool.testing.backend_conformance import sampling_parameter_names
+from lorapool.types import Capabilities, Chunk, GenerationRequest
 
 from .test_store import make_adapters
 
 
 @dataclasses.dataclass
-class IgnoresAdapters(MockBackend):
+class Checked(MockBackend):
+    """A MockBackend that refuses what it does not honour first, as every backend must
+    (``BaseBackend.check_request``); MockBackend itself serves whatever it is sent."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        self.check_request(request)
+        return super().generate(request)
+
+
+@dataclasses.dataclass
+class ClaimsTopK(Checked):
+    """Lists top_k in Capabilities.sampling, but answers top_k requests with no finish."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(super().capabilities, sampling=BASIC_PARAMETERS | {"top_k"})
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        inner = super().generate(request)
+
+        async def stream() -> AsyncIterator[Chunk]:
+            async for chunk in inner:
+                if request.params.top_k is not None:
+                    chunk = dataclasses.replace(chunk, finish_reason=None)
+                yield chunk
+
+        return stream()
+
+
+@dataclasses.dataclass
+class IgnoresAdapters(Checked):
     """Answers every request as the base model: adapters never applied."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -24,7 +56,7 @@ class IgnoresAdapters(MockBackend):
 
 
 @dataclasses.dataclass
-class ServesAnything(MockBackend):
+class ServesAnything(Checked):
     """Serves a request for an adapter that is not in its slot (a silent base answer)."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -37,7 +69,7 @@ class ServesAnything(MockBackend):
 
 
 @dataclasses.dataclass
-class KeepsStreaming(MockBackend):
+class KeepsStreaming(Checked):
     """Crashes the engine on cancellation: unhealthy after a stream is closed early."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -54,7 +86,7 @@ class KeepsStreaming(MockBackend):
         return stream()
 
 
-class RestartsOnResume(MockBackend):
+class RestartsOnResume(Checked):
     """Claims resume but starts over: the resumed request repeats the streamed tokens."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -63,12 +95,14 @@ class RestartsOnResume(MockBackend):
 
 async def test_mock_backend_passes(tmp_path: Path) -> None:
     adapters = make_adapters(tmp_path, 3)
-    report = await check_backend(lambda: MockBackend(max_slots=2, token_delay=0.001), adapters)
+    report = await check_backend(lambda: Checked(max_slots=2, token_delay=0.001), adapters)
     assert "more-adapters-than-slots" in report.checks and report.checks[-1] == "close"
+    assert sorted(report.accepted) == sorted(BASIC_PARAMETERS)
+    assert sorted(report.refused) == sorted(sampling_parameter_names() - BASIC_PARAMETERS)
     assert "resume" not in report.checks  # not offered
     assert report.outputs["t/a0"] != report.outputs["base"]
     resumable = await check_backend(
-        lambda: MockBackend(max_slots=2, token_delay=0.001, resume=True), adapters
+        lambda: Checked(max_slots=2, token_delay=0.001, resume=True), adapters
     )
     assert resumable.checks == list(ALL_CHECKS)
 
@@ -80,6 +114,8 @@ async def test_mock_backend_passes(tmp_path: Path) -> None:
         (ServesAnything, "[errors]"),
         (KeepsStreaming, "[cancellation]"),
         (functools.partial(RestartsOnResume, resume=True), "[resume]"),
+        (MockBackend, "[sampling/frequency_penalty]"),  # serves what it cannot honour
+        (ClaimsTopK, "[sampling/top_k]"),
     ],
 )
 async def test_broken_backends_fail_the_check_they_break(
