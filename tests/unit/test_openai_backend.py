@@ -248,3 +248,181 @@ async def test_missing_engine_package_names_the_extra() -> None:
 
     with pytest.raises(BackendUnavailable, match=r"pip install 'lorapool\[vllm\]'"):
         await VLLMBackend("any-model").start()
+
+
+# -- the sampling set (issue 26) ------------------------------------------------------
+
+
+def sse(*events: dict[str, object]) -> httpx.Response:
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    return httpx.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+
+
+def speller(model_dir: Path) -> Path:
+    """A directory with a tokenizer.json whose tokens are 'a'..'e' (ids 0..4)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {c: i for i, c in enumerate("abcde")}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="a"))
+    tok.save(str(model_dir / "tokenizer.json"))
+    return model_dir
+
+
+def test_request_body_sends_what_a_request_sets_in_each_flavors_fields() -> None:
+    from lorapool.backends.openai import request_body
+    from lorapool.types import StructuredOutput
+
+    params = SamplingParams(
+        max_tokens=9,
+        top_k=3,
+        min_p=0.1,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.2,
+        logit_bias={7: -100.0},
+        stop_token_ids=[4],
+        min_tokens=2,
+        n=2,
+        logprobs=True,
+        top_logprobs=3,
+        structured=StructuredOutput.json_schema({"type": "object"}),
+    )
+    body = request_body(params, "vllm", chat=False)
+    assert {k: body[k] for k in ("top_k", "min_p", "repetition_penalty", "min_tokens", "n")} == {
+        "top_k": 3,
+        "min_p": 0.1,
+        "repetition_penalty": 1.2,
+        "min_tokens": 2,
+        "n": 2,
+    }
+    assert body["logit_bias"] == {"7": -100.0} and body["stop_token_ids"] == [4]
+    assert body["presence_penalty"] == 0.5 and body["frequency_penalty"] == -0.5
+    assert body["logprobs"] == 3 and body["return_tokens_as_token_ids"] is True
+    assert body["structured_outputs"] == {
+        "json": {"type": "object"},
+        "disable_any_whitespace": True,
+    }
+    chat = request_body(params, "vllm", chat=True)
+    assert chat["logprobs"] is True and chat["top_logprobs"] == 3
+    sglang = request_body(params, "sglang", chat=True)
+    assert sglang["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": {"type": "object"}},
+    }
+    choice = SamplingParams(structured=StructuredOutput.choice(["a.b", "c"]))
+    assert request_body(choice, "sglang", chat=False)["regex"] == r"(a\.b|c)"
+    assert request_body(choice, "vllm", chat=False)["structured_outputs"] == {
+        "choice": ["a.b", "c"]
+    }
+    plain = request_body(SamplingParams(max_tokens=4), "vllm", chat=False)
+    assert set(plain) == {
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stream",
+        "stream_options",
+        "return_token_ids",
+    }
+
+
+async def test_n_samples_logprobs_and_a_stop_token_from_a_completions_stream(
+    tmp_path: Path,
+) -> None:
+    """Two samples interleaved, log-probabilities as token_id:N (spelled with the local
+    tokenizer), sample 1 ended by a stop token (not returned, counted), usage last."""
+
+    def lp(ids: list[int], tops: list[dict[int, float]]) -> dict[str, object]:
+        return {
+            "tokens": [f"token_id:{i}" for i in ids],
+            "token_logprobs": [tops[k][i] for k, i in enumerate(ids)],
+            "top_logprobs": [{f"token_id:{t}": v for t, v in top.items()} for top in tops],
+        }
+
+    def choice(
+        index: int, text: str, ids: list[int], tops: list[dict[int, float]], **kw: object
+    ) -> dict[str, object]:
+        return {"index": index, "text": text, "token_ids": ids, "logprobs": lp(ids, tops), **kw}
+
+    events = [
+        {"choices": [choice(0, "a", [0], [{0: -0.1, 1: -2.0, 2: -3.0}])]},
+        {"choices": [choice(1, "b", [1], [{1: -0.5, 0: -1.0}])]},
+        {"choices": [choice(0, "c", [2], [{2: -0.2, 3: -1.5}], finish_reason="length")]},
+        {
+            "choices": [
+                choice(1, "e", [4], [{4: -0.3, 1: -0.9}], finish_reason="stop", stop_reason=4)
+            ]
+        },
+        {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}},
+    ]
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, content=MODELS.encode())
+        return sse(*events)
+
+    b = OpenAIServerBackend(
+        "http://vllm.test",
+        model_path=speller(tmp_path),
+        transport=httpx.MockTransport(handler),
+        retries=0,
+    )
+    await b.start()
+    assert {"logprobs", "top_logprobs", "n", "structured.grammar"} <= b.capabilities.sampling
+    params = SamplingParams(
+        max_tokens=2, n=2, logprobs=True, top_logprobs=1, stop_token_ids=[4], temperature=0.0
+    )
+    chunks = [c async for c in b.generate(GenerationRequest("r", "x", params, None))]
+    await b.aclose()
+    by_index = {i: [c for c in chunks if c.index == i] for i in (0, 1)}
+    assert [c.token_ids for c in by_index[0]] == [(0,), (2,)]
+    assert [c.token_ids for c in by_index[1]] == [(1,)]  # the stop token is not returned
+    assert "".join(c.text for c in by_index[1]) == "b"
+    assert by_index[0][-1].finish_reason == "length" and by_index[1][-1].finish_reason == "stop"
+    assert [c.finish_reason for c in chunks].count(None) == len(chunks) - 2
+    assert [c.usage for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    first = by_index[0][0].logprobs
+    assert len(first) == 1 and first[0].token_id == 0 and first[0].token == "a"
+    assert first[0].logprob == -0.1 and [(t.token_id, t.token) for t in first[0].top] == [(0, "a")]
+    assert [e.token_id for e in by_index[1][-1].logprobs] == [1]
+    body = json.loads(seen[-1].content)
+    assert body["n"] == 2 and body["return_tokens_as_token_ids"] is True
+
+
+async def test_what_the_server_backend_does_not_serve_is_refused_before_a_request(
+    tmp_path: Path,
+) -> None:
+    """No local tokenizer: log-probabilities are not served; a narrowed backend refuses
+    the rest too; nothing is sent for a refused request."""
+    from lorapool.errors import UnsupportedParameter
+
+    seen: list[httpx.Request] = []
+    b = backend({}, seen)
+    await b.start()
+    assert "logprobs" not in b.capabilities.sampling and "top_k" in b.capabilities.sampling
+    with pytest.raises(UnsupportedParameter) as err:
+        await anext(b.generate(GenerationRequest("r", "x", SamplingParams(logprobs=True), None)))
+    assert err.value.backend == "OpenAIServerBackend" and err.value.parameters == ["logprobs"]
+    await b.aclose()
+    narrow = OpenAIServerBackend(
+        "http://vllm.test",
+        sampling={"max_tokens", "temperature"},
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=MODELS.encode())),
+    )
+    await narrow.start()
+    with pytest.raises(UnsupportedParameter, match="top_k"):
+        await anext(narrow.generate(GenerationRequest("r", "x", SamplingParams(top_k=2), None)))
+    await narrow.aclose()
+    assert [r.url.path for r in seen] == ["/v1/models"]
+    with pytest.raises(ValueError, match="cannot send"):
+        OpenAIServerBackend("http://vllm.test", sampling={"beam_width"})
+    sglang = OpenAIServerBackend(
+        "http://sglang.test",
+        flavor="sglang",
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=MODELS.encode())),
+    )
+    await sglang.start()
+    assert "structured.grammar" not in sglang.capabilities.sampling
+    assert "structured.regex" in sglang.capabilities.sampling
+    await sglang.aclose()
