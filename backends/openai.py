@@ -391,10 +391,8 @@ def request_body(params: SamplingParams, flavor: Flavor, *, chat: bool) -> dict[
 
     Only what a request sets is sent (the server's defaults are the same as lorapool's).
     vLLM takes structured output as ``structured_outputs``; SGLang as ``response_format``
-    (JSON) and ``regex``. vLLM is asked for JSON without free whitespace (as
-    :func:`~lorapool.backends.vllm.vllm_sampling_params` does). Log-probabilities are
-    asked for as ``token_id:N`` tokens (vLLM's ``return_tokens_as_token_ids``), so
-    alternatives are known by id.
+    (JSON) and ``regex``. Log-probabilities are asked for as ``token_id:N`` tokens
+    (vLLM's ``return_tokens_as_token_ids``), so alternatives are known by id.
     """
     body: dict[str, Any] = {
         "max_tokens": params.max_tokens,
@@ -434,8 +432,8 @@ def request_body(params: SamplingParams, flavor: Flavor, *, chat: bool) -> dict[
         return body
     if flavor == "vllm":
         structured: dict[str, dict[str, Any]] = {
-            "json_object": {"json_object": True, "disable_any_whitespace": True},
-            "json_schema": {"json": so.schema_dict, "disable_any_whitespace": True},
+            "json_object": {"json_object": True},
+            "json_schema": {"json": so.schema_dict},
             "regex": {"regex": so.spec},
             "choice": {"choice": list(so.choices)},
             "grammar": {"grammar": so.spec},

@@ -299,7 +299,6 @@ def test_request_body_sends_what_a_request_sets_in_each_flavors_fields() -> None
     assert body["logprobs"] == 3 and body["return_tokens_as_token_ids"] is True
     assert body["structured_outputs"] == {
         "json": {"type": "object"},
-        "disable_any_whitespace": True,
     }
     chat = request_body(params, "vllm", chat=True)
     assert chat["logprobs"] is True and chat["top_logprobs"] == 3
