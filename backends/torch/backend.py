@@ -15,11 +15,16 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from lorapool.errors import BackendError, InvalidRequest, LoadError
+from lorapool.sampling import BASIC_PARAMETERS
 from lorapool.types import (
     Capabilities,
     Chunk,
+    FinishReason,
     GenerationRequest,
     LoadedAdapter,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -38,6 +43,24 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+SAMPLING = BASIC_PARAMETERS | {
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "stop_token_ids",
+    "min_tokens",
+    "n",
+    "logprobs",
+    "top_logprobs",
+}
+"""The sampling parameters TorchBackend honours (structured output besides, with llguidance)."""
+STRUCTURED = frozenset(
+    f"structured.{k}" for k in ("json_object", "json_schema", "regex", "choice", "grammar")
+)
 
 
 class TorchBackend(BaseBackend):
@@ -71,6 +94,20 @@ class TorchBackend(BaseBackend):
     step still holds the paused sequence's row; the paused sequence leaves at
     the step's end and the decode never runs more than ``max_batch`` rows.
     Each costs one row of KV cache (``max_seq_len`` positions).
+
+    Sampling: every :class:`~lorapool.types.SamplingParams` field is honoured (vLLM's
+    meanings; ``Capabilities.sampling`` lists them), structured output through llguidance
+    (compact JSON). ``logit_bias`` and ``stop_token_ids`` naming a token outside the
+    vocabulary, ``n`` above ``max_batch`` and a schema, pattern or grammar that does not
+    compile are refused with :class:`~lorapool.errors.InvalidRequest` when the request
+    arrives.
+
+    The stream of a request with ``n`` samples: every chunk carries its sample's
+    ``Chunk.index``; each sample's last chunk carries its ``finish_reason``; the stream's
+    very last chunk (the last sample to end) also carries ``usage`` for the whole request:
+    the prompt's tokens once, the completion tokens of every sample summed. The samples
+    share one prefill; with a ``seed``, sample ``i`` uses ``seed + i``. Closing the stream
+    cancels every sample. Such a request is never preempted, nor resumed.
     """
 
     def __init__(
@@ -115,6 +152,9 @@ class TorchBackend(BaseBackend):
         self._engine: Engine | None = None
         self._stats: EngineStats | None = None
         self._slot_of: dict[str, int] = {}
+        self._grammars: Any = None  # grammar.Grammars, with llguidance
+        self._vocab_size = 0
+        self._token_text: dict[int, str] = {}
 
     @classmethod
     def from_config(cls, model: str | None = None, /, **options: Any) -> Self:
@@ -152,17 +192,28 @@ class TorchBackend(BaseBackend):
         from transformers import AutoTokenizer
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
+        vocab_size = int(json.loads((self.model_path / "config.json").read_text())["vocab_size"])
+        grammars, masks = await asyncio.to_thread(self._structured, vocab_size)
         engine = Engine(
             self._build,
             eos_ids=self._eos_ids(self._tokenizer),
             max_prefill_tokens=self.max_prefill_tokens,
             interleave_prefill=self.interleave_prefill,
             spare_rows=self.spare_rows,
+            masks=masks,
         )
-        await asyncio.wrap_future(engine.start())
+        try:
+            await asyncio.wrap_future(engine.start())
+        except BaseException:
+            if masks is not None:
+                masks.close()
+            raise
         cfg = engine.model.cfg
         self._engine = engine
         self._stats = engine.stats
+        self._grammars = grammars
+        self._vocab_size = cfg.vocab_size
+        sampling = SAMPLING | (STRUCTURED if grammars is not None else frozenset())
         return Capabilities(
             max_slots=self.max_slots,
             max_rank=self.max_rank,
@@ -175,7 +226,17 @@ class TorchBackend(BaseBackend):
             preemption=True,
             resume=True,
             model_path=self.model_path,
+            sampling=frozenset(sampling),
         )
+
+    def _structured(self, vocab_size: int) -> tuple[Any, Any]:
+        """llguidance's tokenizer (built once) and mask filler; ``(None, None)`` without it."""
+        try:
+            from .grammar import Grammars, MaskFiller
+        except ImportError as exc:  # pragma: no cover - llguidance is in the torch extra
+            log.warning("structured output is off: llguidance is not importable (%s)", exc)
+            return None, None
+        return Grammars(self._tokenizer, vocab_size), MaskFiller(vocab_size)
 
     def _build(self) -> tuple[LlamaModel, LoraSlots, KVCache]:
         """Runs on the engine thread."""
@@ -327,19 +388,62 @@ class TorchBackend(BaseBackend):
         """Text of token ids, without special tokens."""
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
+    def check_request(self, request: GenerationRequest) -> None:
+        """:meth:`BaseBackend.check_request`, and the token ids and ``n`` checked against
+        the model: a ``logit_bias`` or ``stop_token_ids`` id outside the vocabulary, or
+        more samples than ``max_batch``, is :class:`~lorapool.errors.InvalidRequest`."""
+        super().check_request(request)
+        params = request.params
+        for what, ids in (
+            ("logit_bias", params.logit_bias),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            outside = sorted(t for t in ids if t >= self._vocab_size)
+            if outside:
+                raise InvalidRequest(
+                    f"{what} names token {outside[0]}, outside the vocabulary "
+                    f"(ids 0..{self._vocab_size - 1})"
+                )
+        if params.n > self.max_batch:
+            raise InvalidRequest(
+                f"n={params.n} samples exceed the engine's max_batch of {self.max_batch}"
+            )
+        if params.n > 1 and request.resume:
+            raise InvalidRequest("a request of several samples cannot be resumed")
+
+    def _token(self, token_id: int) -> str:
+        """A token's text (cached)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = str(self._tokenizer.decode([token_id]))
+        return text
+
+    def _logprobs(self, event: Event) -> tuple[TokenLogprob, ...]:
+        return tuple(
+            TokenLogprob(
+                token_id,
+                self._token(token_id),
+                logprob,
+                tuple(TopLogprob(t, self._token(t), lp) for t, lp in top),
+            )
+            for token_id, logprob, top in event.logprobs
+        )
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Stream a completion; leaving the loop early cancels it within one step.
 
         A request with ``resume`` tokens starts as a preempted sequence returns: its
         prompt and those tokens in one prefill, then the tokens still to come (greedy
-        output unchanged; a seeded sample restarts its random stream).
+        output unchanged; a seeded sample restarts its random stream). With ``n``
+        samples, see the class's docstring for the stream's shape.
         """
+        self.check_request(request)
         engine = self._require_engine()
         if request.adapter_id is not None and request.slot is None:
             raise InvalidRequest(f"adapter {request.adapter_id!r} has no device slot")
         # Tokenized on a worker thread (bounded by max_prompt_chars first): a long prompt
         # never holds up the event loop, which serves every other request.
-        prompt_ids = await self.aencode(request.prompt)
+        prompt_ids = await self.aencode(request.prompt, request.tools or None)
         if request.slot is not None and engine.lora.occupant[request.slot] != request.adapter_id:
             raise BackendError(
                 f"slot {request.slot} holds {engine.lora.occupant[request.slot]!r}, "
@@ -359,76 +463,123 @@ class TorchBackend(BaseBackend):
                 f"the engine's max_seq_len {self.max_seq_len}; "
                 "shorten the prompt or lower max_tokens"
             )
+        matcher: Any = None
+        if params.structured is not None:
+            # Compiled off the event loop: a large schema or grammar takes milliseconds.
+            matcher = await asyncio.to_thread(self._grammars.matcher, params.structured, resumed)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        def sink(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator()
-            if params.seed is not None:
-                generator.manual_seed(params.seed)
-            else:
-                generator.seed()
-        seq = EngineSequence(
-            request_id=request.request_id,
-            prompt_ids=prompt_ids,
-            params=params,
-            slot=-1 if request.slot is None else request.slot,
-            sink=sink,
-            generator=generator,
-            output=resumed,
-        )
-        detok = IncrementalDetokenizer(self.decode)
-        detok.add(resumed)  # the text already streamed: context for what follows
-        stops = StopMatcher(params.stop)
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        seqs = [
+            EngineSequence(
+                request_id=request.request_id,
+                prompt_ids=prompt_ids,
+                params=params,
+                slot=-1 if request.slot is None else request.slot,
+                sink=_sink(loop, queue, i),
+                generator=_generator(params, i),
+                output=list(resumed),
+                index=i,
+                matcher=None if matcher is None else matcher if i == 0 else matcher.deep_copy(),
+            )
+            for i in range(params.n)
+        ]
+        seqs[0].siblings = seqs[1:]
+        samples = [_Sample(self.decode, params, resumed) for _ in seqs]
         produced = len(resumed)
+        open_samples = len(samples)
         served_by = "base" if request.adapter_id is None else "adapter"
-        done = False
-        engine.submit(seq)
+        engine.submit(seqs[0])
         try:
-            while True:
-                ids, finish, error = await queue.get()
-                if isinstance(error, RowFault):
-                    done = True
+            while open_samples:
+                index, event = await queue.get()
+                sample = samples[index]
+                if sample.done:
+                    continue  # a sample stopped by a stop string: its cancel's echo
+                if isinstance(event.error, RowFault):
                     raise BackendError(
                         f"request {request.request_id} on adapter "
-                        f"{request.adapter_id or '(base model)'} ended: {error.reason}; "
+                        f"{request.adapter_id or '(base model)'} ended: {event.error.reason}; "
                         "the engine's other requests go on"
                     )
-                if error is not None:
-                    done = True
-                    raise BackendError(f"engine failed on request {request.request_id}: {error}")
-                produced += len(ids) + (1 if finish == "stop" and not stops.stopped else 0)
-                text = stops.feed(detok.add(ids)) if ids else ""
-                if stops.stopped and finish is None:
-                    engine.cancel(request.request_id)
-                    finish = "stop"
-                if finish is not None:
-                    done = True
-                    if not stops.stopped:
-                        text += stops.flush()
-                    yield Chunk(
-                        text=text,
-                        token_ids=tuple(ids),
-                        finish_reason=finish,
-                        usage=Usage(len(prompt_ids), produced),
-                        adapter_id=request.adapter_id,
-                        served_by=served_by,
+                if event.error is not None:
+                    raise BackendError(
+                        f"engine failed on request {request.request_id}: {event.error}"
                     )
-                    return
-                if text or ids:
+                produced += event.produced
+                text, finish = sample.feed(event)
+                if finish is not None and event.finish is None:
+                    engine.cancel(request.request_id, index)  # a stop string
+                if finish is not None:
+                    open_samples -= 1
                     yield Chunk(
                         text=text,
-                        token_ids=tuple(ids),
+                        token_ids=tuple(event.token_ids),
+                        finish_reason=finish,
+                        usage=None if open_samples else Usage(len(prompt_ids), produced),
                         adapter_id=request.adapter_id,
                         served_by=served_by,
+                        index=index,
+                        logprobs=self._logprobs(event),
+                    )
+                elif text or event.token_ids:
+                    yield Chunk(
+                        text=text,
+                        token_ids=tuple(event.token_ids),
+                        adapter_id=request.adapter_id,
+                        served_by=served_by,
+                        index=index,
+                        logprobs=self._logprobs(event),
                     )
         finally:
-            if not done:
+            if open_samples:
                 engine.cancel(request.request_id)
+
+
+class _Sample:
+    """One sample's text so far: its detokenizer and stop strings."""
+
+    def __init__(
+        self, decode: Callable[[Sequence[int]], str], params: SamplingParams, resumed: list[int]
+    ) -> None:
+        self.detok = IncrementalDetokenizer(decode)
+        self.detok.add(resumed)  # the text already streamed: context for what follows
+        self.stops = StopMatcher(params.stop)
+        self.done = False
+
+    def feed(self, event: Event) -> tuple[str, FinishReason | None]:
+        """The text to send for an event, and the sample's finish reason if it ended."""
+        text = self.stops.feed(self.detok.add(event.token_ids)) if event.token_ids else ""
+        finish: FinishReason | None = event.finish
+        if self.stops.stopped and finish is None:
+            finish = "stop"
+        if finish is not None:
+            self.done = True
+            if not self.stops.stopped:
+                text += self.stops.flush()
+        return text, finish
+
+
+def _sink(
+    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[int, Event]], index: int
+) -> Callable[[Event], None]:
+    """The engine-thread callback that hands sample ``index``'s events to the stream."""
+
+    def sink(event: Event) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+    return sink
+
+
+def _generator(params: SamplingParams, index: int) -> torch.Generator | None:
+    """Sample ``index``'s random stream: ``seed + index`` with a seed, fresh otherwise."""
+    if params.temperature <= 0:
+        return None
+    generator = torch.Generator()
+    if params.seed is not None:
+        generator.manual_seed(params.seed + index)
+    else:
+        generator.seed()
+    return generator
 
 
 async def _in_fresh_thread(fn: Callable[[], T]) -> T:

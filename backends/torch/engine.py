@@ -5,6 +5,11 @@ cancelled sequences, admit waiting sequences into free KV rows and prefill
 them, then decode one token for every running sequence. Requests join and
 leave between steps; the event loop never waits on a forward pass.
 
+Each row's next token goes through its :class:`~.sampler.RowSampler` (bias, penalties,
+``min_tokens``, a grammar's mask, temperature and truncation); a request of ``n`` samples
+is prefilled once and its KV row copied into its siblings' rows. Grammar masks for the
+next step are filled on a worker thread while the next forward runs (``grammar.py``).
+
 A request that arrives while a decode step runs does not wait for the step to
 end: between two of the decode's layers, fresh sequences that fit in free
 rows are prefilled (their own forward pass, on rows the decode does not
@@ -22,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,12 +35,30 @@ from lorapool.types import FinishReason, SamplingParams
 
 from .lora import LoraSlots
 from .model import KVCache, LlamaModel
+from .sampler import NoTokenAllowed, RawLogprob, RowSampler, raw_logprobs
+
+if TYPE_CHECKING:
+    from .grammar import MaskFiller
 
 __all__ = ["Engine", "EngineStats", "Event", "RowFault", "Sequence"]
 
 log = logging.getLogger(__name__)
 
-Event = tuple[list[int], "FinishReason | None", "BaseException | None"]
+
+@dataclass(frozen=True)
+class Event:
+    """What the engine tells a sequence's consumer: new tokens, or how it ended.
+
+    ``produced`` counts the tokens generated, one more than ``token_ids`` when the
+    sequence ended on a token that is not returned (end-of-sequence, a stop token id);
+    ``logprobs`` has one entry per token of ``token_ids`` when the request asked.
+    """
+
+    token_ids: list[int]
+    finish: FinishReason | None = None
+    error: BaseException | None = None
+    produced: int = 0
+    logprobs: tuple[RawLogprob, ...] = ()
 
 
 @dataclass(eq=False)
@@ -53,6 +76,21 @@ class Sequence:
     length: int = 0
     preempted: int = 0
     """Times this sequence gave up its KV row; it is recomputed from its tokens on return."""
+    index: int = 0
+    """Which of the request's ``n`` samples this is."""
+    siblings: list[Sequence] = field(default_factory=list)
+    """The request's other samples, waiting with this one (sample 0): they take rows right
+    after it when it is admitted, with a copy of its prefilled KV row and its logits."""
+    sampler: RowSampler | None = None
+    """Bias, penalties, ``min_tokens`` and sampling (made by :meth:`Engine.submit`)."""
+    matcher: Any = None
+    """The llguidance matcher of a structured-output request."""
+    pending_mask: tuple[Future[torch.Tensor], int, int] | None = None
+    """A mask fill under way for this sequence: (future, its row, output length then)."""
+
+    def rows_needed(self) -> int:
+        """KV rows the sequence takes when admitted: its own and its waiting siblings'."""
+        return 1 + len(self.siblings)
 
     def context(self) -> list[int]:
         """The tokens a prefill must run: the prompt, plus any output (after a preemption)."""
@@ -100,6 +138,7 @@ class Engine:
         max_prefill_tokens: int,
         interleave_prefill: bool = True,
         spare_rows: int = 0,
+        masks: MaskFiller | None = None,
     ) -> None:
         if spare_rows < 0:
             raise ValueError("spare_rows must be >= 0")
@@ -108,6 +147,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.interleave_prefill = interleave_prefill
         self.spare_rows = spare_rows
+        self.masks = masks
         self._rows = 0  # rows a decode step may run: the cache's, less the spare ones
         self.stats = EngineStats()
         self.logits_hook: Callable[[list[str], torch.Tensor], None] | None = None
@@ -115,7 +155,7 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
-        self._cancelled: set[str] = set()
+        self._cancelled: set[tuple[str, int | None]] = set()  # (request, sample or all)
         # Preemptions asked for, by request id, to the step start they were asked after;
         # ordered: first asked, first applied.
         self._preempt: dict[str, int] = {}
@@ -154,15 +194,18 @@ class Engine:
             self._thread.join()
 
     def submit(self, seq: Sequence) -> None:
-        """Queue a sequence; it is admitted when a KV row is free."""
+        """Queue a sequence (and its waiting siblings); admitted when KV rows are free."""
+        for s in (seq, *seq.siblings):
+            if s.sampler is None:
+                s.sampler = RowSampler(s.params, eos_ids=self.eos_ids, generator=s.generator)
         with self._cond:
             self._waiting.append(seq)
             self._cond.notify()
 
-    def cancel(self, request_id: str) -> None:
-        """Drop a sequence at the start of the next step."""
+    def cancel(self, request_id: str, index: int | None = None) -> None:
+        """Drop a request's sequences (only sample ``index``, if given) at the next step."""
         with self._cond:
-            self._cancelled.add(request_id)
+            self._cancelled.add((request_id, index))
             self._cond.notify()
 
     def preempt(self, request_id: str) -> bool:
@@ -175,12 +218,13 @@ class Engine:
         from its prompt and output in one prefill; its stream just pauses. Returns
         False when the request is not running (not admitted yet, paused, or done) or
         was already asked to pause: one pause frees one row, so a second caller must
-        pick another request.
+        pick another request. A request of several samples is never paused (False).
         """
         with self._cond:
             if request_id in self._preempt:
                 return False
-            if not any(s.request_id == request_id for s in self._running):
+            mine = [s for s in self._running if s.request_id == request_id]
+            if not mine or any(s.params.n > 1 for s in mine):
                 return False
             self._preempt[request_id] = self._step_starts
             self._cond.notify()
@@ -246,7 +290,7 @@ class Engine:
                     fut.set_result(fn())
                 except BaseException as exc:
                     fut.set_exception(exc)
-            for seq in [s for s in self._running if s.request_id in cancelled]:
+            for seq in [s for s in self._running if _is_cancelled(s, cancelled)]:
                 self._finish(seq, "cancelled")
             try:
                 if admitted:
@@ -270,7 +314,10 @@ class Engine:
             waiting = list(self._waiting)
             self._waiting.clear()
         for seq in waiting:
-            seq.sink(([], None, RuntimeError("engine stopped")))
+            for s in (seq, *seq.siblings):
+                s.sink(Event([], error=RuntimeError("engine stopped")))
+        if self.masks is not None:
+            self.masks.close()
 
     def _apply_preemptions(self) -> None:
         """Free rows for fresh waiting sequences by preempting as asked (lock held).
@@ -286,7 +333,7 @@ class Engine:
         running = {s.request_id: s for s in self._running}
         for rid in [r for r in self._preempt if r not in running]:
             del self._preempt[rid]  # finished or cancelled meanwhile
-        fresh = sum(1 for s in self._waiting if not s.preempted)
+        fresh = sum(s.rows_needed() for s in self._waiting if not s.preempted)
         short = fresh - (self._rows - len(self._running))  # < 0 rows free; > 0 in spare rows
         while short > 0 and self._preempt:
             rid = next(iter(self._preempt))
@@ -300,15 +347,16 @@ class Engine:
         for rid in [r for r, asked in self._preempt.items() if asked < self._step_starts - 1]:
             del self._preempt[rid]
 
-    def _admit(self, cancelled: set[str]) -> list[Sequence]:
+    def _admit(self, cancelled: set[tuple[str, int | None]]) -> list[Sequence]:
         """Take waiting sequences into free rows, within the prefill budget (lock held).
 
         Sequences that have not started go before paused ones: a pause made room for
         a newcomer, and the paused sequence resuming first would take that room back.
         """
-        for seq in [s for s in self._waiting if s.request_id in cancelled]:
+        for seq in [s for s in self._waiting if _is_cancelled(s, cancelled)]:
             self._waiting.remove(seq)
-            seq.sink(([], "cancelled", None))
+            for s in (seq, *seq.siblings):
+                s.sink(Event([], "cancelled"))
         fresh = [s for s in self._waiting if not s.preempted]
         return self._take(fresh + [s for s in self._waiting if s.preempted])
 
@@ -317,14 +365,15 @@ class Engine:
         by default those a decode may run) within the prefill budget (lock held)."""
         admitted: list[Sequence] = []
         free = (self._rows if rows is None else rows) - len(self._running)
-        longest = 0
+        longest = taken = 0
         for seq in candidates:
-            if len(admitted) >= free:
+            if taken + seq.rows_needed() > free:
                 break
             longest_if = max(longest, len(seq.context()))
             if admitted and longest_if * (len(admitted) + 1) > self.max_prefill_tokens:
                 break
             longest = longest_if
+            taken += seq.rows_needed()
             admitted.append(seq)
         for seq in admitted:
             self._waiting.remove(seq)
@@ -347,7 +396,9 @@ class Engine:
             return  # unlocked peek: an arrival missed here goes at the next layer or step
         with self._cond:
             fresh = [
-                s for s in self._waiting if not s.preempted and s.request_id not in self._cancelled
+                s
+                for s in self._waiting
+                if not s.preempted and not _is_cancelled(s, self._cancelled)
             ]
             running = {s.request_id for s in self._running}
             pending = sum(1 for rid in self._preempt if rid in running)
@@ -400,10 +451,24 @@ class Engine:
         last = torch.tensor([len(c) - 1 for c in contexts], device=dev)
         starts = torch.zeros(len(seqs), dtype=torch.long, device=dev)
         logits = self._forward(tokens.to(dev), row0, starts, last, slots)
-        self._running.extend(seqs)
+        # A request's other samples: rows right after the prefilled ones, with a copy of
+        # sample 0's KV row and its logits.
+        siblings: list[Sequence] = []
+        source: list[int] = []
+        for i, s in enumerate(seqs):
+            for sib in s.siblings:
+                sib.row = row0 + len(seqs) + len(siblings)
+                sib.length = s.length
+                self.cache.move_row(s.row, sib.row, s.length)
+                siblings.append(sib)
+                source.append(i)
+            s.siblings = []
+        if siblings:
+            logits = logits[torch.tensor(list(range(len(seqs))) + source, device=logits.device)]
+        self._running.extend(seqs + siblings)
         self.stats.prefill_steps += 1
         self.stats.max_running = max(self.stats.max_running, len(self._running))
-        self._emit(seqs, logits)
+        self._emit(seqs + siblings, logits)
 
     def _decode(self) -> None:
         dev = self.model.device
@@ -422,7 +487,19 @@ class Engine:
         if self.logits_hook is not None:
             self.logits_hook([s.request_id for s in seqs], logits)
         chosen = self._sample(seqs, logits)
-        for seq, tok in zip(seqs, chosen, strict=True):
+        asked = [
+            i
+            for i, (s, t) in enumerate(zip(seqs, chosen, strict=True))
+            if s.params.logprobs and not isinstance(t, RowFault)
+        ]
+        logprobs: dict[int, RawLogprob] = {}
+        if asked:
+            picked = [int(c) for c in (chosen[i] for i in asked) if not isinstance(c, RowFault)]
+            top = [seqs[i].params.top_logprobs for i in asked]
+            logprobs = dict(zip(asked, raw_logprobs(logits, asked, picked, top), strict=True))
+        for i, (seq, tok) in enumerate(zip(seqs, chosen, strict=True)):
+            if not isinstance(tok, RowFault) and seq.matcher is not None:
+                tok = self._advance_grammar(seq, tok)
             if isinstance(tok, RowFault):
                 # This row alone ends: the other rows of the step go on.
                 self.stats.row_faults += 1
@@ -431,50 +508,111 @@ class Engine:
                 continue
             self.stats.tokens_generated += 1
             seq.output.append(tok)
+            lp = (logprobs[i],) if i in logprobs else ()
             finish: FinishReason | None = None
-            if tok in self.eos_ids and not seq.params.ignore_eos:
-                finish = "stop"
+            hidden = tok in seq.params.stop_token_ids or (
+                tok in self.eos_ids and (not seq.params.ignore_eos or seq.matcher is not None)
+            )
+            if hidden:
+                finish = "stop"  # the end-of-sequence or stop token is not returned
+            elif seq.matcher is not None and seq.matcher.is_stopped():
+                finish = "stop"  # the grammar is complete: only end-of-sequence could follow
             elif len(seq.output) >= seq.params.max_tokens:
                 finish = "length"
             if finish is None:
-                seq.sink(([tok], None, None))
+                seq.sink(Event([tok], produced=1, logprobs=lp))
             else:
-                self._finish(seq, finish, emit=[] if finish == "stop" else [tok])
+                self._release_row(seq)
+                ids = [] if hidden else [tok]
+                seq.sink(Event(ids, finish, produced=1, logprobs=() if hidden else lp))
+        self._start_masks(seqs)
+
+    def _advance_grammar(self, seq: Sequence, tok: int) -> int | RowFault:
+        """Feed the token to the row's matcher; a matcher error is the row's fault."""
+        try:
+            if seq.matcher.consume_token(tok) and not seq.matcher.is_error():
+                return tok
+            reason = seq.matcher.get_error() or f"token {tok} does not follow the grammar"
+        except Exception as exc:  # llguidance's misuse errors: this row's, not the step's
+            reason = str(exc)
+        return RowFault(seq.request_id, f"structured output failed: {reason}")
+
+    def _start_masks(self, seqs: list[Sequence]) -> None:
+        """Start filling the next step's masks of the rows under a grammar (worker thread)."""
+        live = [s for s in seqs if s.matcher is not None and s.row >= 0]
+        if not live or self.masks is None:
+            return
+        buffer = self.masks.buffer(len(live))
+        future = self.masks.start([s.matcher for s in live], buffer)
+        for j, s in enumerate(live):
+            s.pending_mask = (future, j, len(s.output))
+
+    def _grammar_masks(self, seqs: list[Sequence]) -> dict[int, torch.Tensor]:
+        """Each grammar row's allowed tokens (by its index in ``seqs``), in one batch.
+
+        Masks filled ahead of time (:meth:`_start_masks`) are waited for; the rows
+        without one (just prefilled, resumed) are filled now, in one parallel call.
+        """
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if not rows or self.masks is None:
+            return {}
+        stale: list[int] = []
+        for i in rows:
+            pending = seqs[i].pending_mask
+            if pending is None or pending[2] != len(seqs[i].output):
+                stale.append(i)
+        fresh = self.masks.fill([seqs[i].matcher for i in stale], self.masks.buffer(len(stale)))
+        bitmask = self.masks.buffer(len(rows))
+        for j, i in enumerate(rows):
+            pending, seqs[i].pending_mask = seqs[i].pending_mask, None
+            if i in stale or pending is None:
+                bitmask[j] = fresh[stale.index(i)]
+            else:
+                future, k, _ = pending
+                bitmask[j] = future.result()[k]
+        allowed = self.masks.allowed(bitmask)
+        return {i: allowed[j] for j, i in enumerate(rows)}
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RowFault]:
         """The next token of each row, or the :class:`RowFault` that ends that row alone.
 
-        A row whose logits are not all finite (an adapter that overflowed) is a fault.
-        Temperature scaling subtracts the row's maximum first, so every positive
-        temperature gives a valid distribution: as it approaches zero the distribution
-        approaches greedy (all mass on the arg-max tokens) instead of overflowing; a
-        temperature below the logits' dtype's smallest normal number acts as that number.
-        Top-p always keeps the likeliest token, so a ``top_p`` too small for the dtype
-        (``1e-300`` rounds to zero in float32) is greedy, never an empty distribution.
+        A row whose logits are not all finite (an adapter that overflowed) is a fault,
+        and so is a grammar that allows no token. A greedy row with nothing to process
+        takes the batch's arg-max; the others go through their :class:`RowSampler`
+        (``RowSampler.choose`` keeps tiny temperatures greedy and ``top_p`` keeping the
+        likeliest token).
         """
         chosen: list[int | RowFault] = [int(c) for c in logits.argmax(dim=-1).tolist()]
         finite = torch.isfinite(logits).all(dim=-1).tolist()
+        try:
+            allowed = self._grammar_masks(seqs)
+        except Exception as exc:  # a failed mask fill: the grammar rows', not the step's
+            allowed = {}
+            for i, seq in enumerate(seqs):
+                if seq.matcher is not None:
+                    chosen[i] = RowFault(seq.request_id, f"structured output failed: {exc}")
         for i, seq in enumerate(seqs):
+            if isinstance(chosen[i], RowFault):
+                continue
             if not finite[i]:
                 chosen[i] = RowFault(seq.request_id, "the adapter's logits are not finite")
                 continue
-            p = seq.params
-            if p.temperature == 0.0:
+            sampler = seq.sampler
+            if seq.matcher is not None and seq.matcher.is_error():
+                reason = seq.matcher.get_error()
+                chosen[i] = RowFault(seq.request_id, f"structured output failed: {reason}")
+                continue
+            if sampler is None or not (sampler.processes or i in allowed):
                 continue
             try:
-                row = logits[i]
-                # Below the dtype's smallest normal number the temperature itself would
-                # round to zero (0 / 0 = NaN): it acts as that number, which is greedy.
-                temperature = max(p.temperature, torch.finfo(row.dtype).tiny)
-                probs = torch.softmax((row - row.max()) / temperature, dim=-1)
-                if p.top_p < 1.0:
-                    sorted_p, order = probs.sort(descending=True)
-                    keep = sorted_p.cumsum(0) - sorted_p < p.top_p
-                    keep[0] = True  # the likeliest token stays, however small top_p is
-                    probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-                pick = torch.multinomial(probs.cpu(), 1, generator=seq.generator)
-                chosen[i] = int(pick.item())
-            except RuntimeError as exc:  # a sampling failure is this row's, not the step's
+                row = sampler.process(
+                    logits[i].to(torch.float32, copy=True),
+                    seq.prompt_ids,
+                    seq.output,
+                    allowed.get(i),
+                )
+                chosen[i] = sampler.choose(row)
+            except (RuntimeError, NoTokenAllowed) as exc:  # this row's, not the step's
                 chosen[i] = RowFault(seq.request_id, f"sampling failed: {exc}")
         return chosen
 
@@ -487,7 +625,7 @@ class Engine:
     ) -> None:
         """Free the sequence's row and tell its consumer."""
         self._release_row(seq)
-        seq.sink((emit or [], reason, error))
+        seq.sink(Event(emit or [], reason, error))
 
     def _release_row(self, seq: Sequence) -> None:
         """Take the sequence out of the running rows, keeping them packed."""
@@ -499,3 +637,8 @@ class Engine:
                 self._running[seq.row] = last
             self._running.pop()
             seq.row = -1
+
+
+def _is_cancelled(seq: Sequence, cancelled: set[tuple[str, int | None]]) -> bool:
+    """Whether a cancel names the sequence's request (all samples) or this sample."""
+    return (seq.request_id, None) in cancelled or (seq.request_id, seq.index) in cancelled
