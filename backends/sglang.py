@@ -25,13 +25,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lorapool.errors import BackendError, BackendUnavailable, InvalidRequest, LoadError
+from lorapool.errors import (
+    BackendError,
+    BackendUnavailable,
+    InvalidRequest,
+    LoadError,
+    UnsupportedParameter,
+)
+from lorapool.sampling import BASIC_PARAMETERS
 from lorapool.types import (
     Capabilities,
     Chunk,
@@ -45,11 +54,39 @@ from lorapool.types import (
 from .base import BaseBackend
 from .files import AdapterDirs, check_load
 
-__all__ = ["SGLangBackend", "SGLangStream", "sglang_finish_reason", "sglang_sampling_params"]
+__all__ = [
+    "SGLANG_SAMPLING",
+    "SGLangBackend",
+    "SGLangStream",
+    "sglang_finish_reason",
+    "sglang_sampling_params",
+]
 
 log = logging.getLogger(__name__)
 
 _TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+SGLANG_SAMPLING = BASIC_PARAMETERS | {
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "stop_token_ids",
+    "min_tokens",
+    "structured.json_object",
+    "structured.json_schema",
+    "structured.regex",
+    "structured.choice",
+}
+"""What SGLang 0.5's ``sampling_params`` take with lorapool's meaning: ``top_k``,
+``min_p``, the three penalties, ``logit_bias``, ``stop_token_ids``, ``min_new_tokens``,
+and structured output as ``json_schema`` (any object: ``{"type": "object"}``) or ``regex``
+(a choice: the regex of its escaped options). Not served (refused): ``n`` (several
+samples stream as a batch of outputs this backend does not yet tell apart),
+``logprobs`` (SGLang returns them in ``meta_info``; not yet read, and not checked on a
+real engine), and Lark grammars (SGLang's ``ebnf`` is xgrammar's EBNF)."""
 
 
 def _sglang() -> Any:
@@ -72,6 +109,32 @@ def sglang_sampling_params(params: SamplingParams) -> dict[str, Any]:
         out["stop"] = list(params.stop)
     if params.seed is not None:
         out["sampling_seed"] = params.seed
+    optional: dict[str, Any] = {
+        "top_k": params.top_k,
+        "min_p": params.min_p or None,
+        "presence_penalty": params.presence_penalty or None,
+        "frequency_penalty": params.frequency_penalty or None,
+        "repetition_penalty": None
+        if params.repetition_penalty == 1.0
+        else params.repetition_penalty,
+        "logit_bias": {str(t): b for t, b in params.logit_bias.items()} or None,
+        "stop_token_ids": list(params.stop_token_ids) or None,
+        "min_new_tokens": params.min_tokens or None,
+    }
+    out.update({k: v for k, v in optional.items() if v is not None})
+    so = params.structured
+    if so is None:
+        return out
+    if so.kind == "json_object":
+        out["json_schema"] = json.dumps({"type": "object"})
+    elif so.kind == "json_schema":
+        out["json_schema"] = so.spec
+    elif so.kind == "regex":
+        out["regex"] = so.spec
+    elif so.kind == "choice":
+        out["regex"] = "(" + "|".join(re.escape(c) for c in so.choices) + ")"
+    else:
+        raise UnsupportedParameter("SGLangBackend", [f"structured.{so.kind}"])
     return out
 
 
@@ -114,6 +177,7 @@ class SGLangStream:
     incremental: bool = False
     adapter_id: str | None = None
     served_by: str = "adapter"
+    stop_token_ids: frozenset[int] = frozenset()
     text: str = ""
     ids_seen: int = 0
     finished: bool = False
@@ -135,7 +199,11 @@ class SGLangStream:
                 new_text, self.text = text[len(self.text) :], text
             else:  # the final text lost a stop string already streamed: never rewind
                 new_text = ""
-        finish = sglang_finish_reason(meta.get("finish_reason"))
+        reason = meta.get("finish_reason")
+        finish = sglang_finish_reason(reason)
+        matched = reason.get("matched") if isinstance(reason, Mapping) else None
+        if finish == "stop" and new_ids and matched == new_ids[-1] in self.stop_token_ids:
+            new_ids = new_ids[:-1]  # a stop token is not returned (its text is trimmed)
         chunk = Chunk(
             new_text, tuple(new_ids), adapter_id=self.adapter_id, served_by=self.served_by
         )
@@ -271,6 +339,7 @@ class SGLangBackend(BaseBackend):
             pinning=True,
             max_seq_len=None if context is None else int(context),
             model_path=self.model_path,
+            sampling=SGLANG_SAMPLING,
         )
 
     async def _aclose(self) -> None:
@@ -348,6 +417,7 @@ class SGLangBackend(BaseBackend):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Stream a completion; closing the iterator aborts the request in SGLang."""
+        self.check_request(request)
         engine = self.engine
         lora_name = None
         if request.adapter_id is not None:
@@ -359,13 +429,14 @@ class SGLangBackend(BaseBackend):
                     f"adapter {request.adapter_id!r} is in slot {lora.slot}, not {request.slot}"
                 )
             lora_name = lora.name
-        input_ids = await self.aencode(request.prompt)
+        input_ids = await self.aencode(request.prompt, request.tools or None)
         if not input_ids:
             raise InvalidRequest("the prompt is empty")
         stream = SGLangStream(
             incremental=self._incremental(),
             adapter_id=request.adapter_id,
             served_by="base" if lora_name is None else "adapter",
+            stop_token_ids=frozenset(request.params.stop_token_ids),
         )
         outputs: Any = None
         try:

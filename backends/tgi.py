@@ -16,11 +16,14 @@ usage from ``details``); chat messages from ``POST /v1/chat/completions`` with
 ``model=<TGI adapter id>`` (``"tgi"`` for the base model), which gives text but no
 token ids. TGI keeps a matched stop string in its output; this backend removes it.
 TGI has no ``ignore_eos``: requests asking for it may finish early, at EOS.
+The sampling parameters served are :data:`TGI_SAMPLING` (``top_k``,
+``repetition_penalty``, structured output as TGI's grammar); any other is refused.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +31,14 @@ from typing import Any
 
 import httpx
 
-from lorapool.errors import BackendError, BackendServerError, InvalidRequest, LoadError
+from lorapool.errors import (
+    BackendError,
+    BackendServerError,
+    InvalidRequest,
+    LoadError,
+    UnsupportedParameter,
+)
+from lorapool.sampling import BASIC_PARAMETERS
 from lorapool.types import (
     Capabilities,
     Chunk,
@@ -41,7 +51,14 @@ from lorapool.types import (
 
 from ._http import RemoteBackend, RetryLater, error_message, sse_events
 
-__all__ = ["StopTrimmer", "TGIBackend", "chat_body", "generate_body", "tgi_finish_reason"]
+__all__ = [
+    "TGI_SAMPLING",
+    "StopTrimmer",
+    "TGIBackend",
+    "chat_body",
+    "generate_body",
+    "tgi_finish_reason",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +69,30 @@ _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
 }
 _TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+
+TGI_SAMPLING = BASIC_PARAMETERS | {
+    "top_k",
+    "repetition_penalty",
+    "structured.json_object",
+    "structured.json_schema",
+    "structured.regex",
+    "structured.choice",
+}
+"""What TGI 3.3 honours with lorapool's meaning.
+
+``top_k``; ``repetition_penalty`` (CTRL's, over prompt and output, as lorapool's);
+structured output as TGI's ``grammar`` (``{"type": "json" | "regex", "value": ...}``; any
+object is the schema ``{"type": "object"}``, a choice the regex of its escaped options).
+Not served: TGI's ``frequency_penalty`` is a repetition-style penalty over the prompt too,
+not OpenAI's; its chat ``presence_penalty`` becomes a repetition penalty; its token
+log-probabilities are taken after penalties and temperature, not from the model's own
+distribution; ``n``, ``min_p``, ``min_tokens``, ``stop_token_ids``, ``logit_bias`` and
+Lark grammars it has not. ``ignore_eos`` stays listed with the caveat the module states.
+Chat prompts go to ``/v1/chat/completions``, which takes neither ``top_k`` nor
+``repetition_penalty``: a chat request setting them is refused
+(:class:`~lorapool.errors.UnsupportedParameter`), a string prompt is served."""
+
+_GENERATE_ONLY = ("top_k", "repetition_penalty")
 
 
 def tgi_finish_reason(reason: object) -> FinishReason:
@@ -70,7 +111,26 @@ def _sampling(params: SamplingParams) -> dict[str, Any]:
         out["seed"] = params.seed
     if params.stop:
         out["stop"] = list(params.stop)
+    grammar = tgi_grammar(params)
+    if grammar is not None:
+        out["grammar"] = grammar
     return out
+
+
+def tgi_grammar(params: SamplingParams) -> dict[str, Any] | None:
+    """TGI's ``grammar`` for the request's structured output (``None`` without one)."""
+    so = params.structured
+    if so is None:
+        return None
+    if so.kind == "json_object":
+        return {"type": "json", "value": {"type": "object"}}
+    if so.kind == "json_schema":
+        return {"type": "json", "value": so.schema_dict}
+    if so.kind == "regex":
+        return {"type": "regex", "value": so.spec}
+    if so.kind == "choice":
+        return {"type": "regex", "value": "(" + "|".join(re.escape(c) for c in so.choices) + ")"}
+    raise UnsupportedParameter("TGIBackend", [f"structured.{so.kind}"])
 
 
 def generate_body(prompt: str, params: SamplingParams, adapter: str | None) -> dict[str, Any]:
@@ -81,6 +141,10 @@ def generate_body(prompt: str, params: SamplingParams, adapter: str | None) -> d
         "details": True,
         **_sampling(params),
     }
+    if params.top_k is not None:
+        parameters["top_k"] = params.top_k
+    if params.repetition_penalty != 1.0:
+        parameters["repetition_penalty"] = params.repetition_penalty
     if adapter is not None:
         parameters["adapter_id"] = adapter
     return {"inputs": prompt, "parameters": parameters}
@@ -89,8 +153,12 @@ def generate_body(prompt: str, params: SamplingParams, adapter: str | None) -> d
 def chat_body(
     messages: Iterable[Mapping[str, str]], params: SamplingParams, adapter: str | None
 ) -> dict[str, Any]:
-    """The ``/v1/chat/completions`` request; TGI reads ``model`` as the adapter id."""
+    """The ``/v1/chat/completions`` request; TGI reads ``model`` as the adapter id and takes
+    the grammar as ``response_format``."""
     sampling = _sampling(params)
+    grammar = sampling.pop("grammar", None)
+    if grammar is not None:
+        sampling["response_format"] = grammar
     return {
         "model": adapter or "tgi",
         "messages": [dict(m) for m in messages],
@@ -289,6 +357,7 @@ class TGIBackend(RemoteBackend):
             pinning=False,
             max_seq_len=None if total is None else int(total),
             model_path=self.model_path,
+            sampling=TGI_SAMPLING,
         )
 
     async def _aclose(self) -> None:
@@ -345,11 +414,14 @@ class TGIBackend(RemoteBackend):
             adapter = self.adapters[request.adapter_id]
         if isinstance(request.prompt, str):
             return "/generate_stream", generate_body(request.prompt, request.params, adapter)
+        unsent = [name for name in _GENERATE_ONLY if name in request.params.used()]
+        if unsent:  # TGI's chat endpoint has no such fields
+            raise UnsupportedParameter(type(self).__name__, [f"{n} (chat prompts)" for n in unsent])
         return "/v1/chat/completions", chat_body(request.prompt, request.params, adapter)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Stream a completion; closing the iterator closes the HTTP stream (TGI cancels)."""
-        self._require_started()
+        self.check_request(request)
         path, body = self._target(request)
 
         async def consume(response: httpx.Response) -> AsyncIterator[Chunk]:

@@ -585,3 +585,109 @@ async def test_missing_sglang_package_names_the_extra() -> None:
         pytest.skip("sglang is installed here")
     with pytest.raises(BackendUnavailable, match=r"pip install 'lorapool\[sglang\]'"):
         await SGLangBackend("any-model").start()
+
+
+# -- the sampling set (issue 26) ------------------------------------------------------
+
+
+def test_sglang_sampling_params_carry_the_sampling_set_in_sglangs_names() -> None:
+    from lorapool.types import StructuredOutput
+
+    # Fields of sglang.srt.sampling.sampling_params.SamplingParams (0.5).
+    fields = {
+        "max_new_tokens", "stop", "temperature", "top_p", "ignore_eos", "sampling_seed",
+        "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+        "logit_bias", "stop_token_ids", "min_new_tokens", "json_schema", "regex",
+    }  # fmt: skip
+    params = SamplingParams(
+        top_k=4,
+        min_p=0.1,
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        repetition_penalty=1.3,
+        logit_bias={11: -100.0},
+        stop_token_ids=[2],
+        min_tokens=3,
+        structured=StructuredOutput.json_schema({"type": "object"}),
+    )
+    out = sglang_sampling_params(params)
+    assert set(out) <= fields
+    assert (out["top_k"], out["min_p"], out["min_new_tokens"]) == (4, 0.1, 3)
+    assert out["logit_bias"] == {"11": -100.0} and out["stop_token_ids"] == [2]
+    assert out["repetition_penalty"] == 1.3 and out["json_schema"] == '{"type": "object"}'
+    choice = sglang_sampling_params(
+        SamplingParams(structured=StructuredOutput.choice(["a+b", "c"]))
+    )
+    assert choice["regex"] == r"(a\+b|c)"
+    obj = sglang_sampling_params(SamplingParams(structured=StructuredOutput.json_object()))
+    assert json.loads(obj["json_schema"]) == {"type": "object"}
+
+
+async def test_sglang_refuses_what_it_does_not_serve_and_drops_a_matched_stop_token() -> None:
+    from lorapool.backends.sglang import SGLANG_SAMPLING
+    from lorapool.errors import UnsupportedParameter
+    from lorapool.types import StructuredOutput
+
+    engine = FakeEngine()
+    b = SGLangBackend(engine=engine, max_slots=2)
+    await b.start()
+    assert b.capabilities.sampling == SGLANG_SAMPLING
+    for params in (
+        SamplingParams(n=2),
+        SamplingParams(logprobs=True),
+        SamplingParams(structured=StructuredOutput.grammar('start: "a"')),
+    ):
+        with pytest.raises(UnsupportedParameter, match="SGLangBackend"):
+            await collect(b.generate(GenerationRequest("r", "x", params)))
+    assert not [c for c in engine.calls if c[0] == "generate"]  # nothing reached the engine
+    await b.aclose()
+    stream = SGLangStream(incremental=True, stop_token_ids=frozenset({7}))
+    stream.feed({"text": "a", "output_ids": [5], "meta_info": {"finish_reason": None}})
+    meta = {"finish_reason": {"type": "stop", "matched": 7}, "prompt_tokens": 3}
+    last = stream.feed(
+        {"text": "", "output_ids": [7], "meta_info": {**meta, "completion_tokens": 2}}
+    )
+    assert last.token_ids == () and last.finish_reason == "stop"
+    assert last.usage == Usage(3, 2)  # the stop token counts
+
+
+def test_tgi_parameters_carry_top_k_repetition_penalty_and_the_grammar() -> None:
+    from lorapool.backends.tgi import chat_body
+    from lorapool.types import StructuredOutput
+
+    params = SamplingParams(
+        top_k=5, repetition_penalty=1.2, structured=StructuredOutput.json_schema({"type": "object"})
+    )
+    body = generate_body("x", params, None)["parameters"]
+    assert body["top_k"] == 5 and body["repetition_penalty"] == 1.2
+    assert body["grammar"] == {"type": "json", "value": {"type": "object"}}
+    regex = generate_body("x", SamplingParams(structured=StructuredOutput.regex("[0-9]+")), None)
+    assert regex["parameters"]["grammar"] == {"type": "regex", "value": "[0-9]+"}
+    choice = SamplingParams(structured=StructuredOutput.choice(["yes", "n.o"]))
+    chat = chat_body([{"role": "user", "content": "hi"}], choice, None)
+    assert chat["response_format"] == {"type": "regex", "value": r"(yes|n\.o)"}
+    assert "grammar" not in chat
+
+
+async def test_tgi_refuses_what_it_does_not_serve_before_sending_anything() -> None:
+    from lorapool.backends.tgi import TGI_SAMPLING
+    from lorapool.errors import UnsupportedParameter
+
+    seen: list[httpx.Request] = []
+    b = tgi(b"", seen=seen)
+    await b.start()
+    assert b.capabilities.sampling == TGI_SAMPLING
+    for params in (
+        SamplingParams(n=2),
+        SamplingParams(logprobs=True),
+        SamplingParams(frequency_penalty=0.5),
+        SamplingParams(min_tokens=1),
+    ):
+        with pytest.raises(UnsupportedParameter, match="TGIBackend"):
+            await collect(b.generate(GenerationRequest("r", "x", params)))
+    chat = [{"role": "user", "content": "hi"}]
+    with pytest.raises(UnsupportedParameter, match="top_k") as err:
+        await collect(b.generate(GenerationRequest("r", chat, SamplingParams(top_k=3))))
+    assert err.value.backend == "TGIBackend"
+    assert [r.url.path for r in seen] == ["/info"]
+    await b.aclose()
