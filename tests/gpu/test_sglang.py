@@ -77,6 +77,9 @@ async def test_sglang_backend_passes_the_conformance_suite(
 ) -> None:
     report = await check_backend(lambda: backend_on(engine), adapters, prefix_tokens=PREFIX)
     assert report.checks == [c for c in ALL_CHECKS if c != "resume"]  # not offered
+    from lorapool.backends.sglang import SGLANG_SAMPLING
+
+    assert set(report.accepted) == SGLANG_SAMPLING  # each served; every other one refused
     # The backend unloaded everything it loaded: SGLang holds no adapter of lorapool's.
     loaded = await engine.async_load_lora_adapter("probe", str(adapters["r8-attn"]))
     assert set(loaded.loaded_adapters) == {"probe"}

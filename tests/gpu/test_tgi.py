@@ -66,8 +66,12 @@ async def test_tgi_backend_passes_the_conformance_suite(
         "cancellation",
         "unload-drain",
         "errors",
+        "sampling",
         "close",
     ]  # every check; no more adapters than slots: TGI has one slot per static adapter
+    from lorapool.backends.tgi import TGI_SAMPLING
+
+    assert set(report.accepted) == TGI_SAMPLING  # each served; every other one refused
 
 
 async def test_lorapool_refuses_what_tgi_would_answer_with_the_base_model(
