@@ -29,12 +29,13 @@ import asyncio
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lorapool.errors import BackendError, BackendUnavailable, InvalidRequest, LoadError
+from lorapool.sampling import BASIC_PARAMETERS
 from lorapool.types import (
     Capabilities,
     Chunk,
@@ -42,18 +43,129 @@ from lorapool.types import (
     GenerationRequest,
     LoadedAdapter,
     SamplingParams,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
 from .base import BaseBackend
 from .files import AdapterDirs, check_load, write_zero_adapter
 
-__all__ = ["VLLMBackend"]
+__all__ = ["VLLM_SAMPLING", "VLLMBackend", "vllm_sampling_params"]
 
 log = logging.getLogger(__name__)
 
 _FINISH: dict[str | None, FinishReason] = {"length": "length", "stop": "stop", "abort": "cancelled"}
 _ZERO = "lorapool-zero"
+
+_STRUCTURED = frozenset(
+    {
+        "structured.json_object",
+        "structured.json_schema",
+        "structured.regex",
+        "structured.choice",
+        "structured.grammar",
+    }
+)
+VLLM_SAMPLING = (
+    BASIC_PARAMETERS
+    | {
+        "top_k",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "stop_token_ids",
+        "min_tokens",
+        "n",
+        "logprobs",
+        "top_logprobs",
+    }
+    | _STRUCTURED
+)
+"""Every :class:`~lorapool.types.SamplingParams` field vLLM 0.32 honours: all of them.
+
+An engine started with ``skip_tokenizer_init`` has no structured output (vLLM needs the
+tokenizer), and one whose ``logprobs_mode`` is not ``raw_logprobs`` no ``logprobs``
+(lorapool's log-probabilities are the model's, before penalties and sampling): the
+backend leaves those out of ``Capabilities.sampling`` (:meth:`VLLMBackend._negotiate`)."""
+
+
+def vllm_sampling_params(params: SamplingParams, done: int = 0) -> Any:
+    """vLLM's ``SamplingParams`` for lorapool's (streamed as deltas).
+
+    ``done``: output tokens already streamed (a resumed request goes on for the rest).
+    ``top_k=None`` is vLLM's 0 (every token); ``logprobs`` asks vLLM for
+    ``top_logprobs`` alternatives (0: the produced token's alone); structured output
+    goes through vLLM's own ``StructuredOutputsParams``; ``grammar`` takes the Lark text as
+    it is. An engine the backend builds uses vLLM's ``guidance`` backend (llguidance, whose
+    Lark dialect lorapool's grammars are written in); an adopted engine on ``auto`` reads a
+    grammar that looks like Lark with xgrammar's Lark reader, or llguidance where xgrammar
+    refuses it.
+    """
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = None
+    so = params.structured
+    if so is not None:
+        if so.kind == "json_object":
+            structured = StructuredOutputsParams(json_object=True)
+        elif so.kind == "json_schema":
+            structured = StructuredOutputsParams(json=so.schema_dict)
+        elif so.kind == "regex":
+            structured = StructuredOutputsParams(regex=so.spec)
+        elif so.kind == "choice":
+            structured = StructuredOutputsParams(choice=list(so.choices))
+        else:
+            structured = StructuredOutputsParams(grammar=so.spec)
+    return VSamplingParams(
+        n=params.n,
+        max_tokens=params.max_tokens - done,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k or 0,
+        min_p=params.min_p,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        logit_bias={int(t): float(b) for t, b in params.logit_bias.items()} or None,
+        seed=params.seed,
+        stop=list(params.stop) or None,
+        stop_token_ids=list(params.stop_token_ids) or None,
+        min_tokens=max(0, params.min_tokens - done),
+        ignore_eos=params.ignore_eos,
+        logprobs=params.top_logprobs if params.logprobs else None,
+        structured_outputs=structured,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _logprobs(out: Any, ids: list[int], top: int) -> tuple[TokenLogprob, ...]:
+    """One :class:`TokenLogprob` per produced token from vLLM's per-position dicts
+    (token id -> ``Logprob(logprob, rank, decoded_token)``; the produced token is always
+    there, with the ``top`` likeliest)."""
+    positions = out.logprobs or ()
+    result: list[TokenLogprob] = []
+    for token, position in zip(ids, positions, strict=False):
+        entries = {int(t): lp for t, lp in position.items()}
+        chosen = entries.get(token)
+        ranked = sorted(
+            (lp.rank if lp.rank is not None else 1 << 30, t, lp) for t, lp in entries.items()
+        )
+        alternatives = tuple(
+            TopLogprob(t, lp.decoded_token or "", float(lp.logprob)) for _, t, lp in ranked[:top]
+        )
+        result.append(
+            TokenLogprob(
+                token,
+                (chosen.decoded_token or "") if chosen is not None else "",
+                float(chosen.logprob) if chosen is not None else float("nan"),
+                alternatives,
+            )
+        )
+    return tuple(result)
 
 
 def _vllm() -> Any:
@@ -84,7 +196,10 @@ class VLLMBackend(BaseBackend):
     default, ``max_loras``, keeps none); ``warm_loras`` caps how many are kept
     (``None``: all that room, ``0``: none, every eviction removes).
     ``adapter_dir`` is where adapters are written for vLLM to read (a
-    temporary directory by default).
+    temporary directory by default). ``sampling`` narrows the sampling parameters
+    served (names as in ``Capabilities.sampling``; default :data:`VLLM_SAMPLING`, all
+    of them): an operator who will not compile client grammars leaves the
+    ``structured.*`` kinds out, and requests setting them are refused.
     """
 
     requires_model = True
@@ -103,12 +218,16 @@ class VLLMBackend(BaseBackend):
         kv_cache_bytes: int = 512 << 20,
         zero_base: bool | None = None,
         adapter_dir: str | Path | None = None,
+        sampling: Iterable[str] | None = None,
         **engine_kwargs: Any,
     ) -> None:
         if max_slots < 1 or max_rank < 1:
             raise ValueError("max_slots and max_rank must be >= 1")
         if warm_loras is not None and warm_loras < 0:
             raise ValueError("warm_loras must be >= 0 (0 keeps no evicted adapter)")
+        self.sampling = None if sampling is None else frozenset(sampling)
+        if self.sampling is not None and not self.sampling <= VLLM_SAMPLING:
+            raise ValueError(f"vLLM cannot honour {sorted(self.sampling - VLLM_SAMPLING)}")
         super().__init__()
         self.warm_loras = warm_loras
         self.max_slots = max_slots
@@ -145,6 +264,7 @@ class VLLMBackend(BaseBackend):
         return self._engine
 
     def _engine_args(self) -> Any:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         if not isinstance(self._spec, (str, Path)):
@@ -162,6 +282,14 @@ class VLLMBackend(BaseBackend):
             "enforce_eager": True,
             "kv_cache_memory_bytes": self.kv_cache_bytes,
             "disable_log_stats": True,
+            # Structured output through llguidance, whose Lark dialect is the one lorapool's
+            # grammars are written in, and JSON without free whitespace between tokens:
+            # compact JSON is the same JSON, and a small model allowed whitespace can spend
+            # every token on newlines and never close the object (vLLM reads both from the
+            # engine's config, not from a request).
+            "structured_outputs_config": StructuredOutputsConfig(
+                backend="guidance", disable_any_whitespace=True
+            ),
         }
         kwargs.update(self.engine_kwargs)
         return AsyncEngineArgs(**kwargs)
@@ -223,6 +351,11 @@ class VLLMBackend(BaseBackend):
         targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         if getattr(hf, "model_type", "") not in ("llama", "mistral", "qwen2", "qwen3"):
             log.warning("vLLM model type %r: assuming Llama-style LoRA targets", hf.model_type)
+        sampling = VLLM_SAMPLING if self.sampling is None else self.sampling
+        if getattr(model, "skip_tokenizer_init", False):
+            sampling -= _STRUCTURED  # vLLM's structured output needs the tokenizer
+        if getattr(model, "logprobs_mode", "raw_logprobs") != "raw_logprobs":
+            sampling -= {"logprobs", "top_logprobs"}  # not the model's own distribution
         return Capabilities(
             max_slots=self.max_slots,
             max_rank=self.max_rank,
@@ -235,6 +368,7 @@ class VLLMBackend(BaseBackend):
             resume=True,
             engine_cache=True,
             model_path=self.model_path,
+            sampling=sampling,
         )
 
     async def _add_zero_adapter(self, engine: Any) -> None:
@@ -389,27 +523,19 @@ class VLLMBackend(BaseBackend):
 
     # -- generation ------------------------------------------------------------------
 
-    def _sampling(self, params: SamplingParams, done: int = 0) -> Any:
-        from vllm import SamplingParams as VSamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        return VSamplingParams(
-            max_tokens=params.max_tokens - done,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seed=params.seed,
-            stop=list(params.stop) or None,
-            ignore_eos=params.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-        )
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Stream a completion; closing the iterator aborts the request in vLLM.
 
         A request with ``resume`` tokens (handed off and resumed) goes to vLLM as its
         prompt followed by them, for the tokens still to come: greedy output is the
         same as without the stop; a seeded sample restarts its random stream.
+
+        With ``n`` samples, chunks carry their sample's ``index``; each sample's last
+        chunk its finish reason, and the stream's last chunk the usage of the whole
+        request (the prompt once, every sample's tokens). A token of ``stop_token_ids``
+        that ends a sample is not returned (vLLM returns it), but is counted in usage.
         """
+        self.check_request(request)
         engine = self.engine
         lora_request = self._zero
         if request.adapter_id is not None:
@@ -421,44 +547,69 @@ class VLLMBackend(BaseBackend):
                     f"adapter {request.adapter_id!r} is in slot {lora.slot}, not {request.slot}"
                 )
             lora_request = lora.request
-        prompt_ids = await self.aencode(request.prompt)
+        params = request.params
+        done = len(request.resume)
+        if done and params.n > 1:
+            raise BackendError("vLLM cannot resume a request of several samples (n > 1)")
+        prompt_ids = await self.aencode(request.prompt, request.tools or None)
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
-        done = len(request.resume)
-        if done >= request.params.max_tokens:
+        if done >= params.max_tokens:
             raise InvalidRequest(
-                f"the request already has {done} of its {request.params.max_tokens} tokens"
+                f"the request already has {done} of its {params.max_tokens} tokens"
             )
-        if len(prompt_ids) + request.params.max_tokens > self.max_seq_len:
+        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
             raise InvalidRequest(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) "
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
                 f"exceeds vLLM's max_model_len {self.max_seq_len}"
             )
         served_by = "base" if request.adapter_id is None else "adapter"
         completion = done
         finished = False
+        stops = frozenset(params.stop_token_ids)
         try:
             stream = engine.generate(
                 {"prompt_token_ids": prompt_ids + list(request.resume)},
-                self._sampling(request.params, done),
+                vllm_sampling_params(params, done),
                 request.request_id,
                 lora_request=lora_request,
             )
             async for output in stream:
-                out = output.outputs[0]
-                completion += len(out.token_ids)
                 finished = bool(output.finished)
-                finish = _FINISH.get(out.finish_reason) if finished else None
-                if finished and finish is None:
-                    finish = "stop"
-                yield Chunk(
-                    text=out.text,
-                    token_ids=tuple(int(t) for t in out.token_ids),
-                    finish_reason=finish,
-                    usage=Usage(len(prompt_ids), completion) if finished else None,
-                    adapter_id=request.adapter_id,
-                    served_by=served_by,
-                )
+                chunks: list[Chunk] = []
+                for out in output.outputs:
+                    ids = [int(t) for t in out.token_ids]
+                    completion += len(ids)
+                    text = out.text
+                    logprobs = _logprobs(out, ids, params.top_logprobs) if params.logprobs else ()
+                    finish: FinishReason | None = None
+                    if out.finish_reason is not None:
+                        finish = _FINISH.get(out.finish_reason, "stop")
+                        if ids and ids[-1] in stops and out.stop_reason == ids[-1]:
+                            text = self._without_stop_token(text, ids[-1])
+                            ids, logprobs = ids[:-1], logprobs[: len(ids) - 1]
+                    if not ids and not text and finish is None:
+                        continue
+                    chunks.append(
+                        Chunk(
+                            text=text,
+                            token_ids=tuple(ids),
+                            finish_reason=finish,
+                            adapter_id=request.adapter_id,
+                            served_by=served_by,
+                            index=int(out.index),
+                            logprobs=logprobs,
+                        )
+                    )
+                if finished:
+                    last = chunks.pop() if chunks else None
+                    if last is None:  # the engine's last output had nothing new
+                        last = Chunk("", (), adapter_id=request.adapter_id, served_by=served_by)
+                    if params.n == 1 and last.finish_reason is None:
+                        last = replace(last, finish_reason="stop")
+                    chunks.append(replace(last, usage=Usage(len(prompt_ids), completion)))
+                for chunk in chunks:
+                    yield chunk
         except (InvalidRequest, BackendError):
             raise
         except Exception as exc:
@@ -468,6 +619,11 @@ class VLLMBackend(BaseBackend):
         finally:
             if not finished and self._engine is not None:
                 await self._engine.abort(request.request_id)
+
+    def _without_stop_token(self, text: str, token: int) -> str:
+        """``text`` without the trailing text of a stop token vLLM returned with it."""
+        piece = self._tokenizer.decode([token]) if self._tokenizer is not None else ""
+        return text[: len(text) - len(piece)] if piece and text.endswith(piece) else text
 
 
 async def _engine_call(call: Any, what: str) -> Any:
