@@ -91,11 +91,16 @@ def test_bounded_load_from_a_second_process(
             adapter = f"{TENANTS[key]}/{name}"
             body = {"lora_name": adapter, "lora_path": str(adapters[name])}
             r = httpx.post(
-                f"{url}/v1/load_lora_adapter", json=body, headers={"Authorization": f"Bearer {key}"}
+                f"{url}/v1/load_lora_adapter",
+                json=body,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=300,  # a hang guard: registration validates the adapter
             )
             assert r.status_code == 200, r.text
             models.setdefault(key, ["smollm2-base-placeholder"]).append(adapter)
-        base = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-a"}).json()
+        base = httpx.get(
+            f"{url}/v1/models", headers={"Authorization": "Bearer sk-a"}, timeout=300
+        ).json()
         base_name = base["data"][0]["id"]
         for names in models.values():
             names[0] = base_name
