@@ -486,7 +486,11 @@ class Engine:
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         if self.logits_hook is not None:
             self.logits_hook([s.request_id for s in seqs], logits)
-        chosen = self._sample(seqs, logits)
+        # In inference mode, like the forward pass that made the logits: a sequence's
+        # sampler state may be made during a prefill between a decode's layers (inside the
+        # forward) and updated in place after it.
+        with torch.inference_mode():
+            chosen = self._sample(seqs, logits)
         asked = [
             i
             for i, (s, t) in enumerate(zip(seqs, chosen, strict=True))
