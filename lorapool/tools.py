@@ -128,12 +128,20 @@ class Tool(BaseModel):
         return {"type": "function", "function": function}
 
     def call_schema(self) -> dict[str, Any]:
-        """The JSON schema of one call of this function: ``{"name", "arguments"}``."""
+        """The JSON schema of one call of this function: ``{"name", "arguments"}``.
+
+        Arguments that name their ``properties`` and say nothing of others take no others
+        (``additionalProperties: false``): a call still validates against the function's
+        schema, and a small model cannot wander into made-up arguments until it runs out
+        of tokens."""
+        arguments = dict(self.parameters)
+        if "properties" in arguments and "additionalProperties" not in arguments:
+            arguments["additionalProperties"] = False
         return {
             "type": "object",
             "properties": {
                 "name": {"type": "string", "const": self.name},
-                "arguments": self.parameters,
+                "arguments": arguments,
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,

@@ -122,6 +122,7 @@ def test_named_constraint_is_the_function_call() -> None:
         {"name": "get_time", "arguments": {}},
         {"name": "get_weather", "arguments": {"days": 2}},
         {"name": "get_weather"},
+        {"name": "get_weather", "arguments": {"city": "Oslo", "made_up": 1}},
     ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(wrong, schema)
@@ -143,6 +144,11 @@ def test_required_constraint_is_any_tool_and_parallel_an_array() -> None:
         jsonschema.validate([], schema)
     auto = tool_request([WEATHER])
     assert auto is not None and auto.constraint() is None
+    free = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    forced = tool_request([free], "required", parallel_tool_calls=False)
+    schema = forced.constraint().schema_dict  # type: ignore[union-attr]
+    assert schema is not None and "additionalProperties" not in schema["properties"]["arguments"]
+    jsonschema.validate({"name": "f", "arguments": {"anything": 1}}, schema)
 
 
 # -- rendering ---------------------------------------------------------------------------------
