@@ -289,3 +289,21 @@ async def test_tool_messages_are_accepted_and_checked(
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     r = await http.post("/v1/chat/completions", json={"model": "mock", "messages": image})
     assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
+
+
+async def test_a_parameter_the_backend_cannot_honour_is_a_400_naming_it() -> None:
+    pool = AdapterPool(MockBackend())  # the basic parameters only, no tools
+    app = create_app(pool, auth=ApiKeys({"k": "t"}))
+    async with pool:
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": "Bearer k"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=headers
+        ) as http:
+            r = await _chat(http, top_k=3)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+            r = await _chat(http, response_format={"type": "json_object"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+            r = await _chat(http, tools=[TOOL])
+            assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+            assert "MockBackend" in r.json()["error"]["message"]
