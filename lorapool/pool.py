@@ -626,16 +626,39 @@ class Session:
         *,
         params: SamplingParams | None = None,
         deadline: float | None = None,
+        tools: Sequence[Mapping[str, Any] | Tool] | None = None,
+        tool_choice: ToolChoice | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> AsyncIterator[Chunk]:
-        """Stream a completion with the session's tenant and adapter."""
+        """Stream a completion with the session's tenant and adapter (tools as for
+        :meth:`AdapterPool.generate`)."""
         return self.pool.generate(
-            prompt, adapter=self.adapter, tenant=self.tenant, params=params, deadline=deadline
+            prompt,
+            adapter=self.adapter,
+            tenant=self.tenant,
+            params=params,
+            deadline=deadline,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
         )
 
     async def complete(
-        self, prompt: str | Sequence[Message], *, params: SamplingParams | None = None
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        params: SamplingParams | None = None,
+        tools: Sequence[Mapping[str, Any] | Tool] | None = None,
+        tool_choice: ToolChoice | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> Completion:
         """The whole completion with the session's tenant and adapter."""
         return await self.pool.complete(
-            prompt, adapter=self.adapter, tenant=self.tenant, params=params
+            prompt,
+            adapter=self.adapter,
+            tenant=self.tenant,
+            params=params,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from collections.abc import AsyncIterator
@@ -10,8 +11,11 @@ from typing import Any
 import jsonschema
 import pytest
 
+from lorapool import AdapterPool
 from lorapool.backends.base import BaseBackend, chat_messages, prompt_chars
-from lorapool.errors import InvalidRequest
+from lorapool.errors import InvalidRequest, UnsupportedParameter
+from lorapool.sampling import BASIC_PARAMETERS, SamplingParams, StructuredOutput
+from lorapool.testing import MockBackend
 from lorapool.tools import (
     MAX_TOOLS,
     ToolPrompt,
@@ -385,3 +389,79 @@ def test_forced_output_is_parsed_whole() -> None:
     assert [c.name for c in calls] == ["get_time"]
     shown, calls = _parse(parallel, ['[{"name": "get_time", "argu'])  # cut short: text
     assert calls == () and shown == '[{"name": "get_time", "argu'
+
+
+# -- through the pool ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class _ToolMock(MockBackend):
+    """Renders tools (Capabilities.tools) and structured output; answers a call."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        sampling = BASIC_PARAMETERS | {"n", "structured.json_schema"}
+        return dataclasses.replace(super().capabilities, tools=True, sampling=sampling)
+
+
+def _calling(request: GenerationRequest) -> list[str]:
+    return ["Sure. ", "<tool_", 'call>{"name": "get_time", ', '"arguments": {}}</tool_call>']
+
+
+async def test_the_pool_streams_text_then_the_call_whole() -> None:
+    backend = _ToolMock(handler=_calling)
+    async with AdapterPool(backend) as pool:
+        chunks = [
+            c
+            async for c in pool.generate(
+                [{"role": "user", "content": "time?"}], tenant="t", tools=[WEATHER, TIME]
+            )
+        ]
+        assert [c.text for c in chunks] == ["Sure. ", "", "", ""]
+        assert chunks[-1].finish_reason == "tool_calls"
+        assert [c.name for c in chunks[-1].tool_calls] == ["get_time"]
+        request = backend.requests[-1]
+        shown = tool_request([WEATHER, TIME]).definitions()  # type: ignore[union-attr]
+        assert request.tools == shown and prompt_tools(request.prompt) == shown
+        assert shown[1]["function"]["parameters"] == {"type": "object", "properties": {}}
+        done = await pool.complete(
+            [{"role": "user", "content": "time?"}],
+            tenant="t",
+            tools=[TIME],
+            params=SamplingParams(max_tokens=10),
+        )
+        assert done.text == "Sure. " and [c.name for c in done.tool_calls] == ["get_time"]
+        assert done.usage.completion_tokens == len(done.token_ids) == 4
+        named = {"type": "function", "function": {"name": "get_time"}}
+        await pool.complete(
+            [{"role": "user", "content": "x"}], tenant="t", tools=[TIME], tool_choice=named
+        )
+        structured = backend.requests[-1].params.structured
+        assert structured is not None and structured.kind == "json_schema"
+        with pytest.raises(InvalidRequest, match="not a string"):
+            await pool.complete("time?", tenant="t", tools=[TIME])
+        with pytest.raises(InvalidRequest, match="cannot also"):
+            await pool.complete(
+                [{"role": "user", "content": "x"}],
+                tenant="t",
+                tools=[TIME],
+                tool_choice="required",
+                params=SamplingParams(structured=StructuredOutput.json_object()),
+            )
+        none = await pool.complete(
+            [{"role": "user", "content": "x"}], tenant="t", tools=[TIME], tool_choice="none"
+        )
+        assert none.tool_calls == () and "<tool_call>" in none.text  # text, never parsed
+        assert backend.requests[-1].tools == ()
+
+
+async def test_a_backend_without_tools_refuses_them_before_any_work() -> None:
+    backend = MockBackend()
+    async with AdapterPool(backend) as pool:
+        with pytest.raises(UnsupportedParameter, match="tools"):
+            await pool.complete([{"role": "user", "content": "x"}], tenant="t", tools=[TIME])
+        assert backend.requests == [] and pool.usage("t").requests == 0
+        # tool_choice none shows no tools: nothing to refuse
+        await pool.complete(
+            [{"role": "user", "content": "x"}], tenant="t", tools=[TIME], tool_choice="none"
+        )
