@@ -120,6 +120,9 @@ async def test_openai_server_backend_passes_the_conformance_suite(
         {n: adapters[n] for n in NAMES},
     )
     assert report.checks == [c for c in ALL_CHECKS if c != "resume"]  # not offered remotely
+    from lorapool.backends.openai import SERVER_SAMPLING
+
+    assert set(report.accepted) == SERVER_SAMPLING["vllm"]  # every parameter, logprobs too
     assert report.prefix_tokens is None
     assert await served(server) == {"smollm2"}  # everything it loaded was unloaded
 

@@ -83,6 +83,9 @@ async def test_vllm_backend_passes_the_conformance_suite(
     report = await check_backend(lambda: backend_on(engine), {n: adapters[n] for n in NAMES})
     assert report.checks == list(ALL_CHECKS)
     assert report.prefix_tokens is None  # mixed batches equal solo runs exactly (float32)
+    from lorapool.backends.vllm import VLLM_SAMPLING
+
+    assert set(report.accepted) == VLLM_SAMPLING  # every sampling parameter served
     # The backend gave back everything it added: nothing left pinned in the engine.
     assert set(await engine.list_loras()) == set()
 
