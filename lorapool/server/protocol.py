@@ -444,8 +444,9 @@ class ChatRequest(_Common):
         return [m.message() for m in self.messages]
 
     def tool_options(self) -> dict[str, Any]:
-        """The pool's tool arguments (empty without tools or a tool_choice)."""
-        if self.tools is None and self.tool_choice is None and self.parallel_tool_calls is None:
+        """The pool's tool arguments; empty when no tools are defined and none are asked
+        for (``tool_choice`` unset, ``auto`` or ``none``: the answer is text)."""
+        if not self.tools and self.tool_choice in (None, "auto", "none"):
             return {}
         return {
             "tools": self.tools or [],
