@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 from .app import create_app
 from .auth import ApiKeys, Auth, Caller, Registration, TrustedHeader, Unauthorized
-from .served import LocalPool, Served
+from .served import LocalPool, Served, ServedTools
 
 __all__ = [
     "ApiKeys",
@@ -26,6 +26,7 @@ __all__ = [
     "LocalPool",
     "Registration",
     "Served",
+    "ServedTools",
     "TrustedHeader",
     "Unauthorized",
     "create_app",
