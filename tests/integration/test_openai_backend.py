@@ -7,6 +7,7 @@ runs with runtime LoRA updating; the tests load, generate, unload, and restart i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -53,6 +54,9 @@ class VLLMServer:
             "--kv-cache-memory-bytes", "256M", "--enable-lora",
             "--max-loras", str(SLOTS + 1), "--max-lora-rank", "32",
             "--max-cpu-loras", str(SLOTS + 2), "--disable-uvicorn-access-log",
+            # As VLLMBackend builds its engines: llguidance, JSON without free whitespace.
+            "--structured-outputs-config",
+            '{"backend": "guidance", "disable_any_whitespace": true}',
         ]  # fmt: skip
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         with self.log.open("ab") as out:
@@ -165,3 +169,56 @@ async def test_load_generate_unload_equal_torch_and_survive_a_server_restart(
         base = await pool.complete(PROMPT, tenant="t", params=GREEDY)
         assert base.finish_reason == "length"
         assert backend.reloads >= 1  # type: ignore[attr-defined]
+
+
+async def test_chat_samples_logprobs_and_structured_output_through_the_server(
+    server: VLLMServer, model_dir: Path, adapters: dict[str, Path]
+) -> None:
+    """A chat request through /v1/chat/completions with an adapter: two indexed samples,
+    each a choice, log-probabilities by token id (alternatives likeliest first), one usage
+    on the last chunk; then a JSON schema whose output validates."""
+    from lorapool.types import StructuredOutput
+
+    backend = remote(server, model_dir)
+    chat = [{"role": "user", "content": "Is the sea deep? Answer yes or no."}]
+    async with AdapterPool(backend) as pool:  # type: ignore[arg-type]
+        await pool.register(NAMES[0], str(adapters[NAMES[0]]), tenant="t")
+        params = SamplingParams(
+            max_tokens=8,
+            temperature=1.0,
+            seed=3,
+            n=2,
+            logprobs=True,
+            top_logprobs=2,
+            structured=StructuredOutput.choice(["yes", "no"]),
+        )
+        chunks = [c async for c in pool.generate(chat, adapter=NAMES[0], tenant="t", params=params)]
+        assert {c.index for c in chunks} == {0, 1}
+        for i in (0, 1):
+            own = [c for c in chunks if c.index == i]
+            assert "".join(c.text for c in own) in ("yes", "no")
+            assert own[-1].finish_reason == "stop"
+            for c in own:
+                assert [e.token_id for e in c.logprobs] == list(c.token_ids)
+                for e in c.logprobs:
+                    assert len(e.top) == 2 and e.top[0].logprob >= e.top[1].logprob
+                    assert e.token and e.logprob <= 0.0
+        assert chunks[-1].usage is not None and [c.usage for c in chunks[:-1]] == [None] * (
+            len(chunks) - 1
+        )
+        schema = {
+            "type": "object",
+            "properties": {"deep": {"type": "boolean"}},
+            "required": ["deep"],
+            "additionalProperties": False,
+        }
+        done = await pool.complete(
+            chat,
+            adapter=NAMES[0],
+            tenant="t",
+            params=SamplingParams(
+                max_tokens=40, temperature=0.0, structured=StructuredOutput.json_schema(schema)
+            ),
+        )
+        assert done.finish_reason == "stop", done.text
+        assert isinstance(json.loads(done.text)["deep"], bool)
