@@ -108,7 +108,12 @@ class MockBackend(BaseBackend):
                 del self.slots[slot]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Yield the handler's tokens, then a final chunk with usage."""
+        """Yield the handler's tokens, then a final chunk with usage.
+
+        Refuses what it does not honour first (:meth:`BaseBackend.check_request`), as
+        every backend must.
+        """
+        self.check_request(request)
         slot = -1 if request.slot is None else request.slot
         if request.adapter_id is not None and self.slots.get(slot) != request.adapter_id:
             raise BackendError(f"adapter {request.adapter_id!r} is not in slot {request.slot}")

@@ -18,17 +18,15 @@ from .test_store import make_adapters
 
 
 @dataclasses.dataclass
-class Checked(MockBackend):
-    """A MockBackend that refuses what it does not honour first, as every backend must
-    (``BaseBackend.check_request``); MockBackend itself serves whatever it is sent."""
+class ServesWhatItCannot(MockBackend):
+    """Skips ``check_request``: serves parameters it does not honour, silently."""
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        self.check_request(request)
-        return super().generate(request)
+    def check_request(self, request: GenerationRequest) -> None:
+        return None
 
 
 @dataclasses.dataclass
-class ClaimsTopK(Checked):
+class ClaimsTopK(MockBackend):
     """Lists top_k in Capabilities.sampling, but answers top_k requests with no finish."""
 
     @property
@@ -48,7 +46,7 @@ class ClaimsTopK(Checked):
 
 
 @dataclasses.dataclass
-class IgnoresAdapters(Checked):
+class IgnoresAdapters(MockBackend):
     """Answers every request as the base model: adapters never applied."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -56,7 +54,7 @@ class IgnoresAdapters(Checked):
 
 
 @dataclasses.dataclass
-class ServesAnything(Checked):
+class ServesAnything(MockBackend):
     """Serves a request for an adapter that is not in its slot (a silent base answer)."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -69,7 +67,7 @@ class ServesAnything(Checked):
 
 
 @dataclasses.dataclass
-class KeepsStreaming(Checked):
+class KeepsStreaming(MockBackend):
     """Crashes the engine on cancellation: unhealthy after a stream is closed early."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -86,7 +84,7 @@ class KeepsStreaming(Checked):
         return stream()
 
 
-class RestartsOnResume(Checked):
+class RestartsOnResume(MockBackend):
     """Claims resume but starts over: the resumed request repeats the streamed tokens."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -95,14 +93,14 @@ class RestartsOnResume(Checked):
 
 async def test_mock_backend_passes(tmp_path: Path) -> None:
     adapters = make_adapters(tmp_path, 3)
-    report = await check_backend(lambda: Checked(max_slots=2, token_delay=0.001), adapters)
+    report = await check_backend(lambda: MockBackend(max_slots=2, token_delay=0.001), adapters)
     assert "more-adapters-than-slots" in report.checks and report.checks[-1] == "close"
     assert sorted(report.accepted) == sorted(BASIC_PARAMETERS)
     assert sorted(report.refused) == sorted(sampling_parameter_names() - BASIC_PARAMETERS)
     assert "resume" not in report.checks  # not offered
     assert report.outputs["t/a0"] != report.outputs["base"]
     resumable = await check_backend(
-        lambda: Checked(max_slots=2, token_delay=0.001, resume=True), adapters
+        lambda: MockBackend(max_slots=2, token_delay=0.001, resume=True), adapters
     )
     assert resumable.checks == list(ALL_CHECKS)
 
@@ -114,7 +112,7 @@ async def test_mock_backend_passes(tmp_path: Path) -> None:
         (ServesAnything, "[errors]"),
         (KeepsStreaming, "[cancellation]"),
         (functools.partial(RestartsOnResume, resume=True), "[resume]"),
-        (MockBackend, "[sampling/frequency_penalty]"),  # serves what it cannot honour
+        (ServesWhatItCannot, "[sampling/frequency_penalty]"),
         (ClaimsTopK, "[sampling/top_k]"),
     ],
 )
