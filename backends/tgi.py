@@ -15,7 +15,7 @@ String prompts stream from ``POST /generate_stream`` (token ids, finish reason a
 usage from ``details``); chat messages from ``POST /v1/chat/completions`` with
 ``model=<TGI adapter id>`` (``"tgi"`` for the base model), which gives text but no
 token ids. TGI keeps a matched stop string in its output; this backend removes it.
-TGI has no ``ignore_eos``: requests asking for it may finish early, at EOS.
+TGI has no ``ignore_eos``: a request asking for it is refused.
 The sampling parameters served are :data:`TGI_SAMPLING` (``top_k``,
 ``repetition_penalty``, structured output as TGI's grammar); any other is refused.
 """
@@ -70,7 +70,7 @@ _FINISH: dict[str, FinishReason] = {
 }
 _TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 
-TGI_SAMPLING = BASIC_PARAMETERS | {
+TGI_SAMPLING = (BASIC_PARAMETERS - {"ignore_eos"}) | {
     "top_k",
     "repetition_penalty",
     "structured.json_object",
@@ -87,7 +87,7 @@ Not served: TGI's ``frequency_penalty`` is a repetition-style penalty over the p
 not OpenAI's; its chat ``presence_penalty`` becomes a repetition penalty; its token
 log-probabilities are taken after penalties and temperature, not from the model's own
 distribution; ``n``, ``min_p``, ``min_tokens``, ``stop_token_ids``, ``logit_bias`` and
-Lark grammars it has not. ``ignore_eos`` stays listed with the caveat the module states.
+Lark grammars it has not, nor ``ignore_eos``.
 Chat prompts go to ``/v1/chat/completions``, which takes neither ``top_k`` nor
 ``repetition_penalty``: a chat request setting them is refused
 (:class:`~lorapool.errors.UnsupportedParameter`), a string prompt is served."""
@@ -301,7 +301,7 @@ class TGIBackend(RemoteBackend):
     there are as many slots as adapters. ``max_rank`` bounds what registration
     accepts (TGI has loaded its adapters already). ``model_path``: a local copy of
     the base checkpoint, if any, for registration's shape checks. TGI has no
-    ``ignore_eos``; such requests may finish at EOS.
+    ``ignore_eos``; a request asking for it is refused.
     """
 
     transient_status = frozenset({429, 502, 503, 504})

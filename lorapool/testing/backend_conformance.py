@@ -149,10 +149,12 @@ async def check_backend(
     """
     _require(len(adapters) >= 2, "setup", "give at least two adapters")
     report = BackendReport(prefix_tokens=prefix_tokens)
-    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     backend = make_backend()
     async with AdapterPool(backend) as pool:
         caps = backend.capabilities
+        # Fixed-length streams where the backend can keep going past EOS (TGI cannot).
+        fixed = "ignore_eos" in caps.sampling
+        greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=fixed)
         _require(caps.max_slots >= 1 and caps.max_rank >= 1, "capabilities", f"{caps}")
         _require(bool(caps.base_model), "capabilities", "base_model is empty")
         _require(await backend.health(), "capabilities", "health() is False after start")
@@ -215,7 +217,7 @@ async def check_backend(
             report.checks.append("more-adapters-than-slots")
 
         # Cancellation: leave a long stream early; the engine keeps serving.
-        long = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+        long = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=fixed)
         stream = pool.generate(PROMPT, adapter=names[1], tenant=_TENANT, params=long)
         seen = 0
         async for chunk in stream:
@@ -235,7 +237,7 @@ async def check_backend(
 
         # Unload drains: a request in flight finishes whole; the adapter then leaves the device.
         target = names[0]
-        mid = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+        mid = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=fixed)
         started = asyncio.Event()
         received: list[int] = []
 
