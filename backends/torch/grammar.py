@@ -96,18 +96,22 @@ class MaskFiller:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
-        self._executor = LLExecutor()
+        # One executor per calling thread: the worker's fills and the engine thread's own
+        # (rows just prefilled) may run at once.
+        self._executors = {"now": LLExecutor(), "worker": LLExecutor()}
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="lorapool-grammar-masks")
 
     def buffer(self, rows: int) -> torch.Tensor:
         """A bitmask buffer for ``rows`` matchers (make it on the engine thread)."""
         return torch.empty((rows, self.words), dtype=torch.int32)
 
-    def fill(self, matchers: Sequence[LLMatcher], buffer: torch.Tensor) -> torch.Tensor:
+    def fill(
+        self, matchers: Sequence[LLMatcher], buffer: torch.Tensor, on: str = "now"
+    ) -> torch.Tensor:
         """Fill ``buffer``'s first ``len(matchers)`` rows with their masks; return it."""
         if matchers:
             assert buffer.is_contiguous() and buffer.shape[0] >= len(matchers)
-            self._executor.unsafe_compute_mask_ptr(
+            self._executors[on].unsafe_compute_mask_ptr(
                 [(m, i) for i, m in enumerate(matchers)],
                 buffer.data_ptr(),
                 self.words * 4,
@@ -117,7 +121,7 @@ class MaskFiller:
 
     def start(self, matchers: Sequence[LLMatcher], buffer: torch.Tensor) -> Future[torch.Tensor]:
         """:meth:`fill` on the worker thread; the matchers must not change until it is done."""
-        return self._worker.submit(self.fill, list(matchers), buffer)
+        return self._worker.submit(self.fill, list(matchers), buffer, "worker")
 
     def allowed(self, bitmask: torch.Tensor) -> torch.Tensor:
         """The boolean ``[rows, vocab_size]`` mask of a bitmask ``[rows, words]``."""
