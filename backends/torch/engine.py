@@ -21,6 +21,7 @@ between a decode's layers").
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -595,27 +596,45 @@ class Engine:
             for i, seq in enumerate(seqs):
                 if seq.matcher is not None:
                     chosen[i] = RowFault(seq.request_id, f"structured output failed: {exc}")
+        work: list[int] = []  # rows whose logits change before the pick
         for i, seq in enumerate(seqs):
             if isinstance(chosen[i], RowFault):
                 continue
             if not finite[i]:
                 chosen[i] = RowFault(seq.request_id, "the adapter's logits are not finite")
-                continue
-            sampler = seq.sampler
-            if seq.matcher is not None and seq.matcher.is_error():
+            elif seq.matcher is not None and seq.matcher.is_error():
                 reason = seq.matcher.get_error()
                 chosen[i] = RowFault(seq.request_id, f"structured output failed: {reason}")
+            elif seq.sampler is not None and (seq.sampler.processes or i in allowed):
+                work.append(i)
+        if not work:
+            return chosen
+        # One copy of those rows, the grammar masks applied in one op (a mask's -inf is
+        # unchanged by the bias and penalties that come before it in RowSampler's order).
+        rows = logits[work].to(torch.float32)
+        masked = [j for j, i in enumerate(work) if i in allowed]
+        if masked:
+            banned = ~torch.stack([allowed[work[j]] for j in masked])
+            rows[masked] = rows[masked].masked_fill(banned, -torch.inf)
+        # Greedy rows with nothing else to process: one arg-max (a row with no allowed
+        # token is a fault).
+        plain = [j for j, i in enumerate(work) if not _processes(seqs[i])]
+        if plain:
+            top, best = rows[plain].max(dim=-1)
+            for j, value, token in zip(plain, top.tolist(), best.tolist(), strict=True):
+                seq = seqs[work[j]]
+                if value == -math.inf:
+                    chosen[work[j]] = RowFault(seq.request_id, "sampling failed: no token allowed")
+                else:
+                    chosen[work[j]] = int(token)
+        for j, i in enumerate(work):
+            seq = seqs[i]
+            if not _processes(seq):
                 continue
-            if sampler is None or not (sampler.processes or i in allowed):
-                continue
+            assert seq.sampler is not None
             try:
-                row = sampler.process(
-                    logits[i].to(torch.float32, copy=True),
-                    seq.prompt_ids,
-                    seq.output,
-                    allowed.get(i),
-                )
-                chosen[i] = sampler.choose(row)
+                row = seq.sampler.process(rows[j], seq.prompt_ids, seq.output, None)
+                chosen[i] = seq.sampler.choose(row)
             except (RuntimeError, NoTokenAllowed) as exc:  # this row's, not the step's
                 chosen[i] = RowFault(seq.request_id, f"sampling failed: {exc}")
         return chosen
@@ -641,6 +660,11 @@ class Engine:
                 self._running[seq.row] = last
             self._running.pop()
             seq.row = -1
+
+
+def _processes(seq: Sequence) -> bool:
+    """Whether the sequence's sampler does more than an arg-max of its (masked) logits."""
+    return seq.sampler is not None and seq.sampler.processes
 
 
 def _is_cancelled(seq: Sequence, cancelled: set[tuple[str, int | None]]) -> bool:
