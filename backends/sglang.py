@@ -340,6 +340,7 @@ class SGLangBackend(BaseBackend):
             max_seq_len=None if context is None else int(context),
             model_path=self.model_path,
             sampling=SGLANG_SAMPLING,
+            tools=True,  # chat prompts (and their tools) are encoded here: BaseBackend.encode
         )
 
     async def _aclose(self) -> None:
