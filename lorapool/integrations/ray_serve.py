@@ -29,7 +29,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -296,10 +296,21 @@ class PoolReplica:
         adapter: str | None,
         tenant: str,
         params: SamplingParams | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> AsyncGenerator[Chunk, None]:
-        """Stream a completion (call with ``stream=True``)."""
+        """Stream a completion (call with ``stream=True``), calling ``tools`` if given."""
         await self._ensure(adapter, tenant)
-        stream = self.pool.generate(prompt, adapter=adapter, tenant=tenant, params=params)
+        stream = self.pool.generate(
+            prompt,
+            adapter=adapter,
+            tenant=tenant,
+            params=params,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+        )
         try:
             async for chunk in stream:
                 yield chunk
@@ -406,16 +417,43 @@ class RayPools:
         except LorapoolError:
             return False
 
-    async def generate(
+    def generate(
         self, prompt: Prompt, *, adapter: str | None, tenant: str, params: SamplingParams
     ) -> AsyncGenerator[Chunk, None]:
         """Stream from the replica that holds ``adapter`` (Ray's multiplexed routing)."""
+        return self._stream(prompt, adapter=adapter, tenant=tenant, params=params)
+
+    def generate_tools(
+        self,
+        prompt: Prompt,
+        *,
+        adapter: str | None,
+        tenant: str,
+        params: SamplingParams,
+        tools: Sequence[Mapping[str, Any]],
+        tool_choice: str | Mapping[str, Any] | None,
+        parallel_tool_calls: bool | None,
+    ) -> AsyncGenerator[Chunk, None]:
+        """As :meth:`generate`, the replica's pool calling ``tools``."""
+        return self._stream(
+            prompt,
+            adapter=adapter,
+            tenant=tenant,
+            params=params,
+            tools=list(tools),
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+        )
+
+    async def _stream(
+        self, prompt: Prompt, *, adapter: str | None, tenant: str, **kwargs: Any
+    ) -> AsyncGenerator[Chunk, None]:
         handle = self.handle.options(stream=True)
         if adapter is not None:
             handle = handle.options(multiplexed_model_id=route_key(tenant, adapter))
         response = cast(
             "DeploymentResponseGenerator[Chunk]",
-            handle.generate.remote(prompt, adapter=adapter, tenant=tenant, params=params),
+            handle.generate.remote(prompt, adapter=adapter, tenant=tenant, **kwargs),
         )
         try:
             async for chunk in response:

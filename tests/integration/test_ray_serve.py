@@ -9,6 +9,7 @@ serving again.
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -50,7 +52,7 @@ def torch_pool(model_dir: str, s3_endpoint: str, registry: Registry) -> AdapterP
     from lorapool.sources import S3Source
 
     torch.set_num_threads(1)  # two replicas share two cores
-    backend = TorchBackend(model_dir, max_slots=SLOTS, max_rank=32, max_batch=4, max_seq_len=128)
+    backend = TorchBackend(model_dir, max_slots=SLOTS, max_rank=32, max_batch=4, max_seq_len=320)
     store = TieredStore(
         host_bytes="256MiB", sources={"s3": S3Source(endpoint_url=s3_endpoint, **CREDENTIALS)}
     )
@@ -183,6 +185,25 @@ def test_scale_out_on_ray_serve(
     assert _complete(acme, base) == expected[None]
     for name in NAMES:
         assert _complete(acme, name) == expected[name], name
+
+    # A named tool call through the ingress: the replica's pool constrains the arguments.
+    weather = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+    }
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": weather}}
+    called = acme.chat.completions.create(
+        model=NAMES[0],
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=40,
+        temperature=0.0,
+    )
+    call = called.choices[0].message.tool_calls[0]
+    assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), weather)
 
     # Warm-up, then affine (multiplexed) routing vs plain routing, same replicas, same run.
     rng = random.Random(7)
