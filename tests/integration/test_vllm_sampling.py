@@ -3,7 +3,9 @@
 Structured output (JSON schemas, regex, choice, Lark grammar) through vLLM's own
 structured-output backends, parameter effects (top_k=1 is greedy, a -100 logit bias bans
 a token, n samples with their indices and one usage, logprobs with their alternatives,
-stop_token_ids), and a parameter the backend does not serve refused with the typed error.
+stop_token_ids), tool calls (named and required calls whose arguments validate, a tool
+message continuing the conversation), and a parameter the backend does not serve refused
+with the typed error.
 One engine for the module (about 20 s on CPU), shared by every test.
 """
 
@@ -267,3 +269,78 @@ async def test_a_parameter_the_backend_does_not_serve_is_refused(
         assert len(done.token_ids) == GREEDY.max_tokens
     with pytest.raises(ValueError, match="cannot honour"):
         VLLMBackend(engine, sampling={"beam_width"})
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 20}, "days": {"type": "integer"}},
+    "required": ["city", "days"],
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup_order",
+            "parameters": {
+                "type": "object",
+                "properties": {"order_id": {"type": "integer"}},
+                "required": ["order_id"],
+            },
+        },
+    },
+]
+
+
+async def test_tool_calls_named_and_required_validate(pool: AdapterPool) -> None:
+    """The same tool calling as on TorchBackend: the prompt rendered with the tools, a
+    named or required call constrained through vLLM's structured output, the arguments
+    valid against the function's schema; a tool message continues the conversation."""
+    question = ask("What will the weather be in Oslo for the next 3 days?")
+    params = SamplingParams(max_tokens=60, temperature=0.0)
+    named = await pool.complete(
+        question,
+        adapter=NAMES[1],
+        tenant="t",
+        params=params,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    assert named.finish_reason == "tool_calls" and len(named.tool_calls) == 1, named
+    assert named.tool_calls[0].name == "get_weather"
+    jsonschema.validate(json.loads(named.tool_calls[0].arguments), WEATHER)
+
+    required = await pool.complete(
+        question,
+        adapter=NAMES[2],
+        tenant="t",
+        params=params,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,  # one call (parallel ones: an array, up to max_tokens)
+    )
+    assert required.finish_reason == "tool_calls" and required.tool_calls, required
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for call in required.tool_calls:
+        jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+
+    call = named.tool_calls[0]
+    follow_up = [
+        *question,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": '{"forecast": "sunny, 21 C"}'},
+    ]
+    answer = await pool.complete(
+        follow_up, adapter=NAMES[1], tenant="t", params=params, tools=TOOLS, tool_choice="none"
+    )
+    assert answer.text and not answer.tool_calls
