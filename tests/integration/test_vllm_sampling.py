@@ -137,11 +137,14 @@ async def test_json_schema_outputs_validate_across_adapters(pool: AdapterPool) -
     chunks = await stream(
         pool,
         SamplingParams(max_tokens=160, temperature=0.0, structured=StructuredOutput.json_object()),
-        ask("Give me a JSON object about the sea."),
-        NAMES[0],
+        ask('Repeat exactly this JSON object: {"sea": "calm"}'),
     )
+    # SmolLM2 nests objects until max_tokens under a free JSON grammar: the output is an
+    # object from its first character (unconstrained, it answers in prose), whole if it ends.
+    text = "".join(c.text for c in chunks)
+    assert text.startswith("{"), text
     if chunks[-1].finish_reason == "stop":
-        assert isinstance(json.loads("".join(c.text for c in chunks)), dict)
+        assert isinstance(json.loads(text), dict)
 
 
 async def test_regex_choice_and_lark_grammar(pool: AdapterPool) -> None:
