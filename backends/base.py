@@ -174,6 +174,17 @@ def refuse_long_prompt(chars: int, limit: int | None) -> None:
         )
 
 
+def _printable(key: object) -> str:
+    """A message field's name for an error, or ``field`` where the name is not valid text."""
+    if isinstance(key, str):
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            return "field"
+        return key
+    return "field"
+
+
 def _refuse_lone_surrogate(text: str, what: str) -> None:
     try:
         text.encode("utf-8")
@@ -362,8 +373,9 @@ class BaseBackend(ABC):
         tools = list(prompt_tools(prompt) if tools is None else tools)
         messages = chat_messages(prompt)
         for i, m in enumerate(messages):
-            for text in _strings(m):
-                _refuse_lone_surrogate(text, f"message {i}")
+            for key, value in m.items():  # named by field: "message 1's role"
+                for text in _strings([key, value]):
+                    _refuse_lone_surrogate(text, f"message {i}'s {_printable(key)}")
         for text in _strings(tools):
             _refuse_lone_surrogate(text, "the tools")
         template = getattr(tok, "chat_template", None)
