@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ parser = pytest.importorskip("prometheus_client.parser")
 
 from lorapool import AdapterPool, SamplingParams, TenantUsage  # noqa: E402
 from lorapool.server import ApiKeys, create_app  # noqa: E402
+
+from .serving import serve_app  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper."
 ADAPTER = "acme/pirate"
@@ -46,23 +47,12 @@ async def served(model_dir: Path, adapters: dict[str, Path]) -> AsyncIterator[Se
     app = create_app(
         pool, auth=ApiKeys({"key-acme": "acme", "key-ref": "reference"}), metrics_key="scrape"
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.05)
-    await pool.register(ADAPTER, str(adapters["r8-attn"]), tenant="acme")
-    done = await pool.complete(
-        PROMPT, tenant="reference", params=SamplingParams(max_tokens=2, temperature=0)
-    )
-    try:
-        yield Served(f"http://127.0.0.1:{port}", pool, done.usage.prompt_tokens)
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(app) as running:
+        await pool.register(ADAPTER, str(adapters["r8-attn"]), tenant="acme")
+        done = await pool.complete(
+            PROMPT, tenant="reference", params=SamplingParams(max_tokens=2, temperature=0)
+        )
+        yield Served(running.url, pool, done.usage.prompt_tokens)
 
 
 @pytest.fixture

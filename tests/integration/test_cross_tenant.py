@@ -46,7 +46,7 @@ pytest.importorskip("starlette")
 from lorapool import AdapterPool, FairScheduler  # noqa: E402
 from lorapool.server import ApiKeys, Registration, create_app  # noqa: E402
 
-from .test_server_example import free_port  # noqa: E402
+from .serving import serve_app  # noqa: E402
 
 KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
 KEYS = {KEY_A: "tenanta", KEY_B: "tenantb"}
@@ -123,15 +123,8 @@ async def served(
     root = tmp_path_factory.mktemp("tenant-adapters")
     registration = Registration(tenant_sources=(f"{root}/{{tenant}}",))
     app = create_app(pool, auth=ApiKeys(KEYS), shutdown_timeout=30, registration=registration)
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "the server did not start"
-        await asyncio.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    async with serve_app(app) as running:
+        url = running.url
         await pool.register(B_ADAPTER, str(adapters["r16-all"]), tenant="tenantb")
         # A registers its own adapter over HTTP, from its own directory: allowed.
         own = shutil.copytree(adapters["r8-attn"], root / "tenanta" / "own")
@@ -149,9 +142,6 @@ async def served(
             await pool.pin(adapter, tenant=tenant)  # no cold start inside a case
         await pool.pin(A_NAN_ADAPTER, tenant="tenanta")
         yield Served(url, pool, str(adapters["r16-all"]))
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def _stream_b(http: Any, index: int, started: asyncio.Event) -> Stream:

@@ -4,7 +4,6 @@ model and real adapters, driven by the official ``openai`` client (AsyncOpenAI).
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ pytest.importorskip("starlette")
 from lorapool import AdapterPool, FairScheduler, SamplingParams  # noqa: E402
 from lorapool.scheduler import TenantConfig, TierPolicy  # noqa: E402
 from lorapool.server import ApiKeys, Caller, Registration, create_app  # noqa: E402
+
+from .serving import serve_app  # noqa: E402
 
 METRICS_KEY = "metrics-secret"
 """The credential /metrics asks for (it names tenants)."""
@@ -45,12 +46,6 @@ class Served:
 
     def client(self, key: str | None) -> Any:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -79,23 +74,14 @@ async def served(model_dir: Path, adapters: dict[str, Path]) -> AsyncIterator[Se
         registration=registration,
         metrics_key=METRICS_KEY,
     )
-    port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.05)
-    await pool.register("acme/pirate", str(adapters["r8-attn"]), tenant="acme")
-    await pool.register("acme/french", str(adapters["r16-all"]), tenant="acme")
-    await pool.register("globex/legal", str(adapters["r32-attn"]), tenant="globex")
-    await pool.register(
-        "platform/summary", str(adapters["r16-qv-rslora"]), tenant="platform", shared=True
-    )
-    try:
-        yield Served(f"http://127.0.0.1:{port}", pool, server)
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(app) as running:
+        await pool.register("acme/pirate", str(adapters["r8-attn"]), tenant="acme")
+        await pool.register("acme/french", str(adapters["r16-all"]), tenant="acme")
+        await pool.register("globex/legal", str(adapters["r32-attn"]), tenant="globex")
+        await pool.register(
+            "platform/summary", str(adapters["r16-qv-rslora"]), tenant="platform", shared=True
+        )
+        yield Served(running.url, pool, running.server)
 
 
 async def test_chat_and_completions_stream_and_not_on_three_adapters_and_the_base(

@@ -34,6 +34,8 @@ pytest.importorskip("starlette")
 from lorapool import AdapterPool, TieredStore  # noqa: E402
 from lorapool.server import ApiKeys, Registration, create_app  # noqa: E402
 
+from .serving import serve_app  # noqa: E402
+
 KEY = "key-acme"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMIT = 4 * 1024 * 1024
@@ -50,12 +52,6 @@ class Edge:
 
     def client(self) -> Any:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -81,17 +77,8 @@ async def edge(
         shutdown_timeout=5,
         registration=Registration(tenant_sources=sources),
     )
-    port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.05)
-    try:
-        yield Edge(f"http://127.0.0.1:{port}", port, pool, root / "registry.sqlite")
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(app) as running:
+        yield Edge(running.url, running.port, pool, root / "registry.sqlite")
 
 
 # -- raw HTTP on blocking sockets (threads) ------------------------------------------------

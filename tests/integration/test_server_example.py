@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ pytest.importorskip("uvicorn")
 
 from lorapool.server.config import load_config  # noqa: E402
 
+from .serving import free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,13 +34,6 @@ def test_example_config_builds_what_it_says() -> None:
     assert scheduler.tiers["free"].requests_per_s == 2
     auth = config.build_auth()
     assert {c.tenant for c in auth._keys.values()} == {"acme", "globex", "platform"}  # type: ignore[attr-defined]
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(

@@ -6,9 +6,7 @@ the conversation on; the same through ``AdapterPool.complete``."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,8 @@ pytest.importorskip("starlette")
 
 from lorapool import AdapterPool, SamplingParams  # noqa: E402
 from lorapool.server import ApiKeys, create_app  # noqa: E402
+
+from .serving import serve_app  # noqa: E402
 
 KEY = "key-acme"
 TIMEOUT = 1800.0
@@ -97,12 +97,6 @@ class Server:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def server(model_dir: Path) -> AsyncIterator[Server]:
     from lorapool.backends.torch import TorchBackend
@@ -110,19 +104,8 @@ async def server(model_dir: Path) -> AsyncIterator[Server]:
     backend = TorchBackend(model_dir, max_slots=2, max_rank=32, max_batch=8, max_seq_len=1024)
     pool = AdapterPool(backend)
     app = create_app(pool, auth=ApiKeys({KEY: "acme"}), shutdown_timeout=5)
-    port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    uv = uvicorn.Server(config)
-    task = asyncio.create_task(uv.serve())
-    while not uv.started:
-        if task.done():
-            await task
-        await asyncio.sleep(0.05)
-    try:
-        yield Server(f"http://127.0.0.1:{port}", backend.capabilities.base_model, pool)
-    finally:
-        uv.should_exit = True
-        await task
+    async with serve_app(app) as running:
+        yield Server(running.url, backend.capabilities.base_model, pool)
 
 
 def _check_calls(choice: Any, names: set[str]) -> list[Any]:
