@@ -386,7 +386,12 @@ def create_app(
                 # at scrape time instead, every exit path included.
                 metrics.tokens.labels(caller.tenant, "in").inc(usage.prompt_tokens)
                 metrics.tokens.labels(caller.tenant, "out").inc(usage.completion_tokens)
-            extra = {"prompt": prompt} if log_prompts else {}
+            extra: dict[str, Any] = {"prompt": prompt} if log_prompts else {}
+            if body.user is not None:
+                extra["user"] = body.user  # OpenAI's end-user id: the operator's to track
+            safety = getattr(body, "safety_identifier", None)
+            if safety is not None:
+                extra["safety_identifier"] = safety
             log.info(
                 "request",
                 extra={

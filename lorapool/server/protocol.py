@@ -214,7 +214,8 @@ class _Common(_Strict):
     n: int | None = Field(default=None, ge=1, le=MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=256)
+    """The caller's end user (OpenAI's field), written to the request's log record."""
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -408,8 +409,10 @@ class ChatRequest(_Common):
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     verbosity: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
+    prompt_cache_key: str | None = Field(default=None, max_length=256)
+    """A caching hint: lorapool keeps no prompt cache yet, so it changes nothing."""
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    """OpenAI's end-user id for safety, written to the request's log record."""
 
     @model_validator(mode="after")
     def _honoured(self) -> ChatRequest:

@@ -136,6 +136,7 @@ async def test_served_from_a_config_file_logs_json_and_drains_on_sigterm(
         stream = await client.completions.create(
             model="acme/pirate", prompt=secret, max_tokens=48, temperature=0, stream=True,
             extra_body={"ignore_eos": True}, stream_options={"include_usage": True},
+            user="end-user-7",
         )  # fmt: skip
         pieces, usage = [], None
         async for event in stream:
@@ -157,4 +158,5 @@ async def test_served_from_a_config_file_logs_json_and_drains_on_sigterm(
     assert requests[-1]["adapter"] == "acme/pirate"
     assert requests[-1]["completion_tokens"] == 48 and requests[-1]["outcome"] == "ok"
     assert "ttft_s" in requests[-1] and "served_by" in requests[-1]
+    assert requests[-1]["user"] == "end-user-7"  # OpenAI's end-user id, for the operator
     assert secret not in log.read_text()  # no prompt text in the logs by default
