@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from lorapool.errors import BackendError, BackendUnavailable, InvalidRequest, LoadError
-from lorapool.sampling import BASIC_PARAMETERS
+from lorapool.sampling import ALL_PARAMETERS, STRUCTURED_PARAMETERS
 from lorapool.types import (
     Capabilities,
     Chunk,
@@ -58,32 +58,8 @@ log = logging.getLogger(__name__)
 _FINISH: dict[str | None, FinishReason] = {"length": "length", "stop": "stop", "abort": "cancelled"}
 _ZERO = "lorapool-zero"
 
-_STRUCTURED = frozenset(
-    {
-        "structured.json_object",
-        "structured.json_schema",
-        "structured.regex",
-        "structured.choice",
-        "structured.grammar",
-    }
-)
-VLLM_SAMPLING = (
-    BASIC_PARAMETERS
-    | {
-        "top_k",
-        "min_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "logit_bias",
-        "stop_token_ids",
-        "min_tokens",
-        "n",
-        "logprobs",
-        "top_logprobs",
-    }
-    | _STRUCTURED
-)
+_STRUCTURED = STRUCTURED_PARAMETERS
+VLLM_SAMPLING = ALL_PARAMETERS
 """Every :class:`~lorapool.types.SamplingParams` field vLLM 0.32 honours: all of them.
 
 An engine started with ``skip_tokenizer_init`` has no structured output (vLLM needs the

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import UnsupportedParameter
 
 __all__ = [
+    "ALL_PARAMETERS",
     "BASIC_PARAMETERS",
     "MAX_GRAMMAR_CHARS",
     "MAX_LOGIT_BIAS",
     "MAX_N",
     "MAX_TOP_LOGPROBS",
+    "STRUCTURED_PARAMETERS",
     "SamplingParams",
     "StructuredKind",
     "StructuredOutput",
@@ -228,6 +230,15 @@ class SamplingParams(BaseModel):
             names.discard("structured")
             names.add(f"structured.{self.structured.kind}")
         return frozenset(names)
+
+
+STRUCTURED_PARAMETERS = frozenset(f"structured.{kind}" for kind in get_args(StructuredKind))
+"""Structured output's names in ``Capabilities.sampling``, one per kind."""
+ALL_PARAMETERS = (
+    frozenset(name for name in SamplingParams.model_fields if name != "structured")
+    | STRUCTURED_PARAMETERS
+)
+"""Every name :meth:`SamplingParams.used` can report: a backend that honours everything."""
 
 
 def refuse_unsupported(params: SamplingParams, supported: frozenset[str], backend: str) -> None:

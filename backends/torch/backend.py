@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from lorapool.errors import BackendError, InvalidRequest, LoadError
-from lorapool.sampling import BASIC_PARAMETERS
+from lorapool.sampling import ALL_PARAMETERS, STRUCTURED_PARAMETERS
 from lorapool.types import (
     Capabilities,
     Chunk,
@@ -44,23 +44,10 @@ T = TypeVar("T")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-SAMPLING = BASIC_PARAMETERS | {
-    "top_k",
-    "min_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "logit_bias",
-    "stop_token_ids",
-    "min_tokens",
-    "n",
-    "logprobs",
-    "top_logprobs",
-}
-"""The sampling parameters TorchBackend honours (structured output besides, with llguidance)."""
-STRUCTURED = frozenset(
-    f"structured.{k}" for k in ("json_object", "json_schema", "regex", "choice", "grammar")
-)
+SAMPLING = ALL_PARAMETERS - STRUCTURED_PARAMETERS
+"""The sampling parameters TorchBackend honours: every one (structured output besides,
+:data:`STRUCTURED`, with llguidance)."""
+STRUCTURED = STRUCTURED_PARAMETERS
 
 
 class TorchBackend(BaseBackend):

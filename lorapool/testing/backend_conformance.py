@@ -30,12 +30,12 @@ import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from lorapool.abc import Backend
 from lorapool.errors import AdapterNotFound, LorapoolError, UnsupportedParameter
 from lorapool.pool import AdapterPool
-from lorapool.sampling import StructuredKind
+from lorapool.sampling import ALL_PARAMETERS
 from lorapool.types import Chunk, GenerationRequest, SamplingParams, StructuredOutput
 
 __all__ = [
@@ -100,9 +100,7 @@ it (and, where it needs one, a parameter it depends on): the ``sampling`` check'
 
 def sampling_parameter_names() -> frozenset[str]:
     """Every name :meth:`SamplingParams.used` can report (structured output by kind)."""
-    names = {n for n in SamplingParams.model_fields if n != "structured"}
-    names |= {f"structured.{kind}" for kind in get_args(StructuredKind)}
-    return frozenset(names)
+    return ALL_PARAMETERS
 
 
 class ConformanceError(AssertionError):
