@@ -347,8 +347,8 @@ def create_app(
         adapter = resolve_model(body.model)
         params: SamplingParams = body.sampling(default_max_tokens)
         rid = new_id("chatcmpl" if chat else "cmpl")
-        started = time.perf_counter()
         tier = tier_of(caller.tenant)
+        observed = metrics.begin(tier, caller.tenant, adapter)
         tools = body.tool_options() if isinstance(body, ChatRequest) else {}
         if tools and not isinstance(served, ServedTools):
             raise UnsupportedParameter(type(served).__name__, ["tools"])
@@ -366,10 +366,9 @@ def create_app(
         except StopAsyncIteration:
             first = None
         except LorapoolError as exc:
-            metrics.requests.labels(tier, type(exc).__name__).inc()
+            observed.refused(type(exc).__name__)
             raise
-        ttft = time.perf_counter() - started
-        metrics.ttft.labels(tier).observe(ttft)
+        ttft = observed.first_chunk()
         state["inflight"] += 1
         idle.clear()
 
@@ -377,15 +376,12 @@ def create_app(
             state["inflight"] -= 1
             if state["inflight"] == 0:
                 idle.set()
-            elapsed = time.perf_counter() - started
-            metrics.requests.labels(tier, outcome).inc()
-            metrics.latency.labels(tier).observe(elapsed)
-            if usage is not None and metrics.counts_tokens:
-                # Pools elsewhere (Ray replicas) bill in their own ledgers and audit logs;
-                # here, the usage the stream reported. An in-process pool's ledger is read
-                # at scrape time instead, every exit path included.
-                metrics.tokens.labels(caller.tenant, "in").inc(usage.prompt_tokens)
-                metrics.tokens.labels(caller.tenant, "out").inc(usage.completion_tokens)
+            elapsed = observed.finish(
+                outcome,
+                served_by=served_by,
+                fallback=adapter is not None and served_by == "base",
+                usage=usage,
+            )
             extra: dict[str, Any] = {"prompt": prompt} if log_prompts else {}
             if body.user is not None:
                 extra["user"] = body.user  # OpenAI's end-user id: the operator's to track
@@ -438,6 +434,8 @@ def create_app(
                 for opening in answers.opening():
                     yield sse(opening)
                 async for chunk in chunks():
+                    if chunk is not first:
+                        observed.chunk(len(chunk.token_ids))
                     served_by = chunk.served_by
                     if chunk.usage is not None:
                         usage = chunk.usage

@@ -10,6 +10,7 @@ pool itself never depends on prometheus-client.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -19,8 +20,9 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from lorapool.pool import AdapterPool
+    from lorapool.types import Usage
 
-__all__ = ["CONTENT_TYPE", "ServerMetrics"]
+__all__ = ["CONTENT_TYPE", "RequestMetrics", "ServerMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -148,6 +150,61 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+    def begin(self, tier: str, tenant: str, adapter: str | None) -> RequestMetrics:
+        """Start observing one generation request (its clock starts now)."""
+        return RequestMetrics(self, tier, tenant, adapter)
+
     def render(self) -> bytes:
         """The exposition text."""
         return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """The observations of one generation request, made by the server as it goes.
+
+    ``refused`` (it ended before its first chunk), or ``first_chunk`` then one
+    ``chunk`` per later chunk, then ``finish``. The families it feeds are
+    :class:`ServerMetrics`'; the clock starts when :meth:`ServerMetrics.begin` is called.
+    """
+
+    def __init__(self, metrics: ServerMetrics, tier: str, tenant: str, adapter: str | None):
+        self.metrics = metrics
+        self.tier = tier
+        self.tenant = tenant
+        self.adapter = adapter
+        self.started = time.perf_counter()
+        self.last = self.started
+        self.ttft: float | None = None
+
+    def refused(self, outcome: str) -> None:
+        """The request ended before its first chunk (``outcome``: the error's class name)."""
+        self.metrics.requests.labels(self.tier, outcome).inc()
+
+    def first_chunk(self) -> float:
+        """The first chunk arrived; returns the time to it (seconds)."""
+        self.last = time.perf_counter()
+        self.ttft = self.last - self.started
+        self.metrics.ttft.labels(self.tier).observe(self.ttft)
+        return self.ttft
+
+    def chunk(self, tokens: int) -> None:
+        """A later chunk carrying ``tokens`` new tokens arrived (inter-token latency)."""
+        self.last = time.perf_counter()
+
+    def finish(self, outcome: str, *, served_by: str, fallback: bool, usage: Usage | None) -> float:
+        """The request ended (``outcome``: ``ok``, ``cancelled`` or an error's class name).
+
+        ``served_by`` is ``adapter`` or ``base``; ``fallback`` says the base model answered
+        in place of the adapter asked for. Returns the request's seconds.
+        """
+        elapsed = time.perf_counter() - self.started
+        m = self.metrics
+        m.requests.labels(self.tier, outcome).inc()
+        m.latency.labels(self.tier).observe(elapsed)
+        if usage is not None and m.counts_tokens:
+            # Pools elsewhere (Ray replicas) bill in their own ledgers and audit logs;
+            # here, the usage the stream reported. An in-process pool's ledger is read
+            # at scrape time instead, every exit path included.
+            m.tokens.labels(self.tenant, "in").inc(usage.prompt_tokens)
+            m.tokens.labels(self.tenant, "out").inc(usage.completion_tokens)
+        return elapsed
