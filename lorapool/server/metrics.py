@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from lorapool.pool import AdapterPool
     from lorapool.types import Usage
 
-__all__ = ["CONTENT_TYPE", "RequestMetrics", "ServerMetrics"]
+__all__ = ["CONTENT_TYPE", "MetricsConfig", "RequestMetrics", "ServerMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -30,6 +31,21 @@ _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 _TOKENS = "lorapool_tokens"
 _TOKENS_HELP = "Tokens billed by tenant and direction (in: prompt, out: completion)"
+
+
+class MetricsConfig(BaseModel):
+    """How many label values the per-tenant and per-adapter families may take.
+
+    Beyond the cap, the rest are counted under the label value ``other``, so a server
+    with ten thousand tenants does not export ten thousand series per family.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tenants: int = Field(default=100, ge=0)
+    """Tenants with series of their own in the per-tenant families."""
+    max_adapters: int = Field(default=100, ge=0)
+    """Adapters with series of their own in the per-adapter families."""
 
 
 class _PoolCollector(Collector):
@@ -117,7 +133,8 @@ class ServerMetrics:
     :attr:`tokens` is the exported counter, counting what the server adds.
     """
 
-    def __init__(self, pool: AdapterPool | None) -> None:
+    def __init__(self, pool: AdapterPool | None, config: MetricsConfig | None = None) -> None:
+        self.config = config if config is not None else MetricsConfig()
         self.registry = CollectorRegistry()
         if pool is not None:  # pools elsewhere (Ray replicas) report their own state
             self.registry.register(_PoolCollector(pool))
