@@ -72,7 +72,7 @@ from lorapool.pool import AdapterPool, Gathered
 from lorapool.types import Chunk, Prompt, SamplingParams, Usage
 
 from .auth import Auth, Caller, Registration, Unauthorized
-from .metrics import CONTENT_TYPE, ServerMetrics
+from .metrics import CONTENT_TYPE, MetricsConfig, ServerMetrics
 from .openapi import openapi_document
 from .protocol import (
     ChatRequest,
@@ -246,6 +246,8 @@ def create_app(
     registration: Registration | None = None,
     metrics_key: str | None = None,
     metrics_public: bool = False,
+    on_start: Callable[[Served], Awaitable[None]] | None = None,
+    metrics_config: MetricsConfig | None = None,
 ) -> Starlette:
     """An ASGI app serving ``pool`` with the OpenAI API; run it with uvicorn.
 
@@ -269,10 +271,14 @@ def create_app(
     ``Authorization: Bearer <metrics_key>``, or anyone with ``metrics_public``;
     otherwise it is 404 here (serve it on a listener of its own, as the example's
     ``metrics_port`` does).
+
+    ``on_start`` is awaited with the started :class:`Served` during startup, before the
+    app takes requests and before ``/ready`` says ready (register the config's adapters
+    there). ``metrics_config`` configures the metrics (label caps: :class:`MetricsConfig`).
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
-    metrics = ServerMetrics(pool if isinstance(pool, AdapterPool) else None)
+    metrics = ServerMetrics(pool if isinstance(pool, AdapterPool) else None, config=metrics_config)
     rules = registration if registration is not None else Registration()
     served: Served = LocalPool(pool) if isinstance(pool, AdapterPool) else pool
     state: dict[str, Any] = {
@@ -531,6 +537,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await served.start()
+        if on_start is not None:
+            await on_start(served)
         if state["max_prompt_chars"] is None and isinstance(pool, AdapterPool):
             backend = pool.backend
             if isinstance(backend, BaseBackend):
