@@ -30,7 +30,7 @@ def test_example_config_builds_what_it_says() -> None:
     config = load_config(ROOT / "examples" / "server.toml")
     scheduler = config.build_scheduler()
     assert scheduler.tier_of("acme") == "gold" and scheduler.tier_of("globex") == "free"
-    assert scheduler.tiers["gold"].cold_start == "fallback"
+    assert scheduler.tiers["gold"].cold_start == "wait"  # fallback is an opt-in
     assert scheduler.tiers["free"].requests_per_s == 2
     auth = config.build_auth()
     assert {c.tenant for c in auth._keys.values()} == {"acme", "globex", "platform"}  # type: ignore[attr-defined]
