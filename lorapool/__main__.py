@@ -116,8 +116,77 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# What the ``server`` extra brings: an ImportError naming one of these means it is missing.
+_SERVER_EXTRA = ("starlette", "uvicorn", "prometheus_client", "sse_starlette")
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible HTTP API as a config file describes",
+        description=(
+            "Serve a pool with the OpenAI API as the TOML file CONFIG describes; every "
+            "setting may be overridden by a LORAPOOL_ environment variable "
+            "(LORAPOOL_SERVER__PORT=9000). Start from the shipped example: "
+            "lorapool serve --print-example-config > server.toml. "
+            "SIGTERM drains: new requests get 503, streams in flight finish."
+        ),
+    )
+    serve.add_argument("config", nargs="?", help="TOML config file")
+    serve.add_argument(
+        "--print-example-config",
+        action="store_true",
+        help="print the example config (every section, commented) and exit",
+    )
+    serve.add_argument(
+        "--check", action="store_true", help="validate the config (and read its secrets), then exit"
+    )
+
+
+def example_config() -> str:
+    """The example server config shipped in the package (``lorapool/server/example.toml``)."""
+    from importlib.resources import files
+
+    # Read through the ``lorapool`` package: ``lorapool.server`` needs the server extra.
+    return files("lorapool").joinpath("server", "example.toml").read_text(encoding="utf-8")
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.print_example_config:
+        sys.stdout.write(example_config())
+        return 0
+    if args.config is None:
+        parser.error("serve: a CONFIG file is required (or --print-example-config)")
+    try:
+        from .server.config import load_config
+        from .server.run import serve
+    except ImportError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing in _SERVER_EXTRA or getattr(exc, "extra", None) == "server":
+            print(
+                "lorapool serve: error: the server extra is not installed: "
+                f'pip install "lorapool[server]" ({exc})',
+                file=sys.stderr,
+            )
+            return 2
+        raise
+    try:
+        config = load_config(args.config)
+        if args.check:
+            config.build_scheduler()
+            config.build_auth()
+    except (OSError, ValueError) as exc:
+        print(f"lorapool serve: error: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: ok ({len(config.adapters)} adapter(s) to register at start)")
+        return 0
+    serve(config)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``lorapool bench|validate|stamp ...``."""
+    """Entry point: ``lorapool bench|validate|stamp|serve ...``."""
     parser = argparse.ArgumentParser(prog="lorapool", description="lorapool command line")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="run a benchmark (side-by-side ratios)")
@@ -126,7 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     benchmarks.add_scenarios(bench)
     _add_validate(commands)
     _add_stamp(commands)
+    _add_serve(commands)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(parser, args)  # logs JSON lines of its own
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "bench":
         return benchmarks.run(args)

@@ -15,10 +15,17 @@ Example (``examples/server.toml`` is a complete one)::
 
     [tiers.gold]
     weight = 3
-    cold_start = "fallback"
+    cold_start = "wait"
 
     [keys]
     "sk-acme" = { tenant = "acme", tier = "gold" }
+    globex = { key_file = "/run/secrets/globex", tenant = "globex" }
+
+    [[adapters]]              # registered when the server starts, before /ready
+    name = "support"
+    source = "s3://adapters/acme/support"
+    tenant = "acme"
+    preload = true
 
 Every setting can also come from an environment variable named ``LORAPOOL_`` and its
 path, sections joined by ``__`` (``LORAPOOL_BACKEND__MAX_SLOTS=8``,
@@ -28,32 +35,50 @@ path, sections joined by ``__`` (``LORAPOOL_BACKEND__MAX_SLOTS=8``,
 The backend is found by ``kind`` through the ``lorapool.backends`` entry points and
 built with its ``from_config(model, max_slots=..., max_rank=..., max_batch=...,
 **options)``, so an installed package's backend is configured like a built-in one.
+
+Secrets need not be written into the file: a ``[keys]`` entry with ``key_file`` reads
+its API key from that file (the table's key is then only a label), and
+``server.metrics_key_file`` the metrics key; each file is read once, when the config
+loads, surrounding whitespace (the trailing newline) stripped.
+
+``[[adapters]]`` are registered by the operator when the server starts
+(:func:`register_adapters`), before ``/ready`` answers: the ``[registration]`` rules,
+which confine what callers register over HTTP, do not apply to them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import tomllib
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from starlette.applications import Starlette
 
 from lorapool.abc import Backend, Source
 from lorapool.access import SourceRules
 from lorapool.backends.base import build_backend
+from lorapool.errors import AdapterExists
+from lorapool.formats import inspect_adapter_dir
 from lorapool.plugins import BACKENDS, SOURCES, available, load_source
 from lorapool.pool import AdapterPool
-from lorapool.registry import Registry
+from lorapool.registry import Registry, qualify
 from lorapool.scheduler import FairScheduler, TenantConfig, TierPolicy
 from lorapool.store import TieredStore
 
 from .app import create_app
 from .auth import ApiKeys, Auth, Caller, Registration, TrustedHeader
-from .served import Served
+from .metrics import MetricsConfig
+from .served import LocalPool, Served
 
-__all__ = ["ServerConfig", "load_config"]
+__all__ = ["AdapterEntry", "ServerConfig", "load_config", "read_secret", "register_adapters"]
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "LORAPOOL_"
 """Environment variables that set the server config start with this."""
@@ -130,12 +155,37 @@ class StoreConfig(_Strict):
         return {scheme: load_source(scheme)(**kw) for scheme, kw in self.sources.items()}
 
 
+def read_secret(path: str, what: str) -> str:
+    """The secret in the file ``path``, surrounding whitespace stripped.
+
+    A missing, unreadable or empty file, or one whose secret holds whitespace, is a
+    ``ValueError`` naming ``what`` (the setting) and the path.
+    """
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what}: cannot read {path}: {exc}") from None
+    secret = text.strip()
+    if not secret:
+        raise ValueError(f"{what}: {path} is empty")
+    if any(c.isspace() for c in secret):
+        raise ValueError(f"{what}: {path} holds more than one line or word")
+    return secret
+
+
 class KeyConfig(_Strict):
-    """What an API key stands for."""
+    """What an API key stands for.
+
+    With ``key_file`` the key is read from that file and the entry's name in
+    ``[keys]`` is only a label (``acme = { key_file = "/run/secrets/acme", tenant =
+    "acme" }``); without, the name is the key itself.
+    """
 
     tenant: str = Field(min_length=1)
     tier: str | None = None
     admin: bool = False
+    key_file: str | None = None
+    """A file holding the key (a mounted secret); read once when the config loads."""
 
 
 class AuthConfig(_Strict):
@@ -159,12 +209,22 @@ class HttpConfig(_Strict):
     """``/metrics`` on the main port needs ``Authorization: Bearer <metrics_key>``: it carries
     tenant names. Without a key (and without ``metrics_public``) the main port does not
     serve it; use ``metrics_port`` or set a key."""
+    metrics_key_file: str | None = None
+    """A file holding ``metrics_key`` (read once when the config loads; not both)."""
     metrics_public: bool = False
     """Serve ``/metrics`` on the main port to anyone (only where every caller is trusted)."""
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
     """A request body larger than this is answered 413 unread."""
     max_prompt_chars: int | None = Field(default=None, ge=1)
     """Refuse longer prompts before tokenizing (default: what the backend's context holds)."""
+
+    @model_validator(mode="after")
+    def _read_metrics_key(self) -> HttpConfig:
+        if self.metrics_key_file is not None:
+            if self.metrics_key is not None:
+                raise ValueError("set server.metrics_key or server.metrics_key_file, not both")
+            self.metrics_key = read_secret(self.metrics_key_file, "server.metrics_key_file")
+        return self
 
 
 class RegistrationConfig(_Strict):
@@ -203,6 +263,129 @@ class RegistrationConfig(_Strict):
         )
 
 
+class AdapterEntry(_Strict):
+    """An adapter registered when the server starts (one ``[[adapters]]`` table).
+
+    The operator's own registration: the ``[registration]`` rules do not confine its
+    ``source``. At a restart an adapter already in the (persistent) registry under
+    this name with the same source is kept as it is; a different source under the
+    same name fails start-up (unregister it first, or give the new one another name).
+    """
+
+    name: str = Field(min_length=1)
+    """The adapter's name; its id is ``tenant/name``."""
+    source: str = Field(min_length=1)
+    """A local directory or archive, or an ``s3://``, ``http(s)://`` or ``file://`` URI."""
+    tenant: str = Field(min_length=1)
+    shared: bool = False
+    """Other tenants may use it too."""
+    preload: bool = False
+    """Warm it into memory at start (onto the device where a slot is free), so its
+    first request does not wait for a download or a load from disk."""
+    pin: bool = False
+    """Keep it on the device for as long as the server runs (fewer slots for the rest)."""
+
+    @property
+    def adapter_id(self) -> str:
+        """``tenant/name``."""
+        return qualify(self.name, self.tenant)
+
+
+def _local_source(source: str) -> Path | None:
+    """The resolved directory of a local source, or ``None`` for a URI or an archive."""
+    if source.startswith("file://"):
+        source = source[len("file://") :]
+    elif "://" in source:
+        return None
+    path = Path(source).expanduser()
+    return path.resolve() if path.is_dir() else None
+
+
+async def _already_registered(served: Served, entry: AdapterEntry, index: str) -> bool:
+    """Whether ``entry`` is registered as configured (a restart); raises if differently."""
+    known = {i.adapter_id: i for i in await served.adapters(entry.tenant)}
+    info = known.get(entry.adapter_id)
+    if info is None:
+        return False
+    local = _local_source(entry.source)
+    same = info.source == entry.source or (local is not None and info.source == str(local))
+    if not same:
+        raise ValueError(
+            f"{index}: {entry.adapter_id} is already registered from {info.source}, "
+            f"not {entry.source}: unregister it first, or give the new source another name"
+        )
+    if local is not None:
+        files = await asyncio.to_thread(inspect_adapter_dir, local)
+        if files.sha256 != info.sha256:
+            raise ValueError(
+                f"{index}: the files in {local} changed since {entry.adapter_id} was "
+                f"registered from them (sha256 {files.sha256[:12]}, registered "
+                f"{info.sha256[:12]}): register them under another name or version"
+            )
+    return True
+
+
+async def register_adapters(served: Served, entries: Sequence[AdapterEntry]) -> None:
+    """Register the ``[[adapters]]`` entries in order, then warm or pin them as asked.
+
+    One log line per adapter (``i/n``, id, tenant, seconds taken). An entry already
+    registered from the same source (a restart: the registry persists) is kept; any
+    failure raises ``RuntimeError`` naming the entry, which fails start-up.
+    ``preload`` and ``pin`` need an in-process pool (:class:`LocalPool`).
+    """
+    total = len(entries)
+    for i, entry in enumerate(entries, 1):
+        index = f"[[adapters]] entry {i} ({entry.name!r} of tenant {entry.tenant!r})"
+        started = time.monotonic()
+        try:
+            kept = await _already_registered(served, entry, index)
+            if not kept:
+                try:
+                    await served.register(
+                        entry.name, entry.source, tenant=entry.tenant, shared=entry.shared
+                    )
+                except AdapterExists:
+                    # Registered meanwhile by another replica sharing the registry.
+                    kept = await _already_registered(served, entry, index)
+                    if not kept:
+                        raise
+            reached = await _warm(served, entry)
+        except Exception as exc:
+            raise RuntimeError(f"cannot register {index} from {entry.source}: {exc}") from exc
+        took = time.monotonic() - started
+        log.info(
+            "adapter %d/%d %s (tenant %s) %s in %.2fs",
+            i,
+            total,
+            entry.adapter_id,
+            entry.tenant,
+            "already registered" if kept else "registered",
+            took,
+            extra={
+                "adapter": entry.adapter_id,
+                "tenant": entry.tenant,
+                "progress": f"{i}/{total}",
+                "took_s": round(took, 3),
+                "already_registered": kept,
+                "resident": reached,
+            },
+        )
+
+
+async def _warm(served: Served, entry: AdapterEntry) -> str | None:
+    """Pin or preload ``entry``; the tier it reached (``None``: neither was asked)."""
+    if not (entry.pin or entry.preload):
+        return None
+    if not isinstance(served, LocalPool):
+        raise ValueError("preload and pin need an in-process pool")
+    pool = served.pool
+    if entry.pin:
+        await pool.pin(entry.adapter_id, tenant=None)
+        return "device"
+    reached = await pool.preload([entry.adapter_id], tier="device", progress=False)
+    return reached.get(entry.adapter_id)
+
+
 class ServerConfig(BaseSettings):
     """The whole file; any setting may come from a ``LORAPOOL_`` environment variable.
 
@@ -227,6 +410,28 @@ class ServerConfig(BaseSettings):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     server: HttpConfig = Field(default_factory=HttpConfig)
     registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
+    adapters: list[AdapterEntry] = Field(default_factory=list)
+    """Registered when the server starts, before ``/ready`` (:func:`register_adapters`)."""
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _read_key_files(self) -> ServerConfig:
+        """Replace each ``key_file`` entry by one keyed by the key the file holds."""
+        keys: dict[str, KeyConfig] = {}
+        for name, key in self.keys.items():
+            secret = name
+            if key.key_file is not None:
+                secret = read_secret(key.key_file, f"keys.{name}.key_file")
+                key = key.model_copy(update={"key_file": None})
+            if secret in keys:
+                raise ValueError(f"keys.{name}: the same API key is given twice")
+            keys[secret] = key
+        self.keys = keys
+        ids = [a.adapter_id for a in self.adapters]
+        twice = sorted({a for a in ids if ids.count(a) > 1})
+        if twice:
+            raise ValueError(f"[[adapters]]: {twice} listed more than once")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -280,8 +485,22 @@ class ServerConfig(BaseSettings):
             registry=registry if registry is not None else self.registry,
         )
 
+    def on_start(self) -> Callable[[Served], Awaitable[None]] | None:
+        """What the app runs once the pool started, before it serves: the ``[[adapters]]``."""
+        if not self.adapters:
+            return None
+        entries = list(self.adapters)
+
+        async def register(served: Served) -> None:
+            await register_adapters(served, entries)
+
+        return register
+
     def build_app(self, pool: AdapterPool | Served | None = None) -> Starlette:
-        """The server app over ``pool`` (default: :meth:`build_pool`) with every setting here."""
+        """The server app over ``pool`` (default: :meth:`build_pool`) with every setting here.
+
+        The ``[[adapters]]`` are registered when the app starts, before ``/ready``.
+        """
         h = self.server
         return create_app(
             pool if pool is not None else self.build_pool(),
@@ -294,6 +513,8 @@ class ServerConfig(BaseSettings):
             registration=self.registration.build(),
             metrics_key=h.metrics_key,
             metrics_public=h.metrics_public,
+            metrics_config=self.metrics,
+            on_start=self.on_start(),
         )
 
     def build_auth(self) -> Auth:

@@ -127,3 +127,190 @@ def test_an_option_the_backend_does_not_take_is_refused_by_name() -> None:
 
     with pytest.raises(InvalidRequest, match=r"'openai' backend refused its options.*no_such_knob"):
         build_backend("openai", "http://127.0.0.1:9", no_such_knob=1)
+
+
+# -- secrets from files ---------------------------------------------------------------
+
+
+def test_a_key_read_from_a_file_authenticates(tmp_path: Path) -> None:
+    secret = tmp_path / "acme.key"
+    secret.write_text("sk-from-file\n")  # as `echo` and most secret stores write it
+    metrics = tmp_path / "metrics.key"
+    metrics.write_text("mk-from-file\r\n")
+    config = ServerConfig.model_validate(
+        {
+            "keys": {"acme": {"key_file": str(secret), "tenant": "acme", "tier": "gold"}},
+            "tiers": {"gold": {"weight": 2}},
+            "server": {"metrics_key_file": str(metrics)},
+        }
+    )
+    assert config.server.metrics_key == "mk-from-file"
+    assert set(config.keys) == {"sk-from-file"}  # the label is not a key
+    assert config.build_scheduler().tier_of("acme") == "gold"
+
+
+async def test_a_file_key_over_http(tmp_path: Path) -> None:
+    secret = tmp_path / "k"
+    secret.write_text("sk-file-key\n")
+    config = ServerConfig.model_validate(
+        {"keys": {"ops": {"key_file": str(secret), "tenant": "ops"}}}
+    )
+    pool = AdapterPool(MockBackend())
+    app = config.build_app(pool)
+    await pool.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            ok = await http.get("/v1/models", headers={"authorization": "Bearer sk-file-key"})
+            assert ok.status_code == 200
+            bad = await http.get("/v1/models", headers={"authorization": "Bearer ops"})
+            assert bad.status_code == 401
+    finally:
+        await pool.aclose()
+
+
+def test_a_missing_or_empty_secret_file_is_a_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ValueError, match=r"keys\.acme\.key_file: cannot read .*nope"):
+        ServerConfig.model_validate({"keys": {"acme": {"key_file": str(missing), "tenant": "a"}}})
+    with pytest.raises(ValueError, match=r"server\.metrics_key_file: cannot read .*nope"):
+        ServerConfig.model_validate({"server": {"metrics_key_file": str(missing)}})
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        ServerConfig.model_validate({"keys": {"x": {"key_file": str(empty), "tenant": "a"}}})
+    both = tmp_path / "m"
+    both.write_text("m")
+    with pytest.raises(ValueError, match="not both"):
+        ServerConfig.model_validate(
+            {"server": {"metrics_key": "inline", "metrics_key_file": str(both)}}
+        )
+    # and through the file and the command line
+    toml = tmp_path / "server.toml"
+    toml.write_text(f'[keys]\nacme = {{ key_file = "{missing}", tenant = "acme" }}\n')
+    with pytest.raises(ValueError, match=r"keys\.acme\.key_file"):
+        load_config(toml)
+    from lorapool.__main__ import main
+
+    assert main(["serve", "--check", str(toml)]) == 2
+
+
+def test_serve_prints_the_shipped_example_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from lorapool.__main__ import main
+
+    assert main(["serve", "--print-example-config"]) == 0
+    text = capsys.readouterr().out
+    root = Path(__file__).resolve().parents[2]
+    # One source: examples/server.toml is the packaged file.
+    assert text == (root / "examples" / "server.toml").read_text()
+    assert text == (root / "lorapool" / "server" / "example.toml").read_text()
+    import tomllib
+
+    config = ServerConfig.model_validate(tomllib.loads(text))
+    assert {t.cold_start for t in config.tiers.values()} == {"wait"}  # fallback is opt-in
+    assert main(["serve", "--check", str(root / "examples" / "server.toml")]) == 0
+
+
+# -- [[adapters]] registered at start ---------------------------------------------------
+
+
+def _adapter(tmp_path: Path, name: str, alpha: int = 8) -> Path:
+    from .test_formats_peft import make_dir
+
+    d = tmp_path / name
+    d.mkdir()
+    return make_dir(d, {"lora_alpha": alpha})
+
+
+def _adapters_config(tmp_path: Path, entries: list[dict[str, object]]) -> ServerConfig:
+    return ServerConfig.model_validate(
+        {
+            "registry": str(tmp_path / "registry.sqlite"),
+            "keys": {"sk-acme": {"tenant": "acme"}, "sk-globex": {"tenant": "globex"}},
+            "registration": {"tenant_sources": []},  # HTTP may register nothing
+            "adapters": entries,
+        }
+    )
+
+
+async def test_adapters_are_registered_before_ready_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    one, two = _adapter(tmp_path, "one"), _adapter(tmp_path, "two", alpha=16)
+    config = _adapters_config(
+        tmp_path,
+        [
+            {"name": "support", "source": str(one), "tenant": "acme", "preload": True},
+            {"name": "shared", "source": str(two), "tenant": "globex", "shared": True},
+        ],
+    )
+    pool = AdapterPool(MockBackend(), registry=config.registry)
+    app = config.build_app(pool)
+    caplog.set_level("INFO", logger="lorapool.server.config")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            assert (await http.get("/ready")).status_code == 200
+            r = await http.get("/v1/models", headers={"authorization": "Bearer sk-acme"})
+            ids = {m["id"] for m in r.json()["data"]}
+            assert {"acme/support", "globex/shared"} <= ids
+            body = {"model": "acme/support", "prompt": "hi", "max_tokens": 2}
+            r = await http.post(
+                "/v1/completions", json=body, headers={"authorization": "Bearer sk-acme"}
+            )
+            assert r.status_code == 200
+        lines = [r for r in caplog.records if r.name == "lorapool.server.config"]
+        assert [r.progress for r in lines] == ["1/2", "2/2"]  # type: ignore[attr-defined]
+        assert [r.adapter for r in lines] == ["acme/support", "globex/shared"]  # type: ignore[attr-defined]
+        assert all(r.took_s >= 0 for r in lines)  # type: ignore[attr-defined]
+        assert lines[0].resident in ("device", "host")  # type: ignore[attr-defined]
+
+
+async def test_a_restart_keeps_what_is_registered_and_refuses_a_changed_source(
+    tmp_path: Path,
+) -> None:
+    from lorapool.server import LocalPool
+
+    one, other = _adapter(tmp_path, "one"), _adapter(tmp_path, "other", alpha=16)
+    entry = {"name": "support", "source": str(one), "tenant": "acme", "pin": True}
+    config = _adapters_config(tmp_path, [entry])
+    for _ in range(2):  # the second start finds it in the persistent registry
+        async with AdapterPool(MockBackend(), registry=config.registry) as pool:
+            start = config.on_start()
+            assert start is not None
+            await start(LocalPool(pool))
+            assert [i.adapter_id for i in pool.list_adapters(tenant="acme")] == ["acme/support"]
+    # the same name from another source: start-up fails, naming the entry
+    moved = _adapters_config(tmp_path, [{**entry, "source": str(other)}])
+    async with AdapterPool(MockBackend(), registry=config.registry) as pool:
+        start = moved.on_start()
+        assert start is not None
+        with pytest.raises(RuntimeError, match=r"entry 1 \('support' of tenant 'acme'\).*other"):
+            await start(LocalPool(pool))
+    # the files at the same source changed since: refused too (the registry holds a hash)
+    (one / "adapter_config.json").write_text(
+        (one / "adapter_config.json").read_text().replace('"lora_alpha": 8', '"lora_alpha": 9')
+    )
+    async with AdapterPool(MockBackend(), registry=config.registry) as pool:
+        start = config.on_start()
+        assert start is not None
+        with pytest.raises(RuntimeError, match="changed since"):
+            await start(LocalPool(pool))
+
+
+async def test_a_failed_registration_fails_start_up_naming_the_entry(tmp_path: Path) -> None:
+    good = _adapter(tmp_path, "good")
+    config = _adapters_config(
+        tmp_path,
+        [
+            {"name": "fine", "source": str(good), "tenant": "acme"},
+            {"name": "broken", "source": str(tmp_path / "missing"), "tenant": "globex"},
+        ],
+    )
+    pool = AdapterPool(MockBackend(), registry=config.registry)
+    app = config.build_app(pool)
+    with pytest.raises(RuntimeError, match=r"entry 2 \('broken' of tenant 'globex'\).*missing"):
+        async with app.router.lifespan_context(app):
+            pass
+    with pytest.raises(ValueError, match="listed more than once"):
+        _adapters_config(tmp_path, [{"name": "a", "source": "/x", "tenant": "t"}] * 2)
