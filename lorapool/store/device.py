@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lorapool import tracing
 from lorapool.errors import LoadError
 from lorapool.store.stats import StoreStats
 from lorapool.types import AdapterInfo, LoadedAdapter
@@ -93,6 +94,10 @@ class DeviceSlots:
         below or the backend fails, or when every slot holds an adapter in
         use or pinned.
         """
+        with tracing.span("lorapool.store.load", tier="device", adapter=info.adapter_id):
+            return await self._load(info, speculative)
+
+    async def _load(self, info: AdapterInfo, speculative: bool) -> int | None:
         assert self._backend is not None
         key = info.adapter_id
         began = time.perf_counter()
@@ -119,13 +124,14 @@ class DeviceSlots:
         if victim is not None:
             self.policy.on_remove(victim)
             self._stats.evictions["device"] += 1
+            self._stats.evicted("device", victim)
             log.debug("evicted %s from device slot %d for %s", victim, slot, key)
         self._device[key] = _Resident(slot, speculative)
         self.policy.on_insert(key, host.nbytes, time.perf_counter() - started)
         self._stats.device_loads += 1
-        self._stats.load_seconds = 0.8 * self._stats.load_seconds + 0.2 * (
-            time.perf_counter() - began
-        )
+        took = time.perf_counter() - began
+        self._stats.loaded("device", key, took)
+        self._stats.load_seconds = 0.8 * self._stats.load_seconds + 0.2 * took
         return slot
 
     def _claim(self, adapter_id: str, speculative: bool) -> tuple[int, str | None] | None:

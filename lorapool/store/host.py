@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorapool import tracing
 from lorapool.errors import LoadError
 from lorapool.formats import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
 from lorapool.store.disk import DiskTier
@@ -70,8 +71,13 @@ class HostTier:
 
     async def load(self, info: AdapterInfo, speculative: bool) -> LoadedAdapter:
         """Read, verify and prepare the adapter, and keep it if there is room."""
+        with tracing.span("lorapool.store.load", tier="host", adapter=info.adapter_id):
+            return await self._load(info, speculative)
+
+    async def _load(self, info: AdapterInfo, speculative: bool) -> LoadedAdapter:
         key = info.adapter_id
-        self.tier.expire(protected=self._protected)
+        for expired, _ in self.tier.expire(protected=self._protected):
+            self._stats.evicted("host", expired)
         started = time.perf_counter()
         entry = await self._read(info, speculative)
         assert self._backend is not None
@@ -82,9 +88,12 @@ class HostTier:
         except Exception as exc:
             raise LoadError(key, "host", f"{type(exc).__name__}: {exc}") from exc
         self._stats.host_loads += 1
+        self._stats.loaded("host", key, time.perf_counter() - started)
         evicted = self.tier.make_room(
             entry.nbytes, protected=self._protected, speculative=speculative
         )
+        for victim, _ in evicted or ():
+            self._stats.evicted("host", victim)
         if evicted is None:
             log.debug("host tier has no room for %s; serving it without caching", key)
             return entry

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorapool import tracing
 from lorapool.abc import Source
 from lorapool.errors import LoadError, LorapoolError, PinLimitExceeded
 from lorapool.store.device import DeviceSlots
@@ -442,6 +443,14 @@ class TieredStore:
             return local
         return await self._disk_rung.get(
             info.sha256,
-            lambda: self._fetcher.fetch(info, speculative),
+            lambda: self._fetch(info, speculative),
             speculative=speculative,
         )
+
+    async def _fetch(self, info: AdapterInfo, speculative: bool) -> Path:
+        """Download the adapter into the disk tier (timed and traced as the disk tier's fill)."""
+        with tracing.span("lorapool.store.load", tier="disk", adapter=info.adapter_id):
+            started = time.perf_counter()
+            path = await self._fetcher.fetch(info, speculative)
+            self._stats.loaded("disk", info.adapter_id, time.perf_counter() - started)
+            return path
