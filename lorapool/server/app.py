@@ -29,6 +29,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -36,9 +37,11 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from lorapool.backends.base import BaseBackend, refuse_long_prompt
 from lorapool.errors import (
@@ -72,6 +75,7 @@ from lorapool.pool import AdapterPool, Gathered
 from lorapool.types import Chunk, Prompt, SamplingParams, Usage
 
 from .auth import Auth, Caller, Registration, Unauthorized
+from .drain import Drain, ShuttingDown, paced
 from .metrics import CONTENT_TYPE, MetricsConfig, ServerMetrics
 from .openapi import openapi_document
 from .protocol import (
@@ -86,7 +90,13 @@ from .responses import chat_response, completion_response, fingerprint, new_id
 from .served import LocalPool, Served, ServedTools
 from .streams import Answers
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_SSE_PING_INTERVAL",
+    "REQUEST_ID_HEADER",
+    "SERVED_BY_HEADER",
+    "create_app",
+]
 
 log = logging.getLogger("lorapool.server")
 
@@ -94,7 +104,23 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 """``create_app``'s default request-body limit: 4 MiB, far above any prompt a context of
 128k tokens holds, far below what would stall the server to read and parse."""
 
-_RETRYABLE = (RateLimited, Overloaded, ColdStartRejected)
+DEFAULT_SSE_PING_INTERVAL = 15.0
+"""Seconds a stream waits for its next token before it sends an SSE comment (``: ping``),
+so proxies and clients with idle timeouts keep the connection."""
+
+REQUEST_ID_HEADER = "x-request-id"
+"""Every response carries it: the client's own (when sane) or one the server made."""
+
+SERVED_BY_HEADER = "x-lorapool-served-by"
+"""On generation responses: ``adapter``, or ``base`` when the base model answered a
+request for an adapter (a cold start under ``cold_start = "fallback"``)."""
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+"""What a client's ``x-request-id`` may be to be echoed (else the server makes one)."""
+_REQUEST_ID_KEY = "lorapool.request_id"
+_PING = b": ping\n\n"
+
+_RETRYABLE = (RateLimited, Overloaded, ColdStartRejected, ShuttingDown)
 _REGISTRY_MESSAGE = (
     "the adapter registry could not record or read this change, so nothing was changed: "
     "retry in a few seconds, and if it persists tell the server's operator (its log says why)"
@@ -137,6 +163,7 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (DiskFull, 507, "insufficient_storage"),
     (LoadError, 503, "adapter_load_failed"),
     (PoolClosed, 503, "unavailable"),
+    (ShuttingDown, 503, "unavailable"),
     (BackendNotStarted, 503, "unavailable"),
     (BackendClosed, 503, "unavailable"),
     (BackendError, 502, "backend_error"),
@@ -234,6 +261,66 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+class _RequestIds:
+    """The request's id: the client's ``x-request-id`` when sane, else set by a handler
+    (a generation's completion id) or made when the response starts."""
+
+    def __init__(self, given: str | None) -> None:
+        self.id = given if given is not None and _REQUEST_ID.fullmatch(given) else None
+        self.given = self.id is not None
+
+    def settle(self, fallback: str | None = None) -> str:
+        """The id, fixed now: the client's, else ``fallback``, else a new one."""
+        if self.id is None:
+            self.id = fallback if fallback is not None else new_id("req")
+        return self.id
+
+
+class _App(Starlette):
+    """Starlette that puts ``x-request-id`` on every HTTP response, errors and 404s too."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve the request, adding its id to the response's headers."""
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        given = None
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                given = value.decode("latin-1")
+                break
+        ids = _RequestIds(given)
+        scope[_REQUEST_ID_KEY] = ids
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k != b"x-request-id"]
+                headers.append((b"x-request-id", ids.settle().encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await super().__call__(scope, receive, send_with_id)
+
+
+def request_ids(request: Request) -> _RequestIds:
+    """The request's id holder (set by the app for every HTTP request)."""
+    ids = request.scope.get(_REQUEST_ID_KEY)
+    return ids if isinstance(ids, _RequestIds) else _RequestIds(None)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    """OpenAI's JSON for a path or method the API does not have."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 404
+    if status == 405:
+        message, kind = (
+            f"method {request.method} is not allowed on {request.url.path}",
+            "invalid_request_error",
+        )
+    else:
+        message, kind = f"no such route: {request.method} {request.url.path}", "not_found"
+    return JSONResponse(error_body(message, kind, status), status)
+
+
 def create_app(
     pool: AdapterPool | Served,
     *,
@@ -248,6 +335,8 @@ def create_app(
     metrics_public: bool = False,
     on_start: Callable[[Served], Awaitable[None]] | None = None,
     metrics_config: MetricsConfig | None = None,
+    sse_ping_interval: float | None = DEFAULT_SSE_PING_INTERVAL,
+    drain_retry_after: int = 5,
 ) -> Starlette:
     """An ASGI app serving ``pool`` with the OpenAI API; run it with uvicorn.
 
@@ -275,19 +364,36 @@ def create_app(
     ``on_start`` is awaited with the started :class:`Served` during startup, before the
     app takes requests and before ``/ready`` says ready (register the config's adapters
     there). ``metrics_config`` configures the metrics (label caps: :class:`MetricsConfig`).
+
+    Shutdown drains (``app.state.drain``, a :class:`~lorapool.server.drain.Drain`): new
+    requests get a 503 with ``Retry-After: drain_retry_after``, ``/ready`` a 503, while
+    requests in flight go on for up to ``shutdown_timeout`` seconds; a stream still
+    running then ends with an SSE error event and ``data: [DONE]``. Under
+    :func:`lorapool.server.run.serve` the drain starts at the signal, with the listener
+    still up; under a plain uvicorn it starts at the lifespan's shutdown.
+
+    Streams send ``: ping`` (an SSE comment) after every ``sse_ping_interval`` seconds
+    without a token (``None``: never). Every response has ``x-request-id``; generation
+    responses have ``x-lorapool-served-by`` (``adapter`` or ``base``), and an answer the
+    base model gave for an adapter names the base model in ``model``.
     """
+    if sse_ping_interval is not None and sse_ping_interval <= 0:
+        sse_ping_interval = None
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     metrics = ServerMetrics(pool if isinstance(pool, AdapterPool) else None, config=metrics_config)
     rules = registration if registration is not None else Registration()
     served: Served = LocalPool(pool) if isinstance(pool, AdapterPool) else pool
-    state: dict[str, Any] = {
-        "draining": False,
-        "inflight": 0,
-        "max_prompt_chars": max_prompt_chars,
-    }
-    idle = asyncio.Event()
-    idle.set()
+    state: dict[str, Any] = {"max_prompt_chars": max_prompt_chars}
+    drain = Drain(shutdown_timeout, retry_after=drain_retry_after)
+
+    def unavailable() -> Response:
+        message = "the server is shutting down; retry (another replica will answer)"
+        return JSONResponse(
+            error_body(message, "unavailable", 503),
+            503,
+            headers={"Retry-After": str(drain.retry_after), "Connection": "close"},
+        )
 
     def base_model() -> str:
         return served.base_model()
@@ -310,16 +416,12 @@ def create_app(
         handler: Callable[[Request, Caller], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
+            if drain.draining:
+                return unavailable()
             try:
                 caller = await caller_of(request)
             except Unauthorized as exc:
                 return JSONResponse(error_body(str(exc), "authentication_error", 401), 401)
-            if state["draining"]:
-                return JSONResponse(
-                    error_body("the server is shutting down", "unavailable", 503),
-                    503,
-                    headers={"Retry-After": "5"},
-                )
             try:
                 return await handler(request, caller)
             except (ValidationError, ValueError) as exc:
@@ -353,6 +455,7 @@ def create_app(
         adapter = resolve_model(body.model)
         params: SamplingParams = body.sampling(default_max_tokens)
         rid = new_id("chatcmpl" if chat else "cmpl")
+        request_id = request_ids(request).settle(rid)
         tier = tier_of(caller.tenant)
         observed = metrics.begin(tier, caller.tenant, adapter)
         tools = body.tool_options() if isinstance(body, ChatRequest) else {}
@@ -365,23 +468,34 @@ def create_app(
             if tools and isinstance(served, ServedTools)
             else served.generate(prompt, adapter=adapter, tenant=caller.tenant, params=params)
         )
+        # In flight from here (queued included): the drain waits for it, or cuts it.
+        drain.enter()
+        reader = paced(stream, drain.cut, sse_ping_interval if body.stream else None)
         # Pull the first chunk before answering, so admission and lookup errors get their
-        # status code instead of a broken stream.
+        # status code instead of a broken stream, and who serves it (the adapter, or the
+        # base model falling back for it) is known for the headers and ``model``.
+        first: Chunk | None = None
         try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except LorapoolError as exc:
+            async for item in reader:
+                if item is not None:
+                    first = item
+                    break
+        except BaseException as exc:
+            await reader.aclose()
+            await stream.aclose()
+            drain.leave()
             observed.refused(type(exc).__name__)
             raise
         ttft = observed.first_chunk()
-        state["inflight"] += 1
-        idle.clear()
+        # Who serves a request is decided once, before its first token (the pool's cold
+        # start), and holds for the whole stream, handoffs included: the first chunk says.
+        served_by = first.served_by if first is not None else "adapter" if adapter else "base"
+        fallback = adapter is not None and served_by == "base"
+        model = base_model() if fallback else body.model
+        headers = {SERVED_BY_HEADER: "base" if served_by == "base" else "adapter"}
 
         def finished(usage: Usage | None, outcome: str, served_by: str) -> None:
-            state["inflight"] -= 1
-            if state["inflight"] == 0:
-                idle.set()
+            drain.leave()
             elapsed = observed.finish(
                 outcome,
                 served_by=served_by,
@@ -397,57 +511,69 @@ def create_app(
             log.info(
                 "request",
                 extra={
-                    "request_id": rid,
+                    "request_id": request_id,
+                    "completion_id": rid,
                     "tenant": caller.tenant,
                     "adapter": adapter,
+                    "model": model,
                     "prompt_tokens": usage.prompt_tokens if usage else None,
                     "completion_tokens": usage.completion_tokens if usage else None,
                     "ttft_s": round(ttft, 4),
                     "seconds": round(elapsed, 4),
                     "served_by": served_by,
+                    "fallback": adapter is not None and served_by == "base",
                     "outcome": outcome,
                     **extra,
                 },
             )
 
-        async def chunks() -> AsyncIterator[Chunk]:
-            if first is not None:
-                yield first
-            async for chunk in stream:
-                yield chunk
-
-        model = body.model
         fp = fingerprint(base_model())
         if not body.stream:
             gathered = Gathered()
             try:
-                async for chunk in chunks():
-                    gathered.add(chunk)
+                if first is not None:
+                    gathered.add(first)
+                async for chunk in reader:
+                    if chunk is not None:
+                        gathered.add(chunk)
                 done = gathered.completion(adapter)
             except BaseException:
-                finished(None, "error", "adapter" if adapter else "base")
+                await reader.aclose()
+                await stream.aclose()
+                finished(None, "error", served_by)
                 raise
             finished(done.usage, "ok", done.served_by)
             answer = chat_response if chat else completion_response
-            return JSONResponse(answer(rid, model, fp, done, logprobs=params.logprobs))
+            return JSONResponse(
+                answer(rid, model, fp, done, logprobs=params.logprobs), headers=headers
+            )
 
         answers = Answers(rid, model, fp, chat, params, body.include_usage)
 
         async def events() -> AsyncIterator[bytes]:
             usage: Usage | None = None
-            outcome, served_by = "cancelled", "adapter" if adapter else "base"
+            outcome, by = "cancelled", served_by
+
+            def said(chunk: Chunk) -> bytes:
+                nonlocal usage, by
+                by = chunk.served_by
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                event = answers.event(chunk)
+                return sse(event) if event is not None else b""
+
             try:
                 for opening in answers.opening():
                     yield sse(opening)
-                async for chunk in chunks():
-                    if chunk is not first:
-                        observed.chunk(len(chunk.token_ids))
-                    served_by = chunk.served_by
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                    event = answers.event(chunk)
-                    if event is not None:
-                        yield sse(event)
+                if first is not None and (data := said(first)):
+                    yield data
+                async for chunk in reader:
+                    if chunk is None:
+                        yield _PING  # an SSE comment: clients ignore it, proxies see bytes
+                        continue
+                    observed.chunk(len(chunk.token_ids))
+                    if data := said(chunk):
+                        yield data
                 if body.include_usage and usage is not None:
                     yield sse(answers.usage(usage))
                 yield sse("[DONE]")
@@ -456,11 +582,18 @@ def create_app(
                 outcome = type(exc).__name__
                 status, name, message, _ = _describe(exc)
                 yield sse(error_body(message, name, status, _param(exc)))
+                if isinstance(exc, ShuttingDown):
+                    yield sse("[DONE]")  # cut by the drain: a well-formed end all the same
             finally:
+                await reader.aclose()
                 await stream.aclose()  # a disconnected client cancels the request here
-                finished(usage, outcome, served_by)
+                finished(usage, outcome, by)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+        )
 
     async def completions(request: Request, caller: Caller) -> Response:
         body = CompletionRequest.model_validate(await body_of(request))
@@ -522,7 +655,7 @@ def create_app(
         return PlainTextResponse("ok")
 
     async def ready(request: Request) -> Response:
-        if state["draining"] or not await served.ready():
+        if drain.draining or not await served.ready():
             return JSONResponse({"ready": False}, 503)
         return JSONResponse({"ready": True, "model": base_model()})
 
@@ -548,15 +681,7 @@ def create_app(
         try:
             yield
         finally:
-            state["draining"] = True
-            try:
-                await asyncio.wait_for(idle.wait(), shutdown_timeout)
-            except TimeoutError:
-                log.warning(
-                    "%d streams still running after %.0f s; closing",
-                    state["inflight"],
-                    shutdown_timeout,
-                )
+            await drain.run()  # already done when the runner drained at the signal
             await served.aclose()
 
     routes = [
@@ -570,6 +695,11 @@ def create_app(
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = _App(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={404: _not_found, 405: _not_found},
+    )
     app.state.metrics = metrics
+    app.state.drain = drain
     return app
