@@ -305,6 +305,10 @@ class BaseBackend(ABC):
     async def discard(self, adapter_id: str) -> None:  # noqa: B027 - optional, not abstract
         """Not offered (``Capabilities.engine_cache`` is False): there is no engine cache."""
 
+    def adapters_per_pass(self) -> Mapping[int, int]:
+        """Not offered (``Capabilities.pass_stats`` is False): no passes counted."""
+        return {}
+
     # -- requests ----------------------------------------------------------------------
 
     def check_request(self, request: GenerationRequest) -> None:

@@ -15,8 +15,9 @@ Each Protocol lists every method lorapool may call, optional abilities included,
 and says how an implementation declares whether it offers one:
 
 * a backend declares its abilities in :class:`~lorapool.types.Capabilities`
-  (``preemption``, ``resume``, ``engine_cache``); lorapool calls :meth:`Backend.preempt`
-  and :meth:`Backend.discard` only when the flag is set;
+  (``preemption``, ``resume``, ``engine_cache``, ``pass_stats``); lorapool calls
+  :meth:`Backend.preempt`, :meth:`Backend.discard` and :meth:`Backend.adapters_per_pass`
+  only when the flag is set;
 * the other seams' optional methods have a default body (the ability not offered):
   subclass the Protocol to inherit it, or define the method.
 
@@ -31,7 +32,15 @@ Nothing here imports an engine, torch, or any of lorapool's wings.
 from __future__ import annotations
 
 import warnings
-from collections.abc import AsyncIterator, Collection, Hashable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Collection,
+    Hashable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +146,16 @@ class Backend(Protocol):
         evicted from a slot, as vLLM's CPU LoRA cache does), when the store unloads
         the adapter, so unregistered adapters do not stay there. A no-op if it is
         not there.
+        """
+        ...
+
+    def adapters_per_pass(self) -> Mapping[int, int]:
+        """Forward passes since start, by the distinct adapters in each (``{n: passes}``).
+
+        Called only when ``capabilities.pass_stats``, from the event loop when metrics
+        are scraped: the engine counts each pass as it runs it (0: the base model
+        only), and this returns a copy. Plain counts; whoever reads them makes the
+        histogram.
         """
         ...
 

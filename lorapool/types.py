@@ -146,6 +146,10 @@ class Capabilities:
     tools: bool = False
     """The backend renders ``GenerationRequest.tools`` into the prompt (the chat
     template's ``tools``, or lorapool's rendering where the template has none)."""
+    pass_stats: bool = False
+    """The engine counts, at each forward pass, the distinct adapters in it
+    (:meth:`~lorapool.abc.Backend.adapters_per_pass`): the server's
+    ``lorapool_forward_pass_adapters`` histogram."""
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,11 @@ class TorchBackend(BaseBackend):
             raise self._lifecycle_error()
         return self._stats
 
+    def adapters_per_pass(self) -> dict[int, int]:
+        """Forward passes by the distinct adapters in each, counted by the engine at each
+        pass (``Capabilities.pass_stats``); a copy, empty before start."""
+        return {} if self._stats is None else dict(self._stats.distinct_adapters)
+
     @property
     def free_kv_rows(self) -> int:
         """KV-cache rows not held by a sequence (``max_batch`` when idle)."""
@@ -212,6 +217,7 @@ class TorchBackend(BaseBackend):
             max_seq_len=self.max_seq_len,
             preemption=True,
             resume=True,
+            pass_stats=True,
             model_path=self.model_path,
             sampling=frozenset(sampling),
         )
