@@ -137,6 +137,6 @@ def span(name: str, **attributes: object) -> Iterator[None]:
     if tracer is None:
         yield
         return
-    named = {f"lorapool.{k}": v for k, v in attributes.items() if v is not None}
+    named: dict[str, Any] = {f"lorapool.{k}": v for k, v in attributes.items() if v is not None}
     with tracer.start_as_current_span(name, attributes=named):
         yield
