@@ -2,26 +2,30 @@
 
 :class:`RemoteBackend` is the base of :class:`~lorapool.backends.openai.OpenAIServerBackend`
 and :class:`~lorapool.backends.tgi.TGIBackend`: one :class:`httpx.AsyncClient`, ``GET
-/health``, calls retried with exponential backoff on transient failures
-(:meth:`RemoteBackend._request`), and streams retried the same way until their first
-chunk (:meth:`RemoteBackend._stream`).
+/health``, calls retried under a :class:`~lorapool.retry.RetryPolicy` (capped, jittered
+exponential backoff) on transient failures (:meth:`RemoteBackend._request`), and
+streams retried the same way until their first chunk (:meth:`RemoteBackend._stream`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack
 from typing import Any, ClassVar
 
 import httpx
 
 from lorapool.errors import BackendError, BackendServerError
+from lorapool.retry import RetryPolicy
 from lorapool.types import Chunk
 
 from .base import BaseBackend
 
 __all__ = ["Reopen", "RemoteBackend", "RetryLater", "error_message", "parse_sse_line"]
+
+log = logging.getLogger(__name__)
 
 Consume = Callable[[httpx.Response], AsyncIterator[Chunk]]
 """Reads one streamed response: checks its status, yields its chunks."""
@@ -40,6 +44,24 @@ class RetryLater(Exception):
 
 class Reopen(Exception):
     """Open the stream again now, without counting a retry (e.g. after reloading an adapter)."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying; ``failure`` is what the caller sees when none is left."""
+
+    def __init__(self, failure: BackendError) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, _Transient)
+
+
+async def _aclose(chunks: AsyncIterator[Chunk]) -> None:
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def error_message(response: httpx.Response) -> str:
@@ -84,13 +106,15 @@ class RemoteBackend(BaseBackend):
     """A backend whose engine is a server at ``base_url``, reached through httpx.
 
     ``api_key`` is sent as a Bearer token; ``timeout`` bounds each call (connecting:
-    at most 10 s); transient failures are retried ``retries`` times, ``retry_backoff``
-    seconds apart, doubling. ``transport`` replaces httpx's (tests, proxies). ``label``
+    at most 10 s); transient failures (connection errors, :attr:`transient_status`) are
+    retried under ``retry``. ``transport`` replaces httpx's (tests, proxies). ``label``
     names the server in errors.
     """
 
     transient_status: ClassVar[frozenset[int]] = frozenset({502, 503, 504})
     """Statuses retried: the server is restarting or overloaded."""
+    default_retry: ClassVar[RetryPolicy] = RetryPolicy()
+    """The policy of a backend given none: 4 attempts, 0.5 s doubling up to 10 s, jittered."""
     requires_model = True
 
     def __init__(
@@ -98,16 +122,15 @@ class RemoteBackend(BaseBackend):
         base_url: str,
         api_key: str | None,
         timeout: float,
-        retries: int,
-        retry_backoff: float,
+        retry: RetryPolicy,
         transport: httpx.AsyncBaseTransport | None,
         *,
         label: str,
     ) -> None:
         super().__init__()
         self.base_url = base_url.rstrip("/")
-        self.retries = retries
-        self.retry_backoff = retry_backoff
+        self.retry = retry
+        """How transient failures are retried."""
         self._label = f"{label} at {self.base_url}"
         headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
         self._client = httpx.AsyncClient(
@@ -116,6 +139,16 @@ class RemoteBackend(BaseBackend):
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             transport=transport,
         )
+
+    @property
+    def retries(self) -> int:
+        """Retries after the first try (``retry.attempts - 1``)."""
+        return self.retry.retries
+
+    @property
+    def retry_backoff(self) -> float:
+        """Ceiling of the first retry's wait, in seconds (``retry.initial``)."""
+        return self.retry.initial
 
     async def _aclose(self) -> None:
         """Close the connection pool."""
@@ -131,11 +164,16 @@ class RemoteBackend(BaseBackend):
             return False
         return response.status_code == 200
 
-    async def _backoff(self, attempt: int, failure: BaseException) -> None:
-        """Wait before retry ``attempt + 1``; raise ``failure`` when no retry is left."""
-        if attempt >= self.retries:
-            raise failure
-        await asyncio.sleep(self.retry_backoff * 2**attempt)
+    def _on_retry(self, exc: BaseException, delay: float) -> None:
+        log.info("%s: retrying in %.2fs after: %s", self._label, delay, exc)
+
+    async def _retried(self, fn: Callable[[], Any]) -> Any:
+        """``await fn()`` under :attr:`retry`; what it raises as :class:`_Transient` is
+        retried, and raised as its ``failure`` when no retry is left."""
+        try:
+            return await self.retry.call(fn, _is_transient, on_retry=self._on_retry)
+        except _Transient as exc:
+            raise exc.failure from exc.__cause__
 
     async def _request(
         self, method: str, path: str, *, what: str, body: dict[str, Any] | None = None
@@ -145,24 +183,22 @@ class RemoteBackend(BaseBackend):
         An error status becomes :class:`~lorapool.errors.BackendServerError`; a server
         that stays unreachable, :class:`~lorapool.errors.BackendError`.
         """
-        attempt = 0
-        while True:
-            failure: BackendError
+
+        async def attempt() -> httpx.Response:
             try:
                 response = await self._client.request(method, path, json=body)
             except httpx.TransportError as exc:
                 failure = BackendError(f"{self._label} is unreachable: {exc}")
-                failure.__cause__ = exc
-            else:
-                if response.status_code < 400:
-                    return response
-                failure = BackendServerError(
-                    response.status_code, error_message(response), what=what
-                )
-                if response.status_code not in self.transient_status:
-                    raise failure
-            await self._backoff(attempt, failure)
-            attempt += 1
+                raise _Transient(failure) from exc
+            if response.status_code < 400:
+                return response
+            error = BackendServerError(response.status_code, error_message(response), what=what)
+            if response.status_code in self.transient_status:
+                raise _Transient(error)
+            raise error
+
+        response: httpx.Response = await self._retried(attempt)
+        return response
 
     async def _stream(
         self, path: str, body: dict[str, Any], consume: Consume
@@ -170,28 +206,49 @@ class RemoteBackend(BaseBackend):
         """POST ``body`` to ``path`` and yield what ``consume`` reads from the response.
 
         Until the first chunk, a dropped connection or :class:`RetryLater` opens the
-        stream again after a backoff, and :class:`Reopen` at once. After the first
+        stream again under :attr:`retry`, and :class:`Reopen` at once. After the first
         chunk nothing is sent again (the caller has the tokens): a failure is raised as
         :class:`~lorapool.errors.BackendError`. Closing the iterator closes the HTTP
         stream (the server aborts the request).
         """
-        attempt = 0
-        while True:
-            started = False
+
+        async def first_chunk() -> tuple[AsyncExitStack, AsyncIterator[Chunk], Chunk | None]:
+            while True:
+                stack = AsyncExitStack()
+                try:
+                    response = await stack.enter_async_context(
+                        self._client.stream("POST", path, json=body)
+                    )
+                    chunks = consume(response)
+                    stack.push_async_callback(_aclose, chunks)
+                    first = await anext(aiter(chunks), None)
+                except Reopen:
+                    await stack.aclose()
+                    continue
+                except _RETRIED as exc:
+                    await stack.aclose()
+                    raise _Transient(self._stream_failure(exc)) from exc
+                except BaseException:
+                    await stack.aclose()
+                    raise
+                return stack, chunks, first
+
+        stack, chunks, first = await self._retried(first_chunk)
+        async with stack:
+            if first is None:
+                return
+            yield first
             try:
-                async with self._client.stream("POST", path, json=body) as response:
-                    async for chunk in consume(response):
-                        started = True
-                        yield chunk
-                    return
-            except Reopen:
-                continue
-            except (RetryLater, httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-                if isinstance(exc, RetryLater):
-                    failure = exc.final or BackendError(f"{self._label} failed: {exc}")
-                else:
-                    failure = BackendError(f"{self._label} failed: {exc!r}")
-                if started:
-                    raise failure from exc
-                await self._backoff(attempt, failure)
-                attempt += 1
+                async for chunk in chunks:
+                    yield chunk
+            except _RETRIED as exc:  # the caller has tokens: never sent again
+                raise self._stream_failure(exc) from exc
+
+    def _stream_failure(self, exc: BaseException) -> BackendError:
+        if isinstance(exc, RetryLater):
+            return exc.final or BackendError(f"{self._label} failed: {exc}")
+        return BackendError(f"{self._label} failed: {exc!r}")
+
+
+_RETRIED = (RetryLater, httpx.ConnectError, httpx.RemoteProtocolError)
+"""What fails a stream transiently (before its first chunk)."""

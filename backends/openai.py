@@ -11,8 +11,8 @@ Targeted: vLLM 0.32's OpenAI server (``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``:
 ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` with ``lora_name``
 and ``lora_path``; ``return_token_ids``) and SGLang's (``POST
 /load_lora_adapter`` / ``/unload_lora_adapter``, same body). Transient
-failures (connection errors, 502/503/504) are retried with exponential
-backoff before the first token; a server that restarted and forgot its
+failures (connection errors, 502/503/504) are retried with capped, jittered
+exponential backoff before the first token; a server that restarted and forgot its
 adapters is noticed (404 for a loaded adapter) and they are loaded again.
 """
 
@@ -30,6 +30,7 @@ from typing import Any, Literal
 import httpx
 
 from lorapool.errors import BackendError, BackendServerError, InvalidRequest, LoadError
+from lorapool.retry import RetryPolicy, resolve_retry
 from lorapool.sampling import BASIC_PARAMETERS
 from lorapool.types import (
     Capabilities,
@@ -121,7 +122,10 @@ class OpenAIServerBackend(RemoteBackend):
     flavor's server takes (:data:`SERVER_SAMPLING`), without log-probabilities where
     there is no local tokenizer. Narrow it for a server that takes less (a proxy, an
     older version), and a request setting the rest is refused, never sent to be
-    silently ignored.
+    silently ignored. ``retry``: how connection errors and 502/503/504 are retried, a
+    :class:`~lorapool.retry.RetryPolicy` or its fields (default
+    :attr:`~lorapool.backends._http.RemoteBackend.default_retry`); ``retries`` and
+    ``retry_backoff`` are the older spelling of its ``attempts - 1`` and ``initial``.
     """
 
     def __init__(
@@ -139,13 +143,15 @@ class OpenAIServerBackend(RemoteBackend):
         zero_base: bool = False,
         sampling: Iterable[str] | None = None,
         timeout: float = 60.0,
-        retries: int = 3,
-        retry_backoff: float = 0.5,
+        retry: RetryPolicy | Mapping[str, Any] | None = None,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if flavor not in _ROUTES:
             raise ValueError(f"flavor must be one of {sorted(_ROUTES)}")
-        connection = (base_url, api_key, timeout, retries, retry_backoff, transport)
+        policy = resolve_retry(retry, retries, retry_backoff, self.default_retry)
+        connection = (base_url, api_key, timeout, policy, transport)
         super().__init__(*connection, label="the server")
         self.flavor: Flavor = flavor
         self.max_slots = max_slots

@@ -38,6 +38,7 @@ from lorapool.errors import (
     LoadError,
     UnsupportedParameter,
 )
+from lorapool.retry import RetryPolicy, resolve_retry
 from lorapool.sampling import BASIC_PARAMETERS
 from lorapool.types import (
     Capabilities,
@@ -301,7 +302,10 @@ class TGIBackend(RemoteBackend):
     there are as many slots as adapters. ``max_rank`` bounds what registration
     accepts (TGI has loaded its adapters already). ``model_path``: a local copy of
     the base checkpoint, if any, for registration's shape checks. TGI has no
-    ``ignore_eos``; a request asking for it is refused.
+    ``ignore_eos``; a request asking for it is refused. ``retry``: how connection
+    errors, 429 and 502/503/504 are retried before the first token, a
+    :class:`~lorapool.retry.RetryPolicy` or its fields; ``retries`` and
+    ``retry_backoff`` are the older spelling of its ``attempts - 1`` and ``initial``.
     """
 
     transient_status = frozenset({429, 502, 503, 504})
@@ -315,14 +319,16 @@ class TGIBackend(RemoteBackend):
         max_batch: int = 64,
         max_rank: int = 64,
         timeout: float = 60.0,
-        retries: int = 3,
-        retry_backoff: float = 0.5,
+        retry: RetryPolicy | Mapping[str, Any] | None = None,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
         model_path: str | Path | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if isinstance(adapters, str):
             raise TypeError("adapters must be a mapping or a list of adapter ids, not a string")
-        connection = (base_url, api_key, timeout, retries, retry_backoff, transport)
+        policy = resolve_retry(retry, retries, retry_backoff, self.default_retry)
+        connection = (base_url, api_key, timeout, policy, transport)
         super().__init__(*connection, label="TGI")
         if isinstance(adapters, Mapping):
             self.adapters = {k: (v or k) for k, v in adapters.items()}

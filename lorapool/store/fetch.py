@@ -4,9 +4,9 @@ Each URI scheme has one :class:`~lorapool.abc.Source` (made on first use
 unless the store was given one). Local adapter directories are read in place
 once registered; remote adapters, and archives from anywhere, are downloaded
 file by file (an archive is fetched once and extracted) into the disk tier.
-Transient source errors are retried ``retries`` times with exponential
-backoff; the rest become :class:`~lorapool.errors.LoadError` naming the tier
-that failed.
+Transient source errors are retried under the store's
+:class:`~lorapool.retry.RetryPolicy` (capped, jittered exponential backoff); the
+rest become :class:`~lorapool.errors.LoadError` naming the tier that failed.
 
 Registration stages every adapter, local ones included, as a private copy
 (:meth:`Fetcher.stage`): what is validated and recorded is what was hashed.
@@ -45,6 +45,7 @@ from lorapool.formats import (
     WEIGHTS_FILE,
     ValidationLimits,
 )
+from lorapool.retry import RetryPolicy
 from lorapool.sources import make_source, scheme_of
 from lorapool.sources.archive import ArchiveFiles, is_archive_uri, split_archive_uri
 from lorapool.sources.caps import DEFAULT_LIMIT, FetchLimit, limit_fetch
@@ -64,22 +65,24 @@ class Fetcher:
     ``protected_sha(sha)`` says whether a disk copy may not be evicted.
     """
 
+    default_retry = RetryPolicy(initial=0.2)
+    """The store's retry policy unless it is given one: 4 attempts, 0.2 s doubling."""
+
     def __init__(
         self,
         sources: Mapping[str, Source] | None,
         disk: DiskTier,
         stats: StoreStats,
         *,
-        retries: int,
-        retry_backoff: float,
+        retry: RetryPolicy,
         protected_sha: Callable[[str], bool],
     ) -> None:
         self.sources: dict[str, Source] = {
             scheme: conform(source, Source) for scheme, source in (sources or {}).items()
         }
         """The source of each scheme used so far (and those given)."""
-        self.retries = retries
-        self.retry_backoff = retry_backoff
+        self.retry = retry
+        """How transient source errors are retried (per file)."""
         self._disk = disk
         self._stats = stats
         self._protected_sha = protected_sha
@@ -196,19 +199,20 @@ class Fetcher:
         return archive, archive
 
     async def _fetch_file(self, source: Source, uri: str, name: str, dest: Path) -> int:
-        """One file from a source, retrying transient errors with exponential backoff."""
-        attempt = 0
-        while True:
-            try:
-                return await source.fetch(uri, name, dest)
-            except SourceError as exc:
-                if not exc.transient or attempt >= self.retries:
-                    raise
-                delay = self.retry_backoff * 2**attempt
-                attempt += 1
-                self._stats.fetch_retries += 1
-                log.info("retrying %s/%s in %.2fs after: %s", uri, name, delay, exc)
-                await asyncio.sleep(delay)
+        """One file from a source, transient errors retried under :attr:`retry`."""
+
+        def on_retry(exc: BaseException, delay: float) -> None:
+            self._stats.fetch_retries += 1
+            log.info("retrying %s/%s in %.2fs after: %s", uri, name, delay, exc)
+
+        return await self.retry.call(
+            lambda: source.fetch(uri, name, dest), _transient, on_retry=on_retry
+        )
+
+
+def _transient(exc: BaseException) -> bool:
+    """A source error the source says may pass (a timeout, a 5xx, a throttle)."""
+    return isinstance(exc, SourceError) and exc.transient
 
 
 class _CappedFiles:

@@ -34,11 +34,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lorapool import tracing
 from lorapool.abc import Source
 from lorapool.errors import LoadError, LorapoolError, PinLimitExceeded
+from lorapool.retry import RetryPolicy, resolve_retry
 from lorapool.store.device import DeviceSlots
 from lorapool.store.disk import DiskTier, Staged
 from lorapool.store.fetch import Fetcher
@@ -71,6 +72,9 @@ class TieredStore:
     closes every source (they reopen on next use, so sharing one is safe). Without
     ``disk_dir`` remote adapters are cached in a temporary directory removed
     by :meth:`aclose`; ``disk_bytes=None`` leaves the disk tier unbounded.
+    ``retry`` is how transient source errors are retried (default
+    ``RetryPolicy(initial=0.2)``); ``retries``/``retry_backoff`` are the older
+    spelling of its ``attempts - 1`` and ``initial``.
     """
 
     def __init__(
@@ -82,8 +86,9 @@ class TieredStore:
         eviction: object = None,
         prefetch: PrefetchPolicy | Sequence[PrefetchPolicy] | None = None,
         sources: Mapping[str, Source] | None = None,
-        retries: int = 3,
-        retry_backoff: float = 0.2,
+        retry: RetryPolicy | Mapping[str, Any] | None = None,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
         prefetch_concurrency: int = 2,
         prefetch_rate: float = 20.0,
         max_pending_prefetch: int = 64,
@@ -120,8 +125,7 @@ class TieredStore:
             sources,
             self._disk,
             self._stats,
-            retries=retries,
-            retry_backoff=retry_backoff,
+            retry=resolve_retry(retry, retries, retry_backoff, Fetcher.default_retry),
             protected_sha=self._refs.protected_sha,
         )
         self._host = HostTier(
@@ -168,22 +172,31 @@ class TieredStore:
         await asyncio.to_thread(self._disk.close)
 
     @property
+    def retry(self) -> RetryPolicy:
+        """How a transient source error is retried (per file)."""
+        return self._fetcher.retry
+
+    @retry.setter
+    def retry(self, policy: RetryPolicy) -> None:
+        self._fetcher.retry = policy
+
+    @property
     def retries(self) -> int:
-        """Retries of a transient source error (per file)."""
-        return self._fetcher.retries
+        """Retries of a transient source error (per file): ``retry.attempts - 1``."""
+        return self._fetcher.retry.retries
 
     @retries.setter
     def retries(self, value: int) -> None:
-        self._fetcher.retries = value
+        self.retry = self.retry.with_legacy(value, None)
 
     @property
     def retry_backoff(self) -> float:
-        """Seconds before the first retry; doubled for each next one."""
-        return self._fetcher.retry_backoff
+        """Ceiling of the first retry's wait, in seconds: ``retry.initial``."""
+        return self._fetcher.retry.initial
 
     @retry_backoff.setter
     def retry_backoff(self, value: float) -> None:
-        self._fetcher.retry_backoff = value
+        self.retry = self.retry.with_legacy(None, value)
 
     # -- what is where ---------------------------------------------------------------
 
