@@ -35,6 +35,7 @@ from .engine import Sequence as EngineSequence
 from .kernel import SgmvKernel, build_kernel, cpu_kernel
 from .lora import LoraSlots, PreparedAdapter, prepare_adapter
 from .model import KVCache, LlamaModel
+from .threads import process_usable_cpus
 
 __all__ = ["TorchBackend"]
 
@@ -69,6 +70,19 @@ class TorchBackend(BaseBackend):
     (``kernel.py``). ``None`` uses it when it builds and falls back to PyTorch
     matmuls otherwise; ``True`` requires it (start fails with the compiler's
     message); ``False`` never uses it.
+
+    ``threads``: the engine's CPU threads, PyTorch's intra-op pool and the LoRA
+    kernel's team alike, set with ``torch.set_num_threads`` on the engine thread
+    when it starts. ``None``: the CPUs this process may use, its affinity mask
+    capped by its cgroup CPU quota rounded down (:mod:`.threads`), and never more
+    than PyTorch already has (``OMP_NUM_THREADS``, an earlier
+    ``torch.set_num_threads``). PyTorch keeps the count per thread, each thread
+    taking the last value set when it first runs a parallel op: the application's
+    threads that already ran torch ops keep theirs, later ones start from this.
+    Every parallel region waits for its slowest thread, so a thread more than the
+    cores the process actually gets slows each step several times over instead of
+    in proportion; next to a busy application, leave it a core (docs/operations.md).
+    Below 1: :class:`ValueError`.
 
     ``interleave_prefill``: a request arriving while a decode step runs is
     prefilled between two of that step's layers instead of after it, so its
@@ -111,9 +125,14 @@ class TorchBackend(BaseBackend):
         lora_kernel: bool | None = None,
         interleave_prefill: bool = True,
         spare_rows: int | None = None,
+        threads: int | None = None,
     ) -> None:
         if max_slots < 1 or max_rank < 1 or max_batch < 1 or max_seq_len < 2:
             raise ValueError("max_slots, max_rank, max_batch must be >= 1 and max_seq_len >= 2")
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+        ):
+            raise ValueError(f"threads must be an int >= 1, or None (the usable CPUs): {threads!r}")
         super().__init__()
         self.model_path = Path(model).expanduser()
         self.max_slots = max_slots
@@ -136,6 +155,8 @@ class TorchBackend(BaseBackend):
         if spare_rows < 0 or (spare_rows and not interleave_prefill):
             raise ValueError("spare_rows must be >= 0, and 0 without interleave_prefill")
         self.spare_rows = spare_rows
+        self.threads = threads
+        """The ``threads`` asked for (``None``: the usable CPUs, chosen at start)."""
         self._engine: Engine | None = None
         self._stats: EngineStats | None = None
         self._slot_of: dict[str, int] = {}
@@ -233,6 +254,9 @@ class TorchBackend(BaseBackend):
 
     def _build(self) -> tuple[LlamaModel, LoraSlots, KVCache]:
         """Runs on the engine thread."""
+        threads = self.threads or min(process_usable_cpus(), torch.get_num_threads())
+        torch.set_num_threads(threads)  # before LoraSlots, which reads it for the kernel
+        log.info("TorchBackend threads: %d (asked for %s)", threads, self.threads)
         model = LlamaModel(self.model_path, dtype=self.dtype, device=self.device)
         cfg = model.cfg
         kernel: SgmvKernel | None = None
