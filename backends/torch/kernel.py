@@ -12,6 +12,12 @@ The kernel is optional: without a C compiler with OpenMP, with
 returns ``None`` and :class:`~lorapool.backends.torch.lora.LoraSlots` uses
 PyTorch matmuls. Builds are keyed by the source, the compiler and its flags,
 and this CPU's feature flags, under ``<cache dir>/kernels/``.
+
+Its OpenMP loop hands segments to threads dynamically by default, one at a time, so a
+thread descheduled by another process's work holds up only its own segment;
+``LORAPOOL_KERNEL_SCHEDULE=static`` (or ``dynamic,N`` for chunks of N segments), read when
+the kernel loads, or :meth:`SgmvKernel.set_schedule` chooses. The setting is the
+process's: every backend shares the one loaded library.
 """
 
 from __future__ import annotations
@@ -30,7 +36,15 @@ from pathlib import Path
 
 from lorapool.cache import default_cache_dir
 
-__all__ = ["KernelUnavailable", "SgmvGroup", "SgmvKernel", "build_kernel", "cpu_kernel"]
+__all__ = [
+    "DEFAULT_SCHEDULE",
+    "KernelUnavailable",
+    "SgmvGroup",
+    "SgmvKernel",
+    "build_kernel",
+    "cpu_kernel",
+    "parse_schedule",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +58,27 @@ _I64 = ctypes.c_int64
 
 class KernelUnavailable(RuntimeError):
     """The kernel cannot be built or loaded here; the message says why."""
+
+
+SCHEDULE_ENV = "LORAPOOL_KERNEL_SCHEDULE"
+DEFAULT_SCHEDULE = ("dynamic", 1)
+"""The kernel's loop schedule unless :data:`SCHEDULE_ENV` says otherwise: segments one at a
+time to whichever thread is free."""
+
+
+def parse_schedule(text: str) -> tuple[str, int]:
+    """``"static"``, ``"dynamic"`` or ``"dynamic,N"`` as ``(kind, chunk)``; anything else
+    is a :class:`ValueError` naming :data:`SCHEDULE_ENV`."""
+    kind, _, chunk_text = text.strip().lower().partition(",")
+    try:
+        chunk = int(chunk_text) if chunk_text else 1
+    except ValueError:
+        chunk = 0
+    if kind not in ("static", "dynamic") or chunk < 1 or (kind == "static" and chunk_text):
+        raise ValueError(
+            f"{SCHEDULE_ENV} takes static, dynamic or dynamic,N (N >= 1 segments), not {text!r}"
+        )
+    return kind, chunk
 
 
 MAX_MODULES = 4
@@ -84,6 +119,30 @@ class SgmvKernel:
         fn.restype = None
         self.sgmv_bf16 = fn
         self._lib = lib
+        try:
+            self._set_schedule = lib.lorapool_sgmv_set_schedule
+            self._get_schedule = lib.lorapool_sgmv_get_schedule
+        except AttributeError as exc:
+            raise KernelUnavailable(f"{path} is an older build: {exc}") from exc
+        self._set_schedule.argtypes = [_I, _I]
+        self._set_schedule.restype = None
+        self._get_schedule.argtypes = [ctypes.POINTER(_I)]
+        self._get_schedule.restype = _I
+        env = os.environ.get(SCHEDULE_ENV, "").strip()
+        self.set_schedule(*(parse_schedule(env) if env else DEFAULT_SCHEDULE))
+
+    def set_schedule(self, kind: str, chunk: int = 1) -> None:
+        """Hand segments to threads ``"dynamic"`` (``chunk`` at a time, to whichever
+        thread is free) or ``"static"`` (equal blocks fixed in advance); for the process."""
+        parse_schedule(kind if kind == "static" else f"{kind},{chunk}")  # validates
+        self._set_schedule(1 if kind == "dynamic" else 0, chunk)
+
+    @property
+    def schedule(self) -> tuple[str, int]:
+        """The schedule now in force, ``(kind, chunk)``."""
+        chunk = _I(0)
+        dynamic = self._get_schedule(ctypes.byref(chunk))
+        return ("dynamic", chunk.value) if dynamic else ("static", 1)
 
     def __repr__(self) -> str:
         return f"SgmvKernel({str(self.path)!r})"

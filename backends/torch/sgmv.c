@@ -16,8 +16,9 @@
  *   t     [tokens, gr]                   scratch for the shrunk activations
  *
  * Tokens are given grouped by slot: segment s covers tok[seg_ptr[s]..seg_ptr[s+1])
- * and uses slot seg_slot[s]. Segments run in parallel (OpenMP, the same runtime
- * as PyTorch's), each shrinking its rows through A and expanding them through
+ * and uses slot seg_slot[s]. Segments run in parallel (OpenMP: PyTorch's libgomp, which
+ * the loader reuses for this library's libgomp.so.1 when torch is loaded first), handed
+ * out one at a time by default (lorapool_sgmv_set_schedule), each shrinking its rows through A and expanding them through
  * the B panels in register tiles of up to 4 rows x 64 columns; the panels make
  * the expand read B in one sequential stream. Decode steps have small segments,
  * so the cost is the bytes of A and B, read once. Summation order is the same
@@ -240,14 +241,47 @@ static void run_segment(const sgmv_call *c, int s, int bf16, float *work)
     }
 }
 
+/* How run() hands segments to its threads. Dynamic (the default): `chunk` segments at a
+ * time to whichever thread asks next, so a thread the OS has descheduled (another process
+ * took its core) holds up only the segments it took, and the others run the rest. Static:
+ * equal contiguous blocks fixed in advance, as before, so every thread waits at the end for
+ * the slowest block's thread. One setting for the process (every kernel call reads it). */
+static int sched_dynamic = 1;
+static int sched_chunk = 1;
+
+/* Set the schedule: dynamic != 0 for dynamic(chunk), 0 for static; chunk < 1 counts as 1. */
+void lorapool_sgmv_set_schedule(int dynamic, int chunk)
+{
+    __atomic_store_n(&sched_chunk, chunk < 1 ? 1 : chunk, __ATOMIC_RELAXED);
+    __atomic_store_n(&sched_dynamic, dynamic != 0, __ATOMIC_RELAXED);
+}
+
+/* The schedule: 1 dynamic, 0 static; its chunk in *chunk. */
+int lorapool_sgmv_get_schedule(int *chunk)
+{
+    *chunk = __atomic_load_n(&sched_chunk, __ATOMIC_RELAXED);
+    return __atomic_load_n(&sched_dynamic, __ATOMIC_RELAXED);
+}
+
 static void run(const sgmv_call *c, int n_seg, int bf16, float *work, int64_t work_per_thread,
                 int n_threads)
 {
-#pragma omp parallel num_threads(n_threads)
+    const int dynamic = __atomic_load_n(&sched_dynamic, __ATOMIC_RELAXED);
+    const int chunk = __atomic_load_n(&sched_chunk, __ATOMIC_RELAXED);
+    /* No more threads than segments: a thread with nothing to do would still be woken and
+     * waited for at the region's end. */
+    int team = n_threads < n_seg ? n_threads : n_seg;
+    if (team < 1) team = 1;
+#pragma omp parallel num_threads(team)
     {
         float *mine = work + (int64_t)omp_get_thread_num() * work_per_thread;
+        if (dynamic) {
+#pragma omp for schedule(dynamic, chunk)
+            for (int s = 0; s < n_seg; s++) run_segment(c, s, bf16, mine);
+        } else {
 #pragma omp for schedule(static)
-        for (int s = 0; s < n_seg; s++) run_segment(c, s, bf16, mine);
+            for (int s = 0; s < n_seg; s++) run_segment(c, s, bf16, mine);
+        }
     }
 }
 

@@ -1,0 +1,139 @@
+"""How many CPU threads the embedded engine runs: as many as this process may actually use.
+
+PyTorch sizes its intra-op pool from the CPUs the process may run on (GNU OpenMP reads
+the affinity mask when it loads) but not from a cgroup CPU quota: in a container limited
+to 2 CPUs on a 64-core host it runs 64 threads. Every parallel region (PyTorch's and the
+LoRA kernel's) then waits at its barrier for threads the quota has throttled, and the
+step takes several times longer instead of proportionally longer.
+
+:func:`usable_cpus` is the choice, from inputs given as arguments (unit-tested);
+:func:`process_usable_cpus` feeds it this process's affinity mask and cgroup files.
+The quota is rounded down (at least 1): the fraction left over is for the application's
+own threads in the same cgroup (event loop, tokenizers), and an engine thread that ran on
+it would be throttled, holding every barrier for the rest of the quota period.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = [
+    "CGROUP_ROOT",
+    "cgroup_cpu_limit",
+    "cpu_limit_v1",
+    "cpu_limit_v2",
+    "process_usable_cpus",
+    "usable_cpus",
+]
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+"""Where cgroup file systems are mounted (v2 at the root; v1 one directory per controller)."""
+
+_V1_CPU_DIRS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+
+
+def cpu_limit_v2(cpu_max_text: str) -> float | None:
+    """CPUs allowed by a cgroup v2 ``cpu.max`` (``"200000 100000"`` -> 2.0); ``None`` for
+    no limit (``"max 100000"``) and for text that is not a quota."""
+    parts = cpu_max_text.split()
+    if not parts or parts[0] == "max":
+        return None
+    try:
+        quota = int(parts[0])
+        period = int(parts[1]) if len(parts) > 1 else 100_000
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cpu_limit_v1(cfs_quota_text: str, cfs_period_text: str) -> float | None:
+    """CPUs allowed by cgroup v1's ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us``; ``None``
+    for no limit (quota ``-1``) and for text that is not a number."""
+    try:
+        quota, period = int(cfs_quota_text.strip()), int(cfs_period_text.strip())
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _threads(cpus_allowed: int, limit: float | None) -> int:
+    cpus = max(1, cpus_allowed)
+    if limit is None:
+        return cpus
+    return max(1, min(cpus, math.floor(limit + 1e-9)))
+
+
+def usable_cpus(
+    affinity: Iterable[int] | int,
+    cpu_max_text: str | None = None,
+    *,
+    cfs_quota_text: str | None = None,
+    cfs_period_text: str | None = None,
+) -> int:
+    """The threads worth running: the CPUs in ``affinity`` (a set of CPU ids, or a count),
+    capped by a cgroup CPU quota rounded down, at least 1.
+
+    ``cpu_max_text`` is cgroup v2's ``cpu.max``; ``cfs_quota_text`` and ``cfs_period_text``
+    are cgroup v1's files. ``None`` (not there, unreadable) or no limit in them: the
+    affinity count alone. Both given: the smaller limit.
+    """
+    cpus = affinity if isinstance(affinity, int) else len(set(affinity))
+    limits = []
+    if cpu_max_text is not None:
+        limits.append(cpu_limit_v2(cpu_max_text))
+    if cfs_quota_text is not None and cfs_period_text is not None:
+        limits.append(cpu_limit_v1(cfs_quota_text, cfs_period_text))
+    found = [lim for lim in limits if lim is not None]
+    return _threads(cpus, min(found) if found else None)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _ancestors(root: Path, cgroup_path: str) -> list[Path]:
+    """``root/<cgroup_path>`` and each directory above it, up to ``root`` itself."""
+    parts = [p for p in cgroup_path.strip().split("/") if p and p != ".."]
+    return [root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, self_cgroup_text: str | None = None) -> float | None:
+    """This process's cgroup CPU quota in CPUs, the smallest along its cgroup's path (v2's
+    ``cpu.max``, v1's ``cpu.cfs_quota_us``); ``None`` when there is none or nothing is
+    readable. ``self_cgroup_text`` is ``/proc/self/cgroup`` (read when ``None``)."""
+    if self_cgroup_text is None:
+        self_cgroup_text = _read(Path("/proc/self/cgroup")) or ""
+    limits: list[float] = []
+    for line in self_cgroup_text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":  # v2 (unified)
+            for d in _ancestors(root, path):
+                text = _read(d / "cpu.max")
+                limit = cpu_limit_v2(text) if text is not None else None
+                if limit is not None:
+                    limits.append(limit)
+        elif "cpu" in controllers.split(","):  # v1
+            for mount in _V1_CPU_DIRS:
+                for d in _ancestors(root / mount, path):
+                    quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+                    limit = cpu_limit_v1(quota, period) if quota and period else None
+                    if limit is not None:
+                        limits.append(limit)
+    return min(limits) if limits else None
+
+
+def process_usable_cpus() -> int:
+    """:func:`usable_cpus` for this process: ``os.sched_getaffinity(0)`` (``os.cpu_count()``
+    where there is none) and its cgroup CPU quota (:func:`cgroup_cpu_limit`)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return _threads(cpus, cgroup_cpu_limit())

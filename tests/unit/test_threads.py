@@ -1,0 +1,232 @@
+"""The engine's thread count follows what the process may use: its affinity mask and its
+cgroup CPU quota (v2 ``cpu.max``, v1 ``cpu.cfs_*``), rounded down, at least 1."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lorapool.backends.torch.threads import (
+    cgroup_cpu_limit,
+    cpu_limit_v1,
+    cpu_limit_v2,
+    process_usable_cpus,
+    usable_cpus,
+)
+
+
+@pytest.mark.parametrize(
+    ("affinity", "cpu_max", "expected"),
+    [
+        ({0, 1}, None, 2),
+        ({3}, None, 1),
+        (range(64), None, 64),
+        (8, None, 8),
+        ({0, 1, 2, 3}, "max 100000", 4),  # no limit: the affinity count
+        ({0, 1, 2, 3}, "max", 4),
+        ({0, 1, 2, 3}, "200000 100000", 2),
+        (range(64), "200000 100000\n", 2),  # a 2-CPU container on a 64-core host
+        ({0, 1, 2, 3}, "150000 100000", 1),  # 1.5 CPUs: rounded down
+        ({0, 1, 2, 3}, "250000 100000", 2),
+        ({0, 1, 2, 3}, "50000 100000", 1),  # half a CPU: still one thread
+        ({0, 1, 2, 3}, "100000 100000", 1),
+        ({0, 1, 2, 3}, "400000 50000", 4),  # 8 CPUs of quota, 4 allowed by affinity
+        ({0, 1}, "800000 100000", 2),
+        ({0, 1, 2, 3}, "", 4),  # empty or garbled file: ignored
+        ({0, 1, 2, 3}, "lots 100000", 4),
+        ({0, 1, 2, 3}, "0 100000", 4),
+        (set(), None, 1),
+    ],
+)
+def test_v2_quota(affinity: set[int] | range | int, cpu_max: str | None, expected: int) -> None:
+    assert usable_cpus(affinity, cpu_max) == expected
+
+
+@pytest.mark.parametrize(
+    ("quota", "period", "expected"),
+    [
+        ("-1\n", "100000\n", 4),  # no limit
+        ("200000\n", "100000\n", 2),
+        ("150000", "100000", 1),
+        ("100000", "50000", 2),
+        ("junk", "100000", 4),
+        ("200000", "0", 4),
+    ],
+)
+def test_v1_quota(quota: str, period: str, expected: int) -> None:
+    assert usable_cpus({0, 1, 2, 3}, cfs_quota_text=quota, cfs_period_text=period) == expected
+
+
+def test_both_versions_the_smaller_limit_wins() -> None:
+    assert usable_cpus(8, "600000 100000", cfs_quota_text="300000", cfs_period_text="100000") == 3
+    assert usable_cpus(8, "max 100000", cfs_quota_text="300000", cfs_period_text="100000") == 3
+
+
+def test_limits_in_cpus() -> None:
+    assert cpu_limit_v2("150000 100000") == 1.5
+    assert cpu_limit_v2("max 100000") is None
+    assert cpu_limit_v1("-1", "100000") is None
+    assert cpu_limit_v1("50000", "100000") == 0.5
+
+
+def _write(path: Path, text: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for name, content in (line.split("=", 1) for line in text.split(";")):
+        (path / name).write_text(content)
+
+
+def test_v2_files_smallest_along_the_path(tmp_path: Path) -> None:
+    _write(tmp_path, "cpu.max=max 100000\n")
+    _write(tmp_path / "app.slice", "cpu.max=300000 100000\n")
+    _write(tmp_path / "app.slice" / "svc", "cpu.max=max 100000\n")
+    assert cgroup_cpu_limit(tmp_path, "0::/app.slice/svc\n") == 3.0
+    # The cgroup's own directory not visible (a namespace): the levels that are still count.
+    assert cgroup_cpu_limit(tmp_path, "0::/app.slice/other/deeper\n") == 3.0
+    assert cgroup_cpu_limit(tmp_path, "0::/\n") is None
+
+
+def test_v1_files(tmp_path: Path) -> None:
+    _write(
+        tmp_path / "cpu,cpuacct" / "docker" / "abc",
+        "cpu.cfs_quota_us=150000;cpu.cfs_period_us=100000",
+    )
+    text = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n"
+    assert cgroup_cpu_limit(tmp_path, text) == 1.5
+    # A container that sees its own cgroup as the mount's root.
+    _write(tmp_path / "ns" / "cpu", "cpu.cfs_quota_us=200000;cpu.cfs_period_us=100000")
+    assert cgroup_cpu_limit(tmp_path / "ns", "4:cpu,cpuacct:/docker/abc\n") == 2.0
+    _write(tmp_path / "nolimit" / "cpu", "cpu.cfs_quota_us=-1;cpu.cfs_period_us=100000")
+    assert cgroup_cpu_limit(tmp_path / "nolimit", "4:cpu:/\n") is None
+
+
+def test_unreadable_files_mean_no_limit(tmp_path: Path) -> None:
+    assert cgroup_cpu_limit(tmp_path / "absent", "0::/x\n4:cpu:/y\n") is None
+    (tmp_path / "cpu.max").mkdir()  # a directory where the file should be: unreadable
+    assert cgroup_cpu_limit(tmp_path, "0::/\n") is None
+    assert cgroup_cpu_limit(tmp_path, "not a cgroup file") is None
+
+
+def test_this_process() -> None:
+    import os
+
+    n = process_usable_cpus()
+    assert 1 <= n <= len(os.sched_getaffinity(0))
+
+
+# -- the LoRA kernel's schedule -----------------------------------------------------------
+
+
+def test_schedule_texts() -> None:
+    from lorapool.backends.torch.kernel import parse_schedule
+
+    assert parse_schedule("static") == ("static", 1)
+    assert parse_schedule(" Dynamic ") == ("dynamic", 1)
+    assert parse_schedule("dynamic,4") == ("dynamic", 4)
+    for bad in ("guided", "dynamic,0", "dynamic,x", "static,2", ""):
+        with pytest.raises(ValueError, match="LORAPOOL_KERNEL_SCHEDULE"):
+            parse_schedule(bad)
+
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+
+
+@needs_cc
+def test_kernel_schedule_default_env_and_setter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorapool.backends.torch.kernel import DEFAULT_SCHEDULE, SgmvKernel, build_kernel
+
+    path = build_kernel().path
+    try:
+        monkeypatch.delenv("LORAPOOL_KERNEL_SCHEDULE", raising=False)
+        kernel = SgmvKernel(path)
+        assert kernel.schedule == DEFAULT_SCHEDULE == ("dynamic", 1)
+        monkeypatch.setenv("LORAPOOL_KERNEL_SCHEDULE", "static")
+        assert SgmvKernel(path).schedule == ("static", 1)
+        assert kernel.schedule == ("static", 1), "one setting for the process's library"
+        kernel.set_schedule("dynamic", 3)
+        assert kernel.schedule == ("dynamic", 3)
+        with pytest.raises(ValueError):
+            kernel.set_schedule("guided")
+        monkeypatch.setenv("LORAPOOL_KERNEL_SCHEDULE", "sometimes")
+        with pytest.raises(ValueError, match="LORAPOOL_KERNEL_SCHEDULE"):
+            SgmvKernel(path)
+    finally:
+        monkeypatch.delenv("LORAPOOL_KERNEL_SCHEDULE", raising=False)
+        SgmvKernel(path)  # back to the default for later tests in this process
+
+
+@needs_cc
+@pytest.mark.parametrize("schedule", [("static", 1), ("dynamic", 1), ("dynamic", 3)])
+def test_every_schedule_gives_the_same_bits(schedule: tuple[str, int]) -> None:
+    """Each segment writes its own rows in a fixed order whatever thread runs it: the
+    schedules differ in speed under contention only, never in the numbers."""
+    import torch
+
+    from lorapool.backends.torch.kernel import DEFAULT_SCHEDULE, build_kernel
+
+    from .test_lora_plan import CASES, _slots
+
+    kernel = build_kernel()
+    token_slots = CASES["spread-out slots, every row adapted"]
+    outputs: dict[tuple[str, int], torch.Tensor] = {}
+    try:
+        for sched in (DEFAULT_SCHEDULE, schedule):
+            kernel.set_schedule(*sched)
+            slots, _ = _slots(torch.float32, kernel)  # type: ignore[arg-type]
+            gen = torch.Generator().manual_seed(1)
+            h = torch.randn(len(token_slots), 16, generator=gen)
+            qkv = torch.zeros(len(token_slots), 32)
+            slots.apply_qkv(0, slots.plan(token_slots), h, qkv)
+            outputs[sched] = qkv
+    finally:
+        kernel.set_schedule(*DEFAULT_SCHEDULE)
+    assert torch.equal(outputs[DEFAULT_SCHEDULE], outputs[schedule])
+    assert outputs[schedule].abs().sum() > 0
+
+
+# -- TorchBackend(threads=...) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_threads_refused(bad: object, tmp_path: Path) -> None:
+    from lorapool.backends.torch import TorchBackend
+
+    with pytest.raises(ValueError, match="threads"):
+        TorchBackend(tmp_path, threads=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, None])
+async def test_threads_applied_at_start(model_dir: Path, threads: int | None) -> None:
+    import torch
+
+    from lorapool.backends.torch import TorchBackend
+
+    before = torch.get_num_threads()
+    # More than any machine here may use, set before the engine thread exists: a new thread
+    # takes the count last set, so without the setting the engine would run this many.
+    torch.set_num_threads(max(2, before) + 1)
+    try:
+        backend = TorchBackend(model_dir, threads=threads, max_slots=1, max_batch=2, max_seq_len=64)
+        await backend.start()
+        try:
+            engine = backend._engine
+            assert engine is not None
+
+            def probe() -> tuple[int, int | None]:  # on the engine thread
+                lora = engine.lora
+                if lora.kernel is None:
+                    return torch.get_num_threads(), None
+                lora.plan([0, 0])  # the kernel's team: read from torch at each plan
+                return torch.get_num_threads(), lora._threads
+
+            torch_threads, kernel_threads = await asyncio.wrap_future(engine.call(probe))
+            want = threads if threads is not None else process_usable_cpus()
+            assert torch_threads == want
+            assert kernel_threads in (want, None)
+        finally:
+            await backend.aclose()
+    finally:
+        torch.set_num_threads(before)
