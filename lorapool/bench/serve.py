@@ -30,7 +30,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorapool.abc import Backend
 from lorapool.backends.base import build_backend
@@ -38,6 +38,9 @@ from lorapool.bench.fairness import _pct as percentile
 from lorapool.bench.meta import run_meta
 from lorapool.bench.workload import PATTERNS, Lengths, Request, read_trace, slora_workload
 from lorapool.plugins import BACKENDS, available
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["add_arguments", "run"]
 
@@ -266,30 +269,30 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+def _figures(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Figure]]:
+    """The plots of a run's rows, by file name: every value axis starts at zero and names
+    its unit (a log axis says so in its label)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    figures: list[tuple[str, Figure]] = []
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
         ttft = sorted(t for _, _, t in r["timeline"])
         if ttft:
             ax.step(
-                ttft,
-                [(i + 1) / len(ttft) for i in range(len(ttft))],
+                [0.0, *ttft],
+                [0.0] + [(i + 1) / len(ttft) for i in range(len(ttft))],
                 where="post",
                 label=f"{r['target']}, {r['adapters']} adapters",
             )
-    ax.set(xlabel="TTFT (s)", ylabel="fraction of requests", title="TTFT CDF")
+    ax.set(xlabel="TTFT (s)", ylabel="fraction of requests (0-1)", title="TTFT CDF")
+    ax.set_xlim(left=0)
+    ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
-    written.append(out / "serve-ttft-cdf.png")
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    figures.append(("serve-ttft-cdf.png", fig))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for target in sorted({r["target"] for r in rows}):
@@ -300,13 +303,18 @@ def _plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             marker="o",
             label=target,
         )
-    ax.set(xlabel="adapters", ylabel="output tokens/s", title="Throughput vs adapters")
+    ax.set(
+        xlabel="distinct adapters (log2 scale)",
+        ylabel="output throughput (tokens/s)",
+        title="Throughput vs adapters",
+    )
     ax.set_xscale("log", base=2)
-    ax.legend(fontsize=8)
-    written.append(out / "serve-throughput.png")
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    counts = sorted({r["adapters"] for r in rows})
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.1)
+    ax.legend(fontsize=8, loc="lower right")
+    figures.append(("serve-throughput.png", fig))
 
     fig, axes = plt.subplots(len(rows), 1, figsize=(7, 2.2 * len(rows)), squeeze=False)
     for ax, r in zip(axes[:, 0], rows, strict=True):
@@ -316,13 +324,36 @@ def _plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         for tenant, points in sorted(by_tenant.items()):
             ax.scatter([p[0] for p in points], [p[1] for p in points], s=6, label=tenant)
         ax.set(ylabel="TTFT (s)", title=f"{r['target']}, {r['adapters']} adapters")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
         ax.legend(fontsize=6, ncol=4)
     axes[-1, 0].set_xlabel("arrival (s)")
-    written.append(out / "serve-tenant-ttft.png")
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    figures.append(("serve-tenant-ttft.png", fig))
+    for _, fig in figures:
+        fig.tight_layout()
+    return figures
+
+
+def _plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """Write the plots of a run's rows to ``out``."""
+    figures = _figures(rows)  # selects the Agg backend before pyplot is used
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, fig in figures:
+        written.append(out / name)
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
     return written
+
+
+def replot(json_path: str | Path, out: str | Path) -> list[Path]:
+    """Draw the plots again from a run's JSON (``--json``) without running anything:
+    ``python -c "from lorapool.bench.serve import replot; replot('docs/bench-serve.json',
+    'docs')"``."""
+    results = json.loads(Path(json_path).read_text())
+    return _plots(results["runs"], Path(out))
 
 
 def run(args: argparse.Namespace) -> int:
