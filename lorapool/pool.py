@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from lorapool import tracing
 from lorapool.abc import Backend, TierName, conform
 from lorapool.access import SourceRules
 from lorapool.registry import Registry, check_adapter_id, check_tenant, qualify
@@ -441,25 +442,32 @@ class AdapterPool:
             prompt, params = self._with_tools(prompt, params, calls)
         refuse_unsupported(params, self.backend.capabilities.sampling, type(self.backend).__name__)
         request_id = uuid.uuid4().hex
-        info = (
-            self.registry.resolve(adapter, tenant, request_id=request_id)
-            if adapter is not None
-            else None
-        )
-        run = self._lifecycle.run(
-            request_id,
-            prompt,
-            info,
-            tenant=tenant,
-            params=params,
-            deadline=deadline,
-            tools=() if calls is None else calls.definitions(),
-        )
-        stream = run if calls is None or not calls.calls else tool_chunks(run, calls)
-        async with contextlib.aclosing(run), contextlib.aclosing(stream):
-            # the caller leaving ends the request at once
-            async for chunk in stream:
-                yield chunk
+        span = tracing.request(tenant, adapter)  # None unless lorapool.tracing is enabled
+        try:
+            with tracing.phase(span, "lorapool.registry.resolve"):
+                info = (
+                    self.registry.resolve(adapter, tenant, request_id=request_id)
+                    if adapter is not None
+                    else None
+                )
+            run = self._lifecycle.run(
+                request_id,
+                prompt,
+                info,
+                tenant=tenant,
+                params=params,
+                deadline=deadline,
+                tools=() if calls is None else calls.definitions(),
+                span=span,
+            )
+            stream = run if calls is None or not calls.calls else tool_chunks(run, calls)
+            async with contextlib.aclosing(run), contextlib.aclosing(stream):
+                # the caller leaving ends the request at once
+                async for chunk in stream:
+                    yield chunk
+        finally:
+            if span is not None:
+                span.end("error")  # a no-op when the lifecycle ended it with its outcome
 
     def _with_tools(
         self, prompt: str | Sequence[Message], params: SamplingParams, calls: ToolRequest

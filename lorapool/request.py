@@ -30,6 +30,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from lorapool import tracing
 from lorapool.abc import Backend
 from lorapool.errors import ColdStartRejected, DeadlineExceeded, Overloaded, RateLimited
 from lorapool.scheduler import Scheduler, Ticket
@@ -379,11 +380,14 @@ class Lifecycle:
         params: SamplingParams,
         deadline: float | None = None,
         tools: tuple[Mapping[str, Any], ...] = (),
+        span: tracing.RequestSpan | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """Serve one request with ``info``'s adapter (``None``: the base model) and stream it.
 
         ``deadline``: seconds the request may wait for dispatch. ``tools``: the OpenAI
         definitions the backend renders the prompt with (``GenerationRequest.tools``).
+        ``span``: the request's trace span (:mod:`lorapool.tracing`), given its phases as
+        children and ended here with the outcome.
         Raises what the cold-start policy, the scheduler, the store or the backend raise; the
         request's ticket, reference and bill are settled before it propagates, and
         the ledger writes its line of the audit (:class:`UsageRecord`).
@@ -395,6 +399,8 @@ class Lifecycle:
         outcome: Outcome = "finished"
         try:
             served = self._cold_start(info, tenant, account)
+            if span is not None and info is not None and served is None:
+                span.span.set_attribute("lorapool.fallback", True)
             pending = Ticket(
                 request_id,
                 tenant,
@@ -403,24 +409,32 @@ class Lifecycle:
                 max_tokens=params.max_tokens * params.n,
                 timeout=deadline,
             )
-            await self._admit(pending, account, out)
+            with tracing.phase(span, "lorapool.scheduler.admit"):
+                await self._admit(pending, account, out)
             ticket = pending
             while True:
-                slot = await self.store.acquire(served) if served is not None else None
+                slot = None
+                if served is not None:
+                    with tracing.phase(span, "lorapool.store.acquire"):
+                        slot = await self.store.acquire(served)
                 try:
                     stream = self._open(ticket, prompt, params, slot, out, tools)
+                    leg = None if span is None else span.start("lorapool.backend.generate")
                     try:
                         async for chunk in stream:
                             self._charge(ticket, chunk, out)
                             yield chunk
                     finally:
                         await self._close(request_id, stream)
+                        if leg is not None:
+                            leg.end()
                 finally:
                     if served is not None:
                         self.store.release(served.adapter_id)
                 if not self._goes_on(stream, params, out):
                     break
-                ticket = await self._requeue(ticket, params, out)
+                with tracing.phase(span, "lorapool.scheduler.requeue"):
+                    ticket = await self._requeue(ticket, params, out)
             if out.usage is None and self._handed_off(stream):
                 outcome = "handed_off"  # stopped on its last token
         except BaseException as exc:
@@ -434,6 +448,8 @@ class Lifecycle:
             self.ledger.close(
                 account, self._record(request_id, tenant, info, served, out, prompt, outcome)
             )
+            if span is not None:
+                span.end(outcome)
 
     def _record(
         self,
