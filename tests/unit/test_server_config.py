@@ -314,3 +314,23 @@ async def test_a_failed_registration_fails_start_up_naming_the_entry(tmp_path: P
             pass
     with pytest.raises(ValueError, match="listed more than once"):
         _adapters_config(tmp_path, [{"name": "a", "source": "/x", "tenant": "t"}] * 2)
+
+
+def test_serve_without_the_server_extra_says_what_to_install(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "server.toml"
+    config.write_text("")
+    code = (
+        "import sys; sys.modules['starlette'] = None; sys.modules['uvicorn'] = None\n"
+        "from lorapool.__main__ import main\n"
+        f"sys.exit(main(['serve', {str(config)!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert 'pip install "lorapool[server]"' in done.stderr
+    # the example config needs no extra: it is read through the lorapool package
+    code = code.replace(f"['serve', {str(config)!r}]", "['serve', '--print-example-config']")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and "[[adapters]]" in done.stdout, done.stderr
