@@ -208,9 +208,27 @@ def _get(summary: str, ok: dict[str, Any], *, public: bool) -> dict[str, Any]:
     return {"get": operation}
 
 
+_GENERATION_HEADERS = {
+    "x-lorapool-served-by": {
+        "description": "`adapter`, or `base` when the base model answered a request for an "
+        'adapter (a cold start under `cold_start = "fallback"`; `model` then names the '
+        "base model).",
+        "schema": {"type": "string", "enum": ["adapter", "base"]},
+    },
+    "x-request-id": {
+        "description": "The client's `x-request-id` when it sent a sane one (at most 128 of "
+        "`A-Za-z0-9._:/+=-`), else the completion's id. Every response carries one.",
+        "schema": {"type": "string"},
+    },
+}
+
+
 def _generation(schema: str) -> dict[str, Any]:
     return {
-        "description": "The completion; with `stream`, server-sent events ending `data: [DONE]`.",
+        "description": "The completion; with `stream`, server-sent events ending `data: [DONE]` "
+        "(`: ping` comment lines while no token comes; a stream cut by the server's shutdown "
+        "timeout ends with an error event, then `data: [DONE]`).",
+        "headers": _GENERATION_HEADERS,
         "content": {
             "application/json": {"schema": {"$ref": _REF.format(model=schema)}},
             "text/event-stream": {"schema": {"type": "string"}},
