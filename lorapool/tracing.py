@@ -79,6 +79,7 @@ class RequestSpan:
         self._tracer = tracer
         self.span = span
         self._common = _attributes(**{TENANT: tenant, ADAPTER: adapter})
+        self._ended = False
 
     @contextlib.contextmanager
     def phase(self, name: str, **attributes: object) -> Iterator[Span]:
@@ -102,7 +103,10 @@ class RequestSpan:
         )
 
     def end(self, outcome: str) -> None:
-        """The request ended with ``outcome``."""
+        """The request ended with ``outcome``; later calls do nothing."""
+        if self._ended:
+            return
+        self._ended = True
         self.span.set_attribute(OUTCOME, outcome)
         self.span.end()
 
