@@ -241,3 +241,38 @@ async def test_an_unreachable_stream_is_retried_until_the_policy_gives_up(
     assert calls.count("/generate_stream") == 3 and len(sleep.delays) == 2
     assert 0.05 <= sleep.delays[0] <= 0.1 and 0.1 <= sleep.delays[1] <= 0.2
     await backend.aclose()
+
+
+async def test_a_stream_reopened_after_a_reload_is_not_counted_as_a_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 404 for a loaded adapter (the server restarted) reloads it and reopens the stream at
+    once: no wait, no attempt used, even with a policy of one attempt."""
+    from .test_openai_backend import MODELS, adapter, recorded
+
+    sleep = Recorder()
+    monkeypatch.setattr(retry_module, "_sleep", sleep)
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, content=MODELS.encode())
+        if request.url.path == "/v1/load_lora_adapter":
+            return recorded("load_ok_r8.txt")
+        if request.url.path == "/v1/completions" and calls.count("/v1/completions") == 1:
+            return httpx.Response(404, json={"error": {"message": "model does not exist"}})
+        return recorded("completions_stream_lora_usage.txt")
+
+    backend = OpenAIServerBackend(
+        "http://vllm.test", transport=httpx.MockTransport(handler), retry={"attempts": 1}
+    )
+    await backend.start()
+    loaded = adapter(tmp_path)
+    await backend.load(loaded, 0)
+    request = GenerationRequest("r", "x", SamplingParams(max_tokens=8), loaded.adapter_id, slot=0)
+    chunks = [c async for c in backend.generate(request)]
+    assert chunks[-1].usage is not None and backend.reloads == 1
+    assert calls.count("/v1/completions") == 2 and calls.count("/v1/load_lora_adapter") == 2
+    assert sleep.delays == []
+    await backend.aclose()
