@@ -9,6 +9,9 @@ The structured-output row runs the most-adapters batch with every request under 
 JSON schema (llguidance's masks), in the same rounds, and reports its ratio to the same
 batch unconstrained (issue 26's target: at least 0.9x). Its schemas ask for more items than
 ``--max-tokens`` can hold, so every request produces as many tokens as unconstrained.
+
+``--contention`` runs instead the same batches quiet and with CPU burner processes, for
+TorchBackend and vLLM-CPU side by side (:mod:`lorapool.bench.contention`, issue 33).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import sys
@@ -39,10 +43,19 @@ PROMPTS = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lorapool bench engine``."""
-    parser.add_argument("--batch", type=int, default=32, help="requests in flight (default 32)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="requests in flight (default 32; with --contention, the most adapters: 64)",
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
-    parser.add_argument("--adapters", default="1,4,16", help="distinct adapters per batch")
+    parser.add_argument(
+        "--adapters",
+        default=None,
+        help="distinct adapters per batch (default 1,4,16; with --contention 1,16,64)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
     parser.add_argument(
         "--dtype",
@@ -55,6 +68,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-structured",
         action="store_true",
         help="skip the row with a JSON schema per request (structured output)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="TorchBackend(threads=...): its CPU threads (default: the CPUs this process may use)",
+    )
+    parser.add_argument(
+        "--contention",
+        action="store_true",
+        help="quiet vs CPU burner processes, interleaved, base-only and each --adapters count, "
+        "TorchBackend and vLLM-CPU (instead of the tables above)",
+    )
+    parser.add_argument(
+        "--burners",
+        default=None,
+        help="with --contention: CPU ids, one busy-looping process pinned to each (default: "
+        "the last CPU this process may use)",
+    )
+    parser.add_argument(
+        "--engines",
+        default="torch,vllm",
+        help="with --contention: torch and/or vllm (vllm where installed: here, or the vLLM "
+        "venv's python, --vllm-python)",
+    )
+    parser.add_argument(
+        "--vllm-python",
+        default="~/.cache/lorapool/venvs/vllm/bin/python",
+        help="with --contention: the vLLM venv's python, when vLLM is not importable here",
     )
     parser.add_argument("--cache-dir", default=None, help="model and adapter cache")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
@@ -104,6 +146,7 @@ async def _torch_rounds(
         max_batch=args.batch,
         max_seq_len=128 + args.max_tokens,
         dtype=dtype,
+        threads=args.threads,
     )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     schemas = [
@@ -287,10 +330,20 @@ def run(args: argparse.Namespace) -> int:
     unknown = [d for d in dtypes if d not in ("float32", "bfloat16")]
     if unknown or not dtypes:
         raise SystemExit(f"--dtype takes float32 and/or bfloat16, not {args.dtype!r}")
+    if args.adapters is None:
+        args.adapters = "1,16,64" if args.contention else "1,4,16"
+    counts = [int(c) for c in args.adapters.split(",") if c]
+    if args.batch is None:
+        args.batch = max(counts) if args.contention else 32
+    if args.burners is None:
+        args.burners = str(max(os.sched_getaffinity(0)))
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     model_dir = ensure_demo_model(cache)
-    counts = [int(c) for c in args.adapters.split(",") if c]
     adapters = _make_adapters(cache, model_dir, max(counts), args.rank)
+    if args.contention:
+        from .contention import run as run_contention
+
+        return run_contention(args, model_dir, adapters)
     print(
         f"engine benchmark: batch {args.batch}, {args.max_tokens} tokens each, rank {args.rank} "
         f"all-linear, {args.rounds} interleaved rounds (medians), torch {torch.__version__} "

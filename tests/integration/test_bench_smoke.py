@@ -88,6 +88,44 @@ def test_engine(tmp_path: Path, dtype: str) -> None:
     assert all(row["x_peft"] is None for row in data["rows"])
 
 
+def test_engine_contention(tmp_path: Path) -> None:
+    """Quiet and contended rows with ratios, for base-only and each adapter count; the
+    burner runs only in contended runs and is gone when the benchmark has exited."""
+    import os
+
+    from lorapool.bench.contention import BURNER_TAG
+
+    out = tmp_path / "contention.json"
+    cpu = str(max(os.sched_getaffinity(0)))
+    args = ("--contention", "--engines", "torch", "--burners", cpu, "--rounds", "1")
+    args += ("--batch", "2", "--max-tokens", "2", "--adapters", "1,2")
+    done = run_bench("engine", *args, "--json", str(out), cwd=tmp_path, timeout=600)
+    data = json.loads(out.read_text())
+    _meta_ok(data, contention=True, rounds=1, batch=2, burners=cpu)
+    rows = {(r["configuration"], r["condition"]): r for r in data["rows"]}
+    configurations = ("base", "1 adapter", "2 adapters")
+    assert set(rows) == {(c, q) for c in configurations for q in ("quiet", "contended")}
+    for c in configurations:
+        quiet, contended = rows[(c, "quiet")], rows[(c, "contended")]
+        assert quiet["x_quiet"] == 1.0 and quiet["burners"] == []
+        assert quiet["burner_cpus"] == 0.0, "a paused burner uses no CPU"
+        assert contended["burners"] == [int(cpu)] and contended["engine"] == "torch"
+        assert contended["x_quiet"] == contended["tok_per_s"] / quiet["tok_per_s"] > 0
+        assert f"torch float32 {c} quiet" in done.stdout
+        assert f"torch float32 {c} 1 burner" in done.stdout
+    assert "x quiet" in done.stdout
+    (torch_settings,) = data["contention"]["engines"]
+    assert torch_settings["threads"] >= 1 and torch_settings["kernel_schedule"]
+    pids = data["contention"]["burner_pids"]
+    assert pids
+    for pid in pids:  # gone (or the id reused by something else)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        assert BURNER_TAG.encode() not in cmdline, f"burner {pid} left running"
+
+
 def test_cache(tmp_path: Path) -> None:
     out = tmp_path / "cache.json"
     run_bench("cache", "--requests", "2000", "--jobs", "1", "--json", str(out), cwd=tmp_path)
