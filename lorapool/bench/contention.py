@@ -342,6 +342,8 @@ async def _settings(backend: Any, engine: str) -> dict[str, Any]:
         out["threads"] = threads
         out["threads_asked"] = backend.threads
         out["kernel_schedule"] = ",".join(map(str, schedule)) if schedule else "no kernel"
+    elif engine == "vllm":  # its CPU threads and their binding come from these, if set
+        out.update({k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CPU_")})
     return out
 
 
