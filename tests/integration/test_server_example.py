@@ -146,8 +146,9 @@ async def test_served_from_a_config_file_logs_json_and_drains_on_sigterm(
                 os.killpg(proc.pid, signal.SIGTERM)  # shut down with this stream in flight
         assert usage is not None and usage.completion_tokens == 48  # the stream finished whole
         await client.close()
-        # uvicorn re-raises the SIGTERM it handled once shutdown is done: -15, not a crash.
-        assert await asyncio.to_thread(proc.wait, 600) in (0, -signal.SIGTERM)
+        # A drained shutdown is a clean exit (lorapool.server.run.serve does not re-raise
+        # the signal as plain uvicorn does).
+        assert await asyncio.to_thread(proc.wait, 600) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
