@@ -273,7 +273,7 @@ async def _rounds(
     """Interleaved quiet and contended runs per configuration; the engine's settings."""
     from lorapool import AdapterPool, SamplingParams
 
-    from .engine import PROMPTS, _chat
+    from .prompts import PROMPTS, chat
 
     counts = [int(c) for c in args.adapters.split(",") if c]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
@@ -292,7 +292,7 @@ async def _rounds(
             results = await asyncio.gather(
                 *(
                     pool.complete(
-                        _chat(PROMPTS[j % len(PROMPTS)]),
+                        chat(PROMPTS[j % len(PROMPTS)]),
                         adapter=names[j],
                         tenant="bench",
                         params=params,

@@ -27,18 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "run"]
+from .prompts import PROMPTS, chat
 
-PROMPTS = [
-    "Summarise this support ticket: my order arrived late and the box was damaged.",
-    "Write a short poem about the ocean at night.",
-    "Explain what a hash table is to a new programmer.",
-    "List three tips for staying focused while working from home.",
-    "What are the main causes of inflation?",
-    "Translate 'good morning, how are you?' into French and Spanish.",
-    "Give me a recipe idea that uses rice, eggs and spinach.",
-    "Why do cats purr?",
-]
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,10 +93,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write the results here as JSON")
 
 
-def _chat(prompt: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}]
-
-
 STRUCTURED_LABEL = "adapters + json schema"
 
 
@@ -166,7 +153,7 @@ async def _torch_rounds(
             results = await asyncio.gather(
                 *(
                     pool.complete(
-                        _chat(PROMPTS[j % len(PROMPTS)]),
+                        chat(PROMPTS[j % len(PROMPTS)]),
                         adapter=names[j],
                         tenant="bench",
                         params=schemas[j] if structured else params,
@@ -212,7 +199,7 @@ def _peft_round(
     model.eval()
     texts = [
         tok.apply_chat_template(
-            _chat(PROMPTS[j % len(PROMPTS)]), add_generation_prompt=True, tokenize=False
+            chat(PROMPTS[j % len(PROMPTS)]), add_generation_prompt=True, tokenize=False
         )
         for j in range(args.batch)
     ]
