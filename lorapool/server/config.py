@@ -68,6 +68,7 @@ from lorapool.formats import inspect_adapter_dir
 from lorapool.plugins import BACKENDS, SOURCES, available, load_source
 from lorapool.pool import AdapterPool
 from lorapool.registry import Registry, qualify
+from lorapool.retry import RetryPolicy
 from lorapool.scheduler import FairScheduler, TenantConfig, TierPolicy
 from lorapool.store import TieredStore
 
@@ -142,6 +143,9 @@ class StoreConfig(_Strict):
     (``endpoint_url``, ``region_name``, ``profile``, ...; credentials better come from
     the AWS environment), ``http``/``https`` :class:`~lorapool.sources.HttpSource`'s
     (``headers``)."""
+    retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy(initial=0.2))
+    """How transient source errors are retried (``[store.retry]``: ``attempts``,
+    ``initial``, ``multiplier``, ``max_delay``, ``jitter``)."""
 
     @field_validator("sources")
     @classmethod
@@ -217,6 +221,10 @@ class HttpConfig(_Strict):
     """A request body larger than this is answered 413 unread."""
     max_prompt_chars: int | None = Field(default=None, ge=1)
     """Refuse longer prompts before tokenizing (default: what the backend's context holds)."""
+    sse_ping_interval: float | None = Field(default=15.0, gt=0)
+    """Seconds without a token after which a stream sends ``: ping`` (``None``: never)."""
+    drain_retry_after: int = Field(default=5, ge=1)
+    """The ``Retry-After`` seconds of the 503 that requests get while the server drains."""
 
     @model_validator(mode="after")
     def _read_metrics_key(self) -> HttpConfig:
@@ -225,6 +233,14 @@ class HttpConfig(_Strict):
                 raise ValueError("set server.metrics_key or server.metrics_key_file, not both")
             self.metrics_key = read_secret(self.metrics_key_file, "server.metrics_key_file")
         return self
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry spans for each request's phases (extra ``otel``; off by default)."""
+
+    enabled: bool = False
+    """Record spans with the global tracer provider (set up by ``opentelemetry-instrument``
+    or the ``OTEL_*`` environment): :func:`lorapool.tracing.enable`."""
 
 
 class RegistrationConfig(_Strict):
@@ -413,6 +429,7 @@ class ServerConfig(BaseSettings):
     adapters: list[AdapterEntry] = Field(default_factory=list)
     """Registered when the server starts, before ``/ready`` (:func:`register_adapters`)."""
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     @model_validator(mode="after")
     def _read_key_files(self) -> ServerConfig:
@@ -477,6 +494,7 @@ class ServerConfig(BaseSettings):
             disk_bytes=s.disk_bytes,
             eviction=s.eviction,
             sources=s.build_sources(),
+            retry=s.retry,
         )
         return AdapterPool(
             self.build_backend(),
@@ -515,6 +533,8 @@ class ServerConfig(BaseSettings):
             metrics_public=h.metrics_public,
             metrics_config=self.metrics,
             on_start=self.on_start(),
+            sse_ping_interval=h.sse_ping_interval,
+            drain_retry_after=h.drain_retry_after,
         )
 
     def build_auth(self) -> Auth:

@@ -84,9 +84,14 @@ def serve(config: ServerConfig) -> None:
 
     Logs are JSON lines on stderr (uvicorn's included; its access log is off: the
     server's own request line carries more). ``server.metrics_port``, when set, serves
-    ``/metrics`` on a listener of its own on ``server.host``.
+    ``/metrics`` on a listener of its own on ``server.host``. ``[tracing] enabled``
+    turns on OpenTelemetry spans (:func:`lorapool.tracing.enable`) for this process.
     """
     configure_json_logging()
+    if config.tracing.enabled:
+        from lorapool import tracing
+
+        tracing.enable()
     app = config.build_app()
     if config.server.metrics_port is not None:
         from prometheus_client import start_http_server

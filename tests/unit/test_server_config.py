@@ -334,3 +334,48 @@ def test_serve_without_the_server_extra_says_what_to_install(tmp_path: Path) -> 
     code = code.replace(f"['serve', {str(config)!r}]", "['serve', '--print-example-config']")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and "[[adapters]]" in done.stdout, done.stderr
+
+
+def test_store_retry_policy_comes_from_the_config() -> None:
+    config = ServerConfig.model_validate(
+        {
+            "store": {"retry": {"attempts": 7, "initial": 0.05, "max_delay": 2.0}},
+            "keys": {"k": {"tenant": "t"}},
+        }
+    )
+    pool = config.build_pool()
+    policy = pool.store._fetcher.retry
+    assert (policy.attempts, policy.initial, policy.max_delay) == (7, 0.05, 2.0)
+    default = ServerConfig.model_validate({"keys": {"k": {"tenant": "t"}}}).build_pool()
+    assert default.store._fetcher.retry.initial == 0.2
+    with pytest.raises(ValueError, match="attemps"):
+        ServerConfig.model_validate({"store": {"retry": {"attemps": 3}}})
+
+
+async def test_drain_and_ping_settings_reach_the_app() -> None:
+    config = ServerConfig.model_validate(
+        {
+            "keys": {"sk-a": {"tenant": "a"}},
+            "server": {"drain_retry_after": 17, "sse_ping_interval": 2.5},
+        }
+    )
+    pool = AdapterPool(MockBackend())
+    app = config.build_app(pool)
+    await pool.start()
+    try:
+        app.state.drain.begin()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            refused = await http.get("/v1/models", headers={"authorization": "Bearer sk-a"})
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "17"
+    finally:
+        await pool.aclose()
+    with pytest.raises(ValueError, match="sse_ping_interval"):
+        ServerConfig.model_validate({"server": {"sse_ping_interval": 0}})
+
+
+def test_tracing_is_off_unless_the_config_turns_it_on() -> None:
+    assert ServerConfig.model_validate({}).tracing.enabled is False
+    on = ServerConfig.model_validate({"tracing": {"enabled": True}})
+    assert on.tracing.enabled is True
