@@ -36,7 +36,15 @@ from lorapool.tools import (
     render_messages,
     template_renders_tools,
 )
-from lorapool.types import Capabilities, Chunk, GenerationRequest, LoadedAdapter, Message, Prompt
+from lorapool.types import (
+    Capabilities,
+    Chunk,
+    GenerationRequest,
+    LoadedAdapter,
+    Message,
+    PrefixCacheStats,
+    Prompt,
+)
 
 __all__ = [
     "Backend",
@@ -308,6 +316,13 @@ class BaseBackend(ABC):
     def adapters_per_pass(self) -> Mapping[int, int]:
         """Not offered (``Capabilities.pass_stats`` is False): no passes counted."""
         return {}
+
+    async def forget(self, sha256: str) -> None:  # noqa: B027 - optional, not abstract
+        """Not offered (``Capabilities.prefix_cache`` is False): nothing cached by content."""
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """Not offered (``Capabilities.prefix_cache`` is False): nothing counted."""
+        return None
 
     # -- requests ----------------------------------------------------------------------
 

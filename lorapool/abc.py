@@ -15,9 +15,10 @@ Each Protocol lists every method lorapool may call, optional abilities included,
 and says how an implementation declares whether it offers one:
 
 * a backend declares its abilities in :class:`~lorapool.types.Capabilities`
-  (``preemption``, ``resume``, ``engine_cache``, ``pass_stats``); lorapool calls
-  :meth:`Backend.preempt`, :meth:`Backend.discard` and :meth:`Backend.adapters_per_pass`
-  only when the flag is set;
+  (``preemption``, ``resume``, ``engine_cache``, ``pass_stats``, ``prefix_cache``);
+  lorapool calls :meth:`Backend.preempt`, :meth:`Backend.discard`,
+  :meth:`Backend.adapters_per_pass`, :meth:`Backend.forget` and
+  :meth:`Backend.prefix_cache_stats` only when the flag is set;
 * the other seams' optional methods have a default body (the ability not offered):
   subclass the Protocol to inherit it, or define the method.
 
@@ -57,7 +58,14 @@ if TYPE_CHECKING:
         ResidencyCheck,
         Ticket,
     )
-    from lorapool.types import AdapterInfo, Capabilities, Chunk, GenerationRequest, LoadedAdapter
+    from lorapool.types import (
+        AdapterInfo,
+        Capabilities,
+        Chunk,
+        GenerationRequest,
+        LoadedAdapter,
+        PrefixCacheStats,
+    )
 
 __all__ = [
     "Backend",
@@ -156,6 +164,25 @@ class Backend(Protocol):
         are scraped: the engine counts each pass as it runs it (0: the base model
         only), and this returns a copy. Plain counts; whoever reads them makes the
         histogram.
+        """
+        ...
+
+    async def forget(self, sha256: str) -> None:
+        """Drop what the engine cached under an adapter content (its prefix-cache blocks).
+
+        Called only when ``capabilities.prefix_cache``, by the pool when an adapter is
+        unregistered and no adapter still registered has the same content (``sha256``
+        of its weights and config, :attr:`~lorapool.types.LoadedAdapter.sha256`). A
+        no-op for a content with nothing cached. Requests already running are not
+        affected (a cache keyed by content never serves one content's state to another).
+        """
+        ...
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The prefix cache's counters and size now (``None``: not counted).
+
+        Called only when ``capabilities.prefix_cache``, from the event loop when
+        metrics are scraped; cheap and non-blocking.
         """
         ...
 

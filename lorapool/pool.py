@@ -275,6 +275,8 @@ class AdapterPool:
         """
         key = self.registry.owned_id(adapter_id, tenant)
         versions = self.registry.version_ids(key)
+        removed = versions or [key]
+        contents = {i.adapter_id: i.sha256 for i in self.registry.visible(None)}
         if versions:
             for vid in versions:
                 await self.store.remove(vid)
@@ -283,6 +285,16 @@ class AdapterPool:
             self.registry.remove(key)  # refuses a version with traffic, first
             await self.store.remove(key)
         self.scheduler.kick()
+        await self._forget({contents[i] for i in removed if i in contents})
+
+    async def _forget(self, contents: set[str]) -> None:
+        """Have the backend drop what it cached under each content no registered adapter
+        has any more (its prefix-cache blocks, ``Capabilities.prefix_cache``)."""
+        if not contents or not self._started or not self.backend.capabilities.prefix_cache:
+            return
+        still = {i.sha256 for i in self.registry.visible(None)}
+        for sha256 in sorted(contents - still):
+            await self.backend.forget(sha256)
 
     def set_traffic(self, name: str, split: dict[str, float], *, tenant: str | None) -> None:
         """Split an alias's traffic over its versions by weight, e.g. ``{"v3": 90, "v4": 10}``.

@@ -22,6 +22,7 @@ __all__ = [
     "LoadedAdapter",
     "LoraConfig",
     "Message",
+    "PrefixCacheStats",
     "Prompt",
     "SamplingParams",
     "StructuredOutput",
@@ -150,6 +151,11 @@ class Capabilities:
     """The engine counts, at each forward pass, the distinct adapters in it
     (:meth:`~lorapool.abc.Backend.adapters_per_pass`): the server's
     ``lorapool_forward_pass_adapters`` histogram."""
+    prefix_cache: bool = False
+    """The engine keeps a prefix (KV) cache keyed by adapter *content* (the sha256): the
+    pool calls :meth:`~lorapool.abc.Backend.forget` when no registered adapter has a
+    content any more, and the server reads :meth:`~lorapool.abc.Backend.prefix_cache_stats`
+    (``lorapool_prefix_cache_bytes``)."""
 
 
 @dataclass(frozen=True)
@@ -208,11 +214,36 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values came from the engine's prefix cache instead of
+    a prefill (OpenAI's ``usage.prompt_tokens_details.cached_tokens``); 0 when the backend
+    keeps no prefix cache or reports none."""
 
     @property
     def total_tokens(self) -> int:
         """Prompt and completion tokens together."""
         return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    """A backend's prefix (KV) cache, as :meth:`~lorapool.abc.Backend.prefix_cache_stats`
+    reads it: counters since start and the cache's size now."""
+
+    prompt_tokens: int = 0
+    """Prompt tokens of the prefills run (a resumed request's output counted too)."""
+    hit_tokens: int = 0
+    """Of those, tokens whose keys and values were copied from the cache."""
+    cached_bytes: int = 0
+    """Memory the cached blocks hold now."""
+    cached_blocks: int = 0
+    """Blocks cached now."""
+    budget_bytes: int = 0
+    """The most memory the cache may hold."""
+    evictions: int = 0
+    """Blocks given up to stay within the budget."""
+    forgotten: int = 0
+    """Blocks dropped because their adapter content was forgotten (unregistered)."""
 
 
 @dataclass(frozen=True)
