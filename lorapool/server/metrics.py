@@ -148,9 +148,7 @@ class _PoolCollector(Collector):
         yield from self._requests()
         yield from self._store()
         yield from self._engine()
-        # Prefix-cache hits (issue 28) will be read here, from the store's or the
-        # engine's counters, as lorapool_prefix_cache_queries/hits_total (vLLM's
-        # vllm:prefix_cache_queries/hits); nothing is exported until they exist.
+        yield from self._prefix_cache()
 
     def _tokens(self) -> Iterator[Metric]:
         tokens = CounterMetricFamily(_TOKENS, _TOKENS_HELP, labels=["tenant", "direction"])
@@ -310,6 +308,31 @@ class _PoolCollector(Collector):
         family.add_metric([], buckets, sum_value=float(sum(n * c for n, c in passes.items())))
         yield family
 
+    def _prefix_cache(self) -> Iterator[Metric]:
+        """The engine's prefix cache now (``Capabilities.prefix_cache``): its bytes and
+        the blocks it gave up to its budget. Its hits are counted per request, from the
+        usage (:meth:`RequestMetrics.finish`)."""
+        backend = self.pool.backend
+        try:
+            caps = backend.capabilities
+        except BackendError:  # not started (or closed): no engine to read
+            return
+        stats = backend.prefix_cache_stats() if caps.prefix_cache else None
+        if stats is None:
+            return
+        size = GaugeMetricFamily(
+            "lorapool_prefix_cache_bytes",
+            "Memory the engine's prefix (KV) cache holds now, within its budget",
+        )
+        size.add_metric([], stats.cached_bytes)
+        yield size
+        evictions = CounterMetricFamily(
+            "lorapool_prefix_cache_evictions",
+            "Prefix-cache blocks given up to stay within the budget",
+        )
+        evictions.add_metric([], stats.evictions)
+        yield evictions
+
 
 class ServerMetrics:
     """The metric families of one server, in their own registry.
@@ -371,6 +394,19 @@ class ServerMetrics:
             "lorapool_fallbacks",
             "Requests the base model served while their adapter loaded (cold-start fallback)",
             ["tier", "tenant"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "lorapool_prompt_tokens",
+            "Prompt tokens of the requests that reported usage, by tenant tier",
+            ["tier"],
+            registry=self.registry,
+        )
+        self.prefix_hit_tokens = Counter(
+            "lorapool_prefix_cache_hit_tokens",
+            "Of those, tokens whose keys and values came from the engine's prefix cache "
+            "(usage's cached_tokens), by tenant tier",
+            ["tier"],
             registry=self.registry,
         )
 
@@ -467,6 +503,9 @@ class RequestMetrics:
         m.latency.labels(self.tier, self.tenant_label).observe(elapsed)
         if fallback:
             m.fallbacks.labels(self.tier, self.tenant_label).inc()
+        if usage is not None:
+            m.prompt_tokens.labels(self.tier).inc(usage.prompt_tokens)
+            m.prefix_hit_tokens.labels(self.tier).inc(usage.cached_tokens)
         if usage is not None and m.counts_tokens:
             # Pools elsewhere (Ray replicas) bill in their own ledgers and audit logs;
             # here, the usage the stream reported. An in-process pool's ledger is read

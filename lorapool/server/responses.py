@@ -48,15 +48,19 @@ def fingerprint(base_model: str) -> str:
     return f"fp_{digest[:10]}"
 
 
-def usage_dict(usage: Usage | None) -> dict[str, int] | None:
-    """OpenAI's usage object."""
+def usage_dict(usage: Usage | None) -> dict[str, Any] | None:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` when the engine's
+    prefix cache served part of the prompt (absent otherwise, as vLLM leaves it)."""
     if usage is None:
         return None
-    return {
+    out: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
+    if usage.cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    return out
 
 
 def finish_reason(reason: str | None) -> str | None:
