@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from lorapool.backends.torch.threads import (
+    ThreadGovernor,
     cgroup_cpu_limit,
     cpu_limit_v1,
     cpu_limit_v2,
+    process_run_delay,
     process_usable_cpus,
     usable_cpus,
 )
@@ -230,3 +232,82 @@ async def test_threads_applied_at_start(model_dir: Path, threads: int | None) ->
             await backend.aclose()
     finally:
         torch.set_num_threads(before)
+
+
+class _Fake:
+    """A clock and a run-queue wait counter the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waited = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def read(self) -> float:
+        return self.waited
+
+    def run(self, gov: ThreadGovernor, seconds: float, wait_rate: float, dt: float = 0.05) -> int:
+        """Steps of ``dt`` for ``seconds``, the process's threads waiting ``wait_rate`` CPUs."""
+        for _ in range(round(seconds / dt)):
+            self.now += dt
+            self.waited += wait_rate * dt
+            threads = gov.step()
+        return threads
+
+
+def _governor(fake: _Fake, limit: int = 2) -> ThreadGovernor:
+    return ThreadGovernor(limit, read=fake.read, clock=fake.clock)
+
+
+def test_governor_keeps_every_thread_on_a_quiet_machine() -> None:
+    fake = _Fake()
+    gov = _governor(fake, limit=4)
+    assert fake.run(gov, 60, wait_rate=0.02) == 4
+    assert gov.lowered == 0 and gov.probes == 0
+
+
+def test_governor_drops_threads_that_wait_and_stays_down_while_they_would() -> None:
+    fake = _Fake()
+    gov = _governor(fake, limit=2)
+    assert fake.run(gov, 2, wait_rate=0.6) == 1
+    assert gov.lowered == 1
+    # contended for a minute: each probe back to 2 threads is dropped again at once
+    seen = set()
+    for _ in range(120):
+        seen.add(fake.run(gov, 0.5, wait_rate=0.6 if gov.threads == 2 else 0.01))
+    assert gov.threads == 1 or seen == {1, 2}
+    assert gov.probes >= 5 and gov.lowered == gov.probes + 1
+    # time at 2 threads is only the probes' windows: the count is 1 most of the time
+    ones = sum(fake.run(gov, 0.5, 0.6 if gov.threads == 2 else 0.01) == 1 for _ in range(100))
+    assert ones >= 85
+
+
+def test_governor_returns_to_every_thread_once_the_neighbour_leaves() -> None:
+    fake = _Fake()
+    gov = _governor(fake, limit=3)
+    assert fake.run(gov, 3, wait_rate=1.2) == 1
+    assert fake.run(gov, 30, wait_rate=0.0) == 3
+
+
+def test_governor_ignores_idle_gaps_and_missing_schedstat() -> None:
+    fake = _Fake()
+    gov = _governor(fake, limit=2)
+    fake.run(gov, 1, wait_rate=0.0)
+    fake.now += 30  # idle: the engine waited for work; waits meanwhile are not the engine's
+    fake.waited += 30
+    assert gov.step() == 2
+    assert fake.run(gov, 1, wait_rate=0.0) == 2
+    blind = ThreadGovernor(2, read=lambda: None, clock=fake.clock)
+    assert fake.run(blind, 5, wait_rate=1.0) == 2
+    with pytest.raises(ValueError, match="limit"):
+        ThreadGovernor(0)
+    assert ThreadGovernor(1, read=fake.read, clock=fake.clock).step() == 1
+
+
+def test_process_run_delay_reads_this_process() -> None:
+    waited = process_run_delay()
+    if not Path("/proc/self/task").exists():
+        assert waited is None
+    else:
+        assert waited is not None and waited >= 0.0
