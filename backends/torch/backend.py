@@ -14,7 +14,9 @@ from typing import Any, Self, TypeVar
 import torch
 from safetensors.torch import load as load_safetensors
 
+from lorapool.abc import EvictionPolicy
 from lorapool.errors import BackendError, InvalidRequest, LoadError
+from lorapool.plugins import load_policy
 from lorapool.sampling import ALL_PARAMETERS, STRUCTURED_PARAMETERS
 from lorapool.types import (
     Capabilities,
@@ -22,6 +24,7 @@ from lorapool.types import (
     FinishReason,
     GenerationRequest,
     LoadedAdapter,
+    PrefixCacheStats,
     SamplingParams,
     TokenLogprob,
     TopLogprob,
@@ -35,6 +38,7 @@ from .engine import Sequence as EngineSequence
 from .kernel import SgmvKernel, build_kernel, cpu_kernel
 from .lora import LoraSlots, PreparedAdapter, prepare_adapter
 from .model import KVCache, LlamaModel
+from .prefix import PrefixCache
 from .threads import process_usable_cpus
 
 __all__ = ["TorchBackend"]
@@ -96,6 +100,21 @@ class TorchBackend(BaseBackend):
     the step's end and the decode never runs more than ``max_batch`` rows.
     Each costs one row of KV cache (``max_seq_len`` positions).
 
+    ``prefix_cache_bytes``: the prefix (KV) cache's budget. A request whose prompt
+    starts with blocks of ``prefix_block_size`` tokens already computed *under the
+    same adapter content* (the sha256 :meth:`load` is given; the base model has its
+    own) gets their keys and values copied into its KV row and prefills only the rest:
+    the same output, token for token, for a fraction of the prefill. Blocks are keyed
+    by content and the chain of tokens before them, never by an adapter's name, so no
+    block is shared across adapters or across versions of one name. ``None``: half the
+    KV cache's own size; 0: off. Within the budget, blocks that no other cached block
+    continues are given up first, in the order of ``prefix_cache_eviction`` (a policy
+    name from ``lorapool.policies`` or an :class:`~lorapool.abc.EvictionPolicy`;
+    ``lru`` by default). :meth:`forget` drops a content's blocks (the pool calls it
+    when an adapter is unregistered); :meth:`prefix_cache_stats` reads the counters,
+    and each request's ``Usage.cached_tokens`` says how many of its prompt tokens came
+    from the cache.
+
     Sampling: every :class:`~lorapool.types.SamplingParams` field is honoured (vLLM's
     meanings; ``Capabilities.sampling`` lists them), structured output through llguidance
     (compact JSON). ``logit_bias`` and ``stop_token_ids`` naming a token outside the
@@ -126,9 +145,16 @@ class TorchBackend(BaseBackend):
         interleave_prefill: bool = True,
         spare_rows: int | None = None,
         threads: int | None = None,
+        prefix_cache_bytes: int | None = None,
+        prefix_block_size: int = 16,
+        prefix_cache_eviction: str | EvictionPolicy = "lru",
     ) -> None:
         if max_slots < 1 or max_rank < 1 or max_batch < 1 or max_seq_len < 2:
             raise ValueError("max_slots, max_rank, max_batch must be >= 1 and max_seq_len >= 2")
+        if prefix_cache_bytes is not None and prefix_cache_bytes < 0:
+            raise ValueError("prefix_cache_bytes must be >= 0 (0: no prefix cache), or None")
+        if prefix_block_size < 1:
+            raise ValueError("prefix_block_size must be >= 1")
         if threads is not None and (
             isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
         ):
@@ -157,6 +183,10 @@ class TorchBackend(BaseBackend):
         self.spare_rows = spare_rows
         self.threads = threads
         """The ``threads`` asked for (``None``: the usable CPUs, chosen at start)."""
+        self.prefix_cache_bytes = prefix_cache_bytes
+        """The prefix cache's budget asked for (``None``: half the KV cache's size)."""
+        self.prefix_block_size = prefix_block_size
+        self.prefix_cache_eviction = prefix_cache_eviction
         self._engine: Engine | None = None
         self._stats: EngineStats | None = None
         self._slot_of: dict[str, int] = {}
@@ -184,6 +214,29 @@ class TorchBackend(BaseBackend):
         """Forward passes by the distinct adapters in each, counted by the engine at each
         pass (``Capabilities.pass_stats``); a copy, empty before start."""
         return {} if self._stats is None else dict(self._stats.distinct_adapters)
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The prefix cache's counters and size now (``Capabilities.prefix_cache``);
+        ``None`` before start or with the cache off."""
+        stats, engine = self._stats, self._engine
+        prefix = None if engine is None else engine.prefix
+        if stats is None or prefix is None:
+            return None
+        return PrefixCacheStats(
+            prompt_tokens=stats.prefill_tokens,
+            hit_tokens=stats.prefix_hit_tokens,
+            cached_bytes=prefix.cached_bytes,
+            cached_blocks=prefix.cached_blocks,
+            budget_bytes=prefix.capacity * prefix.block_bytes,
+            evictions=prefix.index.evictions,
+            forgotten=prefix.index.forgotten,
+        )
+
+    async def forget(self, sha256: str) -> None:
+        """Drop the prefix cache's blocks computed under adapter content ``sha256``."""
+        engine = self._engine
+        if engine is not None and engine.alive:
+            await asyncio.wrap_future(engine.forget(sha256))
 
     @property
     def free_kv_rows(self) -> int:
@@ -214,6 +267,7 @@ class TorchBackend(BaseBackend):
             interleave_prefill=self.interleave_prefill,
             spare_rows=self.spare_rows,
             masks=masks,
+            prefix=self._prefix_cache,
         )
         try:
             await asyncio.wrap_future(engine.start())
@@ -239,6 +293,7 @@ class TorchBackend(BaseBackend):
             preemption=True,
             resume=True,
             pass_stats=True,
+            prefix_cache=engine.prefix is not None,
             model_path=self.model_path,
             sampling=frozenset(sampling),
         )
@@ -288,6 +343,25 @@ class TorchBackend(BaseBackend):
             lora.kernel.path.name if lora.kernel is not None else "off",
         )
         return model, lora, cache
+
+    def _prefix_cache(self, cache: KVCache) -> PrefixCache | None:
+        """The prefix cache over ``cache``'s layout, within the budget (engine thread)."""
+        budget = self.prefix_cache_bytes
+        if budget is None:
+            budget = cache.nbytes // 2
+        policy = load_policy(self.prefix_cache_eviction)
+        prefix = PrefixCache(
+            cache, budget_bytes=budget, block_size=self.prefix_block_size, policy=policy
+        )
+        if prefix.capacity == 0:
+            return None
+        log.info(
+            "TorchBackend prefix cache: %d blocks of %d tokens (%.1f MiB)",
+            prefix.capacity,
+            prefix.block_size,
+            prefix.capacity * prefix.block_bytes / 2**20,
+        )
+        return prefix
 
     def _eos_ids(self, tokenizer: Any) -> frozenset[int]:
         ids: set[int] = set()
@@ -366,7 +440,10 @@ class TorchBackend(BaseBackend):
         final = prepared
 
         def install() -> None:
+            engine.slot_content.pop(slot, None)  # uncached until its weights are whole
             engine.lora.copy_in(slot, final)
+            if adapter.sha256:
+                engine.slot_content[slot] = adapter.sha256
 
         previous = engine.lora.occupant[slot]
         await asyncio.wrap_future(engine.call(install))
@@ -393,7 +470,12 @@ class TorchBackend(BaseBackend):
         slot = self._slot_of.pop(adapter_id, None)
         if slot is None:
             return
-        await asyncio.wrap_future(engine.call(lambda: engine.lora.clear(slot)))
+
+        def clear() -> None:
+            engine.slot_content.pop(slot, None)
+            engine.lora.clear(slot)
+
+        await asyncio.wrap_future(engine.call(clear))
 
     def slot_of(self, adapter_id: str) -> int | None:
         """The slot an adapter occupies, if any."""
@@ -503,6 +585,7 @@ class TorchBackend(BaseBackend):
         seqs[0].siblings = seqs[1:]
         samples = [_Sample(self.decode, params, resumed) for _ in seqs]
         produced = len(resumed)
+        cached = 0
         open_samples = len(samples)
         served_by = "base" if request.adapter_id is None else "adapter"
         engine.submit(seqs[0])
@@ -523,6 +606,7 @@ class TorchBackend(BaseBackend):
                         f"engine failed on request {request.request_id}: {event.error}"
                     )
                 produced += event.produced
+                cached = max(cached, event.cached)
                 text, finish = sample.feed(event)
                 if finish is not None and event.finish is None:
                     engine.cancel(request.request_id, index)  # a stop string
@@ -532,7 +616,7 @@ class TorchBackend(BaseBackend):
                         text=text,
                         token_ids=tuple(event.token_ids),
                         finish_reason=finish,
-                        usage=None if open_samples else Usage(len(prompt_ids), produced),
+                        usage=None if open_samples else Usage(len(prompt_ids), produced, cached),
                         adapter_id=request.adapter_id,
                         served_by=served_by,
                         index=index,

@@ -16,6 +16,12 @@ rows are prefilled (their own forward pass, on rows the decode does not
 touch), so a first token waits for one layer and a prefill instead of the rest
 of a step that grows with the rows running (docs/decisions.md, "Prefill
 between a decode's layers").
+
+With a prefix cache (``prefix.py``), an admitted sequence whose tokens start with
+blocks cached under its adapter's content gets them copied into its row and
+prefills only the rest, from that position; its full blocks go into the cache after
+its prefill and again when it leaves its row (finished, cancelled or preempted), so a
+resumed sequence, or the next turn of a chat, finds its own earlier tokens there.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from lorapool.types import FinishReason, SamplingParams
 
 from .lora import LoraSlots
 from .model import KVCache, LlamaModel
+from .prefix import BASE_CONTENT, PrefixCache, chain_keys
 from .sampler import NoTokenAllowed, RawLogprob, RowSampler, raw_logprobs
 
 if TYPE_CHECKING:
@@ -60,6 +67,8 @@ class Event:
     error: BaseException | None = None
     produced: int = 0
     logprobs: tuple[RawLogprob, ...] = ()
+    cached: int = 0
+    """Prompt tokens the sequence's first prefill took from the prefix cache."""
 
 
 @dataclass(eq=False)
@@ -88,6 +97,10 @@ class Sequence:
     """The llguidance matcher of a structured-output request."""
     pending_mask: tuple[Future[torch.Tensor], int, int] | None = None
     """A mask fill under way for this sequence: (future, its row, output length then)."""
+    cached: int | None = None
+    """Prompt tokens its first prefill took from the prefix cache (None: not prefilled)."""
+    prefix_keys: tuple[str, list[bytes]] | None = None
+    """The chained block keys of its tokens so far, and the content they were made for."""
 
     def rows_needed(self) -> int:
         """KV rows the sequence takes when admitted: its own and its waiting siblings'."""
@@ -116,6 +129,7 @@ class EngineStats:
 
     steps: int = 0
     prefill_steps: int = 0
+    """Prefill forward passes (one admission may take several, :meth:`Engine._groups`)."""
     tokens_generated: int = 0
     max_running: int = 0
     prefill_seconds: float = 0.0
@@ -129,6 +143,11 @@ class EngineStats:
     preemptions: int = 0
     interleaved_prefills: int = 0
     """Prefills run between two layers of a decode step."""
+    prefill_tokens: int = 0
+    """Tokens of the contexts admitted to a prefill (prompts, and a resumed sequence's
+    output), whether computed or taken from the prefix cache."""
+    prefix_hit_tokens: int = 0
+    """Of those, tokens whose keys and values were copied from the prefix cache."""
 
 
 class Engine:
@@ -143,9 +162,16 @@ class Engine:
         interleave_prefill: bool = True,
         spare_rows: int = 0,
         masks: MaskFiller | None = None,
+        prefix: Callable[[KVCache], PrefixCache | None] | None = None,
     ) -> None:
         if spare_rows < 0:
             raise ValueError("spare_rows must be >= 0")
+        self._make_prefix = prefix
+        self.prefix: PrefixCache | None = None
+        """The prefix cache (made on the engine thread at start; ``None``: off)."""
+        self.slot_content: dict[int, str] = {-1: BASE_CONTENT}
+        """The content (sha256) each LoRA slot holds, the base model's as slot -1; a slot
+        missing here is never cached. Changed on the engine thread only."""
         self._build = build
         self.eos_ids = eos_ids
         self.max_prefill_tokens = max_prefill_tokens
@@ -245,6 +271,11 @@ class Engine:
             self._cond.notify()
         return fut
 
+    def forget(self, content: str) -> Future[int]:
+        """Drop the prefix cache's blocks of ``content`` (between two steps); resolves to
+        how many were dropped."""
+        return self.call(lambda: 0 if self.prefix is None else self.prefix.index.forget(content))
+
     @property
     def free_rows(self) -> int:
         """KV rows not held by a running sequence (the spare rows not counted)."""
@@ -264,6 +295,8 @@ class Engine:
         try:
             self.model, self.lora, self.cache = self._build()
             self.rope = self.model.rope_tables(self.cache.max_seq_len)
+            if self._make_prefix is not None:
+                self.prefix = self._make_prefix(self.cache)
             self._rows = self.cache.rows - self.spare_rows
             if self._rows < 1:
                 raise ValueError(
@@ -373,7 +406,9 @@ class Engine:
         for seq in candidates:
             if taken + seq.rows_needed() > free:
                 break
-            longest_if = max(longest, len(seq.context()))
+            context = seq.context()
+            hit = len(self._cached_blocks(seq, context, touch=False)) * self._block_size
+            longest_if = max(longest, len(context) - hit)
             if admitted and longest_if * (len(admitted) + 1) > self.max_prefill_tokens:
                 break
             longest = longest_if
@@ -438,39 +473,133 @@ class Engine:
             between_layers,
         )
 
+    @property
+    def _block_size(self) -> int:
+        return 0 if self.prefix is None else self.prefix.block_size
+
+    def _keys(self, seq: Sequence, tokens: list[int]) -> tuple[str, list[bytes]] | None:
+        """The content and chained keys of ``tokens``' full blocks (a prefix of the
+        sequence's context; kept on the sequence and extended as it grows); ``None``
+        when the sequence is not cached (no prefix cache, or a slot of unknown content)."""
+        content = self.slot_content.get(seq.slot)
+        if self.prefix is None or content is None:
+            return None
+        bs = self.prefix.block_size
+        known: list[bytes] = []
+        if seq.prefix_keys is not None and seq.prefix_keys[0] == content:
+            known = seq.prefix_keys[1]
+        full = len(tokens) // bs
+        if len(known) < full:
+            known = chain_keys(content, tokens, bs, known)
+            seq.prefix_keys = (content, known)
+        return content, known[:full]
+
+    def _cached_blocks(self, seq: Sequence, context: list[int], *, touch: bool) -> list[int]:
+        """The pool blocks of the longest cached prefix of ``context``, leaving at least
+        its last token to compute (its logits are the next token's)."""
+        if self.prefix is None:
+            return []
+        keyed = self._keys(seq, context[: len(context) - 1])
+        if keyed is None:
+            return []
+        return self.prefix.index.match(keyed[1], touch=touch)
+
+    def _store(self, seq: Sequence, length: int) -> None:
+        """Cache the full blocks of the sequence's first ``length`` positions not cached
+        yet, copying them out of its row (which holds their keys and values)."""
+        if self.prefix is None or seq.row < 0 or length < self.prefix.block_size:
+            return
+        keyed = self._keys(seq, seq.context()[:length])
+        if keyed is None:
+            return
+        content, keys = keyed
+        placed = self.prefix.index.insert(keys, content, self.prefix.block_bytes)
+        if placed:
+            self.prefix.copy_out(self.cache, seq.row, placed)
+
+    def _groups(self, todo: list[int], starts: list[int]) -> list[list[int]]:
+        """The prefill's forward passes: indices into the admitted sequences, by pass.
+
+        One pass pads every row to its longest; a row with a cached prefix computes few
+        tokens, so it joins rows of a similar length only (padding it to a cache miss's
+        length would recompute as many tokens as the cache saved). Rows start at their
+        cached length, and no row may reach past ``max_seq_len`` in its pass.
+        """
+        order = sorted(range(len(todo)), key=lambda i: -todo[i])
+        groups: list[list[int]] = []
+        width = 0
+        for i in order:
+            if (
+                groups
+                and width <= todo[i] + _SPLIT_TOKENS
+                and starts[i] + width <= self.cache.max_seq_len
+            ):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+                width = todo[i]
+        if len(groups) == 1:
+            return [list(range(len(todo)))]  # admission order
+        return groups
+
     def _prefill(self, seqs: list[Sequence]) -> None:
         dev = self.model.device
         row0 = len(self._running)
         contexts = [s.context() for s in seqs]
-        width = max(len(c) for c in contexts)
-        tokens = torch.zeros(len(seqs), width, dtype=torch.long)
-        slots: list[int] = []
-        for i, (s, ids) in enumerate(zip(seqs, contexts, strict=True)):
-            tokens[i, : len(ids)] = torch.tensor(ids)
-            slots.extend([s.slot] * len(ids) + [-1] * (width - len(ids)))
-            s.row = row0 + i
-            s.length = len(ids)
-        last = torch.tensor([len(c) - 1 for c in contexts], device=dev)
-        starts = torch.zeros(len(seqs), dtype=torch.long, device=dev)
-        logits = self._forward(tokens.to(dev), row0, starts, last, slots)
+        hits = [self._cached_blocks(s, c, touch=True) for s, c in zip(seqs, contexts, strict=True)]
+        starts = [len(h) * self._block_size for h in hits]
+        todo = [len(c) - h for c, h in zip(contexts, starts, strict=True)]
+        groups = self._groups(todo, starts)
+        ordered = [seqs[i] for g in groups for i in g]
+        parts: list[torch.Tensor] = []
+        row = row0
+        for group in groups:
+            width = max(todo[i] for i in group)
+            tokens = torch.zeros(len(group), width, dtype=torch.long)
+            slots: list[int] = []
+            for k, i in enumerate(group):
+                s, ids = seqs[i], contexts[i][starts[i] :]
+                tokens[k, : len(ids)] = torch.tensor(ids)
+                slots.extend([s.slot] * len(ids) + [-1] * (width - len(ids)))
+                s.row = row + k
+                s.length = len(contexts[i])
+                if hits[i]:
+                    assert self.prefix is not None
+                    self.prefix.copy_in(self.cache, s.row, hits[i])
+                if s.cached is None:  # the first prefill: the prompt's cached tokens
+                    s.cached = min(starts[i], len(s.prompt_ids))
+                self.stats.prefill_tokens += len(contexts[i])
+                self.stats.prefix_hit_tokens += starts[i]
+            last = torch.tensor([todo[i] - 1 for i in group], device=dev)
+            begin = torch.tensor([starts[i] for i in group], dtype=torch.long, device=dev)
+            parts.append(self._forward(tokens.to(dev), row, begin, last, slots))
+            self.stats.prefill_steps += 1
+            row += len(group)
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.prefix is not None:
+            finite = torch.isfinite(logits).all(dim=-1).tolist()
+            for s, ok in zip(ordered, finite, strict=True):
+                if ok:  # a row of non-finite logits ends with a fault: its KV is not kept
+                    self._store(s, s.length)
         # A request's other samples: rows right after the prefilled ones, with a copy of
         # sample 0's KV row and its logits.
         siblings: list[Sequence] = []
         source: list[int] = []
-        for i, s in enumerate(seqs):
+        for i, s in enumerate(ordered):
             for sib in s.siblings:
-                sib.row = row0 + len(seqs) + len(siblings)
+                sib.row = row0 + len(ordered) + len(siblings)
                 sib.length = s.length
+                sib.cached = s.cached
                 self.cache.move_row(s.row, sib.row, s.length)
                 siblings.append(sib)
                 source.append(i)
             s.siblings = []
         if siblings:
-            logits = logits[torch.tensor(list(range(len(seqs))) + source, device=logits.device)]
-        self._running.extend(seqs + siblings)
-        self.stats.prefill_steps += 1
+            index = list(range(len(ordered))) + source
+            logits = logits[torch.tensor(index, device=logits.device)]
+        self._running.extend(ordered + siblings)
         self.stats.max_running = max(self.stats.max_running, len(self._running))
-        self._emit(seqs + siblings, logits)
+        self._emit(ordered + siblings, logits)
 
     def _decode(self) -> None:
         dev = self.model.device
@@ -525,12 +654,14 @@ class Engine:
                 finish = "stop"  # the grammar is complete: only end-of-sequence could follow
             elif len(seq.output) >= seq.params.max_tokens:
                 finish = "length"
+            cached = seq.cached or 0
             if finish is None:
-                seq.sink(Event([tok], produced=1, logprobs=lp))
+                seq.sink(Event([tok], produced=1, logprobs=lp, cached=cached))
             else:
                 self._release_row(seq)
                 ids = [] if hidden else [tok]
-                seq.sink(Event(ids, finish, produced=1, logprobs=() if hidden else lp))
+                lp = () if hidden else lp
+                seq.sink(Event(ids, finish, produced=1, logprobs=lp, cached=cached))
         self._start_masks(seqs)
 
     def _advance_grammar(self, seq: Sequence, tok: int) -> int | RowFault:
@@ -647,13 +778,16 @@ class Engine:
         error: BaseException | None = None,
         emit: list[int] | None = None,
     ) -> None:
-        """Free the sequence's row and tell its consumer."""
-        self._release_row(seq)
-        seq.sink(Event(emit or [], reason, error))
+        """Free the sequence's row and tell its consumer (an error's row is not cached)."""
+        self._release_row(seq, keep=error is None)
+        seq.sink(Event(emit or [], reason, error, cached=seq.cached or 0))
 
-    def _release_row(self, seq: Sequence) -> None:
-        """Take the sequence out of the running rows, keeping them packed."""
+    def _release_row(self, seq: Sequence, *, keep: bool = True) -> None:
+        """Take the sequence out of the running rows, keeping them packed; its full
+        blocks not cached yet go into the prefix cache first (``keep``)."""
         if seq.row >= 0 and seq.row < len(self._running) and self._running[seq.row] is seq:
+            if keep:
+                self._store(seq, seq.length)
             last = self._running[-1]
             if last is not seq:
                 self.cache.move_row(last.row, seq.row, last.length)
@@ -661,6 +795,11 @@ class Engine:
                 self._running[seq.row] = last
             self._running.pop()
             seq.row = -1
+
+
+_SPLIT_TOKENS = 128
+"""A prefill row this many tokens shorter than the pass's longest goes in a pass of its
+own: padding it costs more than a pass's fixed work (:meth:`Engine._groups`)."""
 
 
 def _processes(seq: Sequence) -> bool:
