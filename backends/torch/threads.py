@@ -27,6 +27,7 @@ __all__ = [
     "cgroup_cpu_limit",
     "cpu_limit_v1",
     "cpu_limit_v2",
+    "machine_idle",
     "process_run_delay",
     "process_usable_cpus",
     "usable_cpus",
@@ -164,29 +165,60 @@ def process_run_delay() -> float | None:
     return total / 1e9 if tasks else None
 
 
+def machine_idle(cpus: Iterable[int] | None = None) -> float | None:
+    """Seconds the CPUs ``cpus`` (default: those this process may use) have been idle, in all.
+
+    From ``/proc/stat`` (idle and iowait ticks; steal counts as busy: a hypervisor took
+    it); ``None`` where there is no such file.
+    """
+    if cpus is None:
+        try:
+            cpus = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            return None
+    wanted = {f"cpu{c}" for c in cpus}
+    try:
+        with open("/proc/stat", "rb") as f:
+            lines = f.read().decode().splitlines()
+    except OSError:
+        return None
+    ticks = 0
+    for line in lines:
+        fields = line.split()
+        if fields and fields[0] in wanted and len(fields) > 5:
+            ticks += int(fields[4]) + int(fields[5])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class ThreadGovernor:
     """The engine's thread count, lowered while its threads wait for CPUs they do not get.
 
     A parallel step is as slow as its slowest thread: when another process takes one of
     the engine's cores, the thread there runs in the scheduler's slices and every region
     of every step waits for it (measured: 0.37x the quiet throughput on 2 cores with one
-    taken, where one thread alone loses nothing). So the governor watches how long this
-    process's threads sit on run queues (:func:`process_run_delay`) per second of busy
-    stepping: over ``max_wait`` CPUs' worth in a ``window`` of steps, it drops a thread;
-    after ``probe_every`` seconds at fewer threads it tries one more again, and keeps it
-    while the waits stay low. On a quiet machine nothing waits and the count stays at
-    ``limit``. Call :meth:`step` on the engine thread after each step, and apply the count
-    it returns there (PyTorch's thread count is per thread).
+    taken). So the governor watches, over each ``window`` of busy stepping, how long this
+    process's threads sat on run queues (:func:`process_run_delay`): over ``max_wait``
+    CPUs' worth, it drops a thread. It adds one back when the CPUs this process may use
+    were idle for ``min_idle`` CPUs' worth (:func:`machine_idle`: a core is there for
+    it), at most every ``hold`` seconds, the hold doubling (up to ``max_hold``) each time
+    a thread added back had to be dropped again, so it does not flap. Where the idle time
+    cannot be read it tries a thread again every ``max_hold`` seconds. On a quiet machine
+    nothing waits and the count stays at ``limit``. Call :meth:`step` on the engine thread
+    after each step and apply the count it returns there (PyTorch's count is per thread),
+    and :meth:`idle` when the engine runs out of work.
     """
 
     def __init__(
         self,
         limit: int,
         *,
-        window: float = 0.5,
+        window: float = 0.25,
         max_wait: float = 0.25,
-        probe_every: float = 8.0,
-        read: Callable[[], float | None] = process_run_delay,
+        min_idle: float = 0.5,
+        hold: float = 0.5,
+        max_hold: float = 8.0,
+        read_wait: Callable[[], float | None] = process_run_delay,
+        read_idle: Callable[[], float | None] = machine_idle,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if limit < 1:
@@ -196,43 +228,63 @@ class ThreadGovernor:
         """The thread count now."""
         self.window = window
         self.max_wait = max_wait
-        self.probe_every = probe_every
-        self._read = read
+        self.min_idle = min_idle
+        self.min_hold = hold
+        self.max_hold = max_hold
+        self._hold = hold
+        self._read_wait = read_wait
+        self._read_idle = read_idle
         self._clock = clock
-        self._start: tuple[float, float] | None = None
-        self._last_step = -math.inf
+        self._start: tuple[float, float, float | None] | None = None
         self._changed = clock()
+        self._raised = False
         self.lowered = 0
         """Times a thread was dropped."""
-        self.probes = 0
-        """Times a dropped thread was tried again."""
+        self.raised = 0
+        """Times a dropped thread was added back."""
+
+    def _mark(self, now: float) -> None:
+        waited = self._read_wait()
+        self._start = None if waited is None else (now, waited, self._read_idle())
+
+    def idle(self) -> None:
+        """The engine has no work and waits for some: what happens meanwhile is not its."""
+        self._start = None
 
     def step(self) -> int:
         """After one engine step: the thread count to run the next with."""
-        now = self._clock()
         if self.limit == 1:
             return 1
-        idle = now - self._last_step > self.window  # the engine waited for work meanwhile
-        self._last_step = now
-        if idle or self._start is None:
-            waited = self._read()
-            self._start = None if waited is None else (now, waited)
+        now = self._clock()
+        if self._start is None:
+            self._mark(now)
             return self.threads
-        began, waited_then = self._start
-        if now - began < self.window:
+        began, waited_then, idle_then = self._start
+        elapsed = now - began
+        if elapsed < self.window:
             return self.threads
-        waited = self._read()
-        if waited is None:
-            self._start = None
+        self._mark(now)
+        if self._start is None:
             return self.threads
-        rate = (waited - waited_then) / (now - began)
-        self._start = (now, waited)
-        if rate > self.max_wait and self.threads > 1:
+        wait = (self._start[1] - waited_then) / elapsed
+        idle_now = self._start[2]
+        idle = None if idle_then is None or idle_now is None else (idle_now - idle_then) / elapsed
+        if wait > self.max_wait and self.threads > 1:
             self.threads -= 1
             self.lowered += 1
+            if self._raised:  # the thread added back did not get a CPU either: wait longer
+                self._hold = min(self._hold * 2, self.max_hold)
+            self._raised = False
             self._changed = now
-        elif self.threads < self.limit and now - self._changed >= self.probe_every:
-            self.threads += 1
-            self.probes += 1
-            self._changed = now
+        elif self.threads < self.limit and now - self._changed >= (
+            self._hold if idle is not None else self.max_hold
+        ):
+            if idle is None or idle >= self.min_idle:
+                self.threads += 1
+                self.raised += 1
+                self._raised = True
+                self._changed = now
+        elif self._raised and now - self._changed >= self.max_hold:
+            self._raised = False  # it stuck: the next drop starts from a short hold again
+            self._hold = self.min_hold
         return self.threads

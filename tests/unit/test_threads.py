@@ -4,7 +4,9 @@ cgroup CPU quota (v2 ``cpu.max``, v1 ``cpu.cfs_*``), rounded down, at least 1.""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from lorapool.backends.torch.threads import (
     cgroup_cpu_limit,
     cpu_limit_v1,
     cpu_limit_v2,
+    machine_idle,
     process_run_delay,
     process_usable_cpus,
     usable_cpus,
@@ -235,74 +238,138 @@ async def test_threads_applied_at_start(model_dir: Path, threads: int | None) ->
 
 
 class _Fake:
-    """A clock and a run-queue wait counter the test moves by hand."""
+    """A clock, a run-queue wait counter and an idle counter the test moves by hand."""
 
     def __init__(self) -> None:
         self.now = 0.0
         self.waited = 0.0
+        self.idle = 0.0
 
     def clock(self) -> float:
         return self.now
 
-    def read(self) -> float:
+    def read_wait(self) -> float:
         return self.waited
 
-    def run(self, gov: ThreadGovernor, seconds: float, wait_rate: float, dt: float = 0.05) -> int:
-        """Steps of ``dt`` for ``seconds``, the process's threads waiting ``wait_rate`` CPUs."""
+    def read_idle(self) -> float:
+        return self.idle
+
+    def run(
+        self,
+        gov: ThreadGovernor,
+        seconds: float,
+        wait: Callable[[int], float],
+        idle: Callable[[int], float],
+        dt: float = 0.05,
+    ) -> list[int]:
+        """Steps of ``dt`` for ``seconds``; at ``n`` threads the process's threads wait
+        ``wait(n)`` CPUs and the machine has ``idle(n)`` CPUs idle. The counts used."""
+        used = []
         for _ in range(round(seconds / dt)):
+            n = gov.threads
+            used.append(n)
             self.now += dt
-            self.waited += wait_rate * dt
-            threads = gov.step()
-        return threads
+            self.waited += wait(n) * dt
+            self.idle += idle(n) * dt
+            gov.step()
+        return used
 
 
 def _governor(fake: _Fake, limit: int = 2) -> ThreadGovernor:
-    return ThreadGovernor(limit, read=fake.read, clock=fake.clock)
+    return ThreadGovernor(
+        limit, read_wait=fake.read_wait, read_idle=fake.read_idle, clock=fake.clock
+    )
+
+
+def _quiet(limit: int) -> tuple[Callable[[int], float], Callable[[int], float]]:
+    """Nothing else runs: no waits; the CPUs the engine leaves are idle."""
+    return (lambda n: 0.01), (lambda n: float(limit - n))
+
+
+def _one_core_taken(limit: int) -> tuple[Callable[[int], float], Callable[[int], float]]:
+    """A burner holds one core: at ``limit`` threads one of them waits half the time; no
+    CPU is ever idle."""
+    return (lambda n: 0.5 if n == limit else 0.01), (lambda n: 0.0)
 
 
 def test_governor_keeps_every_thread_on_a_quiet_machine() -> None:
     fake = _Fake()
     gov = _governor(fake, limit=4)
-    assert fake.run(gov, 60, wait_rate=0.02) == 4
-    assert gov.lowered == 0 and gov.probes == 0
+    assert set(fake.run(gov, 60, *_quiet(4))) == {4}
+    assert gov.lowered == 0 and gov.raised == 0
 
 
-def test_governor_drops_threads_that_wait_and_stays_down_while_they_would() -> None:
+def test_governor_drops_a_thread_while_a_core_is_taken_and_does_not_flap() -> None:
     fake = _Fake()
     gov = _governor(fake, limit=2)
-    assert fake.run(gov, 2, wait_rate=0.6) == 1
-    assert gov.lowered == 1
-    # contended for a minute: each probe back to 2 threads is dropped again at once
-    seen = set()
-    for _ in range(120):
-        seen.add(fake.run(gov, 0.5, wait_rate=0.6 if gov.threads == 2 else 0.01))
-    assert gov.threads == 1 or seen == {1, 2}
-    assert gov.probes >= 5 and gov.lowered == gov.probes + 1
-    # time at 2 threads is only the probes' windows: the count is 1 most of the time
-    ones = sum(fake.run(gov, 0.5, 0.6 if gov.threads == 2 else 0.01) == 1 for _ in range(100))
-    assert ones >= 85
+    used = fake.run(gov, 60, *_one_core_taken(2))
+    assert gov.lowered == 1 and gov.raised == 0  # no idle core: never tried again
+    assert used[-1] == 1 and used.count(2) <= 10  # two threads only for the first window
 
 
 def test_governor_returns_to_every_thread_once_the_neighbour_leaves() -> None:
     fake = _Fake()
     gov = _governor(fake, limit=3)
-    assert fake.run(gov, 3, wait_rate=1.2) == 1
-    assert fake.run(gov, 30, wait_rate=0.0) == 3
+    fake.run(gov, 5, wait=lambda n: 1.0 if n > 1 else 0.0, idle=lambda n: 0.0)
+    assert gov.threads == 1
+    fake.run(gov, 10, *_quiet(3))
+    assert gov.threads == 3 and gov.raised == 2
 
 
-def test_governor_ignores_idle_gaps_and_missing_schedstat() -> None:
+def test_governor_backs_off_when_an_added_thread_keeps_waiting() -> None:
+    """An idle core that the added thread still cannot use (say, the process's own other
+    threads take it back): each retry waits twice as long, up to ``max_hold``."""
     fake = _Fake()
     gov = _governor(fake, limit=2)
-    fake.run(gov, 1, wait_rate=0.0)
-    fake.now += 30  # idle: the engine waited for work; waits meanwhile are not the engine's
+    used = fake.run(gov, 120, wait=lambda n: 0.6 if n == 2 else 0.0, idle=lambda n: 1.0)
+    assert gov.raised >= 5
+    assert used.count(2) / len(used) < 0.2  # the retries' cost stays small
+    gaps = []
+    last = None
+    for i, (a, b) in enumerate(itertools.pairwise(used)):
+        if a == 1 and b == 2:
+            if last is not None:
+                gaps.append(i - last)
+            last = i
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0]  # longer and longer holds
+
+
+def test_governor_decides_on_steps_longer_than_its_window() -> None:
+    """A contended step can take longer than the window: each step then closes one."""
+    fake = _Fake()
+    gov = _governor(fake, limit=2)
+    fake.run(gov, 10, *_one_core_taken(2), dt=0.6)
+    assert gov.threads == 1 and gov.lowered == 1
+
+
+def test_governor_ignores_idle_gaps_and_missing_counters() -> None:
+    fake = _Fake()
+    gov = _governor(fake, limit=2)
+    fake.run(gov, 1, *_quiet(2))
+    gov.idle()
+    fake.now += 30  # the engine waited for work; waits meanwhile are not its steps'
     fake.waited += 30
     assert gov.step() == 2
-    assert fake.run(gov, 1, wait_rate=0.0) == 2
-    blind = ThreadGovernor(2, read=lambda: None, clock=fake.clock)
-    assert fake.run(blind, 5, wait_rate=1.0) == 2
+    assert set(fake.run(gov, 1, *_quiet(2))) == {2}
+    blind = ThreadGovernor(2, read_wait=lambda: None, clock=fake.clock)
+    assert set(fake.run(blind, 5, wait=lambda n: 1.0, idle=lambda n: 0.0)) == {2}
+    no_idle = ThreadGovernor(
+        2, read_wait=fake.read_wait, read_idle=lambda: None, clock=fake.clock, max_hold=4.0
+    )
+    used = fake.run(no_idle, 20, *_one_core_taken(2))
+    assert no_idle.raised >= 3 and used.count(1) > used.count(2)  # retried every max_hold
     with pytest.raises(ValueError, match="limit"):
         ThreadGovernor(0)
-    assert ThreadGovernor(1, read=fake.read, clock=fake.clock).step() == 1
+    assert ThreadGovernor(1, read_wait=fake.read_wait, clock=fake.clock).step() == 1
+
+
+def test_machine_idle_counts_this_process_cpus() -> None:
+    idle = machine_idle()
+    if not Path("/proc/stat").exists():
+        assert idle is None
+    else:
+        assert idle is not None and idle >= 0.0
+        assert machine_idle([]) == 0.0
 
 
 def test_process_run_delay_reads_this_process() -> None:
