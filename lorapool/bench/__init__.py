@@ -4,8 +4,9 @@ Run them with ``lorapool bench <scenario>`` (or ``python -m lorapool bench``):
 ``serve`` (any workload through lorapool on any target: latency, SLO, loads),
 ``engine`` (mixed-adapter throughput vs PEFT), ``cache`` (eviction policy
 simulator), ``store`` (load paths), ``fairness`` (FCFS vs FairScheduler),
-``vllm`` (raw vLLM vs lorapool over vLLM), and ``report``, which runs them all
-and writes ``docs/performance.md``.
+``vllm`` (raw vLLM vs lorapool over vLLM), ``prefix`` (agent and multi-turn chat
+workloads with the prefix cache on vs off vs raw vLLM), and ``report``, which runs
+the others and writes ``docs/performance.md``.
 Benchmarks are not tests: nothing here asserts on wall-clock speed.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 __all__ = ["SCENARIOS", "add_scenarios", "run"]
 
-SCENARIOS = ("serve", "engine", "cache", "store", "fairness", "vllm", "report")
+SCENARIOS = ("serve", "engine", "cache", "store", "fairness", "vllm", "prefix", "report")
 
 
 def _module(scenario: str) -> Any:

@@ -126,6 +126,38 @@ def test_engine_contention(tmp_path: Path) -> None:
         assert BURNER_TAG.encode() not in cmdline, f"burner {pid} left running"
 
 
+def test_prefix(tmp_path: Path) -> None:
+    """Both workloads, TorchBackend with its prefix cache on and off, one round: a row per
+    workload and side, the on/off ratios, and raw vLLM skipped with the reason said when
+    there is no vLLM venv."""
+    out = tmp_path / "prefix.json"
+    args = ("--tenants", "2", "--agent-requests", "2", "--system-tokens", "160")
+    args += ("--agent-output", "fixed:3", "--turns", "2", "--chat-system-tokens", "32")
+    args += ("--chat-output", "3", "--rounds", "1", "--vllm-python", str(tmp_path / "none"))
+    done = run_bench("prefix", *args, "--json", str(out), cwd=tmp_path)
+    data = json.loads(out.read_text())
+    _meta_ok(data, tenants=2, turns=2, rounds=1, seed=0)
+    rows = {(r["workload"], r["side"]): r for r in data["rows"]}
+    sides = ("torch cache on", "torch cache off")
+    assert set(rows) == {(w, s) for w in ("agent", "chat") for s in sides}
+    for (workload, side), r in rows.items():
+        assert r["requests"] == r["completed"] == 4 and r["errors"] == {}, (workload, side)
+        assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p99"]
+        assert r["ttft_after_first_s"]["p50"] is not None
+        assert r["output_tokens_per_s"] > 0 and r["requests_per_s"] > 0
+    for workload in ("agent", "chat"):
+        assert not rows[(workload, "torch cache off")]["cached_token_share"]
+        assert rows[(workload, "torch cache on")]["cached_token_share"] > 0
+        torch = data["ratios"][workload]["torch"]
+        assert torch["ttft_p50_off_over_on"] > 0 and torch["throughput_on_over_off"] > 0
+        assert data["ratios"][workload]["torch_on_ttft_p50_over_raw_vllm"] is None
+    assert data["workloads"]["agent"]["requests"] == 4
+    assert data["workloads"]["chat"]["history"] is True
+    assert "no vLLM venv" in data["skipped"]["raw vLLM-CPU"]
+    assert "agent: torch TTFT p50 off/on" in done.stdout
+    assert "skipped raw vLLM-CPU" in done.stdout
+
+
 def test_cache(tmp_path: Path) -> None:
     out = tmp_path / "cache.json"
     run_bench("cache", "--requests", "2000", "--jobs", "1", "--json", str(out), cwd=tmp_path)
