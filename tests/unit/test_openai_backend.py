@@ -20,7 +20,14 @@ from lorapool.errors import (
     InvalidRequest,
     LoadError,
 )
-from lorapool.types import GenerationRequest, LoadedAdapter, LoraConfig, SamplingParams
+from lorapool.types import (
+    Chunk,
+    GenerationRequest,
+    LoadedAdapter,
+    LoraConfig,
+    SamplingParams,
+    Usage,
+)
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "vllm-0.32-cpu"
 MODELS = (FIXTURES / "models_after_load.txt").read_text().split("\n\n", 1)[1]
@@ -78,13 +85,14 @@ async def test_streamed_completion_becomes_chunks_with_usage_on_the_last(tmp_pat
     await b.start()
     await b.load(adapter(tmp_path), 0)
     load = json.loads(seen[-1].content)
-    assert load["lora_name"] == "r16-all" and load["lora_path"].endswith("ab" * 32)
+    # The server knows the adapter by its id and content hash (issue 28).
+    assert load["lora_name"] == "r16-all#" + "ab" * 8 and load["lora_path"].endswith("ab" * 32)
     params = SamplingParams(max_tokens=8, temperature=0.0)
     chunks = [
         c async for c in b.generate(GenerationRequest("r1", "The capital", params, "r16-all", 0))
     ]
     body = json.loads(seen[-1].content)
-    assert body["model"] == "r16-all" and body["stream"] and body["return_token_ids"]
+    assert body["model"] == "r16-all#" + "ab" * 8 and body["stream"] and body["return_token_ids"]
     assert body["stream_options"] == {"include_usage": True}
     assert "".join(c.text for c in chunks) == " Paris. This is a common convention in"
     assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
@@ -425,3 +433,119 @@ async def test_what_the_server_backend_does_not_serve_is_refused_before_a_reques
     assert "structured.grammar" not in sglang.capabilities.sampling
     assert "structured.regex" in sglang.capabilities.sampling
     await sglang.aclose()
+
+
+# -- adapters named by content (issue 28) -------------------------------------------
+
+
+class FakeVLLM:
+    """A vLLM OpenAI server's LoRA routes and completions, by lora name, with vLLM 0.32's
+    messages: it holds what was loaded, answers a completion for a name it does not hold
+    with 404, and echoes the name it served as the events' ``model``."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, str] = {}  # lora_name -> lora_path
+        self.log: list[tuple[str, str]] = []  # (route, lora_name or model)
+        self.refuse: str | None = None  # a completion refused with 400, naming the model
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, content=MODELS.encode())
+        body = json.loads(request.content)
+        if request.url.path == "/v1/load_lora_adapter":
+            self.log.append(("load", body["lora_name"]))
+            self.held[body["lora_name"]] = body["lora_path"]
+            return httpx.Response(200, text=f"Success: LoRA adapter '{body['lora_name']}' added")
+        if request.url.path == "/v1/unload_lora_adapter":
+            name = body["lora_name"]
+            self.log.append(("unload", name))
+            if self.held.pop(name, None) is None:
+                message = f"The lora adapter '{name}' cannot be found."
+                return httpx.Response(404, json={"error": {"message": message, "code": 404}})
+            return httpx.Response(200, text=f"Success: LoRA adapter '{name}' removed")
+        model = body["model"]
+        self.log.append(("generate", model))
+        if model not in self.held:
+            message = f"The model `{model}` does not exist. Valid aliases: {sorted(self.held)}."
+            return httpx.Response(404, json={"error": {"message": message, "code": 404}})
+        if self.refuse is not None:
+            message = f"{self.refuse} (model `{model}`)"
+            return httpx.Response(400, json={"error": {"message": message, "code": 400}})
+        event = {
+            "model": model,
+            "choices": [{"index": 0, "text": " hi", "token_ids": [7], "finish_reason": "length"}],
+        }
+        details = {"cached_tokens": 2}  # vLLM's prefix-cache hits
+        counts = {"prompt_tokens": 3, "completion_tokens": 1, "prompt_tokens_details": details}
+        return sse(event, {"model": model, "choices": [], "usage": counts})
+
+
+def version(adapter_id: str, sha256: str) -> LoadedAdapter:
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=("q_proj",))
+    return LoadedAdapter(adapter_id, cfg, b"weights of " + sha256.encode(), sha256)
+
+
+async def test_the_server_knows_adapters_by_content_and_callers_only_by_id() -> None:
+    """The server is asked to load ``acme/x#<sha256[:16]>``, generates under that name and
+    unloads it; a re-registered ``acme/x`` (other weights) is another name, loaded before
+    the old one is unloaded; chunks, errors and load failures say ``acme/x``, never the
+    name with the hash (another version's, or this one's)."""
+    from lorapool.backends.vllm import engine_lora_name
+
+    server = FakeVLLM()
+    b = OpenAIServerBackend(
+        "http://vllm.test", transport=httpx.MockTransport(server), retries=0, retry_backoff=0
+    )
+    await b.start()
+    old, new = "a" * 64, "b" * 64
+    old_name, new_name = engine_lora_name("acme/x", old), engine_lora_name("acme/x", new)
+    assert (old_name, new_name) == ("acme/x#" + "a" * 16, "acme/x#" + "b" * 16)
+
+    async def run(rid: str) -> list[Chunk]:
+        request = GenerationRequest(rid, "hello", SamplingParams(max_tokens=1), "acme/x")
+        return [c async for c in b.generate(request)]
+
+    await b.load(version("acme/x", old), 0)
+    assert server.log == [("load", old_name)] and server.held[old_name].endswith(old)
+    chunks = await run("r1")
+    assert server.log[-1] == ("generate", old_name)  # the content name, not "acme/x"
+    assert [c.adapter_id for c in chunks] == ["acme/x"] and chunks[-1].text == " hi"
+    assert chunks[-1].usage == Usage(3, 1, cached_tokens=2)
+
+    await b.load(version("acme/x", new), 1)  # re-registered: new weights, the same id
+    assert server.log[-2:] == [("load", new_name), ("unload", old_name)]
+    assert list(server.held) == [new_name]
+    await run("r2")
+    assert server.log[-1] == ("generate", new_name)
+
+    server.refuse = "this prompt is refused"
+    with pytest.raises(InvalidRequest) as refused:
+        await run("r3")
+    assert "acme/x" in str(refused.value) and "#" not in str(refused.value)
+    server.refuse = None
+
+    server.held.clear()  # the server restarted: a 404 for the name, loaded again, served
+    assert [c.text for c in await run("r4")] == [" hi"] and b.reloads == 1
+    assert server.log[-3:] == [("generate", new_name), ("load", new_name), ("generate", new_name)]
+
+    def refuse_load(request: httpx.Request) -> httpx.Response:
+        name = json.loads(request.content)["lora_name"]
+        message = f"The lora adapter '{name}' has already been loaded."
+        return httpx.Response(400, json={"error": {"message": message, "code": 400}})
+
+    failing = OpenAIServerBackend(
+        "http://vllm.test",
+        transport=httpx.MockTransport(
+            lambda r: refuse_load(r) if r.url.path.endswith("load_lora_adapter") else server(r)
+        ),
+        retries=0,
+    )
+    await failing.start()
+    with pytest.raises(LoadError) as load_error:
+        await failing.load(version("acme/y", old), 0)
+    assert "'acme/y'" in str(load_error.value) and "#" not in str(load_error.value)
+    await failing.aclose()
+
+    await b.unload("acme/x")
+    assert server.log[-1] == ("unload", new_name) and server.held == {}
+    await b.aclose()
