@@ -86,7 +86,10 @@ class TorchBackend(BaseBackend):
     Every parallel region waits for its slowest thread, so a thread more than the
     cores the process actually gets slows each step several times over instead of
     in proportion; next to a busy application, leave it a core (docs/operations.md).
-    Below 1: :class:`ValueError`.
+    Below 1: :class:`ValueError`. ``adapt_threads`` (default ``True``): while this
+    process's threads wait on run queues (another process took a core), the engine runs
+    with one thread fewer, and adds it back once a core sits idle
+    (:class:`~.threads.ThreadGovernor`); ``threads`` is then the most it uses.
 
     ``interleave_prefill``: a request arriving while a decode step runs is
     prefilled between two of that step's layers instead of after it, so its
@@ -145,6 +148,7 @@ class TorchBackend(BaseBackend):
         interleave_prefill: bool = True,
         spare_rows: int | None = None,
         threads: int | None = None,
+        adapt_threads: bool = True,
         prefix_cache_bytes: int | None = None,
         prefix_block_size: int = 16,
         prefix_cache_eviction: str | EvictionPolicy = "lru",
@@ -183,6 +187,8 @@ class TorchBackend(BaseBackend):
         self.spare_rows = spare_rows
         self.threads = threads
         """The ``threads`` asked for (``None``: the usable CPUs, chosen at start)."""
+        self.adapt_threads = adapt_threads
+        """Whether the thread count follows the cores the engine actually gets."""
         self.prefix_cache_bytes = prefix_cache_bytes
         """The prefix cache's budget asked for (``None``: half the KV cache's size)."""
         self.prefix_block_size = prefix_block_size
@@ -268,6 +274,7 @@ class TorchBackend(BaseBackend):
             spare_rows=self.spare_rows,
             masks=masks,
             prefix=self._prefix_cache,
+            adapt_threads=self.adapt_threads,
         )
         try:
             await asyncio.wrap_future(engine.start())

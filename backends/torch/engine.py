@@ -44,6 +44,7 @@ from .lora import LoraSlots
 from .model import KVCache, LlamaModel
 from .prefix import BASE_CONTENT, PrefixCache, chain_keys
 from .sampler import NoTokenAllowed, RawLogprob, RowSampler, raw_logprobs
+from .threads import ThreadGovernor
 
 if TYPE_CHECKING:
     from .grammar import MaskFiller
@@ -139,6 +140,10 @@ class EngineStats:
     (0: the base model only), counted by the step thread as it runs each pass: a
     histogram with one bucket per count. Copy it (``dict(...)``) to read it elsewhere."""
     row_faults: int = 0
+    threads: int = 0
+    """The engine thread's thread count after the last change the governor made (0: none)."""
+    thread_changes: int = 0
+    """Times the governor changed the thread count (:class:`~.threads.ThreadGovernor`)."""
     """Requests ended alone by a fault of their row (see :class:`RowFault`)."""
     preemptions: int = 0
     interleaved_prefills: int = 0
@@ -163,6 +168,7 @@ class Engine:
         spare_rows: int = 0,
         masks: MaskFiller | None = None,
         prefix: Callable[[KVCache], PrefixCache | None] | None = None,
+        adapt_threads: bool = False,
     ) -> None:
         if spare_rows < 0:
             raise ValueError("spare_rows must be >= 0")
@@ -173,6 +179,10 @@ class Engine:
         """The content (sha256) each LoRA slot holds, the base model's as slot -1; a slot
         missing here is never cached. Changed on the engine thread only."""
         self._build = build
+        self.adapt_threads = adapt_threads
+        self.governor: ThreadGovernor | None = None
+        """Lowers the thread count while another process holds our cores (made at start,
+        from the count the build set, when ``adapt_threads``)."""
         self.eos_ids = eos_ids
         self.max_prefill_tokens = max_prefill_tokens
         self.interleave_prefill = interleave_prefill
@@ -297,6 +307,8 @@ class Engine:
             self.rope = self.model.rope_tables(self.cache.max_seq_len)
             if self._make_prefix is not None:
                 self.prefix = self._make_prefix(self.cache)
+            if self.adapt_threads:
+                self.governor = ThreadGovernor(torch.get_num_threads())
             self._rows = self.cache.rows - self.spare_rows
             if self._rows < 1:
                 raise ValueError(
@@ -313,6 +325,8 @@ class Engine:
         while True:
             with self._cond:
                 while not (self._stop or self._waiting or self._running or self._control):
+                    if self.governor is not None:
+                        self.governor.idle()
                     self._cond.wait()
                 if self._stop:
                     break
@@ -341,6 +355,8 @@ class Engine:
                     # Less the prefills run between its layers (counted as prefill time).
                     interleaved = self.stats.prefill_seconds - prefill_s
                     self.stats.decode_seconds += time.perf_counter() - t0 - interleaved
+                if self.governor is not None and (admitted or self._running):
+                    self._govern(self.governor)
             except Exception as exc:
                 log.exception("engine step failed")
                 for seq in list(self._running):
@@ -355,6 +371,14 @@ class Engine:
                 s.sink(Event([], error=RuntimeError("engine stopped")))
         if self.masks is not None:
             self.masks.close()
+
+    def _govern(self, governor: ThreadGovernor) -> None:
+        """Run the next step with the thread count the governor says (this thread's)."""
+        threads = governor.step()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            self.stats.threads = threads
+            self.stats.thread_changes += 1
 
     def _apply_preemptions(self) -> None:
         """Free rows for fresh waiting sequences by preempting as asked (lock held).

@@ -378,3 +378,60 @@ def test_process_run_delay_reads_this_process() -> None:
         assert waited is None
     else:
         assert waited is not None and waited >= 0.0
+
+
+@pytest.mark.slow
+async def test_the_engine_drops_a_thread_while_its_threads_wait_and_serves_the_same(
+    model_dir: Path,
+) -> None:
+    """The governor wired into the real engine: run-queue waits reported for its threads
+    (a stand-in for a neighbour taking a core) make the engine step with one thread fewer,
+    on the engine thread, and the tokens are the same as at full count."""
+    import torch
+
+    from lorapool.backends.torch import TorchBackend
+    from lorapool.types import GenerationRequest, SamplingParams
+
+    before = torch.get_num_threads()
+    backend = TorchBackend(model_dir, threads=2, max_slots=1, max_batch=2, max_seq_len=128)
+    await backend.start()
+    try:
+        engine = backend._engine
+        assert engine is not None and engine.governor is not None
+        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+        async def tokens(rid: str) -> list[int]:
+            request = GenerationRequest(rid, "Count to ten:", params)
+            return [t async for c in backend.generate(request) for t in c.token_ids]
+
+        # The governor reads a fake clock and fake counters (the real ones would tell how
+        # busy this test machine is): one second per decode step, and as much run-queue
+        # waiting per step as the test says.
+        fake = _Fake()
+        governor = engine.governor
+        governor._read_wait = lambda: fake.waited
+        governor._read_idle = lambda: fake.idle
+        governor._clock = lambda: fake.now
+        wait_per_step = [0.0]
+        original = engine._decode
+
+        def decode() -> None:
+            original()
+            fake.now += 1.0
+            fake.waited += wait_per_step[0]
+
+        engine._decode = decode  # type: ignore[method-assign]
+        quiet = await tokens("quiet")
+        assert engine.stats.thread_changes == 0  # nothing waited: every thread kept
+        wait_per_step[0] = 0.8  # one thread's worth of waiting per second of stepping
+        contended = await tokens("contended")
+
+        def count() -> int:
+            return torch.get_num_threads()
+
+        assert await asyncio.wrap_future(engine.call(count)) == 1
+        assert engine.stats.thread_changes >= 1 and engine.stats.threads == 1
+        assert contended == quiet
+    finally:
+        await backend.aclose()
+        torch.set_num_threads(before)
