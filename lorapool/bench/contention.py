@@ -341,6 +341,7 @@ async def _settings(backend: Any, engine: str) -> dict[str, Any]:
         threads, schedule = await asyncio.wrap_future(inner.call(probe))
         out["threads"] = threads
         out["threads_asked"] = backend.threads
+        out["adapt_threads"] = backend.adapt_threads
         out["kernel_schedule"] = ",".join(map(str, schedule)) if schedule else "no kernel"
     elif engine == "vllm":  # its CPU threads and their binding come from these, if set
         out.update({k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CPU_")})
@@ -360,6 +361,8 @@ def _make_backend(args: argparse.Namespace, engine: str, model_dir: Path, dtype:
             max_seq_len=128 + args.max_tokens,
             dtype=dtype,
             threads=args.threads,
+            adapt_threads=not args.fixed_threads,
+            prefix_cache_bytes=0,  # the engine, prefills included: the same prompts every round
         )
     from lorapool.backends.vllm import VLLMBackend
 

@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TorchBackend(threads=...): its CPU threads (default: the CPUs this process may use)",
     )
     parser.add_argument(
+        "--fixed-threads",
+        action="store_true",
+        help="TorchBackend(adapt_threads=False): keep every thread even while a neighbour "
+        "holds a core (the governor off, for comparison)",
+    )
+    parser.add_argument(
         "--contention",
         action="store_true",
         help="quiet vs CPU burner processes, interleaved, base-only and each --adapters count, "
@@ -134,6 +140,8 @@ async def _torch_rounds(
         max_seq_len=128 + args.max_tokens,
         dtype=dtype,
         threads=args.threads,
+        adapt_threads=not args.fixed_threads,
+        prefix_cache_bytes=0,  # the engine, prefills included: the same prompts every round
     )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     schemas = [
