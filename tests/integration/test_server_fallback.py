@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +31,7 @@ from .serving import serve_app  # noqa: E402
 PROMPT = "The three primary colours are"
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 KEYS = {"key-fb": "fbco", "key-wait": "waitco"}
+METRICS_KEY = "metrics-key"
 
 
 @dataclass
@@ -53,7 +56,7 @@ async def served(model_dir: Path, adapters: dict[str, Path]) -> AsyncIterator[Se
         )
     )
     pool = AdapterPool(backend, scheduler=scheduler)
-    app = create_app(pool, auth=ApiKeys(KEYS))
+    app = create_app(pool, auth=ApiKeys(KEYS), metrics_key=METRICS_KEY)
     async with serve_app(app) as running:
         await pool.register("fbco/a", str(adapters["r8-attn"]), tenant="fbco")
         await pool.register("fbco/b", str(adapters["r16-all"]), tenant="fbco")
@@ -114,5 +117,16 @@ async def test_a_fallback_names_the_base_model_and_says_so_and_wait_is_the_adapt
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == own_chat.text
 
-    # the fallbacks were counted as such, the waits not
+    # the fallbacks were counted as such, the waits not: in the ledger and on /metrics
     assert pool.usage("fbco").fallbacks == 2 and pool.usage("waitco").fallbacks == 0
+    async with httpx.AsyncClient(base_url=served.url, timeout=300) as http:
+        scraped = await http.get("/metrics", headers={"authorization": f"Bearer {METRICS_KEY}"})
+    assert scraped.status_code == 200
+    fallbacks = {
+        (sample.labels["tier"], sample.labels["tenant"]): sample.value
+        for family in text_string_to_metric_families(scraped.text)
+        if family.name == "lorapool_fallbacks"
+        for sample in family.samples
+    }
+    assert fallbacks.get(("fb", "fbco")) == 2
+    assert fallbacks.get(("wt", "waitco"), 0) == 0
