@@ -86,10 +86,13 @@ class TorchBackend(BaseBackend):
     Every parallel region waits for its slowest thread, so a thread more than the
     cores the process actually gets slows each step several times over instead of
     in proportion; next to a busy application, leave it a core (docs/operations.md).
-    Below 1: :class:`ValueError`. ``adapt_threads`` (default ``True``): while this
-    process's threads wait on run queues (another process took a core), the engine runs
-    with one thread fewer, and adds it back once a core sits idle
-    (:class:`~.threads.ThreadGovernor`); ``threads`` is then the most it uses.
+    Below 1: :class:`ValueError`. ``adapt_threads`` (default ``False``, experimental):
+    while this process's threads wait on run queues (another process took a core), the
+    engine runs with one thread fewer, and adds it back once a core sits idle
+    (:class:`~.threads.ThreadGovernor`); ``threads`` is then the most it uses. Measured
+    on 2 cores: 0.62-0.67x of quiet with a core taken (0.34-0.39x without it), but 23-35%
+    less quiet throughput, as the process's own threads' waits make it drop a thread it
+    needed; so it is off until it tells neighbours from itself (docs/performance.md).
 
     ``interleave_prefill``: a request arriving while a decode step runs is
     prefilled between two of that step's layers instead of after it, so its
@@ -148,7 +151,7 @@ class TorchBackend(BaseBackend):
         interleave_prefill: bool = True,
         spare_rows: int | None = None,
         threads: int | None = None,
-        adapt_threads: bool = True,
+        adapt_threads: bool = False,
         prefix_cache_bytes: int | None = None,
         prefix_block_size: int = 16,
         prefix_cache_eviction: str | EvictionPolicy = "lru",

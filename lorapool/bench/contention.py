@@ -361,7 +361,7 @@ def _make_backend(args: argparse.Namespace, engine: str, model_dir: Path, dtype:
             max_seq_len=128 + args.max_tokens,
             dtype=dtype,
             threads=args.threads,
-            adapt_threads=not args.fixed_threads,
+            adapt_threads=args.adapt_threads,
             prefix_cache_bytes=0,  # the engine, prefills included: the same prompts every round
         )
     from lorapool.backends.vllm import VLLMBackend

@@ -67,10 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TorchBackend(threads=...): its CPU threads (default: the CPUs this process may use)",
     )
     parser.add_argument(
-        "--fixed-threads",
+        "--adapt-threads",
         action="store_true",
-        help="TorchBackend(adapt_threads=False): keep every thread even while a neighbour "
-        "holds a core (the governor off, for comparison)",
+        help="TorchBackend(adapt_threads=True): one thread fewer while a neighbour holds a "
+        "core (the experimental thread governor)",
     )
     parser.add_argument(
         "--contention",
@@ -140,7 +140,7 @@ async def _torch_rounds(
         max_seq_len=128 + args.max_tokens,
         dtype=dtype,
         threads=args.threads,
-        adapt_threads=not args.fixed_threads,
+        adapt_threads=args.adapt_threads,
         prefix_cache_bytes=0,  # the engine, prefills included: the same prompts every round
     )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)

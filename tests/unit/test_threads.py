@@ -393,7 +393,9 @@ async def test_the_engine_drops_a_thread_while_its_threads_wait_and_serves_the_s
     from lorapool.types import GenerationRequest, SamplingParams
 
     before = torch.get_num_threads()
-    backend = TorchBackend(model_dir, threads=2, max_slots=1, max_batch=2, max_seq_len=128)
+    backend = TorchBackend(
+        model_dir, threads=2, adapt_threads=True, max_slots=1, max_batch=2, max_seq_len=128
+    )
     await backend.start()
     try:
         engine = backend._engine
