@@ -87,12 +87,9 @@ class TorchBackend(BaseBackend):
     cores the process actually gets slows each step several times over instead of
     in proportion; next to a busy application, leave it a core (docs/operations.md).
     Below 1: :class:`ValueError`. ``adapt_threads`` (default ``False``, experimental):
-    while this process's threads wait on run queues (another process took a core), the
-    engine runs with one thread fewer, and adds it back once a core sits idle
-    (:class:`~.threads.ThreadGovernor`); ``threads`` is then the most it uses. Measured
-    on 2 cores: 0.62-0.67x of quiet with a core taken (0.34-0.39x without it), but 23-35%
-    less quiet throughput, as the process's own threads' waits make it drop a thread it
-    needed; so it is off until it tells neighbours from itself (docs/performance.md).
+    the engine runs with one thread fewer for each core other processes hold on this
+    process's CPUs, measured as their busy time less this process's own CPU time
+    (:class:`~.threads.ThreadGovernor`); ``threads`` is then the most it uses.
 
     ``interleave_prefill``: a request arriving while a decode step runs is
     prefilled between two of that step's layers instead of after it, so its

@@ -27,8 +27,7 @@ __all__ = [
     "cgroup_cpu_limit",
     "cpu_limit_v1",
     "cpu_limit_v2",
-    "machine_idle",
-    "process_run_delay",
+    "cpus_busy",
     "process_usable_cpus",
     "usable_cpus",
 ]
@@ -143,33 +142,11 @@ def process_usable_cpus() -> int:
     return _threads(cpus, cgroup_cpu_limit())
 
 
-def process_run_delay() -> float | None:
-    """Seconds this process's threads have spent runnable but waiting for a CPU, in all.
+def cpus_busy(cpus: Iterable[int] | None = None) -> float | None:
+    """Seconds the CPUs ``cpus`` (default: those this process may use) have been busy, in all.
 
-    The sum of the second field of ``/proc/self/task/*/schedstat`` (nanoseconds on a
-    run queue); ``None`` where the kernel does not keep it.
-    """
-    total = 0
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return None
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
-                fields = f.read().split()
-        except OSError:
-            continue  # the thread ended meanwhile
-        if len(fields) >= 2:
-            total += int(fields[1])
-    return total / 1e9 if tasks else None
-
-
-def machine_idle(cpus: Iterable[int] | None = None) -> float | None:
-    """Seconds the CPUs ``cpus`` (default: those this process may use) have been idle, in all.
-
-    From ``/proc/stat`` (idle and iowait ticks; steal counts as busy: a hypervisor took
-    it); ``None`` where there is no such file.
+    From ``/proc/stat``: every tick but idle and iowait (steal counts as busy: the
+    hypervisor gave that time to someone else). ``None`` where there is no such file.
     """
     if cpus is None:
         try:
@@ -186,24 +163,26 @@ def machine_idle(cpus: Iterable[int] | None = None) -> float | None:
     for line in lines:
         fields = line.split()
         if fields and fields[0] in wanted and len(fields) > 5:
-            ticks += int(fields[4]) + int(fields[5])
+            # user nice system idle iowait irq softirq steal (guest time is inside user)
+            busy = fields[1:9]
+            ticks += sum(int(v) for v in busy) - int(fields[4]) - int(fields[5])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class ThreadGovernor:
-    """The engine's thread count, lowered while its threads wait for CPUs they do not get.
+    """The engine's thread count, one fewer for each core other processes hold.
 
     A parallel step is as slow as its slowest thread: when another process takes one of
     the engine's cores, the thread there runs in the scheduler's slices and every region
-    of every step waits for it (measured: 0.37x the quiet throughput on 2 cores with one
-    taken). So the governor watches, over each ``window`` of busy stepping, how long this
-    process's threads sat on run queues (:func:`process_run_delay`): over ``max_wait``
-    CPUs' worth, it drops a thread. It adds one back when the CPUs this process may use
-    were idle for ``min_idle`` CPUs' worth (:func:`machine_idle`: a core is there for
-    it), at most every ``hold`` seconds, the hold doubling (up to ``max_hold``) each time
-    a thread added back had to be dropped again, so it does not flap. Where the idle time
-    cannot be read it tries a thread again every ``max_hold`` seconds. On a quiet machine
-    nothing waits and the count stays at ``limit``. Call :meth:`step` on the engine thread
+    of every step waits for it (measured: 0.34-0.39x of the quiet throughput on 2 cores
+    with one taken, while one thread alone lost nothing). So the governor measures, over
+    each ``window`` of busy stepping, how much CPU time *other* processes took on the
+    CPUs this process may use: their busy time (:func:`cpus_busy`) less this process's
+    own CPU time (``time.process_time``). The count is ``limit`` less one thread for each
+    whole core that takes beyond ``slack`` (a neighbour using 0.8 of a core costs one
+    thread; one using 0.2, none). The process's own threads never count, so a busy event
+    loop beside the engine does not make it drop one. A lower count applies at once, a
+    higher one after ``settle`` windows agreeing. Call :meth:`step` on the engine thread
     after each step and apply the count it returns there (PyTorch's count is per thread),
     and :meth:`idle` when the engine runs out of work.
     """
@@ -213,12 +192,10 @@ class ThreadGovernor:
         limit: int,
         *,
         window: float = 0.25,
-        max_wait: float = 0.25,
-        min_idle: float = 0.5,
-        hold: float = 0.5,
-        max_hold: float = 8.0,
-        read_wait: Callable[[], float | None] = process_run_delay,
-        read_idle: Callable[[], float | None] = machine_idle,
+        slack: float = 0.3,
+        settle: int = 2,
+        read_busy: Callable[[], float | None] = cpus_busy,
+        read_own: Callable[[], float] = time.process_time,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if limit < 1:
@@ -227,29 +204,32 @@ class ThreadGovernor:
         self.threads = limit
         """The thread count now."""
         self.window = window
-        self.max_wait = max_wait
-        self.min_idle = min_idle
-        self.min_hold = hold
-        self.max_hold = max_hold
-        self._hold = hold
-        self._read_wait = read_wait
-        self._read_idle = read_idle
+        self.slack = slack
+        self.settle = settle
+        self._read_busy = read_busy
+        self._read_own = read_own
         self._clock = clock
-        self._start: tuple[float, float, float | None] | None = None
-        self._changed = clock()
-        self._raised = False
+        self._start: tuple[float, float, float] | None = None
+        self._higher = 0  # windows in a row whose count was above the current one
+        self.others = 0.0
+        """CPUs other processes took on this process's CPUs in the last window."""
         self.lowered = 0
-        """Times a thread was dropped."""
+        """Times the count went down."""
         self.raised = 0
-        """Times a dropped thread was added back."""
+        """Times the count went up."""
 
     def _mark(self, now: float) -> None:
-        waited = self._read_wait()
-        self._start = None if waited is None else (now, waited, self._read_idle())
+        busy = self._read_busy()
+        self._start = None if busy is None else (now, busy, self._read_own())
 
     def idle(self) -> None:
-        """The engine has no work and waits for some: what happens meanwhile is not its."""
+        """The engine has no work and waits for some: the next window starts afresh."""
         self._start = None
+
+    def target(self, others: float) -> int:
+        """The count for ``others`` CPUs taken by other processes."""
+        taken = max(0, math.ceil(others - self.slack))
+        return max(1, self.limit - taken)
 
     def step(self) -> int:
         """After one engine step: the thread count to run the next with."""
@@ -259,32 +239,26 @@ class ThreadGovernor:
         if self._start is None:
             self._mark(now)
             return self.threads
-        began, waited_then, idle_then = self._start
+        began, busy_then, own_then = self._start
         elapsed = now - began
         if elapsed < self.window:
             return self.threads
         self._mark(now)
         if self._start is None:
             return self.threads
-        wait = (self._start[1] - waited_then) / elapsed
-        idle_now = self._start[2]
-        idle = None if idle_then is None or idle_now is None else (idle_now - idle_then) / elapsed
-        if wait > self.max_wait and self.threads > 1:
-            self.threads -= 1
+        _, busy, own = self._start
+        self.others = max(0.0, (busy - busy_then) - (own - own_then)) / elapsed
+        target = self.target(self.others)
+        if target < self.threads:
+            self.threads = target
             self.lowered += 1
-            if self._raised:  # the thread added back did not get a CPU either: wait longer
-                self._hold = min(self._hold * 2, self.max_hold)
-            self._raised = False
-            self._changed = now
-        elif self.threads < self.limit and now - self._changed >= (
-            self._hold if idle is not None else self.max_hold
-        ):
-            if idle is None or idle >= self.min_idle:
-                self.threads += 1
+            self._higher = 0
+        elif target > self.threads:
+            self._higher += 1
+            if self._higher >= self.settle:
+                self.threads = target
                 self.raised += 1
-                self._raised = True
-                self._changed = now
-        elif self._raised and now - self._changed >= self.max_hold:
-            self._raised = False  # it stuck: the next drop starts from a short hold again
-            self._hold = self.min_hold
+                self._higher = 0
+        else:
+            self._higher = 0
         return self.threads
