@@ -39,6 +39,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Self
 
+from .engine_rig import torch_backend
+
 __all__ = ["BURNER_TAG", "Burners", "CpuMeter", "parse_cpus", "run"]
 
 BURNER_TAG = "lorapool-burner"
@@ -351,19 +353,7 @@ async def _settings(backend: Any, engine: str) -> dict[str, Any]:
 def _make_backend(args: argparse.Namespace, engine: str, model_dir: Path, dtype: str) -> Any:
     counts = [int(c) for c in args.adapters.split(",") if c]
     if engine == "torch":
-        from lorapool.backends.torch import TorchBackend
-
-        return TorchBackend(
-            model_dir,
-            max_slots=max(counts),
-            max_rank=args.rank,
-            max_batch=args.batch,
-            max_seq_len=128 + args.max_tokens,
-            dtype=dtype,
-            threads=args.threads,
-            adapt_threads=args.adapt_threads,
-            prefix_cache_bytes=0,  # the engine, prefills included: the same prompts every round
-        )
+        return torch_backend(args, model_dir, dtype)
     from lorapool.backends.vllm import VLLMBackend
 
     # All-base or all-adapter batches only: no zero adapter, so base rows run plain vLLM.

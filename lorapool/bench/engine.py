@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .engine_rig import torch_backend
 from .prompts import PROMPTS, chat
 
 __all__ = ["add_arguments", "run"]
@@ -128,21 +129,10 @@ async def _torch_rounds(
     args: argparse.Namespace, model_dir: Path, adapters: list[Path], dtype: str
 ) -> tuple[dict[str, list[float]], int]:
     from lorapool import AdapterPool, SamplingParams
-    from lorapool.backends.torch import TorchBackend
     from lorapool.types import StructuredOutput
 
     counts = [int(c) for c in args.adapters.split(",") if c]
-    backend = TorchBackend(
-        model_dir,
-        max_slots=max(counts),
-        max_rank=args.rank,
-        max_batch=args.batch,
-        max_seq_len=128 + args.max_tokens,
-        dtype=dtype,
-        threads=args.threads,
-        adapt_threads=args.adapt_threads,
-        prefix_cache_bytes=0,  # the engine, prefills included: the same prompts every round
-    )
+    backend = torch_backend(args, model_dir, dtype)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     schemas = [
         params.model_copy(update={"structured": StructuredOutput.json_schema(bench_schema(j))})
