@@ -324,6 +324,8 @@ class OpenAIServerBackend(RemoteBackend):
         chat = not isinstance(request.prompt, str)
         body = request_body(request.params, self.flavor, chat=chat)
         body["model"] = model
+        if self.flavor == "vllm" and request.cache_scope:
+            body["cache_salt"] = request.cache_scope  # vLLM keeps each tenant's blocks apart
         if isinstance(request.prompt, str):
             body["prompt"] = request.prompt
             return "/v1/completions", body

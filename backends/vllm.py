@@ -29,9 +29,12 @@ too, other versions and KV-aware routers the name alone), so an adapter re-regis
 under the same id with other weights gets a new name and can never be served KV
 computed with the old weights, whatever vLLM's version; the same prompt under two
 adapters never shares a block either (the id is in the name).
-Prefix caching is therefore left on (``enable_prefix_caching=True`` in the engines the
-backend builds). The internal name never reaches a caller: chunks carry the adapter
-id, and vLLM's messages are rewritten to say the id.
+Each request also carries its tenant's scope as vLLM's ``cache_salt``
+(:attr:`~lorapool.types.GenerationRequest.cache_scope`), so two tenants on the base
+model or on one shared adapter never share a block either: a hit would tell one what
+the other sent. Prefix caching is therefore left on (``enable_prefix_caching=True``
+in the engines the backend builds). The internal name never reaches a caller:
+chunks carry the adapter id, and vLLM's messages are rewritten to say the id.
 An adapter removed from vLLM (unload, unregister, eviction past the warm room)
 leaves blocks that only the same id with the same weights can name again (and for it
 they are still right); vLLM reuses them as free blocks, least recently used first.
@@ -607,8 +610,11 @@ class VLLMBackend(BaseBackend):
         finished = False
         stops = frozenset(params.stop_token_ids)
         try:
+            prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids + list(request.resume)}
+            if request.cache_scope:
+                prompt["cache_salt"] = request.cache_scope  # one tenant's blocks, no other's
             stream = engine.generate(
-                {"prompt_token_ids": prompt_ids + list(request.resume)},
+                prompt,
                 vllm_sampling_params(params, done),
                 request.request_id,
                 lora_request=lora_request,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -56,6 +57,7 @@ __all__ = [
     "Relay",
     "TenantUsage",
     "UsageRecord",
+    "cache_scope",
     "estimate_tokens",
 ]
 
@@ -170,6 +172,12 @@ class PoolStats(_Totals):
     def by_tenant(self) -> dict[str, TenantUsage]:
         """A copy of every tenant's totals, by tenant (safe to call from another thread)."""
         return {t: dataclasses.replace(u) for t, u in list(self._accounts.items())}
+
+
+def cache_scope(tenant: str) -> str:
+    """The prefix-cache scope of ``tenant``'s requests: an opaque digest, so an engine
+    keeps each tenant's cached prompts apart without ever seeing a tenant's name."""
+    return hashlib.sha256(b"lorapool-cache-scope\0" + tenant.encode()).hexdigest()[:32]
 
 
 def estimate_tokens(prompt: str | Sequence[Message]) -> int:
@@ -532,7 +540,14 @@ class Lifecycle:
         rid = ticket.request_id
         leg_id = rid if out.legs == 1 else f"{rid}.{out.legs - 1}"
         request = GenerationRequest(
-            leg_id, prompt, params, ticket.adapter_id, slot, tuple(out.streamed), tools
+            leg_id,
+            prompt,
+            params,
+            ticket.adapter_id,
+            slot,
+            tuple(out.streamed),
+            tools,
+            cache_scope=cache_scope(ticket.tenant),
         )
         stream = self.backend.generate(request)
         # A request of several samples is not handed off: resuming is per sequence.

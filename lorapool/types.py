@@ -175,6 +175,11 @@ class GenerationRequest:
     tools: tuple[Mapping[str, Any], ...] = ()
     """OpenAI-style tool definitions (``{"type": "function", "function": {...}}``) the
     chat prompt is rendered with; only for backends whose :attr:`Capabilities.tools`."""
+    cache_scope: str | None = None
+    """The isolation domain of the backend's prefix (KV) cache: two requests share cached
+    state only when their scopes are equal (and their adapter content). The pool sets it
+    to an opaque digest of the tenant, so no tenant can learn another's prompts from cache
+    hits (``cached_tokens``, time to first token). ``None``: the backend's shared scope."""
 
 
 @dataclass(frozen=True)

@@ -581,6 +581,7 @@ class TorchBackend(BaseBackend):
                 prompt_ids=prompt_ids,
                 params=params,
                 slot=-1 if request.slot is None else request.slot,
+                scope=request.cache_scope or "",
                 sink=_sink(loop, queue, i),
                 generator=_generator(params, i),
                 output=list(resumed),

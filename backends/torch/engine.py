@@ -100,6 +100,9 @@ class Sequence:
     """A mask fill under way for this sequence: (future, its row, output length then)."""
     cached: int | None = None
     """Prompt tokens its first prefill took from the prefix cache (None: not prefilled)."""
+    scope: str = ""
+    """The prefix cache's isolation domain (the pool's digest of the tenant): cached
+    blocks are shared only between sequences of one scope and one adapter content."""
     prefix_keys: tuple[str, list[bytes]] | None = None
     """The chained block keys of its tokens so far, and the content they were made for."""
 
@@ -514,7 +517,7 @@ class Engine:
             known = seq.prefix_keys[1]
         full = len(tokens) // bs
         if len(known) < full:
-            known = chain_keys(content, tokens, bs, known)
+            known = chain_keys(content, tokens, bs, known, scope=seq.scope)
             seq.prefix_keys = (content, known)
         return content, known[:full]
 

@@ -4,8 +4,11 @@ A prompt is cut into blocks of ``block_size`` tokens. Block ``j``'s key chains t
 of block ``j - 1`` (for block 0, a root made of the *adapter content*: the sha256 of its
 weights and config, or :data:`BASE_CONTENT` for the base model) and block ``j``'s
 tokens, so a key names the whole prefix up to the block's end under one content. The
-same prompt under two adapters, or under two versions of one adapter name, never
-shares a block: their roots differ. A name is never part of a key.
+root also holds the request's *scope* (the pool's digest of its tenant), so two tenants
+never share a block either, even on the base model or one shared adapter: a hit would
+tell one tenant what another sent. The same prompt under two adapters, under two
+versions of one adapter name, or from two tenants, never shares a block: their roots
+differ. A name is never part of a key.
 
 The cached keys and values live in a pool of blocks preallocated to the byte budget
 (``[layers, kv_heads, blocks, block_size, head_dim]``, K and V). A sequence admitted
@@ -51,14 +54,21 @@ def chain_keys(
     tokens: Sequence[int],
     block_size: int,
     known: Sequence[bytes] = (),
+    *,
+    scope: str = "",
 ) -> list[bytes]:
-    """The keys of every full block of ``tokens`` under ``content``.
+    """The keys of every full block of ``tokens`` under ``content`` in ``scope``.
 
-    ``known``: keys already computed for a prefix of the same tokens and content
-    (they are kept, and the chain goes on from the last).
+    ``known``: keys already computed for a prefix of the same tokens, content and scope
+    (they are kept, and the chain goes on from the last). ``scope``: the isolation
+    domain (the pool's digest of the tenant); chains of two scopes never meet.
     """
     keys = list(known)
-    prev = keys[-1] if keys else hashlib.blake2b(_ROOT + content.encode()).digest()
+    if keys:
+        prev = keys[-1]
+    else:
+        root = _ROOT + content.encode() + b"\0" + scope.encode()
+        prev = hashlib.blake2b(root, digest_size=32).digest()
     for j in range(len(keys), len(tokens) // block_size):
         block = array("q", tokens[j * block_size : (j + 1) * block_size]).tobytes()
         prev = hashlib.blake2b(prev + block, digest_size=32).digest()

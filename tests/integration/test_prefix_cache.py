@@ -4,7 +4,8 @@ Exactness: a request whose prompt starts with cached blocks gives, token for tok
 greedy output of an engine without the cache (the base model and adapters of ranks 8,
 16 and 32; the shared prefix ending in the middle of a block and exactly on a block's
 end). Isolation: the same prompt under two adapters and the base model shares no block,
-and a name registered again with other weights gets no hit. Bounded memory: a long
+a name registered again with other weights gets no hit, and two tenants sending the
+same prompt on the base model or one shared adapter share no block. Bounded memory: a long
 mixed run (cancellations, preemptions, n samples) never holds more than the budget and
 gives back every KV row.
 """
@@ -215,6 +216,37 @@ async def test_a_name_registered_again_with_other_weights_gets_no_hit(
             assert list(new.token_ids) != list(first.token_ids)
     finally:
         await off.aclose()
+
+
+async def test_tenants_never_share_a_block_on_the_base_model_or_one_shared_adapter(
+    model_dir: Path, adapters: dict[str, Path]
+) -> None:
+    """A hit would tell one tenant what another sent (its cached_tokens, its time to
+    first token): each tenant's blocks are its own, even for the same content."""
+    from lorapool import AdapterPool
+    from lorapool.backends.torch import TorchBackend
+
+    backend = TorchBackend(
+        model_dir, max_slots=2, max_rank=32, max_batch=4, max_seq_len=512, dtype="float32"
+    )
+    prompt = _chat(SYSTEM * 3, "Where is order 1234?")
+    async with AdapterPool(backend) as pool:
+        for tenant in ("acme", "globex"):  # the same weights, registered by each
+            await pool.register("bot", str(adapters["r8-attn"]), tenant=tenant)
+        for adapter in (None, "bot"):
+            first = await pool.complete(prompt, adapter=adapter, tenant="acme", params=PARAMS)
+            again = await pool.complete(prompt, adapter=adapter, tenant="acme", params=PARAMS)
+            assert first.usage.cached_tokens == 0 and again.usage.cached_tokens > 0, adapter
+            before = backend.prefix_cache_stats()
+            assert before is not None
+            other = await pool.complete(prompt, adapter=adapter, tenant="globex", params=PARAMS)
+            assert other.usage.cached_tokens == 0, adapter
+            after = backend.prefix_cache_stats()
+            assert after is not None and after.hit_tokens == before.hit_tokens, adapter
+            assert list(other.token_ids) == list(first.token_ids), adapter
+            # globex's own second request hits its own blocks.
+            mine = await pool.complete(prompt, adapter=adapter, tenant="globex", params=PARAMS)
+            assert mine.usage.cached_tokens > 0, adapter
 
 
 async def test_a_long_mixed_run_stays_within_its_budget_and_frees_every_row(

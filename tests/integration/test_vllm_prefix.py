@@ -317,6 +317,33 @@ async def test_the_same_prompt_under_two_adapters_and_the_base_shares_no_block(
         await pool.unregister("agent", tenant=tenant)
 
 
+async def test_two_tenants_share_no_block_on_the_base_model_or_the_same_weights(
+    settled: Engine, adapters: dict[str, Path]
+) -> None:
+    """The same long prompt from two tenants, on the base model and on one adapter's
+    weights registered by each: vLLM reports no hit for the second tenant (each request
+    carries its tenant's ``cache_salt``), the same output, and a hit on its own repeat.
+    A hit across tenants would tell one what the other sent. (Keying by LoRA name or by
+    name and path changes nothing here: run in the installed mode only.)"""
+    if settled.keying != "vllm":
+        pytest.skip("the salt is the same in both keying modes")
+    pool = settled.pool
+    for tenant in ("initech", "umbrella"):
+        await pool.register("bot", str(adapters["r8-attn"]), tenant=tenant)
+    for adapter in (None, "bot"):
+        first, seen = await run(settled, adapter, "initech")
+        assert seen.cached == 0, adapter
+        _, seen = await run(settled, adapter, "initech")
+        assert seen.cached > 0, adapter  # the cache is on for this tenant
+        tokens, seen = await run(settled, adapter, "umbrella")
+        assert seen.cached == 0, adapter  # not one block of initech's
+        assert tokens == first, adapter
+        _, seen = await run(settled, adapter, "umbrella")
+        assert seen.cached > 0, adapter
+    for tenant in ("initech", "umbrella"):
+        await pool.unregister("bot", tenant=tenant)
+
+
 async def test_engine_messages_say_the_adapter_id_never_the_content_name(
     settled: Engine, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

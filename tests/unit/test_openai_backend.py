@@ -102,6 +102,21 @@ async def test_streamed_completion_becomes_chunks_with_usage_on_the_last(tmp_pat
     assert seen[-1].url.path == "/v1/unload_lora_adapter"  # close unloads what it loaded
 
 
+async def test_a_request_s_cache_scope_is_sent_as_vllm_s_cache_salt() -> None:
+    """vLLM keeps each tenant's prefix blocks apart by ``cache_salt`` (issue 28)."""
+    seen: list[httpx.Request] = []
+    b = backend({"/v1/chat/completions": "chat_stream_lora.txt"}, seen)
+    await b.start()
+    messages = [{"role": "user", "content": "Say hi"}]
+    params = SamplingParams(max_tokens=16)
+    scoped = GenerationRequest("r", messages, params, None, cache_scope="0f" * 16)
+    _ = [c async for c in b.generate(scoped)]
+    assert json.loads(seen[-1].content)["cache_salt"] == "0f" * 16
+    _ = [c async for c in b.generate(GenerationRequest("r2", messages, params, None))]
+    assert "cache_salt" not in json.loads(seen[-1].content)
+    await b.aclose()
+
+
 async def test_chat_stream_reads_delta_content() -> None:
     b = backend({"/v1/chat/completions": "chat_stream_lora.txt"})
     await b.start()

@@ -39,6 +39,18 @@ def test_keys_chain_the_whole_prefix_and_the_content() -> None:
     assert same[0] != same[1]
 
 
+def test_keys_of_two_scopes_never_meet() -> None:
+    """Two tenants' chains of the same tokens and content share no key."""
+    tokens = list(range(12))
+    for content in (A, BASE_CONTENT):
+        acme = chain_keys(content, tokens, BS, scope="acme")
+        assert not set(acme) & set(chain_keys(content, tokens, BS, scope="globex"))
+        assert not set(acme) & set(chain_keys(content, tokens, BS))
+        assert chain_keys(content, tokens, BS, scope="acme") == acme
+        # The scope cannot be forged from the content's side of the root.
+        assert not set(acme) & set(chain_keys(content + "\0acme", tokens, BS))
+
+
 def test_match_finds_the_longest_cached_prefix() -> None:
     index = PrefixIndex(8, LRUPolicy())
     keys = chain_keys(A, list(range(16)), BS)
