@@ -13,6 +13,7 @@ __all__ = [
     "AdapterInUse",
     "AdapterNotFound",
     "AdapterValidationError",
+    "AuditChainBroken",
     "BackendClosed",
     "BackendError",
     "BackendNotStarted",
@@ -31,8 +32,10 @@ __all__ = [
     "PinLimitExceeded",
     "PluginNotFound",
     "PoolClosed",
+    "PromotionRefused",
     "RateLimited",
     "RegistryUnavailable",
+    "SignatureError",
     "SourceError",
     "SourceNotAllowed",
     "SourceNotFound",
@@ -40,7 +43,7 @@ __all__ = [
 ]
 
 
-from typing import Any
+from typing import Any, Literal
 
 
 def _rebuild(cls: type[LorapoolError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
@@ -329,3 +332,50 @@ class RegistryUnavailable(LorapoolError):
             f"the adapter registry could not {operation}: {cause}; nothing was recorded "
             "(check the registry's disk and file, then retry)"
         )
+
+
+SignatureReason = Literal[
+    "missing", "unknown_key", "revoked_key", "bad_signature", "manifest_mismatch"
+]
+"""Why an adapter's signature was refused (:class:`SignatureError`)."""
+
+
+class SignatureError(LorapoolError, PermissionError):
+    """An adapter's signature was refused; nothing was registered, loaded or changed.
+
+    ``reason``: ``missing`` (the tenant's policy requires a signature and there is none),
+    ``unknown_key`` (no key of the keyring has the signer's key id), ``revoked_key``,
+    ``bad_signature`` (the manifest does not verify under the key), ``manifest_mismatch``
+    (a file's bytes, the config or the base model differ from what was signed).
+    """
+
+    def __init__(self, adapter: str, reason: SignatureReason, detail: str = "") -> None:
+        self.adapter = adapter
+        self.reason: SignatureReason = reason
+        self.detail = detail
+        text = f"adapter {adapter!r} refused: signature {reason.replace('_', ' ')}"
+        super().__init__(f"{text}: {detail}" if detail else text)
+
+
+class PromotionRefused(LorapoolError):
+    """An adapter version failed its eval gate; the alias's traffic is as it was.
+
+    ``report`` is the gate's report (:class:`lorapool.lifecycle.GateReport`): the scores of
+    the candidate and the baseline, case by case, and the regression that refused it.
+    """
+
+    def __init__(self, adapter: str, reason: str, report: Any = None) -> None:
+        self.adapter = adapter
+        self.reason = reason
+        self.report = report
+        super().__init__(f"promotion of {adapter!r} refused: {reason}")
+
+
+class AuditChainBroken(LorapoolError):
+    """The audit log's hash chain does not hold at entry ``seq``: the entry was edited,
+    removed or inserted after it was written."""
+
+    def __init__(self, seq: int, detail: str) -> None:
+        self.seq = seq
+        self.detail = detail
+        super().__init__(f"audit log entry {seq} does not verify: {detail}")

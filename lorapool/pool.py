@@ -24,6 +24,7 @@ from lorapool import tracing
 from lorapool.abc import Backend, TierName, conform
 from lorapool.access import SourceRules
 from lorapool.registry import Registry, check_adapter_id, check_tenant, qualify
+from lorapool.registry.audit import AuditLog
 from lorapool.request import Ledger, Lifecycle, PoolStats, TenantUsage, estimate_tokens
 from lorapool.scheduler import Scheduler
 from lorapool.scheduler.fcfs import FCFSScheduler
@@ -97,6 +98,9 @@ class AdapterPool:
         elif not isinstance(registry, Registry):
             registry = Registry.open(registry)
         self.registry = registry
+        self.audit: AuditLog = AuditLog()
+        """The audit log (:mod:`lorapool.registry.audit`): promotions, rollbacks,
+        deletions, refused signatures and accesses."""
         self._ledger = Ledger()
         self.stats: PoolStats = self._ledger.stats
         self._lifecycle = Lifecycle(self.backend, self.store, self.scheduler, self._ledger)
@@ -311,6 +315,12 @@ class AdapterPool:
         """The versions of an alias, oldest first."""
         alias = self.registry.alias(name, tenant)
         return [self.registry.resolve(v, None) for v in self.registry.version_ids(alias.name)]
+
+    # -- lifecycle: signatures (issue 29) ----------------------------------------------
+
+    # -- lifecycle: eval-gated promotion and the canary watch (issue 29) ---------------
+
+    # -- lifecycle: forget (issue 29) ---------------------------------------------------
 
     def list_adapters(self, *, tenant: str) -> list[AdapterInfo]:
         """Adapters ``tenant`` may use: its own and the shared ones."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -14,6 +14,7 @@ from .sampling import BASIC_PARAMETERS, SamplingParams, StructuredOutput
 
 __all__ = [
     "AdapterInfo",
+    "AdapterMetadata",
     "Capabilities",
     "Chunk",
     "Completion",
@@ -72,6 +73,37 @@ class LoraConfig(BaseModel):
 
 
 @dataclass(frozen=True)
+class AdapterMetadata:
+    """What the registry keeps about an adapter version besides its files: where it came
+    from, how it was judged, who signed it and how long it may be kept.
+
+    Set at registration (``pool.register(..., metadata=...)``); ``promoted_at``,
+    ``eval_scores``, ``baseline_version`` and ``gate`` are written by an eval-gated
+    promotion, ``signer`` by signature verification. Times are Unix seconds.
+    """
+
+    training_data_sha256: str | None = None
+    """sha256 of the training data (or of its manifest)."""
+    training_config_sha256: str | None = None
+    """sha256 of the training configuration."""
+    trained_at: float | None = None
+    promoted_at: float | None = None
+    eval_scores: Mapping[str, float] = field(default_factory=dict)
+    """The last eval gate's scores, by scorer name (the candidate's)."""
+    baseline_version: str | None = None
+    """The version the last eval gate compared this one with."""
+    gate: str | None = None
+    """The identity of the last eval gate this version passed (its name and digest)."""
+    signer: str | None = None
+    """The key id that signed the adapter's manifest (``None``: unsigned)."""
+    retention_days: int | None = None
+    """How long the platform may keep the adapter after it is last used (policy; lorapool
+    records it and returns it)."""
+    compliance: tuple[str, ...] = ()
+    """Compliance flags, e.g. ``("pii-reviewed", "gdpr")``."""
+
+
+@dataclass(frozen=True)
 class AdapterInfo:
     """What the registry knows about one registered adapter."""
 
@@ -85,6 +117,11 @@ class AdapterInfo:
     norm: float | None = None
     """The weights' norm measured at validation (RMS of per-tensor Frobenius norms), the
     population later registrations are compared with; ``None`` when values were not scanned."""
+    metadata: AdapterMetadata = field(default_factory=AdapterMetadata)
+    signature: str | None = None
+    """The adapter's signed manifest as it was verified at registration (JSON text in
+    :mod:`lorapool.signing`'s format), checked again whenever its bytes are read from
+    disk or its source; ``None``: unsigned."""
 
     @property
     def rank(self) -> int:
