@@ -37,13 +37,13 @@ demo: setup
 	$(PY) examples/quickstart.py
 
 test: setup setup-vllm contracts docs
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 	$(PY) scripts/fuzz_server.py
-	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -m vllm $(VLLM_TESTS)
+	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider --durations=15 -m vllm $(VLLM_TESTS)
 
 test-vllm: setup setup-vllm
 	$(PY) -c "from lorapool.backends.torch import ensure_demo_model; ensure_demo_model()"
-	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -m vllm $(VLLM_TESTS)
+	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider --durations=15 -m vllm $(VLLM_TESTS)
 
 test-unit: setup
 	$(VENV)/bin/pytest -q tests/unit

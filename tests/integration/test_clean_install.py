@@ -89,7 +89,17 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     python = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     _run(
-        [str(python), "-m", "pip", "install", "-q", TORCH, f"{wheel}[torch,server]", "openai"],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-compile",
+            TORCH,
+            f"{wheel}[torch,server]",
+            "openai",
+        ],
         timeout=1800,
         env=env,
         cwd=work,
