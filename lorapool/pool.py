@@ -25,6 +25,7 @@ from lorapool.abc import Backend, TierName, conform
 from lorapool.access import SourceRules
 from lorapool.registry import Registry, check_adapter_id, check_tenant, qualify
 from lorapool.registry.audit import AuditLog
+from lorapool.registry.metadata import check_metadata
 from lorapool.request import Ledger, Lifecycle, PoolStats, TenantUsage, estimate_tokens
 from lorapool.scheduler import Scheduler
 from lorapool.scheduler.fcfs import FCFSScheduler
@@ -36,6 +37,7 @@ from .sampling import refuse_unsupported
 from .tools import Tool, ToolChoice, ToolPrompt, ToolRequest, tool_chunks, tool_request
 from .types import (
     AdapterInfo,
+    AdapterMetadata,
     Chunk,
     Completion,
     FinishReason,
@@ -171,6 +173,7 @@ class AdapterPool:
         version: str | None = None,
         activate: bool = True,
         allowed: SourceRules | None = None,
+        metadata: AdapterMetadata | None = None,
     ) -> AdapterInfo:
         """Register a PEFT LoRA adapter for ``tenant`` under the name ``adapter_id``.
 
@@ -202,10 +205,16 @@ class AdapterPool:
         :class:`~lorapool.errors.SourceNotAllowed` before anything is read, and the
         store's own directories are always refused. ``None``: the platform's own
         call, unconfined.
+
+        ``metadata`` (:class:`~lorapool.types.AdapterMetadata`: training data and config
+        hashes, times, retention, compliance flags) is checked before anything is read
+        (:class:`~lorapool.errors.InvalidRequest` naming a bad field) and stored with the
+        record; :meth:`versions` and :meth:`list_adapters` return it.
         """
         await self.start()
         check_adapter_id(adapter_id)
         check_tenant(tenant)
+        checked = check_metadata(AdapterMetadata() if metadata is None else metadata)
         if allowed is not None:
             private = [d for d in (self.store.disk_dir, self.store.persistent_dir) if d]
             source = await asyncio.to_thread(allowed.check, source, tenant, private=private)
@@ -235,6 +244,7 @@ class AdapterPool:
                 size_bytes=staged.files.size_bytes,
                 config=staged.files.config,
                 norm=report.norm,
+                metadata=checked,
             )
             if version is None:
                 self.registry.add(info)

@@ -7,6 +7,7 @@ a SQLite file (``Registry.open("registry.sqlite")``) that survives restarts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -21,8 +22,9 @@ from lorapool.errors import (
     AdapterNotFound,
     InvalidRequest,
 )
+from lorapool.registry.metadata import check_metadata
 from lorapool.registry.stores import MemoryRegistryStore, RegistryStore, SqliteRegistryStore
-from lorapool.types import AdapterInfo
+from lorapool.types import AdapterInfo, AdapterMetadata
 
 __all__ = ["Alias", "Registry", "check_adapter_id", "check_tenant", "qualify"]
 
@@ -80,6 +82,14 @@ def check_tenant(tenant: str) -> None:
             f"tenant {tenant!r} is not a valid tenant name: use 1 to 64 letters, digits, '.', "
             "'_' or '-', starting with a letter or digit, no '/'"
         )
+
+
+def _checked(info: AdapterInfo) -> AdapterInfo:
+    """``info`` with its metadata checked and in stored form (:func:`check_metadata`)."""
+    metadata = check_metadata(info.metadata)
+    if info.signature is not None and not isinstance(info.signature, str):
+        raise InvalidRequest("signature must be the signed manifest's JSON text or None")
+    return info if metadata == info.metadata else dataclasses.replace(info, metadata=metadata)
 
 
 def qualify(name: str, tenant: str) -> str:
@@ -263,6 +273,7 @@ class Registry:
         caller removes them.
         """
         self._sync()
+        info = _checked(info)
         if not version or "@" in version or "/" in version:
             raise InvalidRequest(f"version {version!r} must be a non-empty name without '@' or '/'")
         if name in self._adapters:
@@ -345,6 +356,7 @@ class Registry:
     def add(self, info: AdapterInfo) -> None:
         """Record a new adapter; :class:`AdapterExists` if the id is taken."""
         self._sync()
+        info = _checked(info)
         if info.adapter_id in self._adapters or info.adapter_id in self._aliases:
             raise AdapterExists(info.adapter_id)
         self._check_shared_name(info.adapter_id, info)
@@ -352,6 +364,39 @@ class Registry:
             self.store.insert(info)
         self._adapters[info.adapter_id] = info
         self._changed()
+
+    def set_metadata(self, adapter_id: str, metadata: AdapterMetadata) -> AdapterInfo:
+        """Replace the metadata of the adapter or version ``adapter_id`` (its full id, e.g.
+        ``acme/support@v3``) and return the updated record.
+
+        The metadata is checked first (:func:`~lorapool.registry.metadata.check_metadata`,
+        :class:`InvalidRequest` naming the field) and written in one store transaction:
+        on any error the record is as it was. :class:`AdapterNotFound` for an unknown id;
+        an alias is :class:`InvalidRequest` (its versions each have their own metadata).
+        """
+        self._sync()
+        checked = check_metadata(metadata)
+        if adapter_id not in self._adapters:
+            self._refresh()
+        if adapter_id in self._aliases and adapter_id not in self._adapters:
+            versions = ", ".join(self._aliases[adapter_id].versions)
+            raise InvalidRequest(
+                f"{adapter_id} is an alias; set the metadata of one of its versions "
+                f"({adapter_id}@VERSION; it has {versions})"
+            )
+        info = self._adapters.get(adapter_id)
+        if info is None:
+            raise AdapterNotFound(adapter_id)
+        updated = dataclasses.replace(info, metadata=checked)
+        with self.store.transaction():
+            replace = getattr(self.store, "replace", None)
+            if callable(replace):
+                replace(updated)
+            else:  # a store without replace(): the same change as two writes in one transaction
+                self.store.delete(adapter_id)
+                self.store.insert(updated)
+        self._adapters[adapter_id] = updated
+        return updated
 
     def remove(self, adapter_id: str) -> None:
         """Forget an adapter by its full id (no-op if unknown).

@@ -17,7 +17,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from lorapool.abc import RegistryStore
-from lorapool.errors import AdapterExists, RegistryUnavailable
+from lorapool.errors import AdapterExists, AdapterNotFound, RegistryUnavailable
+from lorapool.registry.metadata import metadata_from_json, metadata_json
 from lorapool.types import AdapterInfo, LoraConfig
 
 __all__ = ["MemoryRegistryStore", "RegistryStore", "SqliteRegistryStore"]
@@ -34,6 +35,13 @@ class MemoryRegistryStore(RegistryStore):
         """Add a record."""
         if info.adapter_id in self._records:
             raise AdapterExists(info.adapter_id)
+        self._records[info.adapter_id] = info
+
+    def replace(self, info: AdapterInfo) -> None:
+        """Put ``info`` in place of the record with its id (its place in the order kept);
+        :class:`AdapterNotFound` if there is none."""
+        if info.adapter_id not in self._records:
+            raise AdapterNotFound(info.adapter_id)
         self._records[info.adapter_id] = info
 
     def delete(self, adapter_id: str) -> None:
@@ -103,7 +111,9 @@ CREATE TABLE IF NOT EXISTS adapters (
     size_bytes INTEGER NOT NULL,
     config     TEXT NOT NULL,
     created_at REAL NOT NULL,
-    norm       REAL
+    norm       REAL,
+    metadata   TEXT,
+    signature  TEXT
 );
 CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
@@ -130,9 +140,16 @@ class SqliteRegistryStore(RegistryStore):
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(adapters)")}
-            if "norm" not in columns:  # a file written before norms were recorded
-                self._db.execute("ALTER TABLE adapters ADD COLUMN norm REAL")
+            self._migrate(self._db)
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Add the columns a file written by an older lorapool lacks (``NULL`` in old rows:
+        no norm, empty metadata, unsigned)."""
+        columns = {row[1] for row in db.execute("PRAGMA table_info(adapters)")}
+        for name, kind in (("norm", "REAL"), ("metadata", "TEXT"), ("signature", "TEXT")):
+            if name not in columns:
+                db.execute(f"ALTER TABLE adapters ADD COLUMN {name} {kind}")
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -179,7 +196,8 @@ class SqliteRegistryStore(RegistryStore):
             with _typed(f"record adapter {info.adapter_id!r}"):
                 self._conn().execute(
                     "INSERT INTO adapters (adapter_id, tenant, shared, source, sha256, size_bytes, "
-                    "config, created_at, norm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "config, created_at, norm, metadata, signature) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         info.adapter_id,
                         info.tenant,
@@ -190,10 +208,36 @@ class SqliteRegistryStore(RegistryStore):
                         info.config.model_dump_json(),
                         time.time(),
                         info.norm,
+                        metadata_json(info.metadata),
+                        info.signature,
                     ),
                 )
         except sqlite3.IntegrityError:
             raise AdapterExists(info.adapter_id) from None
+
+    def replace(self, info: AdapterInfo) -> None:
+        """Write ``info`` over the record with its id (its registration time kept);
+        :class:`AdapterNotFound` if there is none."""
+        with _typed(f"update adapter {info.adapter_id!r}"):
+            cursor = self._conn().execute(
+                "UPDATE adapters SET tenant = ?, shared = ?, source = ?, sha256 = ?, "
+                "size_bytes = ?, config = ?, norm = ?, metadata = ?, signature = ? "
+                "WHERE adapter_id = ?",
+                (
+                    info.tenant,
+                    int(info.shared),
+                    info.source,
+                    info.sha256,
+                    info.size_bytes,
+                    info.config.model_dump_json(),
+                    info.norm,
+                    metadata_json(info.metadata),
+                    info.signature,
+                    info.adapter_id,
+                ),
+            )
+        if cursor.rowcount != 1:
+            raise AdapterNotFound(info.adapter_id)
 
     def delete(self, adapter_id: str) -> None:
         """Remove a record."""
@@ -206,12 +250,14 @@ class SqliteRegistryStore(RegistryStore):
             rows = (
                 self._conn()
                 .execute(
-                    "SELECT adapter_id, tenant, shared, source, sha256, size_bytes, config, norm "
-                    "FROM adapters ORDER BY created_at, rowid"
+                    "SELECT adapter_id, tenant, shared, source, sha256, size_bytes, config, norm, "
+                    "metadata, signature FROM adapters ORDER BY created_at, rowid"
                 )
                 .fetchall()
             )
-        for adapter_id, tenant, shared, source, sha256, size_bytes, config, norm in rows:
+        for row in rows:
+            adapter_id, tenant, shared, source, sha256, size_bytes, config, norm = row[:8]
+            metadata, signature = row[8:]
             yield AdapterInfo(
                 adapter_id=adapter_id,
                 tenant=tenant,
@@ -221,6 +267,8 @@ class SqliteRegistryStore(RegistryStore):
                 size_bytes=size_bytes,
                 config=LoraConfig.model_validate(json.loads(config)),
                 norm=norm,
+                metadata=metadata_from_json(metadata),
+                signature=signature,
             )
 
     def get_setting(self, key: str) -> str | None:
