@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lorapool import tracing
-from lorapool.errors import LoadError
+from lorapool.errors import LoadError, SignatureError
 from lorapool.store.stats import StoreStats
 from lorapool.types import AdapterInfo, LoadedAdapter
 
@@ -92,7 +92,8 @@ class DeviceSlots:
 
         Raises :class:`LoadError` (counted in ``load_failures``) when a tier
         below or the backend fails, or when every slot holds an adapter in
-        use or pinned.
+        use or pinned; :class:`SignatureError` (counted too) when the host tier's
+        verifier refuses the adapter's bytes.
         """
         with tracing.span("lorapool.store.load", tier="device", adapter=info.adapter_id):
             return await self._load(info, speculative)
@@ -115,7 +116,7 @@ class DeviceSlots:
                 if victim is not None:
                     self._device[victim] = _Resident(slot)
                 raise
-        except LoadError:
+        except (LoadError, SignatureError):
             self._stats.load_failures += 1
             raise
         except Exception as exc:

@@ -40,6 +40,7 @@ from lorapool.formats import (
     inspect_adapter_dir,
     sha256_of_files,
 )
+from lorapool.signing import SIGNATURE_FILE
 from lorapool.store.tiers import Tier
 
 __all__ = ["DiskFull", "DiskTier", "FetchFile", "Staged"]
@@ -190,8 +191,9 @@ class DiskTier:
                             label, f"no {CONFIG_FILE} there", hint="check the adapter URI"
                         ) from None
                     raise NotAPeftAdapter(label, f"no {name}") from None
-            with contextlib.suppress(SourceNotFound):  # optional: the declared base model
-                await fetch_file(SIDECAR_FILE, tmp / SIDECAR_FILE)
+            for optional in (SIDECAR_FILE, SIGNATURE_FILE):  # the declared base, the signature
+                with contextlib.suppress(SourceNotFound):
+                    await fetch_file(optional, tmp / optional)
             files = await asyncio.to_thread(inspect_adapter_dir, tmp, label=label)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, tmp, True)

@@ -46,6 +46,7 @@ from lorapool.formats import (
     ValidationLimits,
 )
 from lorapool.retry import RetryPolicy
+from lorapool.signing import SIGNATURE_FILE
 from lorapool.sources import make_source, scheme_of
 from lorapool.sources.archive import ArchiveFiles, is_archive_uri, split_archive_uri
 from lorapool.sources.caps import DEFAULT_LIMIT, FetchLimit, limit_fetch
@@ -234,7 +235,7 @@ class _CappedFiles:
     def _limit(self, name: str) -> FetchLimit:
         left = FetchLimit(self._total.max_bytes - self._used, self._total.cap)
         config_cap = ValidationLimits.max_config_bytes
-        if name in (CONFIG_FILE, SIDECAR_FILE) and config_cap < left.max_bytes:
+        if name in (CONFIG_FILE, SIDECAR_FILE, SIGNATURE_FILE) and config_cap < left.max_bytes:
             return FetchLimit(
                 config_cap,
                 f"the cap on {name} (ValidationLimits.max_config_bytes, {config_cap} bytes)",

@@ -8,7 +8,8 @@ the wrong size), rotted after it was verified: it is dropped and fetched again
 from the source, once. The files' sizes are checked against the registered size
 before anything is read, so a file that grew is never read into memory. When
 the tier cannot make room without evicting an adapter in use or pinned, the
-adapter is served without being kept.
+adapter is served without being kept. Every read's files go through the tier's
+:data:`Verifier` when it has one (the pool's signature check) before they are used.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,14 @@ from lorapool.types import AdapterInfo, LoadedAdapter
 if TYPE_CHECKING:
     from lorapool.abc import Backend, EvictionPolicy
 
-__all__ = ["HostTier"]
+__all__ = ["HostTier", "Verifier"]
+
+Verifier = Callable[[AdapterInfo, Mapping[str, bytes]], Awaitable[None]]
+"""Checks the files read to fill the host tier (``{name: bytes}``, the config and the
+weights) before they are used, and raises to refuse them; the pool's checks the adapter's
+signature (:mod:`lorapool.signing`). Called on every read, also with the bytes of a copy
+that failed the store's own sha256 check, so the verifier can name the mismatch before
+the store refuses it as a :class:`LoadError`."""
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,8 @@ class HostTier:
         self._local_dir = local_dir
         self._protected = protected
         self._backend: Backend | None = None
+        self.verify: Verifier | None = None
+        """Checks every read's files before they are used (see :data:`Verifier`)."""
 
     def bind(self, backend: Backend) -> None:
         """Attach to the backend that prepares what the tier holds."""
@@ -112,37 +122,58 @@ class HostTier:
         key = info.adapter_id
         path = await self._local_dir(info, speculative)
         try:
-            return await asyncio.to_thread(_read_verified, info, path)
+            return await self._read_checked(info, path)
         except _BadCopy as exc:
             if exc.integrity:
                 self._stats.integrity_failures += 1
             if not self._disk.holds(path):
                 log.error("adapter %s refused: %s", key, exc)
+                await self._verify_bad(info, exc)
                 raise LoadError(key, "host", str(exc)) from None
             log.error("disk copy of %s is unusable (%s); dropped, fetching it again", key, exc)
         await self._disk.delete(info.sha256)
         path = await self._local_dir(info, speculative)
         try:
-            return await asyncio.to_thread(_read_verified, info, path)
+            return await self._read_checked(info, path)
         except _BadCopy as again:
             if again.integrity:
                 self._stats.integrity_failures += 1
+            await self._verify_bad(info, again)
             raise LoadError(key, "disk", str(again)) from None
+
+    async def _read_checked(self, info: AdapterInfo, path: Path) -> LoadedAdapter:
+        """The files of ``path`` checked against the registered content, then by
+        :attr:`verify`."""
+        files = await asyncio.to_thread(_read_verified, info, path)
+        if self.verify is not None:
+            await self.verify(info, files)
+        return LoadedAdapter(info.adapter_id, info.config, files[WEIGHTS_FILE], info.sha256)
+
+    async def _verify_bad(self, info: AdapterInfo, bad: _BadCopy) -> None:
+        """Let :attr:`verify` name what is wrong with files that failed the sha256 check
+        (it raises for a signed adapter); the store refuses them anyway after."""
+        if self.verify is not None and bad.files is not None:
+            await self.verify(info, bad.files)
 
 
 class _BadCopy(Exception):
     """The files cannot be used: unreadable, or (``integrity``) not the registered content."""
 
-    def __init__(self, message: str, *, integrity: bool) -> None:
+    def __init__(
+        self, message: str, *, integrity: bool, files: dict[str, bytes] | None = None
+    ) -> None:
         super().__init__(message)
         self.integrity = integrity
+        self.files = files
+        """The files as read (at most the registered size each) when they were readable."""
 
 
-def _read_verified(info: AdapterInfo, path: Path) -> LoadedAdapter:
+def _read_verified(info: AdapterInfo, path: Path) -> dict[str, bytes]:
     """Read an adapter's files and check the registered size, then sha256.
 
     The sizes are checked before a byte is read; each file is read to at most
-    its expected size plus one byte.
+    its expected size plus one byte (a copy of the wrong size, to at most the
+    registered size plus one, for :attr:`HostTier.verify` to name the mismatch).
     """
     try:
         sizes = [(path / name).stat().st_size for name in (CONFIG_FILE, WEIGHTS_FILE)]
@@ -152,18 +183,25 @@ def _read_verified(info: AdapterInfo, path: Path) -> LoadedAdapter:
                 f"({sum(sizes)} bytes, {info.size_bytes} registered); "
                 "register the new content as a new adapter",
                 integrity=True,
+                files={
+                    name: _read_at_most(path / name, min(size, info.size_bytes))
+                    for name, size in zip((CONFIG_FILE, WEIGHTS_FILE), sizes, strict=True)
+                },
             )
-        config_raw = _read_at_most(path / CONFIG_FILE, sizes[0])
-        weights = _read_at_most(path / WEIGHTS_FILE, sizes[1])
+        files = {
+            CONFIG_FILE: _read_at_most(path / CONFIG_FILE, sizes[0]),
+            WEIGHTS_FILE: _read_at_most(path / WEIGHTS_FILE, sizes[1]),
+        }
     except OSError as exc:
         raise _BadCopy(f"cannot read {path}: {exc}", integrity=False) from exc
-    if adapter_digest({CONFIG_FILE: config_raw, WEIGHTS_FILE: weights}) != info.sha256:
+    if adapter_digest(files) != info.sha256:
         raise _BadCopy(
             f"sha256 mismatch for {path}: the files changed since registration; "
             "register the new content as a new adapter",
             integrity=True,
+            files=files,
         )
-    return LoadedAdapter(info.adapter_id, info.config, weights, info.sha256)
+    return files
 
 
 def _read_at_most(path: Path, size: int) -> bytes:

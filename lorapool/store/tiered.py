@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 from lorapool import tracing
 from lorapool.abc import Source
-from lorapool.errors import LoadError, LorapoolError, PinLimitExceeded
+from lorapool.errors import LoadError, LorapoolError, PinLimitExceeded, SignatureError
 from lorapool.retry import RetryPolicy, resolve_retry
 from lorapool.store.device import DeviceSlots
 from lorapool.store.disk import DiskTier, Staged
 from lorapool.store.fetch import Fetcher
-from lorapool.store.host import HostTier
+from lorapool.store.host import HostTier, Verifier
 from lorapool.store.ladder import Rung
 from lorapool.store.prefetch import Prefetcher
 from lorapool.store.references import References
@@ -159,6 +159,12 @@ class TieredStore:
         self._device.bind(backend)
         self._host.bind(backend)
         self._disk.open()
+
+    def verify_with(self, verifier: Verifier | None) -> None:
+        """Check the files of every read that fills host RAM with ``verifier`` before they
+        are used (it raises to refuse them; the pool's checks signatures). ``None``: no
+        check beyond the registered sha256."""
+        self._host.verify = verifier
 
     async def aclose(self) -> None:
         """Stop prefetches, close the sources, drop a temporary disk tier. Idempotent."""
@@ -429,7 +435,7 @@ class TieredStore:
                     return "host" if key in self._host.tier else "disk"
                 await self._local_dir(info, speculative=True)
                 return "disk"
-            except LoadError as exc:
+            except (LoadError, SignatureError) as exc:
                 log.info("prefetch of %s failed: %s", key, exc)
                 return None
 
