@@ -29,9 +29,23 @@ from lorapool.registry.metadata import check_metadata
 from lorapool.request import Ledger, Lifecycle, PoolStats, TenantUsage, estimate_tokens
 from lorapool.scheduler import Scheduler
 from lorapool.scheduler.fcfs import FCFSScheduler
+from lorapool.signing import (
+    Keyring,
+    Policy,
+    SignedManifest,
+    SigningPolicy,
+    verify_directory,
+    verify_files,
+)
 from lorapool.store import TieredStore
 
-from .errors import AdapterExists, InvalidRequest, PoolClosed, UnsupportedParameter
+from .errors import (
+    AdapterExists,
+    InvalidRequest,
+    PoolClosed,
+    SignatureError,
+    UnsupportedParameter,
+)
 from .formats import BaseModelSpec
 from .sampling import refuse_unsupported
 from .tools import Tool, ToolChoice, ToolPrompt, ToolRequest, tool_chunks, tool_request
@@ -78,6 +92,15 @@ class AdapterPool:
     ``disk_dir`` (next to the adapter copies it names), and in memory when
     the store has no ``disk_dir`` of its own. The pool closes a registry it
     opened.
+
+    ``keyring`` (:class:`~lorapool.signing.Keyring`) turns on signed adapters: an adapter
+    directory's ``lorapool-signature.json`` is verified at registration and the manifest is
+    checked again against the bytes every time the store reads them to fill host RAM,
+    under the keyring as it is then (a key revoked since refuses the next load).
+    ``signing`` is whose adapters must be signed (:class:`~lorapool.signing.SigningPolicy`,
+    ``{tenant: "required"}``, or one policy for all; default ``optional`` for everyone: an
+    unsigned adapter is accepted, a present but bad signature never is). Without a
+    keyring signatures are not checked, and a ``required`` policy is a ``ValueError``.
     """
 
     def __init__(
@@ -87,6 +110,8 @@ class AdapterPool:
         store: TieredStore | None = None,
         scheduler: Scheduler | None = None,
         registry: Registry | str | Path | None = None,
+        keyring: Keyring | None = None,
+        signing: SigningPolicy | Mapping[str, Policy] | Policy | None = None,
     ) -> None:
         self.backend = backend
         self.store = store if store is not None else TieredStore()
@@ -103,6 +128,16 @@ class AdapterPool:
         self.audit: AuditLog = AuditLog()
         """The audit log (:mod:`lorapool.registry.audit`): promotions, rollbacks,
         deletions, refused signatures and accesses."""
+        self.keyring = keyring
+        """The keys adapters may be signed with (``None``: signatures are not checked)."""
+        self.signing = SigningPolicy.of(signing)
+        """Whose adapters must be signed; change it with ``pool.signing.set(tenant, ...)``."""
+        if keyring is None and (
+            self.signing.default == "required" or "required" in self.signing.tenants.values()
+        ):
+            raise ValueError("a signing policy that requires signatures needs a keyring")
+        if keyring is not None:
+            self.store.verify_with(self._verify_read)
         self._ledger = Ledger()
         self.stats: PoolStats = self._ledger.stats
         self._lifecycle = Lifecycle(self.backend, self.store, self.scheduler, self._ledger)
@@ -226,6 +261,9 @@ class AdapterPool:
             raise AdapterExists(adapter_id)
         staged = await self.store.stage(source)
         try:
+            signed = await self._verify_staged(
+                staged.files.path, staged.files.sha256, adapter_id, tenant
+            )
             report = await asyncio.to_thread(
                 validate_adapter,
                 staged.files.path,
@@ -246,6 +284,12 @@ class AdapterPool:
                 norm=report.norm,
                 metadata=checked,
             )
+            if signed is not None:  # the verified manifest and its signer, kept
+                info = dataclasses.replace(
+                    info,
+                    signature=signed.text(),
+                    metadata=dataclasses.replace(info.metadata, signer=signed.key_id),
+                )
             if version is None:
                 self.registry.add(info)
                 pruned: list[str] = []
@@ -327,6 +371,63 @@ class AdapterPool:
         return [self.registry.resolve(v, None) for v in self.registry.version_ids(alias.name)]
 
     # -- lifecycle: signatures (issue 29) ----------------------------------------------
+
+    async def _verify_staged(
+        self, path: Path, sha256: str, adapter_id: str, tenant: str
+    ) -> SignedManifest | None:
+        """Verify a staged adapter's signature (registration); the verified manifest, or
+        ``None`` when unsigned (and allowed) or when the pool has no keyring.
+
+        A refusal is recorded in the audit log and raised as :class:`SignatureError`."""
+        if self.keyring is None:
+            return None
+        try:
+            signed = await asyncio.to_thread(
+                verify_directory,
+                path,
+                self.keyring,
+                tenant=tenant,
+                adapter=adapter_id,
+                policy=self.signing.for_tenant(tenant),
+                adapter_sha256=sha256,
+            )
+        except SignatureError as exc:
+            self._signature_refused(exc, tenant, "register")
+            raise
+        return signed
+
+    async def _verify_read(self, info: AdapterInfo, files: Mapping[str, bytes]) -> None:
+        """The store's verifier: check the bytes read to fill host RAM against the adapter's
+        stored manifest, under the keyring and the tenant's policy as they are now."""
+        keyring = self.keyring
+        if keyring is None:
+            return
+        try:
+            await asyncio.to_thread(
+                verify_files,
+                info.signature,
+                files,
+                keyring,
+                tenant=info.tenant,
+                adapter=info.adapter_id,
+                policy=self.signing.for_tenant(info.tenant),
+                adapter_sha256=info.sha256,
+            )
+        except SignatureError as exc:
+            self._signature_refused(exc, info.tenant, "load")
+            raise
+
+    def _signature_refused(self, exc: SignatureError, tenant: str, when: str) -> None:
+        """Log and audit a refused signature (nothing else changes)."""
+        log.warning("%s (at %s)", exc, when)
+        self.audit.record(
+            "signature_refused",
+            tenant=tenant,
+            adapter=exc.adapter,
+            reason=exc.reason,
+            detail=exc.detail,
+            at=when,
+        )
 
     # -- lifecycle: eval-gated promotion and the canary watch (issue 29) ---------------
 
