@@ -246,8 +246,9 @@ class Keyring:
         if revoked:
             raise SignatureError(adapter, "revoked_key", f"key {key_id!r} is revoked")
         if entry is None or entry.tenant not in (None, tenant):
+            whose = f" for tenant {tenant!r}" if tenant else ""
             raise SignatureError(
-                adapter, "unknown_key", f"no key {key_id!r} may sign {tenant!r}'s adapters"
+                adapter, "unknown_key", f"the keyring holds no key {key_id!r}{whose}"
             )
         return entry.public_key
 
