@@ -30,6 +30,7 @@ from lorapool.request import Ledger, Lifecycle, PoolStats, TenantUsage, estimate
 from lorapool.scheduler import Scheduler
 from lorapool.scheduler.fcfs import FCFSScheduler
 from lorapool.signing import (
+    SIGNATURE_FILE,
     Keyring,
     Policy,
     SignedManifest,
@@ -137,7 +138,7 @@ class AdapterPool:
         ):
             raise ValueError("a signing policy that requires signatures needs a keyring")
         if keyring is not None:
-            self.store.verify_with(self._verify_read)
+            self.store.verify_with(self._verify_read, files=(SIGNATURE_FILE,))
         self._ledger = Ledger()
         self.stats: PoolStats = self._ledger.stats
         self._lifecycle = Lifecycle(self.backend, self.store, self.scheduler, self._ledger)

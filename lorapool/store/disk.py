@@ -40,7 +40,6 @@ from lorapool.formats import (
     inspect_adapter_dir,
     sha256_of_files,
 )
-from lorapool.signing import SIGNATURE_FILE
 from lorapool.store.tiers import Tier
 
 __all__ = ["DiskFull", "DiskTier", "FetchFile", "Staged"]
@@ -170,13 +169,21 @@ class DiskTier:
     # -- filling ---------------------------------------------------------------------
 
     async def stage(
-        self, uri: str, fetch_file: FetchFile, *, label: str | None = None, keep: bool = True
+        self,
+        uri: str,
+        fetch_file: FetchFile,
+        *,
+        label: str | None = None,
+        keep: bool = True,
+        optional: tuple[str, ...] = (),
     ) -> Staged:
         """Copy a new adapter's files into a private staging directory and inspect them.
 
         ``uri`` becomes :attr:`Staged.source`; ``label`` names the adapter in
         errors (default ``uri``). With ``keep``, :meth:`Staged.commit` moves the
         copy into the tier; without (an adapter read in place later), it deletes it.
+        ``optional`` names files fetched with the sidecar when the source has them
+        (the signature file, when the store verifies signatures).
         """
         label = uri if label is None else label
         tmp = self._tmp / f"stage-{uuid.uuid4().hex}"
@@ -191,9 +198,9 @@ class DiskTier:
                             label, f"no {CONFIG_FILE} there", hint="check the adapter URI"
                         ) from None
                     raise NotAPeftAdapter(label, f"no {name}") from None
-            for optional in (SIDECAR_FILE, SIGNATURE_FILE):  # the declared base, the signature
+            for name in (SIDECAR_FILE, *optional):  # the declared base, the signature
                 with contextlib.suppress(SourceNotFound):
-                    await fetch_file(optional, tmp / optional)
+                    await fetch_file(name, tmp / name)
             files = await asyncio.to_thread(inspect_adapter_dir, tmp, label=label)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, tmp, True)

@@ -46,7 +46,6 @@ from lorapool.formats import (
     ValidationLimits,
 )
 from lorapool.retry import RetryPolicy
-from lorapool.signing import SIGNATURE_FILE
 from lorapool.sources import make_source, scheme_of
 from lorapool.sources.archive import ArchiveFiles, is_archive_uri, split_archive_uri
 from lorapool.sources.caps import DEFAULT_LIMIT, FetchLimit, limit_fetch
@@ -87,6 +86,9 @@ class Fetcher:
         self._disk = disk
         self._stats = stats
         self._protected_sha = protected_sha
+        self.extra_files: tuple[str, ...] = ()
+        """Optional files staged with a new adapter when its source has them, each capped
+        like ``adapter_config.json`` (the signature file, when the store verifies them)."""
 
     async def aclose(self) -> None:
         """Close every source (they reopen on next use)."""
@@ -131,12 +133,22 @@ class Fetcher:
             async def copy(name: str, dest: Path) -> int:
                 return await copy_adapter_file(local, name, dest, follow_symlinks=False)
 
-            fetch = _CappedFiles(copy, self.adapter_limit(False), str(local))
-            return await self._disk.stage(str(local.resolve()), fetch, label=str(local), keep=False)
+            fetch = _CappedFiles(copy, self.adapter_limit(False), str(local), self.extra_files)
+            return await self._disk.stage(
+                str(local.resolve()),
+                fetch,
+                label=str(local),
+                keep=False,
+                optional=self.extra_files,
+            )
         limit = self.adapter_limit(True)
         fetch_file, archive = self._file_fetcher(uri, limit)
         try:
-            return await self._disk.stage(uri, _CappedFiles(fetch_file, limit, uri))
+            return await self._disk.stage(
+                uri,
+                _CappedFiles(fetch_file, limit, uri, self.extra_files),
+                optional=self.extra_files,
+            )
         finally:
             if archive is not None:
                 await archive.cleanup()
@@ -219,14 +231,17 @@ def _transient(exc: BaseException) -> bool:
 class _CappedFiles:
     """One adapter's files fetched under its caps, each checked again once written.
 
-    ``adapter_config.json`` and the sidecar are each capped at
+    ``adapter_config.json``, the sidecar and the ``small`` files are each capped at
     ``ValidationLimits.max_config_bytes``; config and weights together at
     ``total``. The fetch runs under :func:`~lorapool.sources.caps.limit_fetch`
     so a source stops reading at the cap; a file found over it afterwards
     (a source that ignores the cap) is deleted and refused all the same.
     """
 
-    def __init__(self, fetch: FetchFile, total: FetchLimit, label: str) -> None:
+    def __init__(
+        self, fetch: FetchFile, total: FetchLimit, label: str, small: tuple[str, ...] = ()
+    ) -> None:
+        self._small = (CONFIG_FILE, SIDECAR_FILE, *small)
         self._fetch = fetch
         self._total = total
         self._label = label.rstrip("/")
@@ -235,7 +250,7 @@ class _CappedFiles:
     def _limit(self, name: str) -> FetchLimit:
         left = FetchLimit(self._total.max_bytes - self._used, self._total.cap)
         config_cap = ValidationLimits.max_config_bytes
-        if name in (CONFIG_FILE, SIDECAR_FILE, SIGNATURE_FILE) and config_cap < left.max_bytes:
+        if name in self._small and config_cap < left.max_bytes:
             return FetchLimit(
                 config_cap,
                 f"the cap on {name} (ValidationLimits.max_config_bytes, {config_cap} bytes)",

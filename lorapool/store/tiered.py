@@ -160,11 +160,13 @@ class TieredStore:
         self._host.bind(backend)
         self._disk.open()
 
-    def verify_with(self, verifier: Verifier | None) -> None:
+    def verify_with(self, verifier: Verifier | None, *, files: Sequence[str] = ()) -> None:
         """Check the files of every read that fills host RAM with ``verifier`` before they
         are used (it raises to refuse them; the pool's checks signatures). ``None``: no
-        check beyond the registered sha256."""
+        check beyond the registered sha256. ``files``: optional small files to stage with
+        every new adapter, for the registration's own check (the signature file)."""
         self._host.verify = verifier
+        self._fetcher.extra_files = tuple(files)
 
     async def aclose(self) -> None:
         """Stop prefetches, close the sources, drop a temporary disk tier. Idempotent."""
