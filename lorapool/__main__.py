@@ -282,6 +282,94 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_audit(commands: Any) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="read or verify the audit log of a registry file",
+        description=(
+            "The audit log kept in a registry's SQLite file (registrations, promotions, "
+            "rollbacks, deletions, refused signatures and accesses)."
+        ),
+    )
+    actions = audit.add_subparsers(dest="audit_command", required=True)
+    listing = actions.add_parser(
+        "list",
+        help="print the entries, oldest first",
+        description="Print the audit entries, oldest first. Exit status: 0, or 2 on error.",
+    )
+    check = actions.add_parser(
+        "verify",
+        help="check the hash chain",
+        description=(
+            "Check every entry's hash and its link to the entry before. Exit status: 0 the "
+            "chain holds (prints the count and the last hash), 1 an entry fails (named), "
+            "2 error."
+        ),
+    )
+    for sub in (listing, check):
+        sub.add_argument("--registry", metavar="PATH", required=True, help="registry SQLite file")
+    listing.add_argument("--tenant", help="only entries about this tenant")
+    listing.add_argument("--adapter", help="only entries about this adapter id")
+    listing.add_argument("--action", help="only this action (register, rollback, ...)")
+    listing.add_argument("--after", type=int, default=0, metavar="SEQ", help="only after SEQ")
+    listing.add_argument("--limit", type=int, metavar="N", help="at most N entries")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from .errors import AuditChainBroken, LorapoolError
+    from .registry.audit import AuditLog
+    from .registry.stores import SqliteRegistryStore
+
+    where = f"lorapool audit {args.audit_command}"
+    if not Path(args.registry).is_file():
+        print(f"{where}: error: no registry file at {args.registry}", file=sys.stderr)
+        return 2
+    try:
+        store = SqliteRegistryStore(args.registry)
+    except LorapoolError as exc:
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        log = AuditLog(store)
+        if args.audit_command == "verify":
+            try:
+                count = log.verify()
+            except AuditChainBroken as exc:
+                print(f"BROKEN at entry {exc.seq}: {exc.detail}")
+                return 1
+            seq, digest = log.head()
+            print(f"OK {count} entries; last entry {seq}, hash {digest}")
+            return 0
+        entries = log.entries(
+            tenant=args.tenant,
+            adapter=args.adapter,
+            action=args.action,
+            after=args.after,
+            limit=args.limit,
+        )
+        for e in entries:
+            if args.json:
+                print(json.dumps(e.as_dict(), sort_keys=True))
+                continue
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.at))
+            detail = json.dumps(dict(e.detail), sort_keys=True)
+            print(
+                f"{e.seq:>6} {when} {e.action:<18} tenant={e.tenant or '-'} "
+                f"adapter={e.adapter or '-'} actor={e.actor or '-'} {detail}"
+            )
+        return 0
+    except (LorapoolError, ValueError) as exc:  # ValueError: a row edited into bad JSON
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: ``lorapool bench|validate|stamp|keygen|sign|verify|serve ...``."""
     parser = argparse.ArgumentParser(prog="lorapool", description="lorapool command line")
@@ -292,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     benchmarks.add_scenarios(bench)
     _add_validate(commands)
     _add_stamp(commands)
+    _add_audit(commands)
     _add_signing(commands)
     _add_serve(commands)
     args = parser.parse_args(argv)
@@ -304,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _validate(args)
     if args.command == "stamp":
         return _stamp(args)
+    if args.command == "audit":
+        return _audit(args)
     if args.command in ("keygen", "sign", "verify"):
         return {"keygen": _keygen, "sign": _sign, "verify": _verify}[args.command](args)
     parser.error("unknown command")

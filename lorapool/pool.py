@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,28 +25,24 @@ from typing import Any
 from lorapool import tracing
 from lorapool.abc import Backend, TierName, conform
 from lorapool.access import SourceRules
+from lorapool.lifecycle.canary import Canary, CanaryPolicy, CanaryWatch, Verdict
+from lorapool.lifecycle.gate import EvalCase, Gate, Progress
+from lorapool.lifecycle.promotion import Promotion, baseline_of, promotion_split
 from lorapool.registry import Registry, check_adapter_id, check_tenant, qualify
 from lorapool.registry.audit import AuditLog
 from lorapool.registry.metadata import check_metadata
 from lorapool.request import Ledger, Lifecycle, PoolStats, TenantUsage, estimate_tokens
 from lorapool.scheduler import Scheduler
 from lorapool.scheduler.fcfs import FCFSScheduler
-from lorapool.signing import (
-    SIGNATURE_FILE,
-    Keyring,
-    Policy,
-    SignedManifest,
-    SigningPolicy,
-    verify_directory,
-    verify_files,
-)
 from lorapool.store import TieredStore
 
 from .errors import (
     AdapterExists,
+    AdapterNotFound,
     InvalidRequest,
+    LorapoolError,
     PoolClosed,
-    SignatureError,
+    PromotionRefused,
     UnsupportedParameter,
 )
 from .formats import BaseModelSpec
@@ -93,15 +91,6 @@ class AdapterPool:
     ``disk_dir`` (next to the adapter copies it names), and in memory when
     the store has no ``disk_dir`` of its own. The pool closes a registry it
     opened.
-
-    ``keyring`` (:class:`~lorapool.signing.Keyring`) turns on signed adapters: an adapter
-    directory's ``lorapool-signature.json`` is verified at registration and the manifest is
-    checked again against the bytes every time the store reads them to fill host RAM,
-    under the keyring as it is then (a key revoked since refuses the next load).
-    ``signing`` is whose adapters must be signed (:class:`~lorapool.signing.SigningPolicy`,
-    ``{tenant: "required"}``, or one policy for all; default ``optional`` for everyone: an
-    unsigned adapter is accepted, a present but bad signature never is). Without a
-    keyring signatures are not checked, and a ``required`` policy is a ``ValueError``.
     """
 
     def __init__(
@@ -111,8 +100,6 @@ class AdapterPool:
         store: TieredStore | None = None,
         scheduler: Scheduler | None = None,
         registry: Registry | str | Path | None = None,
-        keyring: Keyring | None = None,
-        signing: SigningPolicy | Mapping[str, Policy] | Policy | None = None,
     ) -> None:
         self.backend = backend
         self.store = store if store is not None else TieredStore()
@@ -129,18 +116,12 @@ class AdapterPool:
         self.audit: AuditLog = AuditLog()
         """The audit log (:mod:`lorapool.registry.audit`): promotions, rollbacks,
         deletions, refused signatures and accesses."""
-        self.keyring = keyring
-        """The keys adapters may be signed with (``None``: signatures are not checked)."""
-        self.signing = SigningPolicy.of(signing)
-        """Whose adapters must be signed; change it with ``pool.signing.set(tenant, ...)``."""
-        if keyring is None and (
-            self.signing.default == "required" or "required" in self.signing.tenants.values()
-        ):
-            raise ValueError("a signing policy that requires signatures needs a keyring")
-        if keyring is not None:
-            self.store.verify_with(self._verify_read, files=(SIGNATURE_FILE,))
         self._ledger = Ledger()
         self.stats: PoolStats = self._ledger.stats
+        self.canary = CanaryWatch(self._canary_verdict)
+        """The canary watch (:mod:`lorapool.lifecycle.canary`): versions :meth:`promote`
+        put in canary, judged on their finished requests and :meth:`feedback`."""
+        self._ledger.observers.append(self.canary.observe)
         self._lifecycle = Lifecycle(self.backend, self.store, self.scheduler, self._ledger)
         self._base_spec: BaseModelSpec | None = None
         self._started = False
@@ -262,9 +243,6 @@ class AdapterPool:
             raise AdapterExists(adapter_id)
         staged = await self.store.stage(source)
         try:
-            signed = await self._verify_staged(
-                staged.files.path, staged.files.sha256, adapter_id, tenant
-            )
             report = await asyncio.to_thread(
                 validate_adapter,
                 staged.files.path,
@@ -285,12 +263,6 @@ class AdapterPool:
                 norm=report.norm,
                 metadata=checked,
             )
-            if signed is not None:  # the verified manifest and its signer, kept
-                info = dataclasses.replace(
-                    info,
-                    signature=signed.text(),
-                    metadata=dataclasses.replace(info.metadata, signer=signed.key_id),
-                )
             if version is None:
                 self.registry.add(info)
                 pruned: list[str] = []
@@ -373,64 +345,192 @@ class AdapterPool:
 
     # -- lifecycle: signatures (issue 29) ----------------------------------------------
 
-    async def _verify_staged(
-        self, path: Path, sha256: str, adapter_id: str, tenant: str
-    ) -> SignedManifest | None:
-        """Verify a staged adapter's signature (registration); the verified manifest, or
-        ``None`` when unsigned (and allowed) or when the pool has no keyring.
-
-        A refusal is recorded in the audit log and raised as :class:`SignatureError`."""
-        if self.keyring is None:
-            return None
-        try:
-            signed = await asyncio.to_thread(
-                verify_directory,
-                path,
-                self.keyring,
-                tenant=tenant,
-                adapter=adapter_id,
-                policy=self.signing.for_tenant(tenant),
-                adapter_sha256=sha256,
-            )
-        except SignatureError as exc:
-            self._signature_refused(exc, tenant, "register")
-            raise
-        return signed
-
-    async def _verify_read(self, info: AdapterInfo, files: Mapping[str, bytes]) -> None:
-        """The store's verifier: check the bytes read to fill host RAM against the adapter's
-        stored manifest, under the keyring and the tenant's policy as they are now."""
-        keyring = self.keyring
-        if keyring is None:
-            return
-        try:
-            await asyncio.to_thread(
-                verify_files,
-                info.signature,
-                files,
-                keyring,
-                tenant=info.tenant,
-                adapter=info.adapter_id,
-                policy=self.signing.for_tenant(info.tenant),
-                adapter_sha256=info.sha256,
-            )
-        except SignatureError as exc:
-            self._signature_refused(exc, info.tenant, "load")
-            raise
-
-    def _signature_refused(self, exc: SignatureError, tenant: str, when: str) -> None:
-        """Log and audit a refused signature (nothing else changes)."""
-        log.warning("%s (at %s)", exc, when)
-        self.audit.record(
-            "signature_refused",
-            tenant=tenant,
-            adapter=exc.adapter,
-            reason=exc.reason,
-            detail=exc.detail,
-            at=when,
-        )
-
     # -- lifecycle: eval-gated promotion and the canary watch (issue 29) ---------------
+
+    async def promote(
+        self,
+        name: str,
+        version: str,
+        *,
+        tenant: str,
+        gate: Gate | None = None,
+        canary: float | None = None,
+        canary_policy: CanaryPolicy | None = None,
+        on_progress: Progress | None = None,
+        actor: str | None = None,
+    ) -> Promotion:
+        """Move the alias ``name`` to its version ``version``, once it passes ``gate``.
+
+        The gate (:class:`~lorapool.lifecycle.Gate`) runs its cases through this pool
+        with the candidate and the baseline (the version the alias serves now),
+        interleaved, so their requests share the engine's batches; ``on_progress(done,
+        total)`` follows it. When a scorer regresses past the gate's threshold the
+        promotion is refused with :class:`~lorapool.errors.PromotionRefused` carrying the
+        :class:`~lorapool.lifecycle.GateReport`, the alias is left as it was and the audit
+        log records ``promotion_refused``. Otherwise the alias sends all its traffic to
+        the version, or ``canary`` percent of it (the rest to the baseline), watched by
+        :attr:`canary` under ``canary_policy`` (rolled back by itself when it misbehaves);
+        the version's metadata gets the gate's scores, the baseline version, the gate's
+        identity and ``promoted_at``, and the audit log records ``promote``.
+
+        ``tenant`` must own the alias (a shared alias of another tenant:
+        :class:`~lorapool.errors.AccessDenied`); ``actor`` is written to the audit entry.
+        """
+        await self.start()
+        check_tenant(tenant)
+        key = self.registry.owned_id(name, tenant)
+        alias = self.registry.alias(key, None)
+        if version not in alias.versions:
+            raise AdapterNotFound(f"{name}@{version}")
+        if canary_policy is not None and canary is None:
+            raise InvalidRequest("canary_policy needs canary (the candidate's share in percent)")
+        traffic = dict(alias.traffic)
+        candidate = alias.version_id(version)
+        base_version = baseline_of(traffic, version)
+        baseline = None if base_version is None else alias.version_id(base_version)
+        split = promotion_split(base_version, version, canary)
+        if traffic == split:
+            raise InvalidRequest(f"{key} already sends this traffic to {candidate}: {split}")
+        report = None
+        if gate is not None:
+            if baseline is None:
+                raise InvalidRequest(
+                    f"{key} serves no other version to compare {candidate} with; promote "
+                    "without a gate"
+                )
+
+            async def generate(case: EvalCase, adapter: str) -> Completion:
+                return await self.complete(
+                    case.prompt,
+                    adapter=adapter,
+                    tenant=tenant,
+                    params=case.params,
+                    tools=case.tools,
+                    tool_choice=case.tool_choice,
+                )
+
+            report = await gate.run(
+                generate, candidate=candidate, baseline=baseline, on_progress=on_progress
+            )
+            if not report.passed:
+                self.audit.record(
+                    "promotion_refused",
+                    tenant=tenant,
+                    adapter=candidate,
+                    actor=actor,
+                    alias=key,
+                    baseline=baseline,
+                    gate=report.identity,
+                    reason=report.reason,
+                    scores=report.to_dict()["scores"],
+                )
+                log.warning("promotion of %s refused: %s", candidate, report.reason)
+                raise PromotionRefused(candidate, report.reason, report)
+            if dict(self.registry.alias(key, None).traffic) != traffic:
+                raise InvalidRequest(
+                    f"{key}'s traffic changed while the gate ran; nothing was promoted"
+                )
+        self.registry.set_traffic(key, split, None)
+        promoted_at = time.time()
+        try:
+            self._record_promotion(candidate, base_version, report, promoted_at)
+        except BaseException:
+            self.registry.rollback(key, None)  # the split before, as it was
+            raise
+        if canary is None:
+            self.canary.stop(key)
+        else:
+            assert baseline is not None  # promotion_split refused a canary without one
+            self.canary.watch(
+                key,
+                tenant=alias.tenant,
+                stable=baseline,
+                candidate=candidate,
+                policy=canary_policy if canary_policy is not None else CanaryPolicy(),
+            )
+        self.audit.record(
+            "promote",
+            tenant=tenant,
+            adapter=candidate,
+            actor=actor,
+            alias=key,
+            baseline=baseline,
+            traffic=split,
+            canary=canary,
+            automatic=False,
+            gate=None if report is None else report.identity,
+            scores=None if report is None else report.to_dict()["scores"],
+        )
+        log.info("promoted %s (%s; baseline %s)", candidate, split, baseline)
+        return Promotion(candidate, baseline, split, canary, report, promoted_at)
+
+    def _record_promotion(
+        self, candidate: str, baseline: str | None, report: Any, promoted_at: float
+    ) -> None:
+        """Write the promotion into the version's metadata (scores, baseline, gate, time)."""
+        info = self.registry.resolve(candidate, None)
+        changes: dict[str, Any] = {"promoted_at": promoted_at, "baseline_version": baseline}
+        if report is not None:
+            changes["eval_scores"] = report.candidate_scores
+            changes["gate"] = report.identity
+        self.registry.set_metadata(candidate, dataclasses.replace(info.metadata, **changes))
+
+    def feedback(self, request_id: str, score: float, *, tenant: str | None = None) -> bool:
+        """A quality score for a finished request (higher is better; e.g. 0 to 1).
+
+        The canary watch compares a canary's mean score with its stable version's. Returns
+        whether the score was counted: ``False`` when the request is not a recent request
+        of a watched canary (or, with ``tenant``, not that tenant's).
+        """
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            raise InvalidRequest(f"feedback score must be a number, not {score!r}")
+        if not math.isfinite(score):
+            raise InvalidRequest("feedback score must be finite")
+        return self.canary.feedback(request_id, float(score), tenant=tenant)
+
+    def _canary_verdict(self, canary: Canary, verdict: Verdict) -> bool:
+        """Carry out the canary watch's verdict: the alias's traffic all to the stable
+        version (rollback) or to the candidate (promotion after a clean window); audit
+        and log it. ``False`` when the alias is no longer in that canary."""
+        stable = canary.stable.rpartition("@")[2]
+        candidate = canary.candidate.rpartition("@")[2]
+        try:
+            traffic = self.registry.alias(canary.alias, None).traffic
+        except LorapoolError:
+            return False  # the alias is gone
+        if traffic.get(stable, 0) <= 0 or traffic.get(candidate, 0) <= 0:
+            return False  # someone moved the traffic since
+        rollback = verdict.action == "rollback"
+        split = {stable if rollback else candidate: 100.0}
+        self.registry.set_traffic(canary.alias, split, None)
+        self.audit.record(
+            "rollback" if rollback else "promote",
+            tenant=canary.tenant,
+            adapter=canary.candidate,
+            actor="canary-watch",
+            alias=canary.alias,
+            automatic=True,
+            reason=verdict.reason,
+            stable=canary.stable,
+            traffic=split,
+            numbers=dict(verdict.numbers),
+        )
+        if rollback:
+            log.warning(
+                "canary %s rolled back to %s: %s",
+                canary.candidate,
+                canary.stable,
+                verdict.reason,
+                extra={"alias": canary.alias, "canary": dict(verdict.numbers)},
+            )
+        else:
+            log.info("canary %s promoted to all traffic: %s", canary.candidate, verdict.reason)
+            with contextlib.suppress(LorapoolError):
+                info = self.registry.resolve(canary.candidate, None)
+                self.registry.set_metadata(
+                    canary.candidate, dataclasses.replace(info.metadata, promoted_at=time.time())
+                )
+        return True
 
     # -- lifecycle: forget (issue 29) ---------------------------------------------------
 
@@ -543,6 +643,7 @@ class AdapterPool:
         tools: Sequence[Mapping[str, Any] | Tool] | None = None,
         tool_choice: ToolChoice | Mapping[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
+        request_id: str | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """Stream a completion of ``prompt`` (a string or chat messages) with ``adapter``.
 
@@ -563,6 +664,9 @@ class AdapterPool:
         be a call its text is held back. ``required`` or a named function constrain the
         output to calls, so the backend must honour ``structured.json_schema``. A backend
         without ``Capabilities.tools`` refuses tools with ``UnsupportedParameter``.
+
+        ``request_id``: the request's id (default: a fresh one), which picks its version
+        of an alias's traffic split and names it to :meth:`feedback`.
         """
         await self.start()
         check_tenant(tenant)
@@ -575,7 +679,7 @@ class AdapterPool:
         if calls is not None:
             prompt, params = self._with_tools(prompt, params, calls)
         refuse_unsupported(params, self.backend.capabilities.sampling, type(self.backend).__name__)
-        request_id = uuid.uuid4().hex
+        request_id = _request_id(request_id)
         span = tracing.request(tenant, adapter)  # None unless lorapool.tracing is enabled
         try:
             with tracing.phase(span, "lorapool.registry.resolve"):
@@ -637,6 +741,7 @@ class AdapterPool:
         tools: Sequence[Mapping[str, Any] | Tool] | None = None,
         tool_choice: ToolChoice | Mapping[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
+        request_id: str | None = None,
     ) -> Completion:
         """Generate the whole completion and return it at once (see :meth:`generate`).
 
@@ -653,6 +758,7 @@ class AdapterPool:
             tools=tools,
             tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls,
+            request_id=request_id,
         )
         async for chunk in stream:
             gathered.add(chunk)
@@ -724,6 +830,15 @@ class _Sample:
             logprobs=tuple(self.logprobs),
             tool_calls=tuple(self.calls),
         )
+
+
+def _request_id(request_id: str | None) -> str:
+    """The caller's request id, checked, or a fresh one."""
+    if request_id is None:
+        return uuid.uuid4().hex
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= 200:
+        raise InvalidRequest("request_id must be a string of 1 to 200 characters")
+    return request_id
 
 
 def _base_spec_of(backend: Backend) -> BaseModelSpec | None:

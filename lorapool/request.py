@@ -27,7 +27,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -112,6 +113,8 @@ class UsageRecord:
     handoffs: int = 0
     preemptions: int = 0
     fallback: bool = False
+    ttft: float | None = None
+    """Seconds from the request's arrival to its first chunk (``None``: none came)."""
 
 
 @dataclass
@@ -213,6 +216,9 @@ class Ledger:
     def __init__(self) -> None:
         self.stats = PoolStats()
         self._tenants = self.stats._accounts
+        self.observers: list[Callable[[UsageRecord], None]] = []
+        """Called with each request's record once it is billed (the pool's canary watch);
+        an observer's error is logged, never raised into the request."""
 
     def open(self, tenant: str) -> TenantUsage:
         """Count a new request of ``tenant``; returns the tenant's account to charge."""
@@ -235,6 +241,11 @@ class Ledger:
             record.completion_tokens,
             extra=dataclasses.asdict(record),
         )
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:
+                log.exception("a usage observer failed on request %s", record.request_id)
 
     def usage(self, tenant: str) -> TenantUsage:
         """A copy of the tenant's totals (zeros for a tenant never seen)."""
@@ -335,6 +346,8 @@ class _Output:
     finish: FinishReason | None = None
     started: bool = False  # the engine produced a chunk: it has prefilled the prompt
     tickets: list[Ticket] = field(default_factory=list)  # one per leg dispatched or queued
+    opened_at: float = field(default_factory=time.monotonic)  # the request's arrival
+    ttft: float | None = None  # seconds from arrival to the first chunk
 
     @property
     def legs(self) -> int:
@@ -486,6 +499,7 @@ class Lifecycle:
             handoffs=max(out.legs - 1, 0),
             preemptions=out.pauses,
             fallback=info is not None and served is None,
+            ttft=out.ttft,
         )
 
     def _prompt_tokens(self, prompt: Prompt, out: _Output) -> int:
@@ -557,6 +571,8 @@ class Lifecycle:
 
     def _charge(self, ticket: Ticket, chunk: Chunk, out: _Output) -> None:
         """Record a chunk and charge the tenant's service: its tokens, the prompt's count."""
+        if not out.started:
+            out.ttft = time.monotonic() - out.opened_at
         out.started = True
         if chunk.token_ids:
             ticket.output_tokens += len(chunk.token_ids)

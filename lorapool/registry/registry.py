@@ -22,6 +22,7 @@ from lorapool.errors import (
     AdapterNotFound,
     InvalidRequest,
 )
+from lorapool.registry.audit import AuditEvent, AuditLog
 from lorapool.registry.metadata import check_metadata
 from lorapool.registry.stores import MemoryRegistryStore, RegistryStore, SqliteRegistryStore
 from lorapool.types import AdapterInfo, AdapterMetadata
@@ -92,6 +93,19 @@ def _checked(info: AdapterInfo) -> AdapterInfo:
     return info if metadata == info.metadata else dataclasses.replace(info, metadata=metadata)
 
 
+def _about(audit: AuditEvent | None, alias: Alias, before: dict[str, float]) -> AuditEvent | None:
+    """``audit`` completed for a traffic change of ``alias``: its owner and id where the
+    event leaves them out, and the split before and after."""
+    if audit is None:
+        return None
+    return dataclasses.replace(
+        audit,
+        tenant=alias.tenant if audit.tenant is None else audit.tenant,
+        adapter=alias.name if audit.adapter is None else audit.adapter,
+        detail={**audit.detail, "from": dict(before), "to": dict(alias.traffic)},
+    )
+
+
 def qualify(name: str, tenant: str) -> str:
     """The registry id of ``tenant``'s adapter ``name``: ``tenant/name``.
 
@@ -128,6 +142,8 @@ class Registry:
             MemoryRegistryStore() if store is None else conform(store, RegistryStore)
         )
         self.keep_versions = keep_versions
+        self.audit = AuditLog(self.store)
+        """The audit log (:mod:`lorapool.registry.audit`), kept in :attr:`store`."""
         self._adapters: dict[str, AdapterInfo] = {}
         self._aliases: dict[str, Alias] = {}
         self._shared: dict[str, str] | None = None
@@ -238,14 +254,20 @@ class Registry:
     def _changed(self) -> None:
         self._shared = None
 
+    def _record(self, audit: AuditEvent | None) -> None:
+        """Write ``audit``'s entry (inside the change's transaction)."""
+        if audit is not None:
+            self.audit.write(audit)
+
     # -- versions and aliases ------------------------------------------------------------
 
     def _aliases_json(self, aliases: dict[str, Alias]) -> str:
         return json.dumps({n: asdict(a) for n, a in sorted(aliases.items())})
 
-    def _save_aliases(self) -> None:
+    def _save_aliases(self, audit: AuditEvent | None = None) -> None:
         with self.store.transaction():
             self.store.set_setting(_ALIASES, self._aliases_json(self._aliases))
+            self._record(audit)
 
     def alias(self, name: str, tenant: str | None) -> Alias:
         """The alias ``tenant`` may use under ``name``."""
@@ -262,7 +284,13 @@ class Registry:
         return alias
 
     def add_version(
-        self, info: AdapterInfo, name: str, version: str, *, activate: bool
+        self,
+        info: AdapterInfo,
+        name: str,
+        version: str,
+        *,
+        activate: bool,
+        audit: AuditEvent | None = None,
     ) -> list[str]:
         """Record ``info`` (id ``name@version``) as a new version of the alias ``name``.
 
@@ -270,7 +298,7 @@ class Registry:
         traffic to it (the previous split can be rolled back). The record and the
         alias are written in one transaction: a failure leaves neither. Returns the
         ids of old versions beyond ``keep_versions`` that carry no traffic: the
-        caller removes them.
+        caller removes them. ``audit``: the entry written in the same transaction.
         """
         self._sync()
         info = _checked(info)
@@ -302,6 +330,7 @@ class Registry:
         with self.store.transaction():
             self.store.insert(info)
             self.store.set_setting(_ALIASES, self._aliases_json(aliases))
+            self._record(audit)
         self._adapters[info.adapter_id] = info
         self._aliases = aliases
         self._changed()
@@ -309,8 +338,19 @@ class Registry:
         excess = len(alias.versions) - self.keep_versions
         return [alias.version_id(v) for v in idle[: max(0, excess)]]
 
-    def set_traffic(self, name: str, split: dict[str, float], tenant: str | None) -> None:
-        """Split the alias's traffic over versions by weight (``{"v3": 90, "v4": 10}``)."""
+    def set_traffic(
+        self,
+        name: str,
+        split: dict[str, float],
+        tenant: str | None,
+        *,
+        audit: AuditEvent | None = None,
+    ) -> None:
+        """Split the alias's traffic over versions by weight (``{"v3": 90, "v4": 10}``).
+
+        ``audit``: the entry written in the same transaction (its ``adapter``, when
+        ``None``, is the alias's id; ``detail`` gets ``from`` and ``to``, the splits).
+        """
         alias = self._owned_alias(name, tenant)
         unknown = sorted(set(split) - set(alias.versions))
         if unknown:
@@ -320,26 +360,36 @@ class Registry:
         before = (list(alias.history), dict(alias.traffic))
         alias.history.append(dict(alias.traffic))
         alias.traffic = {v: float(w) for v, w in split.items() if w > 0}
-        self._save_or_restore(alias, before)
+        self._save_or_restore(alias, before, _about(audit, alias, before[1]))
 
     def _save_or_restore(
-        self, alias: Alias, before: tuple[list[dict[str, float]], dict[str, float]]
+        self,
+        alias: Alias,
+        before: tuple[list[dict[str, float]], dict[str, float]],
+        audit: AuditEvent | None = None,
     ) -> None:
         try:
-            self._save_aliases()
+            self._save_aliases(audit)
         except BaseException:
             alias.history, alias.traffic = before
             raise
 
-    def rollback(self, name: str, tenant: str | None) -> dict[str, float]:
-        """Restore the alias's previous traffic split; returns it."""
+    def rollback(
+        self, name: str, tenant: str | None, *, audit: AuditEvent | None = None
+    ) -> dict[str, float]:
+        """Restore the alias's previous traffic split; returns it.
+
+        ``audit``: the entry written in the same transaction (its ``tenant`` and
+        ``adapter``, when ``None``, are the alias's owner and id; ``detail`` gets ``from``
+        and ``to``, the splits).
+        """
         alias = self._owned_alias(name, tenant)
         before = (list(alias.history), dict(alias.traffic))
         while alias.history:
             previous = alias.history.pop()
             if all(v in alias.versions for v in previous):
                 alias.traffic = previous
-                self._save_or_restore(alias, before)
+                self._save_or_restore(alias, before, _about(audit, alias, before[1]))
                 return dict(previous)
         alias.history, alias.traffic = before
         raise InvalidRequest(f"{name} has no earlier traffic split to roll back to")
@@ -353,8 +403,10 @@ class Registry:
         if taken is not None and taken != key:
             raise AdapterExists(short)
 
-    def add(self, info: AdapterInfo) -> None:
-        """Record a new adapter; :class:`AdapterExists` if the id is taken."""
+    def add(self, info: AdapterInfo, *, audit: AuditEvent | None = None) -> None:
+        """Record a new adapter; :class:`AdapterExists` if the id is taken.
+
+        ``audit``: the entry written in the same transaction."""
         self._sync()
         info = _checked(info)
         if info.adapter_id in self._adapters or info.adapter_id in self._aliases:
@@ -362,10 +414,13 @@ class Registry:
         self._check_shared_name(info.adapter_id, info)
         with self.store.transaction():
             self.store.insert(info)
+            self._record(audit)
         self._adapters[info.adapter_id] = info
         self._changed()
 
-    def set_metadata(self, adapter_id: str, metadata: AdapterMetadata) -> AdapterInfo:
+    def set_metadata(
+        self, adapter_id: str, metadata: AdapterMetadata, *, audit: AuditEvent | None = None
+    ) -> AdapterInfo:
         """Replace the metadata of the adapter or version ``adapter_id`` (its full id, e.g.
         ``acme/support@v3``) and return the updated record.
 
@@ -373,6 +428,7 @@ class Registry:
         :class:`InvalidRequest` naming the field) and written in one store transaction:
         on any error the record is as it was. :class:`AdapterNotFound` for an unknown id;
         an alias is :class:`InvalidRequest` (its versions each have their own metadata).
+        ``audit``: an entry written in the same transaction (a promotion's).
         """
         self._sync()
         checked = check_metadata(metadata)
@@ -395,14 +451,16 @@ class Registry:
             else:  # a store without replace(): the same change as two writes in one transaction
                 self.store.delete(adapter_id)
                 self.store.insert(updated)
+            self._record(audit)
         self._adapters[adapter_id] = updated
         return updated
 
-    def remove(self, adapter_id: str) -> None:
+    def remove(self, adapter_id: str, *, audit: AuditEvent | None = None) -> None:
         """Forget an adapter by its full id (no-op if unknown).
 
         A version that carries traffic is refused with :class:`AdapterInUse`;
-        move the traffic first (``set_traffic``/``rollback``).
+        move the traffic first (``set_traffic``/``rollback``). ``audit``: the entry
+        written in the same transaction (none when nothing is removed).
         """
         self._sync()
         if adapter_id not in self._adapters:
@@ -412,6 +470,7 @@ class Registry:
         if alias is None or version not in alias.versions:
             with self.store.transaction():
                 self.store.delete(adapter_id)
+                self._record(audit)
             del self._adapters[adapter_id]
             self._changed()
             return
@@ -432,12 +491,16 @@ class Registry:
         with self.store.transaction():
             self.store.delete(adapter_id)
             self.store.set_setting(_ALIASES, self._aliases_json(aliases))
+            self._record(audit)
         del self._adapters[adapter_id]
         self._aliases = aliases
         self._changed()
 
-    def remove_alias(self, name: str) -> None:
-        """Forget the alias ``name`` (its full id) and every version of it."""
+    def remove_alias(self, name: str, *, audit: AuditEvent | None = None) -> None:
+        """Forget the alias ``name`` (its full id) and every version of it.
+
+        ``audit``: the entry written in the same transaction (none when nothing is removed).
+        """
         self._sync()
         alias = self._aliases.get(name)
         if alias is None:
@@ -448,6 +511,7 @@ class Registry:
             for vid in ids:
                 self.store.delete(vid)
             self.store.set_setting(_ALIASES, self._aliases_json(aliases))
+            self._record(audit)
         for vid in ids:
             self._adapters.pop(vid, None)
         self._aliases = aliases

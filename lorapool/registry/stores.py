@@ -5,23 +5,73 @@
 transactional, so a restarted process finds every registration again. Stores
 are synchronous and small; the :class:`~lorapool.registry.Registry` on top
 holds the tenancy rules.
+
+Both also keep the registry's audit log (:class:`AuditRows`): an append-only list of
+rows, written inside the same transaction as the change each one records. In the
+SQLite file it is the ``audit`` table, whose triggers refuse ``UPDATE`` and
+``DELETE``; the hash chain (:mod:`lorapool.registry.audit`) shows an edit made past them.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from lorapool.abc import RegistryStore
 from lorapool.errors import AdapterExists, AdapterNotFound, RegistryUnavailable
 from lorapool.registry.metadata import metadata_from_json, metadata_json
 from lorapool.types import AdapterInfo, LoraConfig
 
-__all__ = ["MemoryRegistryStore", "RegistryStore", "SqliteRegistryStore"]
+__all__ = [
+    "AUDIT_COLUMNS",
+    "AuditRows",
+    "MemoryRegistryStore",
+    "RegistryStore",
+    "SqliteRegistryStore",
+]
+
+AUDIT_COLUMNS = ("seq", "at", "action", "tenant", "adapter", "actor", "detail", "prev", "hash")
+"""An audit row's fields, in order; ``detail`` is JSON text."""
+
+
+@runtime_checkable
+class AuditRows(Protocol):
+    """A store that keeps the audit log's rows (both lorapool stores do).
+
+    Rows are mappings with the keys :data:`AUDIT_COLUMNS`. The log appends inside
+    :meth:`transaction` (reading the tail and inserting after it), so two writers never
+    fork the chain and an entry lands with the registry change it records.
+    """
+
+    def audit_tail(self) -> tuple[int, str] | None:
+        """The last row's ``seq`` and ``hash`` (``None``: no rows yet)."""
+        ...
+
+    def audit_insert(self, row: Mapping[str, Any]) -> None:
+        """Append a row (its ``seq`` one past the tail)."""
+        ...
+
+    def audit_rows(
+        self,
+        *,
+        tenant: str | None = None,
+        adapter: str | None = None,
+        action: str | None = None,
+        after: int = 0,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Rows in ``seq`` order matching every filter given (``after``: larger ``seq``)."""
+        ...
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """All or nothing (see :meth:`lorapool.abc.RegistryStore.transaction`)."""
+        ...
 
 
 class MemoryRegistryStore(RegistryStore):
@@ -30,6 +80,8 @@ class MemoryRegistryStore(RegistryStore):
     def __init__(self) -> None:
         self._records: dict[str, AdapterInfo] = {}
         self._settings: dict[str, str] = {}
+        self._audit: list[dict[str, Any]] = []
+        self._lock = threading.RLock()
 
     def insert(self, info: AdapterInfo) -> None:
         """Add a record."""
@@ -69,13 +121,49 @@ class MemoryRegistryStore(RegistryStore):
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """All or nothing: on an exception the records and settings are put back."""
-        records, settings = dict(self._records), dict(self._settings)
-        try:
-            yield
-        except BaseException:
-            self._records, self._settings = records, settings
-            raise
+        """All or nothing: on an exception the records, settings and audit rows are put
+        back. One thread at a time; nested calls join the outer one."""
+        with self._lock:
+            records, settings, rows = dict(self._records), dict(self._settings), len(self._audit)
+            try:
+                yield
+            except BaseException:
+                self._records, self._settings = records, settings
+                del self._audit[rows:]
+                raise
+
+    def audit_tail(self) -> tuple[int, str] | None:
+        """The last audit row's ``seq`` and ``hash``."""
+        if not self._audit:
+            return None
+        last = self._audit[-1]
+        return int(last["seq"]), str(last["hash"])
+
+    def audit_insert(self, row: Mapping[str, Any]) -> None:
+        """Append an audit row."""
+        self._audit.append({k: row[k] for k in AUDIT_COLUMNS})
+
+    def audit_rows(
+        self,
+        *,
+        tenant: str | None = None,
+        adapter: str | None = None,
+        action: str | None = None,
+        after: int = 0,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Audit rows in order, filtered."""
+        with self._lock:
+            rows = list(self._audit)
+        out = [
+            dict(r)
+            for r in rows
+            if r["seq"] > after
+            and (tenant is None or r["tenant"] == tenant)
+            and (adapter is None or r["adapter"] == adapter)
+            and (action is None or r["action"] == action)
+        ]
+        return out if limit is None else out[:limit]
 
     def close(self) -> None:
         """Nothing to release."""
@@ -119,6 +207,23 @@ CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit (
+    seq     INTEGER PRIMARY KEY,
+    at      REAL NOT NULL,
+    action  TEXT NOT NULL,
+    tenant  TEXT,
+    adapter TEXT,
+    actor   TEXT,
+    detail  TEXT NOT NULL,
+    prev    TEXT NOT NULL,
+    hash    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit (tenant, seq);
+CREATE INDEX IF NOT EXISTS audit_by_adapter ON audit (adapter, seq);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
 
@@ -133,6 +238,7 @@ class SqliteRegistryStore(RegistryStore):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
         self._depth = 0
+        self._lock = threading.RLock()
         with _typed(f"open {self.path}"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db: sqlite3.Connection | None = sqlite3.connect(
@@ -160,8 +266,13 @@ class SqliteRegistryStore(RegistryStore):
     def transaction(self) -> Iterator[None]:
         """One SQLite transaction (``BEGIN IMMEDIATE``): committed whole or rolled back.
 
-        Nested calls join the outer transaction.
+        Nested calls join the outer transaction; one thread at a time uses the connection
+        for a change.
         """
+        with self._lock:
+            yield from self._transaction()
+
+    def _transaction(self) -> Iterator[None]:
         if self._depth:
             self._depth += 1
             try:
@@ -270,6 +381,47 @@ class SqliteRegistryStore(RegistryStore):
                 metadata=metadata_from_json(metadata),
                 signature=signature,
             )
+
+    def audit_tail(self) -> tuple[int, str] | None:
+        """The last audit row's ``seq`` and ``hash``."""
+        with _typed("read the audit log"):
+            query = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+            row = self._conn().execute(query).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def audit_insert(self, row: Mapping[str, Any]) -> None:
+        """Append an audit row (call inside :meth:`transaction`)."""
+        with _typed("write the audit log"):
+            self._conn().execute(
+                f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) VALUES "
+                f"({', '.join('?' for _ in AUDIT_COLUMNS)})",
+                tuple(row[k] for k in AUDIT_COLUMNS),
+            )
+
+    def audit_rows(
+        self,
+        *,
+        tenant: str | None = None,
+        adapter: str | None = None,
+        action: str | None = None,
+        after: int = 0,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Audit rows in ``seq`` order, filtered in SQL."""
+        where: list[str] = ["seq > ?"]
+        args: list[object] = [after]
+        for column, value in (("tenant", tenant), ("adapter", adapter), ("action", action)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        query = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit WHERE {' AND '.join(where)}"
+        query += " ORDER BY seq"
+        if limit is not None:
+            query += " LIMIT ?"
+            args.append(limit)
+        with _typed("read the audit log"):
+            rows = self._conn().execute(query, args).fetchall()
+        return [dict(zip(AUDIT_COLUMNS, r, strict=True)) for r in rows]
 
     def get_setting(self, key: str) -> str | None:
         """A named value."""

@@ -149,6 +149,7 @@ class _PoolCollector(Collector):
         yield from self._store()
         yield from self._engine()
         yield from self._prefix_cache()
+        yield from self._canary()
 
     def _tokens(self) -> Iterator[Metric]:
         tokens = CounterMetricFamily(_TOKENS, _TOKENS_HELP, labels=["tenant", "direction"])
@@ -332,6 +333,20 @@ class _PoolCollector(Collector):
         )
         evictions.add_metric([], stats.evictions)
         yield evictions
+
+
+    def _canary(self) -> Iterator[Metric]:
+        """Canaries the pool's canary watch rolled back by itself, by alias (capped with the
+        adapters)."""
+        family = CounterMetricFamily(
+            "lorapool_canary_rollbacks",
+            "Canary versions rolled back automatically by the canary watch, by alias",
+            labels=["adapter"],
+        )
+        rollbacks = dict(self.pool.canary.rollbacks)
+        for adapter, n in sorted(self.metrics.adapters.fold(rollbacks).items()):
+            family.add_metric([adapter], n)
+        yield family
 
 
 class ServerMetrics:
