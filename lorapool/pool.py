@@ -16,7 +16,14 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -29,7 +36,7 @@ from lorapool.lifecycle.canary import Canary, CanaryPolicy, CanaryWatch, Verdict
 from lorapool.lifecycle.gate import EvalCase, Gate, Progress
 from lorapool.lifecycle.promotion import Promotion, baseline_of, promotion_split
 from lorapool.registry import Registry, check_adapter_id, check_tenant, qualify
-from lorapool.registry.audit import AuditLog
+from lorapool.registry.audit import AuditEvent, AuditLog, redact_source
 from lorapool.registry.metadata import check_metadata
 from lorapool.request import Ledger, Lifecycle, PoolStats, TenantUsage, estimate_tokens
 from lorapool.scheduler import Scheduler
@@ -37,12 +44,14 @@ from lorapool.scheduler.fcfs import FCFSScheduler
 from lorapool.store import TieredStore
 
 from .errors import (
+    AccessDenied,
     AdapterExists,
     AdapterNotFound,
     InvalidRequest,
     LorapoolError,
     PoolClosed,
     PromotionRefused,
+    SourceNotAllowed,
     UnsupportedParameter,
 )
 from .formats import BaseModelSpec
@@ -113,9 +122,10 @@ class AdapterPool:
         elif not isinstance(registry, Registry):
             registry = Registry.open(registry)
         self.registry = registry
-        self.audit: AuditLog = AuditLog()
-        """The audit log (:mod:`lorapool.registry.audit`): promotions, rollbacks,
-        deletions, refused signatures and accesses."""
+        self.audit: AuditLog = registry.audit
+        """The registry's audit log (:mod:`lorapool.registry.audit`; kept in its store, so
+        a SQLite registry's entries survive restarts): registrations, promotions,
+        rollbacks, deletions, refused signatures and accesses."""
         self._ledger = Ledger()
         self.stats: PoolStats = self._ledger.stats
         self.canary = CanaryWatch(self._canary_verdict)
@@ -234,7 +244,8 @@ class AdapterPool:
         checked = check_metadata(AdapterMetadata() if metadata is None else metadata)
         if allowed is not None:
             private = [d for d in (self.store.disk_dir, self.store.persistent_dir) if d]
-            source = await asyncio.to_thread(allowed.check, source, tenant, private=private)
+            with self._refusals(tenant, "register", qualify(adapter_id, tenant)):
+                source = await asyncio.to_thread(allowed.check, source, tenant, private=private)
         name = qualify(adapter_id, tenant)
         adapter_id = name if version is None else f"{name}@{version}"
         if version is not None and name in self.registry and not self.registry.version_ids(name):
@@ -263,24 +274,43 @@ class AdapterPool:
                 norm=report.norm,
                 metadata=checked,
             )
+            event = AuditEvent(
+                "register",
+                tenant,
+                adapter_id,
+                tenant if allowed is not None else "platform",
+                {
+                    "source": redact_source(info.source),
+                    "sha256": info.sha256,
+                    "size_bytes": info.size_bytes,
+                    "shared": shared,
+                    "version": version,
+                    "activate": activate if version is not None else None,
+                    "signer": info.metadata.signer,
+                },
+            )
             if version is None:
-                self.registry.add(info)
+                self.registry.add(info, audit=event)
                 pruned: list[str] = []
             else:
-                pruned = self.registry.add_version(info, name, version, activate=activate)
+                pruned = self.registry.add_version(
+                    info, name, version, activate=activate, audit=event
+                )
         except BaseException:
             await staged.discard()
             raise
         try:
             await staged.commit(adapter_id)
         except BaseException:
-            self.registry.remove(adapter_id)
+            undone = {"reason": "registration undone: the disk tier could not keep its copy"}
+            self.registry.remove(adapter_id, audit=_removal(info, "lorapool", undone))
             raise
         self.store.track(info)
         log.info("registered adapter %s for tenant %s (rank %d)", adapter_id, tenant, info.rank)
         for old in pruned:
             await self.store.remove(old)
-            self.registry.remove(old)
+            reason = {"reason": f"more than keep_versions={self.registry.keep_versions} versions"}
+            self.registry.remove(old, audit=_removal(info, "lorapool", reason, adapter=old))
             log.info("removed %s: more than %d versions", old, self.registry.keep_versions)
         return info
 
@@ -304,16 +334,18 @@ class AdapterPool:
         An alias goes with all its versions; a single version (``name@v2``)
         is refused with ``AdapterInUse`` while it carries traffic.
         """
-        key = self.registry.owned_id(adapter_id, tenant)
+        with self._refusals(tenant, "unregister", adapter_id):
+            key = self.registry.owned_id(adapter_id, tenant)
         versions = self.registry.version_ids(key)
         removed = versions or [key]
         contents = {i.adapter_id: i.sha256 for i in self.registry.visible(None)}
+        event = AuditEvent("unregister", tenant, key, tenant, {"versions": removed})
         if versions:
             for vid in versions:
                 await self.store.remove(vid)
-            self.registry.remove_alias(key)
+            self.registry.remove_alias(key, audit=event)
         else:
-            self.registry.remove(key)  # refuses a version with traffic, first
+            self.registry.remove(key, audit=event)  # refuses a version with traffic, first
             await self.store.remove(key)
         self.scheduler.kick()
         await self._forget({contents[i] for i in removed if i in contents})
@@ -332,11 +364,48 @@ class AdapterPool:
 
         Each request goes to one version, chosen deterministically from its id.
         """
-        self.registry.set_traffic(name, split, tenant)
+        with self._refusals(tenant, "set_traffic", name):
+            self.registry.set_traffic(name, split, tenant)
 
     def rollback(self, name: str, *, tenant: str | None) -> dict[str, float]:
-        """Put an alias's previous traffic split back; returns it."""
-        return self.registry.rollback(name, tenant)
+        """Put an alias's previous traffic split back; returns it.
+
+        The audit log records it (``rollback``, ``automatic: false``, the splits before and
+        after) in the same registry transaction.
+        """
+        actor = "platform" if tenant is None else tenant
+        event = AuditEvent("rollback", tenant, None, actor, {"automatic": False})
+        with self._refusals(tenant, "rollback", name):
+            return self.registry.rollback(name, tenant, audit=event)
+
+    @contextlib.contextmanager
+    def _refusals(self, tenant: str | None, asked: str, adapter: str | None) -> Iterator[None]:
+        """Record the refusals lorapool makes on purpose (:class:`AccessDenied`: a shared
+        adapter the tenant may use but not change; :class:`SourceNotAllowed`: a source
+        outside the caller's rules) as ``access_denied`` entries, then let them go on.
+
+        ``adapter`` is what the tenant asked for. Another tenant's private adapter is
+        :class:`AdapterNotFound`, like a missing one, and is not recorded: an entry only
+        for names that exist would tell them apart.
+        """
+        try:
+            yield
+        except (AccessDenied, SourceNotAllowed) as exc:
+            self.record_denied(tenant, asked, adapter, reason=type(exc).__name__)
+            raise
+
+    def record_denied(
+        self, tenant: str | None, asked: str, adapter: str | None = None, **detail: Any
+    ) -> None:
+        """Write an ``access_denied`` entry: ``tenant`` was refused ``asked`` (an operation
+        or a route) on ``adapter``. A failure to write it is logged, never raised: the
+        refusal stands either way."""
+        try:
+            self.audit.record(
+                "access_denied", tenant=tenant, adapter=adapter, actor=tenant, asked=asked, **detail
+            )
+        except LorapoolError as exc:
+            log.error("could not record a refused access of %s (%s): %s", tenant, asked, exc)
 
     def versions(self, name: str, *, tenant: str | None) -> list[AdapterInfo]:
         """The versions of an alias, oldest first."""
@@ -839,6 +908,14 @@ def _request_id(request_id: str | None) -> str:
     if not isinstance(request_id, str) or not 0 < len(request_id) <= 200:
         raise InvalidRequest("request_id must be a string of 1 to 200 characters")
     return request_id
+
+
+def _removal(
+    info: AdapterInfo, actor: str, detail: dict[str, Any], *, adapter: str | None = None
+) -> AuditEvent:
+    """The ``unregister`` entry for a removal lorapool makes itself (an undone
+    registration, an old version pruned)."""
+    return AuditEvent("unregister", info.tenant, adapter or info.adapter_id, actor, detail)
 
 
 def _base_spec_of(backend: Backend) -> BaseModelSpec | None:
