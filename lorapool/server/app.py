@@ -66,6 +66,7 @@ from lorapool.errors import (
     PoolClosed,
     RateLimited,
     RegistryUnavailable,
+    SignatureError,
     SourceError,
     SourceNotAllowed,
     SourceNotFound,
@@ -148,6 +149,7 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (ColdStartRejected, 503, "adapter_loading"),
     (AccessDenied, 403, "permission_denied"),
     (SourceNotAllowed, 403, "permission_denied"),
+    (SignatureError, 403, "signature_refused"),  # the adapter's signature, not the caller
     (AdapterNotFound, 404, "model_not_found"),
     (AdapterExists, 409, "conflict"),
     (AdapterInUse, 409, "adapter_in_use"),
