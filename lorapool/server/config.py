@@ -70,6 +70,7 @@ from lorapool.pool import AdapterPool
 from lorapool.registry import Registry, qualify
 from lorapool.retry import RetryPolicy
 from lorapool.scheduler import FairScheduler, TenantConfig, TierPolicy
+from lorapool.signing import Keyring, SigningPolicy
 from lorapool.store import TieredStore
 
 from .app import create_app
@@ -279,6 +280,52 @@ class RegistrationConfig(_Strict):
         )
 
 
+class SigningConfig(_Strict):
+    """Signed adapters (:mod:`lorapool.signing`): off unless ``keyrings`` lists a file.
+
+    Example::
+
+        [signing]
+        keyrings = ["/etc/lorapool/keyring.json"]   # keyring files or PEM public keys
+        revoked = ["platform-2025"]
+        default = "optional"
+        tenants = {acme = "required"}
+    """
+
+    keyrings: list[str] = Field(default_factory=list)
+    """Keyring files (JSON, :class:`~lorapool.signing.Keyring`) or single public key
+    files (PEM, trusted as platform keys under their fingerprint), merged."""
+    revoked: list[str] = Field(default_factory=list)
+    """Key ids refused even while a keyring lists them."""
+    default: Literal["required", "optional"] = "optional"
+    """The policy of a tenant not in ``tenants``."""
+    tenants: dict[str, Literal["required", "optional"]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> SigningConfig:
+        required = self.default == "required" or "required" in self.tenants.values()
+        if required and not self.keyrings:
+            raise ValueError("[signing]: a 'required' policy needs keyrings")
+        self.build_keyring()  # the files exist and hold keys
+        return self
+
+    def build_keyring(self) -> Keyring | None:
+        """The configured keyring (``None``: no keyrings, signatures not checked)."""
+        if not self.keyrings:
+            return None
+        ring = Keyring(revoked=self.revoked)
+        for path in self.keyrings:
+            try:
+                ring.extend(Keyring.load(path))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"[signing] keyring {path}: {exc}") from None
+        return ring
+
+    def build_policy(self) -> SigningPolicy:
+        """The per-tenant policy."""
+        return SigningPolicy(self.default, dict(self.tenants))
+
+
 class AdapterEntry(_Strict):
     """An adapter registered when the server starts (one ``[[adapters]]`` table).
 
@@ -426,6 +473,7 @@ class ServerConfig(BaseSettings):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     server: HttpConfig = Field(default_factory=HttpConfig)
     registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
+    signing: SigningConfig = Field(default_factory=SigningConfig)
     adapters: list[AdapterEntry] = Field(default_factory=list)
     """Registered when the server starts, before ``/ready`` (:func:`register_adapters`)."""
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -501,6 +549,8 @@ class ServerConfig(BaseSettings):
             store=store,
             scheduler=self.build_scheduler(),
             registry=registry if registry is not None else self.registry,
+            keyring=self.signing.build_keyring(),
+            signing=self.signing.build_policy(),
         )
 
     def on_start(self) -> Callable[[Served], Awaitable[None]] | None:

@@ -252,6 +252,16 @@ class Keyring:
             )
         return entry.public_key
 
+    def extend(self, other: Keyring) -> None:
+        """Trust ``other``'s keys too and refuse its revoked ids (``ValueError`` when an
+        id names two different keys)."""
+        with other._lock:
+            keys, revoked = list(other._keys.values()), set(other._revoked)
+        for key in keys:
+            self.add(key.public_key, key_id=key.key_id, tenant=key.tenant)
+        with self._lock:
+            self._revoked |= revoked
+
     # -- files -----------------------------------------------------------------------
 
     @classmethod

@@ -356,3 +356,36 @@ def test_cli_keygen_sign_verify_exit_codes(
     assert main(["verify", str(d), "--keyring", str(tmp_path / "nope.pub")]) == 2
     assert main(["sign", str(tmp_path / "nodir"), "--key", str(tmp_path / "keys/p1.key")]) == 2
     assert main(["sign", str(d), "--key", pub]) == 2  # a public key cannot sign
+
+
+def test_server_signing_config(tmp_path: Path) -> None:
+    pytest.importorskip("starlette")
+    from lorapool.server.config import ServerConfig, SigningConfig
+
+    a, b = generate_key(), generate_key()
+    _, a_pub, a_id = write_key_pair(tmp_path, key=a)
+    ring_file = tmp_path / "keyring.json"
+    b_pem = (
+        write_key_pair(tmp_path / "b", key_id="acme-1", key=b)[1].read_text().replace("\n", "\\n")
+    )
+    ring_file.write_text(
+        '{"keys": [{"key_id": "acme-1", "tenant": "acme", "public_key": "' + b_pem + '"}]}'
+    )
+    config = ServerConfig(
+        signing={  # type: ignore[arg-type]
+            "keyrings": [str(a_pub), str(ring_file)],
+            "revoked": ["platform-0"],
+            "tenants": {"acme": "required"},
+        }
+    )
+    ring = config.signing.build_keyring()
+    assert ring is not None
+    assert ring.key_ids("acme") == sorted([a_id, "acme-1"])
+    assert ring.revoked == frozenset({"platform-0"})
+    policy = config.signing.build_policy()
+    assert policy.for_tenant("acme") == "required" and policy.for_tenant("x") == "optional"
+    assert SigningConfig().build_keyring() is None
+    with pytest.raises(ValueError, match="needs keyrings"):
+        SigningConfig(default="required")
+    with pytest.raises(ValueError, match="keyring"):
+        SigningConfig(keyrings=[str(tmp_path / "missing.json")])
