@@ -324,6 +324,22 @@ class BaseBackend(ABC):
         """Not offered (``Capabilities.prefix_cache`` is False): nothing counted."""
         return None
 
+    async def purge(self, adapter_id: str, sha256: str) -> Sequence[str]:
+        """Drop a forgotten adapter from the engine's cache (:meth:`discard`, with
+        ``Capabilities.engine_cache``) and its content's prefix blocks (:meth:`forget`, with
+        ``Capabilities.prefix_cache``); a backend that knows more says more."""
+        caps = self._caps
+        dropped: list[str] = []
+        if caps is None:
+            return dropped
+        if caps.engine_cache:
+            await self.discard(adapter_id)
+            dropped.append("engine adapter cache")
+        if caps.prefix_cache:
+            await self.forget(sha256)
+            dropped.append("prefix cache")
+        return dropped
+
     # -- requests ----------------------------------------------------------------------
 
     def check_request(self, request: GenerationRequest) -> None:

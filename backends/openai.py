@@ -318,6 +318,20 @@ class OpenAIServerBackend(RemoteBackend):
         if not any(r.sha256 == remote.sha256 for r in self._loaded.values()):
             await self._dirs.discard_unused(remote.sha256)
 
+    async def purge(self, adapter_id: str, sha256: str) -> list[str]:
+        """Unload a forgotten adapter from the server if it is still there, and delete the
+        files written for it (unless a loaded adapter has the same content)."""
+        dropped: list[str] = []
+        remote = self._loaded.pop(adapter_id, None)
+        if remote is not None:
+            await self._forget_remote(remote)
+            dropped.append(f"server: unloaded {remote.name}")
+        path = self._dirs.path_of(sha256)
+        in_use = any(r.sha256 == sha256 for r in self._loaded.values())
+        if not in_use and path.exists() and await self._dirs.discard_unused(sha256):
+            dropped.append(f"adapter files written for the server: {path}")
+        return dropped
+
     # -- generation ------------------------------------------------------------------
 
     def _body(self, request: GenerationRequest, model: str) -> tuple[str, dict[str, Any]]:

@@ -681,6 +681,30 @@ class VLLMBackend(BaseBackend):
         reused least recently used first. vLLM has no per-adapter drop
         (``reset_prefix_cache`` drops every tenant's blocks)."""
 
+    async def purge(self, adapter_id: str, sha256: str) -> list[str]:
+        """Take a forgotten adapter out of vLLM entirely: ``remove_lora`` wherever vLLM still
+        holds it (a slot, the CPU LoRA cache of warm adapters), the files written for it,
+        and vLLM's prefix cache, reset whole (``reset_prefix_cache``, running requests
+        recomputed): vLLM cannot drop one adapter's blocks, and blocks computed with the
+        adapter must not outlive it."""
+        dropped: list[str] = []
+        for held, where in ((self._loras, "slot"), (self._warm, "CPU LoRA cache")):
+            lora = held.pop(adapter_id, None)
+            if lora is not None:
+                await self._remove(lora)
+                dropped.append(f"vLLM {where}: {lora.request.lora_name}")
+        if not any(lora.sha256 == sha256 for lora in [*self._loras.values(), *self._warm.values()]):
+            path = self._dirs.path_of(sha256)
+            if path.exists() and await self._dirs.discard_unused(sha256):
+                dropped.append(f"adapter files written for vLLM: {path}")
+        engine = self._engine
+        if engine is not None and self.capabilities.prefix_cache:
+            await _engine_call(
+                engine.reset_prefix_cache(reset_running_requests=True), "reset its prefix cache"
+            )
+            dropped.append("vLLM prefix cache (reset whole)")
+        return dropped
+
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         """``None``: vLLM does not tell its frontend how many blocks it has cached, and a
         size of 0 would be a wrong one. Its hits reach lorapool per request, as vLLM's

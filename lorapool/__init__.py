@@ -33,6 +33,7 @@ here and from :mod:`lorapool.errors`::
 
     LorapoolError
     ├── AdapterNotFound (LookupError)       an id that does not exist, or another tenant's
+    │   └── AdapterForgotten                a request cancelled by forget (produced)
     ├── AccessDenied (PermissionError)      a shared adapter the caller may use, not change
     ├── SourceNotAllowed (PermissionError)  a registration source outside the caller's rules
     ├── AdapterExists (ValueError)
@@ -45,6 +46,7 @@ here and from :mod:`lorapool.errors`::
     ├── DeadlineExceeded (TimeoutError)
     ├── PinLimitExceeded
     ├── SourceNotFound (FileNotFoundError)
+    ├── SourceNotDeletable                  forget(delete_source=True) on an http(s) source
     ├── SourceError (OSError)
     │   └── ContentMismatch
     ├── LoadError                           (adapter_id, tier, cause)
@@ -64,6 +66,7 @@ from lorapool._version import __version__
 from lorapool.errors import (
     AccessDenied,
     AdapterExists,
+    AdapterForgotten,
     AdapterInUse,
     AdapterNotFound,
     AdapterValidationError,
@@ -89,6 +92,7 @@ from lorapool.errors import (
     RegistryUnavailable,
     SourceError,
     SourceNotAllowed,
+    SourceNotDeletable,
     SourceNotFound,
     UnsupportedParameter,
 )
@@ -117,6 +121,7 @@ _compat.install()
 __all__ = [
     "AccessDenied",
     "AdapterExists",
+    "AdapterForgotten",
     "AdapterInUse",
     "AdapterInfo",
     "AdapterNotFound",
@@ -156,6 +161,7 @@ __all__ = [
     "Session",
     "SourceError",
     "SourceNotAllowed",
+    "SourceNotDeletable",
     "SourceNotFound",
     "StoreStats",
     "StructuredOutput",

@@ -18,7 +18,8 @@ and says how an implementation declares whether it offers one:
   (``preemption``, ``resume``, ``engine_cache``, ``pass_stats``, ``prefix_cache``);
   lorapool calls :meth:`Backend.preempt`, :meth:`Backend.discard`,
   :meth:`Backend.adapters_per_pass`, :meth:`Backend.forget` and
-  :meth:`Backend.prefix_cache_stats` only when the flag is set;
+  :meth:`Backend.prefix_cache_stats` only when the flag is set, and
+  :meth:`Backend.purge` whenever an adapter is forgotten (``BaseBackend`` gives it);
 * the other seams' optional methods have a default body (the ability not offered):
   subclass the Protocol to inherit it, or define the method.
 
@@ -178,6 +179,20 @@ class Backend(Protocol):
         """
         ...
 
+    async def purge(self, adapter_id: str, sha256: str) -> Sequence[str]:
+        """Remove every trace of an adapter the pool forgets (``AdapterPool.forget``).
+
+        Always called (whatever the capabilities), once the store has unloaded the
+        adapter (it holds no slot, no request uses it): drop it from any cache of the
+        engine's own (vLLM's CPU LoRA cache, files written for the engine) and drop state
+        computed with it (prefix/KV blocks under its content ``sha256``), even where another
+        adapter has the same content (its blocks are recomputed when next needed). Returns
+        what it dropped, in a few words each, for the forget's report.
+        ``BaseBackend``'s default: :meth:`discard` (``engine_cache``) and :meth:`forget`
+        (``prefix_cache``).
+        """
+        ...
+
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         """The prefix cache's counters and size now (``None``: not counted).
 
@@ -284,6 +299,18 @@ class Source(Protocol):
     async def aclose(self) -> None:
         """Release connections. Idempotent (default: nothing to release)."""
         return None
+
+    def can_delete(self, uri: str) -> bool:
+        """Whether :meth:`delete` can delete the adapter at ``uri`` (default: no).
+
+        Asked before a forget with ``delete_source=True`` changes anything.
+        """
+        return False
+
+    async def delete(self, uri: str, names: Sequence[str]) -> list[str]:
+        """Delete files ``names`` of the adapter at ``uri`` (those that exist); return what
+        was deleted, as URIs. Only called when :meth:`can_delete`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete {uri}")
 
 
 @runtime_checkable
@@ -418,7 +445,7 @@ class Scheduler(Protocol):
 OPTIONAL: dict[type[Any], frozenset[str]] = {
     EvictionPolicy: frozenset({"expired"}),
     PrefetchPolicy: frozenset({"on_start", "on_hint", "on_request", "keep_warm"}),
-    Source: frozenset({"local_path", "aclose"}),
+    Source: frozenset({"local_path", "aclose", "can_delete", "delete"}),
     RegistryStore: frozenset({"version", "invalidate", "close", "transaction"}),
     Scheduler: frozenset({"bind_preemption", "bind_handoff", "tier_of", "queued_by_tier"}),
 }

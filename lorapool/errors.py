@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AccessDenied",
     "AdapterExists",
+    "AdapterForgotten",
     "AdapterInUse",
     "AdapterNotFound",
     "AdapterValidationError",
@@ -38,6 +39,7 @@ __all__ = [
     "SignatureError",
     "SourceError",
     "SourceNotAllowed",
+    "SourceNotDeletable",
     "SourceNotFound",
     "UnsupportedParameter",
 ]
@@ -73,6 +75,21 @@ class AdapterNotFound(LorapoolError, LookupError):
             f"adapter {adapter_id!r} is not registered; register it first with "
             f"`await pool.register({adapter_id!r}, source=..., tenant=...)` "
             "or check the id with `pool.list_adapters(tenant=...)`"
+        )
+
+
+class AdapterForgotten(AdapterNotFound):
+    """The adapter was forgotten (``pool.forget(..., in_flight="cancel")``) while this
+    request used it: the request was cancelled, and is billed for what it produced."""
+
+    def __init__(self, adapter_id: str, produced: int = 0) -> None:
+        self.adapter_id = adapter_id
+        self.produced = produced
+        LorapoolError.__init__(
+            self,
+            f"adapter {adapter_id!r} was deleted while this request used it; the request "
+            f"was cancelled after {produced} tokens (billed as produced) and the adapter "
+            "is no longer registered",
         )
 
 
@@ -121,6 +138,18 @@ class AdapterExists(LorapoolError, ValueError):
 
 class AdapterInUse(LorapoolError):
     """The adapter cannot be changed now because requests or pins hold it."""
+
+
+class SourceNotDeletable(LorapoolError):
+    """``forget(..., delete_source=True)`` cannot delete this adapter's source (an
+    ``http(s)://`` URL, a source plugin without deletion); nothing was changed."""
+
+    def __init__(self, source: str, detail: str) -> None:
+        self.source = source
+        super().__init__(
+            f"cannot delete the adapter source {source!r}: {detail}; forget it without "
+            "delete_source=True and delete the source where it is kept"
+        )
 
 
 class SourceNotFound(LorapoolError, FileNotFoundError):

@@ -33,6 +33,16 @@ from lorapool import tracing
 from lorapool.abc import Backend, TierName, conform
 from lorapool.access import SourceRules
 from lorapool.lifecycle.canary import Canary, CanaryPolicy, CanaryWatch, Verdict
+from lorapool.lifecycle.forget import (
+    SOURCE_FILES,
+    ForgetReport,
+    InFlight,
+    InFlightMode,
+    PurgeAll,
+    PurgeReport,
+    check_in_flight,
+    forget_targets,
+)
 from lorapool.lifecycle.gate import EvalCase, Gate, Progress
 from lorapool.lifecycle.promotion import Promotion, baseline_of, promotion_split
 from lorapool.registry import Registry, check_adapter_id, check_tenant, qualify
@@ -41,6 +51,15 @@ from lorapool.registry.metadata import check_metadata
 from lorapool.request import Ledger, Lifecycle, PoolStats, TenantUsage, estimate_tokens
 from lorapool.scheduler import Scheduler
 from lorapool.scheduler.fcfs import FCFSScheduler
+from lorapool.signing import (
+    SIGNATURE_FILE,
+    Keyring,
+    Policy,
+    SignedManifest,
+    SigningPolicy,
+    verify_directory,
+    verify_files,
+)
 from lorapool.store import TieredStore
 
 from .errors import (
@@ -48,10 +67,13 @@ from .errors import (
     AdapterExists,
     AdapterNotFound,
     InvalidRequest,
+    LoadError,
     LorapoolError,
     PoolClosed,
     PromotionRefused,
+    SignatureError,
     SourceNotAllowed,
+    SourceNotDeletable,
     UnsupportedParameter,
 )
 from .formats import BaseModelSpec
@@ -100,6 +122,15 @@ class AdapterPool:
     ``disk_dir`` (next to the adapter copies it names), and in memory when
     the store has no ``disk_dir`` of its own. The pool closes a registry it
     opened.
+
+    ``keyring`` (:class:`~lorapool.signing.Keyring`) turns on signed adapters: an adapter
+    directory's ``lorapool-signature.json`` is verified at registration and the manifest is
+    checked again against the bytes every time the store reads them to fill host RAM,
+    under the keyring as it is then (a key revoked since refuses the next load).
+    ``signing`` is whose adapters must be signed (:class:`~lorapool.signing.SigningPolicy`,
+    ``{tenant: "required"}``, or one policy for all; default ``optional`` for everyone: an
+    unsigned adapter is accepted, a present but bad signature never is). Without a
+    keyring signatures are not checked, and a ``required`` policy is a ``ValueError``.
     """
 
     def __init__(
@@ -109,6 +140,8 @@ class AdapterPool:
         store: TieredStore | None = None,
         scheduler: Scheduler | None = None,
         registry: Registry | str | Path | None = None,
+        keyring: Keyring | None = None,
+        signing: SigningPolicy | Mapping[str, Policy] | Policy | None = None,
     ) -> None:
         self.backend = backend
         self.store = store if store is not None else TieredStore()
@@ -126,6 +159,16 @@ class AdapterPool:
         """The registry's audit log (:mod:`lorapool.registry.audit`; kept in its store, so
         a SQLite registry's entries survive restarts): registrations, promotions,
         rollbacks, deletions, refused signatures and accesses."""
+        self.keyring = keyring
+        """The keys adapters may be signed with (``None``: signatures are not checked)."""
+        self.signing = SigningPolicy.of(signing)
+        """Whose adapters must be signed; change it with ``pool.signing.set(tenant, ...)``."""
+        if keyring is None and (
+            self.signing.default == "required" or "required" in self.signing.tenants.values()
+        ):
+            raise ValueError("a signing policy that requires signatures needs a keyring")
+        if keyring is not None:
+            self.store.verify_with(self._verify_read, files=(SIGNATURE_FILE,))
         self._ledger = Ledger()
         self.stats: PoolStats = self._ledger.stats
         self.canary = CanaryWatch(self._canary_verdict)
@@ -133,6 +176,7 @@ class AdapterPool:
         put in canary, judged on their finished requests and :meth:`feedback`."""
         self._ledger.observers.append(self.canary.observe)
         self._lifecycle = Lifecycle(self.backend, self.store, self.scheduler, self._ledger)
+        self._in_flight = InFlight()  # requests by adapter id, for forget
         self._base_spec: BaseModelSpec | None = None
         self._started = False
         self._closed = False
@@ -254,6 +298,9 @@ class AdapterPool:
             raise AdapterExists(adapter_id)
         staged = await self.store.stage(source)
         try:
+            signed = await self._verify_staged(
+                staged.files.path, staged.files.sha256, adapter_id, tenant
+            )
             report = await asyncio.to_thread(
                 validate_adapter,
                 staged.files.path,
@@ -274,6 +321,12 @@ class AdapterPool:
                 norm=report.norm,
                 metadata=checked,
             )
+            if signed is not None:  # the verified manifest and its signer, kept
+                info = dataclasses.replace(
+                    info,
+                    signature=signed.text(),
+                    metadata=dataclasses.replace(info.metadata, signer=signed.key_id),
+                )
             event = AuditEvent(
                 "register",
                 tenant,
@@ -414,6 +467,63 @@ class AdapterPool:
 
     # -- lifecycle: signatures (issue 29) ----------------------------------------------
 
+    async def _verify_staged(
+        self, path: Path, sha256: str, adapter_id: str, tenant: str
+    ) -> SignedManifest | None:
+        """Verify a staged adapter's signature (registration); the verified manifest, or
+        ``None`` when unsigned (and allowed) or when the pool has no keyring.
+
+        A refusal is recorded in the audit log and raised as :class:`SignatureError`."""
+        if self.keyring is None:
+            return None
+        try:
+            signed = await asyncio.to_thread(
+                verify_directory,
+                path,
+                self.keyring,
+                tenant=tenant,
+                adapter=adapter_id,
+                policy=self.signing.for_tenant(tenant),
+                adapter_sha256=sha256,
+            )
+        except SignatureError as exc:
+            self._signature_refused(exc, tenant, "register")
+            raise
+        return signed
+
+    async def _verify_read(self, info: AdapterInfo, files: Mapping[str, bytes]) -> None:
+        """The store's verifier: check the bytes read to fill host RAM against the adapter's
+        stored manifest, under the keyring and the tenant's policy as they are now."""
+        keyring = self.keyring
+        if keyring is None:
+            return
+        try:
+            await asyncio.to_thread(
+                verify_files,
+                info.signature,
+                files,
+                keyring,
+                tenant=info.tenant,
+                adapter=info.adapter_id,
+                policy=self.signing.for_tenant(info.tenant),
+                adapter_sha256=info.sha256,
+            )
+        except SignatureError as exc:
+            self._signature_refused(exc, info.tenant, "load")
+            raise
+
+    def _signature_refused(self, exc: SignatureError, tenant: str, when: str) -> None:
+        """Log and audit a refused signature (nothing else changes)."""
+        log.warning("%s (at %s)", exc, when)
+        self.audit.record(
+            "signature_refused",
+            tenant=tenant,
+            adapter=exc.adapter,
+            reason=exc.reason,
+            detail=exc.detail,
+            at=when,
+        )
+
     # -- lifecycle: eval-gated promotion and the canary watch (issue 29) ---------------
 
     async def promote(
@@ -499,6 +609,11 @@ class AdapterPool:
                 raise InvalidRequest(
                     f"{key}'s traffic changed while the gate ran; nothing was promoted"
                 )
+        # Warm the version before it takes traffic: a version that cannot load gets none,
+        # and its first requests do not carry a load into the canary's TTFT.
+        info = self.registry.resolve(candidate, None)
+        if await self.store.warm(info, "device", limited=False) is None:
+            raise LoadError(candidate, "device", "the version could not be loaded; not promoted")
         self.registry.set_traffic(key, split, None)
         promoted_at = time.time()
         try:
@@ -602,6 +717,140 @@ class AdapterPool:
         return True
 
     # -- lifecycle: forget (issue 29) ---------------------------------------------------
+
+    async def forget(
+        self,
+        adapter: str | None = None,
+        *,
+        tenant: str,
+        in_flight: InFlightMode = "drain",
+        delete_source: bool = False,
+        replicas: PurgeAll | None = None,
+        actor: str | None = None,
+    ) -> ForgetReport:
+        """Delete ``tenant``'s adapter (every version of an alias) everywhere, for good.
+
+        ``adapter=None`` forgets every adapter the tenant owns. In order: the registry
+        rows go (every version and the alias; from then on every request for it is
+        :class:`~lorapool.errors.AdapterNotFound`); the requests already using it finish
+        (``in_flight="drain"``) or are cancelled (``"cancel"``: each ends with
+        :class:`~lorapool.errors.AdapterForgotten`, billed for what it produced); the store
+        drops it from device slots, host RAM and the disk tier (a disk copy stays only while
+        another registered adapter, another tenant's, has the same bytes); the backend drops
+        it from its own caches and drops prefix/KV state computed with it
+        (:meth:`~lorapool.abc.Backend.purge`). With ``delete_source`` the source's files go
+        too (a local directory, S3 objects; an ``http(s)://`` source is refused with
+        :class:`~lorapool.errors.SourceNotDeletable` before anything changes).
+
+        ``replicas`` runs the purge on every copy of the pool instead of this one only
+        (Ray Serve's replicas: :class:`~lorapool.integrations.ray_serve.PoolReplica`).
+        Returns a :class:`~lorapool.lifecycle.forget.ForgetReport` of what was removed
+        where; the audit log gets a ``forget`` entry with it.
+        """
+        await self.start()
+        check_tenant(tenant)
+        mode = check_in_flight(in_flight)
+        with self._refusals(tenant, "forget", adapter):
+            targets = forget_targets(self.registry, adapter, tenant)
+        if delete_source:
+            for info in targets.infos:
+                if not self.store.source_deletable(info.source):
+                    raise SourceNotDeletable(
+                        redact_source(info.source), "its source cannot delete adapters"
+                    )
+        for alias in targets.aliases:
+            self.canary.stop(alias)
+            self.registry.remove_alias(alias)
+        for key in targets.adapters:
+            self.registry.remove(key)
+        infos = list(targets.infos)
+        report = ForgetReport(
+            tenant,
+            adapter,
+            mode,
+            targets.ids,
+            tuple(sorted({i.sha256 for i in infos})),
+        )
+        failure: BaseException | None = None
+        try:
+            if replicas is None:
+                purges: Sequence[PurgeReport] = [await self.purge(infos, in_flight=mode)]
+            else:
+                purges = await replicas(infos, mode)
+            report = dataclasses.replace(report, purges=tuple(purges))
+            if delete_source:
+                deleted: list[str] = []
+                for source in sorted({i.source for i in infos}):
+                    deleted += await self.store.delete_source(source, SOURCE_FILES)
+                report = dataclasses.replace(report, source=tuple(deleted))
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            detail = report.summary()
+            if failure is not None:
+                detail["failed"] = f"{type(failure).__name__}: {failure}"
+            self.audit.record(
+                "forget",
+                tenant=tenant,
+                adapter=adapter,
+                actor=actor if actor is not None else tenant,
+                **detail,
+            )
+        log.info(
+            "forgot %s of tenant %s: %d registry ids, %d disk copies, %d requests cancelled",
+            adapter if adapter is not None else "every adapter",
+            tenant,
+            len(report.registry),
+            len(report.disk_paths),
+            report.cancelled,
+        )
+        return report
+
+    async def purge(
+        self, infos: Sequence[AdapterInfo], *, in_flight: InFlightMode = "drain"
+    ) -> PurgeReport:
+        """This pool's part of :meth:`forget`, for adapters already out of the registry.
+
+        The registry is read again first (a store shared with other pools may have
+        changed); requests using the adapters drain or are cancelled; the store removes
+        them from every tier, keeping a disk copy only while a registered adapter has the
+        same content; the backend purges them from its caches. Idempotent: an adapter
+        this pool never held is simply not found anywhere. Each Ray Serve replica runs
+        it when an adapter is forgotten through any of them.
+        """
+        await self.start()
+        mode = check_in_flight(in_flight)
+        self.registry.store.invalidate()
+        registered = self.registry.visible(None)
+        still = {i.adapter_id for i in registered}
+        gone = [i for i in infos if i.adapter_id not in still]
+        shared = {i.sha256 for i in registered}
+        drained, cancelled = await self._in_flight.stop([i.adapter_id for i in gone], mode)
+        tiers: dict[str, tuple[str, ...]] = {}
+        paths: list[str] = []
+        kept: set[str] = set()
+        engine: list[str] = []
+        for info in gone:
+            keep = info.sha256 in shared
+            where, path = await self.store.purge(info, keep_disk=keep)
+            tiers[info.adapter_id] = tuple(where)
+            if path is not None:
+                paths.append(str(path))
+            if keep:
+                kept.add(info.sha256)
+        for info in gone:
+            engine += await self.backend.purge(info.adapter_id, info.sha256)
+        self.scheduler.kick()
+        return PurgeReport(
+            replica=None,
+            tiers=tiers,
+            disk_paths=tuple(paths),
+            disk_kept=tuple(sorted(kept)),
+            engine=tuple(engine),
+            drained=drained,
+            cancelled=cancelled,
+        )
 
     def list_adapters(self, *, tenant: str) -> list[AdapterInfo]:
         """Adapters ``tenant`` may use: its own and the shared ones."""
@@ -767,6 +1016,8 @@ class AdapterPool:
                 tools=() if calls is None else calls.definitions(),
                 span=span,
             )
+            if info is not None:  # no await since resolve: a forget sees this request
+                run = self._in_flight.track(info.adapter_id, run)
             stream = run if calls is None or not calls.calls else tool_chunks(run, calls)
             async with contextlib.aclosing(run), contextlib.aclosing(stream):
                 # the caller leaving ends the request at once

@@ -244,6 +244,15 @@ class TorchBackend(BaseBackend):
         if engine is not None and engine.alive:
             await asyncio.wrap_future(engine.forget(sha256))
 
+    async def purge(self, adapter_id: str, sha256: str) -> list[str]:
+        """Drop the prefix cache's blocks computed under the forgotten adapter's content
+        (its slots and host copy are the store's, already freed)."""
+        engine = self._engine
+        if engine is None or not engine.alive or engine.prefix is None:
+            return []
+        dropped = await asyncio.wrap_future(engine.forget(sha256))
+        return [f"prefix cache: {dropped} blocks of content {sha256[:12]}"]
+
     @property
     def free_kv_rows(self) -> int:
         """KV-cache rows not held by a sequence (``max_batch`` when idle)."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -42,6 +44,29 @@ class LocalSource(Source):
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+    def can_delete(self, uri: str) -> bool:
+        """Local adapters can be deleted."""
+        return True
+
+    async def delete(self, uri: str, names: Sequence[str]) -> list[str]:
+        """Delete the files ``names`` of the directory (a symlink itself, not its target);
+        the directory too when nothing else is left in it."""
+        return await asyncio.to_thread(_delete_files, local_path_of(uri), names)
+
+
+def _delete_files(root: Path, names: Sequence[str]) -> list[str]:
+    deleted: list[str] = []
+    for name in names:
+        path = root / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            deleted.append(str(path))
+    with contextlib.suppress(OSError):  # not empty, or gone: left as it is
+        if root.is_dir() and not root.is_symlink() and not any(root.iterdir()):
+            root.rmdir()
+            deleted.append(str(root))
+    return deleted
 
 
 async def copy_adapter_file(

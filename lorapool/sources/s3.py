@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -152,6 +153,37 @@ class S3Source(Source):
             # Connection refused or reset, timeouts, truncated bodies.
             raise SourceError(label, f"{type(exc).__name__}: {exc}", transient=True) from exc
         return written
+
+    def can_delete(self, uri: str) -> bool:
+        """S3 objects can be deleted (given the credentials' permission)."""
+        return True
+
+    async def delete(self, uri: str, names: Sequence[str]) -> list[str]:
+        """Delete objects ``<prefix>/<name>`` that exist; return their ``s3://`` URIs."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, prefix = split_s3_uri(uri)
+        client = await self._s3()
+        deleted: list[str] = []
+        for name in names:
+            key = f"{prefix}/{name}" if prefix else name
+            label = f"s3://{bucket}/{key}"
+            try:
+                try:
+                    await client.head_object(Bucket=bucket, Key=key)
+                except ClientError as exc:
+                    if str(exc.response.get("Error", {}).get("Code", "")) in _NOT_FOUND:
+                        continue
+                    raise
+                await client.delete_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                error = exc.response.get("Error", {})
+                detail = f"{error.get('Code', '')}: {error.get('Message', '')}"
+                raise SourceError(label, f"cannot delete it: {detail}", transient=False) from exc
+            except (BotoCoreError, OSError) as exc:
+                raise SourceError(label, f"{type(exc).__name__}: {exc}", transient=True) from exc
+            deleted.append(label)
+        return deleted
 
     async def aclose(self) -> None:
         """Close the client."""

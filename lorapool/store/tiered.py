@@ -38,8 +38,15 @@ from typing import TYPE_CHECKING, Any
 
 from lorapool import tracing
 from lorapool.abc import Source
-from lorapool.errors import LoadError, LorapoolError, PinLimitExceeded, SignatureError
+from lorapool.errors import (
+    AdapterNotFound,
+    LoadError,
+    LorapoolError,
+    PinLimitExceeded,
+    SignatureError,
+)
 from lorapool.retry import RetryPolicy, resolve_retry
+from lorapool.sources.archive import is_archive_uri, split_archive_uri
 from lorapool.store.device import DeviceSlots
 from lorapool.store.disk import DiskTier, Staged
 from lorapool.store.fetch import Fetcher
@@ -106,6 +113,7 @@ class TieredStore:
         self.host_capacity = parse_size(host_bytes)
         self._stats = StoreStats()
         self._infos: dict[str, AdapterInfo] = {}
+        self._gone: set[tuple[str, str]] = set()  # (id, sha256) forgotten: never loaded again
         self._refs = References(self._infos)
         self._prefetch = Prefetcher(
             prefetchers,
@@ -291,13 +299,30 @@ class TieredStore:
 
     def track(self, info: AdapterInfo) -> None:
         """Remember a registered adapter's content hash (its disk-tier key)."""
+        self._gone.discard((info.adapter_id, info.sha256))  # registered again
         self._infos[info.adapter_id] = info
+
+    def source_deletable(self, uri: str) -> bool:
+        """Whether the source of ``uri`` can delete the adapter there (an archive: the
+        archive itself)."""
+        return self._fetcher.source_for(uri).can_delete(uri)
+
+    async def delete_source(self, uri: str, names: Sequence[str]) -> list[str]:
+        """Delete the adapter at ``uri`` from its source: files ``names`` of a directory,
+        or the archive itself; returns what was deleted."""
+        source = self._fetcher.source_for(uri)
+        if is_archive_uri(uri):
+            parent, name = split_archive_uri(uri)
+            return await source.delete(parent, [name])
+        return await source.delete(uri, names)
 
     # -- references ------------------------------------------------------------------
 
     async def acquire(self, info: AdapterInfo) -> int:
         """Take a reference on the adapter and return its device slot, loading it if needed."""
         key = info.adapter_id
+        if (key, info.sha256) in self._gone:
+            raise AdapterNotFound(key)
         self._infos[key] = info
         self._refs.take(key)
         try:
@@ -378,6 +403,48 @@ class TieredStore:
         await self.unload(adapter_id, tiers=TIERS)
         self._infos.pop(adapter_id, None)
 
+    async def purge(self, info: AdapterInfo, *, keep_disk: bool) -> tuple[list[str], Path | None]:
+        """Remove a forgotten adapter from every tier for good (``AdapterPool.forget``).
+
+        From now on it is never loaded again (a request's acquire is
+        :class:`~lorapool.errors.AdapterNotFound`, a prefetch does nothing). Waits for
+        loads of it in flight in any tier and for its references, then frees its slot
+        (and the engine's cache of it), its host copy and, unless ``keep_disk`` (another
+        registered adapter has the same content), its disk copy. Returns the tiers it was
+        in and the disk-tier directory deleted.
+        """
+        key, sha = info.adapter_id, info.sha256
+        self._gone.add((key, sha))
+        self._refs.pins.discard(key)
+        while True:
+            if key in self._device_rung.flights:
+                await self._device_rung.flights.wait(key)
+            elif key in self._host_rung.flights:
+                await self._host_rung.flights.wait(key)
+            elif not keep_disk and sha in self._disk_rung.flights:
+                await self._disk_rung.flights.wait(sha)
+            elif self._refs.count(key) > 0:
+                await self._refs.drained(key)
+            else:
+                break
+        self._refs.forget_waiters(key)
+        tiers: list[str] = []
+        if key in self._device:
+            tiers.append("device")
+        await self._device.unload(key)  # also out of an engine's own cache
+        if self._host.tier.pop(key) is not None:
+            tiers.append("host")
+        deleted = None
+        if not keep_disk:
+            deleted = self._disk.get(sha, use=False)
+            if deleted is not None:
+                tiers.append("disk")
+                await self._disk.delete(sha)
+        elif sha in self._disk.tier:
+            tiers.append("disk (kept: shared content)")
+        self._infos.pop(key, None)
+        return tiers, deleted
+
     # -- prefetch --------------------------------------------------------------------
 
     async def on_start(self, infos: Sequence[AdapterInfo]) -> None:
@@ -422,8 +489,12 @@ class TieredStore:
         stops at the tier below.
         """
         key = info.adapter_id
+        if (key, info.sha256) in self._gone:
+            return None
         self._infos[key] = info
         async with self._prefetch.turn(limited=limited):
+            if (key, info.sha256) in self._gone:  # forgotten while waiting for its turn
+                return None
             try:
                 if tier == "device":
                     slot = await self._device_rung.get(

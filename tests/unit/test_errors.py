@@ -37,6 +37,8 @@ SAMPLES: list[e.LorapoolError] = [
     e.RegistryUnavailable("record adapter 'acme/a'", "OperationalError: database or disk is full"),
     e.SourceNotAllowed("/etc", "outside the caller's roots"),
     e.UnsupportedParameter("TGIBackend", ["n", "top_logprobs"]),
+    e.AdapterForgotten("acme/a", 12),
+    e.SourceNotDeletable("https://h/a", "its source cannot delete adapters"),
 ]
 
 

@@ -1,0 +1,219 @@
+"""Forget's logic with test doubles: the in-flight tracker's drain and cancel, and the pool's
+forget over MockBackend and a remote-looking local source (the real model, PEFT adapters
+and S3 are tests/integration/test_forget.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
+import pytest
+
+from lorapool import AdapterPool, SamplingParams, TieredStore
+from lorapool.errors import (
+    AccessDenied,
+    AdapterForgotten,
+    AdapterNotFound,
+    InvalidRequest,
+    SourceNotDeletable,
+)
+from lorapool.lifecycle.forget import InFlight
+from lorapool.sources import LocalSource
+from lorapool.testing import MockBackend
+from lorapool.types import Chunk
+
+from .test_store import make_adapters
+
+
+def _chunk(i: int) -> Chunk:
+    return Chunk(text=f"t{i}", token_ids=(i,))
+
+
+class _Stream:
+    """A request's stream: ``n`` chunks, each after ``gate`` is set; records its closing."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.gate = asyncio.Event()
+        self.closed = False
+
+    async def run(self) -> AsyncGenerator[Chunk, None]:
+        try:
+            for i in range(self.n):
+                await self.gate.wait()
+                yield _chunk(i)
+        finally:
+            self.closed = True
+
+
+async def test_drain_waits_for_the_request_to_finish() -> None:
+    tracker, stream = InFlight(), _Stream(3)
+    tracked = tracker.track("acme/a", stream.run())
+    got: list[Chunk] = []
+
+    async def consume() -> None:
+        async for chunk in tracked:
+            got.append(chunk)
+
+    consumer = asyncio.create_task(consume())
+    stop = asyncio.create_task(tracker.stop(["acme/a"], "drain"))
+    await asyncio.sleep(0)
+    assert not stop.done()
+    stream.gate.set()
+    assert await asyncio.wait_for(stop, 10) == (1, 0)
+    await consumer
+    assert len(got) == 3 and tracker.count("acme/a") == 0
+
+
+async def test_cancel_while_waiting_ends_the_request_with_the_typed_error() -> None:
+    tracker, stream = InFlight(), _Stream(5)
+    tracked = tracker.track("acme/a", stream.run())
+    stream.gate.set()
+    first = await tracked.__anext__()
+    assert first.token_ids == (0,)
+    stream.gate.clear()  # the next chunk waits
+    errors: list[BaseException] = []
+
+    async def consume() -> None:
+        try:
+            async for _ in tracked:
+                pass
+        except AdapterForgotten as exc:
+            errors.append(exc)
+        await asyncio.sleep(0)  # the task goes on: it was not left cancelled
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.sleep(0)
+    assert await asyncio.wait_for(tracker.stop(["acme/a"], "cancel"), 10) == (0, 1)
+    await asyncio.wait_for(consumer, 10)
+    assert not consumer.cancelled()
+    assert stream.closed
+    assert isinstance(errors[0], AdapterNotFound) and errors[0].produced == 1
+    assert tracker.count("acme/a") == 0
+
+
+async def test_cancel_between_chunks_closes_the_stream_at_once() -> None:
+    tracker, stream = InFlight(), _Stream(5)
+    tracked = tracker.track("acme/a", stream.run())
+    stream.gate.set()
+    await tracked.__anext__()
+    await tracked.__anext__()
+    # the caller is not reading now: the stream is closed from the forget's side
+    assert await asyncio.wait_for(tracker.stop(["acme/a"], "cancel"), 10) == (0, 1)
+    assert stream.closed
+    with pytest.raises(AdapterForgotten) as caught:
+        await tracked.__anext__()
+    assert caught.value.produced == 2
+
+
+async def test_a_cancel_from_elsewhere_stays_a_cancellation() -> None:
+    tracker, stream = InFlight(), _Stream(5)
+    tracked = tracker.track("acme/a", stream.run())
+
+    async def consume() -> None:
+        async for _ in tracked:
+            pass
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.sleep(0)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert stream.closed and tracker.count("acme/a") == 0
+
+
+class _Remote(LocalSource):
+    """Local files under a remote-looking scheme (``remote://<path>``): kept in the disk tier."""
+
+    def local_path(self, uri: str) -> Path | None:
+        return None
+
+    async def fetch(self, uri: str, name: str, dest: Path) -> int:
+        return await super().fetch(uri.removeprefix("remote://"), name, dest)
+
+    def can_delete(self, uri: str) -> bool:
+        return False  # as an http(s) source
+
+
+def _pool(tmp_path: Path, backend: MockBackend) -> AdapterPool:
+    store = TieredStore(disk_dir=tmp_path / "disk", sources={"remote": _Remote()})
+    return AdapterPool(backend, store=store)
+
+
+def _files_named(root: Path, sha: str) -> list[Path]:
+    return [p for p in root.rglob("*") if sha in p.name]
+
+
+async def test_forget_keeps_a_disk_copy_another_tenant_shares(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 2)
+    twin = tmp_path / "twin"
+    shutil.copytree(dirs["t/a0"], twin)
+    async with _pool(tmp_path, MockBackend()) as pool:
+        mine = await pool.register("a", f"remote://{dirs['t/a0']}", tenant="acme")
+        other = await pool.register("b", f"remote://{twin}", tenant="globex")
+        own = await pool.register("c", f"remote://{dirs['t/a1']}", tenant="acme")
+        assert mine.sha256 == other.sha256 != own.sha256
+        for name, tenant in (("a", "acme"), ("b", "globex"), ("c", "acme")):
+            await pool.complete("hi", adapter=name, tenant=tenant)
+        disk = tmp_path / "disk"
+        report = await pool.forget(tenant="acme")
+        assert set(report.registry) == {"acme/a", "acme/c"}
+        (purge,) = report.purges
+        assert purge.disk_kept == (mine.sha256,)
+        assert [Path(p).name for p in purge.disk_paths] == [own.sha256]
+        assert "device" in purge.tiers["acme/a"] and "host" in purge.tiers["acme/c"]
+        assert not _files_named(disk, own.sha256)
+        assert _files_named(disk, mine.sha256)  # globex's copy
+        assert not pool.store.on_host("acme/a") and not pool.store.on_device("acme/a")
+        for name in ("a", "c"):
+            with pytest.raises(AdapterNotFound):
+                await pool.complete("hi", adapter=name, tenant="acme")
+        done = await pool.complete("hi", adapter="b", tenant="globex")
+        assert done.text
+        await pool.forget("b", tenant="globex")
+        assert not _files_named(disk, mine.sha256)
+        (entry,) = pool.audit.entries(action="forget", tenant="acme")
+        assert entry.detail["registry"] == ["acme/a", "acme/c"]
+
+
+async def test_forget_refuses_what_it_may_not_do_and_changes_nothing(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 1)
+    async with _pool(tmp_path, MockBackend()) as pool:
+        await pool.register("a", f"remote://{dirs['t/a0']}", tenant="acme", shared=True)
+        with pytest.raises(SourceNotDeletable):  # _Remote cannot delete
+            await pool.forget("a", tenant="acme", delete_source=True)
+        with pytest.raises(AccessDenied):  # shared: globex may use it, not forget it
+            await pool.forget("a", tenant="globex")
+        with pytest.raises(AdapterNotFound):
+            await pool.forget("nothing", tenant="acme")
+        with pytest.raises(InvalidRequest):
+            await pool.forget("a", tenant="acme", in_flight="later")  # type: ignore[arg-type]
+        assert [i.adapter_id for i in pool.list_adapters(tenant="acme")] == ["acme/a"]
+        assert (await pool.complete("hi", adapter="a", tenant="acme")).text
+
+
+async def test_forget_cancels_a_running_request_and_bills_it(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 1)
+    backend = MockBackend(token_delay=0.05)
+    async with _pool(tmp_path, backend) as pool:
+        await pool.register("a", f"remote://{dirs['t/a0']}", tenant="acme")
+        params = SamplingParams(max_tokens=400)
+        stream = pool.generate("hi", adapter="a", tenant="acme", params=params)
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got == 3:
+                forgetting = asyncio.create_task(
+                    pool.forget("a", tenant="acme", in_flight="cancel")
+                )
+                break
+        with pytest.raises(AdapterForgotten):
+            async for _ in stream:
+                got += 1
+        report = await asyncio.wait_for(forgetting, 30)
+        assert report.cancelled == 1
+        usage = pool.usage("acme")
+        assert usage.failed == 1 and usage.completion_tokens == got
+        assert got < 400
