@@ -4,7 +4,8 @@ Routes: ``POST /v1/completions`` and ``/v1/chat/completions`` (streaming with
 SSE, usage in the last chunk when ``stream_options.include_usage``), ``GET
 /v1/models`` (the base model and the caller's adapters only), ``POST
 /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's bodies, scoped
-to the caller's tenant), ``GET /health``, ``/ready`` and ``/metrics``.
+to the caller's tenant), ``GET /health``, ``/ready`` and ``/metrics``, and for admin
+keys only ``GET /admin/audit`` (the audit log; :mod:`lorapool.server.admin`).
 
 Errors use OpenAI's JSON: 401 no or bad key, 403 another tenant's adapter,
 404 unknown adapter, 400 bad body, 413 a body over ``max_body_bytes``, 429 with
@@ -75,6 +76,7 @@ from lorapool.errors import (
 from lorapool.pool import AdapterPool, Gathered
 from lorapool.types import Chunk, Prompt, SamplingParams, Usage
 
+from .admin import audit_page, refusal
 from .auth import Auth, Caller, Registration, Unauthorized
 from .drain import Drain, ShuttingDown, paced
 from .metrics import CONTENT_TYPE, MetricsConfig, ServerMetrics
@@ -414,6 +416,27 @@ def create_app(
     async def caller_of(request: Request) -> Caller:
         return auth.authenticate(request)
 
+    local = pool if isinstance(pool, AdapterPool) else None  # its audit log, when in-process
+
+    def denied(caller: Caller, asked: str, adapter: str | None = None) -> None:
+        """Record a refusal the server makes on purpose in the audit log."""
+        if local is not None:
+            local.record_denied(caller.tenant, asked, adapter, by="server")
+
+    def admin_only(
+        handler: Callable[[Request, Caller], Awaitable[Response]],
+    ) -> Callable[[Request, Caller], Awaitable[Response]]:
+        """An admin route: any other caller gets :func:`refusal` (the same for every one),
+        recorded as ``access_denied``."""
+
+        async def endpoint(request: Request, caller: Caller) -> Response:
+            if not caller.admin:
+                denied(caller, f"{request.method} {request.url.path}")
+                return refusal()
+            return await handler(request, caller)
+
+        return endpoint
+
     def guarded(
         handler: Callable[[Request, Caller], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
@@ -634,9 +657,14 @@ def create_app(
     async def load_adapter(request: Request, caller: Caller) -> Response:
         body = LoadAdapterRequest.model_validate(await body_of(request))
         if body.shared and not caller.admin:
+            denied(caller, "register a shared adapter", body.lora_name[:200])
             message = "only admin keys may register shared adapters"
             return JSONResponse(error_body(message, "permission_denied", 403), 403)
-        allowed = rules.rules_for(caller)  # SourceNotAllowed (403) when it may not register
+        try:
+            allowed = rules.rules_for(caller)  # SourceNotAllowed (403) when it may not register
+        except SourceNotAllowed:
+            denied(caller, "register", body.lora_name[:200])
+            raise
         info = await served.register(
             body.lora_name,
             body.lora_path,
@@ -669,6 +697,12 @@ def create_app(
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document())
 
+    async def admin_audit(request: Request, caller: Caller) -> Response:
+        if local is None:
+            message = "this server's pools keep their audit log elsewhere (read it with the CLI)"
+            return JSONResponse(error_body(message, "not_implemented", 501), 501)
+        return JSONResponse(audit_page(local.audit, request))
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await served.start()
@@ -696,6 +730,7 @@ def create_app(
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/admin/audit", guarded(admin_only(admin_audit)), methods=["GET"]),
     ]
     app = _App(
         routes=routes,

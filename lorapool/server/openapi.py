@@ -236,6 +236,87 @@ def _generation(schema: str) -> dict[str, Any]:
     }
 
 
+_AUDIT_ENTRY = _object(
+    {
+        "seq": _INT,
+        "at": {"type": "number", "description": "Unix seconds."},
+        "action": {
+            **_STR,
+            "description": "register, unregister, rollback, promote, promotion_refused, "
+            "signature_refused, forget, access_denied.",
+        },
+        "tenant": _OPTIONAL_STR,
+        "adapter": _OPTIONAL_STR,
+        "actor": _OPTIONAL_STR,
+        "detail": {"type": "object"},
+        "prev": {**_STR, "description": "The sha256 of the entry before (64 zeros: none)."},
+        "hash": {**_STR, "description": "The sha256 of this entry's fields and `prev`."},
+    },
+    "seq",
+    "at",
+    "action",
+    "tenant",
+    "adapter",
+    "actor",
+    "detail",
+    "prev",
+    "hash",
+)
+_AUDIT_PAGE = _object(
+    {
+        "object": {"const": "list"},
+        "data": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEntry"}},
+        "has_more": {"type": "boolean"},
+        "head": _object({"seq": _INT, "hash": _STR}, "seq", "hash"),
+    },
+    "object",
+    "data",
+    "has_more",
+    "head",
+)
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _admin_audit() -> dict[str, Any]:
+    text = {"type": "string", "minLength": 1, "maxLength": 200}
+    return {
+        "get": {
+            "summary": "The audit log, oldest first (admin keys only).",
+            "parameters": [
+                _query("tenant", text, "Only entries about this tenant."),
+                _query("adapter", text, "Only entries about this adapter id."),
+                _query("action", text, "Only this action."),
+                _query(
+                    "after",
+                    {"type": "integer", "minimum": 0, "maximum": 2**62},
+                    "Only entries past this `seq` (page on with the last one returned).",
+                ),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                    "At most this many entries.",
+                ),
+            ],
+            "responses": {
+                "200": _json("A page of entries.", {"$ref": "#/components/schemas/AuditPage"}),
+                **_AUTHENTICATED,
+                "400": _error("A query parameter is not valid (the message names it)."),
+                "403": _error("Not an admin key (the same answer for every admin route)."),
+                "501": _error("The pools run elsewhere (Ray Serve): read the log with the CLI."),
+            },
+        }
+    }
+
+
 @cache
 def _document() -> dict[str, Any]:
     _, defs = models_json_schema(
@@ -254,6 +335,8 @@ def _document() -> dict[str, Any]:
         Completion=_COMPLETION,
         ChatCompletion=_CHAT_COMPLETION,
         ModelList=_MODELS,
+        AuditEntry=_AUDIT_ENTRY,
+        AuditPage=_AUDIT_PAGE,
     )
     paths = {
         "/v1/completions": _post(
@@ -300,6 +383,7 @@ def _document() -> dict[str, Any]:
         "/openapi.json": _get(
             "This document.", _json("OpenAPI 3.1.", {"type": "object"}), public=True
         ),
+        "/admin/audit": _admin_audit(),
     }
     return {
         "openapi": "3.1.0",
