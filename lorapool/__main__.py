@@ -370,6 +370,118 @@ def _audit(args: argparse.Namespace) -> int:
         store.close()
 
 
+def _add_promote(commands: Any) -> None:
+    promote = commands.add_parser(
+        "promote",
+        help="promote an adapter version through an eval gate (or to a canary)",
+        description=(
+            "Open the pool a server config describes (its registry and store), run the gate's "
+            "cases through the candidate version and the version its alias serves now, and "
+            "move the alias when no scorer regresses past the threshold (with --canary, only "
+            "that share of its traffic). Prints the gate's report. Exit status: 0 promoted, "
+            "1 refused by the gate, 2 error."
+        ),
+    )
+    promote.add_argument("config", help="the server's TOML config file (lorapool serve's)")
+    promote.add_argument("name", help="the alias (the tenant's adapter name)")
+    promote.add_argument("version", help="the version to promote (registered already)")
+    promote.add_argument("--tenant", required=True, help="the alias's owner")
+    promote.add_argument(
+        "--cases", metavar="FILE", help="gate cases: JSON Lines, or a JSON list (or {cases})"
+    )
+    promote.add_argument("--gate-name", default="gate", help="the gate's name (its identity)")
+    promote.add_argument(
+        "--threshold", type=float, default=None, help="largest regression allowed (0.005)"
+    )
+    promote.add_argument(
+        "--scorer",
+        action="append",
+        metavar="NAME",
+        help="a built-in scorer (exact_match, tool_call_names, tool_call_arguments); repeat",
+    )
+    promote.add_argument(
+        "--canary", type=float, metavar="PERCENT", help="send only this share to the version"
+    )
+    promote.add_argument("--actor", help="who promotes, for the audit log")
+    promote.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _promote(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from tqdm.auto import tqdm
+
+    from .errors import LorapoolError, PromotionRefused
+    from .lifecycle import DEFAULT_THRESHOLD, Gate, GateReport, load_cases
+
+    where = "lorapool promote"
+    try:
+        from .server.config import load_config
+    except ImportError as exc:
+        print(
+            f'{where}: error: needs the server extra: pip install "lorapool[server]" ({exc})',
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        config = load_config(args.config)
+        gate = None
+        if args.cases is not None:
+            gate = Gate(
+                load_cases(args.cases),
+                name=args.gate_name,
+                threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
+                scorers=args.scorer,
+            )
+    except (OSError, ValueError, LorapoolError) as exc:
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        return 2
+
+    def show(report: GateReport | None) -> None:
+        if report is not None:
+            print(json.dumps(report.to_dict()) if args.json else report.format())
+
+    async def run() -> int:
+        async with config.build_pool() as pool:
+            with tqdm(
+                total=0 if gate is None else len(gate.cases),
+                desc=f"gate {args.name}@{args.version}",
+                unit="case",
+                file=sys.stderr,
+                disable=gate is None,
+            ) as bar:
+
+                def progress(done: int, total: int) -> None:
+                    bar.update(done - bar.n)
+
+                try:
+                    done = await pool.promote(
+                        args.name,
+                        args.version,
+                        tenant=args.tenant,
+                        gate=gate,
+                        canary=args.canary,
+                        on_progress=progress,
+                        actor=args.actor,
+                    )
+                except PromotionRefused as exc:
+                    bar.close()
+                    show(exc.report)
+                    print(f"REFUSED {exc.adapter}: {exc.reason}")
+                    return 1
+            show(done.report)
+            split = ", ".join(f"{v} {w:g}%" for v, w in done.traffic.items())
+            print(f"PROMOTED {done.adapter} (baseline {done.baseline or '-'}; traffic {split})")
+            return 0
+
+    try:
+        return asyncio.run(run())
+    except (OSError, ValueError, LorapoolError) as exc:
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: ``lorapool bench|validate|stamp|keygen|sign|verify|serve ...``."""
     parser = argparse.ArgumentParser(prog="lorapool", description="lorapool command line")
@@ -383,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_audit(commands)
     _add_signing(commands)
     _add_serve(commands)
+    _add_promote(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(parser, args)  # logs JSON lines of its own
@@ -395,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _stamp(args)
     if args.command == "audit":
         return _audit(args)
+    if args.command == "promote":
+        return _promote(args)
     if args.command in ("keygen", "sign", "verify"):
         return {"keygen": _keygen, "sign": _sign, "verify": _verify}[args.command](args)
     parser.error("unknown command")

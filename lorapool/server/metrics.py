@@ -334,7 +334,6 @@ class _PoolCollector(Collector):
         evictions.add_metric([], stats.evictions)
         yield evictions
 
-
     def _canary(self) -> Iterator[Metric]:
         """Canaries the pool's canary watch rolled back by itself, by alias (capped with the
         adapters)."""
