@@ -52,6 +52,7 @@ here and from :mod:`lorapool.errors`::
     ├── LoadError                           (adapter_id, tier, cause)
     ├── DiskFull
     ├── RegistryUnavailable                 (operation, cause)
+    ├── AuditChainBroken                    the audit log fails to verify at entry ``seq``
     ├── BackendError
     │   ├── BackendNotStarted, BackendClosed (RuntimeError)
     │   └── BackendServerError              (status, server_message)
@@ -70,6 +71,7 @@ from lorapool.errors import (
     AdapterInUse,
     AdapterNotFound,
     AdapterValidationError,
+    AuditChainBroken,
     BackendClosed,
     BackendError,
     BackendNotStarted,
@@ -122,6 +124,7 @@ __all__ = [
     "AccessDenied",
     "AdapterExists",
     "AdapterForgotten",
+    "AuditChainBroken",
     "AdapterInUse",
     "AdapterInfo",
     "AdapterNotFound",

@@ -39,6 +39,7 @@ SAMPLES: list[e.LorapoolError] = [
     e.UnsupportedParameter("TGIBackend", ["n", "top_logprobs"]),
     e.AdapterForgotten("acme/a", 12),
     e.SourceNotDeletable("https://h/a", "its source cannot delete adapters"),
+    e.AuditChainBroken(3, "its content does not match its hash"),
 ]
 
 
