@@ -43,7 +43,7 @@ from lorapool.lifecycle.forget import (
     check_in_flight,
     forget_targets,
 )
-from lorapool.lifecycle.gate import EvalCase, Gate, Progress
+from lorapool.lifecycle.gate import EvalCase, Gate, GateReport, Progress
 from lorapool.lifecycle.promotion import Promotion, baseline_of, promotion_split
 from lorapool.registry import Registry, check_adapter_id, check_tenant, qualify
 from lorapool.registry.audit import AuditEvent, AuditLog, redact_source
@@ -557,7 +557,8 @@ class AdapterPool:
         """
         await self.start()
         check_tenant(tenant)
-        key = self.registry.owned_id(name, tenant)
+        with self._refusals(tenant, "promote", name):
+            key = self.registry.owned_id(name, tenant)
         alias = self.registry.alias(key, None)
         if version not in alias.versions:
             raise AdapterNotFound(f"{name}@{version}")
@@ -614,12 +615,28 @@ class AdapterPool:
         info = self.registry.resolve(candidate, None)
         if await self.store.warm(info, "device", limited=False) is None:
             raise LoadError(candidate, "device", "the version could not be loaded; not promoted")
-        self.registry.set_traffic(key, split, None)
         promoted_at = time.time()
+        # The metadata first, then the split and its audit entry in one transaction; a
+        # failed split puts the metadata back, so a refused write leaves both as they were.
+        before = self._record_promotion(candidate, base_version, report, promoted_at)
+        event = AuditEvent(
+            "promote",
+            tenant,
+            candidate,
+            actor,
+            {
+                "alias": key,
+                "baseline": baseline,
+                "canary": canary,
+                "automatic": False,
+                "gate": None if report is None else report.identity,
+                "scores": None if report is None else report.to_dict()["scores"],
+            },
+        )
         try:
-            self._record_promotion(candidate, base_version, report, promoted_at)
+            self.registry.set_traffic(key, split, None, audit=event)
         except BaseException:
-            self.registry.rollback(key, None)  # the split before, as it was
+            self.registry.set_metadata(candidate, before)
             raise
         if canary is None:
             self.canary.stop(key)
@@ -632,32 +649,25 @@ class AdapterPool:
                 candidate=candidate,
                 policy=canary_policy if canary_policy is not None else CanaryPolicy(),
             )
-        self.audit.record(
-            "promote",
-            tenant=tenant,
-            adapter=candidate,
-            actor=actor,
-            alias=key,
-            baseline=baseline,
-            traffic=split,
-            canary=canary,
-            automatic=False,
-            gate=None if report is None else report.identity,
-            scores=None if report is None else report.to_dict()["scores"],
-        )
         log.info("promoted %s (%s; baseline %s)", candidate, split, baseline)
         return Promotion(candidate, baseline, split, canary, report, promoted_at)
 
     def _record_promotion(
-        self, candidate: str, baseline: str | None, report: Any, promoted_at: float
-    ) -> None:
-        """Write the promotion into the version's metadata (scores, baseline, gate, time)."""
-        info = self.registry.resolve(candidate, None)
+        self,
+        candidate: str,
+        baseline: str | None,
+        report: GateReport | None,
+        promoted_at: float,
+    ) -> AdapterMetadata:
+        """Write the promotion into the version's metadata (scores, baseline, gate, time);
+        returns the metadata it had."""
+        before = self.registry.resolve(candidate, None).metadata
         changes: dict[str, Any] = {"promoted_at": promoted_at, "baseline_version": baseline}
         if report is not None:
             changes["eval_scores"] = report.candidate_scores
             changes["gate"] = report.identity
-        self.registry.set_metadata(candidate, dataclasses.replace(info.metadata, **changes))
+        self.registry.set_metadata(candidate, dataclasses.replace(before, **changes))
+        return before
 
     def feedback(self, request_id: str, score: float, *, tenant: str | None = None) -> bool:
         """A quality score for a finished request (higher is better; e.g. 0 to 1).
@@ -686,19 +696,20 @@ class AdapterPool:
             return False  # someone moved the traffic since
         rollback = verdict.action == "rollback"
         split = {stable if rollback else candidate: 100.0}
-        self.registry.set_traffic(canary.alias, split, None)
-        self.audit.record(
+        event = AuditEvent(
             "rollback" if rollback else "promote",
-            tenant=canary.tenant,
-            adapter=canary.candidate,
-            actor="canary-watch",
-            alias=canary.alias,
-            automatic=True,
-            reason=verdict.reason,
-            stable=canary.stable,
-            traffic=split,
-            numbers=dict(verdict.numbers),
+            canary.tenant,
+            canary.candidate,
+            "canary-watch",
+            {
+                "alias": canary.alias,
+                "automatic": True,
+                "reason": verdict.reason,
+                "stable": canary.stable,
+                "numbers": dict(verdict.numbers),
+            },
         )
+        self.registry.set_traffic(canary.alias, split, None, audit=event)
         if rollback:
             log.warning(
                 "canary %s rolled back to %s: %s",

@@ -383,6 +383,10 @@ def test_the_pool_promotes_through_a_gate_and_rolls_a_failing_canary_back(
             rollback = pool.audit.entries(action="rollback")
             assert len(rollback) == 1 and rollback[0].detail["automatic"] is True
             assert rollback[0].adapter == CAND and "error rate" in rollback[0].detail["reason"]
+            assert rollback[0].detail["to"] == {"v1": 100.0}
+            numbers = rollback[0].detail["numbers"]
+            # the ledger's records carry each request's TTFT: the stable side's, measured
+            assert numbers["stable_ttft_p99_s"] > 0 and numbers["candidate_ttft_p99_s"] is None
             assert pool.canary.rollbacks == {"acme/bot": 1}
             assert any("canary acme/bot@v2 rolled back" in m for m in caplog.messages)
             metrics = ServerMetrics(pool, MetricsConfig(max_adapters=5))
@@ -436,6 +440,7 @@ def test_a_promotion_that_passes_moves_the_alias_and_records_the_scores(tmp_path
             assert entry.adapter == CAND and entry.actor == "ci"
             assert entry.detail["gate"] == gate.identity and entry.detail["automatic"] is False
             assert entry.detail["scores"]["exact_match"]["regression"] == 0.0
+            assert entry.detail["from"] == {"v1": 100.0} and entry.detail["to"] == {"v2": 100.0}
             with pytest.raises(InvalidRequest, match="already"):
                 await pool.promote("bot", "v2", tenant="acme")
             # back to v1 as a canary: v2 is now the baseline, and the watch has it
