@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 VLLM_VENV ?= $(HOME)/.cache/lorapool/venvs/vllm
 VLLM_TESTS := tests/integration/test_vllm.py tests/integration/test_vllm_sampling.py \
 	tests/integration/test_vllm_prefix.py tests/integration/test_openai_backend.py \
-	tests/integration/test_bench_vllm.py
+	tests/integration/test_bench_vllm.py tests/integration/test_vllm_forget.py
 
 .PHONY: setup setup-vllm demo test test-unit test-vllm bench lint contracts docs clean
 

@@ -307,9 +307,9 @@ class Source(Protocol):
         """
         return False
 
-    async def delete(self, uri: str, names: Sequence[str]) -> list[str]:
-        """Delete files ``names`` of the adapter at ``uri`` (those that exist); return what
-        was deleted, as URIs. Only called when :meth:`can_delete`."""
+    async def delete(self, uri: str) -> list[str]:
+        """Delete the adapter at ``uri``: its directory (everything in it) or its archive;
+        return what was deleted, as paths or URIs. Only called when :meth:`can_delete`."""
         raise NotImplementedError(f"{type(self).__name__} cannot delete {uri}")
 
 

@@ -34,7 +34,6 @@ from lorapool.abc import Backend, TierName, conform
 from lorapool.access import SourceRules
 from lorapool.lifecycle.canary import Canary, CanaryPolicy, CanaryWatch, Verdict
 from lorapool.lifecycle.forget import (
-    SOURCE_FILES,
     ForgetReport,
     InFlight,
     InFlightMode,
@@ -792,7 +791,7 @@ class AdapterPool:
             if delete_source:
                 deleted: list[str] = []
                 for source in sorted({i.source for i in infos}):
-                    deleted += await self.store.delete_source(source, SOURCE_FILES)
+                    deleted += await self.store.delete_source(source)
                 report = dataclasses.replace(report, source=tuple(deleted))
         except BaseException as exc:
             failure = exc

@@ -25,6 +25,7 @@ routing, replica count and slots.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import secrets
@@ -36,6 +37,7 @@ from typing import Any, Literal, cast
 
 from lorapool.access import SourceRules
 from lorapool.errors import BackendError, ExtraNotInstalled, LorapoolError
+from lorapool.lifecycle.forget import ForgetReport, InFlightMode, PurgeReport
 from lorapool.pool import AdapterPool
 from lorapool.registry import MemoryRegistryStore, Registry, RegistryStore, SqliteRegistryStore
 from lorapool.types import AdapterInfo, Chunk, Completion, Prompt, SamplingParams
@@ -341,6 +343,47 @@ class PoolReplica:
         """Unregister (other replicas refuse it from their next lookup on)."""
         await self.pool.unregister(adapter_id, tenant=tenant)
 
+    async def forget(
+        self,
+        adapter: str | None = None,
+        *,
+        tenant: str,
+        in_flight: InFlightMode = "drain",
+        delete_source: bool = False,
+    ) -> ForgetReport:
+        """Forget an adapter (or every adapter of ``tenant``) on every replica.
+
+        This replica removes the registry rows (shared by all), then every replica of the
+        deployment, this one included, purges it (:meth:`purge`, through Ray Serve's
+        ``broadcast``) before the call returns; the report holds each replica's part.
+        """
+        return await self.pool.forget(
+            adapter,
+            tenant=tenant,
+            in_flight=in_flight,
+            delete_source=delete_source,
+            replicas=self._purge_everywhere,
+        )
+
+    async def purge(
+        self, infos: Sequence[AdapterInfo], in_flight: InFlightMode = "drain"
+    ) -> PurgeReport:
+        """This replica's part of a forget (:meth:`AdapterPool.purge`), named by replica."""
+        report = await self.pool.purge(infos, in_flight=in_flight)
+        replica = serve.get_replica_context().replica_id.unique_id
+        return dataclasses.replace(report, replica=replica)
+
+    async def _purge_everywhere(
+        self, infos: Sequence[AdapterInfo], in_flight: InFlightMode
+    ) -> list[PurgeReport]:
+        context = serve.get_replica_context()
+        handle = serve.get_deployment_handle(context.deployment, app_name=context.app_name)
+        try:
+            results = await handle.broadcast("purge", list(infos), in_flight).results_async()
+        except (RayError, LorapoolError) as exc:
+            raise _lorapool_error(exc) from None
+        return [cast(PurgeReport, r) for r in results]
+
     async def adapters(self, tenant: str) -> list[AdapterInfo]:
         """Adapters ``tenant`` may use."""
         return self.pool.list_adapters(tenant=tenant)
@@ -360,8 +403,15 @@ class PoolReplica:
             "slots": self.slots,
             "device_loads": stats.device_loads,
             "resident": sorted(self.pool.store.resident),
+            "disk_dir": str(self.pool.store.disk_dir),
             "registered": self.registered,
         }
+
+    async def holds(self, adapter_id: str) -> list[str]:
+        """The tiers of this replica's store that hold ``adapter_id`` (by full id) now."""
+        store = self.pool.store
+        held = [("device", store.on_device(adapter_id)), ("host", store.on_host(adapter_id))]
+        return [tier for tier, there in held if there]
 
     async def __del__(self) -> None:
         """Ray calls this when it stops the replica: close the pool."""
@@ -485,6 +535,20 @@ class RayPools:
     async def unregister(self, adapter_id: str, *, tenant: str) -> None:
         """Through any replica."""
         await self._call("unregister", adapter_id, tenant=tenant)
+
+    async def forget(
+        self,
+        adapter: str | None = None,
+        *,
+        tenant: str,
+        in_flight: InFlightMode = "drain",
+        delete_source: bool = False,
+    ) -> ForgetReport:
+        """Through any replica, which has every replica purge it before it returns."""
+        report: ForgetReport = await self._call(
+            "forget", adapter, tenant=tenant, in_flight=in_flight, delete_source=delete_source
+        )
+        return report
 
 
 @serve.ingress()

@@ -21,13 +21,10 @@ from types import TracebackType
 from typing import Any, Literal
 
 from lorapool.errors import AdapterForgotten, InvalidRequest
-from lorapool.formats import ADAPTER_FILES, SIDECAR_FILE
 from lorapool.registry import Registry
-from lorapool.signing import SIGNATURE_FILE
 from lorapool.types import AdapterInfo, Chunk
 
 __all__ = [
-    "SOURCE_FILES",
     "ForgetReport",
     "ForgetTargets",
     "InFlight",
@@ -42,10 +39,6 @@ InFlightMode = Literal["drain", "cancel"]
 """What :meth:`~lorapool.AdapterPool.forget` does with requests already using the adapter:
 let them finish (``drain``), or end them now (``cancel``: each ends with
 :class:`~lorapool.errors.AdapterForgotten` and is billed for what it produced)."""
-
-SOURCE_FILES = (*ADAPTER_FILES, SIDECAR_FILE, SIGNATURE_FILE)
-"""The files of an adapter's source that ``forget(delete_source=True)`` deletes: the
-PEFT config and weights, the declared base model, the signed manifest."""
 
 
 def check_in_flight(mode: str) -> InFlightMode:

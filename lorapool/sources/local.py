@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
+import shutil
 import stat
-from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -46,27 +45,27 @@ class LocalSource(Source):
         """Nothing to release."""
 
     def can_delete(self, uri: str) -> bool:
-        """Local adapters can be deleted."""
-        return True
+        """A local adapter directory or archive can be deleted; never a filesystem root or
+        the home directory."""
+        path = local_path_of(uri).absolute()
+        return path.parent != path and path != Path.home()
 
-    async def delete(self, uri: str, names: Sequence[str]) -> list[str]:
-        """Delete the files ``names`` of the directory (a symlink itself, not its target);
-        the directory too when nothing else is left in it."""
-        return await asyncio.to_thread(_delete_files, local_path_of(uri), names)
+    async def delete(self, uri: str) -> list[str]:
+        """Delete the adapter directory and everything in it (a symlink in it is removed,
+        never followed), or the archive file; the paths of the files deleted, then the
+        directory's."""
+        return await asyncio.to_thread(_delete_tree, local_path_of(uri))
 
 
-def _delete_files(root: Path, names: Sequence[str]) -> list[str]:
-    deleted: list[str] = []
-    for name in names:
-        path = root / name
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-            deleted.append(str(path))
-    with contextlib.suppress(OSError):  # not empty, or gone: left as it is
-        if root.is_dir() and not root.is_symlink() and not any(root.iterdir()):
-            root.rmdir()
-            deleted.append(str(root))
-    return deleted
+def _delete_tree(root: Path) -> list[str]:
+    if root.is_symlink() or root.is_file():
+        root.unlink()
+        return [str(root)]
+    if not root.is_dir():
+        return []
+    deleted = sorted(str(p) for p in root.rglob("*") if p.is_symlink() or not p.is_dir())
+    shutil.rmtree(root)
+    return [*deleted, str(root)]
 
 
 async def copy_adapter_file(

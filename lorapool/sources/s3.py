@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -155,34 +154,37 @@ class S3Source(Source):
         return written
 
     def can_delete(self, uri: str) -> bool:
-        """S3 objects can be deleted (given the credentials' permission)."""
-        return True
+        """An adapter under a prefix can be deleted (given the credentials' permission);
+        never a whole bucket (an adapter at a bucket's root)."""
+        return bool(split_s3_uri(uri)[1])
 
-    async def delete(self, uri: str, names: Sequence[str]) -> list[str]:
-        """Delete objects ``<prefix>/<name>`` that exist; return their ``s3://`` URIs."""
+    async def delete(self, uri: str) -> list[str]:
+        """Delete the adapter's objects: the object ``<prefix>`` itself (an archive) and
+        every object under ``<prefix>/``; returns their ``s3://`` URIs."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, prefix = split_s3_uri(uri)
         client = await self._s3()
         deleted: list[str] = []
-        for name in names:
-            key = f"{prefix}/{name}" if prefix else name
-            label = f"s3://{bucket}/{key}"
-            try:
-                try:
-                    await client.head_object(Bucket=bucket, Key=key)
-                except ClientError as exc:
-                    if str(exc.response.get("Error", {}).get("Code", "")) in _NOT_FOUND:
-                        continue
-                    raise
+        try:
+            keys: list[str] = []
+            paginator = client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    key = str(item["Key"])
+                    if key == prefix or key.startswith(f"{prefix}/"):
+                        keys.append(key)
+            for key in sorted(keys):
                 await client.delete_object(Bucket=bucket, Key=key)
-            except ClientError as exc:
-                error = exc.response.get("Error", {})
-                detail = f"{error.get('Code', '')}: {error.get('Message', '')}"
-                raise SourceError(label, f"cannot delete it: {detail}", transient=False) from exc
-            except (BotoCoreError, OSError) as exc:
-                raise SourceError(label, f"{type(exc).__name__}: {exc}", transient=True) from exc
-            deleted.append(label)
+                deleted.append(f"s3://{bucket}/{key}")
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            detail = f"{error.get('Code', '')}: {error.get('Message', '')}"
+            message = f"deleting it failed after {len(deleted)} objects: {detail}"
+            raise SourceError(uri, message, transient=False) from exc
+        except (BotoCoreError, OSError) as exc:
+            message = f"deleting it failed after {len(deleted)} objects: {exc}"
+            raise SourceError(uri, message, transient=True) from exc
         return deleted
 
     async def aclose(self) -> None:

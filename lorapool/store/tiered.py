@@ -46,7 +46,6 @@ from lorapool.errors import (
     SignatureError,
 )
 from lorapool.retry import RetryPolicy, resolve_retry
-from lorapool.sources.archive import is_archive_uri, split_archive_uri
 from lorapool.store.device import DeviceSlots
 from lorapool.store.disk import DiskTier, Staged
 from lorapool.store.fetch import Fetcher
@@ -307,14 +306,10 @@ class TieredStore:
         archive itself)."""
         return self._fetcher.source_for(uri).can_delete(uri)
 
-    async def delete_source(self, uri: str, names: Sequence[str]) -> list[str]:
-        """Delete the adapter at ``uri`` from its source: files ``names`` of a directory,
-        or the archive itself; returns what was deleted."""
-        source = self._fetcher.source_for(uri)
-        if is_archive_uri(uri):
-            parent, name = split_archive_uri(uri)
-            return await source.delete(parent, [name])
-        return await source.delete(uri, names)
+    async def delete_source(self, uri: str) -> list[str]:
+        """Delete the adapter at ``uri`` from its source (its directory, or its archive);
+        returns what was deleted."""
+        return await self._fetcher.source_for(uri).delete(uri)
 
     # -- references ------------------------------------------------------------------
 

@@ -217,3 +217,20 @@ async def test_forget_cancels_a_running_request_and_bills_it(tmp_path: Path) -> 
         usage = pool.usage("acme")
         assert usage.failed == 1 and usage.completion_tokens == got
         assert got < 400
+
+
+async def test_the_local_source_deletes_a_directory_without_following_links(
+    tmp_path: Path,
+) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    adapter = make_adapters(tmp_path, 1)["t/a0"]
+    (adapter / "README.md").write_text("card")
+    (adapter / "link").symlink_to(outside)
+    source = LocalSource()
+    assert not source.can_delete("/") and not source.can_delete(str(Path.home()))
+    assert source.can_delete(str(adapter))
+    deleted = await source.delete(str(adapter))
+    assert not adapter.exists() and outside.read_text() == "keep me"
+    assert str(adapter / "adapter_model.safetensors") in deleted and deleted[-1] == str(adapter)
+    assert str(adapter / "link") in deleted
