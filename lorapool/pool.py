@@ -763,10 +763,16 @@ class AdapterPool:
         with self._refusals(tenant, "forget", adapter):
             targets = forget_targets(self.registry, adapter, tenant)
         if delete_source:
+            leaving = {i.adapter_id for i in targets.infos}
+            others = {i.source for i in self.registry.visible(None) if i.adapter_id not in leaving}
             for info in targets.infos:
                 if not self.store.source_deletable(info.source):
                     raise SourceNotDeletable(
                         redact_source(info.source), "its source cannot delete adapters"
+                    )
+                if info.source in others:
+                    raise SourceNotDeletable(
+                        redact_source(info.source), "another registered adapter is read from it"
                     )
         for alias in targets.aliases:
             self.canary.stop(alias)

@@ -234,3 +234,18 @@ async def test_the_local_source_deletes_a_directory_without_following_links(
     assert not adapter.exists() and outside.read_text() == "keep me"
     assert str(adapter / "adapter_model.safetensors") in deleted and deleted[-1] == str(adapter)
     assert str(adapter / "link") in deleted
+
+
+async def test_a_source_another_adapter_reads_is_not_deleted(tmp_path: Path) -> None:
+    dirs = make_adapters(tmp_path, 1)
+    async with _pool(tmp_path, MockBackend()) as pool:
+        await pool.register("a", str(dirs["t/a0"]), tenant="acme")
+        await pool.register("b", str(dirs["t/a0"]), tenant="globex")
+        with pytest.raises(SourceNotDeletable, match="another registered adapter"):
+            await pool.forget("a", tenant="acme", delete_source=True)
+        assert (dirs["t/a0"] / "adapter_model.safetensors").is_file()
+        assert [i.adapter_id for i in pool.list_adapters(tenant="acme")] == ["acme/a"]
+        report = await pool.forget("a", tenant="acme")
+        assert report.source == () and (await pool.complete("hi", adapter="b", tenant="globex"))
+        report = await pool.forget("b", tenant="globex", delete_source=True)
+        assert not dirs["t/a0"].exists() and report.source[-1] == str(dirs["t/a0"].resolve())
