@@ -79,11 +79,11 @@ async def test_forget_removes_every_copy_and_spares_a_shared_one(
         v2 = await pool.register("bot", "s3://adapters/acme-v2", tenant="acme", version="v2")
         twin = await pool.register("twin", "s3://adapters/globex-twin", tenant="globex")
         assert twin.sha256 == v1.sha256 != v2.sha256
-        for adapter in ("bot@v1", "bot"):  # v1 and v2 (the alias's traffic) both used
+        before = await pool.complete(LONG, adapter="twin", tenant="globex", params=GREEDY)
+        for adapter in ("bot@v1", "bot"):  # v1 and v2 (the alias's traffic) both used, v2 last
             await pool.complete(LONG, adapter=adapter, tenant="acme", params=GREEDY)
             again = await pool.complete(LONG, adapter=adapter, tenant="acme", params=GREEDY)
             assert again.usage.cached_tokens > 0  # its blocks are in the prefix cache
-        before = await pool.complete(LONG, adapter="twin", tenant="globex", params=GREEDY)
         engine = pool.backend._require_engine()  # type: ignore[attr-defined]
         assert {v1.sha256, v2.sha256} <= engine.prefix.index.contents()
         assert _named(disk, v1.sha256) and _named(disk, v2.sha256)
