@@ -35,6 +35,7 @@ here and from :mod:`lorapool.errors`::
     ├── AdapterNotFound (LookupError)       an id that does not exist, or another tenant's
     │   └── AdapterForgotten                a request cancelled by forget (produced)
     ├── AccessDenied (PermissionError)      a shared adapter the caller may use, not change
+    ├── SignatureError (PermissionError)    an adapter's signature refused (reason)
     ├── SourceNotAllowed (PermissionError)  a registration source outside the caller's rules
     ├── AdapterExists (ValueError)
     ├── AdapterInUse
@@ -53,6 +54,7 @@ here and from :mod:`lorapool.errors`::
     ├── DiskFull
     ├── RegistryUnavailable                 (operation, cause)
     ├── AuditChainBroken                    the audit log fails to verify at entry ``seq``
+    ├── PromotionRefused                    a version failed its eval gate (report)
     ├── BackendError
     │   ├── BackendNotStarted, BackendClosed (RuntimeError)
     │   └── BackendServerError              (status, server_message)
@@ -90,8 +92,10 @@ from lorapool.errors import (
     PinLimitExceeded,
     PluginNotFound,
     PoolClosed,
+    PromotionRefused,
     RateLimited,
     RegistryUnavailable,
+    SignatureError,
     SourceError,
     SourceNotAllowed,
     SourceNotDeletable,
@@ -156,8 +160,10 @@ __all__ = [
     "PinLimitExceeded",
     "PluginNotFound",
     "PoolClosed",
+    "PromotionRefused",
     "RateLimited",
     "RegistryUnavailable",
+    "SignatureError",
     "Registry",
     "SamplingParams",
     "Scheduler",

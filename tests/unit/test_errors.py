@@ -40,6 +40,8 @@ SAMPLES: list[e.LorapoolError] = [
     e.AdapterForgotten("acme/a", 12),
     e.SourceNotDeletable("https://h/a", "its source cannot delete adapters"),
     e.AuditChainBroken(3, "its content does not match its hash"),
+    e.SignatureError("acme/a", "revoked_key", "key id 'platform-2025' is revoked"),
+    e.PromotionRefused("acme/a@v2", "exact_match fell 0.50 (threshold 0.005)", {"scores": {}}),
 ]
 
 
