@@ -293,3 +293,44 @@ async def test_the_promote_cli_refuses_and_promotes(
         assert v3.metadata.eval_scores == {"exact_match": 1.0}
         assert v3.metadata.gate is not None and v3.metadata.gate.startswith("cli-gate@")
         assert pool.registry.resolve("acme/pirate@v2", None).metadata.promoted_at is None
+
+
+async def test_a_canary_whose_requests_fail_is_rolled_back(
+    pool: AdapterPool, demo_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from lorapool.errors import LoadError
+
+    source = tmp_path / "caps-copy"
+    shutil.copytree(demo_adapters["caps"], source)
+    await pool.register("pirate", str(source), tenant="acme", version="v2", activate=False)
+    await pool.promote("pirate", "v2", tenant="acme", canary=50, canary_policy=POLICY)
+    # v2 leaves memory and its weights go bad where they are kept: its next loads fail the
+    # store's sha256 check
+    await pool.unload("acme/pirate@v2", tenant=None)
+    weights = source / "adapter_model.safetensors"  # a local source is read in place
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    failed = served = 0
+    for i in range(40):
+        if pool.registry.alias("acme/pirate", None).traffic == {"v1": 100.0}:
+            break
+        try:
+            await pool.complete(
+                QUESTIONS[i % len(QUESTIONS)],
+                adapter="pirate",
+                tenant="acme",
+                params=PARAMS,
+                request_id=f"fail-{i}",
+            )
+            served += 1
+        except LoadError:
+            failed += 1
+    assert pool.registry.alias("acme/pirate", None).traffic == {"v1": 100.0}
+    assert failed == POLICY.min_samples and served > 0  # judged as soon as it may be
+    (entry,) = pool.audit.entries(action="rollback")
+    assert entry.adapter == "acme/pirate@v2" and entry.detail["automatic"] is True
+    assert "error rate 1.000" in entry.detail["reason"]
+    assert pool.canary.rollbacks == {"acme/pirate": 1}
