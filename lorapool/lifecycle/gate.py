@@ -31,10 +31,10 @@ import asyncio
 import hashlib
 import json
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from lorapool.errors import InvalidRequest, LorapoolError
 from lorapool.types import Completion, Message, SamplingParams, ToolCall
@@ -52,6 +52,8 @@ __all__ = [
     "UserScorer",
     "load_cases",
 ]
+
+T = TypeVar("T")
 
 DEFAULT_THRESHOLD = 0.005
 """The regression a gate tolerates by default: 0.5% (the 40-adapter case study's)."""
@@ -484,13 +486,13 @@ class Gate:
             nonlocal done
             # Both versions' requests are created together: they queue side by side and
             # share the engine's batches.
-            pair = await asyncio.gather(answer(case, candidate), answer(case, baseline))
+            pair = await _all([answer(case, candidate), answer(case, baseline)])
             done += 1
             if on_progress is not None:
                 on_progress(done, total)
             return pair[0], pair[1]
 
-        answers = await asyncio.gather(*(both(c) for c in self.cases))
+        answers = await _all([both(c) for c in self.cases])
         results = [
             self._score(i, c, a, b)
             for i, (c, (a, b)) in enumerate(zip(self.cases, answers, strict=True))
@@ -554,6 +556,20 @@ class Gate:
             scores=scores,
             cases=tuple(results),
         )
+
+
+async def _all(aws: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``aws`` concurrently; their results in order. When one raises (a bug) or the
+    caller is cancelled, the others are cancelled and awaited before it propagates: no
+    request of a gate goes on running unread."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _judge(

@@ -5,8 +5,9 @@ SmolLM2 on TorchBackend with the trained demo adapters (examples/train_adapter.p
 registered again as a new version answer like the baseline and are promoted, with the
 gate's scores in the registry; ``caps`` registered as a new version of ``pirate`` is
 refused with a report whose scores show why, the alias unchanged. A canary whose answers
-get low feedback is rolled back by the pool within its window, with an audit entry and
-the metric; a good canary is not. ``lorapool promote`` over the same call, as a process.
+get low feedback, or whose requests fail (its weights spoiled), is rolled back by the pool
+within its window, with an audit entry and the metric; a good canary is not. ``lorapool
+promote`` over the same call, as a process.
 """
 
 from __future__ import annotations

@@ -182,12 +182,28 @@ def test_a_request_that_fails_scores_zero_and_the_report_says_why() -> None:
     assert report.scores["exact_match"].regression == 0.5 and not report.passed
 
 
-def test_an_error_that_is_not_lorapools_propagates() -> None:
-    async def generate(case: EvalCase, adapter: str) -> Completion:
-        raise KeyError("a bug")
+def test_an_error_that_is_not_lorapools_propagates_and_stops_the_other_requests() -> None:
+    cancelled: list[str] = []
 
-    with pytest.raises(KeyError):
-        asyncio.run(Gate(cases(1)).run(generate, candidate="c", baseline="b"))
+    async def generate(case: EvalCase, adapter: str) -> Completion:
+        if case.id == "0":
+            raise KeyError("a bug")
+        try:
+            await asyncio.Event().wait()  # never answers by itself
+        except asyncio.CancelledError:
+            cancelled.append(f"{case.id}:{adapter}")
+            raise
+        raise AssertionError("unreachable")
+
+    async def main() -> None:
+        with pytest.raises(KeyError):
+            await asyncio.wait_for(  # a hang guard
+                Gate(cases(3)).run(generate, candidate="c", baseline="b"), timeout=30
+            )
+        assert asyncio.all_tasks() == {asyncio.current_task()}  # nothing left running
+
+    asyncio.run(main())
+    assert {"1:b", "1:c", "2:b", "2:c"} <= set(cancelled)
 
 
 def test_default_scorers_add_the_tool_scorers_when_cases_carry_tools() -> None:
