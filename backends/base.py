@@ -320,6 +320,9 @@ class BaseBackend(ABC):
     async def forget(self, sha256: str) -> None:  # noqa: B027 - optional, not abstract
         """Not offered (``Capabilities.prefix_cache`` is False): nothing cached by content."""
 
+    async def forget_scope(self, scope: str) -> None:  # noqa: B027 - optional, not abstract
+        """Not offered (``Capabilities.prefix_cache`` is False): nothing cached by scope."""
+
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         """Not offered (``Capabilities.prefix_cache`` is False): nothing counted."""
         return None

@@ -681,6 +681,15 @@ class VLLMBackend(BaseBackend):
         reused least recently used first. vLLM has no per-adapter drop
         (``reset_prefix_cache`` drops every tenant's blocks)."""
 
+    async def forget_scope(self, scope: str) -> None:
+        """Reset vLLM's whole prefix cache: it has no drop by ``cache_salt``, and a
+        forgotten tenant's blocks (base model ones too) must not outlive the tenant."""
+        engine = self._engine
+        if engine is not None and self.capabilities.prefix_cache:
+            await _engine_call(
+                engine.reset_prefix_cache(reset_running_requests=True), "reset its prefix cache"
+            )
+
     async def purge(self, adapter_id: str, sha256: str) -> list[str]:
         """Take a forgotten adapter out of vLLM entirely: ``remove_lora`` wherever vLLM still
         holds it (a slot, the CPU LoRA cache of warm adapters), the files written for it,

@@ -17,7 +17,8 @@ and says how an implementation declares whether it offers one:
 * a backend declares its abilities in :class:`~lorapool.types.Capabilities`
   (``preemption``, ``resume``, ``engine_cache``, ``pass_stats``, ``prefix_cache``);
   lorapool calls :meth:`Backend.preempt`, :meth:`Backend.discard`,
-  :meth:`Backend.adapters_per_pass`, :meth:`Backend.forget` and
+  :meth:`Backend.adapters_per_pass`, :meth:`Backend.forget`,
+  :meth:`Backend.forget_scope` and
   :meth:`Backend.prefix_cache_stats` only when the flag is set, and
   :meth:`Backend.purge` whenever an adapter is forgotten (``BaseBackend`` gives it);
 * the other seams' optional methods have a default body (the ability not offered):
@@ -176,6 +177,17 @@ class Backend(Protocol):
         of its weights and config, :attr:`~lorapool.types.LoadedAdapter.sha256`). A
         no-op for a content with nothing cached. Requests already running are not
         affected (a cache keyed by content never serves one content's state to another).
+        """
+        ...
+
+    async def forget_scope(self, scope: str) -> None:
+        """Drop what the engine cached in one prefix-cache scope: a tenant's blocks,
+        whatever the content (the base model's included).
+
+        Called only when ``capabilities.prefix_cache``, when a whole tenant is forgotten
+        (``AdapterPool.forget`` without an adapter), with the scope that tenant's requests
+        carried (:attr:`~lorapool.types.GenerationRequest.cache_scope`). A backend that
+        cannot drop one scope drops its whole prefix cache.
         """
         ...
 

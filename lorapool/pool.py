@@ -47,7 +47,14 @@ from lorapool.lifecycle.promotion import Promotion, baseline_of, promotion_split
 from lorapool.registry import Registry, check_adapter_id, check_tenant, qualify
 from lorapool.registry.audit import AuditEvent, AuditLog, redact_source
 from lorapool.registry.metadata import check_metadata
-from lorapool.request import Ledger, Lifecycle, PoolStats, TenantUsage, estimate_tokens
+from lorapool.request import (
+    Ledger,
+    Lifecycle,
+    PoolStats,
+    TenantUsage,
+    cache_scope,
+    estimate_tokens,
+)
 from lorapool.scheduler import Scheduler
 from lorapool.scheduler.fcfs import FCFSScheduler
 from lorapool.signing import (
@@ -789,10 +796,14 @@ class AdapterPool:
         )
         failure: BaseException | None = None
         try:
+            # A whole tenant's forget also drops its prefix blocks (the base model's too).
+            scope = cache_scope(tenant) if adapter is None else None
             if replicas is None:
-                purges: Sequence[PurgeReport] = [await self.purge(infos, in_flight=mode)]
+                purges: Sequence[PurgeReport] = [
+                    await self.purge(infos, in_flight=mode, scope=scope)
+                ]
             else:
-                purges = await replicas(infos, mode)
+                purges = await replicas(infos, mode, scope)
             report = dataclasses.replace(report, purges=tuple(purges))
             if delete_source:
                 deleted: list[str] = []
@@ -824,14 +835,19 @@ class AdapterPool:
         return report
 
     async def purge(
-        self, infos: Sequence[AdapterInfo], *, in_flight: InFlightMode = "drain"
+        self,
+        infos: Sequence[AdapterInfo],
+        *,
+        in_flight: InFlightMode = "drain",
+        scope: str | None = None,
     ) -> PurgeReport:
         """This pool's part of :meth:`forget`, for adapters already out of the registry.
 
         The registry is read again first (a store shared with other pools may have
         changed); requests using the adapters drain or are cancelled; the store removes
         them from every tier, keeping a disk copy only while a registered adapter has the
-        same content; the backend purges them from its caches. Idempotent: an adapter
+        same content; the backend purges them from its caches, and with ``scope`` (a
+        forgotten tenant's prefix-cache scope) every block of that scope. Idempotent: an adapter
         this pool never held is simply not found anywhere. Each Ray Serve replica runs
         it when an adapter is forgotten through any of them.
         """
@@ -857,6 +873,9 @@ class AdapterPool:
                 kept.add(info.sha256)
         for info in gone:
             engine += await self.backend.purge(info.adapter_id, info.sha256)
+        if scope is not None and self.backend.capabilities.prefix_cache:
+            await self.backend.forget_scope(scope)
+            engine.append("prefix cache: the tenant's blocks")
         self.scheduler.kick()
         return PurgeReport(
             replica=None,

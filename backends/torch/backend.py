@@ -244,6 +244,12 @@ class TorchBackend(BaseBackend):
         if engine is not None and engine.alive:
             await asyncio.wrap_future(engine.forget(sha256))
 
+    async def forget_scope(self, scope: str) -> None:
+        """Drop the prefix cache's blocks of one scope (a forgotten tenant's)."""
+        engine = self._engine
+        if engine is not None and engine.alive:
+            await asyncio.wrap_future(engine.forget_scope(scope))
+
     async def purge(self, adapter_id: str, sha256: str) -> list[str]:
         """Drop the prefix cache's blocks computed under the forgotten adapter's content
         (its slots and host copy are the store's, already freed)."""

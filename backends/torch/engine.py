@@ -284,6 +284,13 @@ class Engine:
             self._cond.notify()
         return fut
 
+    def forget_scope(self, scope: str) -> Future[int]:
+        """Drop the prefix cache's blocks of ``scope`` (a tenant's), between two steps;
+        resolves to how many."""
+        return self.call(
+            lambda: 0 if self.prefix is None else self.prefix.index.forget_scope(scope)
+        )
+
     def forget(self, content: str) -> Future[int]:
         """Drop the prefix cache's blocks of ``content`` (between two steps); resolves to
         how many were dropped."""
@@ -540,7 +547,7 @@ class Engine:
         if keyed is None:
             return
         content, keys = keyed
-        placed = self.prefix.index.insert(keys, content, self.prefix.block_bytes)
+        placed = self.prefix.index.insert(keys, content, self.prefix.block_bytes, seq.scope)
         if placed:
             self.prefix.copy_out(self.cache, seq.row, placed)
 

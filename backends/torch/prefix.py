@@ -81,6 +81,7 @@ class _Entry:
     block: int
     parent: bytes | None
     content: str
+    scope: str = ""
     children: int = 0
 
 
@@ -89,7 +90,8 @@ class PrefixIndex:
 
     Pure bookkeeping, no tensors: :meth:`match` finds the longest cached prefix of a
     chain, :meth:`insert` allocates blocks for the rest (evicting leaves, never a
-    block of the chain being inserted), :meth:`forget` drops a content's blocks.
+    block of the chain being inserted), :meth:`forget` drops a content's blocks and
+    :meth:`forget_scope` a scope's (a tenant's).
     """
 
     def __init__(self, capacity: int, policy: EvictionPolicy) -> None:
@@ -100,6 +102,7 @@ class PrefixIndex:
         self._entries: dict[bytes, _Entry] = {}
         self._leaves: dict[bytes, None] = {}  # ordered, for a deterministic fallback
         self._by_content: dict[str, set[bytes]] = {}
+        self._by_scope: dict[str, set[bytes]] = {}
         self._free = list(range(capacity - 1, -1, -1))  # pop() gives the lowest first
         self.evictions = 0
         """Blocks given up to make room."""
@@ -137,10 +140,10 @@ class PrefixIndex:
         return blocks
 
     def insert(
-        self, keys: Sequence[bytes], content: str, block_bytes: int
+        self, keys: Sequence[bytes], content: str, block_bytes: int, scope: str = ""
     ) -> list[tuple[int, int]]:
-        """Cache the chain ``keys`` (of ``content``): ``(j, block)`` for each key ``j``
-        given a new block, to be filled by the caller.
+        """Cache the chain ``keys`` (of ``content`` in ``scope``): ``(j, block)`` for each
+        key ``j`` given a new block, to be filled by the caller.
 
         Keys already cached are kept (and touched). Stops at the first key that finds
         no block, even after evicting: the chain stays a prefix.
@@ -153,8 +156,9 @@ class PrefixIndex:
                 block = self._allocate(protect)
                 if block is None:
                     break
-                self._entries[key] = _Entry(block, parent, content)
+                self._entries[key] = _Entry(block, parent, content, scope)
                 self._by_content.setdefault(content, set()).add(key)
+                self._by_scope.setdefault(scope, set()).add(key)
                 self._leaves[key] = None
                 if parent is not None:
                     above = self._entries[parent]
@@ -185,11 +189,7 @@ class PrefixIndex:
         """Drop a leaf; its block goes back to the free list (``free``) or to the caller."""
         entry = self._entries.pop(key)
         self._leaves.pop(key, None)
-        keys = self._by_content.get(entry.content)
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
-                del self._by_content[entry.content]
+        self._ungroup(key, entry)
         if entry.parent is not None:
             above = self._entries.get(entry.parent)
             if above is not None:
@@ -201,21 +201,39 @@ class PrefixIndex:
             self._free.append(entry.block)
         return entry.block
 
-    def forget(self, content: str) -> int:
-        """Drop every block cached under ``content``; returns how many.
+    def _ungroup(self, key: bytes, entry: _Entry) -> None:
+        """Take ``key`` out of its content's and its scope's groups."""
+        for groups, name in ((self._by_content, entry.content), (self._by_scope, entry.scope)):
+            keys = groups.get(name)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del groups[name]
 
-        A chain holds one content from its root on, so no other content's chain loses
-        a block.
-        """
-        keys = self._by_content.pop(content, set())
+    def _drop(self, keys: set[bytes]) -> int:
+        """Drop whole chains (``keys`` holds every key that continues any of them)."""
         for key in keys:
             entry = self._entries.pop(key)
+            self._ungroup(key, entry)
             self._leaves.pop(key, None)
             self.policy.on_remove(key)
             self._free.append(entry.block)
         self._free.sort(reverse=True)
         self.forgotten += len(keys)
         return len(keys)
+
+    def forget(self, content: str) -> int:
+        """Drop every block cached under ``content``; returns how many.
+
+        A chain holds one content from its root on, so no other content's chain loses
+        a block.
+        """
+        return self._drop(set(self._by_content.get(content, ())))
+
+    def forget_scope(self, scope: str) -> int:
+        """Drop every block cached in ``scope`` (a tenant's, whatever the content);
+        returns how many. A chain holds one scope from its root on."""
+        return self._drop(set(self._by_scope.get(scope, ())))
 
     def contents(self) -> set[str]:
         """The contents with blocks cached."""
@@ -233,12 +251,15 @@ class PrefixIndex:
                 above = self._entries.get(entry.parent)
                 assert above is not None, "a chain broken in the middle"
                 assert above.content == entry.content, "a chain across contents"
+                assert above.scope == entry.scope, "a chain across scopes"
                 children[entry.parent] += 1
             assert key in self._by_content.get(entry.content, set())
+            assert key in self._by_scope.get(entry.scope, set())
         for key, entry in self._entries.items():
             assert entry.children == children[key], "a wrong child count"
             assert (key in self._leaves) == (children[key] == 0), "a wrong leaf"
         assert sum(len(k) for k in self._by_content.values()) == len(self._entries)
+        assert sum(len(k) for k in self._by_scope.values()) == len(self._entries)
 
 
 class PrefixCache:

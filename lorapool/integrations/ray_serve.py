@@ -40,6 +40,8 @@ from lorapool.errors import BackendError, ExtraNotInstalled, LorapoolError
 from lorapool.lifecycle.forget import ForgetReport, InFlightMode, PurgeReport
 from lorapool.pool import AdapterPool
 from lorapool.registry import MemoryRegistryStore, Registry, RegistryStore, SqliteRegistryStore
+from lorapool.registry.audit import GENESIS
+from lorapool.registry.stores import AuditConflict, AuditRows
 from lorapool.types import AdapterInfo, Chunk, Completion, Prompt, SamplingParams
 
 try:
@@ -106,6 +108,28 @@ class _RegistryActor:
         self._store.set_setting(key, value)
         self._writes += 1
 
+    def _rows(self) -> AuditRows:
+        assert isinstance(self._store, AuditRows)  # both lorapool stores keep audit rows
+        return self._store
+
+    def audit_tail(self) -> tuple[int, str] | None:
+        return self._rows().audit_tail()
+
+    def audit_insert(self, row: Mapping[str, Any]) -> bool:
+        """Append ``row`` if it follows the tail (``False``: another replica wrote first).
+        An actor runs one call at a time, so the check and the append are one step."""
+        rows = self._rows()
+        tail = rows.audit_tail()
+        seq, prev = (0, GENESIS) if tail is None else tail
+        if row["seq"] != seq + 1 or row["prev"] != prev:
+            return False
+        with rows.transaction():
+            rows.audit_insert(row)
+        return True
+
+    def audit_rows(self, filters: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return self._rows().audit_rows(**filters)
+
 
 class RayRegistryStore(RegistryStore):
     """A :class:`~lorapool.registry.RegistryStore` shared by every replica of a cluster.
@@ -169,6 +193,30 @@ class RayRegistryStore(RegistryStore):
     def set_setting(self, key: str, value: str | None) -> None:
         """Set or delete a named value."""
         self._call("set_setting", key, value)
+
+    def audit_tail(self) -> tuple[int, str] | None:
+        """The audit log's last ``seq`` and ``hash``, from the actor."""
+        tail = self._call("audit_tail")
+        return None if tail is None else (int(tail[0]), str(tail[1]))
+
+    def audit_insert(self, row: Mapping[str, Any]) -> None:
+        """Append an audit row in the actor; :class:`AuditConflict` when another replica
+        appended since the tail was read (the log reads it again and retries)."""
+        if not self._call("audit_insert", dict(row)):
+            raise AuditConflict(f"audit entry {row['seq']} was taken by another replica")
+
+    def audit_rows(
+        self,
+        *,
+        tenant: str | None = None,
+        adapter: str | None = None,
+        action: str | None = None,
+        after: int = 0,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Audit rows in ``seq`` order, filtered in the actor."""
+        filters = {"tenant": tenant, "adapter": adapter, "action": action, "after": after}
+        return list(self._call("audit_rows", {**filters, "limit": limit}))
 
     def version(self) -> int:
         """The actor's write counter, asked at most every ``refresh`` seconds."""
@@ -366,20 +414,23 @@ class PoolReplica:
         )
 
     async def purge(
-        self, infos: Sequence[AdapterInfo], in_flight: InFlightMode = "drain"
+        self,
+        infos: Sequence[AdapterInfo],
+        in_flight: InFlightMode = "drain",
+        scope: str | None = None,
     ) -> PurgeReport:
         """This replica's part of a forget (:meth:`AdapterPool.purge`), named by replica."""
-        report = await self.pool.purge(infos, in_flight=in_flight)
+        report = await self.pool.purge(infos, in_flight=in_flight, scope=scope)
         replica = serve.get_replica_context().replica_id.unique_id
         return dataclasses.replace(report, replica=replica)
 
     async def _purge_everywhere(
-        self, infos: Sequence[AdapterInfo], in_flight: InFlightMode
+        self, infos: Sequence[AdapterInfo], in_flight: InFlightMode, scope: str | None
     ) -> list[PurgeReport]:
         context = serve.get_replica_context()
         handle = serve.get_deployment_handle(context.deployment, app_name=context.app_name)
         try:
-            results = await handle.broadcast("purge", list(infos), in_flight).results_async()
+            results = await handle.broadcast("purge", list(infos), in_flight, scope).results_async()
         except (RayError, LorapoolError) as exc:
             raise _lorapool_error(exc) from None
         return [cast(PurgeReport, r) for r in results]

@@ -177,9 +177,12 @@ class ForgetReport:
         }
 
 
-PurgeAll = Callable[[Sequence[AdapterInfo], InFlightMode], Awaitable[Sequence[PurgeReport]]]
-"""Runs :meth:`~lorapool.AdapterPool.purge` on every copy of a pool (Ray Serve's replicas)
-and returns each one's report: ``forget(..., replicas=...)``."""
+PurgeAll = Callable[
+    [Sequence[AdapterInfo], InFlightMode, str | None], Awaitable[Sequence[PurgeReport]]
+]
+"""Runs :meth:`~lorapool.AdapterPool.purge` (adapters, in-flight mode, prefix-cache scope)
+on every copy of a pool (Ray Serve's replicas) and returns each one's report:
+``forget(..., replicas=...)``."""
 
 
 # -- requests in flight --------------------------------------------------------------------

@@ -219,3 +219,26 @@ async def test_delete_source(
             assert [i.adapter_id for i in pool.list_adapters(tenant="acme")] == ["acme/web"]
     finally:
         http.stop()
+
+
+async def test_forgetting_a_whole_tenant_drops_its_base_model_prefix_blocks(
+    model_dir: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """Right to be forgotten covers the tenant's prompts too: the KV blocks its requests
+    left in the prefix cache on the base model go with ``forget(tenant=...)``; another
+    tenant's blocks of the same prompt stay."""
+    async with await _pool(model_dir, tmp_path, None) as pool:
+        await pool.register("bot", str(adapters["r8-attn"]), tenant="acme")
+        for tenant in ("acme", "globex"):
+            for _ in range(2):
+                done = await pool.complete(LONG, tenant=tenant, params=GREEDY)
+            assert done.usage.cached_tokens > 0, tenant  # the base model's blocks, its own
+        report = await pool.forget(tenant="acme")
+        assert report.registry == ("acme/bot",)
+        assert "prefix cache: the tenant's blocks" in report.purges[0].engine
+        first = await pool.complete(LONG, tenant="acme", params=GREEDY)
+        assert first.usage.cached_tokens == 0  # nothing of acme's earlier prompts is left
+        kept = await pool.complete(LONG, tenant="globex", params=GREEDY)
+        assert kept.usage.cached_tokens > 0  # globex's blocks of the same prompt are kept
+        with pytest.raises(AdapterNotFound):
+            await pool.complete("hi", adapter="bot", tenant="acme", params=GREEDY)

@@ -124,6 +124,24 @@ def test_forget_drops_one_content_only() -> None:
     index.verify()
 
 
+def test_forget_scope_drops_one_tenant_s_blocks_of_every_content() -> None:
+    index = PrefixIndex(12, LRUPolicy())
+    tokens = list(range(8))
+    mine = [chain_keys(c, tokens, BS, scope="acme") for c in (A, BASE_CONTENT)]
+    theirs = [chain_keys(c, tokens, BS, scope="globex") for c in (A, BASE_CONTENT)]
+    for content, keys in zip((A, BASE_CONTENT), mine, strict=True):
+        index.insert(keys, content, 100, "acme")
+    for content, keys in zip((A, BASE_CONTENT), theirs, strict=True):
+        index.insert(keys, content, 100, "globex")
+    assert index.forget_scope("acme") == 4 and index.forgotten == 4
+    assert all(index.match(keys) == [] for keys in mine)
+    assert all(len(index.match(keys)) == 2 for keys in theirs)
+    assert index.forget_scope("acme") == 0
+    # A content's forget still finds the other scope's blocks of it.
+    assert index.forget(A) == 2 and len(index.match(theirs[1])) == 2
+    index.verify()
+
+
 def test_a_long_random_run_keeps_the_bookkeeping_whole() -> None:
     import random
 
