@@ -29,10 +29,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from lorapool.errors import AuditChainBroken, InvalidRequest
-from lorapool.registry.stores import AuditRows, MemoryRegistryStore
+from lorapool.errors import AuditChainBroken, InvalidRequest, RegistryUnavailable
+from lorapool.registry.stores import AuditConflict, AuditRows, MemoryRegistryStore
 
 __all__ = ["GENESIS", "AuditEntry", "AuditEvent", "AuditLog", "redact_source"]
+
+_APPEND_ATTEMPTS = 16
+"""Tries to append while other writers keep taking the tail (stores without transactions)."""
 
 GENESIS = "0" * 64
 """The ``prev`` of the first entry."""
@@ -160,13 +163,24 @@ class AuditLog:
         actor = _optional_text("actor", event.actor)
         text = _canonical(event.detail)
         detail = json.loads(text)
-        with self.rows.transaction():
-            tail = self.rows.audit_tail()
-            seq, prev = (1, GENESIS) if tail is None else (tail[0] + 1, tail[1])
-            entry = AuditEntry(seq, time.time(), event.action, tenant, adapter, actor, detail, prev)
-            entry = AuditEntry(**{**entry.__dict__, "hash": entry.digest()})
-            self.rows.audit_insert({**entry.__dict__, "detail": text})
-        return entry
+        for attempt in range(_APPEND_ATTEMPTS):
+            with self.rows.transaction():
+                tail = self.rows.audit_tail()
+                seq, prev = (1, GENESIS) if tail is None else (tail[0] + 1, tail[1])
+                entry = AuditEntry(
+                    seq, time.time(), event.action, tenant, adapter, actor, detail, prev
+                )
+                entry = AuditEntry(**{**entry.__dict__, "hash": entry.digest()})
+                try:
+                    self.rows.audit_insert({**entry.__dict__, "detail": text})
+                except AuditConflict:
+                    if attempt + 1 == _APPEND_ATTEMPTS:
+                        raise RegistryUnavailable(
+                            "append to the audit log", "other writers kept appending first"
+                        ) from None
+                    continue
+            return entry
+        raise AssertionError("unreachable")
 
     def entries(
         self,

@@ -30,6 +30,7 @@ from lorapool.types import AdapterInfo, LoraConfig
 
 __all__ = [
     "AUDIT_COLUMNS",
+    "AuditConflict",
     "AuditRows",
     "MemoryRegistryStore",
     "RegistryStore",
@@ -38,6 +39,12 @@ __all__ = [
 
 AUDIT_COLUMNS = ("seq", "at", "action", "tenant", "adapter", "actor", "detail", "prev", "hash")
 """An audit row's fields, in order; ``detail`` is JSON text."""
+
+
+class AuditConflict(Exception):
+    """:meth:`AuditRows.audit_insert` found the tail moved since it was read: another
+    writer appended first (a store without transactions across processes, such as Ray
+    Serve's registry actor). The log reads the tail again and retries."""
 
 
 @runtime_checkable
@@ -54,7 +61,8 @@ class AuditRows(Protocol):
         ...
 
     def audit_insert(self, row: Mapping[str, Any]) -> None:
-        """Append a row (its ``seq`` one past the tail)."""
+        """Append a row (its ``seq`` one past the tail); :class:`AuditConflict` when a
+        store that cannot hold the tail in a transaction finds it moved."""
         ...
 
     def audit_rows(

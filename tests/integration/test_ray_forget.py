@@ -68,7 +68,10 @@ def cluster(model_dir: Path, adapters: dict[str, Path]) -> Iterator[dict[str, An
             ingress_options={"ray_actor_options": {"num_cpus": 0.5}},
         )
         serve.run(app, name=APP, route_prefix="/")
-        yield {"pools": serve.get_deployment_handle("LoraPool", app_name=APP)}
+        yield {
+            "pools": serve.get_deployment_handle("LoraPool", app_name=APP),
+            "registry": f"lorapool-registry-forget-{port}",
+        }
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -133,3 +136,17 @@ def test_forget_reaches_every_replica(cluster: dict[str, Any]) -> None:
         pools, "complete", PROMPT, adapter="twin", tenant="globex", params=GREEDY
     )
     assert [d.text for d in done] == [served["twin"]] * 2
+    # One audit log for the cluster, in the registry actor: every replica's entries, chained.
+    from lorapool.integrations.ray_serve import RayRegistryStore
+    from lorapool.registry.audit import AuditLog
+
+    log = AuditLog(RayRegistryStore(name=cluster["registry"]))
+    assert log.persistent
+    actions = [(e.action, e.adapter) for e in log.entries()]
+    assert actions == [
+        ("register", "acme/a"),
+        ("register", "acme/b"),
+        ("register", "globex/twin"),
+        ("forget", None),
+    ]
+    assert log.verify() == 4

@@ -12,7 +12,9 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,10 +25,12 @@ from lorapool.errors import (
     AdapterNotFound,
     AuditChainBroken,
     InvalidRequest,
+    RegistryUnavailable,
     SourceNotAllowed,
 )
 from lorapool.registry import MemoryRegistryStore, Registry
 from lorapool.registry.audit import GENESIS, AuditEvent, AuditLog, redact_source
+from lorapool.registry.stores import AuditConflict
 from lorapool.testing import MockBackend
 from lorapool.types import AdapterInfo, LoraConfig
 
@@ -253,6 +257,38 @@ def test_an_entry_edited_in_the_sqlite_file_fails_verify_naming_it(tmp_path: Pat
     missing = _cli("verify", "--registry", str(tmp_path / "nothing.sqlite"))
     assert missing.returncode == 2 and "no registry file" in missing.stderr
     assert not (tmp_path / "nothing.sqlite").exists()
+
+
+class _RacingStore(MemoryRegistryStore):
+    """A store without cross-process transactions (Ray's registry actor): another writer
+    appends between this writer's read of the tail and its append, ``races`` times."""
+
+    def __init__(self, races: int) -> None:
+        super().__init__()
+        self.races = races
+
+    def audit_insert(self, row: Mapping[str, Any]) -> None:
+        if self.races:
+            self.races -= 1
+            tail = self.audit_tail()
+            seq, prev = (1, GENESIS) if tail is None else (tail[0] + 1, tail[1])
+            theirs = {**row, "seq": seq, "prev": prev, "action": "other", "hash": ""}
+            super().audit_insert(theirs)
+            raise AuditConflict("taken")
+        super().audit_insert(row)
+
+
+def test_an_append_that_loses_the_race_reads_the_tail_again() -> None:
+    store = _RacingStore(races=2)
+    log = AuditLog(store)
+    entry = log.record("register", tenant="acme", adapter="acme/a")
+    assert entry.seq == 3 and [e.action for e in log.entries()] == ["other", "other", "register"]
+    assert entry.prev == log.entries()[1].hash
+    # A writer that always loses gives up with a typed error, writing nothing of its own.
+    hopeless = AuditLog(_RacingStore(races=10**6))
+    with pytest.raises(RegistryUnavailable, match="audit log"):
+        hopeless.record("register", tenant="acme")
+    assert {e.action for e in hopeless.entries()} == {"other"}
 
 
 def test_sources_are_recorded_without_secrets() -> None:
