@@ -15,7 +15,9 @@
       types.py       Chunk, Completion, Usage, Capabilities, ...
       errors.py      the error tree below
       plugins.py     finding backends, policies and sources through entry points
-      registry/      adapters, tenants, versions, aliases, canary splits
+      registry/      adapters, tenants, versions, aliases, canary splits, the audit log
+      signing/       signed adapter manifests: keys, keyring, verification
+      lifecycle/     eval-gated promotion, the canary watch, forget
       scheduler/     whose request runs next: FCFS, fair (VTC), admission, preemption, hand-off
       store/         device slots <- host RAM <- disk <- source
       sources/       file, s3, http(s)
