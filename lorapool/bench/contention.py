@@ -102,7 +102,11 @@ class Burners:
             for cpu in self.cpus:
                 argv = [sys.executable, "-I", "-S", "-c", _BURNER_CODE, BURNER_TAG]
                 argv += [str(cpu), str(os.getpid())]
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+                # A session of its own: in the bench's process group, a paused burner is
+                # sent SIGCONT by the kernel whenever another member exits while the group
+                # is orphaned (a bench started with nohup from a shell that has exited),
+                # and it would spin through "quiet" runs.
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
                 self._procs.append(proc)
             time.sleep(0.3)  # past the interpreter's start: spinning from the first resume
             self._signal(signal.SIGSTOP)
@@ -127,6 +131,10 @@ class Burners:
             yield
         finally:
             self._signal(signal.SIGSTOP)
+
+    def pause(self) -> None:
+        """Make sure every burner is paused (they are, outside :meth:`running`)."""
+        self._signal(signal.SIGSTOP)
 
     def _signal(self, sig: signal.Signals) -> None:
         """Send ``sig`` (SIGSTOP or SIGCONT) to every burner and wait until each is
@@ -314,6 +322,7 @@ async def _rounds(
                 order = ("quiet", "contended") if r % 2 == 0 else ("contended", "quiet")
                 for condition in order:
                     if condition == "quiet":
+                        burners.pause()  # paused already; and sure of it
                         sample = await one_run(k)
                     else:
                         with burners.running():

@@ -67,6 +67,24 @@ def test_paused_pinned_running_and_killed() -> None:
     assert _gone([pid], within=0)
 
 
+def test_a_burner_resumed_from_outside_is_paused_again_before_a_quiet_run() -> None:
+    """The kernel sends SIGCONT to every stopped process of an orphaned process group when
+    one of its members exits (a bench started with nohup from a shell that has exited):
+    a burner in the bench's group spun through "quiet" runs (seen: burner CPUs 0.73 in
+    a quiet run). Burners get a session of their own, and are paused again before each
+    quiet run."""
+    with Burners([CPU]) as burners:
+        (pid,) = burners.pids
+        assert os.getsid(pid) == pid != os.getsid(0)  # its own session and group
+        os.kill(pid, signal.SIGCONT)  # what the kernel did
+        deadline = time.monotonic() + 5
+        while _state(pid) == "T" and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert _state(pid) != "T"
+        burners.pause()
+        assert _state(pid) == "T"
+
+
 def test_killed_when_the_block_raises() -> None:
     pids: list[int] = []
     with pytest.raises(RuntimeError, match="boom"), Burners([CPU]) as burners:
