@@ -5,7 +5,22 @@ Import cost: this package imports torch; ``import lorapool`` does not.
 
 from __future__ import annotations
 
+import logging
+
 from lorapool.errors import BackendUnavailable
+
+from .threads import PASSIVE_WAIT_UNSET, prefer_passive_wait
+
+WAIT_POLICY = prefer_passive_wait()  # before torch loads its OpenMP runtime
+"""The OpenMP wait policy of this process's torch (``PASSIVE`` unless the environment set
+another before torch was imported; see :func:`.threads.prefer_passive_wait`)."""
+if WAIT_POLICY == PASSIVE_WAIT_UNSET:
+    logging.getLogger(__name__).warning(
+        "torch was imported before lorapool.backends.torch with OMP_WAIT_POLICY unset: its "
+        "OpenMP threads spin while they wait, and the engine loses most of its throughput "
+        "when another process takes a core; set OMP_WAIT_POLICY=PASSIVE in the environment "
+        "(docs/operations.md)"
+    )
 
 try:
     import torch as _torch  # noqa: F401
@@ -13,7 +28,13 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise BackendUnavailable("torch", "torch", str(exc)) from exc
 
-from .backend import TorchBackend
-from .demo_model import DEMO_MODEL_NAME, default_cache_dir, ensure_demo_model
+from .backend import TorchBackend  # noqa: E402 - after the wait policy is set
+from .demo_model import DEMO_MODEL_NAME, default_cache_dir, ensure_demo_model  # noqa: E402
 
-__all__ = ["DEMO_MODEL_NAME", "TorchBackend", "default_cache_dir", "ensure_demo_model"]
+__all__ = [
+    "DEMO_MODEL_NAME",
+    "WAIT_POLICY",
+    "TorchBackend",
+    "default_cache_dir",
+    "ensure_demo_model",
+]

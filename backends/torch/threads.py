@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -130,6 +131,27 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, self_cgroup_text: str | None = No
                     if limit is not None:
                         limits.append(limit)
     return min(limits) if limits else None
+
+
+PASSIVE_WAIT_UNSET = "libgomp's default, active (torch was imported before lorapool.backends.torch)"
+"""What :func:`prefer_passive_wait` reports when it came too late to choose."""
+
+
+def prefer_passive_wait() -> str:
+    """Have OpenMP's idle threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``)
+    unless the environment already chose; returns the policy the runtime will use.
+
+    A spinning thread burns the core another process needs, and a parallel region waits
+    at its barrier for a thread descheduled from that core: with a neighbour on one of two
+    cores the engine kept 0.07x of its quiet throughput spinning, 0.6x passive
+    (docs/performance.md, issue 33). The OpenMP runtime reads the variable once, when torch
+    loads it, so this only works before ``import torch``; afterwards it returns
+    :data:`PASSIVE_WAIT_UNSET` when nothing was set (the caller warns). Sets a variable of
+    the whole process: other OpenMP code in it waits passively too.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return os.environ.get("OMP_WAIT_POLICY") or PASSIVE_WAIT_UNSET
 
 
 def process_usable_cpus() -> int:

@@ -354,6 +354,9 @@ async def _settings(backend: Any, engine: str) -> dict[str, Any]:
         out["threads_asked"] = backend.threads
         out["adapt_threads"] = backend.adapt_threads
         out["kernel_schedule"] = ",".join(map(str, schedule)) if schedule else "no kernel"
+        from lorapool.backends.torch import WAIT_POLICY
+
+        out["omp_wait_policy"] = WAIT_POLICY
     elif engine == "vllm":  # its CPU threads and their binding come from these, if set
         out.update({k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CPU_")})
     return out

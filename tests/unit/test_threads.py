@@ -412,3 +412,35 @@ async def test_the_engine_drops_a_thread_while_a_neighbour_holds_a_core_and_serv
     finally:
         await backend.aclose()
         torch.set_num_threads(before)
+
+
+def _wait_policy(code: str, env: dict[str, str]) -> list[str]:
+    """Run ``code`` in a fresh interpreter; its printed lines and its stderr's warnings."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,  # a hang guard: it imports torch
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [*done.stdout.split(), *(["WARNED"] if "OMP_WAIT_POLICY" in done.stderr else [])]
+
+
+def test_the_backend_asks_openmp_to_wait_passively_unless_told_otherwise() -> None:
+    """Spinning OpenMP threads collapse the engine when a neighbour takes a core (issue
+    33): importing the backend sets OMP_WAIT_POLICY=PASSIVE before torch loads its OpenMP
+    runtime; a policy the environment chose is kept; torch imported first gets a warning."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    show = "import os, lorapool.backends.torch as t; print(os.environ.get('OMP_WAIT_POLICY'))"
+    assert _wait_policy(show, env) == ["PASSIVE"]
+    assert _wait_policy(show, {**env, "OMP_WAIT_POLICY": "active"}) == ["active"]
+    late = (
+        "import torch, os, lorapool.backends.torch as t; print(os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    assert _wait_policy(late, env) == ["None", "WARNED"]
