@@ -41,6 +41,7 @@ from lorapool.lifecycle.forget import (
     PurgeReport,
     check_in_flight,
     forget_targets,
+    sources_overlap,
 )
 from lorapool.lifecycle.gate import EvalCase, Gate, GateReport, Progress
 from lorapool.lifecycle.promotion import Promotion, baseline_of, promotion_split
@@ -72,6 +73,7 @@ from .errors import (
     AccessDenied,
     AdapterExists,
     AdapterNotFound,
+    BackendError,
     InvalidRequest,
     LoadError,
     LorapoolError,
@@ -586,7 +588,7 @@ class AdapterPool:
                 )
 
             async def generate(case: EvalCase, adapter: str) -> Completion:
-                return await self.complete(
+                done = await self.complete(
                     case.prompt,
                     adapter=adapter,
                     tenant=tenant,
@@ -594,6 +596,9 @@ class AdapterPool:
                     tools=case.tools,
                     tool_choice=case.tool_choice,
                 )
+                if done.served_by != "adapter":  # the base model, while the adapter loaded
+                    raise BackendError(f"{adapter} did not answer (served by {done.served_by})")
+                return done
 
             report = await gate.run(
                 generate, candidate=candidate, baseline=baseline, on_progress=on_progress
@@ -777,9 +782,12 @@ class AdapterPool:
                     raise SourceNotDeletable(
                         redact_source(info.source), "its source cannot delete adapters"
                     )
-                if info.source in others:
+                # Deleting a source deletes everything under it: refuse when another
+                # registered adapter is read from it, from inside it, or from around it.
+                if any(sources_overlap(info.source, other) for other in others):
                     raise SourceNotDeletable(
-                        redact_source(info.source), "another registered adapter is read from it"
+                        redact_source(info.source),
+                        "another registered adapter is read from it or from within it",
                     )
         for alias in targets.aliases:
             self.canary.stop(alias)

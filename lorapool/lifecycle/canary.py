@@ -359,12 +359,14 @@ class CanaryWatch:
             self._act(canary, verdict)
 
     def feedback(self, request_id: str, score: float, *, tenant: str | None = None) -> bool:
-        """Count a quality score for a canary's request; ``False`` when the request is not
-        one of a watched canary's recent requests (or not ``tenant``'s)."""
+        """Count a quality score for a canary's request, once; ``False`` when the request
+        is not one of a watched canary's recent requests (or not ``tenant``'s), or was
+        scored already (a repeated score would weigh one answer many times)."""
         with self._lock:
             known = self._requests.get(request_id)
             if known is None or (tenant is not None and known[0] != tenant):
                 return False
+            del self._requests[request_id]
             canary = self._by_version.get(known[1])
             if canary is None:
                 return False

@@ -15,10 +15,12 @@ reports.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from lorapool.errors import AdapterForgotten, InvalidRequest
 from lorapool.registry import Registry
@@ -33,6 +35,7 @@ __all__ = [
     "PurgeReport",
     "check_in_flight",
     "forget_targets",
+    "sources_overlap",
 ]
 
 InFlightMode = Literal["drain", "cancel"]
@@ -183,6 +186,30 @@ PurgeAll = Callable[
 """Runs :meth:`~lorapool.AdapterPool.purge` (adapters, in-flight mode, prefix-cache scope)
 on every copy of a pool (Ray Serve's replicas) and returns each one's report:
 ``forget(..., replicas=...)``."""
+
+
+# -- deleting a source ---------------------------------------------------------------------
+
+
+def _source_key(source: str) -> tuple[str, tuple[str, ...]]:
+    """A source as a root and path parts, for containment: ``s3://b/x/y`` is
+    ``("s3://b", ("x", "y"))``; a local path or ``file://`` URI its real path's parts."""
+    parts = urlsplit(source)
+    if parts.scheme in ("", "file") or len(parts.scheme) == 1:  # a path (or C:\...)
+        path = unquote(parts.path) if parts.scheme == "file" else source
+        real = os.path.realpath(os.path.expanduser(path))
+        return "file://", tuple(p for p in real.split(os.sep) if p)
+    root = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+    return root, tuple(p for p in unquote(parts.path).split("/") if p not in ("", "."))
+
+
+def sources_overlap(a: str, b: str) -> bool:
+    """Whether deleting source ``a`` would delete some of ``b`` or the other way round: the
+    same root and one's path a prefix (by whole parts) of the other's. ``s3://b/acme``
+    overlaps ``s3://b/acme/y`` and ``s3://b/acme/``, not ``s3://b/acme-2``."""
+    (root_a, path_a), (root_b, path_b) = _source_key(a), _source_key(b)
+    n = min(len(path_a), len(path_b))
+    return root_a == root_b and path_a[:n] == path_b[:n]
 
 
 # -- requests in flight --------------------------------------------------------------------

@@ -321,8 +321,15 @@ class GateReport:
 
     @property
     def passed(self) -> bool:
-        """Every scorer's regression is within the threshold."""
-        return all(s.passed for s in self.scores.values())
+        """Every scorer's regression is within the threshold, and every request of both
+        versions was answered: a failed request is no answer, and two failures scoring
+        0 against 0 must not pass a version (a cold start refused, an engine down)."""
+        return not self.unanswered and all(s.passed for s in self.scores.values())
+
+    @property
+    def unanswered(self) -> list[CaseResult]:
+        """The cases where either version's request failed."""
+        return [c for c in self.cases if c.candidate_error or c.baseline_error]
 
     @property
     def failures(self) -> list[ScorerResult]:
@@ -337,11 +344,23 @@ class GateReport:
     @property
     def reason(self) -> str:
         """Why the gate failed, with the numbers ("" when it passed)."""
-        return "; ".join(
+        reasons = [
             f"{s.name} regressed by {s.regression:.4f} (candidate {s.candidate:.4f}, "
             f"baseline {s.baseline:.4f}) over the threshold {self.threshold:g}"
             for s in self.failures
-        )
+        ]
+        if self.unanswered:
+            first = self.unanswered[0]
+            side, error = (
+                ("candidate", first.candidate_error)
+                if first.candidate_error
+                else ("baseline", first.baseline_error)
+            )
+            reasons.append(
+                f"{len(self.unanswered)} case(s) not answered by both versions (case "
+                f"{first.id}, {side}: {error})"
+            )
+        return "; ".join(reasons)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON values."""

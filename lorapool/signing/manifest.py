@@ -62,6 +62,9 @@ __all__ = [
     "verify_files",
 ]
 
+_SIGNABLE = frozenset({CONFIG_FILE, WEIGHTS_FILE, SIDECAR_FILE})
+"""The only file names a manifest may list: the adapter's own files."""
+
 SIGNATURE_FILE = "lorapool-signature.json"
 """The signed manifest's file in the adapter directory."""
 FORMAT = "lorapool-signature/1"
@@ -217,6 +220,14 @@ class SignedManifest:
             for f in files.values()
         ):
             raise bad("files must map names to {sha256, size}")
+        unknown = sorted(set(files) - _SIGNABLE)
+        if unknown or not {CONFIG_FILE, WEIGHTS_FILE} <= set(files):
+            # Only an adapter's own files: a name is joined to the adapter directory when
+            # verifying, so "../x" or "/dev/zero" would read outside it.
+            raise bad(
+                f"files must name {CONFIG_FILE}, {WEIGHTS_FILE} and optionally "
+                f"{SIDECAR_FILE}, nothing else (got {unknown or sorted(files)})"
+            )
         if not _is_sha(manifest.get("adapter_sha256")) or not _is_sha(
             manifest.get("peft_config_sha256")
         ):

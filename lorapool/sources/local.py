@@ -45,10 +45,12 @@ class LocalSource(Source):
         """Nothing to release."""
 
     def can_delete(self, uri: str) -> bool:
-        """A local adapter directory or archive can be deleted; never a filesystem root or
-        the home directory."""
+        """A local adapter directory or archive can be deleted; never a filesystem root, the
+        home directory, or a path through a symbolic link (a directory on the way swapped
+        for a link would point the delete at someone else's files)."""
         path = local_path_of(uri).absolute()
-        return path.parent != path and path != Path.home()
+        through_link = os.path.realpath(path.parent) != str(path.parent)
+        return path.parent != path and path != Path.home() and not through_link
 
     async def delete(self, uri: str) -> list[str]:
         """Delete the adapter directory and everything in it (a symlink in it is removed,
@@ -58,6 +60,13 @@ class LocalSource(Source):
 
 
 def _delete_tree(root: Path) -> list[str]:
+    parent = root.absolute().parent
+    if os.path.realpath(parent) != str(parent):
+        # A directory on the way swapped for a link would point the delete elsewhere
+        # (another tenant's files): refuse rather than follow it.
+        raise SourceError(
+            str(root), "its path goes through a symbolic link; not deleted", transient=False
+        )
     if root.is_symlink() or root.is_file():
         root.unlink()
         return [str(root)]

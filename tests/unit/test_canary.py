@@ -269,6 +269,23 @@ def test_feedback_goes_to_the_version_that_served_the_request() -> None:
     assert not watch.feedback(bad[0].request_id, 0.0)  # the canary is over
 
 
+def test_a_request_is_scored_once() -> None:
+    """One answer scored ten times must not reach min_feedback (and roll back the owner's
+    canary, or hide a regression): the second score of a request is not counted."""
+    owner = Owner()
+    watch = CanaryWatch(owner)
+    watch.watch("acme/bot", tenant="acme", stable=STABLE, candidate=CAND, policy=POLICY)
+    good, bad = records(STABLE, 3), records(CAND, 3)
+    for r in good + bad:
+        watch.observe(r)
+    for r in good:
+        assert watch.feedback(r.request_id, 1.0)
+    assert watch.feedback(bad[0].request_id, 0.0)
+    for _ in range(10):
+        assert not watch.feedback(bad[0].request_id, 0.0)
+    assert owner.verdicts == []  # one low score, not eleven
+
+
 def test_a_verdict_the_owner_declines_is_not_counted() -> None:
     watch = CanaryWatch(Owner(accept=False))
     watch.watch("acme/bot", tenant="acme", stable=STABLE, candidate=CAND, policy=POLICY)

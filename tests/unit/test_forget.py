@@ -249,3 +249,52 @@ async def test_a_source_another_adapter_reads_is_not_deleted(tmp_path: Path) -> 
         assert report.source == () and (await pool.complete("hi", adapter="b", tenant="globex"))
         report = await pool.forget("b", tenant="globex", delete_source=True)
         assert not dirs["t/a0"].exists() and report.source[-1] == str(dirs["t/a0"].resolve())
+
+
+async def test_a_source_nested_in_or_around_another_adapters_is_not_deleted(
+    tmp_path: Path,
+) -> None:
+    """Deleting a source deletes everything under it: an adapter read from inside another's
+    source directory (or around it) would lose its files."""
+    dirs = make_adapters(tmp_path, 1)
+    outer = tmp_path / "outer"
+    shutil.copytree(dirs["t/a0"], outer)
+    shutil.copytree(dirs["t/a0"], outer / "inner")
+    async with _pool(tmp_path, MockBackend()) as pool:
+        await pool.register("outer", str(outer), tenant="acme")
+        await pool.register("inner", str(outer / "inner"), tenant="globex")
+        for adapter, tenant in (("outer", "acme"), ("inner", "globex")):
+            with pytest.raises(SourceNotDeletable, match="within it"):
+                await pool.forget(adapter, tenant=tenant, delete_source=True)
+        assert (outer / "inner" / "adapter_model.safetensors").is_file()
+        assert (await pool.complete("hi", adapter="inner", tenant="globex")).text
+
+
+def test_sources_overlap_by_whole_parts() -> None:
+    from lorapool.lifecycle.forget import sources_overlap
+
+    assert sources_overlap("s3://b/acme", "s3://b/acme/y")
+    assert sources_overlap("s3://b/acme/", "s3://b/acme")
+    assert sources_overlap("s3://b/acme/y", "s3://B/acme")
+    assert not sources_overlap("s3://b/acme", "s3://b/acme-2")
+    assert not sources_overlap("s3://b/acme", "s3://c/acme")
+    assert sources_overlap("/srv/a", "file:///srv/a/b")
+    assert not sources_overlap("/srv/a", "/srv/ab")
+    assert not sources_overlap("https://h/a", "s3://h/a")
+
+
+async def test_a_source_whose_parent_became_a_link_is_not_deleted(tmp_path: Path) -> None:
+    """acme registers acme/m/x, then swaps acme/m for a link to globex's directory: the
+    delete would remove globex's x. It is refused before anything changes."""
+    dirs = make_adapters(tmp_path, 1)
+    mine, theirs = tmp_path / "acme" / "m", tmp_path / "globex"
+    shutil.copytree(dirs["t/a0"], mine / "x")
+    shutil.copytree(dirs["t/a0"], theirs / "x")
+    async with _pool(tmp_path, MockBackend()) as pool:
+        await pool.register("x", str(mine / "x"), tenant="acme")
+        mine.rename(tmp_path / "acme" / "m-was")
+        mine.symlink_to(theirs, target_is_directory=True)
+        with pytest.raises(SourceNotDeletable):
+            await pool.forget("x", tenant="acme", delete_source=True)
+        assert (theirs / "x" / "adapter_model.safetensors").is_file()
+        assert [i.adapter_id for i in pool.list_adapters(tenant="acme")] == ["acme/x"]

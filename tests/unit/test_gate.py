@@ -182,6 +182,21 @@ def test_a_request_that_fails_scores_zero_and_the_report_says_why() -> None:
     assert report.scores["exact_match"].regression == 0.5 and not report.passed
 
 
+def test_versions_that_both_fail_do_not_pass() -> None:
+    """Two failures score 0 against 0, a regression of 0: the gate must still refuse (a
+    refused cold start, an engine down), saying which requests failed."""
+
+    async def generate(case: EvalCase, adapter: str) -> Completion:
+        raise BackendError(f"{adapter} did not answer (served by base)")
+
+    report = asyncio.run(Gate(cases(2)).run(generate, candidate="cand", baseline="base"))
+    assert report.scores["exact_match"].regression == 0.0
+    assert report.scores["exact_match"].passed  # the scorer alone would pass it
+    assert not report.passed and len(report.unanswered) == 2
+    assert "2 case(s) not answered by both versions" in report.reason
+    assert "did not answer" in report.reason
+
+
 def test_an_error_that_is_not_lorapools_propagates_and_stops_the_other_requests() -> None:
     cancelled: list[str] = []
 

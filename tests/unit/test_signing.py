@@ -28,6 +28,7 @@ from lorapool.signing import (
     peft_config_digest,
     read_signature,
     sign_directory,
+    sign_manifest,
     verify_directory,
     verify_files,
     write_key_pair,
@@ -161,6 +162,22 @@ def test_envelope_key_id_must_be_the_signed_one(
     envelope["key_id"] = "other"
     (d / SIGNATURE_FILE).write_text(json.dumps(envelope))
     _refused("bad_signature", verify_directory, d, ring, tenant="t", adapter="a")
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/dev/zero", "extra.bin"])
+def test_a_signed_manifest_naming_other_files_is_refused_before_anything_is_read(
+    tmp_path: Path, key: Ed25519PrivateKey, ring: Keyring, name: str
+) -> None:
+    """A tenant's own key may sign any manifest: one listing a path outside the adapter
+    (or a device that never ends) must be refused unread, not hashed."""
+    d = _adapter(tmp_path)
+    signed = sign_directory(d, key, key_id="platform-1", write=False)
+    manifest = json.loads(json.dumps(dict(signed.manifest)))
+    manifest["files"][name] = {"sha256": "0" * 64, "size": 1}
+    forged = sign_manifest(manifest, key)
+    (d / SIGNATURE_FILE).write_text(forged.text())
+    error = _refused("bad_signature", verify_directory, d, ring, tenant="t", adapter="a")
+    assert name in str(error)
 
 
 def test_flipped_byte_edited_config_and_another_adapters_manifest_are_mismatches(
