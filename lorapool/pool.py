@@ -789,21 +789,25 @@ class AdapterPool:
                         redact_source(info.source),
                         "another registered adapter is read from it or from within it",
                     )
-        for alias in targets.aliases:
-            self.canary.stop(alias)
-            self.registry.remove_alias(alias)
-        for key in targets.adapters:
-            self.registry.remove(key)
-        infos = list(targets.infos)
         report = ForgetReport(
             tenant,
             adapter,
             mode,
             targets.ids,
-            tuple(sorted({i.sha256 for i in infos})),
+            tuple(sorted({i.sha256 for i in targets.infos})),
         )
         failure: BaseException | None = None
+        infos: list[AdapterInfo] = []  # the records out of the registry so far
         try:
+            # Whatever fails from here on, what has left the registry is purged and the
+            # forget is audited (with "failed"): nothing removed is left unreachable.
+            for alias in targets.aliases:
+                self.canary.stop(alias)
+                self.registry.remove_alias(alias)
+                infos += [i for i in targets.infos if i.adapter_id.startswith(f"{alias}@")]
+            for key in targets.adapters:
+                self.registry.remove(key)
+                infos += [i for i in targets.infos if i.adapter_id == key]
             # A whole tenant's forget also drops its prefix blocks (the base model's too).
             scope = cache_scope(tenant) if adapter is None else None
             if replicas is None:
@@ -820,11 +824,16 @@ class AdapterPool:
                 report = dataclasses.replace(report, source=tuple(deleted))
         except BaseException as exc:
             failure = exc
+            if infos and not report.purges:  # the registry failed part-way: purge what left it
+                with contextlib.suppress(Exception):
+                    purged = await self.purge(infos, in_flight=mode)
+                    report = dataclasses.replace(report, purges=(purged,))
             raise
         finally:
             detail = report.summary()
             if failure is not None:
                 detail["failed"] = f"{type(failure).__name__}: {failure}"
+                detail["removed"] = [i.adapter_id for i in infos]
             self.audit.record(
                 "forget",
                 tenant=tenant,

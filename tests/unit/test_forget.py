@@ -298,3 +298,36 @@ async def test_a_source_whose_parent_became_a_link_is_not_deleted(tmp_path: Path
             await pool.forget("x", tenant="acme", delete_source=True)
         assert (theirs / "x" / "adapter_model.safetensors").is_file()
         assert [i.adapter_id for i in pool.list_adapters(tenant="acme")] == ["acme/x"]
+
+
+async def test_a_forget_the_registry_fails_part_way_purges_what_left_it_and_is_audited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry refuses the second removal: the first adapter, already out of the
+    registry, must not stay on the device, host and disk unreachable and unaudited."""
+    from lorapool.errors import RegistryUnavailable
+
+    dirs = make_adapters(tmp_path, 2)
+    async with _pool(tmp_path, MockBackend()) as pool:
+        first = await pool.register("a", f"remote://{dirs['t/a0']}", tenant="acme")
+        await pool.register("c", f"remote://{dirs['t/a1']}", tenant="acme")
+        for name in ("a", "c"):
+            await pool.complete("hi", adapter=name, tenant="acme")
+        remove = pool.registry.remove
+        calls = []
+
+        def failing(adapter_id: str, **kwargs: object) -> None:
+            calls.append(adapter_id)
+            if len(calls) == 2:
+                raise RegistryUnavailable(f"remove adapter {adapter_id!r}", "disk full")
+            remove(adapter_id, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(pool.registry, "remove", failing)
+        with pytest.raises(RegistryUnavailable):
+            await pool.forget(tenant="acme")
+        assert calls == ["acme/a", "acme/c"]
+        assert not pool.store.on_host("acme/a") and not pool.store.on_device("acme/a")
+        assert not _files_named(tmp_path / "disk", first.sha256)
+        assert pool.store.on_host("acme/c") or pool.store.on_device("acme/c")  # still there
+        (entry,) = pool.audit.entries(action="forget")
+        assert entry.detail["removed"] == ["acme/a"] and "disk full" in entry.detail["failed"]
