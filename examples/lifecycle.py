@@ -136,7 +136,14 @@ async def main() -> int:
                 return 1
 
             # 3. gate v2 against v1: the same answers, promoted
-            gate = Gate([EvalCase(q, params=PARAMS) for q in QUESTIONS], name="support-smoke")
+            # Greedy answers of the same weights can still differ in a token when the engine
+            # batches them differently (floating-point sums in another order): a threshold
+            # of 0.2 lets one case in six differ; the caps weights differ in every case.
+            gate = Gate(
+                [EvalCase(q, params=PARAMS) for q in QUESTIONS],
+                name="support-smoke",
+                threshold=0.2,
+            )
             await pool.register(
                 "support", str(dirs["v2"]), tenant="acme", version="v2", activate=False
             )
