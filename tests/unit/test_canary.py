@@ -479,3 +479,40 @@ def test_the_baseline_is_the_version_with_the_most_traffic_and_the_split_is_chec
     assert promotion_split("v1", "v2", 10) == {"v1": 90.0, "v2": 10.0}
     with pytest.raises(InvalidRequest, match="needs a version"):
         promotion_split(None, "v2", 10)
+
+
+def test_a_gate_answered_by_the_base_model_while_the_adapters_load_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Under a ``fallback`` cold start both versions' first answers come from the base
+    model: identical, so they would pass any comparison. Such an answer is no answer."""
+    from lorapool import AdapterPool, SamplingParams
+    from lorapool.errors import PromotionRefused
+    from lorapool.lifecycle import EvalCase, Gate
+    from lorapool.scheduler import FairScheduler, TenantConfig, TierPolicy
+    from lorapool.testing import MockBackend
+
+    from .test_store import make_adapters
+
+    async def main() -> None:
+        tiers = TenantConfig(tiers={"only": TierPolicy(cold_start="fallback")})
+        pool = AdapterPool(
+            MockBackend(lambda request: ["same ", "answer"]),
+            scheduler=FairScheduler(tenants=tiers),
+        )
+        async with pool:
+            paths = make_adapters(tmp_path, 2)
+            for version, path in zip(("v1", "v2"), paths.values(), strict=True):
+                await pool.register(
+                    "bot", str(path), tenant="acme", version=version, activate=version == "v1"
+                )
+            assert not pool.store.on_device("acme/bot@v1")  # both cold when the gate starts
+            assert not pool.store.on_device("acme/bot@v2")
+            gate = Gate([EvalCase("q", params=SamplingParams(max_tokens=2))], name="g")
+            with pytest.raises(PromotionRefused) as refused:
+                await pool.promote("bot", "v2", tenant="acme", gate=gate)
+            assert "not answered by both versions" in refused.value.reason
+            assert "served by base" in refused.value.reason
+            assert pool.registry.alias("acme/bot", None).traffic == {"v1": 100.0}
+
+    asyncio.run(main())
