@@ -175,6 +175,7 @@ class Keyring:
     ) -> None:
         self._keys: dict[str, _Key] = {}
         self._revoked: set[str] = set(revoked)
+        self._revoked_keys: set[bytes] = set()  # raw keys revoked under any of their ids
         self._lock = threading.Lock()
         for public_key, key_id, tenant in keys:
             self.add(public_key, key_id=key_id, tenant=tenant)
@@ -205,9 +206,14 @@ class Keyring:
         return key_id
 
     def revoke(self, key_id: str) -> None:
-        """Refuse ``key_id`` from now on (it need not be in the keyring)."""
+        """Refuse ``key_id`` from now on (it need not be in the keyring), and the key it
+        names under any other id it is trusted by: revoking a key must not leave it usable
+        under a second name."""
         with self._lock:
             self._revoked.add(key_id)
+            entry = self._keys.get(key_id)
+            if entry is not None:
+                self._revoked_keys.add(_raw(entry.public_key))
 
     def remove(self, key_id: str) -> None:
         """Forget ``key_id``'s key (a signature by it is then ``unknown_key``)."""
@@ -227,8 +233,16 @@ class Keyring:
             return sorted(
                 k.key_id
                 for k in self._keys.values()
-                if k.key_id not in self._revoked and k.tenant in (None, tenant)
+                if k.key_id not in self._revoked
+                and _raw(k.public_key) not in self._revoked_raw()
+                and k.tenant in (None, tenant)
             )
+
+    def _revoked_raw(self) -> set[bytes]:
+        """The raw keys revoked under any id (call with the lock held): an id revoked
+        before its key was added counts too."""
+        named = {_raw(self._keys[i].public_key) for i in self._revoked if i in self._keys}
+        return self._revoked_keys | named
 
     def __contains__(self, key_id: object) -> bool:
         with self._lock:
@@ -241,8 +255,10 @@ class Keyring:
         for an id the keyring does not hold or that belongs to another tenant.
         """
         with self._lock:
-            revoked = key_id in self._revoked
             entry = self._keys.get(key_id)
+            revoked = key_id in self._revoked or (
+                entry is not None and _raw(entry.public_key) in self._revoked_raw()
+            )
         if revoked:
             raise SignatureError(adapter, "revoked_key", f"key {key_id!r} is revoked")
         if entry is None or entry.tenant not in (None, tenant):
@@ -257,10 +273,12 @@ class Keyring:
         id names two different keys)."""
         with other._lock:
             keys, revoked = list(other._keys.values()), set(other._revoked)
+            revoked_raw = other._revoked_raw()
         for key in keys:
             self.add(key.public_key, key_id=key.key_id, tenant=key.tenant)
         with self._lock:
             self._revoked |= revoked
+            self._revoked_keys |= revoked_raw
 
     # -- files -----------------------------------------------------------------------
 

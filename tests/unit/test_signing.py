@@ -262,6 +262,28 @@ def test_tenant_keys_sign_only_their_tenants_adapters(tmp_path: Path) -> None:
     assert ring.key_ids() == ["platform-1"]
 
 
+def test_a_revoked_key_is_refused_under_every_id_it_is_trusted_by(tmp_path: Path) -> None:
+    """One key trusted as "platform-1" and by its fingerprint: revoking either name must
+    stop both, whichever came first (revoked ids given before the key was added too)."""
+    key = generate_key()
+    d = _adapter(tmp_path)
+    sign_directory(d, key)  # signed under its fingerprint id
+    ring = Keyring()
+    ring.add(key.public_key(), key_id="platform-1")
+    ring.add(key.public_key())  # the fingerprint id
+    assert verify_directory(d, ring, tenant="t", adapter="a") is not None
+    ring.revoke("platform-1")
+    _refused("revoked_key", verify_directory, d, ring, tenant="t", adapter="a")
+    assert ring.key_ids() == []
+    early = Keyring(revoked=["platform-1"])
+    early.add(key.public_key(), key_id="platform-1")
+    early.add(key.public_key())
+    _refused("revoked_key", verify_directory, d, early, tenant="t", adapter="a")
+    merged = Keyring()
+    merged.extend(ring)
+    _refused("revoked_key", verify_directory, d, merged, tenant="t", adapter="a")
+
+
 def test_rotation_two_active_keys_then_one_revoked(tmp_path: Path) -> None:
     old, new = generate_key(), generate_key()
     ring = Keyring()
