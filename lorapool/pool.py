@@ -405,6 +405,7 @@ class AdapterPool:
             for vid in versions:
                 await self.store.remove(vid)
             self.registry.remove_alias(key, audit=event)
+            self.canary.stop(key)  # a watch must not outlive its alias (nor move a new one)
         else:
             self.registry.remove(key, audit=event)  # refuses a version with traffic, first
             await self.store.remove(key)

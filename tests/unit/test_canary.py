@@ -465,6 +465,10 @@ def test_a_promotion_that_passes_moves_the_alias_and_records_the_scores(tmp_path
             assert back.baseline == CAND and back.traffic == {"v2": 90.0, "v1": 10.0}
             watched = pool.canary.canaries["acme/bot"]
             assert (watched.stable, watched.candidate) == (CAND, STABLE)
+            # Unregistered, the alias takes its watch with it: a stale watch could move an
+            # alias registered again later under the same version ids.
+            await pool.unregister("bot", tenant="acme")
+            assert pool.canary.canaries == {}
 
     asyncio.run(main())
 
