@@ -500,9 +500,13 @@ class AdapterPool:
             raise
         return signed
 
-    async def _verify_read(self, info: AdapterInfo, files: Mapping[str, bytes]) -> None:
+    async def _verify_read(
+        self, info: AdapterInfo, files: Mapping[str, bytes], checked: bool
+    ) -> None:
         """The store's verifier: check the bytes read to fill host RAM against the adapter's
-        stored manifest, under the keyring and the tenant's policy as they are now."""
+        stored manifest, under the keyring and the tenant's policy as they are now
+        (``checked``: the store found their content digest to be ``info.sha256``, which
+        the manifest must sign; the weights are not hashed again)."""
         keyring = self.keyring
         if keyring is None:
             return
@@ -516,6 +520,7 @@ class AdapterPool:
                 adapter=info.adapter_id,
                 policy=self.signing.for_tenant(info.tenant),
                 adapter_sha256=info.sha256,
+                content_sha256=info.sha256 if checked else None,
             )
         except SignatureError as exc:
             self._signature_refused(exc, info.tenant, "load")

@@ -407,6 +407,7 @@ def verify_files(
     adapter: str,
     policy: Policy = "required",
     adapter_sha256: str | None = None,
+    content_sha256: str | None = None,
 ) -> SignedManifest | None:
     """Verify a stored manifest (or its text, ``AdapterInfo.signature``) against the bytes
     of an adapter's files as they were read (``{name: bytes}``: the config and the
@@ -417,6 +418,10 @@ def verify_files(
     the content sha256 (when both files are given) must match the manifest, and the
     content sha256 must be ``adapter_sha256`` when given. Returns the manifest, or
     ``None`` for an unsigned adapter under ``optional``; raises :class:`SignatureError`.
+
+    ``content_sha256``: the content digest of ``files`` when the caller has computed it
+    (the store does on every read). It must then be the signed ``adapter_sha256``, which
+    vouches for both files' bytes, so they are not hashed again file by file.
     """
     if signed is None:
         _unsigned(adapter, policy, tenant)
@@ -424,6 +429,9 @@ def verify_files(
     if isinstance(signed, str):
         signed = SignedManifest.parse(signed, adapter=adapter)
     signed.verify(keyring, tenant=tenant, adapter=adapter)
+    if content_sha256 is not None and CONFIG_FILE in files:
+        _check_contents(signed, adapter, files[CONFIG_FILE], content_sha256, adapter_sha256)
+        return signed
     signed_files = signed.files
     for name, data in sorted(files.items()):
         if name not in signed_files:

@@ -34,12 +34,14 @@ if TYPE_CHECKING:
 
 __all__ = ["HostTier", "Verifier"]
 
-Verifier = Callable[[AdapterInfo, Mapping[str, bytes]], Awaitable[None]]
+Verifier = Callable[[AdapterInfo, Mapping[str, bytes], bool], Awaitable[None]]
 """Checks the files read to fill the host tier (``{name: bytes}``, the config and the
 weights) before they are used, and raises to refuse them; the pool's checks the adapter's
 signature (:mod:`lorapool.signing`). Called on every read, also with the bytes of a copy
 that failed the store's own sha256 check, so the verifier can name the mismatch before
-the store refuses it as a :class:`LoadError`."""
+the store refuses it as a :class:`LoadError`. The third argument says whether the store
+found the files' content digest equal to ``info.sha256`` (so the verifier need not hash
+the weights again)."""
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +148,14 @@ class HostTier:
         :attr:`verify`."""
         files = await asyncio.to_thread(_read_verified, info, path)
         if self.verify is not None:
-            await self.verify(info, files)
+            await self.verify(info, files, True)
         return LoadedAdapter(info.adapter_id, info.config, files[WEIGHTS_FILE], info.sha256)
 
     async def _verify_bad(self, info: AdapterInfo, bad: _BadCopy) -> None:
         """Let :attr:`verify` name what is wrong with files that failed the sha256 check
         (it raises for a signed adapter); the store refuses them anyway after."""
         if self.verify is not None and bad.files is not None:
-            await self.verify(info, bad.files)
+            await self.verify(info, bad.files, False)
 
 
 class _BadCopy(Exception):

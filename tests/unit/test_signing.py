@@ -242,8 +242,25 @@ def test_stored_manifest_against_bytes_under_the_keyring_of_now(
     _refused(
         "manifest_mismatch", verify_files, text, {"extra.bin": b""}, ring, tenant="t", adapter="a"
     )
+    # The store already hashed the files to their content digest: that digest must be the
+    # signed one (the weights are not hashed again), and a wrong one is refused.
+    checked = verify_files(text, files, ring, tenant="t", adapter="a", content_sha256=sha)
+    assert checked is not None
+    _refused(
+        "manifest_mismatch",
+        verify_files,
+        text,
+        files,
+        ring,
+        tenant="t",
+        adapter="a",
+        content_sha256="0" * 64,
+    )
     ring.revoke("platform-1")
     _refused("revoked_key", verify_files, text, files, ring, tenant="t", adapter="a")
+    _refused(
+        "revoked_key", verify_files, text, files, ring, tenant="t", adapter="a", content_sha256=sha
+    )
 
 
 def test_tenant_keys_sign_only_their_tenants_adapters(tmp_path: Path) -> None:
