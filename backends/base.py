@@ -449,6 +449,10 @@ class BaseBackend(ABC):
     async def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
         """Turn verified bytes into the host-tier form this backend loads fastest."""
 
+    def device_nbytes(self, adapter: LoadedAdapter) -> int:
+        """Device bytes ``adapter`` takes in a slot; 0 where slots are not sized in bytes."""
+        return 0
+
     @abstractmethod
     async def load(self, adapter: LoadedAdapter, slot: int) -> None:
         """Copy an adapter's weights into device slot ``slot``."""

@@ -126,6 +126,15 @@ class Backend(Protocol):
         """Copy an adapter's weights into device slot ``slot``, replacing what was there."""
         ...
 
+    def device_nbytes(self, adapter: LoadedAdapter) -> int:
+        """Device bytes the (prepared) adapter takes in a slot.
+
+        Read only when ``capabilities.device_bytes`` is set: the store then keeps the
+        sum over resident adapters within that budget, evicting by its policy (which
+        sees these sizes) until the adapter fits. ``BaseBackend`` returns 0.
+        """
+        ...
+
     async def unload(self, adapter_id: str) -> None:
         """Free the slot that holds ``adapter_id``; no request may be using it."""
         ...

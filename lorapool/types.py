@@ -188,6 +188,13 @@ class Capabilities:
     """The engine counts, at each forward pass, the distinct adapters in it
     (:meth:`~lorapool.abc.Backend.adapters_per_pass`): the server's
     ``lorapool_forward_pass_adapters`` histogram."""
+    dora: bool = False
+    """The backend serves DoRA adapters (``use_dora=true``) exactly as PEFT computes them;
+    without it they are refused at registration (``unsupported_dora``)."""
+    device_bytes: int | None = None
+    """The device tier's capacity in bytes, when the backend's slots hold adapters at their
+    own size (:meth:`~lorapool.abc.Backend.device_nbytes`): the store then evicts until both
+    a slot and the bytes are free. ``None``: every adapter fits any free slot."""
     prefix_cache: bool = False
     """The engine keeps a prefix (KV) cache keyed by adapter *content* (the sha256): the
     pool calls :meth:`~lorapool.abc.Backend.forget` when no registered adapter has a
