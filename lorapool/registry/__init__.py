@@ -5,14 +5,19 @@
   name checks.
 * :mod:`~lorapool.registry.stores`: the :class:`RegistryStore` seam and its SQLite
   and in-memory implementations.
+* :mod:`~lorapool.registry.postgres`: :class:`PostgresRegistryStore`, one registry in
+  PostgreSQL shared by replicas on several hosts, changes pushed by ``LISTEN/NOTIFY``
+  (the ``postgres`` extra).
 """
 
+from lorapool.registry.postgres import PostgresRegistryStore
 from lorapool.registry.registry import Alias, Registry, check_adapter_id, check_tenant, qualify
 from lorapool.registry.stores import MemoryRegistryStore, RegistryStore, SqliteRegistryStore
 
 __all__ = [
     "Alias",
     "MemoryRegistryStore",
+    "PostgresRegistryStore",
     "Registry",
     "RegistryStore",
     "SqliteRegistryStore",
