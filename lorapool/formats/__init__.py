@@ -47,6 +47,7 @@ from .peft import (
     check_supported,
     inspect_adapter_dir,
     sha256_of_files,
+    unsupported_dora,
 )
 from .peft_config import (
     AdapterConfigCheck,
@@ -57,6 +58,7 @@ from .peft_config import (
 from .peft_targets import (
     ALL_LINEAR,
     LLAMA_PARENTS,
+    MAGNITUDE,
     PEFT_PREFIX,
     LoraTargets,
     LoraTensorMap,
@@ -82,6 +84,7 @@ __all__ = [
     "CHECKPOINT_LIMITS",
     "CONFIG_FILE",
     "LLAMA_PARENTS",
+    "MAGNITUDE",
     "MAX_CONFIG_BYTES",
     "MAX_HEADER_BYTES",
     "MAX_JSON_DEPTH",
@@ -123,4 +126,5 @@ __all__ = [
     "sha256_of_files",
     "stamp_adapter",
     "tokenizer_hash",
+    "unsupported_dora",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "check_supported",
     "inspect_adapter_dir",
     "sha256_of_files",
+    "unsupported_dora",
 ]
 
 CONFIG_FILE = "adapter_config.json"
@@ -156,13 +157,21 @@ def _read_config(config_path: Path, label: str) -> LoraConfig:
         ) from None
 
 
+def unsupported_dora() -> AdapterValidationError:
+    """The refusal of a DoRA adapter (``use_dora=true``) by a backend whose
+    :attr:`Capabilities.dora` is false."""
+    return AdapterValidationError(
+        "unsupported_dora",
+        "the adapter is DoRA (use_dora=true) and this backend does not serve DoRA; serve it "
+        "with a backend that does (TorchBackend) or retrain with use_dora=false",
+    )
+
+
 def check_supported(files: AdapterFiles, caps: Capabilities) -> None:
     """Refuse an adapter the backend cannot serve, saying what to change."""
     cfg = files.config
-    if cfg.use_dora:
-        raise AdapterValidationError(
-            "unsupported_dora", "DoRA adapters (use_dora=true) are not supported by this backend"
-        )
+    if cfg.use_dora and not caps.dora:
+        raise unsupported_dora()
     if cfg.bias != "none":
         raise AdapterValidationError(
             "unsupported_bias", f"bias={cfg.bias!r} is not supported; train with bias='none'"

@@ -2,8 +2,10 @@
 
 The rule is PEFT parity: a config is accepted only if ``PeftModel.from_pretrained``
 would load it onto the unchanged base model and the result is plain LoRA
-(``W x + scale * B A x`` on the modules :class:`LoraTargets` names). Options
-that change the forward pass (DoRA, the other LoRA variants, biases, patterns),
+(``W x + scale * B A x`` on the modules :class:`LoraTargets` names) or DoRA
+(``use_dora``: that output scaled per row by ``magnitude / ||W + scale * B A||``;
+whether the backend serves DoRA is decided with its capabilities, not here).
+Options that change the forward pass otherwise (the other LoRA variants, biases, patterns),
 that make PEFT rewrite the base weights at load (``init_lora_weights`` of
 PiSSA, OLoRA, CorDA, LoftQ), or that PEFT reads as regular expressions are
 refused, naming the option.
@@ -78,8 +80,10 @@ def check_adapter_config(data: bytes) -> AdapterConfigCheck:
     The JSON must be UTF-8 without duplicate keys or ``NaN``, nested at most
     :data:`lorapool.formats.MAX_JSON_DEPTH` deep. Each problem is an
     :class:`AdapterValidationError` (``bad_config``, ``unsupported_peft_type``,
-    ``unsupported_dora``, ``unsupported_bias``, ``unsupported_modules_to_save``,
-    ``unsupported_option``), returned, not raised.
+    ``unsupported_bias``, ``unsupported_modules_to_save``, ``unsupported_option``),
+    returned, not raised. DoRA (``use_dora=true``) is accepted here: a backend
+    that does not serve it refuses it (:func:`lorapool.formats.check_supported`,
+    ``unsupported_dora``).
     """
     try:
         raw = load_strict(data, CONFIG_FILE, "bad_config")
@@ -109,11 +113,6 @@ def check_adapter_config(data: bytes) -> AdapterConfigCheck:
     for key in ("use_rslora", "use_dora", "inference_mode"):
         if key in raw and raw[key] is not None and not isinstance(raw[key], bool):
             add("bad_config", f"{key} must be true or false")
-    if raw.get("use_dora") is True:
-        add(
-            "unsupported_dora",
-            "DoRA adapters (use_dora=true) are not supported; retrain with use_dora=false",
-        )
     bias = raw.get("bias", "none")
     if bias != "none":
         add("unsupported_bias", f"bias={short(bias)} is not supported; train with bias='none'")
@@ -150,6 +149,7 @@ def check_adapter_config(data: bytes) -> AdapterConfigCheck:
                 "lora_alpha": alpha,
                 "target_modules": [ALL_LINEAR] if targets is None else sorted(targets),
                 "use_rslora": bool(raw.get("use_rslora") or False),
+                "use_dora": bool(raw.get("use_dora") or False),
                 "base_model_name_or_path": base,
             }
         )
@@ -158,7 +158,7 @@ def check_adapter_config(data: bytes) -> AdapterConfigCheck:
         return AdapterConfigCheck(problems=[AdapterValidationError("bad_config", detail)])
     return AdapterConfigCheck(
         config=config,
-        targets=LoraTargets(targets, layers, patterns, exclude),
+        targets=LoraTargets(targets, layers, patterns, exclude, dora=config.use_dora),
     )
 
 
@@ -240,7 +240,7 @@ def parse_adapter_config(data: bytes | str) -> LoraConfig:
     """Parse ``adapter_config.json`` strictly; raise the first problem.
 
     Raises :class:`AdapterValidationError` (``bad_config``,
-    ``unsupported_peft_type``, ``unsupported_dora``, ``unsupported_bias``,
+    ``unsupported_peft_type``, ``unsupported_bias``,
     ``unsupported_modules_to_save``, ``unsupported_option``) and nothing else.
     """
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AdapterValidationError
-from ..formats import LoraTargets, TensorInfo
+from ..formats import MAGNITUDE, LoraTargets, TensorInfo
 from ..types import LoraConfig
 
 __all__ = ["REASONS", "Problem", "ValidationReport"]
@@ -18,7 +18,7 @@ REASONS: Mapping[str, str] = {
     "not_peft": "not a PEFT LoRA adapter directory",
     "bad_config": "adapter_config.json is malformed or has fields of the wrong type",
     "unsupported_peft_type": "peft_type is not LORA",
-    "unsupported_dora": "DoRA (use_dora) is not supported",
+    "unsupported_dora": "a DoRA adapter (use_dora) and a backend that does not serve DoRA",
     "unsupported_bias": "bias training is not supported",
     "unsupported_modules_to_save": "modules_to_save is not supported",
     "unsupported_option": "a PEFT option serving cannot honour (rank_pattern, fan_in_fan_out...)",
@@ -36,6 +36,10 @@ REASONS: Mapping[str, str] = {
     "shape_mismatch": "a tensor's shape does not match the base layer's in/out features",
     "rank_mismatch": "a tensor's rank does not match the declared r",
     "unpaired_lora": "a lora_A has no lora_B (or the reverse)",
+    "unpaired_magnitude": "a DoRA module has lora_A/lora_B but no lora_magnitude_vector "
+    "(or the reverse)",
+    "magnitude_without_dora": "DoRA magnitude vectors in an adapter without use_dora "
+    "(PEFT ignores them)",
     "bad_dtype": "a tensor dtype other than F32/F16/BF16",
     "non_finite": "a tensor holds NaN or Inf",
     "norm_anomaly": "a tensor's norm is abnormally large or an outlier among registered adapters",
@@ -86,10 +90,15 @@ class ValidationReport:
 
     @property
     def norm(self) -> float | None:
-        """The adapter's norm for the outlier test: the RMS of its per-tensor norms."""
-        if not self.norms:
+        """The adapter's norm for the outlier test: the RMS of its per-tensor norms.
+
+        Only the LoRA matrices count: a DoRA adapter's magnitude vectors (the
+        row norms of its modules' weights, orders of magnitude above A and B)
+        would set it apart from plain LoRA adapters of the same shape.
+        """
+        values = [v for name, v in self.norms.items() if MAGNITUDE not in name]
+        if not values:
             return None
-        values = list(self.norms.values())
         return math.sqrt(sum(v * v for v in values) / len(values))
 
     @property

@@ -1,5 +1,5 @@
 """Tensor checks: every name a LoRA-able linear of the base as PEFT loads it, targeted by the
-config, shapes, rank, pairs, dtypes."""
+config, shapes, rank, pairs (and DoRA magnitudes), dtypes; the backend's rank and DoRA."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from ..formats import (
     BaseModelSpec,
     LoraTargets,
     SafetensorsHeader,
+    TensorInfo,
+    TensorSite,
     map_lora_tensors,
     missing_sites,
+    unsupported_dora,
 )
 from ..types import Capabilities
 from .report import ValidationReport
@@ -36,10 +39,14 @@ def check_tensors(
     for a linear the config targets (``unknown_module``, ``untargeted_tensors``,
     ``ambiguous_tensor_names``), ``MODULE`` a LoRA-able linear of ``base``
     under its own parent and ``N`` one of its layers, A ``[r, in]`` and B
-    ``[out, r]``, in pairs, of an :data:`ALLOWED_DTYPES` dtype. When nothing
-    else is wrong, every linear the config targets must have its pair
-    (``missing_tensors``). Without ``base`` the module, layer, shape and
-    missing-module checks are skipped (a note says so).
+    ``[out, r]``, in pairs, of an :data:`ALLOWED_DTYPES` dtype. A DoRA adapter
+    also has each module's ``...MODULE.lora_magnitude_vector``, ``[out]``
+    (``unpaired_magnitude``; ``magnitude_without_dora`` without ``use_dora``),
+    and is refused by a backend whose capabilities lack ``dora``
+    (``unsupported_dora``). When nothing else is wrong, every linear the
+    config targets must have its pair (``missing_tensors``). Without ``base``
+    the module, layer, shape and missing-module checks are skipped (a note
+    says so).
     """
     cfg = report.config
     r = cfg.r if cfg is not None else None
@@ -49,6 +56,8 @@ def check_tensors(
             f"rank {r} is above the backend's max_rank {caps.max_rank}; raise max_rank or "
             "retrain with a smaller r",
         )
+    if caps is not None and cfg is not None and cfg.use_dora and not caps.dora:
+        report.add_error(unsupported_dora())
     if not header.tensors:
         report.add("not_peft", f"{WEIGHTS_FILE} holds no tensors")
         return
@@ -65,6 +74,9 @@ def check_tensors(
         info = header.tensors[name]
         layer, module, side = site.layer, site.module, site.side
         seen.setdefault((layer, module), set()).add(side)
+        if side == "M":
+            _check_magnitude(report, name, info, site, base)
+            continue
         if len(info.shape) != 2:
             report.add("shape_mismatch", f"tensor {name!r} has shape {info.shape}; LoRA is 2-D")
             continue
@@ -76,12 +88,7 @@ def check_tensors(
             )
         if base is None:
             continue
-        if layer >= base.num_layers:
-            report.add(
-                "layer_out_of_range",
-                f"tensor {name!r} names layer {layer}; {base.name} has {base.num_layers} "
-                "layers: the adapter was trained for another base model",
-            )
+        _check_layer(report, name, layer, base)
         fan_in, fan_out = base.module_shapes[module]
         other = info.shape[1] if side == "A" else info.shape[0]
         want = fan_in if side == "A" else fan_out
@@ -98,7 +105,8 @@ def check_tensors(
             f"{sorted(ALLOWED_DTYPES)}",
         )
     for (layer, module), sides in sorted(seen.items()):
-        if sides != {"A", "B"}:
+        # a magnitude alone is map_lora_tensors' to refuse (unpaired_magnitude)
+        if (sides & {"A", "B"}) not in ({"A", "B"}, set()):
             missing = "lora_B" if "A" in sides else "lora_A"
             report.add(
                 "unpaired_lora", f"layer {layer} {module} has no {missing}; A and B come in pairs"
@@ -116,6 +124,41 @@ def check_tensors(
         report.notes.append("no base model given: module, layer and shape checks skipped")
     elif targets is not None and len(report.problems) == first:
         _check_missing(report, seen, targets, base)
+
+
+def _check_layer(report: ValidationReport, name: str, layer: int, base: BaseModelSpec) -> None:
+    if layer >= base.num_layers:
+        report.add(
+            "layer_out_of_range",
+            f"tensor {name!r} names layer {layer}; {base.name} has {base.num_layers} "
+            "layers: the adapter was trained for another base model",
+        )
+
+
+def _check_magnitude(
+    report: ValidationReport,
+    name: str,
+    info: TensorInfo,
+    site: TensorSite,
+    base: BaseModelSpec | None,
+) -> None:
+    """A DoRA magnitude vector: 1-D, one value per output feature of its module."""
+    if len(info.shape) != 1:
+        report.add(
+            "shape_mismatch",
+            f"tensor {name!r} has shape {info.shape}; a DoRA magnitude is 1-D [out_features]",
+        )
+        return
+    if base is None:
+        return
+    _check_layer(report, name, site.layer, base)
+    fan_out = base.module_shapes[site.module][1]
+    if info.shape[0] != fan_out:
+        report.add(
+            "shape_mismatch",
+            f"tensor {name!r} has shape {info.shape}; {site.module} of {base.name} has "
+            f"out_features={fan_out}",
+        )
 
 
 def _check_missing(

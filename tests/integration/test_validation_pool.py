@@ -74,6 +74,12 @@ def _int8(t: dict[str, object]) -> None:
     t[key] = t[key].to(torch.int8)  # type: ignore[attr-defined]
 
 
+def _magnitude(t: dict[str, object]) -> None:
+    key = _first(t, "lora_B")
+    out_features = t[key].shape[0]  # type: ignore[attr-defined]
+    t[key.replace(".lora_B.weight", ".lora_magnitude_vector")] = torch.ones(out_features)
+
+
 def _unpair(t: dict[str, object]) -> None:
     del t[_first(t, "lora_B")]
 
@@ -98,7 +104,9 @@ BAD: dict[str, tuple[Mutation, set[str]]] = {
     "pickle": (_pickle, {"pickle_weights"}),
     "truncated": (_truncate, {"truncated", "bad_header"}),
     "garbled-header": (_bad_header, {"bad_header"}),
-    "dora": (_config(use_dora=True), {"unsupported_dora"}),
+    # refused for its missing magnitudes, or as DoRA by a backend that does not serve it
+    "dora-without-magnitudes": (_config(use_dora=True), {"unpaired_magnitude", "unsupported_dora"}),
+    "magnitude-without-dora": (_tensors(_magnitude), {"magnitude_without_dora"}),
     "bias": (_config(bias="all"), {"unsupported_bias"}),
     "modules-to-save": (_config(modules_to_save=["lm_head"]), {"unsupported_modules_to_save"}),
     "peft-type": (_config(peft_type="IA3"), {"unsupported_peft_type"}),

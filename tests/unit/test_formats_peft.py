@@ -4,6 +4,7 @@ is wrong."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -166,6 +167,27 @@ def test_unsupported_configs(tmp_path: Path, config: dict[str, object], reason: 
     with pytest.raises(AdapterValidationError) as info:
         check_supported(files, CAPS)
     assert info.value.reason == reason
+
+
+def test_dora_refused_only_by_a_backend_without_dora(tmp_path: Path) -> None:
+    files = inspect_adapter_dir(
+        make_dir(
+            tmp_path,
+            {"use_dora": True},
+            {
+                f"{PREFIX}.lora_A.weight": [4, 8],
+                f"{PREFIX}.lora_B.weight": [8, 4],
+                f"{PREFIX}.lora_magnitude_vector": [8],
+            },
+        )
+    )
+    assert files.config.use_dora
+    with pytest.raises(AdapterValidationError, match="does not serve DoRA") as info:
+        check_supported(files, CAPS)
+    assert info.value.reason == "unsupported_dora"
+    check_supported(files, dataclasses.replace(CAPS, dora=True))
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True}
+    assert parse_adapter_config(json.dumps(config)).use_dora
 
 
 def test_unknown_target_module(tmp_path: Path) -> None:

@@ -106,6 +106,69 @@ def test_without_a_base_parents_are_not_checked() -> None:
     assert map_lora_tensors([name], LoraTargets(None), None).problems == []
 
 
+QM0 = f"{P}.0.self_attn.q_proj.lora_magnitude_vector"
+DORA = LoraTargets(frozenset({"q_proj", "v_proj"}), dora=True)
+
+
+@pytest.mark.parametrize("suffix", ["", ".weight", ".default.weight"])
+def test_dora_magnitude_maps_to_side_m(suffix: str) -> None:
+    """The names PEFT loads a DoRA magnitude under (``save_pretrained`` writes the first)."""
+    mapping = map_lora_tensors([QA0, QB0, QM0 + suffix], DORA, LLAMA_PARENTS)
+    assert mapping.problems == []
+    site = mapping.sites[QM0 + suffix]
+    assert (site.layer, site.parent, site.module, site.side) == (0, "self_attn", "q_proj", "M")
+    assert {s.side for s in mapping.sites.values()} == {"A", "B", "M"}
+
+
+def test_magnitude_without_dora_refused() -> None:
+    mapping = map_lora_tensors([QA0, QB0, QM0], ATTN, LLAMA_PARENTS)
+    [problem] = mapping.problems
+    assert problem.reason == "magnitude_without_dora"
+    assert QM0 in problem.detail and "use_dora" in problem.detail
+    assert set(mapping.sites) == {QA0, QB0}
+
+
+def test_dora_modules_need_their_magnitude_and_the_reverse() -> None:
+    [problem] = map_lora_tensors([QA0, QB0], DORA, LLAMA_PARENTS).problems
+    assert problem.reason == "unpaired_magnitude"
+    assert "layer 0 q_proj" in problem.detail and "no lora_magnitude_vector" in problem.detail
+    [problem] = map_lora_tensors([QM0], DORA, LLAMA_PARENTS).problems
+    assert problem.reason == "unpaired_magnitude" and "no lora_A/lora_B" in problem.detail
+    # an A without B is still a DoRA module with its magnitude: unpaired_lora is the caller's
+    assert map_lora_tensors([QA0, QM0], DORA, LLAMA_PARENTS).problems == []
+
+
+def test_a_magnitude_under_two_names_is_ambiguous() -> None:
+    dup = f"{QM0}.default.weight"
+    mapping = map_lora_tensors([QA0, QB0, QM0, dup], DORA, LLAMA_PARENTS)
+    [problem] = mapping.problems
+    assert problem.reason == "ambiguous_tensor_names"
+    assert QM0 in problem.detail and dup in problem.detail
+    assert len([s for s in mapping.sites.values() if s.side == "M"]) == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        f"{QM0}.default",  # PEFT ignores it (found with peft 0.21)
+        f"{QM0}.other.weight",
+        f"{QM0}.weight.weight",
+        QM0.removeprefix("base_model.model."),
+        f"{P}.0.self_attn.q_proj.lora_magnitude",
+    ],
+)
+def test_magnitude_names_peft_would_not_load_are_unknown(name: str) -> None:
+    mapping = map_lora_tensors([QA0, QB0, name], DORA, LLAMA_PARENTS)
+    assert [p.reason for p in mapping.problems] == ["unknown_module", "unpaired_magnitude"]
+    assert name not in mapping.sites
+
+
+def test_dora_config_targets() -> None:
+    assert _targets(use_dora=True).dora
+    assert not _targets().dora
+    assert LoraTargets.from_config(parse_adapter_config(json.dumps(_config(use_dora=True)))).dora
+
+
 def test_missing_sites() -> None:
     targets = LoraTargets(frozenset({"q_proj"}), layers=frozenset({0, 2}))
     present = [(0, "q_proj")]

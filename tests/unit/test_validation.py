@@ -5,6 +5,7 @@ The readers' own tests are ``test_formats_*.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -188,6 +189,29 @@ def _set(name: str, value: Tensor) -> Callable[[dict[str, Tensor]], None]:
 
 QA0 = f"{PREFIX}.0.self_attn.q_proj.lora_A.weight"
 QB0 = f"{PREFIX}.0.self_attn.q_proj.lora_B.weight"
+QM0 = f"{PREFIX}.0.self_attn.q_proj.lora_magnitude_vector"
+DORA_CAPS = dataclasses.replace(CAPS, dora=True)
+
+
+def dora_tensors(modules: tuple[str, ...] = ("q_proj", "v_proj")) -> dict[str, Tensor]:
+    """:func:`lora_tensors` with each module's DoRA magnitude, named as PEFT saves it."""
+    out = lora_tensors(modules)
+    for name in [n for n in out if n.endswith(".lora_B.weight")]:
+        fan_out = out[name].shape[0]  # type: ignore[union-attr]
+        magnitude = np.linspace(0.5, 1.5, fan_out, dtype="float32")
+        out[name.replace(".lora_B.weight", ".lora_magnitude_vector")] = magnitude
+    return out
+
+
+def _dora(edit: Callable[[dict[str, Tensor]], None] = lambda t: None, **config: object) -> Case:
+    """A DoRA adapter (``use_dora=true``, magnitudes included) after ``edit``."""
+
+    def build(tmp: Path, base: BaseModelSpec) -> Path:
+        tensors = dora_tensors()
+        edit(tensors)
+        return write_adapter(tmp / "a", {"use_dora": True, **config}, tensors)
+
+    return build
 
 
 def _pickle(tmp: Path, base: BaseModelSpec) -> Path:
@@ -313,7 +337,31 @@ CORPUS: dict[str, tuple[Case, set[str], dict[str, Any]]] = {
         {},
     ),
     "ia3": (_cfg(peft_type="IA3"), {"unsupported_peft_type"}, {}),
-    "dora": (_cfg(use_dora=True), {"unsupported_dora"}, {}),
+    "dora-on-a-backend-without-dora": (_dora(), {"unsupported_dora"}, {"caps": CAPS}),
+    "dora-without-magnitudes": (_cfg(use_dora=True), {"unpaired_magnitude"}, {}),
+    "dora-magnitude-without-lora": (
+        _dora(lambda t: (t.pop(QA0), t.pop(QB0))),
+        {"unpaired_magnitude"},
+        {},
+    ),
+    "magnitude-without-dora": (
+        _tensors(_set(QM0, np.ones(8, "float32"))),
+        {"magnitude_without_dora"},
+        {},
+    ),
+    "dora-magnitude-length": (_dora(_set(QM0, np.ones(9, "float32"))), {"shape_mismatch"}, {}),
+    "dora-magnitude-2d": (_dora(_set(QM0, np.ones((8, 1), "float32"))), {"shape_mismatch"}, {}),
+    "dora-magnitude-two-names": (
+        _dora(_set(f"{QM0}.weight", np.ones(8, "float32"))),
+        {"ambiguous_tensor_names"},
+        {},
+    ),
+    "dora-magnitude-other-adapter": (
+        _dora(_rename(QM0, f"{QM0}.other.weight")),
+        {"unknown_module", "unpaired_magnitude"},
+        {},
+    ),
+    "dora-magnitude-nan": (_dora(_set(QM0, np.full(8, np.nan, "float32"))), {"non_finite"}, {}),
     "bias": (_cfg(bias="lora_only"), {"unsupported_bias"}, {}),
     "modules-to-save": (_cfg(modules_to_save=["lm_head"]), {"unsupported_modules_to_save"}, {}),
     "rank-pattern": (_cfg(rank_pattern={"q_proj": 4}), {"unsupported_option"}, {}),
@@ -485,9 +533,9 @@ CORPUS: dict[str, tuple[Case, set[str], dict[str, Any]]] = {
     "pissa-init": (_cfg(init_lora_weights="pissa"), {"unsupported_option"}, {}),
     # combinations: every problem is reported, not just the first
     "dora-and-nan-and-unpaired": (
-        _tensors(lambda t: (t.pop(QB0), t.update({QA0: NAN})), use_dora=True),
+        _dora(lambda t: (t.pop(QB0), t.update({QA0: NAN}))),
         {"unsupported_dora", "unpaired_lora", "non_finite"},
-        {},
+        {"caps": CAPS},
     ),
     "pickle-and-shape": (
         lambda tmp, base: (
@@ -568,6 +616,28 @@ def test_peft_target_options_accepted(
         tensors.update({k: v for k, v in lora_tensors(("v_proj",)).items() if ".layers.1." in k})
     report = validate_adapter(write_adapter(tmp_path / "a", config, tensors), base=base)
     assert report.ok, [str(p) for p in report.problems]
+
+
+@pytest.mark.parametrize("caps", [DORA_CAPS, None], ids=["dora-backend", "no-backend"])
+@pytest.mark.parametrize("suffix", ["", ".weight", ".default.weight"])
+def test_dora_adapter_accepted(
+    tmp_path: Path, base: BaseModelSpec, caps: Capabilities | None, suffix: str
+) -> None:
+    """A DoRA adapter as PEFT saves it (and under the other names PEFT loads its
+    magnitudes by) passes when the backend serves DoRA, or when no backend is given."""
+    tensors = {
+        (f"{k}{suffix}" if k.endswith("lora_magnitude_vector") else k): v
+        for k, v in dora_tensors().items()
+    }
+    d = write_adapter(tmp_path / "a", {"use_dora": True}, tensors)
+    report = validate_adapter(d, base=base, caps=caps)
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.config is not None and report.config.use_dora
+    assert report.targets is not None and report.targets.dora
+    assert len(report.norms) == 12
+    # the magnitudes do not count in the adapter's norm: it is the plain LoRA's
+    plain = validate_adapter(write_adapter(tmp_path / "plain"), base=base, caps=caps)
+    assert report.norm == plain.norm
 
 
 def test_good_bf16_and_f16_adapter_accepted(tmp_path: Path, base: BaseModelSpec) -> None:
@@ -694,7 +764,7 @@ def test_cli(tmp_path: Path, base_dir: Path) -> None:
     done = _cli(bad, "--base", base_dir)
     assert done.returncode == 1
     assert done.stdout.startswith("REFUSED")
-    for reason in ("unsupported_dora", "shape_mismatch", "unpaired_lora"):
+    for reason in ("unpaired_magnitude", "shape_mismatch", "unpaired_lora"):
         assert f"[{reason}]" in done.stdout
 
     done = _cli(bad)
