@@ -48,5 +48,5 @@ def magnitude_scale(
         )
     with torch.no_grad():
         combined = weight.float() + (a_t.float() @ b_t.float()).t()
-        norm = torch.linalg.vector_norm(combined, dim=1)
+        norm: torch.Tensor = torch.linalg.vector_norm(combined, dim=1)
         return (magnitude.float() / norm).detach()
