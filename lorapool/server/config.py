@@ -67,7 +67,9 @@ from lorapool.errors import AdapterExists
 from lorapool.formats import inspect_adapter_dir
 from lorapool.plugins import BACKENDS, SOURCES, available, load_source
 from lorapool.pool import AdapterPool
-from lorapool.registry import Registry, qualify
+from lorapool.registry import PostgresRegistryStore, Registry, qualify
+from lorapool.registry.pg_migrations import check_schema_name
+from lorapool.registry.postgres import is_postgres_url
 from lorapool.retry import RetryPolicy
 from lorapool.scheduler import FairScheduler, TenantConfig, TierPolicy
 from lorapool.signing import Keyring, SigningPolicy
@@ -464,7 +466,14 @@ class ServerConfig(BaseSettings):
     backend: BackendConfig = Field(default_factory=BackendConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     registry: str | None = None
-    """SQLite file (default: ``registry.sqlite`` in ``store.disk_dir``)."""
+    """Where the registry lives: a SQLite file (default: ``registry.sqlite`` in
+    ``store.disk_dir``), or a PostgreSQL database (``postgresql://user@host/db``) shared by
+    every replica of a deployment, on any host (:mod:`lorapool.registry.postgres`; the
+    ``postgres`` extra). Put the password in ``LORAPOOL_REGISTRY`` or in libpq's
+    ``PGPASSWORD``/``~/.pgpass`` rather than in the file."""
+    registry_schema: str = "lorapool"
+    """The PostgreSQL schema holding the registry's tables (a ``postgresql://`` registry
+    only): deployments sharing one database each use their own."""
     tiers: dict[str, TierPolicy] = Field(default_factory=lambda: {"default": TierPolicy()})
     """Tenant tiers: ``weight``, rate limits, ``max_queue``, ``cold_start`` (a TierPolicy each)."""
     default_tier: str | None = None
@@ -492,6 +501,10 @@ class ServerConfig(BaseSettings):
                 raise ValueError(f"keys.{name}: the same API key is given twice")
             keys[secret] = key
         self.keys = keys
+        if self.registry_schema != "lorapool":
+            check_schema_name(self.registry_schema)
+            if self.registry is None or not is_postgres_url(self.registry):
+                raise ValueError("registry_schema applies to a postgresql:// registry only")
         ids = [a.adapter_id for a in self.adapters]
         twice = sorted({a for a in ids if ids.count(a) > 1})
         if twice:
@@ -548,10 +561,19 @@ class ServerConfig(BaseSettings):
             self.build_backend(),
             store=store,
             scheduler=self.build_scheduler(),
-            registry=registry if registry is not None else self.registry,
+            registry=registry if registry is not None else self.build_registry(),
             keyring=self.signing.build_keyring(),
             signing=self.signing.build_policy(),
         )
+
+    def build_registry(self) -> Registry | str | None:
+        """The configured registry: a :class:`Registry` over a
+        :class:`~lorapool.registry.PostgresRegistryStore` for a ``postgresql://`` URL
+        (connected and migrated now), else the SQLite path (``None``: the default file),
+        which the pool opens."""
+        if self.registry is not None and is_postgres_url(self.registry):
+            return Registry(PostgresRegistryStore(self.registry, schema=self.registry_schema))
+        return self.registry
 
     def on_start(self) -> Callable[[Served], Awaitable[None]] | None:
         """What the app runs once the pool started, before it serves: the ``[[adapters]]``."""
