@@ -37,7 +37,7 @@ from .engine import Engine, EngineStats, Event, RowFault
 from .engine import Sequence as EngineSequence
 from .kernel import SgmvKernel, build_kernel, cpu_kernel
 from .lora import LoraSlots, PreparedAdapter, prepare_adapter
-from .model import KVCache, LlamaModel
+from .model import BaseWeights, KVCache, LlamaModel
 from .prefix import PrefixCache
 from .threads import process_usable_cpus
 
@@ -152,7 +152,13 @@ class TorchBackend(BaseBackend):
         prefix_cache_bytes: int | None = None,
         prefix_block_size: int = 16,
         prefix_cache_eviction: str | EvictionPolicy = "lru",
+        lora_bytes: int | None = None,
+        lora_layout: str = "paged",
     ) -> None:
+        if lora_bytes is not None and (isinstance(lora_bytes, bool) or lora_bytes < 0):
+            raise ValueError(f"lora_bytes must be an int >= 0, or None: {lora_bytes!r}")
+        if lora_layout not in ("paged", "padded"):
+            raise ValueError(f"lora_layout must be 'paged' or 'padded', not {lora_layout!r}")
         if max_slots < 1 or max_rank < 1 or max_batch < 1 or max_seq_len < 2:
             raise ValueError("max_slots, max_rank, max_batch must be >= 1 and max_seq_len >= 2")
         if prefix_cache_bytes is not None and prefix_cache_bytes < 0:
@@ -193,6 +199,12 @@ class TorchBackend(BaseBackend):
         """The prefix cache's budget asked for (``None``: half the KV cache's size)."""
         self.prefix_block_size = prefix_block_size
         self.prefix_cache_eviction = prefix_cache_eviction
+        self.lora_bytes = lora_bytes
+        """The LoRA arena's budget asked for (``None``: ``max_slots`` adapters at
+        ``max_rank`` over every module)."""
+        self.lora_layout = lora_layout
+        """``"paged"``: each adapter at its own rank and modules; ``"padded"``: every
+        adapter at ``max_rank`` over every module (the layout before, for comparison)."""
         self._engine: Engine | None = None
         self._stats: EngineStats | None = None
         self._slot_of: dict[str, int] = {}
@@ -318,6 +330,8 @@ class TorchBackend(BaseBackend):
             prefix_cache=engine.prefix is not None,
             model_path=self.model_path,
             sampling=frozenset(sampling),
+            dora=not cfg.attention_bias,
+            device_bytes=engine.lora.nbytes,
         )
 
     def _structured(self, vocab_size: int) -> tuple[Any, Any]:
@@ -347,6 +361,8 @@ class TorchBackend(BaseBackend):
             self.lora_dtype,
             self.device,
             kernel,
+            capacity_bytes=self.lora_bytes,
+            padded=self.lora_layout == "padded",
         )
         rows = self.max_batch + self.spare_rows
         cache = KVCache(cfg, rows, self.max_seq_len, self.dtype, self.device)
@@ -434,6 +450,8 @@ class TorchBackend(BaseBackend):
 
         def prepare() -> PreparedAdapter:
             tensors = load_safetensors(adapter.weights)
+            if adapter.config.use_dora and cfg.attention_bias:
+                raise ValueError("DoRA is not served on a model whose projections have a bias")
             return prepare_adapter(
                 adapter.adapter_id,
                 adapter.config,
@@ -442,12 +460,22 @@ class TorchBackend(BaseBackend):
                 cfg.num_layers,
                 self.max_rank,
                 self.lora_dtype,
+                BaseWeights(self.model_path, self.dtype) if adapter.config.use_dora else None,
             )
 
         try:
             return await _in_fresh_thread(prepare)
         except Exception as exc:
             raise LoadError(adapter.adapter_id, "host", str(exc)) from exc
+
+    def device_nbytes(self, adapter: LoadedAdapter) -> int:
+        """Bytes of the LoRA arena the prepared adapter takes: its own rank and modules
+        (``lora_layout="paged"``), or ``max_rank`` over every module (``"padded"``)."""
+        engine = self._require_engine()
+        prepared = adapter.prepared
+        if not isinstance(prepared, PreparedAdapter):
+            raise ValueError(f"{adapter.adapter_id!r} is not prepared (prepare() first)")
+        return engine.lora.adapter_nbytes(prepared)
 
     async def load(self, adapter: LoadedAdapter, slot: int) -> None:
         """Copy a prepared adapter into ``slot`` (preparing it first if needed)."""

@@ -38,6 +38,7 @@ from lorapool.cache import default_cache_dir
 
 __all__ = [
     "DEFAULT_SCHEDULE",
+    "DESC_FIELDS",
     "KernelUnavailable",
     "SgmvGroup",
     "SgmvKernel",
@@ -84,18 +85,22 @@ def parse_schedule(text: str) -> tuple[str, int]:
 MAX_MODULES = 4
 """Modules per projection group the kernel's group record holds (``SGMV_MAX_MODULES``)."""
 
+DESC_FIELDS = 16
+"""Int64s in one slot's descriptor (``SGMV_DESC``): its ``A`` block's offset in the arena
+(``-1``: the slot has nothing in this group), ``A``'s width, the rank, then per module
+the ``B`` panels' offset, the module's first column among the shrunk activations and its
+DoRA scale's offset (``-1`` where absent)."""
+
 
 class SgmvGroup(ctypes.Structure):
     """``sgmv_group`` of ``sgmv.c``: one layer's projection group, fixed between calls."""
 
     _fields_ = [
-        ("a", _P),
+        ("base", _P),
+        ("desc", _P),
         ("in_dim", _I64),
-        ("gr", _I64),
         ("n_mod", _I64),
-        ("rank", _I64),
-        ("slot_stride", _I64),
-        ("b", _P * MAX_MODULES),
+        ("t_ld", _I64),
         ("out", _I64 * MAX_MODULES),
         ("y_off", _I64 * MAX_MODULES),
     ]

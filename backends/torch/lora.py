@@ -1,23 +1,28 @@
-"""Device slots holding LoRA weights, and the mixed-adapter matmuls.
+"""Device slots holding LoRA weights at each adapter's own rank, and the mixed-adapter matmuls.
 
-Every LoRA-able linear of every layer has one stacked tensor per side:
-``A^T`` as ``[layers, slots, in, max_rank]`` and ``scale * B^T`` as
-``[layers, slots, max_rank, out]`` (with the C kernel the same numbers are laid
-out for it: each slot's A and B of a projection group in one block, B in panels
-of 16 columns; :meth:`LoraSlots.b_matrix`). An adapter of rank ``r < max_rank`` fills
-the first ``r`` columns and zeros the rest, so mixed ranks and mixed target
-modules share one layout and the result is exact. ``q/k/v`` and ``gate/up``
-share their input, so their ``A`` sides are stored side by side and shrunk with
-one matmul. The stacks may be wider than the activations (fp32 stacks under a
-bf16 model on CPU); inputs are cast up and deltas cast back as they are added.
+All resident adapters live in one flat tensor, the *arena* (:mod:`.arena`): each
+adapter in one contiguous block of its own size, laid out by :class:`ImageLayout`.
+A block repeats one stretch per layer; in it, for each projection group the
+adapter targets (``q/k/v``, ``gate/up``, ``o``, ``down``), ``A^T`` of the targeted
+modules side by side as ``[in, n * r]`` (they share their input, so one shrink
+serves them), then each targeted module's ``scale * B^T`` (in 16-column panels
+``[ceil(out / 16), r, 16]`` for the C kernel, ``[r, out]`` otherwise), then, for a
+DoRA adapter, each module's output scale ``[out]``. An adapter of rank 8 in a pool
+built for ``max_rank=64`` takes and reads an eighth of the bytes a rank-64 one
+does; ``max_rank`` only caps what may be loaded. ``padded=True`` keeps the old
+layout for comparison: every adapter at ``max_rank`` over every module, zero-filled.
 
-A forward pass gets one :class:`LoraBatch` plan (which token uses which slot).
-On CPU with the C kernel (``kernel.py``), one kernel call per projection group
-does every slot's shrink, expand and add, for decode steps and prefills alike.
-Otherwise (no compiler, fp16 activations, CUDA), with many adapters the plan
-pads each slot's tokens to a common count and runs one batched matmul per side
-for all slots (segmented by slot, never per row); with one adapter, or very
-uneven groups, one matmul per slot.
+A *slot* is a small descriptor (where the slot's adapter sits in the arena, its
+rank, which modules it has), one row per layer and group of :attr:`LoraSlots.desc`.
+Loading writes a block and its descriptors between forward passes; when the free
+room is split into holes too small for the new block, the arena is compacted first
+(the blocks slide together, their descriptors follow).
+
+A forward pass gets one :class:`LoraBatch` plan (which token uses which slot). On
+CPU with the C kernel (``kernel.py``), one kernel call per projection group does
+every slot's shrink, expand, DoRA scale and add, each slot at its own rank.
+Otherwise (no compiler, fp16 activations, CUDA) one matmul per slot and side on
+views of the arena, again at the slot's own rank.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from typing import NamedTuple
 
 import torch
 
-from lorapool.formats import LLAMA_PARENTS, LoraTargets, map_lora_tensors
-from lorapool.types import LoraConfig
-
-from .kernel import MAX_MODULES, SgmvGroup, SgmvKernel
+from .arena import Arena, rounded
+from .kernel import DESC_FIELDS, MAX_MODULES, SgmvGroup, SgmvKernel
+from .layout import GROUP_OF, GROUPS, GroupPiece, ImageLayout, panels
+from .prepare import PreparedAdapter, prepare_adapter
 
 __all__ = [
     "KERNEL_SEGMENT_ROWS",
+    "ImageLayout",
     "LoraBatch",
     "LoraSlots",
     "PreparedAdapter",
@@ -46,89 +52,8 @@ KERNEL_SEGMENT_ROWS = 4
 adapter's rows spread over the threads (the later segments read its weights from
 cache) and each segment's rows fit one register tile."""
 
-_GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "gate_up": ("gate_proj", "up_proj"),
-    "o": ("o_proj",),
-    "down": ("down_proj",),
-}
-_GROUP_OF = {m: g for g, ms in _GROUPS.items() for m in ms}
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 """Activation dtypes the C kernel takes."""
-
-
-@dataclass(frozen=True)
-class PreparedAdapter:
-    """An adapter checked against the model and laid out compactly, ready to copy to a slot.
-
-    Only the modules it targets, at its own rank: ``a[module]`` is ``A^T`` as
-    ``[layers, in, r]`` and ``b[module]`` is ``scale * B^T`` as
-    ``[layers, r, out]``. This is the host-tier form: a switch to the device
-    copies these bytes and nothing else.
-    """
-
-    adapter_id: str
-    rank: int
-    a: dict[str, torch.Tensor]
-    b: dict[str, torch.Tensor]
-    nbytes: int
-
-
-def prepare_adapter(
-    adapter_id: str,
-    config: LoraConfig,
-    tensors: dict[str, torch.Tensor],
-    shapes: dict[str, tuple[int, int]],
-    num_layers: int,
-    max_rank: int,
-    dtype: torch.dtype,
-) -> PreparedAdapter:
-    """Check an adapter's tensors against the model and lay them out for a slot.
-
-    Which module each tensor goes to is decided by
-    :func:`lorapool.formats.map_lora_tensors`, as PEFT decides it and as
-    validation did at registration: a tensor PEFT would ignore (untargeted,
-    misnamed, or stored under two names) is refused, never applied. A module
-    with no tensors adds nothing. Runs off the engine thread; raises
-    ``ValueError`` (:class:`lorapool.errors.AdapterValidationError` for the
-    names) saying what does not fit.
-    """
-    r = config.r
-    if r > max_rank:
-        raise ValueError(f"rank {r} exceeds max_rank {max_rank}")
-    scale = config.scaling
-    parents = {m: p for m, p in LLAMA_PARENTS.items() if m in shapes}
-    mapping = map_lora_tensors(tensors, LoraTargets.from_config(config), parents)
-    mapping.raise_first()
-    found: dict[tuple[int, str, str], torch.Tensor] = {}
-    for name, site in mapping.sites.items():
-        t = tensors[name]
-        layer, module, side = site.layer, site.module, site.side
-        if layer >= num_layers:
-            raise ValueError(f"tensor {name!r} names layer {layer}; the model has {num_layers}")
-        fan_in, fan_out = shapes[module]
-        want = (r, fan_in) if side == "A" else (fan_out, r)
-        if tuple(t.shape) != want:
-            raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {want}")
-        found[(layer, module, side)] = t
-    a: dict[str, torch.Tensor] = {}
-    b: dict[str, torch.Tensor] = {}
-    for module in sorted({m for _, m, _ in found}):
-        fan_in, fan_out = shapes[module]
-        ma = torch.zeros(num_layers, fan_in, r, dtype=dtype)
-        mb = torch.zeros(num_layers, r, fan_out, dtype=dtype)
-        for layer in range(num_layers):
-            ta = found.get((layer, module, "A"))
-            tb = found.get((layer, module, "B"))
-            if (ta is None) != (tb is None):
-                raise ValueError(f"layer {layer} {module}: lora_A and lora_B must come in pairs")
-            if ta is None or tb is None:
-                continue
-            ma[layer] = ta.t().to(dtype)
-            mb[layer] = (tb.float().t() * scale).to(dtype)
-        a[module], b[module] = ma, mb
-    nbytes = sum(t.nbytes for t in a.values()) + sum(t.nbytes for t in b.values())
-    return PreparedAdapter(adapter_id, r, a, b, nbytes)
 
 
 @dataclass(frozen=True)
@@ -148,11 +73,10 @@ class _Segments:
 
     @classmethod
     def build(cls, groups: dict[int, list[int]]) -> _Segments:
-        order = sorted(groups)
         ptr = [0]
         tok: list[int] = []
         slots: list[int] = []
-        for s in order:
+        for s in sorted(groups):
             members = groups[s]
             for i in range(0, len(members), KERNEL_SEGMENT_ROWS):
                 tok.extend(members[i : i + KERNEL_SEGMENT_ROWS])
@@ -166,14 +90,9 @@ class _Segments:
 class LoraBatch:
     """Which tokens of a forward pass use which slot, grouped by slot.
 
-    With ``segments=True`` (a CPU plan for :class:`LoraSlots` with the C
-    kernel) the kernel runs it, whatever the group sizes. Otherwise three
-    layouts, chosen per forward pass. *Span*: the tokens
-    padded to a common count per slot over the contiguous slot range they use, run as one
-    batched matmul on a view of the stacks. *Compact*: the same over just the
-    slots in use, gathering their weights first (when the used slots are
-    spread out, e.g. 4 adapters in slots 0, 5, 9 and 14). *Loop*: one matmul
-    per slot (one adapter, or very uneven groups).
+    With ``segments=True`` (a CPU plan for :class:`LoraSlots` with the C kernel) the
+    kernel's segments are made too; :attr:`loop` (each slot's tokens, as a slice when
+    they are contiguous) serves PyTorch's path.
     """
 
     def __init__(
@@ -185,89 +104,26 @@ class LoraBatch:
                 groups.setdefault(s, []).append(i)
         self.slots = sorted(groups)
         self.num_tokens = sum(len(v) for v in groups.values())
-        self.loop: list[tuple[int, torch.Tensor | slice]] = []
-        self.padded = False
         self.segments: _Segments | None = None
         """Set when the C kernel can run this plan."""
-        self._pending: tuple[list[int], dict[int, list[int]], torch.device] | None = None
-        if not self.slots:
-            return
-        if segments and device.type == "cpu":
+        self._groups = groups
+        self._device = device
+        self._loop: list[tuple[int, torch.Tensor | slice]] | None = None
+        if self.slots and segments and device.type == "cpu":
             self.segments = _Segments.build(groups)
-            # PyTorch's layouts only where the kernel cannot run (fp16 activations).
-            self._pending = (token_slots, groups, device)
-            return
-        self._layout(token_slots, groups, device)
 
-    def ensure_layout(self) -> LoraBatch:
-        """Make the PyTorch layouts if the plan was made for the kernel only."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._layout(*pending)
-        return self
-
-    def _layout(
-        self, token_slots: list[int], groups: dict[int, list[int]], device: torch.device
-    ) -> None:
-        k = len(self.slots)
-        if k > 1:
-            lo, hi = self.slots[0], self.slots[-1]
-            layouts: list[tuple[list[int], slice | list[int]]] = [
-                (list(range(lo, hi + 1)), slice(lo, hi + 1)),
-                (self.slots, self.slots),
-            ]
-            for slot_ids, slot_range in layouts:
-                if self._pad(token_slots, groups, slot_ids, slot_range, device):
-                    return
-        for s in self.slots:
-            idx = groups[s]
-            if idx[-1] - idx[0] + 1 == len(idx):
-                self.loop.append((s, slice(idx[0], idx[-1] + 1)))
-            else:
-                self.loop.append((s, torch.tensor(idx, dtype=torch.long, device=device)))
-
-    def _pad(
-        self,
-        token_slots: list[int],
-        groups: dict[int, list[int]],
-        slot_ids: list[int],
-        slot_range: slice | list[int],
-        device: torch.device,
-    ) -> bool:
-        """Lay the tokens out padded over ``slot_ids``, unless that wastes too much."""
-        m = max(len(v) for v in groups.values())
-        unadapted = len(token_slots) - self.num_tokens
-        if unadapted and len(slot_ids) * m == self.num_tokens:
-            m += 1  # tokens without an adapter read their (zero) delta from a padding cell
-        if len(slot_ids) * m > 2 * self.num_tokens + 16:
-            return False
-        pad = [[0] * m for _ in slot_ids]
-        zero_cell = -1
-        where = [0] * len(token_slots)
-        for gi, s in enumerate(slot_ids):
-            members = groups.get(s, ())
-            for j, tok in enumerate(members):
-                pad[gi][j] = tok
-                where[tok] = gi * m + j
-            if zero_cell < 0 and len(members) < m:
-                zero_cell = gi * m + len(members)
-        if unadapted:
-            for tok, s in enumerate(token_slots):
-                if s < 0:
-                    where[tok] = zero_cell
-        self.padded = True
-        self.slot_range: slice | torch.Tensor = (
-            slot_range
-            if isinstance(slot_range, slice)
-            else torch.tensor(slot_range, dtype=torch.long, device=device)
-        )
-        """The stacks' slots the padded groups use: a view (span) or a gather (compact)."""
-        self.pad_index = torch.tensor(pad, dtype=torch.long, device=device)
-        self.gather = torch.tensor(where, dtype=torch.long, device=device)
-        """For each token, the padded cell holding its delta."""
-        self.zero_cell = zero_cell if unadapted else -1
-        """A padding cell zeroed after the shrink, or -1 when no token needs one."""
-        return True
+    @property
+    def loop(self) -> list[tuple[int, torch.Tensor | slice]]:
+        """``(slot, its tokens)`` for PyTorch's path, made on first use."""
+        if self._loop is None:
+            self._loop = []
+            for s in self.slots:
+                idx = self._groups[s]
+                if idx[-1] - idx[0] + 1 == len(idx):
+                    self._loop.append((s, slice(idx[0], idx[-1] + 1)))
+                else:
+                    self._loop.append((s, torch.tensor(idx, dtype=torch.long, device=self._device)))
+        return self._loop
 
     @property
     def distinct(self) -> int:
@@ -285,13 +141,19 @@ class _KernelGroup(NamedTuple):
     """Columns of the group's fused output."""
 
 
-def _panels(n: int) -> int:
-    """16-column panels that hold ``n`` columns."""
-    return -(-n // 16)
+class _Resident(NamedTuple):
+    adapter_id: str
+    offset: int
+    layout: ImageLayout
 
 
 class LoraSlots:
-    """The device-resident stacks: ``max_slots`` adapters for every LoRA-able linear."""
+    """``max_slots`` adapters for every LoRA-able linear, in an arena of ``capacity_bytes``.
+
+    ``capacity_bytes`` defaults to what ``max_slots`` adapters at ``max_rank`` over
+    every module (DoRA included) take, so any ``max_slots`` adapters fit; a smaller
+    budget holds as many adapters as their own sizes allow (:meth:`adapter_nbytes`).
+    """
 
     def __init__(
         self,
@@ -302,6 +164,9 @@ class LoraSlots:
         dtype: torch.dtype,
         device: torch.device,
         kernel: SgmvKernel | None = None,
+        *,
+        capacity_bytes: int | None = None,
+        padded: bool = False,
     ) -> None:
         self.shapes = shapes
         self.num_layers = num_layers
@@ -309,161 +174,265 @@ class LoraSlots:
         self.max_rank = max_rank
         self.dtype = dtype
         self.device = device
+        self.padded = padded
+        """Every adapter laid out at ``max_rank`` over every module (the old layout)."""
         self.kernel = kernel if device.type == "cpu" and dtype == torch.float32 else None
         """The C kernel, used for fp32 stacks on CPU when one was given."""
-        self.a: dict[str, torch.Tensor] = {}
-        """Per group, ``A^T`` of its modules side by side: ``[layers, slots, in, n * max_rank]``."""
-        self.b: dict[str, torch.Tensor] = {}
-        """Per module, ``scale * B^T``: ``[layers, slots, max_rank, out]``, or with the
-        kernel ``[layers, slots, panels, max_rank, 16]`` (:meth:`b_matrix` reads either)."""
-        self._buffers: list[torch.Tensor] = []
-        if self.kernel is None:
-            for g, ms in _GROUPS.items():
-                fan_in = shapes[ms[0]][0]
-                self.a[g] = torch.zeros(
-                    num_layers, max_slots, fan_in, len(ms) * max_rank, dtype=dtype, device=device
-                )
-                self._buffers.append(self.a[g])
-            for m, (_, fan_out) in shapes.items():
-                self.b[m] = torch.zeros(
-                    num_layers, max_slots, max_rank, fan_out, dtype=dtype, device=device
-                )
-                self._buffers.append(self.b[m])
-        else:
-            self._pack_for_kernel()
+        self._itemsize = torch.empty(0, dtype=dtype).element_size()
+        if capacity_bytes is None:
+            capacity_bytes = (
+                max_slots
+                * self._itemsize
+                * self._layout(max_rank, frozenset(shapes), dora=True).size
+            )
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, not {capacity_bytes}")
+        self.arena = Arena(capacity_bytes // self._itemsize)
+        self.memory = torch.zeros(self.arena.capacity, dtype=dtype, device=device)
+        """The arena's storage: every resident adapter's weights."""
         self.occupant: list[str | None] = [None] * max_slots
-        # Per slot: rank-columns each module's last occupant wrote (the rest are zero).
-        self._written: list[dict[str, int]] = [{} for _ in range(max_slots)]
+        self._resident: dict[int, _Resident] = {}
+        self.desc = torch.full(
+            (num_layers, len(GROUPS), max_slots, DESC_FIELDS), -1, dtype=torch.int64
+        )
+        """Per layer, group and slot, the kernel's descriptor (``sgmv.c``): block offsets,
+        width, rank; ``-1`` where the slot has nothing."""
         # Each group's modules as column blocks of its fused output.
         self._columns: dict[str, list[tuple[str, int, int]]] = {}
-        for group, modules in _GROUPS.items():
+        for group, modules in GROUPS.items():
             start = 0
             self._columns[group] = []
             for m in modules:
                 self._columns[group].append((m, start, start + shapes[m][1]))
                 start += shapes[m][1]
+        self._group_index = {g: i for i, g in enumerate(GROUPS)}
         self._kernel_groups = self._bind_kernel() if self.kernel is not None else {}
         self._scratch = torch.empty(0, dtype=torch.float32)
         self._scratch_addr = 0
         self._work = torch.empty(0, dtype=torch.float32)
         self._widest = max(max(shape) for shape in shapes.values())
-        self._widest_rank = max(len(ms) for ms in _GROUPS.values()) * max_rank
+        self._widest_rank = max(len(ms) for ms in GROUPS.values()) * max_rank
         """Scratch columns per token: the widest group's shrunk activations."""
         self._threads = torch.get_num_threads()
 
-    def _pack_for_kernel(self) -> None:
-        """The kernel's layout: per layer and group, one block per slot holding the slot's
-        ``A`` and each module's ``B`` in panels of 16 columns, so a kernel segment
-        reads one contiguous stretch (``sgmv.c``)."""
-        for g, ms in _GROUPS.items():
-            fan_in = self.shapes[ms[0]][0]
-            sizes = [fan_in * len(ms) * self.max_rank]
-            sizes += [_panels(self.shapes[m][1]) * self.max_rank * 16 for m in ms]
-            block = -(-sum(sizes) // 16) * 16  # whole cache lines per slot
-            buf = torch.zeros(
-                self.num_layers, self.max_slots, block, dtype=self.dtype, device=self.device
-            )
-            self._buffers.append(buf)
-            lead = (self.num_layers, self.max_slots)
-            self.a[g] = buf[..., : sizes[0]].view(*lead, fan_in, len(ms) * self.max_rank)
-            start = sizes[0]
-            for m, size in zip(ms, sizes[1:], strict=True):
-                panels = (_panels(self.shapes[m][1]), self.max_rank, 16)
-                self.b[m] = buf[..., start : start + size].view(*lead, *panels)
-                start += size
+    # -- memory ------------------------------------------------------------------------
 
-    def b_matrix(self, module: str, layer: int) -> torch.Tensor:
-        """``scale * B^T`` of ``module`` in ``layer`` for every slot, ``[slots, max_rank, out]``.
+    def _layout(self, rank: int, modules: frozenset[str], dora: bool) -> ImageLayout:
+        if self.padded:
+            rank, modules = self.max_rank, frozenset(self.shapes)
+        return ImageLayout.build(
+            self.shapes, self.num_layers, rank, modules, dora, self.kernel is not None
+        )
 
-        A view of the stacks, or a copy out of the kernel's panels (the PyTorch
-        path runs with the kernel present only for fp16 activations).
+    def layout_of(self, prepared: PreparedAdapter) -> ImageLayout:
+        """The block ``prepared`` takes in this arena."""
+        return self._layout(prepared.rank, frozenset(prepared.a), bool(prepared.dora))
+
+    def adapter_nbytes(self, prepared: PreparedAdapter) -> int:
+        """Bytes of the arena ``prepared`` takes when loaded (its block, aligned)."""
+        return max(rounded(self.layout_of(prepared).size), 16) * self._itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory the arena holds (its capacity)."""
+        return self.memory.nbytes
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the arena resident adapters take."""
+        return self.arena.used * self._itemsize
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes of the arena no adapter takes (possibly split into holes)."""
+        return self.arena.free * self._itemsize
+
+    # -- loading -------------------------------------------------------------------------
+
+    def copy_in(self, slot: int, prepared: PreparedAdapter) -> None:
+        """Put a prepared adapter in ``slot``, replacing what was there.
+
+        Writes the adapter's block (compacting the arena first if the free room is
+        split) and the slot's descriptors. Raises :class:`MemoryError` naming the
+        sizes, before changing anything, when the arena cannot hold it even with the
+        slot's current occupant gone.
         """
-        b = self.b[module][layer]
-        if self.kernel is None:
-            return b
-        out = self.shapes[module][1]
-        return b.transpose(1, 2).flatten(2)[..., :out]
+        if prepared.rank > self.max_rank:
+            raise ValueError(f"rank {prepared.rank} exceeds max_rank {self.max_rank}")
+        layout = self.layout_of(prepared)
+        need = max(rounded(layout.size), 16)
+        old = self._resident.get(slot)
+        room = self.arena.free + (self.arena.size_of(old.offset) if old is not None else 0)
+        if need > room:
+            raise MemoryError(
+                f"adapter {prepared.adapter_id!r} needs {need * self._itemsize} bytes of the"
+                f" LoRA arena; {room * self._itemsize} of {self.nbytes} are free"
+            )
+        self.clear(slot)
+        offset = self.arena.alloc(need)
+        if offset is None:
+            self._compact()
+            offset = self.arena.alloc(need)
+            assert offset is not None, "a compacted arena has one hole of all its free room"
+        block = self.memory[offset : offset + need]
+        block.zero_()
+        self._write(offset, layout, prepared)
+        self._resident[slot] = _Resident(prepared.adapter_id, offset, layout)
+        self._describe(slot)
+        self.occupant[slot] = prepared.adapter_id
+
+    def _write(self, offset: int, layout: ImageLayout, prepared: PreparedAdapter) -> None:
+        """Copy the adapter's tensors into its block, every layer at once per module."""
+        stride = layout.layer_stride
+        lead = (self.num_layers,)
+        r = prepared.rank
+        for group, piece in layout.groups.items():
+            for j, module in enumerate(GROUPS[group]):
+                fan_in, out = self.shapes[module]
+                if piece.dora[j] >= 0:
+                    scales = prepared.dora.get(module)
+                    view = self.memory.as_strided((*lead, out), (stride, 1), offset + piece.dora[j])
+                    if scales is None:
+                        view.fill_(1.0)  # padded: a module the adapter does not have
+                    else:
+                        view.copy_(scales)
+                if piece.b[j] < 0 or module not in prepared.a:
+                    continue
+                col = piece.t_col[j]
+                a = self.memory.as_strided(
+                    (*lead, fan_in, r), (stride, piece.width, 1), offset + piece.a + col
+                )
+                a.copy_(prepared.a[module])
+                b = prepared.b[module]
+                if layout.panels:
+                    b = torch.nn.functional.pad(b, (0, panels(out) * 16 - out))
+                    b = b.view(self.num_layers, r, panels(out), 16).transpose(1, 2)
+                    dest = self.memory.as_strided(
+                        (*lead, panels(out), r, 16),
+                        (stride, layout.rank * 16, 16, 1),
+                        offset + piece.b[j],
+                    )
+                else:
+                    dest = self.memory.as_strided(
+                        (*lead, r, out), (stride, out, 1), offset + piece.b[j]
+                    )
+                dest.copy_(b)
+
+    def _describe(self, slot: int) -> None:
+        """Write ``slot``'s descriptors from where its block is (or ``-1`` when empty)."""
+        self.desc[:, :, slot] = -1
+        resident = self._resident.get(slot)
+        if resident is None:
+            return
+        layout = resident.layout
+        rows = torch.arange(self.num_layers, dtype=torch.int64) * layout.layer_stride
+        rows += resident.offset
+        for group, piece in layout.groups.items():
+            d = self.desc[:, self._group_index[group], slot]
+            d[:, 0] = rows + piece.a
+            d[:, 1] = piece.width
+            d[:, 2] = layout.rank
+            for j in range(len(GROUPS[group])):
+                if piece.b[j] >= 0:
+                    d[:, 3 + j] = rows + piece.b[j]
+                    d[:, 3 + MAX_MODULES + j] = piece.t_col[j]
+                if piece.dora[j] >= 0:
+                    d[:, 3 + 2 * MAX_MODULES + j] = rows + piece.dora[j]
+
+    def _compact(self) -> None:
+        """Slide the blocks together; the descriptors follow."""
+        moved = {m.src: m for m in self.arena.compact()}
+        for m in moved.values():
+            src = self.memory[m.src : m.src + m.size]
+            if m.src - m.dst < m.size:
+                src = src.clone()  # the ranges overlap
+            self.memory[m.dst : m.dst + m.size].copy_(src)
+        for slot, resident in list(self._resident.items()):
+            move = moved.get(resident.offset)
+            if move is not None:
+                self._resident[slot] = resident._replace(offset=move.dst)
+                self._describe(slot)
+
+    def clear(self, slot: int) -> None:
+        """Empty ``slot`` and give its block back to the arena."""
+        resident = self._resident.pop(slot, None)
+        if resident is not None:
+            self.arena.release(resident.offset)
+            self._describe(slot)
+        self.occupant[slot] = None
+
+    # -- reading back (tests, tools) -----------------------------------------------------
+
+    def weights(self, slot: int, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A^T [in, r], scale * B^T [r, out])`` of ``module`` in ``slot``'s adapter at
+        ``layer``, copied out of the arena (empty ``r = 0`` when it has none)."""
+        fan_in, out = self.shapes[module]
+        resident = self._resident.get(slot)
+        piece = None if resident is None else resident.layout.groups.get(GROUP_OF[module])
+        j = GROUPS[GROUP_OF[module]].index(module)
+        if resident is None or piece is None or piece.b[j] < 0:
+            return torch.zeros(fan_in, 0, dtype=self.dtype), torch.zeros(0, out, dtype=self.dtype)
+        return self._a_view(resident, piece, layer, j), self._b_matrix(resident, piece, layer, j)
+
+    def dora_scale(self, slot: int, layer: int, module: str) -> torch.Tensor | None:
+        """The DoRA output scale of ``module`` in ``slot``'s adapter at ``layer``, if any."""
+        resident = self._resident.get(slot)
+        piece = None if resident is None else resident.layout.groups.get(GROUP_OF[module])
+        j = GROUPS[GROUP_OF[module]].index(module)
+        if resident is None or piece is None or piece.dora[j] < 0:
+            return None
+        at = resident.offset + layer * resident.layout.layer_stride + piece.dora[j]
+        return self.memory[at : at + self.shapes[module][1]]
+
+    def _a_view(self, res: _Resident, piece: GroupPiece, layer: int, j: int) -> torch.Tensor:
+        """``A^T`` of module ``j`` of the piece's group, ``[in, r]`` (a view)."""
+        at = res.offset + layer * res.layout.layer_stride + piece.a
+        a = self.memory[at : at + piece.fan_in * piece.width].view(piece.fan_in, piece.width)
+        return a[:, piece.t_col[j] : piece.t_col[j] + res.layout.rank]
+
+    def _b_matrix(self, res: _Resident, piece: GroupPiece, layer: int, j: int) -> torch.Tensor:
+        """``scale * B^T`` of module ``j``, ``[r, out]``: a view, or a copy out of panels."""
+        out = self.shapes[GROUPS[piece.group][j]][1]
+        r = res.layout.rank
+        at = res.offset + layer * res.layout.layer_stride + piece.b[j]
+        if not res.layout.panels:
+            return self.memory[at : at + r * out].view(r, out)
+        stored = self.memory[at : at + panels(out) * r * 16].view(panels(out), r, 16)
+        return stored.transpose(0, 1).reshape(r, -1)[:, :out]
+
+    # -- the forward pass ----------------------------------------------------------------
 
     def _bind_kernel(self) -> dict[tuple[int, str], _KernelGroup]:
-        """Per layer and group, the kernel's record of what never changes: stack pointers,
-        widths, output columns."""
+        """Per layer and group, the kernel's record of what never changes: the arena, the
+        descriptor rows, widths, output columns."""
         groups: dict[tuple[int, str], _KernelGroup] = {}
         for group, columns in self._columns.items():
             if len(columns) > MAX_MODULES:
                 raise ValueError(f"{group}: {len(columns)} modules, the kernel takes {MAX_MODULES}")
+            in_dim = self.shapes[columns[0][0]][0]
             for layer in range(self.num_layers):
-                a = self.a[group][layer]
+                desc = self.desc[layer, self._group_index[group]]
                 record = SgmvGroup(
-                    a.data_ptr(), a.shape[1], a.shape[-1], len(columns), self.max_rank, a.stride(0)
+                    self.memory.data_ptr(),
+                    desc.data_ptr(),
+                    in_dim,
+                    len(columns),
+                    len(GROUPS["qkv"]) * self.max_rank,
                 )
-                for j, (m, start, end) in enumerate(columns):
-                    record.b[j] = self.b[m][layer].data_ptr()
+                for j, (_, start, end) in enumerate(columns):
                     record.out[j] = end - start
                     record.y_off[j] = start
                 groups[(layer, group)] = _KernelGroup(
-                    record, ctypes.addressof(record), a.shape[1], columns[-1][2]
+                    record, ctypes.addressof(record), in_dim, columns[-1][2]
                 )
         return groups
 
     def plan(self, token_slots: list[int]) -> LoraBatch:
-        """The plan for one forward pass over these stacks (kernel segments when it runs)."""
+        """The plan for one forward pass over these slots (kernel segments when it runs)."""
         plan = LoraBatch(token_slots, self.device, segments=self.kernel is not None)
         if plan.segments is not None:
             self._threads = torch.get_num_threads()
         return plan
-
-    @property
-    def nbytes(self) -> int:
-        """Device memory the stacks hold."""
-        return sum(t.nbytes for t in self._buffers)
-
-    def copy_in(self, slot: int, prepared: PreparedAdapter) -> None:
-        """Overwrite ``slot`` with a prepared adapter.
-
-        Copies the adapter's own columns and rows, and zeroes only what the
-        previous occupant wrote beyond them (tracked per module), so a switch
-        moves about as many bytes as the adapter has.
-        """
-        r = prepared.rank
-        written = self._written[slot]
-        for module in self.shapes:
-            group = _GROUP_OF[module]
-            base = _GROUPS[group].index(module) * self.max_rank
-            a_cols = self.a[group][:, slot, :, base : base + self.max_rank]
-            b_rows = self.b[module][:, slot]
-            if self.kernel is not None:  # [layers, rank, panels, 16] over the panels
-                b_rows = b_rows.transpose(1, 2)
-            new = r if module in prepared.a else 0
-            old = written.get(module, 0)
-            if new:
-                a_cols[..., :new].copy_(prepared.a[module])
-                b = prepared.b[module]
-                if self.kernel is not None:
-                    cols = b_rows.shape[2] * 16
-                    b = torch.nn.functional.pad(b, (0, cols - b.shape[-1]))
-                    b = b.view(*b.shape[:-1], -1, 16)
-                b_rows[:, :new].copy_(b)
-            if old > new:
-                a_cols[..., new:old].zero_()
-                b_rows[:, new:old].zero_()
-            written[module] = new
-        self.occupant[slot] = prepared.adapter_id
-
-    def clear(self, slot: int) -> None:
-        """Mark ``slot`` free; its weights are overwritten by the next load."""
-        self.occupant[slot] = None
-
-    def _shrink(self, layer: int, group: str, plan: LoraBatch, x: torch.Tensor) -> torch.Tensor:
-        a = self.a[group][layer]
-        return torch.bmm(x[plan.pad_index].to(a.dtype), a[plan.slot_range])
-
-    def _expand_padded(
-        self, layer: int, module: str, plan: LoraBatch, t: torch.Tensor, y: torch.Tensor
-    ) -> None:
-        b = self.b_matrix(module, layer)[plan.slot_range]
-        out = torch.bmm(t, b)
-        # A gather and a dense add: about half the time of index_add_ on CPU.
-        y.add_(out.flatten(0, 1).index_select(0, plan.gather))
 
     def _run_kernel(
         self, layer: int, group: str, seg: _Segments, x: torch.Tensor, y: torch.Tensor
@@ -515,29 +484,34 @@ class LoraSlots:
         ):
             self._run_kernel(layer, group, seg, x, y)
             return
-        plan.ensure_layout()
         columns = self._columns[group]
-        modules = [m for m, _, _ in columns]
-        ys = [y[:, start:end] for _, start, end in columns]
-        r = self.max_rank
-        if plan.padded:
-            t = self._shrink(layer, group, plan, x)
-            if plan.zero_cell >= 0:
-                t.view(-1, t.shape[-1])[plan.zero_cell].zero_()
-            for j, (module, y) in enumerate(zip(modules, ys, strict=True)):
-                self._expand_padded(layer, module, plan, t[..., j * r : (j + 1) * r], y)
-            return
-        a = self.a[group][layer]
-        bs = [self.b_matrix(m, layer) for m in modules]
         for slot, idx in plan.loop:
-            xs = x[idx].to(a.dtype)
-            t = xs @ a[slot]
-            for j, (b, y) in enumerate(zip(bs, ys, strict=True)):
-                out = (t[:, j * r : (j + 1) * r] @ b[slot]).to(y.dtype)
-                if isinstance(idx, slice):
-                    y[idx] += out
+            res = self._resident.get(slot)
+            piece = None if res is None else res.layout.groups.get(group)
+            if res is None or piece is None:
+                continue
+            base = res.offset + layer * res.layout.layer_stride
+            a = self.memory[base + piece.a : base + piece.a + piece.fan_in * piece.width]
+            t = x[idx].to(self.dtype) @ a.view(piece.fan_in, piece.width)
+            r = res.layout.rank
+            for j, (_, start, end) in enumerate(columns):
+                if piece.b[j] < 0:
+                    continue
+                b = self._b_matrix(res, piece, layer, j)
+                out = t[:, piece.t_col[j] : piece.t_col[j] + r] @ b
+                ys = y[:, start:end]
+                if piece.dora[j] >= 0:
+                    at = base + piece.dora[j]
+                    scale = self.memory[at : at + end - start]
+                    rows = ((ys[idx].float() + out.float()) * scale.float()).to(ys.dtype)
+                    if isinstance(idx, slice):
+                        ys[idx] = rows
+                    else:
+                        ys.index_copy_(0, idx, rows)
+                elif isinstance(idx, slice):
+                    ys[idx] += out.to(ys.dtype)
                 else:
-                    y.index_add_(0, idx, out)
+                    ys.index_add_(0, idx, out.to(ys.dtype))
 
     def apply_qkv(self, layer: int, plan: LoraBatch, x: torch.Tensor, qkv: torch.Tensor) -> None:
         """Add the q/k/v LoRA deltas into the fused projection output, in place."""
@@ -551,4 +525,4 @@ class LoraSlots:
         self, layer: int, module: str, plan: LoraBatch, x: torch.Tensor, y: torch.Tensor
     ) -> None:
         """Add one single-module group's LoRA delta (``o_proj`` or ``down_proj``) into ``y``."""
-        self._run(layer, _GROUP_OF[module], plan, x, y)
+        self._run(layer, GROUP_OF[module], plan, x, y)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .lora import LoraBatch, LoraSlots
@@ -207,6 +208,41 @@ def _load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     for f in files:
         state.update(load_file(str(f)))
     return state
+
+
+_PARENT = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+
+
+class BaseWeights:
+    """The base model's linear weights read from its files one at a time, as
+    ``weights(layer, module) -> [out, in]`` in the model's dtype (the forward pass keeps
+    them packed for matmuls only; DoRA's preparation needs them plain)."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._where: dict[str, tuple[Path, str]] = {}
+        for f in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    self._where[key.removeprefix("model.")] = (f, key)
+
+    def __call__(self, layer: int, module: str) -> torch.Tensor:
+        """The weight of ``module`` in decoder layer ``layer``, ``[out, in]``."""
+        name = f"layers.{layer}.{_PARENT[module]}.{module}.weight"
+        where = self._where.get(name)
+        if where is None:
+            raise KeyError(f"the base model has no weight {name!r}")
+        with safe_open(str(where[0]), framework="pt") as handle:
+            tensor: torch.Tensor = handle.get_tensor(where[1])
+        return tensor.to(self.dtype)
 
 
 class LlamaModel:

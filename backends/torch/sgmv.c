@@ -1,19 +1,30 @@
 /*
  * Segmented LoRA for CPU: one call adds the LoRA deltas of every adapter in a
- * forward pass to one fused projection, reading each slot's weights once.
+ * forward pass to one fused projection, reading each slot's weights once, at the
+ * slot's own rank.
  *
  * Built by kernel.py with the system C compiler (-O3 -march=native -fopenmp)
- * and called through ctypes. Layouts are those of lora.py's stacks when the
- * kernel is in use, fp32; one block per slot, slot_stride floats apart, holds
- * the slot's A and every B of the group, so a segment reads one stretch of
- * memory. The activations are fp32 (lorapool_sgmv_f32) or bf16 (lorapool_sgmv_bf16):
+ * and called through ctypes. Weights live in lora.py's arena (fp32), each adapter
+ * in one block; a slot's descriptor (desc[slot * SGMV_DESC ...], lora.py writes it)
+ * says where its pieces of this layer's group are, as element offsets from `base`:
+ *
+ *   desc[0]            a: A^T of the modules present, [in_dim, desc[1]] (-1: none here)
+ *   desc[1]            its width: rank x modules present
+ *   desc[2]            the slot's rank r
+ *   desc[3 + m]        b[m]: scale * B^T of module m in panels of 16 columns,
+ *                      [ceil(out[m] / 16), r, 16], zero past out[m] (-1: absent)
+ *   desc[7 + m]        module m's first column among the shrunk activations
+ *   desc[11 + m]       DoRA: module m's output scale [out[m]] (-1: plain LoRA)
+ *
+ * The activations are fp32 (lorapool_sgmv_f32) or bf16 (lorapool_sgmv_bf16):
  *
  *   x     [tokens, ldx]                  the projection's input, in_dim columns used
- *   a     [in_dim, gr]                   A^T of a slot, the group's modules side by side
- *   b[m]  [ceil(out[m] / 16), rank, 16]  scale * B^T of module m of a slot, in panels of
- *                                        16 columns (zero past out[m])
  *   y     [tokens, ldy]                  the fused output; module m at column y_off[m]
- *   t     [tokens, gr]                   scratch for the shrunk activations
+ *   t     [tokens, t_ld]                 scratch for the shrunk activations
+ *
+ * A DoRA module's rows become y = s * (y + delta): y holds the base projection
+ * (no bias: lora.py serves DoRA only on bias-free linears), s the precomputed
+ * magnitude / ||W + scale B A|| (PEFT's DoRA, per output row).
  *
  * Tokens are given grouped by slot: segment s covers tok[seg_ptr[s]..seg_ptr[s+1])
  * and uses slot seg_slot[s]. Segments run in parallel (OpenMP: PyTorch's libgomp, which
@@ -146,13 +157,15 @@ static void expand_rows(const float *bs, int64_t rank, int64_t od, const float *
 #endif
 
 #define SGMV_MAX_MODULES 4
+#define SGMV_DESC 16
 
 /* One projection group of one layer: what stays the same from call to call (lora.py
- * builds one per layer and group, as a ctypes Structure of the same layout). */
+ * builds one per layer and group, as a ctypes Structure of the same layout). The
+ * descriptors it points to change between calls, when adapters are loaded. */
 typedef struct {
-    const float *a;
-    int64_t in_dim, gr, n_mod, rank, slot_stride;
-    const float *b[SGMV_MAX_MODULES];
+    const float *base;
+    const int64_t *desc;
+    int64_t in_dim, n_mod, t_ld;
     int64_t out[SGMV_MAX_MODULES], y_off[SGMV_MAX_MODULES];
 } sgmv_group;
 
@@ -180,16 +193,15 @@ static inline uint16_t f32_to_bf16(float f) /* round to nearest even, as PyTorch
     return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 
-/* d[p, :od] += t[p, m-th rank block] @ B[slot, m] for the segment's rows p0..p1. */
-static void expand(const sgmv_call *c, const float *bs, int m, int64_t od, int p0, int p1,
-                   float *const *d)
+/* d[p, :od] += t[p, col .. col + rank] @ B for the segment's rows p0..p1. */
+static void expand(const sgmv_call *c, const float *bs, int64_t rank, int64_t col, int64_t od,
+                   int p0, int p1, float *const *d)
 {
-    const sgmv_group *g = c->g;
     for (int q = p0; q < p1; q += 4) {
         const int nr = p1 - q < 4 ? p1 - q : 4;
         const float *tr[4];
-        for (int p = 0; p < nr; p++) tr[p] = c->t + (int64_t)(q + p) * g->gr + m * g->rank;
-        expand_rows(bs, g->rank, od, tr, d + (q - p0), nr);
+        for (int p = 0; p < nr; p++) tr[p] = c->t + (int64_t)(q + p) * c->g->t_ld + col;
+        expand_rows(bs, rank, od, tr, d + (q - p0), nr);
     }
 }
 
@@ -197,7 +209,10 @@ static void expand(const sgmv_call *c, const float *bs, int m, int64_t od, int p
 static void run_segment(const sgmv_call *c, int s, int bf16, float *work)
 {
     const sgmv_group *g = c->g;
-    const float *as = g->a + (int64_t)c->seg_slot[s] * g->slot_stride;
+    const int64_t *desc = g->desc + (int64_t)c->seg_slot[s] * SGMV_DESC;
+    if (desc[0] < 0) return; /* the slot's adapter has nothing in this group */
+    const float *as = g->base + desc[0];
+    const int64_t gr = desc[1], rank = desc[2];
     const int p0 = c->seg_ptr[s], p1 = c->seg_ptr[s + 1];
     for (int q = p0; q < p1; q += 4) {
         const int nr = p1 - q < 4 ? p1 - q : 4;
@@ -213,13 +228,15 @@ static void run_segment(const sgmv_call *c, int s, int bf16, float *work)
             } else {
                 xr[p] = (const float *)c->x + row;
             }
-            tr[p] = c->t + (int64_t)(q + p) * g->gr;
+            tr[p] = c->t + (int64_t)(q + p) * g->t_ld;
         }
-        shrink_rows(as, g->gr, g->in_dim, xr, tr, nr);
+        shrink_rows(as, gr, g->in_dim, xr, tr, nr);
     }
     for (int m = 0; m < g->n_mod; m++) {
+        if (desc[3 + m] < 0) continue;
         const int64_t od = g->out[m];
-        const float *bs = g->b[m] + (int64_t)c->seg_slot[s] * g->slot_stride;
+        const float *bs = g->base + desc[3 + m];
+        const float *sc = desc[11 + m] >= 0 ? g->base + desc[11 + m] : 0;
         float *d[p1 - p0 > 0 ? p1 - p0 : 1];
         for (int p = p0; p < p1; p++) {
             const int64_t at = (int64_t)c->tok[p] * c->ldy + g->y_off[m];
@@ -230,14 +247,24 @@ static void run_segment(const sgmv_call *c, int s, int bf16, float *work)
                 d[p - p0] = (float *)c->y + at; /* accumulate straight into the output */
             }
         }
-        expand(c, bs, m, od, p0, p1, d);
-        if (bf16)
+        expand(c, bs, rank, desc[7 + m], od, p0, p1, d);
+        if (bf16) {
             for (int p = p0; p < p1; p++) {
                 uint16_t *yp = (uint16_t *)c->y + (int64_t)c->tok[p] * c->ldy + g->y_off[m];
                 const float *dp = d[p - p0];
-                for (int64_t col = 0; col < od; col++)
-                    yp[col] = f32_to_bf16(bf16_to_f32(yp[col]) + dp[col]);
+                if (sc)
+                    for (int64_t col = 0; col < od; col++)
+                        yp[col] = f32_to_bf16((bf16_to_f32(yp[col]) + dp[col]) * sc[col]);
+                else
+                    for (int64_t col = 0; col < od; col++)
+                        yp[col] = f32_to_bf16(bf16_to_f32(yp[col]) + dp[col]);
             }
+        } else if (sc) {
+            for (int p = p0; p < p1; p++) {
+                float *yp = d[p - p0];
+                for (int64_t col = 0; col < od; col++) yp[col] *= sc[col];
+            }
+        }
     }
 }
 

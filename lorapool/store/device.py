@@ -6,6 +6,12 @@ the device's eviction policy; keep-warm adapters (the prefetch policies'
 choice) give their slot up only when every candidate is one. A prefetch's
 load is speculative: it takes only a free slot or one another prefetch filled
 and no request used, and gives up (``None``) when there is none.
+
+A backend whose slots hold adapters at their own size (``Capabilities.device_bytes``)
+also has a byte budget: a load then evicts, by the same policy (which is told each
+adapter's device bytes, so a size-aware policy such as GDSF weighs them), until both a
+slot and the bytes are free, and is refused without evicting anything when even every
+evictable adapter gone would not make room.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 class _Resident:
     slot: int
     speculative: bool = False
+    nbytes: int = 0
 
 
 class DeviceSlots:
@@ -62,12 +69,33 @@ class DeviceSlots:
         self._backend: Backend | None = None
         self._device: dict[str, _Resident] = {}
         self._slots: list[str | None] = []
+        self.budget: int | None = None
+        """The device's bytes (``Capabilities.device_bytes``), or ``None``: slots only."""
+        self._sizes: dict[str, int] = {}
+        """Each adapter's device bytes as last loaded (kept after eviction)."""
 
     def bind(self, backend: Backend) -> None:
         """Attach to a started backend: its slots are all free."""
         self._backend = backend
         self.max_slots = backend.capabilities.max_slots
+        self.budget = backend.capabilities.device_bytes
         self._slots = [None] * self.max_slots
+
+    @property
+    def used_bytes(self) -> int:
+        """Device bytes the resident adapters take (0 without a byte budget)."""
+        return sum(r.nbytes for r in self._device.values())
+
+    def fits(self, adapter_ids: set[str]) -> bool:
+        """Whether these adapters' device bytes, where known (loaded once), fit the budget
+        together: the scheduler holds a request back rather than have its load refused."""
+        if self.budget is None:
+            return True
+        return sum(self._sizes.get(a, 0) for a in adapter_ids) <= self.budget
+
+    def forget_size(self, adapter_id: str) -> None:
+        """Drop an unregistered adapter's remembered size."""
+        self._sizes.pop(adapter_id, None)
 
     def __contains__(self, adapter_id: object) -> bool:
         return adapter_id in self._device
@@ -104,17 +132,23 @@ class DeviceSlots:
         began = time.perf_counter()
         try:
             host = await self._host_entry(info, speculative)
-            claim = self._claim(key, speculative)
+            size = self._backend.device_nbytes(host) if self.budget is not None else 0
+            if size:
+                self._sizes[key] = size
+            claim = self._claim(key, speculative, size)
             if claim is None:
                 return None
-            slot, victim = claim
+            slot, victim, extra = claim
+            for other in extra:  # byte budget: more room than the slot's victim leaves
+                self._evicted(other, key)
+                await self._backend.unload(other)
             started = time.perf_counter()
             try:
                 await self._backend.load(host, slot)
             except BaseException:
-                self._slots[slot] = victim
+                self._slots[slot] = victim[0] if victim is not None else None
                 if victim is not None:
-                    self._device[victim] = _Resident(slot)
+                    self._device[victim[0]] = victim[1]
                 raise
         except (LoadError, SignatureError):
             self._stats.load_failures += 1
@@ -123,48 +157,76 @@ class DeviceSlots:
             self._stats.load_failures += 1
             raise LoadError(key, "device", f"{type(exc).__name__}: {exc}") from exc
         if victim is not None:
-            self.policy.on_remove(victim)
+            self.policy.on_remove(victim[0])
             self._stats.evictions["device"] += 1
-            self._stats.evicted("device", victim)
-            log.debug("evicted %s from device slot %d for %s", victim, slot, key)
-        self._device[key] = _Resident(slot, speculative)
-        self.policy.on_insert(key, host.nbytes, time.perf_counter() - started)
+            self._stats.evicted("device", victim[0])
+            log.debug("evicted %s from device slot %d for %s", victim[0], slot, key)
+        self._device[key] = _Resident(slot, speculative, size)
+        self.policy.on_insert(key, size or host.nbytes, time.perf_counter() - started)
         self._stats.device_loads += 1
         took = time.perf_counter() - began
         self._stats.loaded("device", key, took)
         self._stats.load_seconds = 0.8 * self._stats.load_seconds + 0.2 * took
         return slot
 
-    def _claim(self, adapter_id: str, speculative: bool) -> tuple[int, str | None] | None:
-        """A free slot, or the slot of an evictable adapter (which leaves the device map)."""
-        for i, occupant in enumerate(self._slots):
-            if occupant is None:
-                self._slots[i] = adapter_id
-                return i, None
+    def _evicted(self, adapter_id: str, for_id: str) -> None:
+        """Account an adapter evicted (for its bytes) to make room for ``for_id``."""
+        resident = self._device.pop(adapter_id)
+        self._slots[resident.slot] = None
+        self.policy.on_remove(adapter_id)
+        self._stats.evictions["device"] += 1
+        self._stats.evicted("device", adapter_id)
+        log.debug("evicted %s from the device (bytes) for %s", adapter_id, for_id)
+
+    def _claim(
+        self, adapter_id: str, speculative: bool, size: int
+    ) -> tuple[int, tuple[str, _Resident] | None, list[str]] | None:
+        """A slot for the adapter: a free one, or an evictable adapter's (which leaves the
+        device map, returned as the victim), and, under a byte budget, the other adapters
+        to evict for its bytes. Nothing changes when it returns ``None`` or raises."""
+        if self.budget is not None and size > self.budget:
+            raise LoadError(
+                adapter_id,
+                "device",
+                f"needs {size} bytes on the device; the device holds {self.budget}",
+            )
+        free = next((i for i, occupant in enumerate(self._slots) if occupant is None), None)
         evictable = {
             a
             for a, r in self._device.items()
             if not self._protected(a) and (r.speculative or not speculative)
         }
-        if not evictable:
-            if speculative:
-                return None
-            raise LoadError(
-                adapter_id,
-                "device",
-                f"all {self.max_slots} slots hold adapters in use or pinned",
-            )
         warm = self._keep_warm()
         if speculative:
             evictable -= warm
-            if not evictable:
-                return None
-        preferred = evictable - warm or evictable
-        victim = self.policy.victim(preferred)
-        victim_id = victim if isinstance(victim, str) and victim in preferred else min(preferred)
+        order: list[str] = []
+        need_slot = free is None
+        over = 0 if self.budget is None else self.used_bytes + size - self.budget
+        candidates = set(evictable)
+        while (need_slot and not order) or over > 0:
+            if not candidates:
+                if speculative:
+                    return None
+                why = (
+                    f"all {self.max_slots} slots hold adapters in use or pinned"
+                    if need_slot and not order
+                    else f"needs {size} bytes on the device; {over} more than the adapters"
+                    f" not in use or pinned leave free ({self.budget} in all)"
+                )
+                raise LoadError(adapter_id, "device", why)
+            preferred = candidates - warm or candidates
+            pick = self.policy.victim(preferred)
+            chosen = pick if isinstance(pick, str) and pick in preferred else min(preferred)
+            candidates.discard(chosen)
+            order.append(chosen)
+            over -= self._device[chosen].nbytes
+        if free is not None:
+            self._slots[free] = adapter_id
+            return free, None, order
+        victim_id, extra = order[0], order[1:]
         resident = self._device.pop(victim_id)
         self._slots[resident.slot] = adapter_id
-        return resident.slot, victim_id
+        return resident.slot, (victim_id, resident), extra
 
     async def unload(self, adapter_id: str) -> None:
         """Free the adapter's slot; a backend with an engine cache forgets it there too."""

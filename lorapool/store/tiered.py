@@ -260,6 +260,12 @@ class TieredStore:
         return self._device.resident
 
     @property
+    def device_bytes(self) -> int:
+        """Device bytes the resident adapters take, where the backend sizes its slots in
+        bytes (``Capabilities.device_bytes``); 0 otherwise."""
+        return self._device.used_bytes
+
+    @property
     def in_use(self) -> int:
         """Distinct adapters that requests in flight hold (the running batch's adapters)."""
         return len(self._refs)
@@ -274,11 +280,12 @@ class TieredStore:
         return frozenset(self._refs.pins)
 
     def can_dispatch(self, adapter_id: str | None, inflight: Mapping[str, int]) -> bool:
-        """Would one more request for ``adapter_id`` keep distinct adapters within the slots?"""
+        """Would one more request for ``adapter_id`` keep distinct adapters within the slots
+        (and, under a byte budget, their known device bytes within it)?"""
         if adapter_id is None or adapter_id in inflight:
             return True
         needed = set(inflight) | self._refs.pins | {adapter_id}
-        return len(needed) <= self._device.max_slots
+        return len(needed) <= self._device.max_slots and self._device.fits(needed)
 
     # -- registration ----------------------------------------------------------------
 
@@ -397,6 +404,7 @@ class TieredStore:
         """Unload the adapter from every tier and forget it (on unregister)."""
         await self.unload(adapter_id, tiers=TIERS)
         self._infos.pop(adapter_id, None)
+        self._device.forget_size(adapter_id)
 
     async def purge(self, info: AdapterInfo, *, keep_disk: bool) -> tuple[list[str], Path | None]:
         """Remove a forgotten adapter from every tier for good (``AdapterPool.forget``).
@@ -427,6 +435,7 @@ class TieredStore:
         if key in self._device:
             tiers.append("device")
         await self._device.unload(key)  # also out of an engine's own cache
+        self._device.forget_size(key)
         if self._host.tier.pop(key) is not None:
             tiers.append("host")
         deleted = None

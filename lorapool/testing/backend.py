@@ -47,6 +47,9 @@ class MockBackend(BaseBackend):
     target_modules: frozenset[str] = frozenset(
         {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     )
+    device_bytes: int | None = None
+    """A byte budget for the slots (``Capabilities.device_bytes``); each adapter then
+    takes its weights' size (:meth:`device_nbytes`)."""
     fail_loads: set[str] = field(default_factory=set)
     loads: list[tuple[str, int]] = field(default_factory=list)
     unloads: list[str] = field(default_factory=list)
@@ -73,6 +76,7 @@ class MockBackend(BaseBackend):
             base_model="mock",
             target_modules=self.target_modules,
             resume=self.resume,
+            device_bytes=self.device_bytes,
         )
 
     async def _start(self) -> Capabilities:
@@ -91,6 +95,10 @@ class MockBackend(BaseBackend):
     async def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
         """Nothing to prepare: the adapter as it is."""
         return adapter
+
+    def device_nbytes(self, adapter: LoadedAdapter) -> int:
+        """The adapter's weights' size, when slots are sized in bytes (``device_bytes``)."""
+        return len(adapter.weights) if self.device_bytes is not None else 0
 
     async def load(self, adapter: LoadedAdapter, slot: int) -> None:
         """Record the load (or fail it for adapters in ``fail_loads``)."""

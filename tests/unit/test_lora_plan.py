@@ -1,8 +1,10 @@
-"""The segmented LoRA matmuls against a plain per-row reference, on small random stacks.
+"""The segmented LoRA matmuls against a plain per-row reference, on small random adapters.
 
-Covers every plan (the C kernel in its AVX-512 and portable builds, padded
-batched matmul, one matmul per slot), rows without an adapter, uneven groups,
-unused slots inside the span, mixed ranks and 16-bit stacks; no model needed.
+Covers both paths (the C kernel in its AVX-512 and portable builds, PyTorch's
+per-slot matmuls), both layouts (each adapter at its own rank, and padded to
+``max_rank``), rows without an adapter, uneven groups, unused slots, mixed ranks
+and modules, DoRA rows beside LoRA rows, and 16-bit activations and arenas; no
+model needed.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ SHAPES = {
 LAYERS, SLOTS, MAX_RANK = 2, 12, 8
 
 
-def _adapter(name: str, rank: int, modules: list[str], gen: torch.Generator) -> PreparedAdapter:
+def _adapter(
+    name: str, rank: int, modules: list[str], gen: torch.Generator, dora: bool = False
+) -> PreparedAdapter:
     a = {m: torch.randn(LAYERS, SHAPES[m][0], rank, generator=gen) for m in modules}
     b = {m: torch.randn(LAYERS, rank, SHAPES[m][1], generator=gen) for m in modules}
-    return PreparedAdapter(name, rank, a, b, 0)
+    scales = {m: 0.5 + torch.rand(LAYERS, SHAPES[m][1], generator=gen) for m in modules}
+    return PreparedAdapter(name, rank, a, b, 0, scales if dora else {})
 
 
 class CountingKernel:
@@ -71,7 +76,10 @@ def kernel(request: pytest.FixtureRequest) -> CountingKernel | None:
 
 
 def _slots(
-    dtype: torch.dtype, kernel: CountingKernel | None = None, max_rank: int = MAX_RANK
+    dtype: torch.dtype,
+    kernel: CountingKernel | None = None,
+    max_rank: int = MAX_RANK,
+    padded: bool = False,
 ) -> tuple[LoraSlots, list[PreparedAdapter]]:
     gen = torch.Generator().manual_seed(0)
     slots = LoraSlots(
@@ -82,12 +90,13 @@ def _slots(
         dtype,
         torch.device("cpu"),
         kernel,  # type: ignore[arg-type]
+        padded=padded,
     )
     adapters = []
     for s in range(SLOTS):
         modules = list(SHAPES) if s % 2 == 0 else ["q_proj", "v_proj", "down_proj"]
-        rank = (max_rank // 2, max_rank)[s % 2]
-        prepared = _adapter(f"a{s}", rank=rank, modules=modules, gen=gen)
+        rank = (max_rank // 2, max_rank, 1, max_rank // 4)[s % 4]
+        prepared = _adapter(f"a{s}", rank=rank, modules=modules, gen=gen, dora=s % 3 == 1)
         # 16-bit stacks hold rounded weights; the reference uses the same rounding.
         prepared = PreparedAdapter(
             prepared.adapter_id,
@@ -95,6 +104,7 @@ def _slots(
             {m: t.to(dtype).float() for m, t in prepared.a.items()},
             {m: t.to(dtype).float() for m, t in prepared.b.items()},
             0,
+            {m: t.to(dtype).float() for m, t in prepared.dora.items()},
         )
         slots.copy_in(s, prepared)
         adapters.append(prepared)
@@ -107,11 +117,16 @@ def _reference(
     module: str,
     token_slots: list[int],
     x: torch.Tensor,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    out = torch.zeros(len(token_slots), SHAPES[module][1])
+    """What ``y`` (zeros when not given) becomes: ``y + x A B`` per row, times the DoRA
+    scale for a DoRA adapter's rows."""
+    out = torch.zeros(len(token_slots), SHAPES[module][1]) if y is None else y.float().clone()
     for i, s in enumerate(token_slots):
         if s >= 0 and module in adapters[s].a:
-            out[i] = x[i].float() @ adapters[s].a[module][layer] @ adapters[s].b[module][layer]
+            out[i] += x[i].float() @ adapters[s].a[module][layer] @ adapters[s].b[module][layer]
+            if module in adapters[s].dora:
+                out[i] *= adapters[s].dora[module][layer]
     return out
 
 
@@ -139,14 +154,15 @@ DTYPES = {
 }
 
 
+@pytest.mark.parametrize("layout", ["paged", "padded"])
 @pytest.mark.parametrize("dtypes", list(DTYPES))
 @pytest.mark.parametrize("case", list(CASES))
 def test_plan_matches_per_row_reference(
-    case: str, dtypes: str, kernel: CountingKernel | None
+    case: str, dtypes: str, layout: str, kernel: CountingKernel | None
 ) -> None:
     token_slots = CASES[case]
     dtype, stack_dtype = DTYPES[dtypes]
-    slots, adapters = _slots(stack_dtype, kernel)
+    slots, adapters = _slots(stack_dtype, kernel, padded=layout == "padded")
     plan = slots.plan(token_slots)
     runs_kernel = kernel is not None and stack_dtype == torch.float32 and dtype != torch.float16
     calls = kernel.calls if kernel is not None else 0
@@ -171,30 +187,32 @@ def test_plan_matches_per_row_reference(
         act = torch.randn(n, 24, generator=gen).to(dtype)
         for module, x in (("o_proj", h), ("down_proj", act)):
             y = torch.ones(n, 16, dtype=dtype)
+            want = _reference(adapters, layer, module, token_slots, x, y)
             slots.apply(layer, module, plan, x, y)
-            want = 1 + _reference(adapters, layer, module, token_slots, x)
             torch.testing.assert_close(y.float(), want, **tol)
     if kernel is not None:
         # Four projection groups per layer, each one call when the kernel runs the plan.
         assert kernel.calls - calls == (4 * LAYERS if runs_kernel else 0)
 
 
-def _layout(case: str) -> str:
-    plan = LoraBatch(CASES[case], torch.device("cpu"))
-    if not plan.padded:
-        return "loop"
-    return "span" if isinstance(plan.slot_range, slice) else "compact"
-
-
-def test_cases_cover_every_layout() -> None:
-    """The cases above run all three layouts: span, compact and loop."""
-    assert _layout("interleaved") == "span"
-    assert _layout("rows without adapter") == "span"
-    assert _layout("full span plus base rows") == "span"
-    assert _layout("spread-out slots") == "compact"
-    assert _layout("spread-out slots, every row adapted") == "compact"
-    assert _layout("single adapter") == "loop"
-    assert _layout("very uneven groups") == "loop"
+def test_each_adapter_takes_its_own_bytes_and_padding_takes_max_rank() -> None:
+    """The paged arena holds each adapter at its rank and modules; the padded layout (the
+    old one) holds every adapter at max_rank over every module: the same results."""
+    paged, adapters = _slots(torch.float32)
+    padded, _ = _slots(torch.float32, padded=True)
+    own = sum(paged.adapter_nbytes(a) for a in adapters)
+    assert paged.used_bytes == own
+    raw = sum(t.nbytes for a in adapters for d in (a.a, a.b, a.dora) for t in d.values())
+    assert raw <= own <= 1.1 * raw + 64 * 4 * len(SHAPES) * LAYERS * SLOTS  # alignment only
+    assert padded.used_bytes == sum(padded.adapter_nbytes(a) for a in adapters)
+    assert len({padded.adapter_nbytes(a) for a in adapters if not a.dora}) == 1, "max_rank each"
+    assert padded.used_bytes > 2 * paged.used_bytes
+    token_slots = CASES["interleaved"]
+    x = torch.randn(len(token_slots), 24)
+    ys = [torch.zeros(len(token_slots), 16) for _ in range(2)]
+    for slots, y in zip((paged, padded), ys, strict=True):
+        slots.apply(1, "down_proj", slots.plan(token_slots), x, y)
+    torch.testing.assert_close(ys[0], ys[1], atol=1e-5, rtol=1e-5)
 
 
 def test_random_plans_match_reference() -> None:
@@ -225,14 +243,15 @@ def test_kernel_matches_torch_on_random_plans_and_wide_ranks(build: str) -> None
             qkv = torch.randn(n, 32)
             before = qkv.clone()
             slots.apply_qkv(0, plan, x, qkv)
+            cols = {"q_proj": (0, 16), "k_proj": (16, 24), "v_proj": (24, 32)}
             want = torch.cat(
                 [
-                    _reference(adapters, 0, m, token_slots, x)
-                    for m in ("q_proj", "k_proj", "v_proj")
+                    _reference(adapters, 0, m, token_slots, x, before[:, lo:hi])
+                    for m, (lo, hi) in cols.items()
                 ],
                 1,
             )
-            torch.testing.assert_close(qkv - before, want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(qkv, want, atol=1e-4, rtol=1e-4)
     assert kernel.calls > 0
 
 
@@ -241,7 +260,7 @@ def test_kernel_takes_prefill_sized_groups() -> None:
     big = 1000
     plan = LoraBatch([0] * big + [1, -1], torch.device("cpu"), segments=True)
     assert plan.segments is not None
-    assert not plan.padded and not plan.loop, "PyTorch's layouts are only made on demand"
+    assert plan._loop is None, "PyTorch's per-slot groups are only made on demand"
     # Each slot's tokens in pieces of KERNEL_SEGMENT_ROWS, so one adapter spreads over threads.
     assert plan.segments.count == big // KERNEL_SEGMENT_ROWS + 1
     assert plan.segments.slot.tolist() == [0] * (plan.segments.count - 1) + [1]
@@ -250,29 +269,35 @@ def test_kernel_takes_prefill_sized_groups() -> None:
 
 
 def test_kernel_layout_round_trips_every_module() -> None:
-    """With the kernel, B sits in 16-column panels; b_matrix reads back what copy_in wrote,
-    and a lower-rank occupant after a higher-rank one leaves no stale rows."""
-    slots, _ = _slots(torch.float32, CountingKernel(build_kernel()))
+    """With the kernel, B sits in 16-column panels; weights() reads back what copy_in
+    wrote, and a slot taken over by a smaller adapter holds only the new one."""
+    slots, adapters = _slots(torch.float32, CountingKernel(build_kernel()))
     plain, _ = _slots(torch.float32)
-    for module, (_, out) in SHAPES.items():
-        for layer in range(LAYERS):
-            got = slots.b_matrix(module, layer)
-            assert got.shape == (SLOTS, MAX_RANK, out)
-            torch.testing.assert_close(got, plain.b_matrix(module, layer), atol=0, rtol=0)
-    assert slots.nbytes >= plain.nbytes
+    for s, adapter in enumerate(adapters):
+        for module in SHAPES:
+            for layer in range(LAYERS):
+                a, b = slots.weights(s, layer, module)
+                if module not in adapter.a:
+                    assert a.numel() == 0 and b.numel() == 0
+                    continue
+                torch.testing.assert_close(a, adapter.a[module][layer], atol=0, rtol=0)
+                torch.testing.assert_close(b, adapter.b[module][layer], atol=0, rtol=0)
+                pa, pb = plain.weights(s, layer, module)
+                torch.testing.assert_close(pb, b, atol=0, rtol=0)
     gen = torch.Generator().manual_seed(9)
     small = _adapter("small", 2, ["k_proj"], gen)
+    before = slots.used_bytes
     slots.copy_in(1, small)  # slot 1 held a rank-8 adapter on q, v and down
+    assert slots.used_bytes == before - slots.adapter_nbytes(adapters[1]) + slots.adapter_nbytes(
+        small
+    )
     for module in SHAPES:
-        got = slots.b_matrix(module, 0)[1]
+        a, b = slots.weights(1, 0, module)
         if module == "k_proj":
-            torch.testing.assert_close(got[:2], small.b[module][0], atol=0, rtol=0)
-            assert not got[2:].any()
+            torch.testing.assert_close(b, small.b[module][0], atol=0, rtol=0)
+            torch.testing.assert_close(a, small.a[module][0], atol=0, rtol=0)
         else:
-            assert not got.any(), module
-    qkv_a = slots.a["qkv"][:, 1]
-    assert not qkv_a[..., :MAX_RANK].any() and not qkv_a[..., 2 * MAX_RANK :].any()  # q, v
-    assert qkv_a[..., MAX_RANK : MAX_RANK + 2].any()
+            assert a.numel() == 0 and b.numel() == 0, module
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
@@ -307,7 +332,7 @@ def test_kernel_bf16_output_is_rounded_once_to_nearest_even(build: str) -> None:
     x = torch.randn(n, 24, generator=gen).to(torch.bfloat16)
     y = (torch.randn(n, 16, generator=gen) * 4).to(torch.bfloat16)
     y0 = y.clone()
-    want = (y.float() + _reference(adapters, 1, "down_proj", token_slots, x)).to(torch.bfloat16)
+    want = _reference(adapters, 1, "down_proj", token_slots, x, y).to(torch.bfloat16)
     slots.apply(1, "down_proj", slots.plan(token_slots), x, y)
     assert kernel.calls == 1
     exact = (y == want).float().mean().item()

@@ -425,3 +425,47 @@ async def test_hits_and_misses_per_tier_count_requests_not_prefetches(tmp_path: 
         # A request for a prefetched adapter is a hit.
         await pool.complete("x", adapter="t/a2", tenant="t", params=ONE)
         assert counts() == {"device": (2, 4), "host": (1, 3), "disk": (1, 1)}
+
+
+# -- the device tier in bytes -----------------------------------------------------------
+
+
+async def test_device_budget_in_bytes_fits_many_small_or_few_large(tmp_path: Path) -> None:
+    """Slots sized in bytes: eight small adapters fit where two large ones do; a large one
+    evicts (by the policy, LRU here) as many small ones as its bytes need, and an adapter
+    larger than every evictable one's room is refused without evicting anything."""
+    for d in (tmp_path / "s", tmp_path / "l"):
+        d.mkdir()
+    small = make_adapters(tmp_path / "s", 8, width=64)
+    large = {
+        f"t/L{i}": p for i, p in enumerate(make_adapters(tmp_path / "l", 3, width=2048).values())
+    }
+    size_small = (small["t/a0"] / "adapter_model.safetensors").stat().st_size
+    size_large = (large["t/L0"] / "adapter_model.safetensors").stat().st_size
+    budget = 2 * size_large + size_small
+    assert budget >= 8 * size_small
+    backend = MockBackend(max_slots=16, device_bytes=budget)
+    store = TieredStore(eviction="lru")
+    async with AdapterPool(backend, store=store) as pool:
+        for name, path in {**small, **large}.items():
+            await pool.register(name, str(path), tenant="t")
+        for name in small:
+            await pool.complete("x", adapter=name, tenant="t", params=ONE)
+        assert all(store.on_device(n) for n in small), "eight small adapters fit"
+        assert not backend.unloads
+        await pool.complete("x", adapter="t/L0", tenant="t", params=ONE)
+        assert store.on_device("t/L0") and not backend.unloads, "8 small + 1 large fit"
+        await pool.complete("x", adapter="t/L1", tenant="t", params=ONE)
+        assert store.on_device("t/L0") and store.on_device("t/L1")
+        # The least recently used first, and only as many as the bytes needed.
+        over = 8 * size_small + 2 * size_large - budget
+        assert backend.unloads == list(small)[: -(-over // size_small)]
+        assert store.device_bytes <= budget
+        # Both large ones pinned: the third cannot fit, and nothing is evicted for it.
+        await pool.pin("t/L0", tenant="t")
+        await pool.pin("t/L1", tenant="t")
+        before = dict(store.resident)
+        with pytest.raises(LoadError, match="bytes"):
+            await pool.complete("x", adapter="t/L2", tenant="t", params=ONE)
+        assert store.resident == before
+        assert store.device_bytes <= budget
