@@ -468,6 +468,11 @@ class TorchBackend(BaseBackend):
         except Exception as exc:
             raise LoadError(adapter.adapter_id, "host", str(exc)) from exc
 
+    def lora_resident_bytes(self) -> dict[str, int]:
+        """``{adapter id: bytes}`` each resident adapter takes of the LoRA arena (whose
+        capacity is ``capabilities.device_bytes``)."""
+        return self._require_engine().lora.resident_bytes()
+
     def device_nbytes(self, adapter: LoadedAdapter) -> int:
         """Bytes of the LoRA arena the prepared adapter takes: its own rank and modules
         (``lora_layout="paged"``), or ``max_rank`` over every module (``"padded"``)."""

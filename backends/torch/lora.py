@@ -242,6 +242,13 @@ class LoraSlots:
         """Bytes of the arena resident adapters take."""
         return self.arena.used * self._itemsize
 
+    def resident_bytes(self) -> dict[str, int]:
+        """``{adapter id: bytes of its block}`` of every resident adapter."""
+        return {
+            r.adapter_id: self.arena.size_of(r.offset) * self._itemsize
+            for r in self._resident.values()
+        }
+
     @property
     def free_bytes(self) -> int:
         """Bytes of the arena no adapter takes (possibly split into holes)."""

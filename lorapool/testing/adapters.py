@@ -22,13 +22,15 @@ def make_random_adapter(
     lora_alpha: int | None = None,
     use_rslora: bool = False,
     b_scale: float = 0.3,
+    use_dora: bool = False,
 ) -> Path:
     """Write a PEFT LoRA adapter with random A and B to ``path`` with peft's ``save_pretrained``.
 
     ``base_model`` is a checkpoint directory or an already loaded transformers
     model (faster when making many). ``b_scale`` scales the random B matrices
-    so the adapter visibly changes the output without destroying it.
-    Returns ``path``.
+    so the adapter visibly changes the output without destroying it. ``use_dora``
+    makes a DoRA adapter whose magnitudes are moved off their initial norms by a few
+    percent, so its DoRA scale visibly differs from 1. Returns ``path``.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -47,6 +49,7 @@ def make_random_adapter(
         lora_dropout=0.0,
         bias="none",
         use_rslora=use_rslora,
+        use_dora=use_dora,
         init_lora_weights=False,
         task_type="CAUSAL_LM",
     )
@@ -60,6 +63,8 @@ def make_random_adapter(
                     param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
                 elif "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=generator) * b_scale / rank**0.5)
+                elif "lora_magnitude_vector" in name:
+                    param.mul_(1 + 0.05 * torch.randn(param.shape, generator=generator))
         peft_model.save_pretrained(str(out), safe_serialization=True)
     finally:
         if not isinstance(base_model, (str, Path)):
