@@ -72,6 +72,7 @@ from lorapool.registry.pg_migrations import check_schema_name
 from lorapool.registry.postgres import is_postgres_url
 from lorapool.retry import RetryPolicy
 from lorapool.scheduler import FairScheduler, TenantConfig, TierPolicy
+from lorapool.scheduler.shared_limits import PostgresBuckets, share_rate_limits
 from lorapool.signing import Keyring, SigningPolicy
 from lorapool.store import TieredStore
 
@@ -474,6 +475,11 @@ class ServerConfig(BaseSettings):
     registry_schema: str = "lorapool"
     """The PostgreSQL schema holding the registry's tables (a ``postgresql://`` registry
     only): deployments sharing one database each use their own."""
+    rate_limits: Literal["replica", "shared"] = "replica"
+    """Where the tiers' rate limits are counted: ``replica`` (default), each server process
+    on its own (N replicas let a tenant through at N times its rate); ``shared``, every
+    replica together, in the ``postgresql://`` registry's database
+    (:mod:`lorapool.scheduler.shared_limits`: a few database round trips per request)."""
     tiers: dict[str, TierPolicy] = Field(default_factory=lambda: {"default": TierPolicy()})
     """Tenant tiers: ``weight``, rate limits, ``max_queue``, ``cold_start`` (a TierPolicy each)."""
     default_tier: str | None = None
@@ -505,6 +511,10 @@ class ServerConfig(BaseSettings):
             check_schema_name(self.registry_schema)
             if self.registry is None or not is_postgres_url(self.registry):
                 raise ValueError("registry_schema applies to a postgresql:// registry only")
+        if self.rate_limits == "shared" and (
+            self.registry is None or not is_postgres_url(self.registry)
+        ):
+            raise ValueError('rate_limits = "shared" needs a postgresql:// registry')
         ids = [a.adapter_id for a in self.adapters]
         twice = sorted({a for a in ids if ids.count(a) > 1})
         if twice:
@@ -542,6 +552,15 @@ class ServerConfig(BaseSettings):
             )
         )
 
+    def build_shared_scheduler(self) -> FairScheduler:
+        """:meth:`build_scheduler`, its rate limits kept in the registry's database when
+        ``rate_limits = "shared"``."""
+        scheduler = self.build_scheduler()
+        if self.rate_limits == "shared" and self.registry is not None:
+            buckets = PostgresBuckets(self.registry, schema=self.registry_schema)
+            share_rate_limits(scheduler, buckets)
+        return scheduler
+
     def build_pool(self, *, registry: Registry | None = None) -> AdapterPool:
         """Backend, store, scheduler and registry as configured (not started).
 
@@ -560,7 +579,7 @@ class ServerConfig(BaseSettings):
         return AdapterPool(
             self.build_backend(),
             store=store,
-            scheduler=self.build_scheduler(),
+            scheduler=self.build_shared_scheduler(),
             registry=registry if registry is not None else self.build_registry(),
             keyring=self.signing.build_keyring(),
             signing=self.signing.build_policy(),

@@ -2,11 +2,13 @@
 server processes on one database behind no balancer but the test, the openai client
 alternating between them: an adapter loaded through one answers the same through the
 other, an unload through the other is refused by both at once, and both servers'
-changes are in one verified audit chain in the database. Also the config's checks."""
+changes are in one verified audit chain in the database; a tenant's rate limit
+(``rate_limits = "shared"``) holds over both servers together. Also the config's checks."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -46,6 +48,8 @@ def test_the_config_takes_a_postgres_url(postgres: PostgresServer, tmp_path: Pat
         ServerConfig(registry=sqlite, registry_schema="other")
     with pytest.raises(ValueError, match="schema"):
         ServerConfig(registry=postgres.dsn, registry_schema="Bad-Name")
+    with pytest.raises(ValueError, match="needs a postgresql:// registry"):
+        ServerConfig(registry=sqlite, rate_limits="shared")
 
 
 def _tail(log: Path) -> str:
@@ -76,6 +80,12 @@ async def test_two_servers_on_one_database_answer_alike(
     schema = fresh_schema()
     monkeypatch.setenv("LORAPOOL_REGISTRY", postgres.dsn)
     monkeypatch.setenv("LORAPOOL_REGISTRY_SCHEMA", schema)
+    # globex's limit (3 requests, then one per 1000 s) is counted over both servers
+    monkeypatch.setenv("LORAPOOL_RATE_LIMITS", "shared")
+    limited = {"requests_per_s": 0.001, "request_burst": 3}
+    monkeypatch.setenv("LORAPOOL_TIERS", json.dumps({"limited": limited, "default": {}}))
+    monkeypatch.setenv("LORAPOOL_DEFAULT_TIER", "default")
+    monkeypatch.setenv("LORAPOOL_TENANT_TIERS", json.dumps({"globex": "limited"}))
     procs: list[subprocess.Popen[bytes]] = []
     urls: list[str] = []
     try:
@@ -87,7 +97,7 @@ async def test_two_servers_on_one_database_answer_alike(
                 home,
                 model_dir,
                 port,
-                {"sk-acme": "acme"},
+                {"sk-acme": "acme", "sk-globex": "globex"},
                 f'disk_dir = "{home / "disk"}"',
                 sources=(str(adapters["r8-attn"].parent),),
             )
@@ -134,7 +144,23 @@ async def test_two_servers_on_one_database_answer_alike(
                 except openai.NotFoundError:
                     break
                 assert time.monotonic() < deadline, "the unload did not reach the other server"
-        for client in clients:
+        async with httpx.AsyncClient() as http:
+            base_model = (await http.get(f"{urls[0]}/ready")).json()["model"]
+        limited_clients = [
+            openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-globex", max_retries=0)
+            for url in urls
+        ]
+        served, refused = 0, 0
+        for i in range(8):  # alternating: 4 requests to each server
+            try:
+                await limited_clients[i % 2].completions.create(
+                    model=base_model, prompt="Hi", max_tokens=1, temperature=0
+                )
+                served += 1
+            except openai.RateLimitError:
+                refused += 1
+        assert (served, refused) == (3, 5)  # per replica it would be 6 served
+        for client in clients + limited_clients:
             await client.close()
     finally:
         for proc in procs:
