@@ -17,7 +17,7 @@ VLLM_TESTS := tests/integration/test_vllm.py tests/integration/test_vllm_samplin
 	tests/integration/test_vllm_prefix.py tests/integration/test_openai_backend.py \
 	tests/integration/test_bench_vllm.py tests/integration/test_vllm_forget.py
 
-.PHONY: setup setup-vllm demo test test-unit test-vllm bench lint contracts docs clean
+.PHONY: setup setup-vllm setup-llamacpp demo test test-unit test-vllm bench lint contracts docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,18 @@ setup-vllm:
 	$(VLLM_VENV)/bin/python -m pip install -q -e .
 	$(VLLM_VENV)/bin/python -m pip install -q "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3"
 
+# llama.cpp (llama-cpp-python built from source for this CPU, ~6 min on 2 cores, and
+# llama.cpp's GGUF converters) for `lorapool bench engine --engines torch,llamacpp`: its own
+# venv, cached across runs like vLLM's.
+LLAMACPP_VENV ?= $(HOME)/.cache/lorapool/venvs/llamacpp
+
+setup-llamacpp:
+	bash scripts/setup-llamacpp-venv.sh $(LLAMACPP_VENV)
+
 demo: setup
 	$(PY) examples/quickstart.py
 
-test: setup setup-vllm contracts docs
+test: setup setup-vllm setup-llamacpp contracts docs
 	$(VENV)/bin/pytest -q --durations=25
 	$(PY) scripts/fuzz_server.py
 	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider --durations=15 -m vllm $(VLLM_TESTS)
