@@ -65,6 +65,10 @@ _COLUMNS = (
     "adapter_id, tenant, shared, source, sha256, size_bytes, config, norm, metadata, signature"
 )
 
+RECONNECT_PAUSE = 1.0
+"""Seconds after a failed connect before the main connection tries again (sooner when
+the listener reconnects first)."""
+
 T = TypeVar("T")
 
 
@@ -130,6 +134,7 @@ class PostgresRegistryStore(RegistryStore):
         self._version = 0
         self._generation = 0  # the database's change counter as far as this store knows
         self._closed = False
+        self._retry_at = 0.0  # monotonic time before which the main connection is not retried
         self._stop = threading.Event()
         self._listening = threading.Event()
         self._listener: threading.Thread | None = None
@@ -172,13 +177,26 @@ class PostgresRegistryStore(RegistryStore):
         return conn
 
     def _conn(self) -> psycopg.Connection[Any]:
-        """The main connection, opened again if it was lost (call holding ``_lock``)."""
+        """The main connection, opened again if it was lost (call holding ``_lock``).
+
+        After a failed attempt the next waits :data:`RECONNECT_PAUSE` seconds (or until
+        the listener is connected again): while the database is away, a lookup that
+        misses fails at once instead of waiting for a connect timeout on the event loop.
+        """
         if self._closed:
             raise RuntimeError(f"the registry store {self!r} is closed")
         if self._db is not None and (self._db.closed or self._db.broken):
             self._drop()
         if self._db is None:
-            self._db = self._connect()
+            if time.monotonic() < self._retry_at:
+                raise RegistryUnavailable(
+                    f"connect to {_redact(self.dsn)}", "unreachable a moment ago; retrying soon"
+                )
+            try:
+                self._db = self._connect()
+            except RegistryUnavailable:
+                self._retry_at = time.monotonic() + RECONNECT_PAUSE
+                raise
             self._own_pid = self._db.info.backend_pid
         return self._db
 
@@ -294,6 +312,7 @@ class PostgresRegistryStore(RegistryStore):
                         self.reconnects += 1
                         log.info("registry listener reconnected to %s", _redact(self.dsn))
                         self._generation = self._read_generation(conn)
+                        self._retry_at = 0.0  # the database is back: connect at once
                         self._moved()
                     connected_before = True
                     delay = 0.05

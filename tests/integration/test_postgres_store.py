@@ -294,8 +294,17 @@ def test_concurrent_writers_extend_one_chain(postgres: PostgresServer) -> None:
 
 def test_a_database_restart_keeps_the_view_and_resyncs(postgres: PostgresServer) -> None:
     schema = fresh_schema()
+
+    class Counting(PostgresRegistryStore):
+        connects = 0
+
+        def _connect(self) -> Any:
+            if threading.current_thread() is threading.main_thread():
+                self.connects += 1
+            return super()._connect()
+
     a = PostgresRegistryStore(postgres.dsn, schema=schema)
-    b = PostgresRegistryStore(postgres.dsn, schema=schema)
+    b = Counting(postgres.dsn, schema=schema)
     ra, rb = Registry(a), Registry(b)
     try:
         ra.add(_info("acme/before"))
@@ -304,8 +313,11 @@ def test_a_database_restart_keeps_the_view_and_resyncs(postgres: PostgresServer)
         wait_for(lambda: not b.listening)
         # down: lookups are served from the last view; changes fail, typed
         assert rb.resolve("acme/before", "acme").adapter_id == "acme/before"
-        with pytest.raises(AdapterNotFound):
-            rb.resolve("acme/never", "acme")  # a miss asks the database: unreachable, no error
+        connects = b.connects
+        for _ in range(3):  # a miss asks the database: unreachable, no error
+            with pytest.raises(AdapterNotFound):
+                rb.resolve("acme/never", "acme")
+        assert b.connects - connects <= 1  # then it waits RECONNECT_PAUSE between tries
         with pytest.raises(RegistryUnavailable):
             ra.add(_info("acme/lost"))
         assert "acme/lost" not in ra
