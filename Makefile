@@ -17,7 +17,7 @@ VLLM_TESTS := tests/integration/test_vllm.py tests/integration/test_vllm_samplin
 	tests/integration/test_vllm_prefix.py tests/integration/test_openai_backend.py \
 	tests/integration/test_bench_vllm.py tests/integration/test_vllm_forget.py
 
-.PHONY: setup setup-vllm setup-llamacpp demo test test-unit test-vllm bench lint contracts docs clean
+.PHONY: setup setup-postgres setup-vllm setup-llamacpp demo test test-unit test-vllm bench lint contracts docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# PostgreSQL's server binaries (Debian's package, if initdb is missing) for the tests of the
+# PostgreSQL registry; the tests start their own throwaway server.
+setup-postgres:
 	bash scripts/setup-postgres.sh
 
 setup-vllm:
@@ -45,7 +49,7 @@ setup-llamacpp:
 demo: setup
 	$(PY) examples/quickstart.py
 
-test: setup setup-vllm setup-llamacpp contracts docs
+test: setup setup-postgres setup-vllm setup-llamacpp contracts docs
 	$(VENV)/bin/pytest -q --durations=25
 	$(PY) scripts/fuzz_server.py
 	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider --durations=15 -m vllm $(VLLM_TESTS)

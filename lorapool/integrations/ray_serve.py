@@ -240,16 +240,26 @@ class RegistrySpec:
 
     ``ray`` (default): a :class:`RayRegistryStore` actor, right for one
     machine or many. ``sqlite``: the SQLite file ``path``, for replicas on one
-    machine (SQLite's locking is not safe on network file systems).
+    machine (SQLite's locking is not safe on network file systems). ``postgres``:
+    a PostgreSQL database at ``dsn`` (schema ``schema``), shared with replicas and
+    servers outside Ray too; changes reach every replica by ``NOTIFY``.
     """
 
-    kind: Literal["ray", "sqlite"] = "ray"
+    kind: Literal["ray", "sqlite", "postgres"] = "ray"
     path: str | None = None
     name: str = REGISTRY_ACTOR
     refresh: float = 0.2
+    dsn: str | None = None
+    schema: str = "lorapool"
 
     def open(self) -> Registry:
         """The registry over the shared store."""
+        if self.kind == "postgres":
+            if self.dsn is None:
+                raise ValueError("RegistrySpec(kind='postgres') needs a dsn")
+            from lorapool.registry import PostgresRegistryStore
+
+            return Registry(PostgresRegistryStore(self.dsn, schema=self.schema))
         if self.kind == "sqlite":
             if self.path is None:
                 raise ValueError("RegistrySpec(kind='sqlite') needs a path")
@@ -708,19 +718,20 @@ def app_builder(args: dict[str, str]) -> Any:
     """For ``serve run lorapool.integrations.ray_serve:app_builder config=server.toml replicas=2``.
 
     Arguments: ``config`` (a server TOML file, read on every node: keep the
-    same file at the same path), ``replicas``, ``registry`` (``ray``, or a
-    SQLite path for one machine), ``num_gpus`` per replica.
+    same file at the same path), ``replicas``, ``registry`` (``ray``, a
+    ``postgresql://`` URL, or a SQLite path for one machine), ``num_gpus`` per replica.
     """
     from lorapool.server.config import load_config
 
     path = args["config"]
     config = load_config(path)
     registry_arg = args.get("registry", "ray")
-    spec = (
-        RegistrySpec()
-        if registry_arg == "ray"
-        else RegistrySpec(kind="sqlite", path=str(Path(registry_arg).expanduser()))
-    )
+    if registry_arg == "ray":
+        spec = RegistrySpec()
+    elif registry_arg.startswith(("postgresql://", "postgres://")):
+        spec = RegistrySpec(kind="postgres", dsn=registry_arg)
+    else:
+        spec = RegistrySpec(kind="sqlite", path=str(Path(registry_arg).expanduser()))
     options: dict[str, Any] = {}
     if "num_gpus" in args:
         options["ray_actor_options"] = {"num_gpus": float(args["num_gpus"])}

@@ -576,14 +576,18 @@ class ServerConfig(BaseSettings):
             sources=s.build_sources(),
             retry=s.retry,
         )
-        return AdapterPool(
+        built = self.build_registry() if registry is None else registry
+        pool = AdapterPool(
             self.build_backend(),
             store=store,
             scheduler=self.build_shared_scheduler(),
-            registry=registry if registry is not None else self.build_registry(),
+            registry=built,
             keyring=self.signing.build_keyring(),
             signing=self.signing.build_policy(),
         )
+        if registry is None and isinstance(built, Registry):
+            pool._owns_registry = True  # built here for this pool alone: it closes it
+        return pool
 
     def build_registry(self) -> Registry | str | None:
         """The configured registry: a :class:`Registry` over a
