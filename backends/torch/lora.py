@@ -21,15 +21,17 @@ room is split into holes too small for the new block, the arena is compacted fir
 A forward pass gets one :class:`LoraBatch` plan (which token uses which slot). On
 CPU with the C kernel (``kernel.py``), one kernel call per projection group does
 every slot's shrink, expand, DoRA scale and add, each slot at its own rank.
-Otherwise (no compiler, fp16 activations, CUDA) one matmul per slot and side on
-views of the arena, again at the slot's own rank.
+On CUDA with Triton, its kernel (``triton_lora.py``) does the same in one launch per
+group. Otherwise (no compiler, no Triton, fp16 activations on CPU) one matmul per slot
+and side on views of the arena, again at the slot's own rank.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -37,6 +39,9 @@ from .arena import Arena, rounded
 from .kernel import DESC_FIELDS, MAX_MODULES, SgmvGroup, SgmvKernel
 from .layout import GROUP_OF, GROUPS, GroupPiece, ImageLayout, panels
 from .prepare import PreparedAdapter, prepare_adapter
+
+if TYPE_CHECKING:
+    from .triton_lora import TritonLora
 
 __all__ = [
     "KERNEL_SEGMENT_ROWS",
@@ -90,8 +95,8 @@ class _Segments:
 class LoraBatch:
     """Which tokens of a forward pass use which slot, grouped by slot.
 
-    With ``segments=True`` (a CPU plan for :class:`LoraSlots` with the C kernel) the
-    kernel's segments are made too; :attr:`loop` (each slot's tokens, as a slice when
+    With ``segments=True`` (a plan for :class:`LoraSlots` with the C or Triton kernel)
+    the kernel's segments are made too; :attr:`loop` (each slot's tokens, as a slice when
     they are contiguous) serves PyTorch's path.
     """
 
@@ -105,11 +110,11 @@ class LoraBatch:
         self.slots = sorted(groups)
         self.num_tokens = sum(len(v) for v in groups.values())
         self.segments: _Segments | None = None
-        """Set when the C kernel can run this plan."""
+        """Set when a kernel can run this plan."""
         self._groups = groups
         self._device = device
         self._loop: list[tuple[int, torch.Tensor | slice]] | None = None
-        if self.slots and segments and device.type == "cpu":
+        if self.slots and segments:
             self.segments = _Segments.build(groups)
 
     @property
@@ -192,6 +197,8 @@ class LoraSlots:
         """The arena's storage: every resident adapter's weights."""
         self.occupant: list[str | None] = [None] * max_slots
         self._resident: dict[int, _Resident] = {}
+        self.desc_version = 0
+        """Moves whenever :attr:`desc` changes (the Triton kernel keeps a device copy)."""
         self.desc = torch.full(
             (num_layers, len(GROUPS), max_slots, DESC_FIELDS), -1, dtype=torch.int64
         )
@@ -214,6 +221,8 @@ class LoraSlots:
         self._widest_rank = max(len(ms) for ms in GROUPS.values()) * max_rank
         """Scratch columns per token: the widest group's shrunk activations."""
         self._threads = torch.get_num_threads()
+        self.triton: TritonLora | None = _triton_kernel(self) if device.type == "cuda" else None
+        """The Triton kernel (``triton_lora.py``), used on CUDA when triton imports."""
 
     # -- memory ------------------------------------------------------------------------
 
@@ -327,6 +336,7 @@ class LoraSlots:
 
     def _describe(self, slot: int) -> None:
         """Write ``slot``'s descriptors from where its block is (or ``-1`` when empty)."""
+        self.desc_version += 1
         self.desc[:, :, slot] = -1
         resident = self._resident.get(slot)
         if resident is None:
@@ -436,7 +446,8 @@ class LoraSlots:
 
     def plan(self, token_slots: list[int]) -> LoraBatch:
         """The plan for one forward pass over these slots (kernel segments when it runs)."""
-        plan = LoraBatch(token_slots, self.device, segments=self.kernel is not None)
+        kernel = self.kernel is not None or self.triton is not None
+        plan = LoraBatch(token_slots, self.device, segments=kernel)
         if plan.segments is not None:
             self._threads = torch.get_num_threads()
         return plan
@@ -481,6 +492,8 @@ class LoraSlots:
         if not plan.slots:
             return
         seg = plan.segments
+        if self.triton is not None and seg is not None and self.triton.run(layer, group, seg, x, y):
+            return
         if (
             seg is not None
             and self.kernel is not None
@@ -533,3 +546,15 @@ class LoraSlots:
     ) -> None:
         """Add one single-module group's LoRA delta (``o_proj`` or ``down_proj``) into ``y``."""
         self._run(layer, GROUP_OF[module], plan, x, y)
+
+
+def _triton_kernel(slots: LoraSlots) -> TritonLora | None:
+    """The Triton kernel for a CUDA arena, or ``None`` (logged) when triton does not import."""
+    try:
+        from .triton_lora import triton_kernel
+    except ImportError as exc:
+        logging.getLogger(__name__).warning(
+            "triton unavailable, PyTorch matmuls for LoRA on CUDA: %s", exc
+        )
+        return None
+    return triton_kernel(slots)
