@@ -73,6 +73,8 @@ class DeviceSlots:
         """The device's bytes (``Capabilities.device_bytes``), or ``None``: slots only."""
         self._sizes: dict[str, int] = {}
         """Each adapter's device bytes as last loaded (kept after eviction)."""
+        self._loading: dict[str, int] = {}
+        """Device bytes of loads claimed and in flight (not yet in the device map)."""
 
     def bind(self, backend: Backend) -> None:
         """Attach to a started backend: its slots are all free."""
@@ -86,10 +88,14 @@ class DeviceSlots:
         """Device bytes the resident adapters take (0 without a byte budget)."""
         return sum(r.nbytes for r in self._device.values())
 
-    def fits(self, adapter_ids: set[str]) -> bool:
+    def fits(self, adapter_id: str, adapter_ids: set[str]) -> bool:
         """Whether these adapters' device bytes, where known (loaded once), fit the budget
-        together: the scheduler holds a request back rather than have its load refused."""
+        together: the scheduler holds a request back rather than have its load refused.
+        An adapter that alone exceeds the budget passes (its load fails at once, typed)
+        rather than holding back everything queued behind it."""
         if self.budget is None:
+            return True
+        if self._sizes.get(adapter_id, 0) > self.budget:
             return True
         return sum(self._sizes.get(a, 0) for a in adapter_ids) <= self.budget
 
@@ -139,17 +145,18 @@ class DeviceSlots:
             if claim is None:
                 return None
             slot, victim, extra = claim
-            for other in extra:  # byte budget: more room than the slot's victim leaves
-                self._evicted(other, key)
-                await self._backend.unload(other)
-            started = time.perf_counter()
+            self._loading[key] = size  # counted against the budget until it lands
             try:
+                for other in extra:  # byte budget: more room than the slot's victim leaves
+                    self._evicted(other, key)
+                    await self._backend.unload(other)
+                started = time.perf_counter()
                 await self._backend.load(host, slot)
             except BaseException:
-                self._slots[slot] = victim[0] if victim is not None else None
-                if victim is not None:
-                    self._device[victim[0]] = victim[1]
+                self._undo_claim(key, slot, victim)
                 raise
+            finally:
+                self._loading.pop(key, None)
         except (LoadError, SignatureError):
             self._stats.load_failures += 1
             raise
@@ -168,6 +175,17 @@ class DeviceSlots:
         self._stats.loaded("device", key, took)
         self._stats.load_seconds = 0.8 * self._stats.load_seconds + 0.2 * took
         return slot
+
+    def _undo_claim(self, key: str, slot: int, victim: tuple[str, _Resident] | None) -> None:
+        """A load into ``slot`` failed: give the slot back to its victim, unless the victim
+        was loaded again elsewhere meanwhile (then the slot is free)."""
+        if self._slots[slot] != key:
+            return
+        if victim is not None and victim[0] not in self._device:
+            self._slots[slot] = victim[0]
+            self._device[victim[0]] = victim[1]
+        else:
+            self._slots[slot] = None
 
     def _evicted(self, adapter_id: str, for_id: str) -> None:
         """Account an adapter evicted (for its bytes) to make room for ``for_id``."""
@@ -201,7 +219,8 @@ class DeviceSlots:
             evictable -= warm
         order: list[str] = []
         need_slot = free is None
-        over = 0 if self.budget is None else self.used_bytes + size - self.budget
+        claimed = self.used_bytes + sum(self._loading.values())
+        over = 0 if self.budget is None else claimed + size - self.budget
         candidates = set(evictable)
         while (need_slot and not order) or over > 0:
             if not candidates:

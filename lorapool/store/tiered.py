@@ -285,7 +285,7 @@ class TieredStore:
         if adapter_id is None or adapter_id in inflight:
             return True
         needed = set(inflight) | self._refs.pins | {adapter_id}
-        return len(needed) <= self._device.max_slots and self._device.fits(needed)
+        return len(needed) <= self._device.max_slots and self._device.fits(adapter_id, needed)
 
     # -- registration ----------------------------------------------------------------
 

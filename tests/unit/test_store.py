@@ -8,6 +8,7 @@ import shutil
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Collection, Hashable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from lorapool.policies.prefetch import KeepWarm, Preload, SessionHint
 from lorapool.registry import Registry
 from lorapool.sources import LocalSource
 from lorapool.testing import ManualClock, MockBackend
+from lorapool.types import LoadedAdapter
 
 from .test_formats_peft import make_dir
 
@@ -469,3 +471,109 @@ async def test_device_budget_in_bytes_fits_many_small_or_few_large(tmp_path: Pat
             await pool.complete("x", adapter="t/L2", tenant="t", params=ONE)
         assert store.resident == before
         assert store.device_bytes <= budget
+
+
+@dataclass
+class _SlowLoads(MockBackend):
+    """Loads take a while (``delay``), so other loads and requests interleave with them."""
+
+    delay: float = 0.05
+    fail_next_unload: bool = False
+
+    async def load(self, adapter: LoadedAdapter, slot: int) -> None:
+        await asyncio.sleep(self.delay)
+        await super().load(adapter, slot)
+
+    async def unload(self, adapter_id: str) -> None:
+        if self.fail_next_unload:
+            self.fail_next_unload = False
+            raise RuntimeError("engine hiccup")
+        await super().unload(adapter_id)
+
+
+async def test_an_adapter_larger_than_the_budget_fails_without_blocking_others(
+    tmp_path: Path,
+) -> None:
+    """Its size is known after its first refusal; the next request for it must still fail
+    at once (typed) rather than wait forever at the queue's head, holding up the rest."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "l").mkdir()
+    small = make_adapters(tmp_path / "s", 1, width=64)["t/a0"]
+    large = make_adapters(tmp_path / "l", 1, width=2048)["t/a0"]
+    size = (small / "adapter_model.safetensors").stat().st_size
+    backend = MockBackend(max_slots=4, device_bytes=3 * size)
+    async with AdapterPool(backend, store=TieredStore(eviction="lru")) as pool:
+        await pool.register("t/small", str(small), tenant="t")
+        await pool.register("t/big", str(large), tenant="t")
+        for _ in range(2):
+            with pytest.raises(LoadError, match="bytes"):
+                await asyncio.wait_for(
+                    pool.complete("x", adapter="t/big", tenant="t", params=ONE), 30
+                )
+        out = await asyncio.wait_for(
+            pool.complete("x", adapter="t/small", tenant="t", params=ONE), 30
+        )
+        assert out.text
+
+
+async def test_concurrent_loads_stay_within_the_byte_budget(tmp_path: Path) -> None:
+    """Two loads in flight at once each count the other's bytes: the second evicts the idle
+    adapter instead of overshooting the budget."""
+    ads = make_adapters(tmp_path, 3, width=2048)
+    size = (ads["t/a0"] / "adapter_model.safetensors").stat().st_size
+    backend = _SlowLoads(max_slots=8, device_bytes=int(size * 2.5))
+    store = TieredStore(eviction="lru")
+    async with AdapterPool(backend, store=store) as pool:
+        for n, p in ads.items():
+            await pool.register(n, str(p), tenant="t")
+        for n in ("t/a1", "t/a2", "t/a0"):  # sizes known; a0 stays resident, idle
+            await pool.complete("x", adapter=n, tenant="t", params=ONE)
+        await store.unload("t/a1")
+        await store.unload("t/a2")
+        await asyncio.gather(
+            *(pool.complete("x", adapter=n, tenant="t", params=ONE) for n in ("t/a1", "t/a2"))
+        )
+        assert store.device_bytes <= backend.device_bytes
+        assert set(store.resident) == {"t/a1", "t/a2"}
+
+
+async def test_a_failed_load_does_not_restore_a_victim_loaded_again_meanwhile(
+    tmp_path: Path,
+) -> None:
+    ads = make_adapters(tmp_path, 3)
+    backend = _SlowLoads(max_slots=2, delay=0.0)
+    backend.fail_loads = {"t/a2"}
+    store = TieredStore(eviction="lru")
+    async with AdapterPool(backend, store=store) as pool:
+        for n, p in ads.items():
+            await pool.register(n, str(p), tenant="t")
+        await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
+        await pool.complete("x", adapter="t/a1", tenant="t", params=ONE)
+        backend.delay = 0.2
+        failing = asyncio.create_task(pool.complete("x", adapter="t/a2", tenant="t", params=ONE))
+        await asyncio.sleep(0.05)  # a2 has taken a0's slot and is loading
+        backend.delay = 0.0
+        await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)  # a0 comes back
+        with pytest.raises(LoadError):
+            await failing
+        slots = store._device._slots
+        assert sorted(s for s in slots if s is not None) == sorted(set(store.resident))
+        assert len([s for s in slots if s == "t/a0"]) == 1
+
+
+async def test_a_failed_eviction_for_bytes_gives_the_claimed_slot_back(tmp_path: Path) -> None:
+    ads = make_adapters(tmp_path, 3, width=2048)
+    size = (ads["t/a0"] / "adapter_model.safetensors").stat().st_size
+    backend = _SlowLoads(max_slots=4, device_bytes=int(size * 2.5), delay=0.0)
+    store = TieredStore(eviction="lru")
+    async with AdapterPool(backend, store=store) as pool:
+        for n, p in ads.items():
+            await pool.register(n, str(p), tenant="t")
+        await pool.complete("x", adapter="t/a0", tenant="t", params=ONE)
+        await pool.complete("x", adapter="t/a1", tenant="t", params=ONE)
+        backend.fail_next_unload = True
+        with pytest.raises(LoadError, match="hiccup"):
+            await pool.complete("x", adapter="t/a2", tenant="t", params=ONE)
+        assert "t/a2" not in store._device._slots, "the claimed slot leaked"
+        await pool.complete("x", adapter="t/a2", tenant="t", params=ONE)
+        assert store.on_device("t/a2") and store.device_bytes <= backend.device_bytes
