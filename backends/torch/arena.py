@@ -104,19 +104,32 @@ class Arena:
         self._starts.pop(bisect.bisect_left(self._starts, offset))
         self.used -= size
 
-    def compact(self) -> list[Move]:
-        """Slide every block down to close the holes between them; returns the copies to
-        make, in the order to make them (each block's new offset is its ``dst``)."""
+    def compaction(self) -> list[Move]:
+        """The moves that slide every block down to close the holes, in the order to make
+        them; none is made here: make each copy, then record it with :meth:`move`."""
         moves: list[Move] = []
         at = 0
-        starts: list[int] = []
-        sizes: dict[int, int] = {}
         for start in self._starts:
             size = self._size[start]
             if start != at:
                 moves.append(Move(start, at, size))
-            starts.append(at)
-            sizes[at] = size
             at += size
-        self._starts, self._size = starts, sizes
+        return moves
+
+    def move(self, src: int, dst: int) -> None:
+        """Record that the block at ``src`` now starts at ``dst`` (its copy was made)."""
+        size = self._size[src]
+        if any(s < dst + size and dst < s + self._size[s] for s in self._starts if s != src):
+            raise ValueError(f"a block at {dst} of {size} would overlap another")
+        del self._size[src]
+        self._starts.pop(bisect.bisect_left(self._starts, src))
+        bisect.insort(self._starts, dst)
+        self._size[dst] = size
+
+    def compact(self) -> list[Move]:
+        """Close the holes in the books at once (for callers with nothing to copy); the
+        moves it recorded."""
+        moves = self.compaction()
+        for m in moves:
+            self.move(m.src, m.dst)
         return moves

@@ -284,15 +284,23 @@ class LoraSlots:
                 f"adapter {prepared.adapter_id!r} needs {need * self._itemsize} bytes of the"
                 f" LoRA arena; {room * self._itemsize} of {self.nbytes} are free"
             )
-        self.clear(slot)
         offset = self.arena.alloc(need)
+        if offset is None and old is not None:
+            self.clear(slot)  # its room is needed; the slot is empty until the write
+            old = None
+            offset = self.arena.alloc(need)
         if offset is None:
             self._compact()
             offset = self.arena.alloc(need)
             assert offset is not None, "a compacted arena has one hole of all its free room"
-        block = self.memory[offset : offset + need]
-        block.zero_()
-        self._write(offset, layout, prepared)
+        try:
+            self.memory[offset : offset + need].zero_()
+            self._write(offset, layout, prepared)
+        except BaseException:
+            self.arena.release(offset)
+            raise
+        if old is not None:
+            self.arena.release(old.offset)
         self._resident[slot] = _Resident(prepared.adapter_id, offset, layout)
         self._describe(slot)
         self.occupant[slot] = prepared.adapter_id
@@ -357,18 +365,18 @@ class LoraSlots:
                     d[:, 3 + 2 * MAX_MODULES + j] = rows + piece.dora[j]
 
     def _compact(self) -> None:
-        """Slide the blocks together; the descriptors follow."""
-        moved = {m.src: m for m in self.arena.compact()}
-        for m in moved.values():
+        """Slide the blocks together, one at a time: each block's copy, then its books and
+        descriptors, so a failure part way leaves every block where the books say."""
+        slot_at = {r.offset: slot for slot, r in self._resident.items()}
+        for m in self.arena.compaction():
             src = self.memory[m.src : m.src + m.size]
             if m.src - m.dst < m.size:
                 src = src.clone()  # the ranges overlap
             self.memory[m.dst : m.dst + m.size].copy_(src)
-        for slot, resident in list(self._resident.items()):
-            move = moved.get(resident.offset)
-            if move is not None:
-                self._resident[slot] = resident._replace(offset=move.dst)
-                self._describe(slot)
+            self.arena.move(m.src, m.dst)
+            slot = slot_at[m.src]
+            self._resident[slot] = self._resident[slot]._replace(offset=m.dst)
+            self._describe(slot)
 
     def clear(self, slot: int) -> None:
         """Empty ``slot`` and give its block back to the arena."""

@@ -174,3 +174,49 @@ def test_arena_first_fit_and_compaction_moves() -> None:
     assert arena.free == ALIGN
     with pytest.raises(KeyError):
         arena.release(123)
+
+
+def test_a_load_that_fails_part_way_leaves_every_resident_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failure while compacting (after some blocks moved) or while writing the new block
+    leaves the books and the bytes agreeing: every resident reads back what was loaded,
+    the replaced occupant is kept when it did not have to go, and a later load works."""
+    probe = LoraSlots(SHAPES, LAYERS, 1, MAX_RANK, torch.float32, torch.device("cpu"))
+    resident = {s: _adapter(f"a{s}", 4, list(SHAPES), s, s == 2) for s in range(6)}
+    full = sum(probe.adapter_nbytes(p) for p in resident.values())
+    slots = LoraSlots(
+        SHAPES, LAYERS, SLOTS, MAX_RANK, torch.float32, torch.device("cpu"), capacity_bytes=full
+    )
+    for s, p in resident.items():
+        slots.copy_in(s, p)
+    for s in (0, 2, 4):  # three holes of one unit each
+        slots.clear(s)
+        del resident[s]
+    _check(slots, resident)
+    big = _adapter("big", 8, list(SHAPES), 99, False)  # about two units: needs a compaction
+    moves = []
+    real_move = slots.arena.move
+
+    def failing_move(src: int, dst: int) -> None:
+        if moves:
+            raise RuntimeError("copy failed")
+        moves.append((src, dst))
+        real_move(src, dst)
+
+    monkeypatch.setattr(slots.arena, "move", failing_move)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        slots.copy_in(0, big)
+    assert moves, "one block moved before the failure"
+    _check(slots, resident)
+    monkeypatch.undo()
+    # A failure writing the new block keeps the slot's occupant, which had not had to go.
+    small = _adapter("small", 1, ["q_proj"], 7, False)
+    monkeypatch.setattr(slots, "_write", lambda *a: (_ for _ in ()).throw(RuntimeError("write")))
+    with pytest.raises(RuntimeError, match="write"):
+        slots.copy_in(1, small)
+    _check(slots, resident)
+    monkeypatch.undo()
+    slots.copy_in(0, big)
+    resident[0] = big
+    _check(slots, resident)
