@@ -468,10 +468,11 @@ class TorchBackend(BaseBackend):
         except Exception as exc:
             raise LoadError(adapter.adapter_id, "host", str(exc)) from exc
 
-    def lora_resident_bytes(self) -> dict[str, int]:
+    async def lora_resident_bytes(self) -> dict[str, int]:
         """``{adapter id: bytes}`` each resident adapter takes of the LoRA arena (whose
-        capacity is ``capabilities.device_bytes``)."""
-        return self._require_engine().lora.resident_bytes()
+        capacity is ``capabilities.device_bytes``), read on the engine thread."""
+        engine = self._require_engine()
+        return await asyncio.wrap_future(engine.call(engine.lora.resident_bytes))
 
     def device_nbytes(self, adapter: LoadedAdapter) -> int:
         """Bytes of the LoRA arena the prepared adapter takes: its own rank and modules
@@ -495,8 +496,13 @@ class TorchBackend(BaseBackend):
         final = prepared
 
         def install() -> None:
-            engine.slot_content.pop(slot, None)  # uncached until its weights are whole
-            engine.lora.copy_in(slot, final)
+            content = engine.slot_content.pop(slot, None)  # uncached until its weights are whole
+            try:
+                engine.lora.copy_in(slot, final)
+            except BaseException:
+                if content is not None and engine.lora.occupant[slot] == previous:
+                    engine.slot_content[slot] = content  # the occupant stayed, whole
+                raise
             if adapter.sha256:
                 engine.slot_content[slot] = adapter.sha256
 
