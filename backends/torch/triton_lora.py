@@ -139,7 +139,18 @@ def _sgmv(  # type: ignore[no-untyped-def]
         if sc_off >= 0:
             sc = tl.load(mem + sc_off + cols, mask=col_ok, other=0.0)
             res = res * sc.to(tl.float32)[None, :]
-        tl.store(yp, res.to(y.dtype.element_ty), mask=ok)
+        if y.dtype.element_ty == tl.bfloat16:
+            # Rounded to nearest even in integer steps, as PyTorch and sgmv.c round (NaN
+            # kept): Triton's interpreter truncates a plain .to(tl.bfloat16).
+            u = res.to(tl.uint32, bitcast=True)
+            bits = tl.where(
+                (u & 0x7FFFFFFF) > 0x7F800000,
+                (u >> 16) | 0x40,
+                (u + 0x7FFF + ((u >> 16) & 1)) >> 16,
+            )
+            tl.store(yp, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=ok)
+        else:
+            tl.store(yp, res.to(y.dtype.element_ty), mask=ok)
 
 
 @functools.cache
