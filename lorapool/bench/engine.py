@@ -10,6 +10,10 @@ JSON schema (llguidance's masks), in the same rounds, and reports its ratio to t
 batch unconstrained (issue 26's target: at least 0.9x). Its schemas ask for more items than
 ``--max-tokens`` can hold, so every request produces as many tokens as unconstrained.
 
+``--engines torch,llamacpp`` adds llama.cpp (llama-cpp-python built from source, GGUF F32
+and Q8_0, one request at a time with its adapter) beside the float32 table, its rounds
+interleaved with TorchBackend's (:mod:`lorapool.bench.llamacpp`, issue 30).
+
 ``--contention`` runs instead the same batches quiet and with CPU burner processes, for
 TorchBackend and vLLM-CPU side by side (:mod:`lorapool.bench.contention`, issue 33).
 """
@@ -24,10 +28,12 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .engine_rig import torch_backend
+from .llamacpp import add_arguments as add_llamacpp_arguments
 from .prompts import PROMPTS, chat
 
 __all__ = ["add_arguments", "run"]
@@ -89,8 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engines",
         default="torch,vllm",
         help="with --contention: torch and/or vllm (vllm where installed: here, or the vLLM "
-        "venv's python, --vllm-python)",
+        "venv's python, --vllm-python); without: torch,llamacpp adds llama.cpp beside the "
+        "float32 table (make setup-llamacpp)",
     )
+    add_llamacpp_arguments(parser)
     parser.add_argument(
         "--vllm-python",
         default="~/.cache/lorapool/venvs/vllm/bin/python",
@@ -126,7 +134,11 @@ def bench_schema(j: int) -> dict[str, Any]:
 
 
 async def _torch_rounds(
-    args: argparse.Namespace, model_dir: Path, adapters: list[Path], dtype: str
+    args: argparse.Namespace,
+    model_dir: Path,
+    adapters: list[Path],
+    dtype: str,
+    between: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, list[float]], int]:
     from lorapool import AdapterPool, SamplingParams
     from lorapool.types import StructuredOutput
@@ -177,6 +189,8 @@ async def _torch_rounds(
                 print(
                     f"  {dtype} round {r + 1}: torch {label:<12} {tps:8.1f} tok/s", file=sys.stderr
                 )
+            if between is not None:  # another engine's round (llama.cpp), interleaved
+                await asyncio.to_thread(between, r)
         max_distinct = max(backend.stats.distinct_adapters, default=0)
     return runs, max_distinct
 
@@ -329,6 +343,15 @@ def run(args: argparse.Namespace) -> int:
         from .contention import run as run_contention
 
         return run_contention(args, model_dir, adapters)
+    engines = [e for e in args.engines.split(",") if e]
+    if set(engines) - {"torch", "vllm", "llamacpp"} or "torch" not in engines:
+        raise SystemExit(f"--engines takes torch and optionally llamacpp, not {args.engines!r}")
+    llama = None
+    if "llamacpp" in engines:
+        from .llamacpp import LlamaCppSide
+
+        llama = LlamaCppSide(args, model_dir, adapters[: max(counts)])
+    llama_dtype = "float32" if "float32" in dtypes else dtypes[0]
     print(
         f"engine benchmark: batch {args.batch}, {args.max_tokens} tokens each, rank {args.rank} "
         f"all-linear, {args.rounds} interleaved rounds (medians), torch {torch.__version__} "
@@ -342,15 +365,23 @@ def run(args: argparse.Namespace) -> int:
     # this (main) thread, and a second live OpenMP team slows the engine thread's small ops
     # several times over (docs/decisions.md, "All tensor work on the engine thread").
     torch_runs = {}
-    for dtype in dtypes:
-        torch_runs[dtype], distinct = asyncio.run(_torch_rounds(args, model_dir, adapters, dtype))
-        max_distinct = max(max_distinct, distinct)
+    try:
+        for dtype in dtypes:
+            between = llama.round if llama is not None and dtype == llama_dtype else None
+            torch_runs[dtype], distinct = asyncio.run(
+                _torch_rounds(args, model_dir, adapters, dtype, between)
+            )
+            max_distinct = max(max_distinct, distinct)
+    finally:
+        if llama is not None:
+            llama.close()
     for dtype in dtypes:
         peft_runs = (
             [] if args.no_peft else _peft_round(args, model_dir, adapters, max(counts), dtype)
         )
         rows += _table(dtype, torch_runs[dtype], peft_runs, peft_label)
     structured = [_structured_ratio(dtype, torch_runs[dtype], max(counts)) for dtype in dtypes]
+    llama_rows = llama.report(torch_runs[llama_dtype], llama_dtype) if llama is not None else []
     print(f"\nmedians over {args.rounds} rounds; x base is the median of per-round ratios")
     print(f"max distinct adapters in one step: {max_distinct}")
     if args.json:
@@ -362,6 +393,12 @@ def run(args: argparse.Namespace) -> int:
             "threads": torch.get_num_threads(),
             "args": vars(args),
         }
-        result = {"meta": meta, "rows": rows, "structured": [s for s in structured if s]}
+        result: dict[str, Any] = {
+            "meta": meta,
+            "rows": rows,
+            "structured": [s for s in structured if s],
+        }
+        if llama is not None:
+            result["llamacpp"] = {"rows": llama_rows, **llama.meta()}
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
