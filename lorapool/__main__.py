@@ -85,6 +85,7 @@ def _validate(args: argparse.Namespace) -> int:
             max_batch=1,
             base_model=base.name if base else "",
             target_modules=frozenset(base.module_shapes) if base else frozenset(),
+            dora=True,  # as TorchBackend, the embedded default, serves it
         )
     try:
         report = validate_adapter(Path(args.path), base=base, caps=caps, force=args.force)

@@ -163,7 +163,8 @@ def unsupported_dora() -> AdapterValidationError:
     return AdapterValidationError(
         "unsupported_dora",
         "the adapter is DoRA (use_dora=true) and this backend does not serve DoRA; serve it "
-        "with a backend that does (TorchBackend) or retrain with use_dora=false",
+        "with one that does (TorchBackend, on a base model whose projections have no bias) "
+        "or retrain with use_dora=false",
     )
 
 
