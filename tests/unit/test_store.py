@@ -577,3 +577,27 @@ async def test_a_failed_eviction_for_bytes_gives_the_claimed_slot_back(tmp_path:
         assert "t/a2" not in store._device._slots, "the claimed slot leaked"
         await pool.complete("x", adapter="t/a2", tenant="t", params=ONE)
         assert store.on_device("t/a2") and store.device_bytes <= backend.device_bytes
+
+
+async def test_the_device_policy_sees_device_bytes(tmp_path: Path) -> None:
+    """GDSF on the device tier weighs the device bytes each adapter takes: to make room it
+    evicts the one large adapter rather than the small ones LRU would take."""
+    for d in ("s", "l"):
+        (tmp_path / d).mkdir()
+    small = make_adapters(tmp_path / "s", 3, width=64)
+    large = make_adapters(tmp_path / "l", 2, width=2048)
+    s_size = (small["t/a0"] / "adapter_model.safetensors").stat().st_size
+    l_size = (large["t/a0"] / "adapter_model.safetensors").stat().st_size
+    names = {**{f"t/s{i}": p for i, p in enumerate(small.values())}}
+    names |= {f"t/L{i}": p for i, p in enumerate(large.values())}
+    # LRU evicts the three small ones first, and still needs the large one's room.
+    for policy, evicted in (("gdsf", ["t/L0"]), ("lru", ["t/s0", "t/s1", "t/s2", "t/L0"])):
+        backend = MockBackend(max_slots=8, device_bytes=3 * s_size + l_size + s_size // 2)
+        async with AdapterPool(backend, store=TieredStore(eviction={"device": policy})) as pool:
+            for name, path in names.items():
+                await pool.register(name, str(path), tenant="t")
+            for name in ("t/s0", "t/s1", "t/s2", "t/L0"):  # the large one used last
+                await pool.complete("x", adapter=name, tenant="t", params=ONE)
+            assert not backend.unloads
+            await pool.complete("x", adapter="t/L1", tenant="t", params=ONE)
+            assert backend.unloads == evicted, policy
