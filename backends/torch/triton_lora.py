@@ -224,6 +224,10 @@ class TritonLora:
                 self._desc_views[(layer, group)] = self._desc[layer, gi]
         self._seg_source: _Segments | None = None
         self._seg: _DeviceSegments | None = None
+        self._proven: set[tuple[str, torch.dtype, bool]] = set()
+        """Signatures launched once: a later failure is a real error, raised."""
+        self._failed: set[tuple[str, torch.dtype, bool]] = set()
+        """Signatures whose first launch failed: left to PyTorch's path from then on."""
 
     def _segments(self, seg: _Segments) -> _DeviceSegments:
         """The plan's tokens in segments of up to :data:`SEGMENT_ROWS` of one slot, on the
@@ -282,10 +286,47 @@ class TritonLora:
         d = self._segments(seg)
         mem = slots.memory
         dot_16bit = x.dtype is not torch.float32 and mem.dtype is not torch.float32
+        key = (group, x.dtype, dot_16bit)
+        if key in self._failed:
+            return False
+        index = self.device.index
+        try:
+            if (
+                self.device.type == "cuda"
+                and index is not None
+                and torch.cuda.current_device() != index
+            ):
+                with torch.cuda.device(index):  # Triton launches on the current device
+                    self._launch(g, layer, group, d, x, y, dot_16bit)
+            else:
+                self._launch(g, layer, group, d, x, y, dot_16bit)
+        except Exception:
+            if key in self._proven:
+                raise
+            # The first launch of a signature compiles it, before anything is written: a
+            # GPU or Triton that cannot build it leaves the group to PyTorch's path.
+            log.warning(
+                "Triton LoRA kernel failed to build for %s; PyTorch matmuls", key, exc_info=True
+            )
+            self._failed.add(key)
+            return False
+        self._proven.add(key)
+        return True
+
+    def _launch(
+        self,
+        g: _Group,
+        layer: int,
+        group: str,
+        d: _DeviceSegments,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        dot_16bit: bool,
+    ) -> None:
         self._kernel[(d.count, g.tiles, g.n_mod)](
             x,
             y,
-            mem,
+            self.slots.memory,
             self._desc_views[(layer, group)],
             d.ptr,
             d.slot,
@@ -302,7 +343,6 @@ class TritonLora:
             BLOCK_R=RANK_BLOCK,
             DOT_16BIT=dot_16bit,
         )
-        return True
 
 
 _OFF = {"0", "false", "off"}

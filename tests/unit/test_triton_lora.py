@@ -137,3 +137,28 @@ def test_segments_hold_up_to_16_tokens_of_one_slot_and_are_copied_once() -> None
     assert tok[:40] == list(range(40))
     assert tok[40:56] == list(range(43, 59)) and tok[56] == 59 and tok[57:] == [40, 42]
     assert kernel._segments(seg) is d, "one copy per plan"
+
+
+def test_a_kernel_that_cannot_launch_leaves_its_groups_to_pytorch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Outside the interpreter, on CPU tensors, the first launch fails (no GPU, or Triton
+    refuses CPU pointers): the kernel logs it, hands the group back, and is not tried
+    again for that signature; the results are PyTorch's, right."""
+    from .test_lora_plan import _reference
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter would run it")
+    slots, adapters = _slots(torch.float32)
+    kernel = _triton()(slots)
+    slots.triton = kernel
+    token_slots = [0, 3, -1, 3, 1]
+    x = torch.randn(len(token_slots), 24)
+    for _ in range(2):
+        y = torch.zeros(len(token_slots), 16)
+        slots.apply(0, "down_proj", slots.plan(token_slots), x, y)
+        want = _reference(adapters, 0, "down_proj", token_slots, x)
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+    assert kernel._failed == {("down", torch.float32, False)}
+    assert kernel._proven == set()
+    assert sum("failed to build" in r.message for r in caplog.records) == 1
