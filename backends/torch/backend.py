@@ -73,7 +73,13 @@ class TorchBackend(BaseBackend):
     through a small C kernel built on first use with the system compiler
     (``kernel.py``). ``None`` uses it when it builds and falls back to PyTorch
     matmuls otherwise; ``True`` requires it (start fails with the compiler's
-    message); ``False`` never uses it.
+    message); ``False`` never uses it, nor the Triton kernel on CUDA.
+
+    ``lora_bytes``: the LoRA arena's bytes, where every resident adapter takes its
+    own rank's and modules' bytes (default: room for ``max_slots`` adapters at
+    ``max_rank`` over every module); the store evicts to keep within it.
+    ``lora_layout="padded"`` lays every adapter out at ``max_rank`` over every
+    module instead (the old layout, kept for the benchmark's comparison).
 
     ``threads``: the engine's CPU threads, PyTorch's intra-op pool and the LoRA
     kernel's team alike, set with ``torch.set_num_threads`` on the engine thread
@@ -364,6 +370,8 @@ class TorchBackend(BaseBackend):
             capacity_bytes=self.lora_bytes,
             padded=self.lora_layout == "padded",
         )
+        if self.lora_kernel is False:
+            lora.triton = None  # lora_kernel=False: PyTorch's matmuls on every device
         rows = self.max_batch + self.spare_rows
         cache = KVCache(cfg, rows, self.max_seq_len, self.dtype, self.device)
         log.info(

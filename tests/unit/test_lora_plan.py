@@ -282,7 +282,7 @@ def test_kernel_layout_round_trips_every_module() -> None:
                     continue
                 torch.testing.assert_close(a, adapter.a[module][layer], atol=0, rtol=0)
                 torch.testing.assert_close(b, adapter.b[module][layer], atol=0, rtol=0)
-                pa, pb = plain.weights(s, layer, module)
+                _, pb = plain.weights(s, layer, module)
                 torch.testing.assert_close(pb, b, atol=0, rtol=0)
     gen = torch.Generator().manual_seed(9)
     small = _adapter("small", 2, ["k_proj"], gen)
