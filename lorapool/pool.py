@@ -47,6 +47,7 @@ from lorapool.lifecycle.gate import EvalCase, Gate, GateReport, Progress
 from lorapool.lifecycle.promotion import Promotion, baseline_of, promotion_split
 from lorapool.registry import Registry, check_adapter_id, check_tenant, qualify
 from lorapool.registry.audit import AuditEvent, AuditLog, redact_source
+from lorapool.registry.follow import RegistryFollower
 from lorapool.registry.metadata import check_metadata
 from lorapool.request import (
     Ledger,
@@ -185,6 +186,10 @@ class AdapterPool:
         self._ledger.observers.append(self.canary.observe)
         self._lifecycle = Lifecycle(self.backend, self.store, self.scheduler, self._ledger)
         self._in_flight = InFlight()  # requests by adapter id, for forget
+        self._removing: set[str] = set()  # ids this pool is unregistering or forgetting now
+        self.follower = RegistryFollower(self.registry.store.version, self._drop_removed)
+        """Drops, from this pool's tiers and engine, adapters another replica sharing the
+        registry store unregistered or forgot (:mod:`lorapool.registry.follow`)."""
         self._base_spec: BaseModelSpec | None = None
         self._started = False
         self._closed = False
@@ -224,12 +229,14 @@ class AdapterPool:
                 self._lifecycle.bind_handoff()
             self._started = True
             await self.store.on_start(self.registry.visible(None))
+            self.follower.start()
 
     async def aclose(self) -> None:
         """Close the store and the backend. Safe to call more than once."""
         if self._closed:
             return
         self._closed = True
+        await self.follower.aclose()
         try:
             await self.store.aclose()
         finally:
@@ -401,16 +408,42 @@ class AdapterPool:
         removed = versions or [key]
         contents = {i.adapter_id: i.sha256 for i in self.registry.visible(None)}
         event = AuditEvent("unregister", tenant, key, tenant, {"versions": removed})
-        if versions:
-            for vid in versions:
-                await self.store.remove(vid)
-            self.registry.remove_alias(key, audit=event)
-            self.canary.stop(key)  # a watch must not outlive its alias (nor move a new one)
-        else:
-            self.registry.remove(key, audit=event)  # refuses a version with traffic, first
-            await self.store.remove(key)
+        with self._removing_ids(removed):
+            if versions:
+                for vid in versions:
+                    await self.store.remove(vid)
+                self.registry.remove_alias(key, audit=event)
+                self.canary.stop(key)  # a watch must not outlive its alias (nor move a new one)
+            else:
+                self.registry.remove(key, audit=event)  # refuses a version with traffic, first
+                await self.store.remove(key)
         self.scheduler.kick()
         await self._forget({contents[i] for i in removed if i in contents})
+
+    async def _drop_removed(self) -> None:
+        """The registry changed (another replica may have written it): purge what this
+        pool still holds of adapters no longer registered, unless it is removing them
+        itself right now."""
+        self.registry.store.invalidate()
+        registered = {i.adapter_id for i in self.registry.visible(None)}
+        gone = [
+            i
+            for i in self.store.held()
+            if i.adapter_id not in registered and i.adapter_id not in self._removing
+        ]
+        if gone:
+            report = await self.purge(gone)
+            log.info("dropped %d adapters another replica removed: %s", len(gone), report)
+
+    @contextlib.contextmanager
+    def _removing_ids(self, ids: Iterable[str]) -> Iterator[None]:
+        """Mark ``ids`` as being removed by this pool (the follower leaves them alone)."""
+        mine = set(ids) - self._removing
+        self._removing |= mine
+        try:
+            yield
+        finally:
+            self._removing -= mine
 
     async def _forget(self, contents: set[str]) -> None:
         """Have the backend drop what it cached under each content no registered adapter
@@ -804,49 +837,50 @@ class AdapterPool:
         )
         failure: BaseException | None = None
         infos: list[AdapterInfo] = []  # the records out of the registry so far
-        try:
-            # Whatever fails from here on, what has left the registry is purged and the
-            # forget is audited (with "failed"): nothing removed is left unreachable.
-            for alias in targets.aliases:
-                self.canary.stop(alias)
-                self.registry.remove_alias(alias)
-                infos += [i for i in targets.infos if i.adapter_id.startswith(f"{alias}@")]
-            for key in targets.adapters:
-                self.registry.remove(key)
-                infos += [i for i in targets.infos if i.adapter_id == key]
-            # A whole tenant's forget also drops its prefix blocks (the base model's too).
-            scope = cache_scope(tenant) if adapter is None else None
-            if replicas is None:
-                purges: Sequence[PurgeReport] = [
-                    await self.purge(infos, in_flight=mode, scope=scope)
-                ]
-            else:
-                purges = await replicas(infos, mode, scope)
-            report = dataclasses.replace(report, purges=tuple(purges))
-            if delete_source:
-                deleted: list[str] = []
-                for source in sorted({i.source for i in infos}):
-                    deleted += await self.store.delete_source(source)
-                report = dataclasses.replace(report, source=tuple(deleted))
-        except BaseException as exc:
-            failure = exc
-            if infos and not report.purges:  # the registry failed part-way: purge what left it
-                with contextlib.suppress(Exception):
-                    purged = await self.purge(infos, in_flight=mode)
-                    report = dataclasses.replace(report, purges=(purged,))
-            raise
-        finally:
-            detail = report.summary()
-            if failure is not None:
-                detail["failed"] = f"{type(failure).__name__}: {failure}"
-                detail["removed"] = [i.adapter_id for i in infos]
-            self.audit.record(
-                "forget",
-                tenant=tenant,
-                adapter=adapter,
-                actor=actor if actor is not None else tenant,
-                **detail,
-            )
+        with self._removing_ids(targets.ids):
+            try:
+                # Whatever fails from here on, what has left the registry is purged and the
+                # forget is audited (with "failed"): nothing removed is left unreachable.
+                for alias in targets.aliases:
+                    self.canary.stop(alias)
+                    self.registry.remove_alias(alias)
+                    infos += [i for i in targets.infos if i.adapter_id.startswith(f"{alias}@")]
+                for key in targets.adapters:
+                    self.registry.remove(key)
+                    infos += [i for i in targets.infos if i.adapter_id == key]
+                # A whole tenant's forget also drops its prefix blocks (the base model's too).
+                scope = cache_scope(tenant) if adapter is None else None
+                if replicas is None:
+                    purges: Sequence[PurgeReport] = [
+                        await self.purge(infos, in_flight=mode, scope=scope)
+                    ]
+                else:
+                    purges = await replicas(infos, mode, scope)
+                report = dataclasses.replace(report, purges=tuple(purges))
+                if delete_source:
+                    deleted: list[str] = []
+                    for source in sorted({i.source for i in infos}):
+                        deleted += await self.store.delete_source(source)
+                    report = dataclasses.replace(report, source=tuple(deleted))
+            except BaseException as exc:
+                failure = exc
+                if infos and not report.purges:  # the registry failed part-way: purge what left it
+                    with contextlib.suppress(Exception):
+                        purged = await self.purge(infos, in_flight=mode)
+                        report = dataclasses.replace(report, purges=(purged,))
+                raise
+            finally:
+                detail = report.summary()
+                if failure is not None:
+                    detail["failed"] = f"{type(failure).__name__}: {failure}"
+                    detail["removed"] = [i.adapter_id for i in infos]
+                self.audit.record(
+                    "forget",
+                    tenant=tenant,
+                    adapter=adapter,
+                    actor=actor if actor is not None else tenant,
+                    **detail,
+                )
         log.info(
             "forgot %s of tenant %s: %d registry ids, %d disk copies, %d requests cancelled",
             adapter if adapter is not None else "every adapter",

@@ -303,6 +303,11 @@ class TieredStore:
         """
         return await self._fetcher.stage(uri)
 
+    def held(self) -> list[AdapterInfo]:
+        """The adapters this store knows (registered or served here): each may be in a
+        tier, or none."""
+        return list(self._infos.values())
+
     def track(self, info: AdapterInfo) -> None:
         """Remember a registered adapter's content hash (its disk-tier key)."""
         self._gone.discard((info.adapter_id, info.sha256))  # registered again

@@ -13,6 +13,7 @@ saw it (``time.time()``, comparable across processes on one machine).
 the record is written and before the alias and the commit: prints ``{"hung": true}``
 and sleeps (the test kills the process there).
 ``status``: whether the listener is connected, and its reconnect count.
+``forget``: the pool's forget. ``tiers``: where this process holds an adapter id.
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ async def handle(pool: AdapterPool, store: HangingStore, cmd: dict[str, Any]) ->
         return {}
     if op == "status":
         return {"listening": store.listening, "reconnects": store.reconnects}
+    if op == "forget":
+        report = await pool.forget(cmd["adapter"], tenant=tenant)
+        return {"registry": list(report.registry), "at": time.time()}
+    if op == "tiers":  # where this process holds the adapter id: device, host, disk
+        held = pool.store
+        key = cmd["id"]
+        return {
+            "device": held.on_device(key),
+            "host": held.on_host(key),
+            "disk": held.on_disk(key),
+            "known": any(i.adapter_id == key for i in held.held()),
+        }
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -160,6 +160,35 @@ def test_registered_on_one_served_by_the_other_and_changes_propagate(
         assert "AdapterNotFound" in replica.next()["error"]
 
 
+def test_a_forget_on_one_purges_the_others_copies(
+    replicas: tuple[Replica, Replica, str], adapters: dict[str, Path]
+) -> None:
+    """Each replica holds its own copies (device slot, RAM, disk tier for a remote source): a
+    forget through
+    one removes the adapter from the registry and its copies there; the other, told by
+    NOTIFY, drops its own copies too (its follower), not only its registry view."""
+    a, b, _ = replicas
+    a.call(op="register", adapter="secret", source=str(adapters["r16-qv-rslora"]))
+    b.call(op="watch", adapter="secret", expect="acme/secret")
+    prompt = "My account number is"
+    for r in (a, b):
+        assert r.call(op="generate", adapter="secret", prompt=prompt)["served_by"] == "adapter"
+    held = b.call(op="tiers", id="acme/secret")
+    assert held["device"] and held["host"] and held["known"], held  # a local source: no disk copy
+    before = time.time()
+    a.call(op="forget", adapter="secret")
+    deadline = time.monotonic() + PROPAGATION_GUARD
+    while True:
+        held = b.call(op="tiers", id="acme/secret")
+        if not any(held.values()):
+            break
+        assert time.monotonic() < deadline, f"b still holds the forgotten adapter: {held}"
+        time.sleep(0.05)
+    print(f"\nforget on a -> b's copies gone in {(time.time() - before) * 1000:.0f} ms")
+    b.send(op="generate", adapter="secret", prompt=prompt)
+    assert "AdapterNotFound" in b.next()["error"]
+
+
 def test_a_database_restart_keeps_both_serving_then_they_resync(
     replicas: tuple[Replica, Replica, str],
     adapters: dict[str, Path],
