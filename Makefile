@@ -29,9 +29,11 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # PostgreSQL's server binaries (Debian's package, if initdb is missing) for the tests of the
-# PostgreSQL registry; the tests start their own throwaway server.
+# PostgreSQL registry, and redis-server (likewise) for those of rate limits shared through
+# Redis; the tests start their own throwaway servers.
 setup-postgres:
 	bash scripts/setup-postgres.sh
+	bash scripts/setup-redis.sh
 
 setup-vllm:
 	bash scripts/setup-vllm-venv.sh $(VLLM_VENV)
