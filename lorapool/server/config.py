@@ -72,6 +72,7 @@ from lorapool.registry.pg_migrations import check_schema_name
 from lorapool.registry.postgres import is_postgres_url
 from lorapool.retry import RetryPolicy
 from lorapool.scheduler import FairScheduler, TenantConfig, TierPolicy
+from lorapool.scheduler.redis_limits import RedisBuckets, is_redis_url
 from lorapool.scheduler.shared_limits import PostgresBuckets, share_rate_limits
 from lorapool.signing import Keyring, SigningPolicy
 from lorapool.store import TieredStore
@@ -475,11 +476,14 @@ class ServerConfig(BaseSettings):
     registry_schema: str = "lorapool"
     """The PostgreSQL schema holding the registry's tables (a ``postgresql://`` registry
     only): deployments sharing one database each use their own."""
-    rate_limits: Literal["replica", "shared"] = "replica"
+    rate_limits: str = "replica"
     """Where the tiers' rate limits are counted: ``replica`` (default), each server process
     on its own (N replicas let a tenant through at N times its rate); ``shared``, every
     replica together, in the ``postgresql://`` registry's database
-    (:mod:`lorapool.scheduler.shared_limits`: a few database round trips per request)."""
+    (:mod:`lorapool.scheduler.shared_limits`: a few database round trips per request); a
+    ``redis://host:6379/0`` (or ``rediss://``) URL, every replica together, in that Redis
+    (:mod:`lorapool.scheduler.redis_limits`, the ``redis`` extra: one round trip per
+    bucket check or take). A password: in ``LORAPOOL_RATE_LIMITS``, not the file."""
     tiers: dict[str, TierPolicy] = Field(default_factory=lambda: {"default": TierPolicy()})
     """Tenant tiers: ``weight``, rate limits, ``max_queue``, ``cold_start`` (a TierPolicy each)."""
     default_tier: str | None = None
@@ -493,6 +497,15 @@ class ServerConfig(BaseSettings):
     """Registered when the server starts, before ``/ready`` (:func:`register_adapters`)."""
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _rate_limits(cls, value: str) -> str:
+        if value in ("replica", "shared") or is_redis_url(value):
+            return value
+        raise ValueError(
+            f'rate_limits must be "replica", "shared" or a redis:// or rediss:// URL, not {value!r}'
+        )
 
     @model_validator(mode="after")
     def _read_key_files(self) -> ServerConfig:
@@ -554,9 +567,11 @@ class ServerConfig(BaseSettings):
 
     def build_shared_scheduler(self) -> FairScheduler:
         """:meth:`build_scheduler`, its rate limits kept in the registry's database when
-        ``rate_limits = "shared"``."""
+        ``rate_limits = "shared"``, in Redis when it is a ``redis://`` URL."""
         scheduler = self.build_scheduler()
-        if self.rate_limits == "shared" and self.registry is not None:
+        if is_redis_url(self.rate_limits):
+            share_rate_limits(scheduler, RedisBuckets(self.rate_limits))
+        elif self.rate_limits == "shared" and self.registry is not None:
             buckets = PostgresBuckets(self.registry, schema=self.registry_schema)
             share_rate_limits(scheduler, buckets)
         return scheduler
