@@ -44,6 +44,9 @@ class _Row:
     pool: str
     names: list[str | None]
     tps: list[float] = field(default_factory=list)
+    """End-to-end tokens/s of each round (prefills included)."""
+    step: list[float] = field(default_factory=list)
+    """Mean decode-step seconds of each round (the engine's own clock, prefills out)."""
 
 
 def _adapters(cache: Path, model_dir: Path, rank: int, count: int, dora: bool) -> list[Path]:
@@ -159,8 +162,10 @@ async def _rounds(args: argparse.Namespace, model_dir: Path, cache: Path) -> dic
                 for i, path in enumerate(paths):
                     await pool.register(f"bench/{prefix}{i}", str(path), tenant="bench")
 
-        async def one(row: _Row) -> float:
+        async def one(row: _Row) -> tuple[float, float]:
             pool: Any = opened[row.pool]
+            stats = pools[row.pool][0].stats
+            steps, decode = stats.steps, stats.decode_seconds
             start = time.perf_counter()
             results = await asyncio.gather(
                 *(
@@ -174,14 +179,22 @@ async def _rounds(args: argparse.Namespace, model_dir: Path, cache: Path) -> dic
                 )
             )
             tokens: int = sum(r.usage.completion_tokens for r in results)
-            return tokens / (time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            step = (stats.decode_seconds - decode) / max(stats.steps - steps, 1)
+            return tokens / elapsed, step
 
         for row in rows:  # warm up: every adapter into its slot
             await one(row)
         for r in range(args.rounds):
             for row in rows:
-                row.tps.append(await one(row))
-                print(f"  round {r + 1}: {row.label:<26} {row.tps[-1]:8.1f} tok/s", file=sys.stderr)
+                tps, step = await one(row)
+                row.tps.append(tps)
+                row.step.append(step)
+                print(
+                    f"  round {r + 1}: {row.label:<26} {tps:8.1f} tok/s, decode step "
+                    f"{step * 1e3:7.1f} ms",
+                    file=sys.stderr,
+                )
         blocks = {key: await pools[key][0].lora_resident_bytes() for key in opened}
         used = {key: sum(b.values()) for key, b in blocks.items()}
         used["r8 in m64"] = sum(n for a, n in blocks["m64"].items() if a.startswith("bench/e"))
@@ -200,8 +213,24 @@ async def _rounds(args: argparse.Namespace, model_dir: Path, cache: Path) -> dic
     }
 
 
-def _ratio(rows: dict[str, _Row], num: str, den: str) -> float:
-    return statistics.median(a / b for a, b in zip(rows[num].tps, rows[den].tps, strict=True))
+def _ratio(rows: dict[str, _Row], num: str, den: str, *, decode: bool = True) -> float:
+    """Median over rounds of ``num``'s throughput over ``den``'s: of decode steps (the
+    inverse ratio of step times, same batch) or end to end (tokens/s, prefills in)."""
+    if decode:
+        pairs = zip(rows[den].step, rows[num].step, strict=True)
+    else:
+        pairs = zip(rows[num].tps, rows[den].tps, strict=True)
+    return statistics.median(a / b for a, b in pairs)
+
+
+PAIRS = {
+    "16 adapters / base": ("16 adapters r16", "base", 0.90),
+    "64 adapters / base": ("64 adapters r16", "base", 0.80),
+    "mixed paged / padded": ("mixed 8/16/32/64 paged", "mixed 8/16/32/64 padded", 1.5),
+    "r8: max_rank 64 / max_rank 8": ("16 r8, max_rank 64", "16 r8, max_rank 8", 0.95),
+    "16 DoRA / 16 LoRA": ("16 DoRA r16", "16 adapters r16", None),
+}
+"""Each ratio: its rows and its target (issue 30)."""
 
 
 def run(args: argparse.Namespace, model_dir: Path, cache: Path) -> dict[str, Any]:
@@ -221,36 +250,36 @@ def run(args: argparse.Namespace, model_dir: Path, cache: Path) -> dict[str, Any
     base_bytes = _base_bytes(model_dir)
     own = got["own"]
     per16 = own["r16x64"] / 64
-    limit16 = base_bytes / (base_bytes + 16 * per16)
-    limit64 = base_bytes / (base_bytes + 64 * per16)
-    step_base = args.batch / statistics.median(rows["base"].tps)
-    step_64 = args.batch / statistics.median(rows["64 adapters r16"].tps)
+    limits = {
+        "16 adapters / base": base_bytes / (base_bytes + 16 * per16),
+        "64 adapters / base": base_bytes / (base_bytes + 64 * per16),
+    }
+    step_base = statistics.median(rows["base"].step)
+    step_64 = statistics.median(rows["64 adapters r16"].step)
     lora_rate = 64 * per16 / max(step_64 - step_base, 1e-9)
     r8_memory = got["used"]["r8 in m64"]
     r8_own = own["r8x16"]
-    results = {
-        "16 adapters / base": (_ratio(rows, "16 adapters r16", "base"), 0.90, limit16),
-        "64 adapters / base": (_ratio(rows, "64 adapters r16", "base"), 0.80, limit64),
-        "mixed paged / padded": (
-            _ratio(rows, "mixed 8/16/32/64 paged", "mixed 8/16/32/64 padded"),
-            1.5,
-            None,
-        ),
-        "r8: max_rank 64 / max_rank 8": (
-            _ratio(rows, "16 r8, max_rank 64", "16 r8, max_rank 8"),
-            0.95,
-            None,
-        ),
-        "16 DoRA / 16 LoRA": (_ratio(rows, "16 DoRA r16", "16 adapters r16"), None, None),
-    }
-    print(f"\n{'row':<28} {'tok/s (median)':>15}")
+    results: dict[str, dict[str, Any]] = {}
+    for label, (num, den, target) in PAIRS.items():
+        results[label] = {
+            "decode": _ratio(rows, num, den),
+            "end_to_end": _ratio(rows, num, den, decode=False),
+            "target": target,
+            "limit": limits.get(label),
+        }
+    print(f"\n{'row':<28} {'tok/s':>9} {'decode step ms':>15}   (medians)")
     for row in got["rows"]:
-        print(f"{row.label:<28} {statistics.median(row.tps):>15.1f}")
-    print(f"\n{'ratio':<30} {'measured':>9} {'target':>8} {'memory-bound limit':>19}")
-    for label, (value, target, limit) in results.items():
-        t = f">= {target:.2f}" if target is not None else "-"
-        lim = f"{limit:.3f}" if limit is not None else "-"
-        print(f"{label:<30} {value:>9.3f} {t:>8} {lim:>19}")
+        print(
+            f"{row.label:<28} {statistics.median(row.tps):>9.1f} "
+            f"{statistics.median(row.step) * 1e3:>15.1f}"
+        )
+    print(
+        f"\n{'ratio':<30} {'decode':>7} {'end-to-end':>11} {'target':>8} {'memory-bound limit':>19}"
+    )
+    for label, r in results.items():
+        t = f">= {r['target']:.2f}" if r["target"] is not None else "-"
+        lim = f"{r['limit']:.3f}" if r["limit"] is not None else "-"
+        print(f"{label:<30} {r['decode']:>7.3f} {r['end_to_end']:>11.3f} {t:>8} {lim:>19}")
     print(
         f"\nLoRA memory of the 16 rank-8 adapters in the max_rank-64 pool: "
         f"{r8_memory / 2**20:.2f} MiB for {r8_own / 2**20:.2f} MiB of their own bytes "
@@ -263,16 +292,16 @@ def run(args: argparse.Namespace, model_dir: Path, cache: Path) -> dict[str, Any
     )
     print(
         f"memory bandwidth (1 GiB fp32 sum, best of 5): {bandwidth / 1e9:.2f} GB/s; "
-        f"LoRA part of the 64-adapter step: {64 * per16 / 2**20:.1f} MiB read in "
-        f"{(step_64 - step_base) * 1e3:.1f} ms extra per step = {lora_rate / 1e9:.2f} GB/s "
-        f"= {lora_rate / bandwidth:.2f} of the measured bandwidth"
+        f"LoRA part of the 64-adapter decode step: {64 * per16 / 2**20:.1f} MiB read in "
+        f"{(step_64 - step_base) * 1e3:.1f} ms more than base-only's step = "
+        f"{lora_rate / 1e9:.2f} GB/s = {lora_rate / bandwidth:.2f} of the measured bandwidth"
     )
     print(f"base model bytes per step: {base_bytes / 2**20:.1f} MiB")
     return {
-        "rows": [{"label": r.label, "tok_s": r.tps} for r in got["rows"]],
-        "ratios": {
-            k: {"value": v, "target": t, "limit": lim} for k, (v, t, lim) in results.items()
-        },
+        "rows": [
+            {"label": r.label, "tok_s": r.tps, "decode_step_s": r.step} for r in rows.values()
+        ],
+        "ratios": results,
         "bytes": {"used": got["used"], "own": own, "base_per_step": base_bytes},
         "bandwidth_bytes_s": bandwidth,
         "lora_bytes_s": lora_rate,
