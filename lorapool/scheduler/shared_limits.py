@@ -21,8 +21,10 @@ exceeded by the requests admitted during one round trip on each replica.
 
 When the database cannot be reached, each bucket falls back to its per-replica
 level (admission keeps working; the limit is per replica again until it is back) and
-a warning is logged once per outage. A store of your own (Redis, say) implements the
-two methods of :class:`BucketStore`.
+a warning is logged once per outage. Redis:
+:class:`~lorapool.scheduler.redis_limits.RedisBuckets` (the example server:
+``rate_limits = "redis://..."``); another store implements the two methods of
+:class:`BucketStore`.
 """
 
 from __future__ import annotations
