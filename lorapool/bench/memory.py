@@ -8,7 +8,7 @@ phase of a noisy machine hits both sides alike. All rows use a batch of ``--batc
 - base-only, 16 and 64 distinct rank-16 adapters in the batch, with the memory-bound
   limit computed on the same run: ``base_bytes / (base_bytes + adapter bytes read per
   step)``, the best a step that reads every weight once can do;
-- 16 adapters of mixed ranks (8/16/32/64, four each) laid out at their own ranks
+- 64 distinct adapters of mixed ranks (8/16/32/64, sixteen each) laid out at their own ranks
   (``lora_layout="paged"``) vs the same adapters padded to ``max_rank=64`` over every
   module (``"padded"``, the layout before);
 - 16 rank-8 adapters in a pool built with ``max_rank=64`` vs one built with
@@ -109,19 +109,23 @@ def _own_bytes(paths: list[Path]) -> int:
 
 
 async def _rounds(args: argparse.Namespace, model_dir: Path, cache: Path) -> dict[str, Any]:
-    from lorapool import AdapterPool, SamplingParams
+    from lorapool import AdapterPool, SamplingParams, TieredStore
     from lorapool.backends.torch import TorchBackend
 
     r16 = _adapters(cache, model_dir, 16, 64, dora=False)
     dora = _adapters(cache, model_dir, 16, 16, dora=True)
     r8 = _adapters(cache, model_dir, 8, 16, dora=False)
-    mixed = [p for rank in MIXED_RANKS for p in _adapters(cache, model_dir, rank, 4, False)]
+    by_rank = {rank: _adapters(cache, model_dir, rank, 16, False) for rank in MIXED_RANKS}
+    mixed = [by_rank[rank][i] for i in range(16) for rank in MIXED_RANKS]  # ranks interleaved
     batch, seq = args.batch, 128 + args.max_tokens
 
-    def backend(max_rank: int, slots: int, layout: str = "paged") -> Any:
+    def backend(max_rank: int, adapters: list[Path], layout: str = "paged") -> Any:
+        # The arena sized to what it will hold (padded: every adapter at rank 64 over every
+        # module), so four engines fit this machine's memory side by side.
+        own = len(adapters) * _own_bytes(by_rank[64][:1]) if layout == "padded" else None
         return TorchBackend(
             model_dir,
-            max_slots=slots,
+            max_slots=len(adapters),
             max_rank=max_rank,
             max_batch=batch,
             max_seq_len=seq,
@@ -129,13 +133,14 @@ async def _rounds(args: argparse.Namespace, model_dir: Path, cache: Path) -> dic
             threads=args.threads,
             prefix_cache_bytes=0,
             lora_layout=layout,
+            lora_bytes=int(1.05 * (own if own is not None else _own_bytes(adapters))) + (1 << 20),
         )
 
     pools = {
-        "r16": (backend(16, 80), {"a": r16, "d": dora}),
-        "m64": (backend(64, 32), {"m": mixed, "e": r8}),
-        "m64-padded": (backend(64, 16, "padded"), {"m": mixed}),
-        "r8": (backend(8, 16), {"e": r8}),
+        "r16": (backend(16, r16 + dora), {"a": r16, "d": dora}),
+        "m64": (backend(64, mixed + r8), {"m": mixed, "e": r8}),
+        "m64-padded": (backend(64, mixed, "padded"), {"m": mixed}),
+        "r8": (backend(8, r8), {"e": r8}),
     }
 
     def spread(prefix: str, k: int) -> list[str | None]:
@@ -146,8 +151,8 @@ async def _rounds(args: argparse.Namespace, model_dir: Path, cache: Path) -> dic
         _Row("16 adapters r16", "r16", spread("a", 16)),
         _Row("64 adapters r16", "r16", spread("a", 64)),
         _Row("16 DoRA r16", "r16", spread("d", 16)),
-        _Row("mixed 8/16/32/64 paged", "m64", spread("m", 16)),
-        _Row("mixed 8/16/32/64 padded", "m64-padded", spread("m", 16)),
+        _Row("mixed 8/16/32/64 paged", "m64", spread("m", len(mixed))),
+        _Row("mixed 8/16/32/64 padded", "m64-padded", spread("m", len(mixed))),
         _Row("16 r8, max_rank 64", "m64", spread("e", 16)),
         _Row("16 r8, max_rank 8", "r8", spread("e", 16)),
     ]
@@ -155,7 +160,7 @@ async def _rounds(args: argparse.Namespace, model_dir: Path, cache: Path) -> dic
     opened: dict[str, Any] = {}
     try:
         for key, (b, sets) in pools.items():
-            pool = AdapterPool(b)
+            pool = AdapterPool(b, store=TieredStore(host_bytes="1GiB"))
             await pool.__aenter__()
             opened[key] = pool
             for prefix, paths in sets.items():
@@ -287,7 +292,7 @@ def run(args: argparse.Namespace, model_dir: Path, cache: Path) -> dict[str, Any
         f"{got['used']['r8'] / 2**20:.2f} MiB"
     )
     print(
-        f"padded pool: {got['used']['m64-padded'] / 2**20:.1f} MiB for the 16 mixed adapters "
+        f"padded pool: {got['used']['m64-padded'] / 2**20:.1f} MiB for the 64 mixed adapters "
         f"of {own['mixed'] / 2**20:.1f} MiB own bytes"
     )
     print(
