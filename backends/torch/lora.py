@@ -369,14 +369,26 @@ class LoraSlots:
         descriptors, so a failure part way leaves every block where the books say."""
         slot_at = {r.offset: slot for slot, r in self._resident.items()}
         for m in self.arena.compaction():
-            src = self.memory[m.src : m.src + m.size]
-            if m.src - m.dst < m.size:
-                src = src.clone()  # the ranges overlap
-            self.memory[m.dst : m.dst + m.size].copy_(src)
+            self._move(m.src, m.dst, m.size)
             self.arena.move(m.src, m.dst)
             slot = slot_at[m.src]
             self._resident[slot] = self._resident[slot]._replace(offset=m.dst)
             self._describe(slot)
+
+    def _move(self, src: int, dst: int, size: int) -> None:
+        """Copy ``size`` elements of the arena from ``src`` down to ``dst`` (the ranges may
+        overlap). On CPU a ``memmove``, with no temporary: a clone of a whole block at each
+        compaction let glibc's heap grow by its fragments (measured: +126 MiB of a server's
+        RSS over 160 requests with two slots and mixed ranks)."""
+        if self.memory.device.type == "cpu":
+            item = self._itemsize
+            base = self.memory.data_ptr()
+            ctypes.memmove(base + dst * item, base + src * item, size * item)
+            return
+        block = self.memory[src : src + size]
+        if src - dst < size:
+            block = block.clone()  # the ranges overlap (a device allocator caches it)
+        self.memory[dst : dst + size].copy_(block)
 
     def clear(self, slot: int) -> None:
         """Empty ``slot`` and give its block back to the arena."""
