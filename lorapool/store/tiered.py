@@ -113,6 +113,7 @@ class TieredStore:
         self._stats = StoreStats()
         self._infos: dict[str, AdapterInfo] = {}
         self._gone: set[tuple[str, str]] = set()  # (id, sha256) forgotten: never loaded again
+        self._purging: dict[str, _Purge] = {}  # purges running, by adapter id
         self._refs = References(self._infos)
         self._prefetch = Prefetcher(
             prefetchers,
@@ -420,7 +421,26 @@ class TieredStore:
         (and the engine's cache of it), its host copy and, unless ``keep_disk`` (another
         registered adapter has the same content), its disk copy. Returns the tiers it was
         in and the disk-tier directory deleted.
+
+        Purges of one adapter run one at a time, and one that waited for another reports
+        the tiers that one emptied too: a replica's follower (``AdapterPool.follower``)
+        and a forget's broadcast may both purge it, and the forget's report must still say
+        where the replica held it.
         """
+        key = info.adapter_id
+        earlier: list[str] = []
+        while (running := self._purging.get(key)) is not None:
+            await running.done.wait()
+            earlier += [t for t in running.tiers if t not in earlier]
+        mine = self._purging[key] = _Purge()
+        try:
+            mine.tiers, deleted = await self._purge(info, keep_disk=keep_disk)
+        finally:
+            del self._purging[key]
+            mine.done.set()
+        return earlier + [t for t in mine.tiers if t not in earlier], deleted
+
+    async def _purge(self, info: AdapterInfo, *, keep_disk: bool) -> tuple[list[str], Path | None]:
         key, sha = info.adapter_id, info.sha256
         self._gone.add((key, sha))
         self._refs.pins.discard(key)
@@ -555,3 +575,13 @@ class TieredStore:
             path = await self._fetcher.fetch(info, speculative)
             self._stats.loaded("disk", info.adapter_id, time.perf_counter() - started)
             return path
+
+
+class _Purge:
+    """A purge in progress: the tiers it emptied, once ``done`` is set."""
+
+    __slots__ = ("done", "tiers")
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.tiers: list[str] = []

@@ -331,3 +331,45 @@ async def test_a_forget_the_registry_fails_part_way_purges_what_left_it_and_is_a
         assert pool.store.on_host("acme/c") or pool.store.on_device("acme/c")  # still there
         (entry,) = pool.audit.entries(action="forget")
         assert entry.detail["removed"] == ["acme/a"] and "disk full" in entry.detail["failed"]
+
+
+class _SlowUnload(MockBackend):
+    """Holds each unload until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unloading = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def unload(self, adapter_id: str) -> None:
+        self.unloading.set()
+        await self.release.wait()
+        await super().unload(adapter_id)
+
+
+async def test_two_purges_of_one_adapter_at_once_both_say_where_it_was(tmp_path: Path) -> None:
+    """A replica's follower and a forget's broadcast may purge one adapter together (CI
+    saw the forget's report miss the device tier the follower was emptying): the second
+    waits for the first and reports the tiers it emptied, and the adapter is gone once."""
+    dirs = make_adapters(tmp_path, 1)
+    backend = _SlowUnload()
+    async with _pool(tmp_path, backend) as pool:
+        info = await pool.register("a", f"remote://{dirs['t/a0']}", tenant="acme")
+        await pool.complete("hi", adapter="a", tenant="acme")
+        assert pool.store.on_device(info.adapter_id)
+        try:
+            first = asyncio.create_task(pool.store.purge(info, keep_disk=False))
+            await asyncio.wait_for(backend.unloading.wait(), 60)
+            second = asyncio.create_task(pool.store.purge(info, keep_disk=False))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not second.done()  # it waits for the first
+        finally:
+            backend.release.set()
+        (tiers, deleted), (again, _) = await asyncio.gather(first, second)
+        assert tiers == ["device", "host", "disk"] and again == tiers
+        assert deleted is not None and not deleted.exists()
+        assert backend.unloads == [info.adapter_id]
+        assert not pool.store.on_host(info.adapter_id)
+        third, _ = await pool.store.purge(info, keep_disk=False)  # later: nothing left
+        assert third == []
