@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -41,7 +41,17 @@ from typing import Any, Self
 
 from .engine_rig import torch_backend
 
-__all__ = ["BURNER_TAG", "Burners", "CpuMeter", "parse_cpus", "run"]
+__all__ = [
+    "BURNER_TAG",
+    "Burners",
+    "CpuMeter",
+    "WaitChild",
+    "Workload",
+    "parse_cpus",
+    "parse_waits",
+    "run",
+    "settings_of",
+]
 
 BURNER_TAG = "lorapool-burner"
 """The first argument of every burner's command line (``python -c CODE lorapool-burner CPU
@@ -272,7 +282,97 @@ def _label(k: int) -> str:
     return "base" if k == 0 else f"{k} adapter{'s' if k > 1 else ''}"
 
 
+class Workload:
+    """The scenario's pool, its adapters registered and warm: :meth:`run` serves one batch
+    of ``--batch`` chat requests over ``k`` distinct adapters (0: base-only) and returns the
+    tokens per second. Used in the bench's own process and in each wait-policy child."""
+
+    def __init__(self, args: argparse.Namespace, backend: Any, adapters: Sequence[Path]) -> None:
+        from lorapool import AdapterPool, SamplingParams
+
+        self._args = args
+        self._adapters = adapters
+        self._counts = [int(c) for c in args.adapters.split(",") if c]
+        self._params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+        self.backend = backend
+        self.pool = AdapterPool(backend)
+
+    async def __aenter__(self) -> Self:
+        await self.pool.start()
+        try:
+            for i, path in enumerate(self._adapters[: max(self._counts)]):
+                await self.pool.register(f"bench/a{i}", str(path), tenant="bench")
+            await self.run(max(self._counts))  # warm up: every adapter into its slot
+            await self.run(0)
+        except BaseException:
+            await self.pool.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pool.aclose()
+
+    async def run(self, k: int) -> float:
+        """One batch over ``k`` distinct adapters; its tokens per second."""
+        from .prompts import PROMPTS, chat
+
+        batch = self._args.batch
+        names = [None] * batch if k == 0 else [f"bench/a{j % k}" for j in range(batch)]
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(
+                self.pool.complete(
+                    chat(PROMPTS[j % len(PROMPTS)]),
+                    adapter=names[j],
+                    tenant="bench",
+                    params=self._params,
+                )
+                for j in range(batch)
+            )
+        )
+        elapsed = time.perf_counter() - start
+        return sum(r.usage.completion_tokens for r in results) / elapsed
+
+
+Run = Callable[[int], Awaitable[float]]
+"""One batch over ``k`` distinct adapters (0: base-only) in some engine; tokens/s."""
+
+
 async def _rounds(
+    args: argparse.Namespace, runs: dict[str, Run], burners: Burners
+) -> dict[str, dict[str, dict[str, list[Sample]]]]:
+    """Interleaved quiet and contended runs of each configuration on each engine of
+    ``runs`` (by name): samples by engine name, configuration and condition."""
+    counts = [int(c) for c in args.adapters.split(",") if c]
+    meter = CpuMeter(burners)
+    out: dict[str, dict[str, dict[str, list[Sample]]]] = {name: {} for name in runs}
+    for r in range(args.rounds):
+        for k in [0, *counts]:
+            for name, run in runs.items():
+                order = ("quiet", "contended") if r % 2 == 0 else ("contended", "quiet")
+                for condition in order:
+                    if condition == "quiet":
+                        burners.pause()  # paused already; and sure of it
+                        meter.start()
+                        tok_s = await run(k)
+                    else:
+                        with burners.running():
+                            meter.start()
+                            tok_s = await run(k)
+                    sample = Sample(tok_s, meter.stop())
+                    out[name].setdefault(_label(k), {}).setdefault(condition, []).append(sample)
+                    c = sample.cpu
+                    print(
+                        f"  {name} round {r + 1}: {_label(k):<12} {condition:<9} "
+                        f"{sample.tok_s:8.1f} tok/s  CPUs engine {c.engine:.2f} burners "
+                        f"{c.burners:.2f} other {c.other:.2f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    return out
+
+
+async def _in_process(
     args: argparse.Namespace,
     backend: Any,
     adapters: Sequence[Path],
@@ -280,66 +380,16 @@ async def _rounds(
     engine: str,
     dtype: str,
 ) -> tuple[dict[str, dict[str, list[Sample]]], dict[str, Any]]:
-    """Interleaved quiet and contended runs per configuration; the engine's settings."""
-    from lorapool import AdapterPool, SamplingParams
-
-    from .prompts import PROMPTS, chat
-
-    counts = [int(c) for c in args.adapters.split(",") if c]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    meter = CpuMeter(burners)
-    runs: dict[str, dict[str, list[Sample]]] = {}
-    async with AdapterPool(backend) as pool:
-        for i, path in enumerate(adapters[: max(counts)]):
-            await pool.register(f"bench/a{i}", str(path), tenant="bench")
-
-        async def one_run(k: int) -> Sample:
-            names = (
-                [None] * args.batch if k == 0 else [f"bench/a{j % k}" for j in range(args.batch)]
-            )
-            meter.start()
-            start = time.perf_counter()
-            results = await asyncio.gather(
-                *(
-                    pool.complete(
-                        chat(PROMPTS[j % len(PROMPTS)]),
-                        adapter=names[j],
-                        tenant="bench",
-                        params=params,
-                    )
-                    for j in range(args.batch)
-                )
-            )
-            elapsed = time.perf_counter() - start
-            cpu = meter.stop()
-            return Sample(sum(r.usage.completion_tokens for r in results) / elapsed, cpu)
-
-        await one_run(max(counts))  # warm up: every adapter into its slot
-        await one_run(0)
-        settings = await _settings(backend, engine)
-        for r in range(args.rounds):
-            for k in [0, *counts]:
-                order = ("quiet", "contended") if r % 2 == 0 else ("contended", "quiet")
-                for condition in order:
-                    if condition == "quiet":
-                        burners.pause()  # paused already; and sure of it
-                        sample = await one_run(k)
-                    else:
-                        with burners.running():
-                            sample = await one_run(k)
-                    runs.setdefault(_label(k), {}).setdefault(condition, []).append(sample)
-                    c = sample.cpu
-                    print(
-                        f"  {engine} {dtype} round {r + 1}: {_label(k):<12} {condition:<9} "
-                        f"{sample.tok_s:8.1f} tok/s  CPUs engine {c.engine:.2f} burners "
-                        f"{c.burners:.2f} other {c.other:.2f}",
-                        file=sys.stderr,
-                    )
-    return runs, settings
+    """The rounds of one engine in this process; its samples and settings."""
+    async with Workload(args, backend, adapters) as workload:
+        settings = await settings_of(backend, engine)
+        name = f"{engine} {dtype}"
+        samples = await _rounds(args, {name: workload.run}, burners)
+    return samples[name], settings
 
 
-async def _settings(backend: Any, engine: str) -> dict[str, Any]:
-    """What the engine runs with: threads and kernel schedule (TorchBackend)."""
+async def settings_of(backend: Any, engine: str) -> dict[str, Any]:
+    """What the engine runs with: threads, kernel schedule and wait policy (TorchBackend)."""
     out: dict[str, Any] = {"engine": engine}
     inner = getattr(backend, "_engine", None)
     if engine == "torch" and inner is not None:
@@ -362,6 +412,124 @@ async def _settings(backend: Any, engine: str) -> dict[str, Any]:
     return out
 
 
+LIBGOMP_SPINCOUNT = 300000
+"""libgomp's spin count when neither ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT`` is set
+(about 3 ms of spinning before a waiting thread sleeps): what torch ran with before
+lorapool chose passive waiting."""
+
+
+def parse_waits(text: str) -> dict[str, dict[str, str]]:
+    """``--waits``: OpenMP wait settings to compare, each in a child process; by label,
+    the environment each sets. ``passive`` (no spinning, lorapool's default),
+    ``spin:N`` (spin ``N`` iterations, then sleep), ``libgomp`` (``spin:300000``, libgomp's
+    own default). ``OMP_WAIT_POLICY=ACTIVE`` is refused: its idle threads spin for minutes
+    after each parallel region, so an idle child would burn the CPUs the others measure."""
+    waits: dict[str, dict[str, str]] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if item == "passive":
+            waits[item] = {"OMP_WAIT_POLICY": "PASSIVE"}
+            continue
+        count = str(LIBGOMP_SPINCOUNT) if item == "libgomp" else item.removeprefix("spin:")
+        if item != "libgomp" and (not item.startswith("spin:") or not count.isdigit()):
+            raise SystemExit(
+                f"--waits takes passive, libgomp and spin:N (N iterations), not {item!r}"
+            )
+        label = f"libgomp (spin {count})" if item == "libgomp" else f"spin {int(count)}"
+        # The policy passive, the count explicit: libgomp uses GOMP_SPINCOUNT when set.
+        waits[label] = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": str(int(count))}
+    if not waits or len(waits) != len([i for i in text.split(",") if i.strip()]):
+        raise SystemExit(f"--waits takes distinct settings, not {text!r}")
+    return waits
+
+
+class WaitChild:
+    """TorchBackend in a child process with one OpenMP wait setting (``env``), serving
+    the scenario's batches on request (:mod:`lorapool.bench._contention_child`).
+
+    A context manager: started and warmed on entry, ended (end of its stdin, then killed
+    if it lingers) on exit. It also ends by itself when this process dies (its stdin
+    closes).
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        args: argparse.Namespace,
+        model_dir: Path,
+        adapters: Sequence[Path],
+        dtype: str,
+    ) -> None:
+        environ = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT",)}
+        environ.update(env)
+        root = Path(__file__).resolve().parents[2]
+        if (root / "pyproject.toml").is_file():  # a checkout: this lorapool
+            environ["PYTHONPATH"] = os.pathsep.join(
+                filter(None, (str(root), environ.get("PYTHONPATH")))
+            )
+        self._env = environ
+        self._config = {
+            "args": {k: v for k, v in vars(args).items() if _jsonable(v)},
+            "model_dir": str(model_dir),
+            "adapters": [str(p) for p in adapters],
+            "dtype": dtype,
+        }
+        self._proc: subprocess.Popen[str] | None = None
+        self.settings: dict[str, Any] = {}
+
+    def __enter__(self) -> Self:
+        command = [sys.executable, "-m", "lorapool.bench._contention_child"]
+        self._proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=self._env,
+            text=True,
+        )
+        try:
+            self.settings = self._call(self._config)["ready"]
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def run(self, k: int) -> float:
+        """One batch over ``k`` distinct adapters in the child; its tokens per second."""
+        answer = await asyncio.to_thread(self._call, {"k": k})
+        return float(answer["tok_s"])
+
+    def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(message) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the wait-policy child exited ({proc.wait()}); see its stderr")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def close(self) -> None:
+        """End the child: close its stdin, wait, kill it if it does not leave."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _jsonable(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
 def _make_backend(args: argparse.Namespace, engine: str, model_dir: Path, dtype: str) -> Any:
     counts = [int(c) for c in args.adapters.split(",") if c]
     if engine == "torch":
@@ -381,7 +549,11 @@ def _make_backend(args: argparse.Namespace, engine: str, model_dir: Path, dtype:
 
 
 def _rows(
-    engine: str, dtype: str, runs: dict[str, dict[str, list[Sample]]], burners: Sequence[int]
+    engine: str,
+    dtype: str,
+    runs: dict[str, dict[str, list[Sample]]],
+    burners: Sequence[int],
+    wait: str | None = None,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for configuration, by_condition in runs.items():
@@ -393,6 +565,7 @@ def _rows(
                 {
                     "engine": engine,
                     "dtype": dtype,
+                    "wait": wait,
                     "configuration": configuration,
                     "condition": condition,
                     "burners": list(burners) if condition == "contended" else [],
@@ -409,22 +582,47 @@ def _rows(
     return rows
 
 
+def _against_first_wait(rows: list[dict[str, Any]]) -> None:
+    """Give each wait-policy row ``x_first_wait``: the median of per-round ratios to the
+    first ``--waits`` setting's row of the same configuration and condition (their rounds
+    interleave, so this compares the policies side by side)."""
+    first: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for r in rows:
+        if r["wait"] is not None:
+            first.setdefault((r["engine"], r["dtype"], r["configuration"], r["condition"]), r)
+    for r in rows:
+        base = first.get((r["engine"], r["dtype"], r["configuration"], r["condition"]))
+        if r["wait"] is None or base is None:
+            continue
+        ratios = [t / b for t, b in zip(r["rounds"], base["rounds"], strict=True)]
+        r["x_first_wait"] = statistics.median(ratios)
+        r["first_wait_round_ratios"] = ratios
+
+
 def _print_table(rows: Sequence[dict[str, Any]], burners: Sequence[int]) -> None:
     burned = f"{len(burners)} burner{'s' if len(burners) > 1 else ''}"
     names = {
-        id(r): f"{r['engine']} {r['dtype']} {r['configuration']} "
+        id(r): f"{r['engine']} {r['dtype']} "
+        + (f"[{r['wait']}] " if r.get("wait") else "")
+        + f"{r['configuration']} "
         + ("quiet" if r["condition"] == "quiet" else burned)
         for r in rows
     }
+    waits = [r for r in rows if r.get("wait")]
+    first = f"x {waits[0]['wait']}" if waits else ""
     width = max([30, *(len(n) + 2 for n in names.values())])
+    wide = max(len(first) + 2, 12) if first else 0
     print(
         f"{'configuration':<{width}}{'tok/s':>9}{'x quiet':>9}"
-        f"{'engine CPUs':>13}{'burner CPUs':>13}{'other CPUs':>12}"
+        + (f"{first:>{wide}}" if first else "")
+        + f"{'engine CPUs':>13}{'burner CPUs':>13}{'other CPUs':>12}"
     )
     for r in rows:
+        against = r.get("x_first_wait")
         print(
             f"{names[id(r)]:<{width}}{r['tok_per_s']:>9.1f}{r['x_quiet']:>9.3f}"
-            f"{r['engine_cpus']:>13.2f}{r['burner_cpus']:>13.2f}{r['other_cpus']:>12.2f}"
+            + (f"{'-' if against is None else f'{against:.3f}':>{wide}}" if first else "")
+            + f"{r['engine_cpus']:>13.2f}{r['burner_cpus']:>13.2f}{r['other_cpus']:>12.2f}"
         )
 
 
@@ -474,6 +672,36 @@ def _vllm_elsewhere(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dic
     return data.get("rows", []), (found[0] if found else {"engine": "vllm"})
 
 
+def _wait_children(
+    args: argparse.Namespace,
+    waits: dict[str, dict[str, str]],
+    model_dir: Path,
+    adapters: Sequence[Path],
+    cpus: Sequence[int],
+    dtype: str,
+    burner_pids: list[int],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """TorchBackend under each wait setting, a child process each, their rounds
+    interleaved in one run; the rows and each child's settings."""
+    with Burners(cpus) as burners, contextlib.ExitStack() as stack:
+        burner_pids += burners.pids
+        children: dict[str, WaitChild] = {}
+        for label, env in waits.items():
+            print(f"== starting the {label!r} child: {env}", file=sys.stderr, flush=True)
+            children[label] = stack.enter_context(WaitChild(env, args, model_dir, adapters, dtype))
+        names = {label: f"torch {dtype} [{label}]" for label in children}
+        runs: dict[str, Run] = {names[label]: child.run for label, child in children.items()}
+        samples = asyncio.run(_rounds(args, runs, burners))
+    rows: list[dict[str, Any]] = []
+    for label in children:
+        rows += _rows("torch", dtype, samples[names[label]], cpus, wait=label)
+    settings = [
+        {**child.settings, "dtype": dtype, "wait": label, "env": waits[label]}
+        for label, child in children.items()
+    ]
+    return rows, settings
+
+
 def run(args: argparse.Namespace, model_dir: Path, adapters: Sequence[Path]) -> int:
     """Run the contention scenario for each engine and dtype; print; write JSON if asked."""
     from lorapool.backends.torch.threads import process_usable_cpus
@@ -494,6 +722,7 @@ def run(args: argparse.Namespace, model_dir: Path, adapters: Sequence[Path]) -> 
         + ", ".join(f"{k}={v if v is not None else 'unset'}" for k, v in env.items()),
         file=sys.stderr,
     )
+    waits = parse_waits(args.waits) if args.waits else {}
     rows: list[dict[str, Any]] = []
     settings: list[dict[str, Any]] = []
     burner_pids: list[int] = []
@@ -505,21 +734,31 @@ def run(args: argparse.Namespace, model_dir: Path, adapters: Sequence[Path]) -> 
             settings.append(setting)
             continue
         for dtype in dtypes:
+            if engine == "torch" and waits:
+                got, found = _wait_children(
+                    args, waits, model_dir, adapters, cpus, dtype, burner_pids
+                )
+                rows += got
+                settings += found
+                continue
             with Burners(cpus) as burners:
                 burner_pids += burners.pids
                 backend = _make_backend(args, engine, model_dir, dtype)
                 runs, setting = asyncio.run(
-                    _rounds(args, backend, adapters, burners, engine, dtype)
+                    _in_process(args, backend, adapters, burners, engine, dtype)
                 )
             rows += _rows(engine, dtype, runs, cpus)
             settings.append({**setting, "dtype": dtype})
+    _against_first_wait(rows)
     print()
     _print_table(rows, cpus)
     for s in settings:
         print("  " + ", ".join(f"{k} {v}" for k, v in s.items()))
     print(
         f"\nmedians over {args.rounds} rounds; x quiet: median of per-round ratios to the same "
-        "configuration's quiet run; CPUs: CPU-seconds per second (engine: this process and "
+        "configuration's quiet run; "
+        + ("x <wait>: the same against the first --waits setting; " if waits else "")
+        + "CPUs: CPU-seconds per second (engine: this process and "
         "its children)"
     )
     if args.json:

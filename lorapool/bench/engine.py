@@ -104,6 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the last CPU this process may use)",
     )
     parser.add_argument(
+        "--waits",
+        default=None,
+        help="with --contention: OpenMP wait settings to compare side by side, TorchBackend in "
+        "a child process each, their rounds interleaved: passive (lorapool's default), "
+        "libgomp (libgomp's own default, spinning about 3 ms), spin:N (N spins, then sleep)",
+    )
+    parser.add_argument(
         "--engines",
         default="torch,vllm",
         help="with --contention: torch and/or vllm (vllm where installed: here, or the vLLM "

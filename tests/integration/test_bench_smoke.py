@@ -126,6 +126,40 @@ def test_engine_contention(tmp_path: Path) -> None:
         assert BURNER_TAG.encode() not in cmdline, f"burner {pid} left running"
 
 
+def test_engine_contention_wait_policies_side_by_side(tmp_path: Path) -> None:
+    """``--waits``: TorchBackend under each OpenMP wait setting in a child process of its
+    own (the runtime reads the setting once), their rounds interleaved in one run; each row
+    carries its setting and its ratio to the first setting's row."""
+    import os
+
+    out = tmp_path / "waits.json"
+    cpu = str(max(os.sched_getaffinity(0)))
+    args = ("--contention", "--engines", "torch", "--burners", cpu, "--rounds", "1")
+    args += ("--batch", "2", "--max-tokens", "2", "--adapters", "2")
+    args += ("--waits", "passive,spin:1000")
+    done = run_bench("engine", *args, "--json", str(out), cwd=tmp_path, timeout=600)
+    data = json.loads(out.read_text())
+    rows = {(r["wait"], r["configuration"], r["condition"]): r for r in data["rows"]}
+    waits = ("passive", "spin 1000")
+    configurations = ("base", "2 adapters")
+    assert set(rows) == {
+        (w, c, q) for w in waits for c in configurations for q in ("quiet", "contended")
+    }
+    for (wait, _, _), row in rows.items():
+        assert row["tok_per_s"] > 0 and len(row["rounds"]) == 1
+        if wait == "passive":
+            assert row["x_first_wait"] == 1.0
+        else:
+            first = rows[("passive", row["configuration"], row["condition"])]
+            assert row["x_first_wait"] == row["tok_per_s"] / first["tok_per_s"]
+    settings = {s["wait"]: s for s in data["contention"]["engines"]}
+    assert settings["passive"]["omp_wait_policy"] == "PASSIVE"
+    assert settings["passive"]["gomp_spincount"] == "unset"
+    assert settings["spin 1000"]["gomp_spincount"] == "1000"
+    assert "torch float32 [spin 1000] 2 adapters 1 burner" in done.stdout
+    assert "x passive" in done.stdout
+
+
 def test_prefix(tmp_path: Path) -> None:
     """Both workloads, TorchBackend with its prefix cache on and off, one round: a row per
     workload and side, the on/off ratios, and raw vLLM skipped with the reason said when

@@ -123,3 +123,16 @@ def test_killed_when_the_benchmark_is(sig: signal.Signals) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_wait_settings_parse_to_child_environments() -> None:
+    from lorapool.bench.contention import LIBGOMP_SPINCOUNT, parse_waits
+
+    waits = parse_waits("passive, libgomp,spin:1000")
+    assert list(waits) == ["passive", f"libgomp (spin {LIBGOMP_SPINCOUNT})", "spin 1000"]
+    assert waits["passive"] == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert waits["spin 1000"] == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
+    assert waits[f"libgomp (spin {LIBGOMP_SPINCOUNT})"]["GOMP_SPINCOUNT"] == "300000"
+    for bad in ("active", "spin:", "spin:-1", "spin:x", "passive,passive", "", "spin:5,spin:05"):
+        with pytest.raises(SystemExit, match="--waits"):
+            parse_waits(bad)
