@@ -37,8 +37,17 @@ async def _serve(config: dict[str, Any], channel: TextIO) -> None:
         settings = await settings_of(backend, "torch")
         settings["gomp_spincount"] = os.environ.get("GOMP_SPINCOUNT", "unset")
         _answer(channel, {"ready": settings})
+        governor = getattr(getattr(backend, "_engine", None), "governor", None)
         while line := await asyncio.to_thread(sys.stdin.readline):
-            _answer(channel, {"tok_s": await workload.run(int(json.loads(line)["k"]))})
+            tok_s = await workload.run(int(json.loads(line)["k"]))
+            if governor is not None:  # where the thread governor left the count
+                print(
+                    f"    governor: threads {governor.threads}, lowered {governor.lowered}, "
+                    f"raised {governor.raised}, others' CPUs {governor.others:.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            _answer(channel, {"tok_s": tok_s})
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "Burners",
     "CpuMeter",
     "WaitChild",
+    "WaitSetting",
     "Workload",
     "parse_cpus",
     "parse_waits",
@@ -418,26 +419,45 @@ LIBGOMP_SPINCOUNT = 300000
 lorapool chose passive waiting."""
 
 
-def parse_waits(text: str) -> dict[str, dict[str, str]]:
-    """``--waits``: OpenMP wait settings to compare, each in a child process; by label,
-    the environment each sets. ``passive`` (no spinning, lorapool's default),
-    ``spin:N`` (spin ``N`` iterations, then sleep), ``libgomp`` (``spin:300000``, libgomp's
-    own default). ``OMP_WAIT_POLICY=ACTIVE`` is refused: its idle threads spin for minutes
-    after each parallel region, so an idle child would burn the CPUs the others measure."""
-    waits: dict[str, dict[str, str]] = {}
-    for item in (i.strip() for i in text.split(",")):
-        if item == "passive":
-            waits[item] = {"OMP_WAIT_POLICY": "PASSIVE"}
-            continue
-        count = str(LIBGOMP_SPINCOUNT) if item == "libgomp" else item.removeprefix("spin:")
-        if item != "libgomp" and (not item.startswith("spin:") or not count.isdigit()):
-            raise SystemExit(
-                f"--waits takes passive, libgomp and spin:N (N iterations), not {item!r}"
-            )
-        label = f"libgomp (spin {count})" if item == "libgomp" else f"spin {int(count)}"
-        # The policy passive, the count explicit: libgomp uses GOMP_SPINCOUNT when set.
-        waits[label] = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": str(int(count))}
-    if not waits or len(waits) != len([i for i in text.split(",") if i.strip()]):
+@dataclass(frozen=True)
+class WaitSetting:
+    """One ``--waits`` setting: the OpenMP environment of its child, and whether its
+    TorchBackend runs the thread governor (``adapt_threads``)."""
+
+    env: dict[str, str]
+    adapt_threads: bool = False
+
+
+def parse_waits(text: str) -> dict[str, WaitSetting]:
+    """``--waits``: OpenMP wait settings to compare, each in a child process, by label.
+
+    ``passive`` (no spinning, lorapool's default), ``spin:N`` (spin ``N`` iterations,
+    then sleep), ``libgomp`` (``spin:300000``, libgomp's own default); ``+adapt`` after
+    any of them turns on TorchBackend's thread governor in that child.
+    ``OMP_WAIT_POLICY=ACTIVE`` is refused: its idle threads spin for minutes after each
+    parallel region, so an idle child would burn the CPUs the others measure.
+    """
+    waits: dict[str, WaitSetting] = {}
+    items = [i.strip() for i in text.split(",") if i.strip()]
+    for item in items:
+        wait, plus, extra = item.partition("+")
+        if plus and extra != "adapt":
+            raise SystemExit(f"--waits takes +adapt after a setting, not {item!r}")
+        if wait == "passive":
+            label, env = wait, {"OMP_WAIT_POLICY": "PASSIVE"}
+        else:
+            count = str(LIBGOMP_SPINCOUNT) if wait == "libgomp" else wait.removeprefix("spin:")
+            if wait != "libgomp" and (not wait.startswith("spin:") or not count.isdigit()):
+                raise SystemExit(
+                    f"--waits takes passive, libgomp and spin:N (N iterations), not {item!r}"
+                )
+            label = f"libgomp (spin {count})" if wait == "libgomp" else f"spin {int(count)}"
+            # The policy passive, the count explicit: libgomp uses GOMP_SPINCOUNT when set.
+            env = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": str(int(count))}
+        if plus:
+            label += " + governor"
+        waits[label] = WaitSetting(env, adapt_threads=bool(plus))
+    if not waits or len(waits) != len(items):
         raise SystemExit(f"--waits takes distinct settings, not {text!r}")
     return waits
 
@@ -453,14 +473,14 @@ class WaitChild:
 
     def __init__(
         self,
-        env: dict[str, str],
+        setting: WaitSetting,
         args: argparse.Namespace,
         model_dir: Path,
         adapters: Sequence[Path],
         dtype: str,
     ) -> None:
         environ = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT",)}
-        environ.update(env)
+        environ.update(setting.env)
         root = Path(__file__).resolve().parents[2]
         if (root / "pyproject.toml").is_file():  # a checkout: this lorapool
             environ["PYTHONPATH"] = os.pathsep.join(
@@ -468,7 +488,10 @@ class WaitChild:
             )
         self._env = environ
         self._config = {
-            "args": {k: v for k, v in vars(args).items() if _jsonable(v)},
+            "args": {
+                **{k: v for k, v in vars(args).items() if _jsonable(v)},
+                "adapt_threads": setting.adapt_threads or args.adapt_threads,
+            },
             "model_dir": str(model_dir),
             "adapters": [str(p) for p in adapters],
             "dtype": dtype,
@@ -674,7 +697,7 @@ def _vllm_elsewhere(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dic
 
 def _wait_children(
     args: argparse.Namespace,
-    waits: dict[str, dict[str, str]],
+    waits: dict[str, WaitSetting],
     model_dir: Path,
     adapters: Sequence[Path],
     cpus: Sequence[int],
@@ -696,7 +719,7 @@ def _wait_children(
     for label in children:
         rows += _rows("torch", dtype, samples[names[label]], cpus, wait=label)
     settings = [
-        {**child.settings, "dtype": dtype, "wait": label, "env": waits[label]}
+        {**child.settings, "dtype": dtype, "wait": label, "env": waits[label].env}
         for label, child in children.items()
     ]
     return rows, settings

@@ -108,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --contention: OpenMP wait settings to compare side by side, TorchBackend in "
         "a child process each, their rounds interleaved: passive (lorapool's default), "
-        "libgomp (libgomp's own default, spinning about 3 ms), spin:N (N spins, then sleep)",
+        "libgomp (libgomp's own default, spinning about 3 ms), spin:N (N spins, then sleep); "
+        "+adapt after one turns on TorchBackend's thread governor in its child",
     )
     parser.add_argument(
         "--engines",

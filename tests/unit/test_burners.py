@@ -126,13 +126,18 @@ def test_killed_when_the_benchmark_is(sig: signal.Signals) -> None:
 
 
 def test_wait_settings_parse_to_child_environments() -> None:
-    from lorapool.bench.contention import LIBGOMP_SPINCOUNT, parse_waits
+    from lorapool.bench.contention import LIBGOMP_SPINCOUNT, WaitSetting, parse_waits
 
-    waits = parse_waits("passive, libgomp,spin:1000")
-    assert list(waits) == ["passive", f"libgomp (spin {LIBGOMP_SPINCOUNT})", "spin 1000"]
-    assert waits["passive"] == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert waits["spin 1000"] == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
-    assert waits[f"libgomp (spin {LIBGOMP_SPINCOUNT})"]["GOMP_SPINCOUNT"] == "300000"
+    waits = parse_waits("passive, libgomp,spin:1000,spin:1000+adapt")
+    libgomp = f"libgomp (spin {LIBGOMP_SPINCOUNT})"
+    assert list(waits) == ["passive", libgomp, "spin 1000", "spin 1000 + governor"]
+    assert waits["passive"] == WaitSetting({"OMP_WAIT_POLICY": "PASSIVE"})
+    spin = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
+    assert waits["spin 1000"] == WaitSetting(spin)
+    assert waits["spin 1000 + governor"] == WaitSetting(spin, adapt_threads=True)
+    assert waits[libgomp].env["GOMP_SPINCOUNT"] == "300000"
     for bad in ("active", "spin:", "spin:-1", "spin:x", "passive,passive", "", "spin:5,spin:05"):
         with pytest.raises(SystemExit, match="--waits"):
             parse_waits(bad)
+    with pytest.raises(SystemExit, match=r"\+adapt"):
+        parse_waits("passive+fast")
