@@ -526,10 +526,13 @@ class WaitChild:
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps(message) + "\n")
-        proc.stdin.flush()
-        line = proc.stdout.readline()
-        if not line:
+        try:
+            proc.stdin.write(json.dumps(message) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:  # killed (out of memory: each child holds a whole engine) or failed
             raise RuntimeError(f"the wait-policy child exited ({proc.wait()}); see its stderr")
         answer: dict[str, Any] = json.loads(line)
         return answer

@@ -345,6 +345,36 @@ def test_governor_ignores_idle_gaps_and_missing_counters() -> None:
     assert ThreadGovernor(1, read_busy=fake.read_busy, clock=fake.clock).step() == 1
 
 
+def test_governor_wakes_at_the_count_the_wait_measured_or_else_at_every_thread() -> None:
+    """A batch that comes after the engine waited: a wait of a window or more with a
+    neighbour busy starts it at one thread fewer, a quiet one at every thread; a wait too
+    short to measure starts it at every thread (optimistic: the first window corrects)."""
+    fake = _Fake()
+    gov = _governor(fake, limit=2)
+    fake.run(gov, 2, others=1.0)
+    assert gov.threads == 1
+    gov.idle()
+    fake.now += 0.01  # the neighbour left just as the batch finished; the next comes at once
+    gov.idle()  # called again while waiting: the first call's mark stands
+    assert gov.resting
+    assert gov.wake() == 2 and gov.raised == 1
+    assert not gov.resting
+    fake.run(gov, 2, others=1.0)  # it is back: one window at two threads, then one
+    assert gov.threads == 1 and gov.lowered == 2
+    gov.idle()
+    fake.now += 5  # a long wait, the neighbour busy all along
+    fake.busy += 5 * 1.0
+    assert gov.wake() == 1 and gov.others == pytest.approx(1.0)
+    fake.run(gov, 1, others=1.0)
+    gov.idle()
+    fake.now += 5  # a long quiet wait
+    assert gov.wake() == 2 and gov.others == pytest.approx(0.0)
+    assert set(fake.run(gov, 2, others=0.0)) == {2}
+    one = ThreadGovernor(1, read_busy=fake.read_busy, read_own=fake.read_own, clock=fake.clock)
+    one.idle()
+    assert one.wake() == 1
+
+
 def test_cpus_busy_reads_this_machine() -> None:
     busy = cpus_busy()
     if not Path("/proc/stat").exists():
