@@ -9,17 +9,17 @@ import logging
 
 from lorapool.errors import BackendUnavailable
 
-from .threads import PASSIVE_WAIT_UNSET, prefer_passive_wait
+from .threads import OPENMP_WAIT_UNSET, choose_openmp_wait
 
-WAIT_POLICY = prefer_passive_wait()  # before torch loads its OpenMP runtime
-"""The OpenMP wait policy of this process's torch (``PASSIVE`` unless the environment set
-another before torch was imported; see :func:`.threads.prefer_passive_wait`)."""
-if WAIT_POLICY == PASSIVE_WAIT_UNSET:
+WAIT_POLICY = choose_openmp_wait()  # before torch loads its OpenMP runtime
+"""The OpenMP wait setting of this process's torch (a short spin, then sleep, unless the
+environment chose before torch was imported; see :func:`.threads.choose_openmp_wait`)."""
+if WAIT_POLICY == OPENMP_WAIT_UNSET:
     logging.getLogger(__name__).warning(
-        "torch was imported before lorapool.backends.torch with OMP_WAIT_POLICY unset: its "
-        "OpenMP threads spin while they wait, and the engine loses most of its throughput "
-        "when another process takes a core; set OMP_WAIT_POLICY=PASSIVE in the environment "
-        "(docs/operations.md)"
+        "torch was imported before lorapool.backends.torch with OMP_WAIT_POLICY and "
+        "GOMP_SPINCOUNT unset: its OpenMP threads spin 3 ms while they wait, and the engine "
+        "loses most of its throughput when another process takes a core; set "
+        "OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=10000 in the environment (docs/operations.md)"
     )
 
 try:

@@ -353,6 +353,8 @@ class Engine:
                     fut.set_exception(exc)
             for seq in [s for s in self._running if _is_cancelled(s, cancelled)]:
                 self._finish(seq, "cancelled")
+            if self.governor is not None and self.governor.resting and (admitted or self._running):
+                self._use_threads(self.governor.wake())  # steps again after a wait
             try:
                 if admitted:
                     t0 = time.perf_counter()
@@ -383,8 +385,11 @@ class Engine:
             self.masks.close()
 
     def _govern(self, governor: ThreadGovernor) -> None:
-        """Run the next step with the thread count the governor says (this thread's)."""
-        threads = governor.step()
+        """Run the next step with the thread count the governor says."""
+        self._use_threads(governor.step())
+
+    def _use_threads(self, threads: int) -> None:
+        """Run the next steps with ``threads`` threads (this thread's count)."""
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
             self.stats.threads = threads

@@ -24,11 +24,14 @@ from pathlib import Path
 
 __all__ = [
     "CGROUP_ROOT",
+    "SPIN_COUNT",
     "ThreadGovernor",
     "cgroup_cpu_limit",
     "cpu_limit_v1",
     "cpu_limit_v2",
+    "choose_openmp_wait",
     "cpus_busy",
+    "environ_without_openmp_choice",
     "process_usable_cpus",
     "usable_cpus",
 ]
@@ -133,25 +136,55 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, self_cgroup_text: str | None = No
     return min(limits) if limits else None
 
 
-PASSIVE_WAIT_UNSET = "libgomp's default, active (torch was imported before lorapool.backends.torch)"
-"""What :func:`prefer_passive_wait` reports when it came too late to choose."""
+SPIN_COUNT = 10000
+"""Iterations an idle OpenMP thread spins before it sleeps, by lorapool's choice (about
+0.1 ms; libgomp's own default is 300,000, about 3 ms). Measured side by side on 2 cores
+(docs/performance.md, issue 33): as fast as libgomp's default on a quiet machine, and
+0.4x of it against 0.06x when another process takes one of the cores."""
+
+OPENMP_WAIT_UNSET = (
+    "libgomp's default, spinning (torch was imported before lorapool.backends.torch)"
+)
+"""What :func:`choose_openmp_wait` reports when it came too late to choose."""
 
 
-def prefer_passive_wait() -> str:
-    """Have OpenMP's idle threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``)
-    unless the environment already chose; returns the policy the runtime will use.
+_SET_HERE: dict[str, str] = {}  # the variables choose_openmp_wait set, as it set them
+
+
+def environ_without_openmp_choice() -> dict[str, str]:
+    """This process's environment less the OpenMP variables :func:`choose_openmp_wait` set
+    (those the environment already had stay): for child processes running another engine
+    (vLLM, llama.cpp), which should run with their own defaults or the operator's."""
+    return {k: v for k, v in os.environ.items() if _SET_HERE.get(k) != v}
+
+
+def choose_openmp_wait() -> str:
+    """Have OpenMP's idle threads spin briefly, then sleep (``OMP_WAIT_POLICY=PASSIVE``,
+    ``GOMP_SPINCOUNT=`` :data:`SPIN_COUNT`) unless the environment chose either; returns
+    the setting the runtime will use.
 
     A spinning thread burns the core another process needs, and a parallel region waits
     at its barrier for a thread descheduled from that core: with a neighbour on one of two
-    cores the engine kept 0.07x of its quiet throughput spinning, 0.6x passive
-    (docs/performance.md, issue 33). The OpenMP runtime reads the variable once, when torch
-    loads it, so this only works before ``import torch``; afterwards it returns
-    :data:`PASSIVE_WAIT_UNSET` when nothing was set (the caller warns). Sets a variable of
-    the whole process: other OpenMP code in it waits passively too.
+    cores the engine kept 0.06x of its quiet throughput with libgomp's default spin (3 ms),
+    0.4x with this one, 0.65x never spinning; quietly, never spinning cost 17-20% and this
+    spin nothing measurable (docs/performance.md, issue 33). The OpenMP runtime reads the
+    variables once, when torch loads it, so this only works before ``import torch``;
+    afterwards it returns :data:`OPENMP_WAIT_UNSET` when nothing was set (the caller
+    warns). Sets variables of the whole process: other OpenMP code in it waits so too.
     """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return os.environ.get("OMP_WAIT_POLICY") or PASSIVE_WAIT_UNSET
+    chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+    if "torch" not in sys.modules and not chosen:
+        _SET_HERE.update(OMP_WAIT_POLICY="PASSIVE", GOMP_SPINCOUNT=str(SPIN_COUNT))
+        os.environ.update(_SET_HERE)
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    spin = os.environ.get("GOMP_SPINCOUNT")
+    if policy is None and spin is None:
+        return OPENMP_WAIT_UNSET
+    return ", ".join(
+        f"{name}={value}"
+        for name, value in (("OMP_WAIT_POLICY", policy), ("GOMP_SPINCOUNT", spin))
+        if value is not None
+    )
 
 
 def process_usable_cpus() -> int:
@@ -206,7 +239,8 @@ class ThreadGovernor:
     loop beside the engine does not make it drop one. A lower count applies at once, a
     higher one after ``settle`` windows agreeing. Call :meth:`step` on the engine thread
     after each step and apply the count it returns there (PyTorch's count is per thread),
-    and :meth:`idle` when the engine runs out of work.
+    :meth:`idle` when the engine runs out of work, and :meth:`wake` before the first step
+    when work comes again.
     """
 
     def __init__(
@@ -233,6 +267,8 @@ class ThreadGovernor:
         self._clock = clock
         self._start: tuple[float, float, float] | None = None
         self._higher = 0  # windows in a row whose count was above the current one
+        self._idle_start: tuple[float, float, float] | None = None  # the wait's first mark
+        self._idle = False
         self.others = 0.0
         """CPUs other processes took on this process's CPUs in the last window."""
         self.lowered = 0
@@ -245,8 +281,49 @@ class ThreadGovernor:
         self._start = None if busy is None else (now, busy, self._read_own())
 
     def idle(self) -> None:
-        """The engine has no work and waits for some: the next window starts afresh."""
+        """The engine has no work and waits for some (called again while it waits: only
+        the first call counts). The window in progress is dropped; the wait itself is
+        measured, for :meth:`wake`."""
         self._start = None
+        if not self._idle:
+            self._idle = True
+            self._mark(self._clock())
+            self._idle_start, self._start = self._start, None
+
+    @property
+    def resting(self) -> bool:
+        """Between :meth:`idle` and :meth:`wake`."""
+        return self._idle
+
+    def wake(self) -> int:
+        """The engine has work again after :meth:`idle`: the thread count for its first step.
+
+        Decided from what other processes did on the process's CPUs during the wait when
+        it lasted a ``window`` or more (the process's own CPU time is then near nothing,
+        so that measure is clean); after a shorter wait, every thread (``limit``): a busy
+        period starts optimistic, and a neighbour found costs one window. Without this a
+        batch arriving just after a neighbour left would run its first step, often a long
+        prefill, at the count the neighbour left behind.
+        """
+        began, self._idle_start = self._idle_start, None
+        self._idle = False
+        if self.limit == 1:
+            return 1
+        now = self._clock()
+        self._mark(now)  # the first busy window starts here
+        if began is not None and self._start is not None and now - began[0] >= self.window:
+            _, busy, own = self._start
+            self.others = max(0.0, (busy - began[1]) - (own - began[2])) / (now - began[0])
+            target = self.target(self.others)
+        else:
+            target = self.limit
+        if target < self.threads:
+            self.lowered += 1
+        elif target > self.threads:
+            self.raised += 1
+        self.threads = target
+        self._higher = 0
+        return self.threads
 
     def target(self, others: float) -> int:
         """The count for ``others`` CPUs taken by other processes."""

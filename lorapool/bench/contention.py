@@ -410,6 +410,7 @@ async def settings_of(backend: Any, engine: str) -> dict[str, Any]:
         out["omp_wait_policy"] = WAIT_POLICY
     elif engine == "vllm":  # its CPU threads and their binding come from these, if set
         out.update({k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CPU_")})
+        out.update({k: os.environ.get(k, "unset") for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")})
     return out
 
 
@@ -431,7 +432,8 @@ class WaitSetting:
 def parse_waits(text: str) -> dict[str, WaitSetting]:
     """``--waits``: OpenMP wait settings to compare, each in a child process, by label.
 
-    ``passive`` (no spinning, lorapool's default), ``spin:N`` (spin ``N`` iterations,
+    ``default`` (nothing set: lorapool's choice, :func:`~lorapool.backends.torch.threads.
+    choose_openmp_wait`), ``passive`` (no spinning), ``spin:N`` (spin ``N`` iterations,
     then sleep), ``libgomp`` (``spin:300000``, libgomp's own default); ``+adapt`` after
     any of them turns on TorchBackend's thread governor in that child.
     ``OMP_WAIT_POLICY=ACTIVE`` is refused: its idle threads spin for minutes after each
@@ -443,13 +445,16 @@ def parse_waits(text: str) -> dict[str, WaitSetting]:
         wait, plus, extra = item.partition("+")
         if plus and extra != "adapt":
             raise SystemExit(f"--waits takes +adapt after a setting, not {item!r}")
-        if wait == "passive":
+        if wait == "default":  # nothing set: the child's lorapool chooses
+            label, env = wait, {}
+        elif wait == "passive":
             label, env = wait, {"OMP_WAIT_POLICY": "PASSIVE"}
         else:
             count = str(LIBGOMP_SPINCOUNT) if wait == "libgomp" else wait.removeprefix("spin:")
             if wait != "libgomp" and (not wait.startswith("spin:") or not count.isdigit()):
                 raise SystemExit(
-                    f"--waits takes passive, libgomp and spin:N (N iterations), not {item!r}"
+                    f"--waits takes default, passive, libgomp and spin:N (N iterations), "
+                    f"not {item!r}"
                 )
             label = f"libgomp (spin {count})" if wait == "libgomp" else f"spin {int(count)}"
             # The policy passive, the count explicit: libgomp uses GOMP_SPINCOUNT when set.
@@ -479,7 +484,8 @@ class WaitChild:
         adapters: Sequence[Path],
         dtype: str,
     ) -> None:
-        environ = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT",)}
+        omp = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # this process's own, set or chosen
+        environ = {k: v for k, v in os.environ.items() if k not in omp}
         environ.update(setting.env)
         root = Path(__file__).resolve().parents[2]
         if (root / "pyproject.toml").is_file():  # a checkout: this lorapool
@@ -652,6 +658,17 @@ def _print_table(rows: Sequence[dict[str, Any]], burners: Sequence[int]) -> None
         )
 
 
+def _drop_openmp_choice() -> None:
+    """Take the OpenMP variables lorapool chose for torch out of this process's environment
+    (torch read them already), so vLLM's engine core, a child process, runs with its own
+    defaults or the operator's."""
+    from lorapool.backends.torch.threads import environ_without_openmp_choice
+
+    keep = environ_without_openmp_choice()
+    for key in [k for k in os.environ if k not in keep]:
+        del os.environ[key]
+
+
 def _vllm_importable() -> bool:
     try:
         import vllm  # noqa: F401
@@ -676,7 +693,9 @@ def _vllm_elsewhere(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dic
         if args.cache_dir:
             command += ["--cache-dir", str(Path(args.cache_dir).expanduser().resolve())]
         print(f"== vLLM: {' '.join(command)}", file=sys.stderr, flush=True)
-        env = dict(os.environ)
+        from lorapool.backends.torch.threads import environ_without_openmp_choice
+
+        env = environ_without_openmp_choice()  # vLLM with its own OpenMP defaults
         root = Path(__file__).resolve().parents[2]
         if (root / "pyproject.toml").is_file():  # a checkout: this lorapool, not the venv's
             env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(root), env.get("PYTHONPATH"))))
@@ -767,6 +786,8 @@ def run(args: argparse.Namespace, model_dir: Path, adapters: Sequence[Path]) -> 
                 rows += got
                 settings += found
                 continue
+            if engine == "vllm":
+                _drop_openmp_choice()
             with Burners(cpus) as burners:
                 burner_pids += burners.pids
                 backend = _make_backend(args, engine, model_dir, dtype)

@@ -107,9 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--waits",
         default=None,
         help="with --contention: OpenMP wait settings to compare side by side, TorchBackend in "
-        "a child process each, their rounds interleaved: passive (lorapool's default), "
-        "libgomp (libgomp's own default, spinning about 3 ms), spin:N (N spins, then sleep); "
-        "+adapt after one turns on TorchBackend's thread governor in its child",
+        "a child process each, their rounds interleaved: default (lorapool's choice), passive "
+        "(never spin), libgomp (libgomp's own default, spinning about 3 ms), spin:N (N spins, "
+        "then sleep); +adapt after one turns on TorchBackend's thread governor in its child",
     )
     parser.add_argument(
         "--engines",
@@ -341,8 +341,8 @@ def _structured_ratio(dtype: str, runs: dict[str, list[float]], k: int) -> dict[
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark for each dtype, print the tables, write JSON if asked."""
-    # lorapool.backends.torch before torch: it chooses OpenMP's wait policy (passive), which
-    # the runtime reads once, when torch loads it; the engine is measured as it is shipped.
+    # lorapool.backends.torch before torch: it chooses OpenMP's wait settings (a short spin),
+    # which the runtime reads once, when torch loads it; the engine is measured as shipped.
     from lorapool.backends.torch import default_cache_dir, ensure_demo_model
 
     # isort: split

@@ -56,9 +56,6 @@ OUTTYPES = ("f32", "q8_0")
 """The base model's GGUF types the benchmark runs: F32 (matched) and Q8_0 (what CPU users run)."""
 
 DEFAULT_PYTHON = "~/.cache/lorapool/venvs/llamacpp/bin/python"
-# The operator's OpenMP wait policy, read before lorapool.backends.torch sets PASSIVE for
-# torch in this process's environment: llama.cpp gets the operator's (or its default).
-_OPERATOR_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 CHILD = Path(__file__).with_name("_llamacpp_child.py")
 _LABELS = {"f32": "F32", "q8_0": "Q8_0"}
 
@@ -192,9 +189,11 @@ class LlamaCppChild:
 
     def __init__(self, venv: LlamaCppVenv, timeout: float = 1800.0) -> None:
         self.timeout = timeout
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        if _OPERATOR_WAIT_POLICY is not None:
-            env["OMP_WAIT_POLICY"] = _OPERATOR_WAIT_POLICY
+        from lorapool.backends.torch.threads import environ_without_openmp_choice
+
+        # llama.cpp with its own OpenMP defaults (or the operator's), not those lorapool
+        # chose for torch in this process.
+        env = environ_without_openmp_choice()
         self._proc = subprocess.Popen(
             [str(venv.python), str(CHILD)],
             stdin=subprocess.PIPE,

@@ -136,11 +136,11 @@ def test_engine_contention_wait_policies_side_by_side(tmp_path: Path) -> None:
     cpu = str(max(os.sched_getaffinity(0)))
     args = ("--contention", "--engines", "torch", "--burners", cpu, "--rounds", "1")
     args += ("--batch", "2", "--max-tokens", "2", "--adapters", "2")
-    args += ("--waits", "passive,spin:1000")
+    args += ("--waits", "passive,spin:1000,default")
     done = run_bench("engine", *args, "--json", str(out), cwd=tmp_path, timeout=600)
     data = json.loads(out.read_text())
     rows = {(r["wait"], r["configuration"], r["condition"]): r for r in data["rows"]}
-    waits = ("passive", "spin 1000")
+    waits = ("passive", "spin 1000", "default")
     configurations = ("base", "2 adapters")
     assert set(rows) == {
         (w, c, q) for w in waits for c in configurations for q in ("quiet", "contended")
@@ -153,9 +153,14 @@ def test_engine_contention_wait_policies_side_by_side(tmp_path: Path) -> None:
             first = rows[("passive", row["configuration"], row["condition"])]
             assert row["x_first_wait"] == row["tok_per_s"] / first["tok_per_s"]
     settings = {s["wait"]: s for s in data["contention"]["engines"]}
-    assert settings["passive"]["omp_wait_policy"] == "PASSIVE"
+    assert settings["passive"]["omp_wait_policy"] == "OMP_WAIT_POLICY=PASSIVE"
     assert settings["passive"]["gomp_spincount"] == "unset"
     assert settings["spin 1000"]["gomp_spincount"] == "1000"
+    from lorapool.backends.torch.threads import SPIN_COUNT
+
+    assert settings["default"]["omp_wait_policy"] == (
+        f"OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT={SPIN_COUNT}"
+    )
     assert "torch float32 [spin 1000] 2 adapters 1 burner" in done.stdout
     assert "x passive" in done.stdout
 

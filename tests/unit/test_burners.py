@@ -128,9 +128,10 @@ def test_killed_when_the_benchmark_is(sig: signal.Signals) -> None:
 def test_wait_settings_parse_to_child_environments() -> None:
     from lorapool.bench.contention import LIBGOMP_SPINCOUNT, WaitSetting, parse_waits
 
-    waits = parse_waits("passive, libgomp,spin:1000,spin:1000+adapt")
+    waits = parse_waits("passive, libgomp,spin:1000,spin:1000+adapt,default")
     libgomp = f"libgomp (spin {LIBGOMP_SPINCOUNT})"
-    assert list(waits) == ["passive", libgomp, "spin 1000", "spin 1000 + governor"]
+    assert list(waits) == ["passive", libgomp, "spin 1000", "spin 1000 + governor", "default"]
+    assert waits["default"] == WaitSetting({})
     assert waits["passive"] == WaitSetting({"OMP_WAIT_POLICY": "PASSIVE"})
     spin = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
     assert waits["spin 1000"] == WaitSetting(spin)

@@ -460,17 +460,32 @@ def _wait_policy(code: str, env: dict[str, str]) -> list[str]:
     return [*done.stdout.split(), *(["WARNED"] if "OMP_WAIT_POLICY" in done.stderr else [])]
 
 
-def test_the_backend_asks_openmp_to_wait_passively_unless_told_otherwise() -> None:
-    """Spinning OpenMP threads collapse the engine when a neighbour takes a core (issue
-    33): importing the backend sets OMP_WAIT_POLICY=PASSIVE before torch loads its OpenMP
-    runtime; a policy the environment chose is kept; torch imported first gets a warning."""
+def test_the_backend_asks_openmp_to_spin_briefly_then_sleep_unless_told_otherwise() -> None:
+    """Long-spinning OpenMP threads collapse the engine when a neighbour takes a core
+    (issue 33): importing the backend sets OMP_WAIT_POLICY=PASSIVE and a short
+    GOMP_SPINCOUNT before torch loads its OpenMP runtime; a setting the environment chose
+    (either variable) is kept as it is; torch imported first gets a warning."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    show = "import os, lorapool.backends.torch as t; print(os.environ.get('OMP_WAIT_POLICY'))"
-    assert _wait_policy(show, env) == ["PASSIVE"]
-    assert _wait_policy(show, {**env, "OMP_WAIT_POLICY": "active"}) == ["active"]
-    late = (
-        "import torch, os, lorapool.backends.torch as t; print(os.environ.get('OMP_WAIT_POLICY'))"
+    from lorapool.backends.torch.threads import SPIN_COUNT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    show = (
+        "import os, lorapool.backends.torch as t; "
+        "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
     )
-    assert _wait_policy(late, env) == ["None", "WARNED"]
+    assert _wait_policy(show, env) == ["PASSIVE", str(SPIN_COUNT)]
+    assert _wait_policy(show, {**env, "OMP_WAIT_POLICY": "active"}) == ["active", "None"]
+    assert _wait_policy(show, {**env, "GOMP_SPINCOUNT": "5"}) == ["None", "5"]
+    late = (
+        "import torch, os, lorapool.backends.torch as t; "
+        "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    )
+    assert _wait_policy(late, env) == ["None", "None", "WARNED"]
+    # Child processes running other engines get the environment without lorapool's choice.
+    child = (
+        "import os, lorapool.backends.torch.threads as t; e = t.environ_without_openmp_choice(); "
+        "print(os.environ.get('GOMP_SPINCOUNT'), e.get('GOMP_SPINCOUNT'), e.get('OMP_WAIT_POLICY'))"
+    )
+    assert _wait_policy(child, env) == [str(SPIN_COUNT), "None", "None"]
+    assert _wait_policy(child, {**env, "GOMP_SPINCOUNT": "7"}) == ["7", "7", "None"]
