@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Self
@@ -45,6 +46,8 @@ from lorapool.types import (
     PrefixCacheStats,
     Prompt,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Backend",
@@ -279,6 +282,19 @@ class BaseBackend(ABC):
                 if not caps.tools and self._encodes_chat():
                     caps = dataclasses.replace(caps, tools=True)
                 self._caps = caps
+                if self._tokenizer is not None and type(self).encode is BaseBackend.encode:
+                    await asyncio.to_thread(self._warm_tokenizer)
+
+    def _warm_tokenizer(self) -> None:
+        """Pay the tokenizer's first-use costs at start, on a worker thread: the prompt
+        bound (a pass over the vocabulary) and a first encode. Left to the first requests,
+        they held the GIL long enough to stall the event loop by 50-100 ms (a burst of 8
+        requests on a fresh TorchBackend; tests/integration/test_engine.py). Only an
+        optimisation: a tokenizer that cannot encode it says so at the first request."""
+        try:
+            self.encode("warm up")
+        except Exception as exc:  # a warm-up never fails the start
+            log.debug("the tokenizer's warm-up failed: %s", exc)
 
     async def aclose(self) -> None:
         """Stop the engine (:meth:`_aclose`, once); a closed backend cannot start again."""
