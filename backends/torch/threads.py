@@ -139,8 +139,9 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, self_cgroup_text: str | None = No
 SPIN_COUNT = 10000
 """Iterations an idle OpenMP thread spins before it sleeps, by lorapool's choice (about
 0.1 ms; libgomp's own default is 300,000, about 3 ms). Measured side by side on 2 cores
-(docs/performance.md, issue 33): as fast as libgomp's default on a quiet machine, and
-0.4x of it against 0.06x when another process takes one of the cores."""
+(docs/performance.md, issue 33): as fast as libgomp's default on a quiet machine, and it
+keeps 0.4x of its quiet throughput when another process takes one of the cores, where
+libgomp's default keeps 0.06x."""
 
 OPENMP_WAIT_UNSET = (
     "libgomp's default, spinning (torch was imported before lorapool.backends.torch)"
